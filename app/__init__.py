@@ -1,0 +1,57 @@
+"""b24relay: a multi-tenant Bitrix24 app joining a company's PBX to its portal."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from dotenv import load_dotenv
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from app import config as config_mod
+from app import metrics, queue
+from app.extensions import configure_sqlite, db, migrate, redis_ext
+
+MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the app: settings, extensions, models, blueprints, CLI — in that order."""
+    load_dotenv(override=False)
+    instance = Path((config or {}).get("INSTANCE_PATH") or config_mod.instance_dir())
+    app = Flask(__name__, instance_path=str(instance), instance_relative_config=False)
+    app.config.update(config_mod.from_environment(instance))
+    app.config.update(config or {})
+    config_mod.validate(app.config)
+    logging.basicConfig(level=app.config.get("LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    configure_sqlite(app)
+    db.init_app(app)
+    migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True)
+    redis_ext.init_app(app)
+    queue.init_app(app)
+    metrics.init_app(app)
+
+    _import_models()
+    _register_blueprints(app)
+    _register_cli(app)
+    return app
+
+
+def _import_models() -> None:
+    """Every model module, so metadata and Alembic see all tables."""
+    from app.tenants import models as _tenants  # noqa: F401
+
+
+def _register_blueprints(app: Flask) -> None:
+    from app.health import bp as health_bp
+
+    app.register_blueprint(health_bp)
+
+
+def _register_cli(app: Flask) -> None:
+    """Command groups; each area adds its own."""

@@ -1,0 +1,124 @@
+"""Settings from the environment, with safe defaults for the embedded mode.
+
+Order of precedence: defaults in code < environment (and `.env`) < the mapping
+given to ``create_app(config)``. Production is recognised by ``B24_CLIENT_ID``
+being set: then secrets must come from the environment, loudly.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from cryptography.fernet import Fernet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def instance_dir() -> Path:
+    """Where local state lives: ``B24RELAY_INSTANCE`` or ``./instance``."""
+    return Path(os.environ.get("B24RELAY_INSTANCE") or ROOT / "instance")
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or malformed; the message names it."""
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    """Return an environment variable, treating an empty value as unset."""
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def env_int(name: str, default: int) -> int:
+    """Return an integer environment variable or fail naming it."""
+    raw = env_str(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """Return a boolean environment variable (1/true/yes/on)."""
+    raw = env_str(name)
+    if raw is None:
+        return default
+    return raw.lower() in {"1", "true", "yes", "on"}
+
+
+def normalise_database_url(url: str) -> str:
+    """Map the common ``postgres://`` spellings onto the psycopg 3 driver."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def _instance_secret(instance: Path, name: str, make: Any) -> str:
+    """Read a generated dev secret from ``instance/``, creating it once."""
+    path = instance / f".{name.lower()}"
+    if path.exists():
+        return path.read_text().strip()
+    instance.mkdir(parents=True, exist_ok=True)
+    value = make()
+    path.write_text(value)
+    path.chmod(0o600)
+    return value
+
+
+def from_environment(instance: Path) -> dict[str, Any]:
+    """Build the settings mapping from environment variables."""
+    production = env_str("B24_CLIENT_ID") is not None and not env_bool("B24_SANDBOX", False)
+    database_url = env_str("DATABASE_URL") or f"sqlite:///{instance / 'b24relay.db'}"
+    cfg: dict[str, Any] = {
+        "INSTANCE_PATH": str(instance),
+        "SQLALCHEMY_DATABASE_URI": normalise_database_url(database_url),
+        "REDIS_URL": env_str("REDIS_URL"),
+        "BROKER_URL": env_str("BROKER_URL"),
+        "B24_CLIENT_ID": env_str("B24_CLIENT_ID"),
+        "B24_CLIENT_SECRET": env_str("B24_CLIENT_SECRET"),
+        "B24_OAUTH_TOKEN_URL": env_str("B24_OAUTH_TOKEN_URL"),
+        "APP_PUBLIC_URL": (env_str("APP_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/"),
+        "SECRET_KEY": env_str("SECRET_KEY"),
+        "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
+        "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
+        "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
+        "PRODUCTION": production,
+    }
+    if cfg["SECRET_KEY"] is None:
+        if production:
+            raise ConfigError("SECRET_KEY must be set when B24_CLIENT_ID is set")
+        cfg["SECRET_KEY"] = _instance_secret(instance, "SECRET_KEY", lambda: secrets.token_hex(32))
+    if cfg["TOKEN_ENCRYPTION_KEY"] is None:
+        if production:
+            raise ConfigError("TOKEN_ENCRYPTION_KEY must be set when B24_CLIENT_ID is set")
+        cfg["TOKEN_ENCRYPTION_KEY"] = _instance_secret(
+            instance, "TOKEN_ENCRYPTION_KEY", lambda: Fernet.generate_key().decode()
+        )
+    if production and not cfg["B24_CLIENT_SECRET"]:
+        raise ConfigError("B24_CLIENT_SECRET must be set when B24_CLIENT_ID is set")
+    return cfg
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Fail early, naming the setting, when a value cannot work."""
+    keys = [k.strip() for k in str(cfg.get("TOKEN_ENCRYPTION_KEY") or "").split(",") if k.strip()]
+    if not keys:
+        raise ConfigError("TOKEN_ENCRYPTION_KEY is empty")
+    for key in keys:
+        try:
+            Fernet(key)
+        except ValueError as exc:
+            raise ConfigError(
+                "TOKEN_ENCRYPTION_KEY must be one or more comma-separated Fernet keys "
+                "(generate one with: python -c 'from cryptography.fernet import Fernet; "
+                "print(Fernet.generate_key().decode())')"
+            ) from exc
+    broker = cfg.get("BROKER_URL")
+    if broker and not broker.startswith(("amqp://", "amqps://", "redis://", "rediss://", "unix://")):
+        raise ConfigError(f"BROKER_URL must be amqp:// or redis://, got {broker!r}")

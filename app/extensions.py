@@ -1,0 +1,75 @@
+"""Extensions, created unbound: no I/O happens at import time."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import redis
+from flask import Flask
+from flask_migrate import Migrate
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase
+
+from app import embedded
+
+
+class Base(DeclarativeBase):
+    """Declarative base shared by every model module."""
+
+
+db = SQLAlchemy(model_class=Base)
+
+
+def configure_sqlite(app: Flask) -> None:
+    """SQLite shared by web and worker processes: WAL, a busy timeout, FK checks."""
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    if not uri.startswith("sqlite"):
+        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
+        return
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
+
+
+@event.listens_for(Engine, "connect")
+def _sqlite_pragmas(dbapi_connection: object, connection_record: object) -> None:
+    if not isinstance(dbapi_connection, sqlite3.Connection):
+        return
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+migrate = Migrate()
+
+
+class RedisExtension:
+    """One redis-py client per app, from ``REDIS_URL`` or the embedded server."""
+
+    def __init__(self) -> None:
+        self._client: redis.Redis | None = None
+        self.url: str | None = None
+
+    def init_app(self, app: Flask) -> None:
+        """Resolve the URL (starting the embedded server if needed) and build the client."""
+        url = app.config.get("REDIS_URL")
+        if not url:
+            url = embedded.ensure_running(Path(app.config["INSTANCE_PATH"]))
+            app.config["REDIS_URL"] = url
+        self.url = url
+        self._client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2,
+                                           health_check_interval=30)
+        app.extensions["redis"] = self
+
+    @property
+    def client(self) -> redis.Redis:
+        """The shared client; raises if the app was never initialised."""
+        if self._client is None:
+            raise RuntimeError("redis extension used before init_app")
+        return self._client
+
+
+redis_ext = RedisExtension()

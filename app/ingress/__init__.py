@@ -1,0 +1,1 @@
+"""Ingress: incoming events from Bitrix24 and the PBX."""

@@ -1,0 +1,46 @@
+"""Handler registry: adding an event type is one decorated function.
+
+    @on("ONEXTERNALCALLSTART")
+    def click_to_call(portal, event): ...
+
+``source`` is ``"b24"`` for Bitrix24 events and ``"pbx"`` for PBX call events.
+A handler receives the Portal and the stored event payload (a dict) and must be
+idempotent: the same inbox row may be processed more than once after a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Handler = Callable[[Any, dict[str, Any]], Any]
+
+_handlers: dict[tuple[str, str], Handler] = {}
+
+
+class DuplicateHandler(RuntimeError):
+    """Two functions claim the same event; the second registration is refused."""
+
+
+def on(event_type: str, source: str = "b24") -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of ``event_type`` from ``source``."""
+    key = (source, event_type.upper())
+
+    def register(fn: Handler) -> Handler:
+        existing = _handlers.get(key)
+        if existing is not None and existing is not fn:
+            raise DuplicateHandler(f"{key} already handled by {existing.__qualname__}")
+        _handlers[key] = fn
+        return fn
+
+    return register
+
+
+def handler_for(source: str, event_type: str) -> Handler | None:
+    """The handler for an event, or None when the app does not handle it."""
+    return _handlers.get((source, event_type.upper()))
+
+
+def registered(source: str | None = None) -> list[str]:
+    """Event types with a handler, optionally for one source."""
+    return sorted(ev for (src, ev) in _handlers if source is None or src == source)

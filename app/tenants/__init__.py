@@ -1,0 +1,1 @@
+"""Tenants: one Portal per Bitrix24 installation, keyed by member_id."""

@@ -1,0 +1,110 @@
+"""Portal and per-portal settings."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, select
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.crypto import EncryptedString
+from app.extensions import db
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock models use."""
+    return datetime.now(timezone.utc)
+
+
+class PortalStatus(str, enum.Enum):
+    """Where a portal stands; every non-active state holds its commands."""
+
+    INSTALLING = "installing"          # install POST seen, setup not finished
+    ACTIVE = "active"
+    AUTH_FAILED = "auth_failed"        # refresh chain lost (invalid_grant): reopen the app
+    PAYMENT_REQUIRED = "payment_required"
+    ACCESS_DENIED = "access_denied"
+    PORTAL_DELETED = "portal_deleted"
+    UNINSTALLED = "uninstalled"
+    DISABLED = "disabled"              # switched off by an operator
+
+
+class Plan(str, enum.Enum):
+    """Bitrix24 plan family, which sets the REST rate limit."""
+
+    STANDARD = "standard"
+    ENTERPRISE = "enterprise"
+
+
+PLAN_LIMITS: dict[str, tuple[float, int]] = {
+    Plan.STANDARD.value: (2.0, 50),
+    Plan.ENTERPRISE.value: (5.0, 250),
+}
+
+
+class Portal(db.Model):
+    """One installation of the app into one Bitrix24 portal."""
+
+    __tablename__ = "portals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    member_id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    domain: Mapped[str] = mapped_column(String(255))
+    client_endpoint: Mapped[str] = mapped_column(String(512))
+    server_endpoint: Mapped[str | None] = mapped_column(String(512))
+    access_token: Mapped[str | None] = mapped_column(EncryptedString(1024))
+    refresh_token: Mapped[str | None] = mapped_column(EncryptedString(1024))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    token_version: Mapped[int] = mapped_column(Integer, default=0)
+    application_token: Mapped[str | None] = mapped_column(EncryptedString(1024))
+    scope: Mapped[str | None] = mapped_column(String(512))
+    app_status: Mapped[str | None] = mapped_column(String(4))
+    plan: Mapped[str] = mapped_column(String(16), default=Plan.STANDARD.value)
+    rate_per_second: Mapped[float] = mapped_column(default=2.0)
+    rate_burst: Mapped[int] = mapped_column(Integer, default=50)
+    status: Mapped[str] = mapped_column(String(32), default=PortalStatus.INSTALLING.value, index=True)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    language: Mapped[str | None] = mapped_column(String(8))
+    installed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_refresh_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                 onupdate=utcnow)
+
+    settings: Mapped[PortalSettings] = relationship(back_populates="portal", uselist=False,
+                                                    cascade="all, delete-orphan")
+
+    def set_plan(self, plan: Plan | str) -> None:
+        """Switch plan and the rate limit that goes with it."""
+        value = Plan(plan).value
+        self.plan = value
+        self.rate_per_second, self.rate_burst = PLAN_LIMITS[value]
+
+    @classmethod
+    def by_member_id(cls, member_id: str) -> Portal | None:
+        """Look a portal up by its Bitrix24 member_id."""
+        return db.session.scalars(select(cls).where(cls.member_id == member_id)).first()
+
+    def __repr__(self) -> str:
+        return f"<Portal {self.member_id} {self.domain} {self.status}>"
+
+
+class PortalSettings(db.Model):
+    """What the portal admin chooses on the settings page."""
+
+    __tablename__ = "portal_settings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"),
+                                           unique=True, index=True)
+    event_mode: Mapped[str] = mapped_column(String(16), default="online")  # online | offline
+    lines: Mapped[list] = mapped_column(JSON, default=list)  # [{"number": "...", "name": "..."}]
+    default_user_id: Mapped[int | None] = mapped_column(Integer)
+    crm_create: Mapped[bool] = mapped_column(Boolean, default=True)
+    max_batches_in_flight: Mapped[int] = mapped_column(Integer, default=4)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                 onupdate=utcnow)
+
+    portal: Mapped[Portal] = relationship(back_populates="settings")
