@@ -1,0 +1,89 @@
+"""Portal users and the extension map: which Bitrix24 user answers which inner number.
+
+Filled from ``user.get`` (``UF_PHONE_INNER``) at install and kept current by the
+ONUSERADD / ONUSERUPDATE handlers. Telephony reads it through
+:func:`user_for_extension` and :func:`extension_map`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, UniqueConstraint, select
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.extensions import db
+from app.tenants.models import Portal, utcnow
+
+
+class PortalUser(db.Model):
+    """One Bitrix24 user of one portal, with the inner phone number they answer."""
+
+    __tablename__ = "portal_users"
+    __table_args__ = (UniqueConstraint("portal_id", "user_id", name="uq_portal_users_portal_user"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"), index=True)
+    user_id: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(255), default="")
+    extension: Mapped[str | None] = mapped_column(String(32), index=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                 onupdate=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<PortalUser {self.portal_id}:{self.user_id} ext={self.extension}>"
+
+
+def _display_name(record: dict[str, Any]) -> str:
+    parts = [str(record.get(k) or "").strip() for k in ("NAME", "LAST_NAME")]
+    return " ".join(p for p in parts if p)[:255]
+
+
+def _active(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().upper() in {"Y", "1", "TRUE"}
+
+
+def upsert_user(portal: Portal, record: dict[str, Any], is_admin: bool | None = None) -> PortalUser:
+    """Create or update one user from a ``user.get`` record (caller commits)."""
+    user_id = int(record["ID"])
+    row = db.session.scalars(select(PortalUser).where(
+        PortalUser.portal_id == portal.id, PortalUser.user_id == user_id)).first()
+    if row is None:
+        row = PortalUser(portal_id=portal.id, user_id=user_id)
+        db.session.add(row)
+    row.name = _display_name(record)
+    row.extension = (str(record.get("UF_PHONE_INNER") or "").strip() or None)
+    row.active = _active(record.get("ACTIVE", True))
+    if is_admin is not None:
+        row.is_admin = is_admin
+    return row
+
+
+def sync_users(portal: Portal, records: Iterable[dict[str, Any]]) -> int:
+    """Upsert every user in ``records``; returns how many were seen (caller commits)."""
+    count = 0
+    for record in records:
+        upsert_user(portal, record)
+        count += 1
+    return count
+
+
+def user_for_extension(portal: Portal, extension: str) -> PortalUser | None:
+    """The active user answering ``extension`` on ``portal``, if any."""
+    return db.session.scalars(select(PortalUser).where(
+        PortalUser.portal_id == portal.id, PortalUser.extension == extension,
+        PortalUser.active.is_(True)).order_by(PortalUser.user_id)).first()
+
+
+def extension_map(portal: Portal) -> dict[str, int]:
+    """``{extension: user_id}`` for the portal's active users with an inner number."""
+    rows = db.session.scalars(select(PortalUser).where(
+        PortalUser.portal_id == portal.id, PortalUser.active.is_(True),
+        PortalUser.extension.is_not(None)).order_by(PortalUser.user_id.desc()))
+    return {row.extension: row.user_id for row in rows if row.extension}
