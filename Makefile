@@ -1,0 +1,32 @@
+# One front door: `make run` and `make test` are the two commands a new user needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-fast bench lint migrate clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## the app on the embedded default (+ sandbox portal without B24 credentials)
+	$(BIN)/python -m app.devrun
+
+test: $(STAMP)  ## the whole suite
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)  ## benchmarks (not tests): print tables, write bench/out/
+	$(BIN)/python -m bench
+
+lint: $(STAMP)
+	$(BIN)/ruff check app workers placements sandbox tests bench
+
+migrate: $(STAMP)
+	$(BIN)/flask --app wsgi db upgrade
+
+clean:
+	rm -rf $(VENV) instance *.egg-info
