@@ -1,0 +1,335 @@
+"""The control API under /_sandbox/ on the cloud port (JSON, loopback only, no auth) and bx24.js."""
+from __future__ import annotations
+
+import html
+import json
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from .cloud import Cloud, ControlError
+from .state import Fault
+
+FAULTS = {"http_500", "html_502", "html_503", "html_504", "reset", "hang", "query_limit", "portal_deleted",
+          "payment_required", "not_installed", "access_denied", "overload_limit", "expired_token",
+          "invalid_token", "operation_time_limit"}
+CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": "Content-Type"}
+BX24_JS = r"""/* Sandbox stand-in for the BX24 JS library (not Bitrix code). */
+(function () {
+  var CLOUD = %(cloud)s;
+  var q = new URLSearchParams(window.location.search);
+  var sid = q.get("APP_SID") || (window.BX24_SANDBOX_SID || "");
+  var session = null, waiting = [], loading = null;
+  function load() {
+    if (!loading) {
+      loading = fetch(CLOUD + "/_sandbox/bx24/session?APP_SID=" + encodeURIComponent(sid))
+        .then(function (r) { return r.json(); })
+        .then(function (s) { session = s; waiting.splice(0).forEach(function (cb) { cb(); }); return s; });
+    }
+    return loading;
+  }
+  window.BX24 = {
+    init: function (cb) { if (session) { cb && cb(); } else { if (cb) waiting.push(cb); load(); } },
+    getAuth: function () {
+      if (!session || session.error) return false;
+      return {access_token: session.access_token, refresh_token: session.refresh_token,
+              expires_in: session.expires_in, domain: session.domain, member_id: session.member_id};
+    },
+    isAdmin: function () { return !!(session && session.is_admin); },
+    getDomain: function () { return session ? session.domain : q.get("DOMAIN"); },
+    getLang: function () { return q.get("LANG") || "en"; },
+    placement: {
+      info: function () { return session ? {placement: session.placement, options: session.options} : {}; },
+      call: function (name, params, cb) { cb && cb({}); },
+      bindEvent: function () {}
+    },
+    installFinish: function () {
+      return fetch(CLOUD + "/_sandbox/bx24/install_finish?APP_SID=" + encodeURIComponent(sid), {method: "POST"});
+    },
+    fitWindow: function () {}, resizeWindow: function () {}, reloadWindow: function () { window.location.reload(); },
+    closeApplication: function () {}
+  };
+  load();
+})();
+"""
+
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(text=json.dumps(data, default=_default), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, set):
+        return sorted(obj)
+    return str(obj)
+
+
+def _guard(func: Callable[[web.Request], Awaitable[Any]]) -> Route:
+    """Loopback only; ControlError -> JSON error; results -> JSON."""
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if not peer or peer[0] not in ("127.0.0.1", "::1"):
+            return _json({"error": "loopback only"}, 403)
+        try:
+            out = await func(request)
+        except ControlError as err:
+            return _json({"error": err.message}, err.status)
+        except (KeyError, ValueError, TypeError) as err:
+            return _json({"error": f"bad request: {err!r}"}, 400)
+        if isinstance(out, web.StreamResponse):
+            return out
+        return _json(out)
+    return wrapper
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if not request.body_exists:
+        return {}
+    data = await request.json()
+    return data if isinstance(data, dict) else {}
+
+
+def add_routes(app: web.Application, cloud: Cloud) -> None:
+    """Mount the control API and the BX24 stand-in."""
+    r = app.router
+    base = "/_sandbox"
+
+    async def create(request: web.Request) -> Any:
+        return await cloud.create_portal(await _body(request))
+
+    async def list_portals(request: web.Request) -> Any:
+        return [cloud.describe(p) for p in cloud.portals.values()]
+
+    async def get_portal(request: web.Request) -> Any:
+        return cloud.describe(cloud.portal(request.match_info["mid"]))
+
+    async def delete_portal(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        p.deleted = True
+        return cloud.describe(p)
+
+    async def plan(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        p.set_plan((await _body(request))["plan"])
+        return cloud.describe(p)
+
+    async def bucket(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        body = await _body(request)
+        p.bucket.reconfigure(float(body["drain"]), float(body["burst"]))
+        if body.get("level") is not None:
+            p.bucket.level = float(body["level"])
+        return {"drain": p.bucket.drain, "burst": p.bucket.burst, "level": p.bucket.level}
+
+    async def latency(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        body = await _body(request)
+        ms = body.get("ms", 0)
+        lo, hi = (float(ms[0]), float(ms[1])) if isinstance(ms, (list, tuple)) else (float(ms), float(ms))
+        p.latency = (lo, hi)
+        return {"latency_ms": [lo, hi]}
+
+    async def faults(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        if request.method == "DELETE":
+            p.faults.clear()
+            return {"faults": []}
+        if request.method == "POST":
+            body = await _body(request)
+            kind = body["kind"]
+            if kind not in FAULTS:
+                raise ControlError(400, f"unknown fault {kind}; known: {sorted(FAULTS)}")
+            p.faults = [f for f in p.faults if f.kind != kind]
+            rate = float(body.get("rate", 1.0))
+            if rate > 0:
+                count = body.get("count")
+                p.faults.append(Fault(kind, rate, None if count is None else int(count)))
+        return {"faults": [vars(f) for f in p.faults]}
+
+    async def rename(request: web.Request) -> Any:
+        return await cloud.rename(cloud.portal(request.match_info["mid"]))
+
+    async def settings(request: web.Request) -> Any:
+        if request.method == "POST":
+            body = await _body(request)
+            for key, value in body.items():
+                if not hasattr(cloud.settings, key):
+                    raise ControlError(400, f"unknown setting {key}")
+                setattr(cloud.settings, key, type(getattr(cloud.settings, key))(value))
+        return vars(cloud.settings)
+
+    async def operating_limit(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        body = await _body(request)
+        p.operating_limit = None if body.get("seconds") is None else float(body["seconds"])
+        return {"operating_limit": p.operating_limit}
+
+    async def expire(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        return {"expired": cloud.tokens.expire_portal(p.member_id)}
+
+    async def tokens(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        body = await _body(request)
+        user_id = int(body.get("user_id") or cloud._default_user(p))
+        access, refresh = cloud.tokens.issue(p.member_id, user_id)
+        p.bump("token_grants")
+        return {"access_token": access.token, "refresh_token": refresh.token, "expires": int(access.expires),
+                "user_id": user_id}
+
+    async def install(request: web.Request) -> Any:
+        return await cloud.install(cloud.portal(request.match_info["mid"]), await _body(request))
+
+    async def install_finish(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        p.installed = p.install_finished = True
+        return install_state_of(p)
+
+    def install_state_of(p: Any) -> dict[str, Any]:
+        return {"installed": p.installed, "install_finished": p.install_finished, "deleted": p.deleted}
+
+    async def install_state(request: web.Request) -> Any:
+        return install_state_of(cloud.portal(request.match_info["mid"]))
+
+    async def placement(request: web.Request) -> Any:
+        return await cloud.open_placement(cloud.portal(request.match_info["mid"]), await _body(request))
+
+    async def events(request: web.Request) -> Any:
+        return await cloud.trigger(cloud.portal(request.match_info["mid"]), await _body(request))
+
+    async def uninstall(request: web.Request) -> Any:
+        body = await _body(request)
+        return await cloud.uninstall(cloud.portal(request.match_info["mid"]), bool(body.get("clean")))
+
+    async def log(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        since = int(request.query.get("since", 0) or 0)
+        method = request.query.get("method")
+        rows = [e for e in p.log if e["seq"] > since and (not method or e["method"] == method.lower())]
+        return {"entries": rows, "last_seq": p.log_seq}
+
+    async def counters(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        out = dict(p.counters)
+        out["bucket_level"] = round(p.bucket.peek(), 3)
+        out["violations"] = dict(p.counters["violations"])
+        return out
+
+    async def bindings(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        return {"events": [dict(b.as_rest(), id=b.id) for b in p.bindings],
+                "placements": [b.as_rest() for b in p.placements]}
+
+    async def offline(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        if request.method == "DELETE":
+            p.offline.clear()
+        return {"events": [{k: v for k, v in r.items() if k not in ("TS",)} for r in p.offline]}
+
+    async def calls(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        return {"active": list(p.calls.values()), "finished": list(p.finished_calls.values()),
+                "lines": list(p.lines.values())}
+
+    async def crm(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        kind = request.match_info["kind"]
+        if kind not in p.crm:
+            raise ControlError(404, f"unknown entity {kind}")
+        if request.method == "POST":
+            body = await _body(request)
+            p.crm_seq += 1
+            rec = {"ID": str(p.crm_seq), "ASSIGNED_BY_ID": "1", **body}
+            p.crm[kind][p.crm_seq] = rec
+            return rec
+        return list(p.crm[kind].values())
+
+    async def frame_page(request: web.Request) -> web.Response:
+        """An auto-submitting iframe POST page for a real browser (installer or placement)."""
+        p = cloud.portal(request.match_info["mid"])
+        placement = request.query.get("placement", "DEFAULT").upper()
+        user_id = int(request.query.get("user_id") or cloud._default_user(p))
+        options = json.loads(request.query.get("options", "{}") or "{}")
+        if placement == "DEFAULT":
+            url = (p.app_page_url or cloud._app_url(p, "/placements/settings")) if p.install_finished else \
+                (p.install_url or cloud._app_url(p, "/install"))
+        else:
+            bound = [b for b in p.placements if b.placement == placement]
+            if not bound:
+                raise ControlError(404, f"no handler bound for {placement}")
+            url = bound[0].handler
+        target, body = cloud.frame(p, user_id, placement, options, url)
+        from urllib.parse import parse_qsl
+        inputs = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                         for k, v in parse_qsl(body, keep_blank_values=True))
+        page = (f'<!doctype html><html><body><form id="f" method="post" action="{html.escape(target)}">{inputs}</form>'
+                '<script>document.getElementById("f").submit();</script></body></html>')
+        return web.Response(text=page, content_type="text/html")
+
+    async def reset(request: web.Request) -> Any:
+        await cloud.reset()
+        return {"ok": True}
+
+    async def bx24_js(request: web.Request) -> web.Response:
+        js = BX24_JS % {"cloud": json.dumps(f"http://{cloud.server_host}")}
+        return web.Response(text=js, content_type="application/javascript", headers=CORS)
+
+    async def bx24_session(request: web.Request) -> web.Response:
+        if request.method == "OPTIONS":
+            return web.Response(headers=CORS)
+        s = cloud.sessions.get(request.query.get("APP_SID", ""))
+        if s is None:
+            return _json({"error": "unknown APP_SID"}, 404, CORS)
+        return _json({k: v for k, v in s.items() if k != "fields"}, 200, CORS)
+
+    async def bx24_finish(request: web.Request) -> web.Response:
+        if request.method == "OPTIONS":
+            return web.Response(headers=CORS)
+        s = cloud.sessions.get(request.query.get("APP_SID", ""))
+        if s is None:
+            return _json({"error": "unknown APP_SID"}, 404, CORS)
+        p = cloud.portals.get(s["member_id"])
+        if p is None:
+            return _json({"error": "portal gone"}, 404, CORS)
+        if not s.get("install") and p.install_finished:
+            return _json({"install_finished": True}, 200, CORS)
+        p.installed = p.install_finished = True
+        return _json({"install_finished": True}, 200, CORS)
+
+    def add(method: str, path: str, func: Callable[[web.Request], Awaitable[Any]]) -> None:
+        r.add_route(method, base + path, _guard(func))
+
+    add("POST", "/portals", create)
+    add("GET", "/portals", list_portals)
+    add("GET", "/portals/{mid}", get_portal)
+    add("DELETE", "/portals/{mid}", delete_portal)
+    add("POST", "/portals/{mid}/plan", plan)
+    add("POST", "/portals/{mid}/bucket", bucket)
+    add("POST", "/portals/{mid}/latency", latency)
+    add("*", "/portals/{mid}/faults", faults)
+    add("POST", "/portals/{mid}/rename", rename)
+    add("POST", "/portals/{mid}/operating_limit", operating_limit)
+    add("POST", "/portals/{mid}/expire_tokens", expire)
+    add("POST", "/portals/{mid}/tokens", tokens)
+    add("POST", "/portals/{mid}/install", install)
+    add("POST", "/portals/{mid}/install_finish", install_finish)
+    add("GET", "/portals/{mid}/install_state", install_state)
+    add("POST", "/portals/{mid}/placements/open", placement)
+    add("GET", "/portals/{mid}/frame", frame_page)
+    add("POST", "/portals/{mid}/events", events)
+    add("POST", "/portals/{mid}/uninstall", uninstall)
+    add("GET", "/portals/{mid}/log", log)
+    add("GET", "/portals/{mid}/counters", counters)
+    add("GET", "/portals/{mid}/bindings", bindings)
+    add("*", "/portals/{mid}/offline_events", offline)
+    add("GET", "/portals/{mid}/calls", calls)
+    add("*", "/portals/{mid}/crm/{kind}", crm)
+    add("*", "/settings", settings)
+    add("POST", "/reset", reset)
+    r.add_get("/bx24.js", bx24_js)
+    r.add_route("*", base + "/bx24/session", bx24_session)
+    r.add_route("*", base + "/bx24/install_finish", bx24_finish)

@@ -1,0 +1,26 @@
+"""pytest fixtures: `sandbox_server` (session) and `sandbox` (a SandboxControl; state reset after each test)."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from .client import SandboxControl
+from .server import SandboxServer
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[SandboxServer]:
+    """One sandbox cloud for the whole session, on a free loopback port."""
+    server = SandboxServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxControl]:
+    """A control client; every portal and setting is wiped after the test."""
+    control = SandboxControl(sandbox_server.url)
+    yield control
+    control.reset()
+    control.close()

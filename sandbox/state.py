@@ -1,0 +1,280 @@
+"""In-memory state of the fake cloud: settings, portals, users, tokens, counters and the command log."""
+from __future__ import annotations
+
+import collections
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .limits import PLANS, LeakyBucket, OperatingClock
+
+DEFAULT_SCOPE = "crm,telephony,placement,user_basic"
+LOG_LIMIT = 100_000
+
+
+def hex32() -> str:
+    """A random 32-char hex id (tokens, member ids, app sids)."""
+    return secrets.token_hex(16)
+
+
+@dataclass
+class Settings:
+    """Cloud-wide knobs changeable through the control API."""
+
+    token_ttl: int = 3600
+    code_ttl: float = 30.0
+    operating_limit: float = 480.0
+    request_timeout: float = 60.0
+    hang_cap: float = 60.0
+    event_timeout: float = 5.0
+    reuse_revokes_chain: bool = True
+    log_limit: int = LOG_LIMIT
+
+
+@dataclass
+class User:
+    id: int
+    name: str = ""
+    last_name: str = ""
+    admin: bool = False
+    extension: str = ""
+    active: bool = True
+    email: str = ""
+
+    def as_rest(self) -> dict[str, Any]:
+        """The user.get / user.current record."""
+        return {
+            "ID": str(self.id), "XML_ID": "", "ACTIVE": self.active, "NAME": self.name,
+            "LAST_NAME": self.last_name, "SECOND_NAME": "", "EMAIL": self.email or f"user{self.id}@example.test",
+            "IS_ONLINE": "N", "TIME_ZONE_OFFSET": "0", "USER_TYPE": "employee",
+            "UF_DEPARTMENT": [1], "UF_PHONE_INNER": self.extension or None,
+        }
+
+
+@dataclass
+class AccessToken:
+    token: str
+    member_id: str
+    user_id: int
+    expires: float
+    refresh: str | None
+
+
+@dataclass
+class RefreshToken:
+    token: str
+    member_id: str
+    user_id: int
+    access: str
+    spent: bool = False
+    child: str | None = None
+    issued: float = field(default_factory=time.time)
+
+
+@dataclass
+class AuthCode:
+    code: str
+    member_id: str
+    user_id: int
+    client_id: str
+    expires: float
+    used: bool = False
+
+
+@dataclass
+class Fault:
+    kind: str
+    rate: float = 1.0
+    count: int | None = None
+
+
+@dataclass
+class Binding:
+    id: int
+    event: str
+    handler: str
+    auth_type: int = 0
+    offline: bool = False
+    auth_connector: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def as_rest(self) -> dict[str, Any]:
+        """The event.get record."""
+        row = {"event": self.event, "handler": self.handler, "auth_type": str(self.auth_type),
+               "offline": 1 if self.offline else 0}
+        if self.offline:
+            row["connector_id"] = self.auth_connector
+        return row
+
+
+@dataclass
+class PlacementBinding:
+    placement: str
+    handler: str
+    title: str = ""
+    description: str = ""
+    user_id: int = 0
+    options: Any = field(default_factory=dict)
+    lang_all: Any = field(default_factory=dict)
+
+    def as_rest(self) -> dict[str, Any]:
+        """The placement.get record."""
+        return {"placement": self.placement, "userId": self.user_id, "handler": self.handler,
+                "options": self.options or [], "title": self.title, "description": self.description,
+                "langAll": self.lang_all or []}
+
+
+def new_counters() -> dict[str, Any]:
+    """Fresh counter block for a portal."""
+    return {
+        "rest_requests": 0, "commands": 0, "batches": 0, "refreshes": 0, "token_grants": 0,
+        "auth_code_grants": 0, "status_503": 0, "status_429": 0, "status_401": 0,
+        "query_limit_exceeded": 0, "operation_time_limit": 0, "faults_injected": 0,
+        "in_flight": 0, "max_in_flight": 0, "events_sent": 0, "events_failed": 0,
+        "events_suppressed": 0,
+        "violations": {"finish_before_register": 0, "attach_before_finish": 0,
+                       "register_for_click_to_call": 0, "refresh_token_reuse": 0,
+                       "double_finish": 0},
+    }
+
+
+@dataclass
+class Portal:
+    """One Bitrix24 portal with our single app installed on it."""
+
+    member_id: str
+    plan: str
+    users: dict[int, User]
+    client_id: str
+    client_secret: str
+    app_url: str | None
+    scope: str = DEFAULT_SCOPE
+    status: str = "P"
+    application_token: str = field(default_factory=hex32)
+    port: int = 0
+    old_ports: list[int] = field(default_factory=list)
+    deleted: bool = False
+    installed: bool = True
+    install_finished: bool = False
+    redirect_url: str | None = None
+    install_url: str | None = None
+    app_page_url: str | None = None
+    events_url: str | None = None
+    bucket: LeakyBucket = field(default_factory=lambda: LeakyBucket(2.0, 50.0))
+    operating: OperatingClock = field(default_factory=OperatingClock)
+    operating_limit: float | None = None
+    latency: tuple[float, float] = (0.0, 0.0)
+    faults: list[Fault] = field(default_factory=list)
+    bindings: list[Binding] = field(default_factory=list)
+    placements: list[PlacementBinding] = field(default_factory=list)
+    counters: dict[str, Any] = field(default_factory=new_counters)
+    log: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LOG_LIMIT))
+    log_seq: int = 0
+    offline: list[dict[str, Any]] = field(default_factory=list)
+    offline_seq: int = 0
+    offline_signal_at: float = 0.0
+    crm: dict[str, dict[int, dict[str, Any]]] = field(
+        default_factory=lambda: {"contact": {}, "deal": {}, "lead": {}, "company": {}})
+    crm_seq: int = 0
+    lines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    line_seq: int = 0
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    finished_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stat_seq: int = 0
+    file_seq: int = 9000
+    uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    handler_seq: int = 0
+    dedup: dict[Any, Any] = field(default_factory=dict)
+    event_tokens: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def domain(self) -> str:
+        """The portal host (what Bitrix24 calls DOMAIN)."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def client_endpoint(self) -> str:
+        return f"http://{self.domain}/rest/"
+
+    def set_plan(self, plan: str) -> None:
+        """Switch plan and its bucket parameters."""
+        if plan not in PLANS:
+            raise ValueError(f"unknown plan {plan!r}")
+        self.plan = plan
+        self.bucket.reconfigure(PLANS[plan]["drain"], PLANS[plan]["burst"])
+
+    def admins(self) -> list[User]:
+        return [u for u in self.users.values() if u.admin and u.active]
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one executed command to the bounded log."""
+        self.log_seq += 1
+        entry["seq"] = self.log_seq
+        self.log.append(entry)
+
+    def bump(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
+
+    def violation(self, name: str) -> None:
+        self.counters["violations"][name] = self.counters["violations"].get(name, 0) + 1
+
+
+class TokenStore:
+    """OAuth chains shared by the auth server and every portal."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.access: dict[str, AccessToken] = {}
+        self.refresh: dict[str, RefreshToken] = {}
+        self.codes: dict[str, AuthCode] = {}
+
+    def issue(self, member_id: str, user_id: int) -> tuple[AccessToken, RefreshToken]:
+        """Start or continue a chain: a new access/refresh pair."""
+        a, r = hex32(), hex32()
+        access = AccessToken(a, member_id, user_id, time.time() + self.settings.token_ttl, r)
+        refresh = RefreshToken(r, member_id, user_id, a)
+        self.access[a], self.refresh[r] = access, refresh
+        return access, refresh
+
+    def rotate(self, old: RefreshToken) -> tuple[AccessToken, RefreshToken]:
+        """Spend `old`: it and its paired access token die now; a new pair is returned."""
+        old.spent = True
+        self.access.pop(old.access, None)
+        access, refresh = self.issue(old.member_id, old.user_id)
+        old.child = refresh.token
+        return access, refresh
+
+    def revoke_descendants(self, spent: RefreshToken) -> int:
+        """Kill every pair issued after `spent` in its chain (reuse detection)."""
+        n, nxt = 0, spent.child
+        while nxt:
+            tok = self.refresh.get(nxt)
+            if tok is None:
+                break
+            self.access.pop(tok.access, None)
+            tok.spent = True
+            n += 1
+            nxt = tok.child
+        return n
+
+    def expire_portal(self, member_id: str) -> int:
+        """Make every live access token of the portal expire now."""
+        n = 0
+        now = time.time() - 1
+        for tok in self.access.values():
+            if tok.member_id == member_id and tok.expires > now:
+                tok.expires = now
+                n += 1
+        return n
+
+    def drop_portal(self, member_id: str) -> None:
+        """Revoke every token of the portal (uninstall)."""
+        for table in (self.access, self.refresh, self.codes):
+            for key in [k for k, v in table.items() if v.member_id == member_id]:
+                del table[key]
+
+    def new_code(self, member_id: str, user_id: int, client_id: str) -> AuthCode:
+        code = AuthCode(hex32(), member_id, user_id, client_id, time.time() + self.settings.code_ttl)
+        self.codes[code.code] = code
+        return code
