@@ -46,6 +46,7 @@ def _import_models() -> None:
     """Every model module, so metadata and Alembic see all tables."""
     from app.tenants import models as _tenants  # noqa: F401
     from app.tenants import users as _tenant_users  # noqa: F401
+    from app.ingress import models as _ingress  # noqa: F401
 
 
 def _register_blueprints(app: Flask) -> None:

@@ -1,0 +1,71 @@
+"""The inbox (every accepted event, until a worker has handled it) and PBX API keys."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text,
+                        UniqueConstraint)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.extensions import db
+from app.tenants.models import utcnow
+
+
+class InboxStatus(str, enum.Enum):
+    """Where an inbox row stands; done, skipped and dead are final."""
+
+    RECEIVED = "received"      # stored, not yet handed to the broker
+    QUEUED = "queued"          # a message for it is (or should be) in the broker
+    PROCESSING = "processing"  # a worker claimed it
+    DONE = "done"
+    SKIPPED = "skipped"        # no handler for this event type
+    DEAD = "dead"              # failed for good; last_error says why
+
+
+PENDING = (InboxStatus.RECEIVED.value, InboxStatus.QUEUED.value)
+FINAL = (InboxStatus.DONE.value, InboxStatus.SKIPPED.value, InboxStatus.DEAD.value)
+
+
+class InboxEvent(db.Model):
+    """One incoming event, stored before it is acknowledged."""
+
+    __tablename__ = "inbox_events"
+    __table_args__ = (
+        UniqueConstraint("member_id", "source", "dedupe_key", name="uq_inbox_events_dedupe"),
+        Index("ix_inbox_events_status_received_at", "status", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    portal_id: Mapped[int | None] = mapped_column(ForeignKey("portals.id", ondelete="SET NULL"),
+                                                  index=True)
+    member_id: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str] = mapped_column(String(8))  # b24 | pbx
+    event_type: Mapped[str] = mapped_column(String(64))
+    dedupe_key: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    unverified: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(16), default=InboxStatus.RECEIVED.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    def __repr__(self) -> str:
+        return f"<InboxEvent {self.id} {self.source}:{self.event_type} {self.status}>"
+
+
+class PortalApiKey(db.Model):
+    """The PBX's key for one portal, stored as a SHA-256 digest (the key is random)."""
+
+    __tablename__ = "portal_api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"),
+                                           unique=True, index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    prefix: Mapped[str] = mapped_column(String(12))  # shown to admins to tell keys apart
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
