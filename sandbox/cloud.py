@@ -372,7 +372,7 @@ class Cloud:
                                   "member_id": p.member_id, "status": p.status, "PLACEMENT": placement}
         if placement != "DEFAULT" or options:
             import json
-            fields["PLACEMENT_OPTIONS"] = options if isinstance(options, str) else json.dumps(options or {})
+            fields["PLACEMENT_OPTIONS"] = options if isinstance(options, str) else json.dumps(options or {}, separators=(",", ":"))
         user = p.users[user_id]
         self.sessions[sid] = {"member_id": p.member_id, "user_id": user_id, "placement": placement,
                               "options": options or {}, "access_token": access.token, "refresh_token": refresh.token,
