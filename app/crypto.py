@@ -6,7 +6,7 @@ which lets an operator rotate keys without downtime.
 
 from __future__ import annotations
 
-from cryptography.fernet import InvalidToken, MultiFernet, Fernet
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from flask import current_app
 from sqlalchemy import String, TypeDecorator
 
@@ -45,4 +45,5 @@ class EncryptedString(TypeDecorator[str]):
         try:
             return cipher().decrypt(value.encode()).decode()
         except InvalidToken as exc:
-            raise DecryptionError("stored token cannot be decrypted with TOKEN_ENCRYPTION_KEY") from exc
+            raise DecryptionError(
+                "stored token cannot be decrypted with TOKEN_ENCRYPTION_KEY") from exc

@@ -48,10 +48,11 @@ def _banner(public: str, local: str, sandbox: dict | None) -> str:
         f"  Installer URL           {public}/install",
         f"  Event handler           {public}/b24/events   (the installer binds it itself)",
         f"  OAuth redirect URL      {public}/oauth/callback",
-        f"PBX call events:          POST {public}/api/v1/calls/events  (Bearer key: flask portals api-key MEMBER_ID)",
+        f"PBX call events:          POST {public}/api/v1/calls/events",
+        "                           (Bearer key: flask --app wsgi portals api-key MEMBER_ID)",
     ]
     if sandbox:
-        lines += ["", "No B24_CLIENT_ID set: running against the sandbox portal (a local fake Bitrix24)"]
+        lines += ["", "No B24_CLIENT_ID set: running against the sandbox portal (a local Bitrix24)"]
         lines += [f"  {k:<22}  {v}" for k, v in sandbox.items()]
     lines += ["", "Ctrl-C stops everything started here.", ""]
     return "\n".join(lines)
@@ -64,18 +65,43 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main() -> int:
     """Start every process, print the URLs, and stop them all on Ctrl-C."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (nohup, &)
     instance = instance_dir()
     instance.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     own_redis = not env.get("REDIS_URL")
-    if own_redis:
-        env["REDIS_URL"] = embedded.ensure_running(instance)
+    procs: list[subprocess.Popen] = []
+    try:
+        if own_redis:
+            env["REDIS_URL"] = embedded.ensure_running(instance)
+        return _run(instance, env, procs)
+    except KeyboardInterrupt:
+        print("\nstopping…", flush=True)
+        return 0
+    finally:
+        _stop_all(procs)
+        if own_redis:
+            embedded.stop(instance)
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _run(instance: Path, env: dict[str, str], procs: list[subprocess.Popen]) -> int:
     public = (env.get("APP_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/")
     env["APP_PUBLIC_URL"] = public
     bind = env.get("BIND") or f"127.0.0.1:{urlsplit(public).port or 8000}"
-    sandbox_mode = not env.get("B24_CLIENT_ID")
     setup = None
-    if sandbox_mode:
+    if not env.get("B24_CLIENT_ID"):
         from app.tenants import sandbox_setup as setup
 
         env.update(setup.sandbox_env(instance))
@@ -87,44 +113,23 @@ def main() -> int:
     py = sys.executable
     subprocess.run([py, "-m", "flask", "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=env,
                    check=True)
-    procs: list[subprocess.Popen] = []
-
-    def stop_all() -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if own_redis:
-            embedded.stop(instance)
-
-    signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        procs.append(subprocess.Popen(
-            [py, "-m", "gunicorn", "--bind", bind, "--workers", "2", "--worker-class", "gthread",
-             "--threads", "4", "wsgi:app"], cwd=ROOT, env=env))
-        procs.append(subprocess.Popen(
-            [py, "-m", "dramatiq", "--processes", "1", "--threads", "4", "workers"],
-            cwd=ROOT, env=env))
-        local = f"http://{bind}"
-        _wait_healthy(local, procs[0])
-        info = None
-        if setup is not None:
-            info = setup.start_sandbox_and_install(public, instance, procs=procs, env=env)
-        print(_banner(public, local, info), flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        dead = [p.args for p in procs if p.poll() is not None]
-        print(f"a process exited: {dead}; stopping the rest", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nstopping…", flush=True)
-        return 0
-    finally:
-        stop_all()
+    procs.append(subprocess.Popen(
+        [py, "-m", "gunicorn", "--bind", bind, "--workers", "2", "--worker-class", "gthread",
+         "--threads", "4", "wsgi:app"], cwd=ROOT, env=env))
+    procs.append(subprocess.Popen(
+        [py, "-m", "dramatiq", "--processes", "1", "--threads", "4", "workers"],
+        cwd=ROOT, env=env))
+    local = f"http://{bind}"
+    _wait_healthy(local, procs[0])
+    info = None
+    if setup is not None:
+        info = setup.start_sandbox_and_install(public, instance, procs=procs, env=env)
+    print(_banner(public, local, info), flush=True)
+    while all(p.poll() is None for p in procs):
+        time.sleep(0.5)
+    dead = [p.args for p in procs if p.poll() is not None]
+    print(f"a process exited: {dead}; stopping the rest", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ fixtures) is a fake Bitrix24 over loopback HTTP.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -24,8 +25,6 @@ from sqlalchemy import create_engine, text
 
 from app import create_app, embedded
 from app.extensions import db
-
-import importlib.util
 
 # The sandbox portal's fixtures (sandbox_server, sandbox); guarded while it is being built.
 pytest_plugins = (["sandbox.pytest_plugin"]

@@ -11,8 +11,10 @@ from app import config as cfg
 from app import create_app
 
 
-def test_embedded_defaults_when_nothing_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    for name in ("DATABASE_URL", "REDIS_URL", "B24_CLIENT_ID", "SECRET_KEY", "TOKEN_ENCRYPTION_KEY"):
+def test_embedded_defaults_when_nothing_is_set(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch):
+    names = ("DATABASE_URL", "REDIS_URL", "B24_CLIENT_ID", "SECRET_KEY", "TOKEN_ENCRYPTION_KEY")
+    for name in names:
         monkeypatch.delenv(name, raising=False)
     settings = cfg.from_environment(tmp_path)
     assert settings["SQLALCHEMY_DATABASE_URI"] == f"sqlite:///{tmp_path / 'b24relay.db'}"

@@ -20,7 +20,8 @@ def test_tokens_are_encrypted_at_rest(app, make_app):
     db.session.commit()
     row = db.session.execute(text(
         "SELECT access_token, refresh_token, application_token FROM portals")).one()
-    for stored, plain in zip(row, ["access-plain-123", "refresh-plain-456", "apptoken-789"]):
+    for stored, plain in zip(row, ["access-plain-123", "refresh-plain-456", "apptoken-789"],
+                             strict=True):
         assert plain not in stored
     db.session.remove()
 
