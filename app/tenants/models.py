@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -14,7 +14,7 @@ from app.extensions import db
 
 def utcnow() -> datetime:
     """Timezone-aware now, the only clock models use."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class PortalStatus(str, enum.Enum):
@@ -69,6 +69,11 @@ class Portal(db.Model):
     installed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_refresh_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_activity_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Set (committed) just before a refresh request leaves, cleared when its answer is stored:
+    # still set afterwards means a refresher died mid-flight and the chain may be spent.
+    refresh_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    auth_user_id: Mapped[int | None] = mapped_column(Integer)  # whose chain we hold
+    status_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                  onupdate=utcnow)
