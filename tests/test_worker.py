@@ -23,3 +23,31 @@ def test_messages_sent_before_the_worker_starts_are_not_lost(app, start_worker):
         queue.enqueue("ping", nonce)
     start_worker(threads=2)
     wait_for(lambda: all(health.ping_result(n) for n in nonces), timeout=30)
+
+
+def _rabbitmq_reachable(host: str = "127.0.0.1", port: int = 5672) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_rabbitmq_broker_when_broker_url_is_amqp(make_app, start_worker, redis_client):
+    if not _rabbitmq_reachable():
+        import pytest
+
+        pytest.skip("no RabbitMQ on 127.0.0.1:5672")
+    amqp = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    app = make_app(BROKER_URL=amqp)
+    with app.app_context():
+        from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+        assert isinstance(queue.broker(), RabbitmqBroker)
+        start_worker(BROKER_URL=amqp)
+        nonce = uuid.uuid4().hex
+        queue.enqueue("ping", nonce)
+        assert wait_for(lambda: health.ping_result(nonce), timeout=30)
+        queue.broker().close()
