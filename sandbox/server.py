@@ -223,7 +223,7 @@ class Front:
             await asyncio.sleep(self.cloud.settings.hang_cap)
             return html_error(504)
         reset_connection(request)
-        raise ConnectionResetError("sandbox fault: reset")
+        return web.Response(status=500)  # never reaches the client: the connection is gone
 
     async def upload(self, request: web.Request, p: Any) -> web.Response:
         """Multipart upload target handed out by attachRecord(FILENAME only)."""
@@ -333,7 +333,7 @@ class SandboxServer:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         cloud_app, portal_app = build_apps(self.cloud)
-        cloud_runner = web.AppRunner(cloud_app, access_log=None, handler_cancellation=True)
+        cloud_runner = web.AppRunner(cloud_app, access_log=None, handler_cancellation=True, shutdown_timeout=2)
         portal_runner = web.AppRunner(portal_app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
         await cloud_runner.setup()
         await portal_runner.setup()
