@@ -44,15 +44,18 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 def _import_models() -> None:
     """Every model module, so metadata and Alembic see all tables."""
+    from app.ingress import models as _ingress  # noqa: F401
     from app.tenants import models as _tenants  # noqa: F401
     from app.tenants import users as _tenant_users  # noqa: F401
-    from app.ingress import models as _ingress  # noqa: F401
 
 
 def _register_blueprints(app: Flask) -> None:
     from app.health import bp as health_bp
 
     app.register_blueprint(health_bp)
+    from app.ingress.views import bp as ingress_bp
+
+    app.register_blueprint(ingress_bp)
 
 
 def _register_cli(app: Flask) -> None:

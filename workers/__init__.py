@@ -22,3 +22,4 @@ app.extensions["broker"] = broker
 dramatiq.set_broker(broker)
 
 from workers import system  # noqa: E402,F401  (actors register on import)
+from workers import ingress  # noqa: E402,F401

@@ -1,0 +1,136 @@
+"""Who sent this: Bitrix24's application_token per portal, the PBX's API key per portal.
+
+The application_token check runs on every event, so the decrypted token is kept
+per process for a few seconds; a token that does not match the cached one is
+always checked again against the database before the event is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+from flask import current_app
+from sqlalchemy import select
+
+from app.extensions import db
+from app.ingress.models import PortalApiKey
+from app.tenants.models import Portal, PortalStatus
+
+CACHE_SECONDS = 5.0
+INSTALL_EVENT = "ONAPPINSTALL"
+API_KEY_PREFIX = "b24r_"
+
+
+class Rejected(Exception):
+    """The request is refused with ``status``; ``reason`` labels the rejection metric."""
+
+    def __init__(self, status: int, reason: str, message: str, **extra: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.extra = extra
+
+
+@dataclass(frozen=True)
+class KnownPortal:
+    """What intake needs to know about a portal."""
+
+    id: int
+    member_id: str
+    application_token: str | None
+    status: str
+
+
+@dataclass(frozen=True)
+class Sender:
+    """The portal an event is from (None on a first-contact ONAPPINSTALL) and its trust."""
+
+    portal: KnownPortal | None
+    unverified: bool = False
+
+
+def _cache() -> dict[str, tuple[float, KnownPortal]]:
+    return current_app.extensions.setdefault("ingress_portal_cache", {})
+
+
+def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
+    """The portal with this member_id; from the short cache unless ``fresh``."""
+    cache = _cache()
+    hit = cache.get(member_id)
+    if hit is not None and not fresh and hit[0] > time.monotonic():
+        return hit[1]
+    row = db.session.execute(
+        select(Portal.id, Portal.member_id, Portal.application_token, Portal.status)
+        .where(Portal.member_id == member_id)).first()
+    if row is None:
+        cache.pop(member_id, None)
+        return None
+    known = KnownPortal(row.id, row.member_id, row.application_token, row.status)
+    cache[member_id] = (time.monotonic() + CACHE_SECONDS, known)
+    return known
+
+
+def forget_portal(member_id: str) -> None:
+    """Drop a cached portal (after its token changed in this process)."""
+    _cache().pop(member_id, None)
+
+
+def _same(given: str, stored: str | None) -> bool:
+    return stored is not None and hmac.compare_digest(given.encode(), stored.encode())
+
+
+def verify_b24(member_id: str, token: str | None, event_name: str) -> Sender:
+    """Check ``auth[application_token]`` against the stored one, in constant time."""
+    if not token:
+        raise Rejected(401, "missing_token", "auth[application_token] is required")
+    portal = lookup_portal(member_id)
+    if portal is not None and not _same(token, portal.application_token):
+        portal = lookup_portal(member_id, fresh=True)  # never refuse on a stale cache
+    if portal is not None and _same(token, portal.application_token):
+        return Sender(portal)
+    first_contact = (portal is None or portal.application_token is None
+                     or portal.status == PortalStatus.UNINSTALLED.value)
+    if event_name == INSTALL_EVENT and first_contact:
+        # Nothing to compare with yet: the install handler verifies it via app.info.
+        return Sender(portal, unverified=True)
+    if portal is None:
+        raise Rejected(404, "unknown_portal", "no installation for this member_id")
+    raise Rejected(401, "forged_token", "application_token does not match")
+
+
+def hash_api_key(key: str) -> str:
+    """The stored form of a PBX key (keys are 32 random bytes, so plain SHA-256 suffices)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def issue_api_key(portal: Portal) -> str:
+    """Create or rotate the portal's PBX key; the old key stops working at once."""
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    record = db.session.scalars(select(PortalApiKey)
+                                .where(PortalApiKey.portal_id == portal.id)).first()
+    if record is None:
+        record = PortalApiKey(portal_id=portal.id)
+        db.session.add(record)
+    record.key_hash = hash_api_key(key)
+    record.prefix = key[:12]
+    db.session.commit()
+    return key
+
+
+def verify_api_key(authorization: str | None) -> KnownPortal:
+    """The portal whose key is in ``Authorization: Bearer <key>``."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Rejected(401, "missing_key", "Authorization: Bearer <api key> is required")
+    row = db.session.execute(
+        select(Portal.id, Portal.member_id, Portal.status)
+        .join(PortalApiKey, PortalApiKey.portal_id == Portal.id)
+        .where(PortalApiKey.key_hash == hash_api_key(key.strip()))).first()
+    if row is None:
+        raise Rejected(401, "bad_key", "unknown API key")
+    return KnownPortal(row.id, row.member_id, None, row.status)

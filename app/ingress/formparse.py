@@ -1,0 +1,107 @@
+"""Bitrix24's form bodies: PHP-style bracket keys into nested dicts and lists.
+
+``data[FIELDS][ID]=759`` becomes ``{"data": {"FIELDS": {"ID": "759"}}}``; ``a[]=x&a[]=y``
+appends; a dict whose keys are exactly ``"0".."n-1"`` becomes a list. Every scalar
+stays a string, as Bitrix24 sends it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qsl
+
+MAX_DEPTH = 16
+MAX_FIELDS = 5000
+
+
+class MalformedBody(ValueError):
+    """The body is not a well-formed PHP-style form."""
+
+
+def split_key(key: str) -> list[str]:
+    """``a[b][]`` -> ``["a", "b", ""]``; unbalanced brackets are malformed."""
+    head, sep, rest = key.partition("[")
+    if not head or "]" in head:
+        raise MalformedBody(f"bad field name {key!r}")
+    parts = [head]
+    while sep:
+        inner, close, rest = rest.partition("]")
+        if not close or "[" in inner:
+            raise MalformedBody(f"unbalanced brackets in {key!r}")
+        parts.append(inner)
+        if not rest:
+            break
+        if not rest.startswith("["):
+            raise MalformedBody(f"text after brackets in {key!r}")
+        rest = rest[1:]
+    if len(parts) > MAX_DEPTH:
+        raise MalformedBody(f"nesting deeper than {MAX_DEPTH} in {key!r}")
+    return parts
+
+
+def _assign(root: dict[str, Any], parts: list[str], value: str, key: str) -> None:
+    node = root
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if part == "":  # PHP's a[] = next index
+            part = str(sum(1 for k in node if k.isdigit()))
+        if last:
+            if part in node:
+                raise MalformedBody(f"field {key!r} given twice or clashes with another")
+            node[part] = value
+            return
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise MalformedBody(f"field {key!r} clashes with a scalar field")
+        node = child
+
+
+def _listify(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return node
+    items = {k: _listify(v) for k, v in node.items()}
+    indexes = [str(i) for i in range(len(items))]
+    if items and set(items) == set(indexes):
+        return [items[i] for i in indexes]
+    return items
+
+
+def parse_pairs(pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """Nest already-decoded ``(key, value)`` pairs."""
+    if len(pairs) > MAX_FIELDS:
+        raise MalformedBody(f"more than {MAX_FIELDS} fields")
+    root: dict[str, Any] = {}
+    for key, value in pairs:
+        _assign(root, split_key(key), value, key)
+    return _listify(root)
+
+
+def parse_form(body: bytes) -> dict[str, Any]:
+    """Decode an ``application/x-www-form-urlencoded`` body into nested data."""
+    try:
+        text = body.decode("utf-8")
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
+                          errors="strict", max_num_fields=MAX_FIELDS)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedBody(f"not a form body: {exc}") from exc
+    return parse_pairs(pairs)
+
+
+def encode_form(data: dict[str, Any]) -> str:
+    """The inverse, as PHP's ``http_build_query`` writes it (used for tests and offline replay)."""
+    from urllib.parse import urlencode
+
+    pairs: list[tuple[str, str]] = []
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}[{k}]" if prefix else str(k), v)
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+        else:
+            pairs.append((prefix, "" if value is None else str(value)))
+
+    walk("", data)
+    return urlencode(pairs)

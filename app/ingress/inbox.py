@@ -1,0 +1,231 @@
+"""The inbox: store an event once, hand it to the broker, find rows that got stuck.
+
+Intake commits the row *before* it enqueues, so a message never points at a row a
+worker cannot see, and an event the broker never got is still in the table: the
+sweeper queues it again. Enqueueing uses a Redis client with short timeouts and
+no retries, and stops trying for a moment after a failure, so a Redis outage
+costs the request at most one short timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from flask import current_app
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from app import queue
+from app.extensions import db
+from app.ingress import metrics
+from app.ingress.models import PENDING, InboxEvent, InboxStatus
+from app.tenants.models import utcnow
+
+log = logging.getLogger(__name__)
+
+ACTOR = "process_inbox_event"
+QUEUE = "events"
+ENQUEUE_TIMEOUT_SECONDS = 0.25
+REDIS_BACKOFF_SECONDS = 1.0
+
+
+@dataclass
+class NewEvent:
+    """An event about to be stored."""
+
+    member_id: str
+    source: str
+    event_type: str
+    payload: dict[str, Any]
+    dedupe_key: str
+    portal_id: int | None = None
+    unverified: bool = False
+
+
+@dataclass(frozen=True)
+class Stored:
+    """An inbox row id, and whether this delivery created it."""
+
+    id: int
+    created: bool
+
+
+def digest(value: Any) -> str:
+    """SHA-256 of a canonical JSON rendering (the dedupe key)."""
+    raw = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def b24_dedupe_key(event: dict[str, Any]) -> str:
+    """What makes two Bitrix24 deliveries the same event (not the per-user auth block)."""
+    return digest([event.get("event"), event.get("event_handler_id"), event.get("ts"),
+                   event.get("data")])
+
+
+def _insert_ignoring_duplicate(values: dict[str, Any]) -> int | None:
+    dialect = db.engine.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:  # pragma: no cover - other databases: a savepoint and the unique constraint
+        try:
+            with db.session.begin_nested():
+                return db.session.execute(insert(InboxEvent).values(**values)
+                                          .returning(InboxEvent.id)).scalar_one()
+        except IntegrityError:
+            return None
+    stmt = (dialect_insert(InboxEvent).values(**values)
+            .on_conflict_do_nothing(index_elements=["member_id", "source", "dedupe_key"])
+            .returning(InboxEvent.id))
+    return db.session.execute(stmt).scalar()
+
+
+def store(events: list[NewEvent]) -> list[Stored]:
+    """Write the events in one transaction; a duplicate returns the existing row's id."""
+    out: list[Stored] = []
+    try:
+        for ev in events:
+            row_id = _insert_ignoring_duplicate({
+                "portal_id": ev.portal_id, "member_id": ev.member_id, "source": ev.source,
+                "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
+                "payload": ev.payload, "unverified": ev.unverified,
+                "status": InboxStatus.RECEIVED.value, "attempts": 0, "received_at": utcnow(),
+            })
+            created = row_id is not None
+            if row_id is None:
+                row_id = db.session.execute(select(InboxEvent.id).where(
+                    InboxEvent.member_id == ev.member_id, InboxEvent.source == ev.source,
+                    InboxEvent.dedupe_key == ev.dedupe_key)).scalar_one()
+                metrics.DUPLICATES.labels(ev.source).inc()
+            else:
+                metrics.STORED.labels(ev.source, ev.event_type[:64]).inc()
+            out.append(Stored(row_id, created))
+        db.session.commit()
+    except Exception:
+        db.session.rollback()
+        raise
+    return out
+
+
+def _intake_broker() -> dramatiq.Broker:
+    """A broker whose Redis client gives up fast (the shared one waits seconds)."""
+    ext = current_app.extensions
+    if "ingress_broker" not in ext:
+        cfg = current_app.config
+        url = cfg.get("BROKER_URL") or cfg["REDIS_URL"]
+        if url.startswith(("amqp://", "amqps://")):
+            ext["ingress_broker"] = queue.broker()
+        else:
+            client = redis.Redis.from_url(url, socket_timeout=ENQUEUE_TIMEOUT_SECONDS,
+                                          socket_connect_timeout=ENQUEUE_TIMEOUT_SECONDS,
+                                          retry=Retry(NoBackoff(), 0))
+            ext["ingress_broker"] = RedisBroker(
+                client=client, namespace=cfg.get("DRAMATIQ_NAMESPACE", "b24relay"))
+        ext["ingress_redis_down_until"] = 0.0
+    return ext["ingress_broker"]
+
+
+def _send(row_id: int) -> None:
+    message = dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR, args=(row_id,), kwargs={},
+                               options={})
+    _intake_broker().enqueue(message)
+
+
+def enqueue(row_ids: list[int], source: str, via: str = "intake") -> list[int]:
+    """Hand rows to the broker and mark them queued; return the ids that made it.
+
+    A broker failure is not an error for the caller: the rows stay ``received``
+    and the sweeper queues them once the broker is back.
+    """
+    ext = current_app.extensions
+    _intake_broker()
+    if time.monotonic() < ext["ingress_redis_down_until"]:
+        return []
+    sent: list[int] = []
+    try:
+        for row_id in row_ids:
+            _send(row_id)
+            sent.append(row_id)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the sweeper recovers
+        ext["ingress_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
+        log.warning("broker unavailable, %d inbox rows left for the sweeper: %s",
+                    len(row_ids) - len(sent), exc)
+    if sent:
+        mark_queued(sent)
+        metrics.QUEUED.labels(source, via).inc(len(sent))
+    return sent
+
+
+def mark_queued(row_ids: list[int]) -> None:
+    """received -> queued (a worker may already have claimed a row: then nothing changes)."""
+    try:
+        db.session.execute(update(InboxEvent)
+                           .where(InboxEvent.id.in_(row_ids),
+                                  InboxEvent.status == InboxStatus.RECEIVED.value)
+                           .values(status=InboxStatus.QUEUED.value))
+        db.session.commit()
+    except Exception as exc:  # noqa: BLE001 - only bookkeeping; the row is stored and queued
+        db.session.rollback()
+        log.warning("could not mark rows queued: %s", exc)
+
+
+def stuck_rows(pending_after: float, processing_after: float, limit: int = 1000,
+               now: datetime | None = None) -> list[tuple[int, str]]:
+    """Rows no worker finished: pending for ``pending_after`` s, or claimed and silent."""
+    now = now or utcnow()
+    pending_cutoff = now - timedelta(seconds=pending_after)
+    processing_cutoff = now - timedelta(seconds=processing_after)
+    pending = (InboxEvent.status.in_(PENDING)
+               & (InboxEvent.received_at < pending_cutoff)
+               & ((InboxEvent.claimed_at.is_(None)) | (InboxEvent.claimed_at < pending_cutoff)))
+    abandoned = ((InboxEvent.status == InboxStatus.PROCESSING.value)
+                 & (InboxEvent.claimed_at < processing_cutoff))
+    rows = db.session.execute(select(InboxEvent.id, InboxEvent.source)
+                              .where(pending | abandoned)
+                              .order_by(InboxEvent.id).limit(limit)).all()
+    return [(r.id, r.source) for r in rows]
+
+
+def requeue_stuck(pending_after: float, processing_after: float, limit: int = 1000) -> int:
+    """Queue stuck rows again (abandoned claims go back to ``queued`` first)."""
+    rows = stuck_rows(pending_after, processing_after, limit)
+    if not rows:
+        return 0
+    ids = [row_id for row_id, _ in rows]
+    now = utcnow()
+    db.session.execute(update(InboxEvent)
+                       .where(InboxEvent.id.in_(ids),
+                              InboxEvent.status == InboxStatus.PROCESSING.value)
+                       .values(status=InboxStatus.QUEUED.value, claimed_at=now,
+                               last_error="worker lost while processing; requeued"))
+    db.session.execute(update(InboxEvent)
+                       .where(InboxEvent.id.in_(ids), InboxEvent.status.in_(PENDING))
+                       .values(status=InboxStatus.QUEUED.value, claimed_at=now))
+    db.session.commit()
+    for row_id, source in rows:
+        queue.enqueue(ACTOR, row_id, queue_name=QUEUE)
+        metrics.QUEUED.labels(source, "sweeper").inc()
+    return len(rows)
+
+
+def depth() -> dict[str, int]:
+    """Rows per unfinished status (and dead), for the inbox-depth gauge."""
+    wanted = [*PENDING, InboxStatus.PROCESSING.value, InboxStatus.DEAD.value]
+    counts = dict.fromkeys(wanted, 0)
+    rows = db.session.execute(select(InboxEvent.status, func.count())
+                              .where(InboxEvent.status.in_(wanted))
+                              .group_by(InboxEvent.status)).all()
+    counts.update({status: n for status, n in rows})
+    return counts

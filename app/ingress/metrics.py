@@ -1,0 +1,68 @@
+"""Prometheus metrics of the incoming side (multiprocess-safe; see app/metrics.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from flask import Flask
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+RECEIVED = Counter("b24relay_events_received_total",
+                   "Events that reached an intake endpoint.", ["source"])
+REJECTED = Counter("b24relay_events_rejected_total",
+                   "Events answered with an error and not stored; reason=db_unavailable "
+                   "is an event lost unless its sender retries.", ["source", "reason"])
+STORED = Counter("b24relay_events_stored_total",
+                 "Events written to the inbox (duplicates not counted).", ["source", "type"])
+DUPLICATES = Counter("b24relay_events_duplicate_total",
+                     "Deliveries of an event already in the inbox.", ["source"])
+QUEUED = Counter("b24relay_events_queued_total",
+                 "Inbox rows handed to the broker (by intake or the sweeper).", ["source", "via"])
+PROCESSED = Counter("b24relay_events_processed_total",
+                    "Inbox rows finished by a worker.", ["source", "type", "outcome"])
+ACK_LATENCY = Histogram("b24relay_event_ack_seconds",
+                        "Time from request start to the answer of an intake endpoint.",
+                        ["source"],
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+
+class InboxDepthCollector(Collector):
+    """``b24relay_inbox_depth{status}``, counted in the database at scrape time."""
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return [self._family()]
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily("b24relay_inbox_depth",
+                                 "Inbox rows not finished yet, and dead ones, by status.",
+                                 labels=["status"])
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from flask import has_app_context
+
+        from app.ingress.inbox import depth
+
+        family = self._family()
+        if has_app_context():  # the /metrics view; elsewhere there is no database to ask
+            try:
+                counts = depth()
+            except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is down
+                counts = {}
+            for status, count in sorted(counts.items()):
+                family.add_metric([status], count)
+        yield family
+
+
+_collector = InboxDepthCollector()
+
+
+def init_app(app: Flask) -> None:
+    """Expose the inbox depth on the registry /metrics serves."""
+    registry = app.extensions.get("metrics_registry") or REGISTRY
+    try:
+        registry.register(_collector)
+    except ValueError:
+        pass  # already on the process-wide registry (several apps in one process)

@@ -1,0 +1,127 @@
+"""The PBX's call events: schema check, naming the first wrong field (see PBX_EVENTS.md)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+EVENTS = ("start", "answer", "transfer", "end", "record")
+DIRECTIONS = ("in", "out")
+END_STATUSES = ("answered", "busy", "no_answer", "cancelled", "failed")
+MAX_EVENTS_PER_REQUEST = 500
+MAX_TEXT = 256
+
+
+def _path(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+class InvalidEvent(ValueError):
+    """A call event does not match the schema; ``field`` is its path, e.g. ``events[2].at``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _text(event: dict[str, Any], name: str, where: str, required: bool = True) -> str | None:
+    value = event.get(name)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidEvent(_path(where, name), "required, a non-empty string")
+    value = str(value).strip()
+    if not value or len(value) > MAX_TEXT:
+        raise InvalidEvent(_path(where, name), f"must be 1..{MAX_TEXT} characters")
+    return value
+
+
+def _choice(event: dict[str, Any], name: str, where: str, allowed: tuple[str, ...]) -> str:
+    value = event.get(name)
+    if value not in allowed:
+        raise InvalidEvent(_path(where, name), f"must be one of {', '.join(allowed)}")
+    return value
+
+
+def _timestamp(event: dict[str, Any], where: str) -> str:
+    value = event.get("at")
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.utcoffset() is None:
+        raise InvalidEvent(_path(where, "at"), "must be an ISO 8601 time with an offset, "
+                                          "e.g. 2026-11-22T16:40:00+03:00")
+    return value
+
+
+def _extensions(event: dict[str, Any], where: str) -> list[str]:
+    value = event.get("extensions")
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidEvent(_path(where, "extensions"), "required, an extension or a non-empty list")
+    items = []
+    for i, item in enumerate(value):
+        text = "" if isinstance(item, bool) or not isinstance(item, (str, int)) else str(item)
+        if not text.strip() or len(text) > MAX_TEXT:
+            raise InvalidEvent(_path(where, f"extensions[{i}]"), "must be a non-empty extension")
+        items.append(text.strip())
+    return items
+
+
+def _duration(event: dict[str, Any], where: str) -> int:
+    value = event.get("duration")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise InvalidEvent(_path(where, "duration"), "required, seconds talked (a number >= 0)")
+    return int(value)
+
+
+def _url(event: dict[str, Any], where: str) -> str:
+    value = _text(event, "url", where) or ""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise InvalidEvent(_path(where, "url"), "must be an http(s) URL of the recording")
+    return value
+
+
+def validate_event(event: Any, where: str = "") -> dict[str, Any]:
+    """Check one call event; return it normalised (extensions as a list, strings trimmed)."""
+    if not isinstance(event, dict):
+        raise InvalidEvent(where or "body", "must be a JSON object")
+    out = dict(event)
+    out["call_id"] = _text(event, "call_id", where)
+    out["event"] = _choice(event, "event", where, EVENTS)
+    out["at"] = _timestamp(event, where)
+    kind = out["event"]
+    if kind == "start":
+        out["direction"] = _choice(event, "direction", where, DIRECTIONS)
+        out["phone"] = _text(event, "phone", where)
+        out["extensions"] = _extensions(event, where)
+        if event.get("line") is not None:
+            out["line"] = _text(event, "line", where)
+    elif kind == "answer":
+        out["extension"] = _text(event, "extension", where)
+    elif kind == "transfer":
+        out["from_extension"] = _text(event, "from_extension", where)
+        out["to_extension"] = _text(event, "to_extension", where)
+    elif kind == "end":
+        out["status"] = _choice(event, "status", where, END_STATUSES)
+        out["duration"] = _duration(event, where)
+    elif kind == "record":
+        out["url"] = _url(event, where)
+    return out
+
+
+def validate_body(body: Any) -> list[dict[str, Any]]:
+    """One event object, or ``{"events": [...]}``: the list of checked events."""
+    if isinstance(body, dict) and "events" in body:
+        events = body["events"]
+        if not isinstance(events, list) or not events:
+            raise InvalidEvent("events", "must be a non-empty list of call events")
+        if len(events) > MAX_EVENTS_PER_REQUEST:
+            raise InvalidEvent("events", f"at most {MAX_EVENTS_PER_REQUEST} events per request")
+        return [validate_event(e, f"events[{i}]") for i, e in enumerate(events)]
+    return [validate_event(body)]

@@ -1,0 +1,163 @@
+"""Run one inbox row through its handler, exactly once in effect.
+
+A worker first *claims* the row (one atomic UPDATE from received/queued to
+processing, which bumps ``attempts``); a second message for the same row finds
+nothing to claim and does nothing. The handler's own database writes and the
+final status commit in one transaction, and only while the claim is still ours:
+if the worker dies mid-way, nothing of its work is kept and the sweeper hands
+the row out again.
+
+Handlers receive ``(portal_or_None, event)`` where ``event`` is the stored
+payload plus ``inbox_id`` and ``unverified`` (True for a first-contact
+ONAPPINSTALL whose application_token could not be checked yet).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import update
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from app.extensions import db
+from app.ingress import inbox, metrics
+from app.ingress.models import PENDING, InboxEvent, InboxStatus
+from app.ingress.registry import handler_for
+from app.tenants.models import Portal, utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5
+SECRET_AUTH_KEYS = ("access_token", "refresh_token")
+
+
+class TransientError(Exception):
+    """Raise from a handler for a failure worth retrying later (with backoff)."""
+
+
+class PermanentError(Exception):
+    """Raise from a handler for a failure no retry can fix (the row goes dead at once)."""
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """Failures that retry: ours, database outages, and the Bitrix24 client's transient ones."""
+    kinds: list[type[BaseException]] = [TransientError, OperationalError, InterfaceError,
+                                        PoolTimeout]
+    try:
+        from app.bitrix import errors as bitrix_errors
+    except ImportError:
+        return tuple(kinds)
+    for name in ("TransportError", "QueryLimitExceeded", "ServerError"):
+        kind = getattr(bitrix_errors, name, None)
+        if isinstance(kind, type) and issubclass(kind, BaseException):
+            kinds.append(kind)
+    return tuple(kinds)
+
+
+def _setting(name: str, default: float) -> float:
+    value = current_app.config.get(name) or os.environ.get(name)
+    return float(value) if value else default
+
+
+def _claim(row_id: int) -> int | None:
+    """received/queued -> processing; the new attempt number, or None if not ours to take."""
+    attempt = db.session.execute(
+        update(InboxEvent)
+        .where(InboxEvent.id == row_id, InboxEvent.status.in_(PENDING))
+        .values(status=InboxStatus.PROCESSING.value, attempts=InboxEvent.attempts + 1,
+                claimed_at=utcnow())
+        .returning(InboxEvent.attempts)
+        .execution_options(synchronize_session=False)).scalar()
+    db.session.commit()
+    return attempt
+
+
+def _scrubbed(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload without the tokens it carried; a finished row keeps no secrets."""
+    auth = payload.get("auth")
+    if not isinstance(auth, dict) or not any(k in auth for k in SECRET_AUTH_KEYS):
+        return payload
+    clean = copy.deepcopy(payload)
+    for key in SECRET_AUTH_KEYS:
+        clean["auth"].pop(key, None)
+    return clean
+
+
+def _finish(row: InboxEvent, attempt: int, status: InboxStatus, error: str | None = None) -> bool:
+    """Record the outcome (with the handler's writes) if the claim is still ours."""
+    done = db.session.execute(
+        update(InboxEvent)
+        .where(InboxEvent.id == row.id, InboxEvent.status == InboxStatus.PROCESSING.value,
+               InboxEvent.attempts == attempt)
+        .values(status=status.value, last_error=error, processed_at=utcnow(),
+                payload=_scrubbed(row.payload))
+        .execution_options(synchronize_session=False)).rowcount
+    if not done:
+        db.session.rollback()
+        log.warning("inbox row %s was taken over by another worker; result discarded", row.id)
+        return False
+    db.session.commit()
+    metrics.PROCESSED.labels(row.source, row.event_type, status.value).inc()
+    return True
+
+
+def _release(row_id: int, attempt: int, error: str) -> None:
+    """Hand a transiently failed row back (queued) for the broker's delayed retry."""
+    db.session.execute(
+        update(InboxEvent)
+        .where(InboxEvent.id == row_id, InboxEvent.status == InboxStatus.PROCESSING.value,
+               InboxEvent.attempts == attempt)
+        .values(status=InboxStatus.QUEUED.value, last_error=error, claimed_at=utcnow())
+        .execution_options(synchronize_session=False))
+    db.session.commit()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def process(row_id: int) -> str:
+    """Claim, handle and finish one row; return the outcome. Raises only to be retried."""
+    attempt = _claim(row_id)
+    if attempt is None:
+        return "not_claimed"
+    row = db.session.get(InboxEvent, row_id)
+    assert row is not None  # we just claimed it
+    handler = handler_for(row.source, row.event_type)
+    if handler is None:
+        _finish(row, attempt, InboxStatus.SKIPPED)
+        return InboxStatus.SKIPPED.value
+    portal = db.session.get(Portal, row.portal_id) if row.portal_id else None
+    event = {**copy.deepcopy(row.payload), "inbox_id": row.id, "unverified": row.unverified}
+    try:
+        handler(portal, event)
+    except transient_errors() as exc:
+        db.session.rollback()
+        if attempt >= MAX_ATTEMPTS:
+            _finish(row, attempt, InboxStatus.DEAD, f"gave up after {attempt} attempts: "
+                                                    f"{_describe(exc)}")
+            return InboxStatus.DEAD.value
+        _release(row_id, attempt, _describe(exc))
+        metrics.PROCESSED.labels(row.source, row.event_type, "retry").inc()
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything else will not heal by retrying
+        db.session.rollback()
+        log.exception("handler for inbox row %s failed for good", row_id)
+        _finish(row, attempt, InboxStatus.DEAD, _describe(exc))
+        return InboxStatus.DEAD.value
+    return InboxStatus.DONE.value if _finish(row, attempt, InboxStatus.DONE) else "lost_claim"
+
+
+def sweep() -> int:
+    """Queue again what no worker finished (lost message, killed worker); the count."""
+    requeued = inbox.requeue_stuck(
+        pending_after=_setting("INBOX_REQUEUE_AFTER", 60.0),
+        processing_after=_setting("INBOX_PROCESSING_TIMEOUT", 300.0))
+    if requeued:
+        log.info("sweeper queued %d stuck inbox rows again", requeued)
+    return requeued

@@ -1,0 +1,138 @@
+"""The two intake endpoints: verify, store, enqueue, answer — nothing else.
+
+Bitrix24 never resends an event, so the answer must be fast and must never be a
+200 for something that was not stored: when the database is down the answer is
+503 (the PBX retries on it; for Bitrix24 the loss is counted in
+``b24relay_events_rejected_total{reason="db_unavailable"}``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from app.ingress import auth, inbox, metrics, pbx
+from app.ingress.auth import Rejected
+from app.ingress.formparse import MalformedBody, parse_form
+
+bp = Blueprint("ingress", __name__)
+log = logging.getLogger(__name__)
+
+FORM_TYPE = "application/x-www-form-urlencoded"
+
+
+def _body() -> bytes:
+    """The raw body, refusing anything over MAX_CONTENT_LENGTH (with or without a length)."""
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit and (request.content_length or 0) > limit:
+        raise Rejected(413, "too_large", f"body over {limit} bytes")
+    try:
+        return request.get_data(cache=False)
+    except RequestEntityTooLarge as exc:
+        raise Rejected(413, "too_large", f"body over {limit} bytes") from exc
+
+
+def _answer(source: str, started: float, status: int, body: dict[str, Any]) -> tuple[Response, int]:
+    metrics.ACK_LATENCY.labels(source).observe(time.perf_counter() - started)
+    return jsonify(body), status
+
+
+def _refuse(source: str, started: float, exc: Rejected) -> tuple[Response, int]:
+    metrics.REJECTED.labels(source, exc.reason).inc()
+    log.info("%s event refused: %s %s (%s)", source, exc.status, exc.reason, exc.message)
+    return _answer(source, started, exc.status,
+                   {"error": exc.reason, "message": exc.message, **exc.extra})
+
+
+def _store_and_queue(source: str, events: list[inbox.NewEvent]) -> list[inbox.Stored]:
+    try:
+        stored = inbox.store(events)
+    except SQLAlchemyError as exc:
+        log.error("inbox unavailable, %d %s event(s) refused: %s", len(events), source, exc)
+        raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc
+    fresh = [s.id for s in stored if s.created]
+    if fresh:
+        inbox.enqueue(fresh, source)
+    return stored
+
+
+def _b24_event(body: bytes) -> inbox.NewEvent:
+    if request.mimetype != FORM_TYPE:
+        raise Rejected(400, "malformed", f"Content-Type must be {FORM_TYPE}")
+    try:
+        event = parse_form(body)
+    except MalformedBody as exc:
+        raise Rejected(400, "malformed", str(exc)) from exc
+    name, auth_block = event.get("event"), event.get("auth")
+    if not isinstance(name, str) or not name.strip():
+        raise Rejected(400, "malformed", "event is required")
+    if not isinstance(auth_block, dict) or not isinstance(auth_block.get("member_id"), str) \
+            or not auth_block["member_id"].strip():
+        raise Rejected(400, "malformed", "auth[member_id] is required")
+    token = auth_block.get("application_token")
+    sender = auth.verify_b24(auth_block["member_id"], token if isinstance(token, str) else None,
+                             name.strip().upper())
+    return inbox.NewEvent(
+        member_id=auth_block["member_id"], source="b24", event_type=name.strip().upper(),
+        payload=event, dedupe_key=inbox.b24_dedupe_key(event),
+        portal_id=sender.portal.id if sender.portal else None, unverified=sender.unverified)
+
+
+@bp.post("/b24/events")
+def b24_events() -> tuple[Response, int]:
+    """Bitrix24's event POST: 200 once stored (a duplicate delivery is stored once)."""
+    started = time.perf_counter()
+    metrics.RECEIVED.labels("b24").inc()
+    try:
+        event = _b24_event(_body())
+        stored = _store_and_queue("b24", [event])
+    except Rejected as exc:
+        return _refuse("b24", started, exc)
+    except SQLAlchemyError as exc:  # the portal lookup itself failed
+        log.error("portal lookup failed: %s", exc)
+        return _refuse("b24", started, Rejected(503, "db_unavailable", "retry later"))
+    return _answer("b24", started, 200, {"id": stored[0].id, "duplicate": not stored[0].created})
+
+
+def _pbx_events(body: bytes, portal: auth.KnownPortal) -> list[inbox.NewEvent]:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise Rejected(400, "malformed", f"body is not JSON: {exc}") from exc
+    try:
+        events = pbx.validate_body(data)
+    except pbx.InvalidEvent as exc:
+        raise Rejected(422, "invalid_event", exc.message, field=exc.field) from exc
+    return [inbox.NewEvent(member_id=portal.member_id, source="pbx", event_type=ev["event"],
+                           payload=ev, dedupe_key=inbox.digest(ev), portal_id=portal.id)
+            for ev in events]
+
+
+@bp.post("/api/v1/calls/events")
+def pbx_call_events() -> tuple[Response, int]:
+    """The PBX's call events (one object or ``{"events": [...]}``): 202 with the inbox ids."""
+    started = time.perf_counter()
+    metrics.RECEIVED.labels("pbx").inc()
+    try:
+        body = _body()
+        portal = auth.verify_api_key(request.headers.get("Authorization"))
+        stored = _store_and_queue("pbx", _pbx_events(body, portal))
+    except Rejected as exc:
+        return _refuse("pbx", started, exc)
+    except SQLAlchemyError as exc:
+        log.error("API key lookup failed: %s", exc)
+        return _refuse("pbx", started, Rejected(503, "db_unavailable", "retry later"))
+    return _answer("pbx", started, 202, {
+        "ids": [s.id for s in stored],
+        "duplicates": sum(1 for s in stored if not s.created)})
+
+
+@bp.record_once
+def _expose_inbox_depth(state: Any) -> None:
+    metrics.init_app(state.app)

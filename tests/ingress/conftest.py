@@ -1,0 +1,94 @@
+"""Ingress test helpers: a portal with an application token, event delivery, inbox reads."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from app.extensions import db
+from app.ingress import auth
+from app.ingress.formparse import encode_form
+from app.ingress.models import InboxEvent
+from app.tenants.models import Portal, PortalSettings, PortalStatus
+
+
+def make_portal(**overrides: Any) -> Portal:
+    """An installed portal with a known application_token."""
+    member_id = overrides.pop("member_id", uuid.uuid4().hex)
+    portal = Portal(member_id=member_id, domain=f"{member_id[:8]}.bitrix24.test",
+                    client_endpoint=f"https://{member_id[:8]}.bitrix24.test/rest/",
+                    application_token=overrides.pop("application_token", secrets.token_hex(16)),
+                    status=overrides.pop("status", PortalStatus.ACTIVE.value), **overrides)
+    portal.settings = PortalSettings()
+    db.session.add(portal)
+    db.session.commit()
+    return portal
+
+
+def b24_body(member_id: str, token: str | None, event: str = "ONCRMDEALUPDATE",
+             data: dict[str, Any] | None = None, ts: str = "1736405807",
+             handler_id: str = "201") -> str:
+    """A form body as Bitrix24 sends it (protocol §3.4)."""
+    auth_block: dict[str, Any] = {"access_token": "s6p6eclrvim6da22", "expires": "1736409407",
+                                  "domain": "x.bitrix24.test", "member_id": member_id,
+                                  "user_id": "15"}
+    if token is not None:
+        auth_block["application_token"] = token
+    return encode_form({"event": event, "event_handler_id": handler_id,
+                        "data": data if data is not None else {"FIELDS": {"ID": "759"}},
+                        "ts": ts, "auth": auth_block})
+
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+class Deliver:
+    """Post events to the app like Bitrix24 or the PBX would."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def b24(self, portal: Portal, token: str | None = "", **kw: Any) -> Any:
+        if token == "":
+            token = portal.application_token
+        return self.client.post("/b24/events", data=b24_body(portal.member_id, token, **kw),
+                                headers=FORM)
+
+    def pbx(self, key: str | None, body: Any) -> Any:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return self.client.post("/api/v1/calls/events", json=body, headers=headers)
+
+
+@pytest.fixture
+def portal(app: Any) -> Portal:
+    return make_portal()
+
+
+@pytest.fixture
+def deliver(client: Any) -> Deliver:
+    return Deliver(client)
+
+
+@pytest.fixture
+def api_key(portal: Portal) -> str:
+    return auth.issue_api_key(portal)
+
+
+def inbox_count() -> int:
+    db.session.rollback()
+    return db.session.scalar(select(func.count()).select_from(InboxEvent)) or 0
+
+
+def inbox_rows() -> list[InboxEvent]:
+    db.session.rollback()
+    return list(db.session.scalars(select(InboxEvent).order_by(InboxEvent.id)))
+
+
+def queued_messages(redis_client: Any, app: Any, queue: str = "events") -> int:
+    """Messages waiting in the Dramatiq Redis queue (nobody is consuming in these tests)."""
+    ns = app.config["DRAMATIQ_NAMESPACE"]
+    return redis_client.llen(f"{ns}:{queue}")

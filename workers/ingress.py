@@ -1,0 +1,25 @@
+"""Inbox actors: process one row, and sweep up rows that got stuck."""
+
+from __future__ import annotations
+
+import dramatiq
+
+from app.config import env_int
+from app.ingress import processing
+from workers.scheduler import periodic
+
+SWEEP_INTERVAL_SECONDS = env_int("INBOX_SWEEP_INTERVAL", 15)
+
+
+@dramatiq.actor(queue_name="events", max_retries=processing.MAX_ATTEMPTS + 2,
+                min_backoff=1000, max_backoff=30000)
+def process_inbox_event(row_id: int) -> None:
+    """Handle inbox row ``row_id`` (a no-op when it is already taken or finished)."""
+    processing.process(row_id)
+
+
+@periodic(SWEEP_INTERVAL_SECONDS)
+@dramatiq.actor(queue_name="default", max_retries=0)
+def sweep_inbox() -> None:
+    """Queue again the inbox rows no worker finished."""
+    processing.sweep()
