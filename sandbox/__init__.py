@@ -1,4 +1,5 @@
 """A faithful fake Bitrix24 cloud over loopback HTTP: see sandbox/README.md."""
+
 from .client import SandboxControl, SandboxError
 from .server import SandboxServer
 

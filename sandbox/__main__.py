@@ -1,4 +1,7 @@
-"""`python -m sandbox --port N [--app-url URL] [--portals K]`: run the fake cloud until SIGINT/SIGTERM."""
+"""`python -m sandbox --port N [--app-url URL] [--portals K]`: run the fake cloud until
+SIGINT/SIGTERM.
+"""
+
 from __future__ import annotations
 
 import argparse
@@ -12,14 +15,24 @@ from .server import SandboxServer
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
-    ap = argparse.ArgumentParser(prog="python -m sandbox", description="Fake Bitrix24 cloud on loopback")
-    ap.add_argument("--port", type=int, default=0, help="cloud port (auth server + control API); 0 = free port")
-    ap.add_argument("--app-url", default=None, help="the app's public base URL (installer at <url>/install)")
+    ap = argparse.ArgumentParser(
+        prog="python -m sandbox", description="Fake Bitrix24 cloud on loopback"
+    )
+    ap.add_argument(
+        "--port", type=int, default=0, help="cloud port (auth server + control API); 0 = free port"
+    )
+    ap.add_argument(
+        "--app-url", default=None, help="the app's public base URL (installer at <url>/install)"
+    )
     ap.add_argument("--portals", type=int, default=0, help="create K portals at start")
     ap.add_argument("--plan", default="standard", choices=["standard", "enterprise"])
     ap.add_argument("--client-id", default="app.sandbox")
     ap.add_argument("--client-secret", default="sandbox-secret")
-    ap.add_argument("--install", action="store_true", help="run the install flow against --app-url for each portal")
+    ap.add_argument(
+        "--install",
+        action="store_true",
+        help="run the install flow against --app-url for each portal",
+    )
     ap.add_argument("--token-ttl", type=int, default=None)
     ap.add_argument("--operating-limit", type=float, default=None)
     ap.add_argument("--json", action="store_true", help="print portals as JSON lines")
@@ -34,22 +47,43 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     with SandboxControl(server.url) as control:
-        tweaks = {k: v for k, v in (("token_ttl", args.token_ttl), ("operating_limit", args.operating_limit)) if v is not None}
+        tweaks = {
+            k: v
+            for k, v in (("token_ttl", args.token_ttl), ("operating_limit", args.operating_limit))
+            if v is not None
+        }
         if tweaks:
             control.settings(**tweaks)
-        print(f"sandbox cloud: {server.url}  (token URL {server.url}/oauth/token/, control {server.url}/_sandbox/, "
-              f"bx24.js {server.url}/bx24.js)", flush=True)
+        print(
+            f"sandbox cloud: {server.url}  (token URL {server.url}/oauth/token/, "
+            f"control {server.url}/_sandbox/, "
+            f"bx24.js {server.url}/bx24.js)",
+            flush=True,
+        )
         for _ in range(args.portals):
-            portal = control.create_portal(plan=args.plan, app_url=args.app_url, client_id=args.client_id,
-                                           client_secret=args.client_secret)
+            portal = control.create_portal(
+                plan=args.plan,
+                app_url=args.app_url,
+                client_id=args.client_id,
+                client_secret=args.client_secret,
+            )
             if args.json:
                 print(json.dumps(portal), flush=True)
             else:
-                print(f"portal member_id={portal['member_id']} client_endpoint={portal['client_endpoint']} "
-                      f"access_token={portal['access_token']} refresh_token={portal['refresh_token']}", flush=True)
+                print(
+                    f"portal member_id={portal['member_id']} "
+                    f"client_endpoint={portal['client_endpoint']} "
+                    f"access_token={portal['access_token']} "
+                    f"refresh_token={portal['refresh_token']}",
+                    flush=True,
+                )
             if args.install and args.app_url:
                 result = control.install_app(portal["member_id"], args.app_url)
-                print(f"  install: HTTP {result['status']} install_finished={result['install_finished']}", flush=True)
+                print(
+                    f"  install: HTTP {result['status']} "
+                    f"install_finished={result['install_finished']}",
+                    flush=True,
+                )
     stop.wait()
     server.stop()
 

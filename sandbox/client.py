@@ -1,4 +1,5 @@
 """SandboxControl: a small synchronous client of the control API (httpx)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,25 +22,43 @@ class SandboxControl:
         """Close the HTTP client."""
         self.http.close()
 
-    def __enter__(self) -> "SandboxControl":
+    def __enter__(self) -> SandboxControl:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def _call(
+        self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None
+    ) -> Any:
         resp = self.http.request(method, path, json=json, params=params)
         if resp.status_code >= 400:
             raise SandboxError(f"{method} {path}: {resp.status_code} {resp.text}")
         return resp.json()
 
     # ------------------------------------------------------------ portals
-    def create_portal(self, plan: str = "standard", users: list[dict[str, Any]] | None = None,
-                      member_id: str | None = None, client_id: str = "app.sandbox",
-                      client_secret: str = "sandbox-secret", app_url: str | None = None, **extra: Any) -> dict[str, Any]:
-        """Create a portal; returns member_id, domain, endpoints, ports and the admin's first token pair."""
-        spec = {"plan": plan, "users": users, "member_id": member_id, "client_id": client_id,
-                "client_secret": client_secret, "app_url": app_url, **extra}
+    def create_portal(
+        self,
+        plan: str = "standard",
+        users: list[dict[str, Any]] | None = None,
+        member_id: str | None = None,
+        client_id: str = "app.sandbox",
+        client_secret: str = "sandbox-secret",
+        app_url: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Create a portal; returns member_id, domain, endpoints, ports and the admin's first token
+        pair.
+        """
+        spec = {
+            "plan": plan,
+            "users": users,
+            "member_id": member_id,
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "app_url": app_url,
+            **extra,
+        }
         return self._call("POST", "/portals", {k: v for k, v in spec.items() if v is not None})
 
     def portal(self, member_id: str) -> dict[str, Any]:
@@ -51,17 +70,31 @@ class SandboxControl:
     def set_plan(self, member_id: str, plan: str) -> dict[str, Any]:
         return self._call("POST", f"/portals/{member_id}/plan", {"plan": plan})
 
-    def set_bucket(self, member_id: str, drain: float, burst: float, level: float | None = None) -> dict[str, Any]:
+    def set_bucket(
+        self, member_id: str, drain: float, burst: float, level: float | None = None
+    ) -> dict[str, Any]:
         """Custom leaky bucket (requests/s drained, size)."""
-        return self._call("POST", f"/portals/{member_id}/bucket", {"drain": drain, "burst": burst, "level": level})
+        return self._call(
+            "POST", f"/portals/{member_id}/bucket", {"drain": drain, "burst": burst, "level": level}
+        )
 
-    def set_latency(self, member_id: str, ms: float | tuple[float, float] | list[float]) -> dict[str, Any]:
+    def set_latency(
+        self, member_id: str, ms: float | tuple[float, float] | list[float]
+    ) -> dict[str, Any]:
         """Fixed latency in ms, or (min, max) for uniform random."""
-        return self._call("POST", f"/portals/{member_id}/latency", {"ms": list(ms) if isinstance(ms, (tuple, list)) else ms})
+        return self._call(
+            "POST",
+            f"/portals/{member_id}/latency",
+            {"ms": list(ms) if isinstance(ms, (tuple, list)) else ms},
+        )
 
-    def set_fault(self, member_id: str, kind: str, rate: float = 1.0, count: int | None = None) -> dict[str, Any]:
+    def set_fault(
+        self, member_id: str, kind: str, rate: float = 1.0, count: int | None = None
+    ) -> dict[str, Any]:
         """Inject a fault on REST (rate 0 removes it)."""
-        return self._call("POST", f"/portals/{member_id}/faults", {"kind": kind, "rate": rate, "count": count})
+        return self._call(
+            "POST", f"/portals/{member_id}/faults", {"kind": kind, "rate": rate, "count": count}
+        )
 
     def clear_faults(self, member_id: str) -> dict[str, Any]:
         return self._call("DELETE", f"/portals/{member_id}/faults")
@@ -73,14 +106,20 @@ class SandboxControl:
     def delete_portal(self, member_id: str) -> dict[str, Any]:
         return self._call("DELETE", f"/portals/{member_id}")
 
-    def set_operating_limit(self, seconds: float | None, member_id: str | None = None) -> dict[str, Any]:
-        """Per-method operating budget per 10 min: for one portal, or cloud-wide when member_id is None."""
+    def set_operating_limit(
+        self, seconds: float | None, member_id: str | None = None
+    ) -> dict[str, Any]:
+        """Per-method operating budget per 10 min: for one portal, or cloud-wide when member_id is
+        None.
+        """
         if member_id is None:
             return self.settings(operating_limit=seconds)
         return self._call("POST", f"/portals/{member_id}/operating_limit", {"seconds": seconds})
 
     def settings(self, **values: Any) -> dict[str, Any]:
-        """Read or change cloud settings (token_ttl, code_ttl, operating_limit, request_timeout, hang_cap, ...)."""
+        """Read or change cloud settings (token_ttl, code_ttl, operating_limit, request_timeout,
+        hang_cap, ...).
+        """
         return self._call("POST" if values else "GET", "/settings", values or None)
 
     def expire_tokens(self, member_id: str) -> dict[str, Any]:
@@ -92,10 +131,21 @@ class SandboxControl:
         return self._call("POST", f"/portals/{member_id}/tokens", {"user_id": user_id})
 
     # ------------------------------------------------------------ acting as the portal
-    def install_app(self, member_id: str, app_url: str | None = None, send_onappinstall: bool = False,
-                    user_id: int | None = None, **extra: Any) -> dict[str, Any]:
+    def install_app(
+        self,
+        member_id: str,
+        app_url: str | None = None,
+        send_onappinstall: bool = False,
+        user_id: int | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """POST the installer iframe form to <app_url>/install; optionally send ONAPPINSTALL."""
-        spec = {"app_url": app_url, "send_onappinstall": send_onappinstall, "user_id": user_id, **extra}
+        spec = {
+            "app_url": app_url,
+            "send_onappinstall": send_onappinstall,
+            "user_id": user_id,
+            **extra,
+        }
         return self._call("POST", f"/portals/{member_id}/install", spec)
 
     def finish_install(self, member_id: str) -> dict[str, Any]:
@@ -105,21 +155,46 @@ class SandboxControl:
     def install_state(self, member_id: str) -> dict[str, Any]:
         return self._call("GET", f"/portals/{member_id}/install_state")
 
-    def open_placement(self, member_id: str, placement: str = "DEFAULT", user_id: int | None = None,
-                       options: Any = None, **extra: Any) -> dict[str, Any]:
-        """POST a placement iframe form to its bound handler; returns status, content_type, body, url, form."""
+    def open_placement(
+        self,
+        member_id: str,
+        placement: str = "DEFAULT",
+        user_id: int | None = None,
+        options: Any = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """POST a placement iframe form to its bound handler; returns status, content_type, body,
+        url, form.
+        """
         spec = {"placement": placement, "user_id": user_id, "options": options, **extra}
         return self._call("POST", f"/portals/{member_id}/placements/open", spec)
 
-    def frame_url(self, member_id: str, placement: str = "DEFAULT", user_id: int | None = None) -> str:
+    def frame_url(
+        self, member_id: str, placement: str = "DEFAULT", user_id: int | None = None
+    ) -> str:
         """URL of an auto-submitting page that opens the placement in a real browser."""
         q = f"?placement={placement}" + (f"&user_id={user_id}" if user_id else "")
         return f"{self.base_url}/_sandbox/portals/{member_id}/frame{q}"
 
-    def trigger_event(self, member_id: str, event: str, data: Any = None, user_id: int | None = None,
-                      no_auth: bool = False, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Deliver an event to every bound handler; returns `statuses` (what the app answered) and details."""
-        spec = {"event": event, "data": data or {}, "user_id": user_id, "no_auth": no_auth, "overrides": overrides}
+    def trigger_event(
+        self,
+        member_id: str,
+        event: str,
+        data: Any = None,
+        user_id: int | None = None,
+        no_auth: bool = False,
+        overrides: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Deliver an event to every bound handler; returns `statuses` (what the app answered) and
+        details.
+        """
+        spec = {
+            "event": event,
+            "data": data or {},
+            "user_id": user_id,
+            "no_auth": no_auth,
+            "overrides": overrides,
+        }
         return self._call("POST", f"/portals/{member_id}/events", spec)
 
     def uninstall_app(self, member_id: str, clean: bool = False) -> dict[str, Any]:
@@ -127,8 +202,12 @@ class SandboxControl:
         return self._call("POST", f"/portals/{member_id}/uninstall", {"clean": clean})
 
     # ------------------------------------------------------------ observing
-    def log(self, member_id: str, since: int | None = None, method: str | None = None) -> list[dict[str, Any]]:
-        """Executed commands (seq > since) with method, params, start, finish, status, in_batch, batch_id."""
+    def log(
+        self, member_id: str, since: int | None = None, method: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Executed commands (seq > since) with method, params, start, finish, status, in_batch,
+        batch_id.
+        """
         params = {k: v for k, v in (("since", since), ("method", method)) if v is not None}
         return self._call("GET", f"/portals/{member_id}/log", params=params)["entries"]
 

@@ -1,11 +1,13 @@
 """The fake cloud: portals, the auth server logic and the portal acting towards the app."""
+
 from __future__ import annotations
 
 import asyncio
 import re
 import socket
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import aiohttp
@@ -61,20 +63,40 @@ class Cloud:
 
     # ------------------------------------------------------------ portals
     async def create_portal(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Create a portal on a fresh loopback port, with users and the app installed (not finished)."""
-        users_spec = spec.get("users") or [{"id": 1, "name": "Admin", "admin": True, "extension": "101"}]
-        users = {int(u["id"]): User(int(u["id"]), u.get("name", ""), u.get("last_name", ""), bool(u.get("admin")),
-                                    str(u.get("extension") or ""), bool(u.get("active", True)), u.get("email", ""))
-                 for u in users_spec}
+        """Create a portal on a fresh loopback port, with users and the app installed (not
+        finished).
+        """
+        users_spec = spec.get("users") or [
+            {"id": 1, "name": "Admin", "admin": True, "extension": "101"}
+        ]
+        users = {
+            int(u["id"]): User(
+                int(u["id"]),
+                u.get("name", ""),
+                u.get("last_name", ""),
+                bool(u.get("admin")),
+                str(u.get("extension") or ""),
+                bool(u.get("active", True)),
+                u.get("email", ""),
+            )
+            for u in users_spec
+        }
         member_id = spec.get("member_id") or hex32()
         if member_id in self.portals:
             raise ControlError(409, f"portal {member_id} exists")
         plan = spec.get("plan", "standard")
         if plan not in PLANS:
             raise ControlError(400, f"unknown plan {plan}")
-        p = Portal(member_id=member_id, plan=plan, users=users, client_id=spec.get("client_id", "app.sandbox"),
-                   client_secret=spec.get("client_secret", "sandbox-secret"), app_url=spec.get("app_url"),
-                   scope=spec.get("scope") or "crm,telephony,placement,user_basic", status=spec.get("status", "P"))
+        p = Portal(
+            member_id=member_id,
+            plan=plan,
+            users=users,
+            client_id=spec.get("client_id", "app.sandbox"),
+            client_secret=spec.get("client_secret", "sandbox-secret"),
+            app_url=spec.get("app_url"),
+            scope=spec.get("scope") or "crm,telephony,placement,user_basic",
+            status=spec.get("status", "P"),
+        )
         if spec.get("application_token"):
             p.application_token = spec["application_token"]
         for key in ("redirect_url", "install_url", "app_page_url", "events_url"):
@@ -91,20 +113,48 @@ class Cloud:
         admin = next(iter(p.admins()), None) or next(iter(users.values()))
         access, refresh = self.tokens.issue(member_id, admin.id)
         info = self.describe(p)
-        info.update({"access_token": access.token, "refresh_token": refresh.token, "user_id": admin.id,
-                     "expires": int(access.expires)})
+        info.update(
+            {
+                "access_token": access.token,
+                "refresh_token": refresh.token,
+                "user_id": admin.id,
+                "expires": int(access.expires),
+            }
+        )
         return info
 
     def describe(self, p: Portal) -> dict[str, Any]:
         """Public facts about a portal."""
-        return {"member_id": p.member_id, "domain": p.domain, "protocol": 0, "port": p.port, "ports": [p.port, *p.old_ports],
-                "client_endpoint": p.client_endpoint, "server_endpoint": self.server_endpoint,
-                "oauth_token_url": f"http://{self.server_host}/oauth/token/", "plan": p.plan,
-                "client_id": p.client_id, "client_secret": p.client_secret, "application_token": p.application_token,
-                "scope": p.scope, "status": p.status, "app_url": p.app_url, "deleted": p.deleted,
-                "installed": p.installed, "install_finished": p.install_finished,
-                "users": [{"id": u.id, "name": u.name, "admin": u.admin, "extension": u.extension, "active": u.active}
-                          for u in p.users.values()]}
+        return {
+            "member_id": p.member_id,
+            "domain": p.domain,
+            "protocol": 0,
+            "port": p.port,
+            "ports": [p.port, *p.old_ports],
+            "client_endpoint": p.client_endpoint,
+            "server_endpoint": self.server_endpoint,
+            "oauth_token_url": f"http://{self.server_host}/oauth/token/",
+            "plan": p.plan,
+            "client_id": p.client_id,
+            "client_secret": p.client_secret,
+            "application_token": p.application_token,
+            "scope": p.scope,
+            "status": p.status,
+            "app_url": p.app_url,
+            "deleted": p.deleted,
+            "installed": p.installed,
+            "install_finished": p.install_finished,
+            "users": [
+                {
+                    "id": u.id,
+                    "name": u.name,
+                    "admin": u.admin,
+                    "extension": u.extension,
+                    "active": u.active,
+                }
+                for u in p.users.values()
+            ],
+        }
 
     async def rename(self, p: Portal) -> dict[str, Any]:
         """Move the portal to a new host; the old one answers 302."""
@@ -138,7 +188,10 @@ class Cloud:
             return self._refresh_grant(q)
         if grant == "authorization_code":
             return self._code_grant(q)
-        return 400, {"error": "invalid_request", "error_description": "Invalid grant_type parameter"}
+        return 400, {
+            "error": "invalid_request",
+            "error_description": "Invalid grant_type parameter",
+        }
 
     def _client_ok(self, p: Portal, q: dict[str, str]) -> bool:
         return q.get("client_id") == p.client_id and q.get("client_secret") == p.client_secret
@@ -146,18 +199,27 @@ class Cloud:
     def _refresh_grant(self, q: dict[str, str]) -> tuple[int, dict[str, Any]]:
         raw = q.get("refresh_token")
         if not raw:
-            return 400, {"error": "invalid_request", "error_description": 'No "refresh_token" parameter found'}
+            return 400, {
+                "error": "invalid_request",
+                "error_description": 'No "refresh_token" parameter found',
+            }
         tok = self.tokens.refresh.get(raw)
         p = self.portals.get(tok.member_id) if tok else None
         if tok is None or p is None:
             return 400, {"error": "invalid_grant", "error_description": "Invalid refresh token"}
         if not self._client_ok(p, q):
-            return 400, {"error": "invalid_client", "error_description": "Invalid client credentials"}
+            return 400, {
+                "error": "invalid_client",
+                "error_description": "Invalid client credentials",
+            }
         if tok.spent:
             p.violation("refresh_token_reuse")
             if self.settings.reuse_revokes_chain:
                 self.tokens.revoke_descendants(tok)
-            return 400, {"error": "invalid_grant", "error_description": "Refresh token has already been used"}
+            return 400, {
+                "error": "invalid_grant",
+                "error_description": "Refresh token has already been used",
+            }
         if p.deleted or not p.installed:
             return 400, {"error": "invalid_grant", "error_description": "Application not installed"}
         access, refresh = self.tokens.rotate(tok)
@@ -168,16 +230,28 @@ class Cloud:
     def _code_grant(self, q: dict[str, str]) -> tuple[int, dict[str, Any]]:
         raw = q.get("code")
         if not raw:
-            return 400, {"error": "invalid_request", "error_description": 'No "code" parameter found'}
+            return 400, {
+                "error": "invalid_request",
+                "error_description": 'No "code" parameter found',
+            }
         code = self.tokens.codes.get(raw)
         p = self.portals.get(code.member_id) if code else None
         if code is None or p is None:
-            return 400, {"error": "invalid_grant", "error_description": "Invalid authorization code"}
+            return 400, {
+                "error": "invalid_grant",
+                "error_description": "Invalid authorization code",
+            }
         if not self._client_ok(p, q) or code.client_id != q.get("client_id"):
-            return 400, {"error": "invalid_client", "error_description": "Invalid client credentials"}
+            return 400, {
+                "error": "invalid_client",
+                "error_description": "Invalid client credentials",
+            }
         if code.used or code.expires < time.time():
             code.used = True
-            return 400, {"error": "invalid_grant", "error_description": "Authorization code expired or used"}
+            return 400, {
+                "error": "invalid_grant",
+                "error_description": "Authorization code expired or used",
+            }
         code.used = True
         access, refresh = self.tokens.issue(p.member_id, code.user_id)
         p.bump("auth_code_grants")
@@ -185,13 +259,23 @@ class Cloud:
         return 200, self.token_body(p, access, refresh, first=True)
 
     def token_body(self, p: Portal, access: Any, refresh: Any, first: bool) -> dict[str, Any]:
-        """Token response in the §1.4 field order (first exchange omits expires and user_id, as the docs show)."""
+        """Token response in the §1.4 field order (first exchange omits expires and user_id, as the
+        docs show).
+        """
         body: dict[str, Any] = {"access_token": access.token}
         if not first:
             body["expires"] = int(access.expires)
-        body.update({"expires_in": self.settings.token_ttl, "scope": p.scope, "domain": self.server_host,
-                     "server_endpoint": self.server_endpoint, "status": p.status,
-                     "client_endpoint": p.client_endpoint, "member_id": p.member_id})
+        body.update(
+            {
+                "expires_in": self.settings.token_ttl,
+                "scope": p.scope,
+                "domain": self.server_host,
+                "server_endpoint": self.server_endpoint,
+                "status": p.status,
+                "client_endpoint": p.client_endpoint,
+                "member_id": p.member_id,
+            }
+        )
         if not first:
             body["user_id"] = access.user_id
         body["refresh_token"] = refresh.token
@@ -201,16 +285,36 @@ class Cloud:
         """Auth-server app.info: token introspection."""
         tok = self.tokens.access.get(token or "")
         if tok is None or tok.member_id not in self.portals:
-            return 401, {"error": "invalid_token", "error_description": "Unable to get application by token"}
+            return 401, {
+                "error": "invalid_token",
+                "error_description": "Unable to get application by token",
+            }
         if tok.expires <= time.time():
-            return 401, {"error": "expired_token", "error_description": "The access token provided has expired."}
+            return 401, {
+                "error": "expired_token",
+                "error_description": "The access token provided has expired.",
+            }
         p = self.portals[tok.member_id]
         exp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(tok.expires))
-        return 200, {"result": {"client_id": p.client_id, "scope": p.scope, "expires": exp, "user_id": tok.user_id,
-                                "install": {"installed": p.install_finished, "version": "1", "status": p.status,
-                                            "scope": p.scope, "domain": p.domain, "uri": f"http://{p.domain}",
-                                            "client_endpoint": p.client_endpoint, "member_id": p.member_id,
-                                            "member_type": "company"}}}
+        return 200, {
+            "result": {
+                "client_id": p.client_id,
+                "scope": p.scope,
+                "expires": exp,
+                "user_id": tok.user_id,
+                "install": {
+                    "installed": p.install_finished,
+                    "version": "1",
+                    "status": p.status,
+                    "scope": p.scope,
+                    "domain": p.domain,
+                    "uri": f"http://{p.domain}",
+                    "client_endpoint": p.client_endpoint,
+                    "member_id": p.member_id,
+                    "member_type": "company",
+                },
+            }
+        }
 
     def authorize(self, p: Portal, q: dict[str, str]) -> tuple[int, str]:
         """Portal /oauth/authorize/: (302, location) or (400, html)."""
@@ -221,29 +325,53 @@ class Cloud:
         except (StopIteration, ValueError):
             return 400, "<html><body>No user</body></html>"
         code = self.tokens.new_code(p.member_id, user_id, p.client_id)
-        target = p.redirect_url or (p.app_url.rstrip("/") + "/oauth/callback" if p.app_url else None)
+        target = p.redirect_url or (
+            p.app_url.rstrip("/") + "/oauth/callback" if p.app_url else None
+        )
         if not target:
             return 200, f"<html><body>Authorization code: <code>{code.code}</code></body></html>"
-        query = urlencode({"code": code.code, "state": q.get("state", ""), "domain": p.domain,
-                           "member_id": p.member_id, "scope": p.scope, "server_domain": self.server_host})
+        query = urlencode(
+            {
+                "code": code.code,
+                "state": q.get("state", ""),
+                "domain": p.domain,
+                "member_id": p.member_id,
+                "scope": p.scope,
+                "server_domain": self.server_host,
+            }
+        )
         return 302, target + ("&" if "?" in target else "?") + query
 
     # ------------------------------------------------------------ outgoing HTTP
     async def session(self) -> aiohttp.ClientSession:
         if self.http is None or self.http.closed:
-            self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, force_close=True))
+            self.http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=200, force_close=True)
+            )
         return self.http
 
-    async def post_form(self, url: str, body: str, timeout: float, follow: bool = False) -> dict[str, Any]:
+    async def post_form(
+        self, url: str, body: str, timeout: float, follow: bool = False
+    ) -> dict[str, Any]:
         """POST a urlencoded body; report status, content type and text (or the transport error)."""
         http = await self.session()
         headers = {"Content-Type": "application/x-www-form-urlencoded", "User-Agent": USER_AGENT}
         try:
-            async with http.post(url, data=body.encode(), headers=headers, allow_redirects=follow,
-                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with http.post(
+                url,
+                data=body.encode(),
+                headers=headers,
+                allow_redirects=follow,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
                 text = await resp.text(errors="replace")
-                return {"url": url, "status": resp.status, "content_type": resp.content_type, "body": text}
-        except asyncio.TimeoutError:
+                return {
+                    "url": url,
+                    "status": resp.status,
+                    "content_type": resp.content_type,
+                    "body": text,
+                }
+        except TimeoutError:
             return {"url": url, "status": None, "error": "timeout"}
         except aiohttp.ClientError as exc:
             return {"url": url, "status": None, "error": f"{type(exc).__name__}: {exc}"}
@@ -257,50 +385,89 @@ class Cloud:
         try:
             async with http.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 return resp.status, await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             return 0, b""
 
     # ------------------------------------------------------------ events
     def event_auth(self, p: Portal, user_id: int | None, with_refresh: bool) -> dict[str, str]:
         """The auth[...] block: tokens of `user_id`, or the five token-less keys when None."""
         if user_id is None:
-            return {"domain": p.domain, "server_endpoint": self.server_endpoint, "client_endpoint": p.client_endpoint,
-                    "member_id": p.member_id, "application_token": p.application_token}
+            return {
+                "domain": p.domain,
+                "server_endpoint": self.server_endpoint,
+                "client_endpoint": p.client_endpoint,
+                "member_id": p.member_id,
+                "application_token": p.application_token,
+            }
         access = p.event_tokens.get(user_id)
-        if with_refresh or access is None or access.expires < time.time() + 300 or access.token not in self.tokens.access:
+        if (
+            with_refresh
+            or access is None
+            or access.expires < time.time() + 300
+            or access.token not in self.tokens.access
+        ):
             access, _ = self.tokens.issue(p.member_id, user_id)
             if not with_refresh:
                 p.event_tokens[user_id] = access
-        auth = {"access_token": access.token, "expires": str(int(access.expires)),
-                "expires_in": str(self.settings.token_ttl), "scope": p.scope, "domain": p.domain,
-                "server_endpoint": self.server_endpoint, "status": p.status, "client_endpoint": p.client_endpoint,
-                "member_id": p.member_id, "user_id": str(user_id)}
+        auth = {
+            "access_token": access.token,
+            "expires": str(int(access.expires)),
+            "expires_in": str(self.settings.token_ttl),
+            "scope": p.scope,
+            "domain": p.domain,
+            "server_endpoint": self.server_endpoint,
+            "status": p.status,
+            "client_endpoint": p.client_endpoint,
+            "member_id": p.member_id,
+            "user_id": str(user_id),
+        }
         if with_refresh:
             auth["refresh_token"] = access.refresh or ""
         auth["application_token"] = p.application_token
         return auth
 
-    def event_body(self, p: Portal, event: str, handler_id: Any, data: Any, user_id: int | None,
-                   overrides: dict[str, Any] | None = None) -> str:
+    def event_body(
+        self,
+        p: Portal,
+        event: str,
+        handler_id: Any,
+        data: Any,
+        user_id: int | None,
+        overrides: dict[str, Any] | None = None,
+    ) -> str:
         """The exact form body Bitrix24 POSTs for an event."""
         overrides = overrides or {}
         auth = self.event_auth(p, user_id, event in TOKEN_EVENTS)
         auth.update(overrides.get("auth") or {})
-        payload: dict[str, Any] = {"event": event, "event_handler_id": str(overrides.get("event_handler_id", handler_id))}
+        payload: dict[str, Any] = {
+            "event": event,
+            "event_handler_id": str(overrides.get("event_handler_id", handler_id)),
+        }
         if data:
             payload["data"] = data
         payload["ts"] = str(overrides.get("ts", int(time.time())))
         payload["auth"] = auth
         return build_query(payload)
 
-    async def deliver(self, p: Portal, event: str, data: Any, user_id: int | None, *, force: bool = False,
-                      overrides: dict[str, Any] | None = None, fallback_url: str | None = None) -> list[dict[str, Any]]:
-        """POST the event to every online handler bound for it; returns what each handler answered."""
+    async def deliver(
+        self,
+        p: Portal,
+        event: str,
+        data: Any,
+        user_id: int | None,
+        *,
+        force: bool = False,
+        overrides: dict[str, Any] | None = None,
+        fallback_url: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """POST the event to every online handler bound for it; return what each answered."""
         event = event.upper()
         if p.deleted or not (p.install_finished or force):
             p.bump("events_suppressed")
             return []
-        targets = [(b.id, b.handler, b.auth_type) for b in p.bindings if b.event == event and not b.offline]
+        targets = [
+            (b.id, b.handler, b.auth_type) for b in p.bindings if b.event == event and not b.offline
+        ]
         if not targets and fallback_url:
             p.handler_seq += 1
             targets = [(p.handler_seq, fallback_url, 0)]
@@ -316,7 +483,9 @@ class Cloud:
         return results
 
     def emit(self, p: Portal, event: str, data: Any, user_id: int | None) -> None:
-        """Side-effect events from REST writes: offline queue now, online delivery in the background."""
+        """Side-effect events from REST writes: offline queue now, online delivery in the
+        background.
+        """
         if not p.install_finished:
             return
         if methods_core.queue_offline(p, event, data, user_id):
@@ -325,7 +494,9 @@ class Cloud:
             self.spawn(self.deliver(p, event, data, user_id))
 
     def _signal_offline(self, p: Portal) -> None:
-        binding = next((b for b in p.bindings if b.event == "ONOFFLINEEVENT" and not b.offline), None)
+        binding = next(
+            (b for b in p.bindings if b.event == "ONOFFLINEEVENT" and not b.offline), None
+        )
         if binding is None:
             return
         gap = float((binding.options or {}).get("minTimeout", 1) or 0)
@@ -348,36 +519,73 @@ class Cloud:
         if event == "ONEXTERNALCALLSTART" and not data.get("CALL_ID"):
             data = dict(data)
             call = methods_telephony.make_call(
-                p, int(data.get("USER_ID") or user_id or self._default_user(p)),
-                methods_telephony.norm_phone(data.get("PHONE_NUMBER", "")), "1", str(data.get("LINE_NUMBER", "")),
-                "", time.time(), click_to_call=True)
+                p,
+                int(data.get("USER_ID") or user_id or self._default_user(p)),
+                methods_telephony.norm_phone(data.get("PHONE_NUMBER", "")),
+                "1",
+                str(data.get("LINE_NUMBER", "")),
+                "",
+                time.time(),
+                click_to_call=True,
+            )
             data["CALL_ID"] = call["CALL_ID"]
-        queued = methods_core.queue_offline(p, event, data, user_id) if p.install_finished else False
+        queued = (
+            methods_core.queue_offline(p, event, data, user_id) if p.install_finished else False
+        )
         results = await self.deliver(p, event, data, user_id, overrides=spec.get("overrides"))
-        return {"event": event, "data": data, "deliveries": results, "statuses": [r.get("status") for r in results],
-                "offline_queued": queued, "install_finished": p.install_finished}
+        return {
+            "event": event,
+            "data": data,
+            "deliveries": results,
+            "statuses": [r.get("status") for r in results],
+            "offline_queued": queued,
+            "install_finished": p.install_finished,
+        }
 
     def _default_user(self, p: Portal) -> int:
         admin = next(iter(p.admins()), None)
         return admin.id if admin else next(iter(p.users))
 
     # ------------------------------------------------------------ iframe POSTs
-    def frame(self, p: Portal, user_id: int, placement: str, options: Any, url: str) -> tuple[str, str]:
+    def frame(
+        self, p: Portal, user_id: int, placement: str, options: Any, url: str
+    ) -> tuple[str, str]:
         """Build (url with query, form body) of an iframe POST and remember its APP_SID session."""
         access, refresh = self.tokens.issue(p.member_id, user_id)
         sid = hex32()
-        fields: dict[str, Any] = {"AUTH_ID": access.token, "AUTH_EXPIRES": str(self.settings.token_ttl),
-                                  "REFRESH_ID": refresh.token, "SERVER_ENDPOINT": self.server_endpoint,
-                                  "APPLICATION_TOKEN": p.application_token, "APPLICATION_SCOPE": p.scope,
-                                  "member_id": p.member_id, "status": p.status, "PLACEMENT": placement}
+        fields: dict[str, Any] = {
+            "AUTH_ID": access.token,
+            "AUTH_EXPIRES": str(self.settings.token_ttl),
+            "REFRESH_ID": refresh.token,
+            "SERVER_ENDPOINT": self.server_endpoint,
+            "APPLICATION_TOKEN": p.application_token,
+            "APPLICATION_SCOPE": p.scope,
+            "member_id": p.member_id,
+            "status": p.status,
+            "PLACEMENT": placement,
+        }
         if placement != "DEFAULT" or options:
             import json
-            fields["PLACEMENT_OPTIONS"] = options if isinstance(options, str) else json.dumps(options or {}, separators=(",", ":"))
+
+            fields["PLACEMENT_OPTIONS"] = (
+                options
+                if isinstance(options, str)
+                else json.dumps(options or {}, separators=(",", ":"))
+            )
         user = p.users[user_id]
-        self.sessions[sid] = {"member_id": p.member_id, "user_id": user_id, "placement": placement,
-                              "options": options or {}, "access_token": access.token, "refresh_token": refresh.token,
-                              "expires_in": self.settings.token_ttl, "domain": p.domain, "is_admin": user.admin,
-                              "lang": "en", "fields": fields}
+        self.sessions[sid] = {
+            "member_id": p.member_id,
+            "user_id": user_id,
+            "placement": placement,
+            "options": options or {},
+            "access_token": access.token,
+            "refresh_token": refresh.token,
+            "expires_in": self.settings.token_ttl,
+            "domain": p.domain,
+            "is_admin": user.admin,
+            "lang": "en",
+            "fields": fields,
+        }
         query = urlencode({"DOMAIN": p.domain, "PROTOCOL": "0", "LANG": "en", "APP_SID": sid})
         return url + ("&" if "?" in url else "?") + query, build_query(fields)
 
@@ -398,17 +606,33 @@ class Cloud:
         self.sessions[sid]["install"] = True
         resp = await self.post_form(target, body, float(spec.get("timeout", 30)), follow=True)
         p.bump("token_grants")
-        if resp.get("status") == 200 and resp.get("content_type") == "text/html" and INSTALL_FINISH_RE.search(resp.get("body", "")):
+        if (
+            resp.get("status") == 200
+            and resp.get("content_type") == "text/html"
+            and INSTALL_FINISH_RE.search(resp.get("body", ""))
+        ):
             p.install_finished = True
-        out = {"status": resp.get("status"), "content_type": resp.get("content_type"), "error": resp.get("error"),
-               "body": resp.get("body"), "app_sid": sid, "install_finished": p.install_finished,
-               "access_token": self.sessions[sid]["access_token"], "refresh_token": self.sessions[sid]["refresh_token"],
-               "application_token": p.application_token}
+        out = {
+            "status": resp.get("status"),
+            "content_type": resp.get("content_type"),
+            "error": resp.get("error"),
+            "body": resp.get("body"),
+            "app_sid": sid,
+            "install_finished": p.install_finished,
+            "access_token": self.sessions[sid]["access_token"],
+            "refresh_token": self.sessions[sid]["refresh_token"],
+            "application_token": p.application_token,
+        }
         if spec.get("send_onappinstall"):
             fallback = p.events_url or self._app_url(p, "/b24/events")
             out["onappinstall"] = await self.deliver(
-                p, "ONAPPINSTALL", {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"},
-                user_id, force=True, fallback_url=fallback)
+                p,
+                "ONAPPINSTALL",
+                {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"},
+                user_id,
+                force=True,
+                fallback_url=fallback,
+            )
         return out
 
     async def open_placement(self, p: Portal, spec: dict[str, Any]) -> dict[str, Any]:
@@ -419,13 +643,19 @@ class Cloud:
             raise ControlError(400, f"unknown user {user_id}")
         if placement == "DEFAULT":
             if p.install_finished:
-                url = spec.get("handler") or p.app_page_url or self._app_url(p, "/placements/settings")
+                url = (
+                    spec.get("handler")
+                    or p.app_page_url
+                    or self._app_url(p, "/placements/settings")
+                )
             else:
                 url = p.install_url or self._app_url(p, "/install")
         else:
             if not p.install_finished:
                 raise ControlError(409, "widgets are hidden until installation is finished")
-            bound = [b for b in p.placements if b.placement == placement and b.user_id in (0, user_id)]
+            bound = [
+                b for b in p.placements if b.placement == placement and b.user_id in (0, user_id)
+            ]
             if not bound:
                 raise ControlError(404, f"no handler bound for {placement}")
             url = spec.get("handler") or bound[0].handler
@@ -437,7 +667,9 @@ class Cloud:
 
     async def uninstall(self, p: Portal, clean: bool) -> dict[str, Any]:
         """ONAPPUNINSTALL without tokens, then drop bindings, placements and tokens."""
-        results = await self.deliver(p, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1" if clean else "0"}, None)
+        results = await self.deliver(
+            p, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1" if clean else "0"}, None
+        )
         p.bindings.clear()
         p.placements.clear()
         p.installed = p.install_finished = False

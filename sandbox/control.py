@@ -1,20 +1,39 @@
 """The control API under /_sandbox/ on the cloud port (JSON, loopback only, no auth) and bx24.js."""
+
 from __future__ import annotations
 
 import html
 import json
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
 from .cloud import Cloud, ControlError
 from .state import Fault
 
-FAULTS = {"http_500", "html_502", "html_503", "html_504", "reset", "hang", "query_limit", "portal_deleted",
-          "payment_required", "not_installed", "access_denied", "overload_limit", "expired_token",
-          "invalid_token", "operation_time_limit"}
-CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-        "Access-Control-Allow-Headers": "Content-Type"}
+FAULTS = {
+    "http_500",
+    "html_502",
+    "html_503",
+    "html_504",
+    "reset",
+    "hang",
+    "query_limit",
+    "portal_deleted",
+    "payment_required",
+    "not_installed",
+    "access_denied",
+    "overload_limit",
+    "expired_token",
+    "invalid_token",
+    "operation_time_limit",
+}
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Content-Type",
+}
 BX24_JS = r"""/* Sandbox stand-in for the BX24 JS library (not Bitrix code). */
 (function () {
   var CLOUD = %(cloud)s;
@@ -25,7 +44,11 @@ BX24_JS = r"""/* Sandbox stand-in for the BX24 JS library (not Bitrix code). */
     if (!loading) {
       loading = fetch(CLOUD + "/_sandbox/bx24/session?APP_SID=" + encodeURIComponent(sid))
         .then(function (r) { return r.json(); })
-        .then(function (s) { session = s; waiting.splice(0).forEach(function (cb) { cb(); }); return s; });
+        .then(function (s) {
+          session = s;
+          waiting.splice(0).forEach(function (cb) { cb(); });
+          return s;
+        });
     }
     return loading;
   }
@@ -40,14 +63,18 @@ BX24_JS = r"""/* Sandbox stand-in for the BX24 JS library (not Bitrix code). */
     getDomain: function () { return session ? session.domain : q.get("DOMAIN"); },
     getLang: function () { return q.get("LANG") || "en"; },
     placement: {
-      info: function () { return session ? {placement: session.placement, options: session.options} : {}; },
+      info: function () {
+        return session ? {placement: session.placement, options: session.options} : {};
+      },
       call: function (name, params, cb) { cb && cb({}); },
       bindEvent: function () {}
     },
     installFinish: function () {
-      return fetch(CLOUD + "/_sandbox/bx24/install_finish?APP_SID=" + encodeURIComponent(sid), {method: "POST"});
+      var url = CLOUD + "/_sandbox/bx24/install_finish?APP_SID=" + encodeURIComponent(sid);
+      return fetch(url, {method: "POST"});
     },
-    fitWindow: function () {}, resizeWindow: function () {}, reloadWindow: function () { window.location.reload(); },
+    fitWindow: function () {}, resizeWindow: function () {},
+    reloadWindow: function () { window.location.reload(); },
     closeApplication: function () {}
   };
   load();
@@ -58,8 +85,12 @@ Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(text=json.dumps(data, default=_default), status=status, content_type="application/json",
-                        headers=headers)
+    return web.Response(
+        text=json.dumps(data, default=_default),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
 
 
 def _default(obj: Any) -> Any:
@@ -70,6 +101,7 @@ def _default(obj: Any) -> Any:
 
 def _guard(func: Callable[[web.Request], Awaitable[Any]]) -> Route:
     """Loopback only; ControlError -> JSON error; results -> JSON."""
+
     async def wrapper(request: web.Request) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         if not peer or peer[0] not in ("127.0.0.1", "::1"):
@@ -83,6 +115,7 @@ def _guard(func: Callable[[web.Request], Awaitable[Any]]) -> Route:
         if isinstance(out, web.StreamResponse):
             return out
         return _json(out)
+
     return wrapper
 
 
@@ -129,7 +162,11 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
         p = cloud.portal(request.match_info["mid"])
         body = await _body(request)
         ms = body.get("ms", 0)
-        lo, hi = (float(ms[0]), float(ms[1])) if isinstance(ms, (list, tuple)) else (float(ms), float(ms))
+        lo, hi = (
+            (float(ms[0]), float(ms[1]))
+            if isinstance(ms, (list, tuple))
+            else (float(ms), float(ms))
+        )
         p.latency = (lo, hi)
         return {"latency_ms": [lo, hi]}
 
@@ -178,8 +215,12 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
         user_id = int(body.get("user_id") or cloud._default_user(p))
         access, refresh = cloud.tokens.issue(p.member_id, user_id)
         p.bump("token_grants")
-        return {"access_token": access.token, "refresh_token": refresh.token, "expires": int(access.expires),
-                "user_id": user_id}
+        return {
+            "access_token": access.token,
+            "refresh_token": refresh.token,
+            "expires": int(access.expires),
+            "user_id": user_id,
+        }
 
     async def install(request: web.Request) -> Any:
         return await cloud.install(cloud.portal(request.match_info["mid"]), await _body(request))
@@ -190,26 +231,36 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
         return install_state_of(p)
 
     def install_state_of(p: Any) -> dict[str, Any]:
-        return {"installed": p.installed, "install_finished": p.install_finished, "deleted": p.deleted}
+        return {
+            "installed": p.installed,
+            "install_finished": p.install_finished,
+            "deleted": p.deleted,
+        }
 
     async def install_state(request: web.Request) -> Any:
         return install_state_of(cloud.portal(request.match_info["mid"]))
 
     async def placement(request: web.Request) -> Any:
-        return await cloud.open_placement(cloud.portal(request.match_info["mid"]), await _body(request))
+        return await cloud.open_placement(
+            cloud.portal(request.match_info["mid"]), await _body(request)
+        )
 
     async def events(request: web.Request) -> Any:
         return await cloud.trigger(cloud.portal(request.match_info["mid"]), await _body(request))
 
     async def uninstall(request: web.Request) -> Any:
         body = await _body(request)
-        return await cloud.uninstall(cloud.portal(request.match_info["mid"]), bool(body.get("clean")))
+        return await cloud.uninstall(
+            cloud.portal(request.match_info["mid"]), bool(body.get("clean"))
+        )
 
     async def log(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
         since = int(request.query.get("since", 0) or 0)
         method = request.query.get("method")
-        rows = [e for e in p.log if e["seq"] > since and (not method or e["method"] == method.lower())]
+        rows = [
+            e for e in p.log if e["seq"] > since and (not method or e["method"] == method.lower())
+        ]
         return {"entries": rows, "last_seq": p.log_seq}
 
     async def counters(request: web.Request) -> Any:
@@ -221,8 +272,10 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
 
     async def bindings(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
-        return {"events": [dict(b.as_rest(), id=b.id) for b in p.bindings],
-                "placements": [b.as_rest() for b in p.placements]}
+        return {
+            "events": [dict(b.as_rest(), id=b.id) for b in p.bindings],
+            "placements": [b.as_rest() for b in p.placements],
+        }
 
     async def offline(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
@@ -232,8 +285,11 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
 
     async def calls(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
-        return {"active": list(p.calls.values()), "finished": list(p.finished_calls.values()),
-                "lines": list(p.lines.values())}
+        return {
+            "active": list(p.calls.values()),
+            "finished": list(p.finished_calls.values()),
+            "lines": list(p.lines.values()),
+        }
 
     async def crm(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
@@ -255,8 +311,11 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
         user_id = int(request.query.get("user_id") or cloud._default_user(p))
         options = json.loads(request.query.get("options", "{}") or "{}")
         if placement == "DEFAULT":
-            url = (p.app_page_url or cloud._app_url(p, "/placements/settings")) if p.install_finished else \
-                (p.install_url or cloud._app_url(p, "/install"))
+            url = (
+                (p.app_page_url or cloud._app_url(p, "/placements/settings"))
+                if p.install_finished
+                else (p.install_url or cloud._app_url(p, "/install"))
+            )
         else:
             bound = [b for b in p.placements if b.placement == placement]
             if not bound:
@@ -264,10 +323,16 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
             url = bound[0].handler
         target, body = cloud.frame(p, user_id, placement, options, url)
         from urllib.parse import parse_qsl
-        inputs = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
-                         for k, v in parse_qsl(body, keep_blank_values=True))
-        page = (f'<!doctype html><html><body><form id="f" method="post" action="{html.escape(target)}">{inputs}</form>'
-                '<script>document.getElementById("f").submit();</script></body></html>')
+
+        inputs = "".join(
+            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+            for k, v in parse_qsl(body, keep_blank_values=True)
+        )
+        page = (
+            f"<!doctype html><html><body>"
+            f'<form id="f" method="post" action="{html.escape(target)}">{inputs}</form>'
+            '<script>document.getElementById("f").submit();</script></body></html>'
+        )
         return web.Response(text=page, content_type="text/html")
 
     async def reset(request: web.Request) -> Any:

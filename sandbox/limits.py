@@ -1,4 +1,5 @@
 """Rate and resource limits: the per-portal leaky bucket and per-method operating time."""
+
 from __future__ import annotations
 
 import time
@@ -12,7 +13,9 @@ PLANS = {
 
 @dataclass
 class LeakyBucket:
-    """Each request adds 1; the level drains at `drain`/s; a request that would exceed `burst` is refused."""
+    """Each request adds 1; the level drains at `drain`/s; a request that would exceed `burst` is
+    refused.
+    """
 
     drain: float
     burst: float
@@ -43,10 +46,14 @@ class LeakyBucket:
 
 @dataclass
 class OperatingClock:
-    """Seconds consumed per method over 10 one-minute buckets (each expires 10 min after its first call)."""
+    """Seconds consumed per method over 10 one-minute buckets (each expires 10 min after its first
+    call).
+    """
 
     window: float = 600.0
-    buckets: dict[str, list[list[float]]] = field(default_factory=dict)  # method -> [[first_call, seconds]]
+    buckets: dict[str, list[list[float]]] = field(
+        default_factory=dict
+    )  # method -> [[first_call, seconds]]
 
     def _live(self, method: str, now: float) -> list[list[float]]:
         live = [b for b in self.buckets.get(method, []) if b[0] + self.window > now]

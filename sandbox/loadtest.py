@@ -1,7 +1,8 @@
 """Drive one standard portal at a fixed request rate and tabulate successes vs QUERY_LIMIT_EXCEEDED.
 
-    python -m sandbox.loadtest --rate 300 --seconds 60 [--url http://127.0.0.1:PORT] [--method profile]
+python -m sandbox.loadtest --rate 300 --seconds 60 [--url http://127.0.0.1:PORT] [--method profile]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,18 +17,29 @@ from .client import SandboxControl
 from .server import SandboxServer
 
 
-async def drive(endpoint: str, token: str, rate: float, seconds: float, method: str) -> list[tuple[int, str, float]]:
-    """Send rate*seconds requests on a fixed schedule; return (second, outcome, latency) per request."""
+async def drive(
+    endpoint: str, token: str, rate: float, seconds: float, method: str
+) -> list[tuple[int, str, float]]:
+    """Send rate*seconds requests on a fixed schedule; return (second, outcome, latency) per
+    request.
+    """
     results: list[tuple[int, str, float]] = []
     connector = aiohttp.TCPConnector(limit=512)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+    ) as http:
+
         async def one(second: int) -> None:
             t0 = time.perf_counter()
             try:
                 async with http.post(f"{endpoint}{method}", data={"auth": token}) as resp:
                     body = await resp.json(content_type=None)
-                    outcome = "ok" if resp.status == 200 and "result" in body else str(body.get("error", resp.status))
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+                    outcome = (
+                        "ok"
+                        if resp.status == 200 and "result" in body
+                        else str(body.get("error", resp.status))
+                    )
+            except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
                 outcome = type(exc).__name__
             results.append((second, outcome, time.perf_counter() - t0))
 
@@ -61,26 +73,37 @@ def table(results: list[tuple[int, str, float]], seconds: int) -> str:
     lines.append("  ".join(f"{v:>20}" if i == 3 else f"{v:>8}" for i, v in enumerate(row)))
     lat = sorted(x for _, _, x in results)
     if lat:
-        lines.append(f"latency p50={lat[len(lat) // 2] * 1000:.1f} ms  p99={lat[int(len(lat) * 0.99)] * 1000:.1f} ms  "
-                     f"max={lat[-1] * 1000:.1f} ms")
+        lines.append(
+            f"latency p50={lat[len(lat) // 2] * 1000:.1f} ms  "
+            f"p99={lat[int(len(lat) * 0.99)] * 1000:.1f} ms  "
+            f"max={lat[-1] * 1000:.1f} ms"
+        )
     return "\n".join(lines)
 
 
 def run(rate: float, seconds: int, url: str | None, method: str, plan: str) -> dict[str, Any]:
-    """Run the load test (starting an in-process sandbox unless `url` is given) and print the table."""
+    """Run the load test (starting an in-process sandbox unless `url` is given) and print the
+    table.
+    """
     server = None if url else SandboxServer().start()
     base = url or server.url  # type: ignore[union-attr]
     try:
         with SandboxControl(base) as control:
             portal = control.create_portal(plan=plan)
-            results = asyncio.run(drive(portal["client_endpoint"], portal["access_token"], rate, seconds, method))
+            results = asyncio.run(
+                drive(portal["client_endpoint"], portal["access_token"], rate, seconds, method)
+            )
             print(table(results, seconds))
             counters = control.counters(portal["member_id"])
             ok = sum(1 for _, o, _ in results if o == "ok")
-            print(f"expected ok ≈ burst + drain*seconds = {portal_burst(plan)} + {portal_drain(plan)}*{seconds}"
-                  f" = {portal_burst(plan) + portal_drain(plan) * seconds:.0f}; got {ok}; "
-                  f"server counted {counters['query_limit_exceeded']} QUERY_LIMIT_EXCEEDED, max in flight "
-                  f"{counters['max_in_flight']}")
+            print(
+                f"expected ok ≈ burst + drain*seconds = "
+                f"{portal_burst(plan)} + {portal_drain(plan)}*{seconds}"
+                f" = {portal_burst(plan) + portal_drain(plan) * seconds:.0f}; got {ok}; "
+                f"server counted {counters['query_limit_exceeded']} QUERY_LIMIT_EXCEEDED, "
+                f"max in flight "
+                f"{counters['max_in_flight']}"
+            )
             return {"ok": ok, "total": len(results), "counters": counters}
     finally:
         if server:

@@ -1,4 +1,5 @@
 """Core REST methods: app.info, profile, users, events, offline events, placements."""
+
 from __future__ import annotations
 
 import time
@@ -6,23 +7,51 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .limits import PLANS
-from .rest import ApiError, Ctx, page, method, truthy, iso
+from .rest import ApiError, Ctx, iso, method, page, truthy
 from .state import Binding, PlacementBinding, hex32
 
 KNOWN_EVENTS = {
-    "ONAPPINSTALL", "ONAPPUPDATE", "ONAPPUNINSTALL", "ONAPPPAYMENT", "ONAPPTEST", "ONAPPMETHODCONFIRM",
-    "ONSUBSCRIPTIONRENEW", "ONOFFLINEEVENT", "ONUSERADD",
-    "ONCRMDEALADD", "ONCRMDEALUPDATE", "ONCRMDEALDELETE", "ONCRMCONTACTADD", "ONCRMCONTACTUPDATE",
-    "ONCRMCONTACTDELETE", "ONCRMLEADADD", "ONCRMLEADUPDATE", "ONCRMLEADDELETE", "ONCRMCOMPANYADD",
-    "ONCRMCOMPANYUPDATE", "ONCRMCOMPANYDELETE", "ONCRMACTIVITYADD",
-    "ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART",
-    "ONVOXIMPLANTCALLINIT", "ONVOXIMPLANTCALLSTART", "ONVOXIMPLANTCALLEND",
+    "ONAPPINSTALL",
+    "ONAPPUPDATE",
+    "ONAPPUNINSTALL",
+    "ONAPPPAYMENT",
+    "ONAPPTEST",
+    "ONAPPMETHODCONFIRM",
+    "ONSUBSCRIPTIONRENEW",
+    "ONOFFLINEEVENT",
+    "ONUSERADD",
+    "ONCRMDEALADD",
+    "ONCRMDEALUPDATE",
+    "ONCRMDEALDELETE",
+    "ONCRMCONTACTADD",
+    "ONCRMCONTACTUPDATE",
+    "ONCRMCONTACTDELETE",
+    "ONCRMLEADADD",
+    "ONCRMLEADUPDATE",
+    "ONCRMLEADDELETE",
+    "ONCRMCOMPANYADD",
+    "ONCRMCOMPANYUPDATE",
+    "ONCRMCOMPANYDELETE",
+    "ONCRMACTIVITYADD",
+    "ONEXTERNALCALLSTART",
+    "ONEXTERNALCALLBACKSTART",
+    "ONVOXIMPLANTCALLINIT",
+    "ONVOXIMPLANTCALLSTART",
+    "ONVOXIMPLANTCALLEND",
 }
 PLACEMENTS = {
-    "CALL_CARD": "telephony", "TELEPHONY_ANALYTICS_MENU": "telephony", "LEFT_MENU": None,
-    "PAGE_BACKGROUND_WORKER": None, "REST_APP_URI": None, "USER_PROFILE_MENU": None,
-    "CRM_DEAL_DETAIL_TAB": "crm", "CRM_CONTACT_DETAIL_TAB": "crm", "CRM_LEAD_DETAIL_TAB": "crm",
-    "CRM_COMPANY_DETAIL_TAB": "crm", "CRM_DEAL_LIST_MENU": "crm", "CRM_CONTACT_LIST_MENU": "crm",
+    "CALL_CARD": "telephony",
+    "TELEPHONY_ANALYTICS_MENU": "telephony",
+    "LEFT_MENU": None,
+    "PAGE_BACKGROUND_WORKER": None,
+    "REST_APP_URI": None,
+    "USER_PROFILE_MENU": None,
+    "CRM_DEAL_DETAIL_TAB": "crm",
+    "CRM_CONTACT_DETAIL_TAB": "crm",
+    "CRM_LEAD_DETAIL_TAB": "crm",
+    "CRM_COMPANY_DETAIL_TAB": "crm",
+    "CRM_DEAL_LIST_MENU": "crm",
+    "CRM_CONTACT_LIST_MENU": "crm",
 }
 SINGLE_INSTANCE = {"REST_APP_URI", "PAGE_BACKGROUND_WORKER"}
 
@@ -37,22 +66,40 @@ def arg(params: dict[str, Any], *names: str, default: Any = None) -> Any:
 
 # ---------------------------------------------------------------- app, profile, users
 
+
 @method("app.info")
 def app_info(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     """Portal-side app.info (uppercase shape)."""
     p = ctx.portal
     plan = PLANS[p.plan]
-    return {"ID": 1, "CODE": p.client_id, "VERSION": 1, "STATUS": p.status, "INSTALLED": p.install_finished,
-            "PAYMENT_EXPIRED": "N", "DAYS": 30, "LANGUAGE_ID": "en", "LICENSE": plan["license"],
-            "LICENSE_TYPE": p.plan if p.plan != "standard" else "project",
-            "LICENSE_FAMILY": plan["license_family"]}
+    return {
+        "ID": 1,
+        "CODE": p.client_id,
+        "VERSION": 1,
+        "STATUS": p.status,
+        "INSTALLED": p.install_finished,
+        "PAYMENT_EXPIRED": "N",
+        "DAYS": 30,
+        "LANGUAGE_ID": "en",
+        "LICENSE": plan["license"],
+        "LICENSE_TYPE": p.plan if p.plan != "standard" else "project",
+        "LICENSE_FAMILY": plan["license_family"],
+    }
 
 
 @method("profile")
 def profile(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     u = ctx.user
-    return {"ID": str(u.id), "ADMIN": u.admin, "NAME": u.name, "LAST_NAME": u.last_name,
-            "PERSONAL_GENDER": "", "PERSONAL_PHOTO": None, "TIME_ZONE": "", "TIME_ZONE_OFFSET": 0}
+    return {
+        "ID": str(u.id),
+        "ADMIN": u.admin,
+        "NAME": u.name,
+        "LAST_NAME": u.last_name,
+        "PERSONAL_GENDER": "",
+        "PERSONAL_PHOTO": None,
+        "TIME_ZONE": "",
+        "TIME_ZONE_OFFSET": 0,
+    }
 
 
 @method("user.current", scope="user|user_basic|user_brief")
@@ -86,12 +133,17 @@ def user_get(ctx: Ctx, params: dict[str, Any]) -> Any:
     """user.get with FILTER (also bare filter keys as the legacy form) and paging."""
     flt = arg(params, "FILTER", "filter", default=None)
     if not isinstance(flt, dict):
-        flt = {k: v for k, v in params.items() if k.upper() in ("ID", "ACTIVE", "UF_PHONE_INNER", "NAME", "LAST_NAME", "EMAIL")}
+        flt = {
+            k: v
+            for k, v in params.items()
+            if k.upper() in ("ID", "ACTIVE", "UF_PHONE_INNER", "NAME", "LAST_NAME", "EMAIL")
+        }
     users = sorted(ctx.portal.users.values(), key=lambda u: u.id)
     return page([u.as_rest() for u in users if _match_user(u, flt)], params)
 
 
 # ---------------------------------------------------------------- events
+
 
 def _check_handler(ctx: Ctx, handler: str) -> None:
     parts = urlsplit(handler)
@@ -101,7 +153,9 @@ def _check_handler(ctx: Ctx, handler: str) -> None:
         raise ApiError("ERROR_WRONG_HANDLER_URL", "Wrong handler URL", 400)
     app_url = ctx.portal.app_url
     if app_url and urlsplit(app_url).hostname != parts.hostname:
-        raise ApiError("ERROR_HANDLER_URL_MATCH", "Event handler URL host must match the application host", 400)
+        raise ApiError(
+            "ERROR_HANDLER_URL_MATCH", "Event handler URL host must match the application host", 400
+        )
 
 
 @method("event.bind")
@@ -117,17 +171,33 @@ def event_bind(ctx: Ctx, params: dict[str, Any]) -> bool:
     handler = "" if offline else str(arg(params, "handler", "HANDLER", default=""))
     if not offline:
         if not handler:
-            raise ApiError("ERROR_ARGUMENT", "Argument 'handler' is null or empty", 400, argument="handler")
+            raise ApiError(
+                "ERROR_ARGUMENT", "Argument 'handler' is null or empty", 400, argument="handler"
+            )
         _check_handler(ctx, handler)
     connector = str(arg(params, "auth_connector", "AUTH_CONNECTOR", default=""))
     for b in ctx.portal.bindings:
-        if b.event == name and b.handler == handler and b.auth_type == auth_type and b.offline == offline \
-                and b.auth_connector == connector:
+        if (
+            b.event == name
+            and b.handler == handler
+            and b.auth_type == auth_type
+            and b.offline == offline
+            and b.auth_connector == connector
+        ):
             raise ApiError("ERROR_HANDLER_ALREADY_EXIST", "Handler already exists!", 400)
     options = arg(params, "options", "OPTIONS", default={})
     ctx.portal.handler_seq += 1
-    ctx.portal.bindings.append(Binding(ctx.portal.handler_seq, name, handler, auth_type, offline, connector,
-                                       options if isinstance(options, dict) else {}))
+    ctx.portal.bindings.append(
+        Binding(
+            ctx.portal.handler_seq,
+            name,
+            handler,
+            auth_type,
+            offline,
+            connector,
+            options if isinstance(options, dict) else {},
+        )
+    )
     return True
 
 
@@ -141,7 +211,12 @@ def event_unbind(ctx: Ctx, params: dict[str, Any]) -> dict[str, int]:
     auth_type = int(arg(params, "auth_type", "AUTH_TYPE", default=0) or 0)
     keep, count = [], 0
     for b in ctx.portal.bindings:
-        hit = b.event == name and b.offline == offline and (offline or b.handler == handler) and b.auth_type == auth_type
+        hit = (
+            b.event == name
+            and b.offline == offline
+            and (offline or b.handler == handler)
+            and b.auth_type == auth_type
+        )
         count += hit
         if not hit:
             keep.append(b)
@@ -159,6 +234,7 @@ def event_get(ctx: Ctx, params: dict[str, Any]) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------- offline events
 
+
 def _offline_filter(rows: list[dict[str, Any]], flt: Any) -> list[dict[str, Any]]:
     if not isinstance(flt, dict):
         return rows
@@ -169,20 +245,32 @@ def _offline_filter(rows: list[dict[str, Any]], flt: Any) -> list[dict[str, Any]
             op += key[0]
             key = key[1:]
         key = key.upper()
+
         def ok(row: dict[str, Any], key: str = key, op: str = op, want: Any = want) -> bool:
             val = row.get(key)
             if key == "ID":
                 val, want2 = int(val), int(want)
             else:
                 val, want2 = str(val), str(want)
-            return {"": val == want2, "=": val == want2, ">": val > want2, "<": val < want2,
-                    ">=": val >= want2, "<=": val <= want2, "!": val != want2}.get(op, val == want2)
+            return {
+                "": val == want2,
+                "=": val == want2,
+                ">": val > want2,
+                "<": val < want2,
+                ">=": val >= want2,
+                "<=": val <= want2,
+                "!": val != want2,
+            }.get(op, val == want2)
+
         rows = [r for r in rows if ok(r)]
     return rows
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in ("ID", "TIMESTAMP_X", "EVENT_NAME", "EVENT_DATA", "EVENT_ADDITIONAL", "MESSAGE_ID")}
+    return {
+        k: row[k]
+        for k in ("ID", "TIMESTAMP_X", "EVENT_NAME", "EVENT_DATA", "EVENT_ADDITIONAL", "MESSAGE_ID")
+    }
 
 
 @method("event.offline.get", admin=True)
@@ -197,10 +285,15 @@ def offline_get(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     if process_id:
         rows = [r for r in queue if r["PROCESS_ID"] == process_id]
     else:
-        rows = [r for r in queue if not r["PROCESS_ID"] and (with_error or not r["ERROR"])
-                and (not connector or r["CONNECTOR"] != connector)]
+        rows = [
+            r
+            for r in queue
+            if not r["PROCESS_ID"]
+            and (with_error or not r["ERROR"])
+            and (not connector or r["CONNECTOR"] != connector)
+        ]
     rows = _offline_filter(rows, arg(params, "filter", default=None))
-    rows = sorted(rows, key=lambda r: (r["TS"], r["ID"]))[:max(limit, 0)]
+    rows = sorted(rows, key=lambda r: (r["TS"], r["ID"]))[: max(limit, 0)]
     if not rows:
         return {"process_id": None, "events": []}
     if clear:
@@ -216,7 +309,9 @@ def offline_get(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
 def _select(ctx: Ctx, params: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
     pid = arg(params, "process_id", default=None)
     if not pid:
-        raise ApiError("ERROR_ARGUMENT", "Argument 'process_id' is null or empty", 400, argument="process_id")
+        raise ApiError(
+            "ERROR_ARGUMENT", "Argument 'process_id' is null or empty", 400, argument="process_id"
+        )
     rows = [r for r in ctx.portal.offline if r["PROCESS_ID"] == pid]
     ids = arg(params, "id", "ID", default=None)
     mids = arg(params, "message_id", "MESSAGE_ID", default=None)
@@ -248,7 +343,10 @@ def offline_error(ctx: Ctx, params: dict[str, Any]) -> bool:
 @method("event.offline.list", admin=True)
 def offline_list(ctx: Ctx, params: dict[str, Any]) -> Any:
     rows = _offline_filter(list(ctx.portal.offline), arg(params, "filter", default=None))
-    out = [dict(_public(r), PROCESS_ID=r["PROCESS_ID"] or None, ERROR=r["ERROR"]) for r in sorted(rows, key=lambda r: r["ID"])]
+    out = [
+        dict(_public(r), PROCESS_ID=r["PROCESS_ID"] or None, ERROR=r["ERROR"])
+        for r in sorted(rows, key=lambda r: r["ID"])
+    ]
     return page(out, params)
 
 
@@ -259,38 +357,59 @@ def queue_offline(portal: Any, event: str, data: dict[str, Any], user_id: int | 
     obj = (data.get("FIELDS") or {}).get("ID") if isinstance(data.get("FIELDS"), dict) else None
     now = time.time()
     if obj is not None:
-        portal.offline = [r for r in portal.offline
-                          if not (r["EVENT_NAME"] == event and r["OBJECT"] == str(obj) and not r["PROCESS_ID"])]
+        portal.offline = [
+            r
+            for r in portal.offline
+            if not (r["EVENT_NAME"] == event and r["OBJECT"] == str(obj) and not r["PROCESS_ID"])
+        ]
     portal.offline_seq += 1
-    portal.offline.append({"ID": portal.offline_seq, "TIMESTAMP_X": iso(now), "TS": now, "EVENT_NAME": event,
-                           "EVENT_DATA": data, "EVENT_ADDITIONAL": {"user_id": str(user_id or 0)},
-                           "MESSAGE_ID": hex32(), "PROCESS_ID": "", "ERROR": 0, "OBJECT": str(obj),
-                           "CONNECTOR": ""})
+    portal.offline.append(
+        {
+            "ID": portal.offline_seq,
+            "TIMESTAMP_X": iso(now),
+            "TS": now,
+            "EVENT_NAME": event,
+            "EVENT_DATA": data,
+            "EVENT_ADDITIONAL": {"user_id": str(user_id or 0)},
+            "MESSAGE_ID": hex32(),
+            "PROCESS_ID": "",
+            "ERROR": 0,
+            "OBJECT": str(obj),
+            "CONNECTOR": "",
+        }
+    )
     return True
 
 
 # ---------------------------------------------------------------- placements
+
 
 @method("placement.bind", scope="placement", admin=True)
 def placement_bind(ctx: Ctx, params: dict[str, Any]) -> bool:
     code = str(arg(params, "PLACEMENT", "placement", default="")).upper()
     handler = str(arg(params, "HANDLER", "handler", default=""))
     if not code:
-        raise ApiError("ERROR_ARGUMENT", "Argument 'PLACEMENT' is null or empty", 400, argument="PLACEMENT")
+        raise ApiError(
+            "ERROR_ARGUMENT", "Argument 'PLACEMENT' is null or empty", 400, argument="PLACEMENT"
+        )
     if code not in PLACEMENTS:
         raise ApiError("ERROR_PLACEMENT_NOT_FOUND", "Placement not found", 400)
     need = PLACEMENTS[code]
     if need and need not in ctx.portal.scope.split(","):
         raise ApiError("ERROR_PLACEMENT_NOT_FOUND", "Placement not found", 400)
     if not handler:
-        raise ApiError("ERROR_ARGUMENT", "Argument 'HANDLER' is null or empty", 400, argument="HANDLER")
+        raise ApiError(
+            "ERROR_ARGUMENT", "Argument 'HANDLER' is null or empty", 400, argument="HANDLER"
+        )
     parts = urlsplit(handler)
     if parts.scheme not in ("http", "https"):
         raise ApiError("ERROR_UNSUPPORTED_PROTOCOL", "Unsupported handler protocol", 400)
     if not parts.hostname or "." not in parts.hostname:
         raise ApiError("ERROR_WRONG_HANDLER_URL", "Wrong handler URL", 400)
     options = arg(params, "OPTIONS", "options", default={})
-    if code == "PAGE_BACKGROUND_WORKER" and not (isinstance(options, dict) and options.get("errorHandlerUrl")):
+    if code == "PAGE_BACKGROUND_WORKER" and not (
+        isinstance(options, dict) and options.get("errorHandlerUrl")
+    ):
         raise ApiError("EMPTY_ERROR_HANDLER_URL", "errorHandlerUrl is required", 400)
     user_id = int(arg(params, "USER_ID", default=0) or 0)
     existing = [b for b in ctx.portal.placements if b.placement == code]
@@ -298,9 +417,17 @@ def placement_bind(ctx: Ctx, params: dict[str, Any]) -> bool:
         raise ApiError("ERROR_PLACEMENT_HANDLER_EXISTS", "Handler already binded", 400)
     if code in SINGLE_INSTANCE and existing:
         raise ApiError("ERROR_PLACEMENT_MAX_COUNT", "Placement max count reached", 400)
-    ctx.portal.placements.append(PlacementBinding(code, handler, str(arg(params, "TITLE", default="")),
-                                                  str(arg(params, "DESCRIPTION", default="")), user_id,
-                                                  options, arg(params, "LANG_ALL", default={})))
+    ctx.portal.placements.append(
+        PlacementBinding(
+            code,
+            handler,
+            str(arg(params, "TITLE", default="")),
+            str(arg(params, "DESCRIPTION", default="")),
+            user_id,
+            options,
+            arg(params, "LANG_ALL", default={}),
+        )
+    )
     return True
 
 
@@ -308,9 +435,15 @@ def placement_bind(ctx: Ctx, params: dict[str, Any]) -> bool:
 def placement_unbind(ctx: Ctx, params: dict[str, Any]) -> dict[str, int]:
     code = str(arg(params, "PLACEMENT", "placement", default="")).upper()
     if not code:
-        raise ApiError("ERROR_ARGUMENT", "Argument 'PLACEMENT' is null or empty", 400, argument="PLACEMENT")
+        raise ApiError(
+            "ERROR_ARGUMENT", "Argument 'PLACEMENT' is null or empty", 400, argument="PLACEMENT"
+        )
     handler = str(arg(params, "HANDLER", "handler", default=""))
-    keep = [b for b in ctx.portal.placements if not (b.placement == code and (not handler or b.handler == handler))]
+    keep = [
+        b
+        for b in ctx.portal.placements
+        if not (b.placement == code and (not handler or b.handler == handler))
+    ]
     count = len(ctx.portal.placements) - len(keep)
     ctx.portal.placements = keep
     return {"count": count}

@@ -1,17 +1,31 @@
 """A few crm.* methods on an in-memory store; writes fire the matching CRM events."""
+
 from __future__ import annotations
 
+import operator
 import time
 from typing import Any
 
 from .methods_core import arg
 from .rest import ApiError, Ctx, iso, method, page
 
+OPS = {
+    "": operator.eq,
+    "=": operator.eq,
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+    "!": operator.ne,
+}
+
 
 def _fields(params: dict[str, Any]) -> dict[str, Any]:
     fields = arg(params, "fields", "FIELDS", default={})
     if not isinstance(fields, dict):
-        raise ApiError("ERROR_ARGUMENT", "Argument 'fields' must be an array", 400, argument="fields")
+        raise ApiError(
+            "ERROR_ARGUMENT", "Argument 'fields' must be an array", 400, argument="fields"
+        )
     return fields
 
 
@@ -31,11 +45,18 @@ def add_entity(ctx: Ctx, kind: str, fields: dict[str, Any]) -> int:
     ctx.portal.crm_seq += 1
     new_id = ctx.portal.crm_seq
     now = iso(time.time())
-    rec = {"ID": str(new_id), "DATE_CREATE": now, "DATE_MODIFY": now, "ASSIGNED_BY_ID": str(ctx.user.id),
-           "CREATED_BY_ID": str(ctx.user.id)}
+    rec = {
+        "ID": str(new_id),
+        "DATE_CREATE": now,
+        "DATE_MODIFY": now,
+        "ASSIGNED_BY_ID": str(ctx.user.id),
+        "CREATED_BY_ID": str(ctx.user.id),
+    }
     rec.update(fields)
     ctx.portal.crm[kind][new_id] = rec
-    ctx.cloud.emit(ctx.portal, f"ONCRM{kind.upper()}ADD", {"FIELDS": {"ID": str(new_id)}}, ctx.user.id)
+    ctx.cloud.emit(
+        ctx.portal, f"ONCRM{kind.upper()}ADD", {"FIELDS": {"ID": str(new_id)}}, ctx.user.id
+    )
     return new_id
 
 
@@ -56,9 +77,8 @@ def _list(ctx: Ctx, kind: str, params: dict[str, Any]) -> Any:
                 op, key = op + key[0], key[1:]
             if key.upper() == "ID":
                 w = int(want)
-                cmp = {"": lambda v: v == w, "=": lambda v: v == w, ">": lambda v: v > w, ">=": lambda v: v >= w,
-                       "<": lambda v: v < w, "<=": lambda v: v <= w, "!": lambda v: v != w}[op]
-                rows = [r for r in rows if cmp(int(r["ID"]))]
+                cmp = OPS[op]
+                rows = [r for r in rows if cmp(int(r["ID"]), w)]
             else:
                 rows = [r for r in rows if str(r.get(key.upper(), "")) == str(want)]
     select = arg(params, "select", "SELECT", default=None)

@@ -1,4 +1,5 @@
 """telephony.externalLine.* and telephony.externalCall.* with the documented validation errors."""
+
 from __future__ import annotations
 
 import base64
@@ -17,7 +18,21 @@ from .state import Portal
 DEDUP_WINDOW = 1800.0
 TYPES = {"1", "2", "3", "4", "5"}
 _PHONE_RE = re.compile(r"^\+?\d{3,20}$")
-STATUS_CODES = {"200", "304", "603", "603-S", "403", "404", "486", "484", "503", "480", "402", "423", "OTHER"}
+STATUS_CODES = {
+    "200",
+    "304",
+    "603",
+    "603-S",
+    "403",
+    "404",
+    "486",
+    "484",
+    "503",
+    "480",
+    "402",
+    "423",
+    "OTHER",
+}
 
 
 def core(text: str) -> ApiError:
@@ -57,21 +72,38 @@ def find_crm(portal: Portal, phone: str) -> list[dict[str, Any]]:
     for kind in ("contact", "company", "lead"):
         for rec in portal.crm[kind].values():
             phones = rec.get("PHONE") or []
-            values = [norm_phone(p.get("VALUE") if isinstance(p, dict) else p) for p in (phones if isinstance(phones, list) else [phones])]
+            values = [
+                norm_phone(p.get("VALUE") if isinstance(p, dict) else p)
+                for p in (phones if isinstance(phones, list) else [phones])
+            ]
             if phone and phone in values:
                 hits.append((kind.upper(), rec))
-    return [{"CRM_ENTITY_TYPE": k, "CRM_ENTITY_ID": int(r["ID"]), "ASSIGNED_BY_ID": int(r.get("ASSIGNED_BY_ID", 1)),
-             "NAME": str(r.get("NAME") or r.get("TITLE") or ""), "ASSIGNED_BY": _assigned(portal, int(r.get("ASSIGNED_BY_ID", 1)))}
-            for k, r in hits]
+    return [
+        {
+            "CRM_ENTITY_TYPE": k,
+            "CRM_ENTITY_ID": int(r["ID"]),
+            "ASSIGNED_BY_ID": int(r.get("ASSIGNED_BY_ID", 1)),
+            "NAME": str(r.get("NAME") or r.get("TITLE") or ""),
+            "ASSIGNED_BY": _assigned(portal, int(r.get("ASSIGNED_BY_ID", 1))),
+        }
+        for k, r in hits
+    ]
 
 
 def _assigned(portal: Portal, uid: int) -> dict[str, Any]:
     u = portal.users.get(uid)
-    return {"ID": str(uid), "TIMEMAN_STATUS": "NOT_INSTALLED", "USER_PHONE_INNER": u.extension if u else "",
-            "WORK_PHONE": "", "PERSONAL_PHONE": "", "PERSONAL_MOBILE": ""}
+    return {
+        "ID": str(uid),
+        "TIMEMAN_STATUS": "NOT_INSTALLED",
+        "USER_PHONE_INNER": u.extension if u else "",
+        "WORK_PHONE": "",
+        "PERSONAL_PHONE": "",
+        "PERSONAL_MOBILE": "",
+    }
 
 
 # ---------------------------------------------------------------- lines
+
 
 @method("telephony.externalLine.add", scope="telephony")
 def line_add(ctx: Ctx, params: dict[str, Any]) -> dict[str, int]:
@@ -81,8 +113,12 @@ def line_add(ctx: Ctx, params: dict[str, Any]) -> dict[str, int]:
     if number in ctx.portal.lines:
         raise core("Line already exists")
     ctx.portal.line_seq += 1
-    ctx.portal.lines[number] = {"ID": ctx.portal.line_seq, "NUMBER": number, "NAME": str(arg(params, "NAME", default="")),
-                                "CRM_AUTO_CREATE": str(arg(params, "CRM_AUTO_CREATE", default="Y"))}
+    ctx.portal.lines[number] = {
+        "ID": ctx.portal.line_seq,
+        "NUMBER": number,
+        "NAME": str(arg(params, "NAME", default="")),
+        "CRM_AUTO_CREATE": str(arg(params, "CRM_AUTO_CREATE", default="Y")),
+    }
     return {"ID": ctx.portal.line_seq}
 
 
@@ -100,8 +136,10 @@ def line_update(ctx: Ctx, params: dict[str, Any]) -> dict[str, str]:
 
 @method("telephony.externalLine.get", scope="telephony")
 def line_get(ctx: Ctx, params: dict[str, Any]) -> list[dict[str, str]]:
-    return [{"NUMBER": ln["NUMBER"], "NAME": ln["NAME"], "CRM_AUTO_CREATE": ln["CRM_AUTO_CREATE"]}
-            for ln in ctx.portal.lines.values()]
+    return [
+        {"NUMBER": ln["NUMBER"], "NAME": ln["NAME"], "CRM_AUTO_CREATE": ln["CRM_AUTO_CREATE"]}
+        for ln in ctx.portal.lines.values()
+    ]
 
 
 @method("telephony.externalLine.delete", scope="telephony")
@@ -111,6 +149,7 @@ def line_delete(ctx: Ctx, params: dict[str, Any]) -> list[Any]:
 
 
 # ---------------------------------------------------------------- calls
+
 
 def _check_date(raw: Any) -> float:
     if raw in (None, ""):
@@ -124,15 +163,32 @@ def _check_date(raw: Any) -> float:
     return parsed.timestamp()
 
 
-def make_call(portal: Portal, user_id: int, phone: str, call_type: str, line: str, external: str,
-              start: float, click_to_call: bool = False) -> dict[str, Any]:
+def make_call(
+    portal: Portal,
+    user_id: int,
+    phone: str,
+    call_type: str,
+    line: str,
+    external: str,
+    start: float,
+    click_to_call: bool = False,
+) -> dict[str, Any]:
     """Create an active (registered, unfinished) call."""
     hits = find_crm(portal, phone)
-    call = {"CALL_ID": new_call_id(), "USER_ID": user_id, "PHONE_NUMBER": phone, "TYPE": call_type,
-            "LINE_NUMBER": line, "EXTERNAL_CALL_ID": external, "START": start, "SHOWN": set(),
-            "CLICK_TO_CALL": click_to_call, "REGISTERED_AT": time.time(),
-            "CRM_ENTITY_TYPE": hits[0]["CRM_ENTITY_TYPE"] if hits else None,
-            "CRM_ENTITY_ID": hits[0]["CRM_ENTITY_ID"] if hits else None}
+    call = {
+        "CALL_ID": new_call_id(),
+        "USER_ID": user_id,
+        "PHONE_NUMBER": phone,
+        "TYPE": call_type,
+        "LINE_NUMBER": line,
+        "EXTERNAL_CALL_ID": external,
+        "START": start,
+        "SHOWN": set(),
+        "CLICK_TO_CALL": click_to_call,
+        "REGISTERED_AT": time.time(),
+        "CRM_ENTITY_TYPE": hits[0]["CRM_ENTITY_TYPE"] if hits else None,
+        "CRM_ENTITY_ID": hits[0]["CRM_ENTITY_ID"] if hits else None,
+    }
     portal.calls[call["CALL_ID"]] = call
     return call
 
@@ -151,8 +207,14 @@ def call_register(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     start = _check_date(arg(params, "CALL_START_DATE", default=None))
     line = str(arg(params, "LINE_NUMBER", default=""))
     external = str(arg(params, "EXTERNAL_CALL_ID", default=""))
-    key = (phone, call_type, str(arg(params, "USER_ID", default="")), str(arg(params, "USER_PHONE_INNER", default="")),
-           line, external)
+    key = (
+        phone,
+        call_type,
+        str(arg(params, "USER_ID", default="")),
+        str(arg(params, "USER_PHONE_INNER", default="")),
+        line,
+        external,
+    )
     now = time.time()
     dedup = portal.dedup
     hit = dedup.get(key)
@@ -160,7 +222,12 @@ def call_register(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         call = portal.calls.get(hit[0]) or portal.finished_calls.get(hit[0])
         return _register_result(hit[0], call or {}, None, [])
     for c in portal.calls.values():
-        if c["CLICK_TO_CALL"] and c["USER_ID"] == user.id and c["PHONE_NUMBER"] == phone and now - c["REGISTERED_AT"] < DEDUP_WINDOW:
+        if (
+            c["CLICK_TO_CALL"]
+            and c["USER_ID"] == user.id
+            and c["PHONE_NUMBER"] == phone
+            and now - c["REGISTERED_AT"] < DEDUP_WINDOW
+        ):
             portal.violation("register_for_click_to_call")
             break
     call = make_call(portal, user.id, phone, call_type, line, external, start)
@@ -168,7 +235,11 @@ def call_register(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     created: list[dict[str, Any]] = []
     lead = None
     if call["CRM_ENTITY_ID"] is None and str(arg(params, "CRM_CREATE", default="0")) == "1":
-        lead = add_entity(ctx, "lead", {"TITLE": f"Call {phone}", "PHONE": [{"VALUE": phone, "VALUE_TYPE": "WORK"}]})
+        lead = add_entity(
+            ctx,
+            "lead",
+            {"TITLE": f"Call {phone}", "PHONE": [{"VALUE": phone, "VALUE_TYPE": "WORK"}]},
+        )
         call["CRM_ENTITY_TYPE"], call["CRM_ENTITY_ID"] = "LEAD", lead
         created.append({"ENTITY_TYPE": "LEAD", "ENTITY_ID": lead})
     if arg(params, "CRM_ENTITY_TYPE", default=None) and arg(params, "CRM_ENTITY_ID", default=None):
@@ -179,9 +250,16 @@ def call_register(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     return _register_result(call["CALL_ID"], call, lead, created)
 
 
-def _register_result(call_id: str, call: dict[str, Any], lead: Any, created: list[Any]) -> dict[str, Any]:
-    return {"CALL_ID": call_id, "CRM_CREATED_LEAD": lead, "CRM_CREATED_ENTITIES": created,
-            "CRM_ENTITY_TYPE": call.get("CRM_ENTITY_TYPE"), "CRM_ENTITY_ID": call.get("CRM_ENTITY_ID")}
+def _register_result(
+    call_id: str, call: dict[str, Any], lead: Any, created: list[Any]
+) -> dict[str, Any]:
+    return {
+        "CALL_ID": call_id,
+        "CRM_CREATED_LEAD": lead,
+        "CRM_CREATED_ENTITIES": created,
+        "CRM_ENTITY_TYPE": call.get("CRM_ENTITY_TYPE"),
+        "CRM_ENTITY_ID": call.get("CRM_ENTITY_ID"),
+    }
 
 
 def _users(params: dict[str, Any], call: dict[str, Any]) -> list[int]:
@@ -220,7 +298,9 @@ def call_finish(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     user = _resolve_user(ctx, params)
     call = portal.calls.get(call_id)
     if call is None:
-        portal.violation("double_finish" if call_id in portal.finished_calls else "finish_before_register")
+        portal.violation(
+            "double_finish" if call_id in portal.finished_calls else "finish_before_register"
+        )
         raise core("Call is not found (call should be registered prior to finishing)")
     duration = int(arg(params, "DURATION", default=0) or 0)
     status = str(arg(params, "STATUS_CODE", default="200" if duration > 0 else "304"))
@@ -229,14 +309,29 @@ def call_finish(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     del portal.calls[call_id]
     portal.stat_seq += 1
     activity = add_entity(ctx, "activity", {}) if "activity" in portal.crm else None
-    stat = {"ID": portal.stat_seq, "CALL_ID": call_id, "EXTERNAL_CALL_ID": call["EXTERNAL_CALL_ID"],
-            "PORTAL_USER_ID": str(user.id), "PHONE_NUMBER": call["PHONE_NUMBER"], "PORTAL_NUMBER": call["LINE_NUMBER"],
-            "INCOMING": call["TYPE"], "CALL_DURATION": str(duration), "CALL_START_DATE": iso(call["START"]),
-            "CALL_STATUS": 1 if status == "200" else 0, "CALL_VOTE": str(arg(params, "VOTE", default="")),
-            "COST": str(arg(params, "COST", default="0")), "COST_CURRENCY": str(arg(params, "COST_CURRENCY", default="")),
-            "CALL_FAILED_CODE": status, "CALL_FAILED_REASON": str(arg(params, "FAILED_REASON", default="")),
-            "REST_APP_ID": "1", "REST_APP_NAME": portal.client_id, "CRM_ACTIVITY_ID": activity or portal.stat_seq,
-            "COMMENT": None, "CRM_ENTITY_TYPE": call["CRM_ENTITY_TYPE"], "CRM_ENTITY_ID": call["CRM_ENTITY_ID"]}
+    stat = {
+        "ID": portal.stat_seq,
+        "CALL_ID": call_id,
+        "EXTERNAL_CALL_ID": call["EXTERNAL_CALL_ID"],
+        "PORTAL_USER_ID": str(user.id),
+        "PHONE_NUMBER": call["PHONE_NUMBER"],
+        "PORTAL_NUMBER": call["LINE_NUMBER"],
+        "INCOMING": call["TYPE"],
+        "CALL_DURATION": str(duration),
+        "CALL_START_DATE": iso(call["START"]),
+        "CALL_STATUS": 1 if status == "200" else 0,
+        "CALL_VOTE": str(arg(params, "VOTE", default="")),
+        "COST": str(arg(params, "COST", default="0")),
+        "COST_CURRENCY": str(arg(params, "COST_CURRENCY", default="")),
+        "CALL_FAILED_CODE": status,
+        "CALL_FAILED_REASON": str(arg(params, "FAILED_REASON", default="")),
+        "REST_APP_ID": "1",
+        "REST_APP_NAME": portal.client_id,
+        "CRM_ACTIVITY_ID": activity or portal.stat_seq,
+        "COMMENT": None,
+        "CRM_ENTITY_TYPE": call["CRM_ENTITY_TYPE"],
+        "CRM_ENTITY_ID": call["CRM_ENTITY_ID"],
+    }
     portal.finished_calls[call_id] = dict(stat, RECORD=None, FINISHED_AT=time.time())
     return stat
 
@@ -247,16 +342,21 @@ def _ext_ok(name: str) -> bool:
 
 @method("telephony.externalCall.attachRecord", scope="telephony")
 async def call_attach(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
-    """Attach a record to a finished call (RECORD_URL download, base64 content, or an upload URL)."""
+    """Attach a record to a finished call (RECORD_URL, base64 content, or an upload URL)."""
     portal = ctx.portal
     call_id = str(arg(params, "CALL_ID", default=""))
     stat = portal.finished_calls.get(call_id)
     if stat is None:
         if call_id in portal.calls:
             portal.violation("attach_before_finish")
-        raise core("Call is not found in the statistic table. It looks like it is not finished yet.")
+        raise core(
+            "Call is not found in the statistic table. It looks like it is not finished yet."
+        )
     url = arg(params, "RECORD_URL", default=None)
-    filename = str(arg(params, "FILENAME", default="") or (urlsplit(str(url)).path.rsplit("/", 1)[-1] if url else ""))
+    filename = str(
+        arg(params, "FILENAME", default="")
+        or (urlsplit(str(url)).path.rsplit("/", 1)[-1] if url else "")
+    )
     if not _ext_ok(filename):
         raise core("Wrong file extension. Only wav and mp3 are allowed")
     content = arg(params, "FILE_CONTENT", default=None)
@@ -273,10 +373,15 @@ async def call_attach(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         return _store_record(portal, stat, filename, data)
     token = secrets.token_hex(16)
     portal.uploads[token] = {"CALL_ID": call_id, "FILENAME": filename}
-    return {"uploadUrl": f"{portal.client_endpoint}upload.json?auth={token}&token={token}", "fieldName": "file"}
+    return {
+        "uploadUrl": f"{portal.client_endpoint}upload.json?auth={token}&token={token}",
+        "fieldName": "file",
+    }
 
 
-def _store_record(portal: Portal, stat: dict[str, Any], filename: str, data: bytes) -> dict[str, Any]:
+def _store_record(
+    portal: Portal, stat: dict[str, Any], filename: str, data: bytes
+) -> dict[str, Any]:
     portal.file_seq += 1
     stat["RECORD"] = {"FILE_ID": portal.file_seq, "FILENAME": filename, "SIZE": len(data)}
     return {"FILE_ID": portal.file_seq}

@@ -1,4 +1,5 @@
 """PHP-compatible query strings: parse_str-style nested keys, http_build_query, json shapes."""
+
 from __future__ import annotations
 
 import re
@@ -18,7 +19,7 @@ def php_urlencode(value: str) -> str:
         elif byte == 0x20:
             out.append("+")
         else:
-            out.append("%%%02X" % byte)
+            out.append(f"%{byte:02X}")
     return "".join(out)
 
 

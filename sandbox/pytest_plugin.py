@@ -1,7 +1,10 @@
-"""pytest fixtures: `sandbox_server` (session) and `sandbox` (a SandboxControl; state reset after each test)."""
+"""pytest fixtures: `sandbox_server` (session) and `sandbox` (a SandboxControl; state reset after
+each test).
+"""
+
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -1,13 +1,15 @@
 """REST plumbing: errors, the method registry, the time block and batch execution."""
+
 from __future__ import annotations
 
 import asyncio
 import inspect
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from .phpquery import parse_str, php_shape, scalar_to_str
 from .state import Portal, User
@@ -62,23 +64,33 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def method(name: str, scope: str | None = None, admin: bool = False) -> Callable[[Handler], Handler]:
+def method(
+    name: str, scope: str | None = None, admin: bool = False
+) -> Callable[[Handler], Handler]:
     """Register a REST method under its lower-case name."""
+
     def deco(func: Handler) -> Handler:
         METHODS[name.lower()] = Method(name.lower(), func, scope, admin)
         return func
+
     return deco
 
 
 def iso(ts: float) -> str:
     """ISO-8601 with offset, as Bitrix24 prints dates."""
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
 
 
 def time_block(start: float, finish: float, processing: float) -> dict[str, Any]:
     """The per-call `time` block without the operating fields."""
-    return {"start": round(start, 6), "finish": round(finish, 6), "duration": round(finish - start, 6),
-            "processing": round(processing, 6), "date_start": iso(start), "date_finish": iso(finish)}
+    return {
+        "start": round(start, 6),
+        "finish": round(finish, 6),
+        "duration": round(finish - start, 6),
+        "processing": round(processing, 6),
+        "date_start": iso(start),
+        "date_finish": iso(finish),
+    }
 
 
 def page(items: list[Any], params: dict[str, Any]) -> Page:
@@ -91,7 +103,7 @@ def page(items: list[Any], params: dict[str, Any]) -> Page:
     if start == -1:
         return Page(items[:PAGE], None, None)
     start = max(start, 0)
-    chunk = items[start:start + PAGE]
+    chunk = items[start : start + PAGE]
     nxt = start + PAGE if start + PAGE < len(items) else None
     return Page(chunk, nxt, len(items))
 
@@ -105,10 +117,16 @@ def scope_ok(portal: Portal, scope: str | None) -> bool:
 
 
 def operating_limit(ctx: Ctx) -> float:
-    return ctx.portal.operating_limit if ctx.portal.operating_limit is not None else ctx.cloud.settings.operating_limit
+    return (
+        ctx.portal.operating_limit
+        if ctx.portal.operating_limit is not None
+        else ctx.cloud.settings.operating_limit
+    )
 
 
-async def run_method(ctx: Ctx, name: str, params: dict[str, Any], latency: float) -> tuple[Any, dict[str, Any]]:
+async def run_method(
+    ctx: Ctx, name: str, params: dict[str, Any], latency: float
+) -> tuple[Any, dict[str, Any]]:
     """Execute one command with its latency share; log it; return (result or ApiError, timing)."""
     portal = ctx.portal
     start = time.time()
@@ -120,10 +138,16 @@ async def run_method(ctx: Ctx, name: str, params: dict[str, Any], latency: float
         if meth is None:
             raise ApiError("ERROR_METHOD_NOT_FOUND", "Method not found!", 404)
         if not scope_ok(portal, meth.scope):
-            raise ApiError("insufficient_scope", "The request requires higher privileges than provided by the access token", 403)
+            raise ApiError(
+                "insufficient_scope",
+                "The request requires higher privileges than provided by the access token",
+                403,
+            )
         if portal.operating.operating(meth.name) > operating_limit(ctx):
             portal.bump("operation_time_limit")
-            raise ApiError("OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.", 429)
+            raise ApiError(
+                "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.", 429
+            )
         if meth.admin and not ctx.user.admin:
             raise ApiError("ACCESS_DENIED", "Access denied! Admin permissions required", 403)
         if latency > 0:
@@ -134,12 +158,24 @@ async def run_method(ctx: Ctx, name: str, params: dict[str, Any], latency: float
         result, status = err, err.status
     processing = time.perf_counter() - t0
     finish = start + processing
-    if name.lower() in METHODS and not (isinstance(result, ApiError) and result.code == "OPERATION_TIME_LIMIT"):
+    if name.lower() in METHODS and not (
+        isinstance(result, ApiError) and result.code == "OPERATION_TIME_LIMIT"
+    ):
         portal.operating.add(name.lower(), processing, finish)
     portal.bump("commands")
-    portal.record({"method": name.lower(), "params": params, "start": start, "finish": finish,
-                   "status": status, "error": result.code if isinstance(result, ApiError) else None,
-                   "in_batch": ctx.in_batch, "batch_id": ctx.batch_id, "user_id": ctx.user.id})
+    portal.record(
+        {
+            "method": name.lower(),
+            "params": params,
+            "start": start,
+            "finish": finish,
+            "status": status,
+            "error": result.code if isinstance(result, ApiError) else None,
+            "in_batch": ctx.in_batch,
+            "batch_id": ctx.batch_id,
+            "user_id": ctx.user.id,
+        }
+    )
     return result, time_block(start, finish, processing)
 
 
@@ -168,8 +204,13 @@ def success_body(result: Any, timing: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- batch
 
 _REF_RE = re.compile(r"\$(result|error|time|next|total)((?:\[[^\[\]]*\])+)")
-_SECTION = {"result": "result", "error": "result_error", "time": "result_time",
-            "next": "result_next", "total": "result_total"}
+_SECTION = {
+    "result": "result",
+    "error": "result_error",
+    "time": "result_time",
+    "next": "result_next",
+    "total": "result_total",
+}
 
 
 def _lookup(sections: dict[str, dict[str, Any]], name: str, path: str) -> tuple[bool, Any]:
@@ -197,9 +238,13 @@ def substitute(value: Any, sections: dict[str, dict[str, Any]]) -> Any:
         found, target = _lookup(sections, whole.group(1), whole.group(2))
         if found and isinstance(target, (dict, list)):
             return target
+
     def repl(m: re.Match[str]) -> str:
         found, target = _lookup(sections, m.group(1), m.group(2))
-        return scalar_to_str(target) if found and not isinstance(target, (dict, list)) else m.group(0)
+        return (
+            scalar_to_str(target) if found and not isinstance(target, (dict, list)) else m.group(0)
+        )
+
     return _REF_RE.sub(repl, value)
 
 
@@ -227,8 +272,10 @@ async def run_batch(ctx: Ctx, params: dict[str, Any], latency: float) -> dict[st
     share = latency / min(len(cmds), MAX_BATCH)
     for index, (key, line) in enumerate(cmds):
         if index >= MAX_BATCH:
-            sections["result_error"][key] = {"error": "ERROR_BATCH_LENGTH_EXCEEDED",
-                                             "error_description": "Max batch length exceeded"}
+            sections["result_error"][key] = {
+                "error": "ERROR_BATCH_LENGTH_EXCEEDED",
+                "error_description": "Max batch length exceeded",
+            }
             if halt:
                 break
             continue
@@ -237,8 +284,10 @@ async def run_batch(ctx: Ctx, params: dict[str, Any], latency: float) -> dict[st
         if name.endswith(".json"):
             name = name[:-5]
         if name == "batch":
-            sections["result_error"][key] = {"error": "ERROR_BATCH_METHOD_NOT_ALLOWED",
-                                             "error_description": "Method is not allowed for batch usage"}
+            sections["result_error"][key] = {
+                "error": "ERROR_BATCH_METHOD_NOT_ALLOWED",
+                "error_description": "Method is not allowed for batch usage",
+            }
             if halt:
                 break
             continue
@@ -258,7 +307,13 @@ async def run_batch(ctx: Ctx, params: dict[str, Any], latency: float) -> dict[st
         else:
             sections["result"][key] = result
         sections["result_time"][key] = timing
-    return {s: php_shape(v) for s, v in
-            (("result", sections["result"]), ("result_error", sections["result_error"]),
-             ("result_total", sections["result_total"]), ("result_next", sections["result_next"]),
-             ("result_time", sections["result_time"]))}
+    return {
+        s: php_shape(v)
+        for s, v in (
+            ("result", sections["result"]),
+            ("result_error", sections["result_error"]),
+            ("result_total", sections["result_total"]),
+            ("result_next", sections["result_next"]),
+            ("result_time", sections["result_time"]),
+        )
+    }

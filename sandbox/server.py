@@ -1,4 +1,5 @@
 """aiohttp front: the cloud port (auth server + control API + bx24.js) and one port per portal."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,13 +15,15 @@ from aiohttp import web
 
 from . import control
 from .cloud import Cloud, loopback_socket
+from .methods_telephony import store_upload
 from .phpquery import parse_pairs
 from .rest import ApiError, Ctx, full_time, run_batch, run_method, success_body, time_block
-from .methods_telephony import store_upload
 
 JSON_TYPE = "application/json"
 GATEWAY_HTML = {
-    502: "502 Bad Gateway", 503: "503 Service Temporarily Unavailable", 504: "504 Gateway Time-out",
+    502: "502 Bad Gateway",
+    503: "503 Service Temporarily Unavailable",
+    504: "504 Gateway Time-out",
 }
 JSON_FAULTS = {
     "http_500": (500, "INTERNAL_SERVER_ERROR", "Internal server error"),
@@ -32,7 +35,11 @@ JSON_FAULTS = {
     "access_denied": (403, "ACCESS_DENIED", "Access denied!"),
     "expired_token": (401, "expired_token", "The access token provided has expired."),
     "invalid_token": (401, "invalid_token", "Unable to get application by token"),
-    "operation_time_limit": (429, "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit."),
+    "operation_time_limit": (
+        429,
+        "OPERATION_TIME_LIMIT",
+        "Method is blocked due to operation time limit.",
+    ),
 }
 FAULT_KINDS = set(JSON_FAULTS) | {"html_502", "html_503", "html_504", "reset", "hang"}
 
@@ -51,8 +58,10 @@ def error_response(err: ApiError) -> web.Response:
 
 def html_error(status: int) -> web.Response:
     title = GATEWAY_HTML[status]
-    body = (f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n"
-            "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+    body = (
+        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n<center><h1>{title}</h1></center>\r\n"
+        "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    )
     return web.Response(text=body, status=status, content_type="text/html")
 
 
@@ -91,6 +100,7 @@ async def request_params(request: web.Request) -> dict[str, Any]:
     text = await request.text()
     if text:
         from .phpquery import parse_str
+
         params.update(parse_str(text))
     return params
 
@@ -119,7 +129,7 @@ class Front:
             return web.Response(status=status, text=payload, content_type="text/html")
         if not path.startswith("/rest/"):
             return web.Response(status=404, text="Not found")
-        name = path[len("/rest/"):].strip("/").lower()
+        name = path[len("/rest/") :].strip("/").lower()
         for suffix in (".json", ".xml"):
             if name.endswith(suffix):
                 name = name[: -len(suffix)]
@@ -140,10 +150,14 @@ class Front:
             p.bump("faults_injected")
             return await self.apply_fault(request, p, fault)
         if p.deleted:
-            return self.count(p, error_response(ApiError(*JSON_FAULTS["portal_deleted"][1:], status=500)))
+            return self.count(
+                p, error_response(ApiError(*JSON_FAULTS["portal_deleted"][1:], status=500))
+            )
         if not p.bucket.admit():
             p.bump("query_limit_exceeded")
-            return self.count(p, error_response(ApiError("QUERY_LIMIT_EXCEEDED", "Too many requests", 503)))
+            return self.count(
+                p, error_response(ApiError("QUERY_LIMIT_EXCEEDED", "Too many requests", 503))
+            )
         try:
             params = await request_params(request)
             ctx = self.authenticate(p, params)
@@ -186,7 +200,9 @@ class Front:
             raise ApiError("authorization_error", "Unable to authorize user", 401)
         return Ctx(p, user, self.cloud)
 
-    async def execute(self, ctx: Ctx, name: str, params: dict[str, Any], latency: float) -> web.Response:
+    async def execute(
+        self, ctx: Ctx, name: str, params: dict[str, Any], latency: float
+    ) -> web.Response:
         """Run a method or a batch and shape the answer."""
         if name == "batch":
             ctx.in_batch, ctx.batch_id = True, f"b{ctx.portal.counters['batches'] + 1}"
@@ -197,7 +213,9 @@ class Front:
             except ApiError as err:
                 return error_response(err)
             processing = time.perf_counter() - t0
-            return json_response({"result": result, "time": time_block(start, start + processing, processing)})
+            return json_response(
+                {"result": result, "time": time_block(start, start + processing, processing)}
+            )
         result, timing = await run_method(ctx, name, params, latency)
         if isinstance(result, ApiError):
             return error_response(result)
@@ -229,7 +247,9 @@ class Front:
         """Multipart upload target handed out by attachRecord(FILENAME only)."""
         token = request.query.get("token", "")
         if token not in p.uploads:
-            return error_response(ApiError("invalid_token", "Unable to get application by token", 401))
+            return error_response(
+                ApiError("invalid_token", "Unable to get application by token", 401)
+            )
         form = await request.post()
         field = form.get("file")
         if field is None or isinstance(field, str):
@@ -299,7 +319,7 @@ class SandboxServer:
         """Cloud base URL, e.g. http://127.0.0.1:41234."""
         return f"http://127.0.0.1:{self.cloud.cloud_port}"
 
-    def start(self) -> "SandboxServer":
+    def start(self) -> SandboxServer:
         """Run the event loop in a daemon thread; return once listening."""
         self._thread = threading.Thread(target=self._run, name="b24-sandbox", daemon=True)
         self._thread.start()
@@ -315,7 +335,7 @@ class SandboxServer:
         if self._thread:
             self._thread.join(30)
 
-    def __enter__(self) -> "SandboxServer":
+    def __enter__(self) -> SandboxServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -333,8 +353,12 @@ class SandboxServer:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         cloud_app, portal_app = build_apps(self.cloud)
-        cloud_runner = web.AppRunner(cloud_app, access_log=None, handler_cancellation=True, shutdown_timeout=2)
-        portal_runner = web.AppRunner(portal_app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5)
+        cloud_runner = web.AppRunner(
+            cloud_app, access_log=None, handler_cancellation=True, shutdown_timeout=2
+        )
+        portal_runner = web.AppRunner(
+            portal_app, access_log=None, handler_cancellation=True, shutdown_timeout=0.5
+        )
         await cloud_runner.setup()
         await portal_runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

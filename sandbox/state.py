@@ -1,4 +1,7 @@
-"""In-memory state of the fake cloud: settings, portals, users, tokens, counters and the command log."""
+"""In-memory state of the fake cloud: settings, portals, users, tokens, counters and the command
+log.
+"""
+
 from __future__ import annotations
 
 import collections
@@ -45,10 +48,18 @@ class User:
     def as_rest(self) -> dict[str, Any]:
         """The user.get / user.current record."""
         return {
-            "ID": str(self.id), "XML_ID": "", "ACTIVE": self.active, "NAME": self.name,
-            "LAST_NAME": self.last_name, "SECOND_NAME": "", "EMAIL": self.email or f"user{self.id}@example.test",
-            "IS_ONLINE": "N", "TIME_ZONE_OFFSET": "0", "USER_TYPE": "employee",
-            "UF_DEPARTMENT": [1], "UF_PHONE_INNER": self.extension or None,
+            "ID": str(self.id),
+            "XML_ID": "",
+            "ACTIVE": self.active,
+            "NAME": self.name,
+            "LAST_NAME": self.last_name,
+            "SECOND_NAME": "",
+            "EMAIL": self.email or f"user{self.id}@example.test",
+            "IS_ONLINE": "N",
+            "TIME_ZONE_OFFSET": "0",
+            "USER_TYPE": "employee",
+            "UF_DEPARTMENT": [1],
+            "UF_PHONE_INNER": self.extension or None,
         }
 
 
@@ -101,8 +112,12 @@ class Binding:
 
     def as_rest(self) -> dict[str, Any]:
         """The event.get record."""
-        row = {"event": self.event, "handler": self.handler, "auth_type": str(self.auth_type),
-               "offline": 1 if self.offline else 0}
+        row = {
+            "event": self.event,
+            "handler": self.handler,
+            "auth_type": str(self.auth_type),
+            "offline": 1 if self.offline else 0,
+        }
         if self.offline:
             row["connector_id"] = self.auth_connector
         return row
@@ -120,22 +135,44 @@ class PlacementBinding:
 
     def as_rest(self) -> dict[str, Any]:
         """The placement.get record."""
-        return {"placement": self.placement, "userId": self.user_id, "handler": self.handler,
-                "options": self.options or [], "title": self.title, "description": self.description,
-                "langAll": self.lang_all or []}
+        return {
+            "placement": self.placement,
+            "userId": self.user_id,
+            "handler": self.handler,
+            "options": self.options or [],
+            "title": self.title,
+            "description": self.description,
+            "langAll": self.lang_all or [],
+        }
 
 
 def new_counters() -> dict[str, Any]:
     """Fresh counter block for a portal."""
     return {
-        "rest_requests": 0, "commands": 0, "batches": 0, "refreshes": 0, "token_grants": 0,
-        "auth_code_grants": 0, "status_503": 0, "status_429": 0, "status_401": 0,
-        "query_limit_exceeded": 0, "operation_time_limit": 0, "faults_injected": 0,
-        "in_flight": 0, "max_in_flight": 0, "events_sent": 0, "events_failed": 0,
+        "rest_requests": 0,
+        "commands": 0,
+        "batches": 0,
+        "refreshes": 0,
+        "token_grants": 0,
+        "auth_code_grants": 0,
+        "status_503": 0,
+        "status_429": 0,
+        "status_401": 0,
+        "query_limit_exceeded": 0,
+        "operation_time_limit": 0,
+        "faults_injected": 0,
+        "in_flight": 0,
+        "max_in_flight": 0,
+        "events_sent": 0,
+        "events_failed": 0,
         "events_suppressed": 0,
-        "violations": {"finish_before_register": 0, "attach_before_finish": 0,
-                       "register_for_click_to_call": 0, "refresh_token_reuse": 0,
-                       "double_finish": 0},
+        "violations": {
+            "finish_before_register": 0,
+            "attach_before_finish": 0,
+            "register_for_click_to_call": 0,
+            "refresh_token_reuse": 0,
+            "double_finish": 0,
+        },
     }
 
 
@@ -175,7 +212,8 @@ class Portal:
     offline_seq: int = 0
     offline_signal_at: float = 0.0
     crm: dict[str, dict[int, dict[str, Any]]] = field(
-        default_factory=lambda: {"contact": {}, "deal": {}, "lead": {}, "company": {}})
+        default_factory=lambda: {"contact": {}, "deal": {}, "lead": {}, "company": {}}
+    )
     crm_seq: int = 0
     lines: dict[str, dict[str, Any]] = field(default_factory=dict)
     line_seq: int = 0
@@ -275,6 +313,8 @@ class TokenStore:
                 del table[key]
 
     def new_code(self, member_id: str, user_id: int, client_id: str) -> AuthCode:
-        code = AuthCode(hex32(), member_id, user_id, client_id, time.time() + self.settings.code_ttl)
+        code = AuthCode(
+            hex32(), member_id, user_id, client_id, time.time() + self.settings.code_ttl
+        )
         self.codes[code.code] = code
         return code

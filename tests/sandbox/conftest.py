@@ -1,13 +1,17 @@
-"""Helpers for the sandbox's own tests: a portal, a REST caller, and a tiny stand-in app over real HTTP.
+"""Helpers for the sandbox's own tests: a portal, a REST caller, and a tiny stand-in app over real
+HTTP.
 
-The `sandbox_server` / `sandbox` fixtures come from sandbox.pytest_plugin (registered in tests/conftest.py).
+The `sandbox_server` / `sandbox` fixtures come from sandbox.pytest_plugin (registered in
+tests/conftest.py).
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -32,12 +36,17 @@ class Hit:
 
 @dataclass
 class FakeApp:
-    """A minimal HTTP app: records every request; /install answers an HTML page calling installFinish."""
+    """A minimal HTTP app: records every request; /install answers an HTML page calling
+    installFinish.
+    """
 
     url: str = ""
     hits: list[Hit] = field(default_factory=list)
     status: int = 200
-    install_html: str = "<html><script src='bx24.js'></script><script>BX24.init(function(){BX24.installFinish();});</script></html>"
+    install_html: str = (
+        "<html><script src='bx24.js'></script>"
+        "<script>BX24.init(function(){BX24.installFinish();});</script></html>"
+    )
 
     def paths(self, prefix: str) -> list[Hit]:
         return [h for h in self.hits if h.path.startswith(prefix)]
@@ -95,14 +104,24 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
-def call(http: httpx.Client, portal: dict[str, Any], method: str, token: str | None = None, **params: Any) -> httpx.Response:
+def call(
+    http: httpx.Client, portal: dict[str, Any], method: str, token: str | None = None, **params: Any
+) -> httpx.Response:
     """POST a JSON REST call to the portal."""
     body = {"auth": token or portal["access_token"], **params}
     return http.post(portal["client_endpoint"] + method, json=body)
 
 
-def refresh(http: httpx.Client, sandbox: SandboxControl, refresh_token: str, secret: str = SECRET) -> httpx.Response:
+def refresh(
+    http: httpx.Client, sandbox: SandboxControl, refresh_token: str, secret: str = SECRET
+) -> httpx.Response:
     """GET the token endpoint with a refresh grant."""
-    return http.get(sandbox.base_url + "/oauth/token/", params={
-        "grant_type": "refresh_token", "client_id": "app.sandbox", "client_secret": secret,
-        "refresh_token": refresh_token})
+    return http.get(
+        sandbox.base_url + "/oauth/token/",
+        params={
+            "grant_type": "refresh_token",
+            "client_id": "app.sandbox",
+            "client_secret": secret,
+            "refresh_token": refresh_token,
+        },
+    )

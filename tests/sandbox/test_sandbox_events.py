@@ -1,4 +1,7 @@
-"""Acting as the portal: install POST, installFinish gating, event bodies, placements, uninstall, offline events."""
+"""Acting as the portal: install POST, installFinish gating, event bodies, placements, uninstall,
+offline events.
+"""
+
 from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlsplit
@@ -17,8 +20,14 @@ DOC_BODY = (  # protocol §3.4, newlines removed
 
 
 def installed(sandbox, fake_app, **extra):
-    p = sandbox.create_portal(app_url=fake_app.url, users=[{"id": 1, "name": "A", "admin": True, "extension": "101"},
-                                                            {"id": 15, "name": "O", "extension": "115"}], **extra)
+    p = sandbox.create_portal(
+        app_url=fake_app.url,
+        users=[
+            {"id": 1, "name": "A", "admin": True, "extension": "101"},
+            {"id": 15, "name": "O", "extension": "115"},
+        ],
+        **extra,
+    )
     result = sandbox.install_app(p["member_id"])
     assert result["install_finished"], result
     return p
@@ -31,37 +40,91 @@ def test_install_post_shape_and_headless_install_finish(sandbox, fake_app, http)
     assert result["status"] == 200 and not result["install_finished"]
     hit = fake_app.paths("/install")[0]
     query = dict(parse_qsl(urlsplit(hit.path).query))
-    assert query == {"DOMAIN": p["domain"], "PROTOCOL": "0", "LANG": "en", "APP_SID": result["app_sid"]}
+    assert query == {
+        "DOMAIN": p["domain"],
+        "PROTOCOL": "0",
+        "LANG": "en",
+        "APP_SID": result["app_sid"],
+    }
     form = parse_qsl(hit.body.decode())
-    assert [k for k, _ in form] == ["AUTH_ID", "AUTH_EXPIRES", "REFRESH_ID", "SERVER_ENDPOINT", "APPLICATION_TOKEN",
-                                    "APPLICATION_SCOPE", "member_id", "status", "PLACEMENT"]
+    assert [k for k, _ in form] == [
+        "AUTH_ID",
+        "AUTH_EXPIRES",
+        "REFRESH_ID",
+        "SERVER_ENDPOINT",
+        "APPLICATION_TOKEN",
+        "APPLICATION_SCOPE",
+        "member_id",
+        "status",
+        "PLACEMENT",
+    ]
     fields = dict(form)
     assert fields["PLACEMENT"] == "DEFAULT" and fields["SERVER_ENDPOINT"] == p["server_endpoint"]
-    assert fields["APPLICATION_TOKEN"] == p["application_token"] and fields["member_id"] == p["member_id"]
+    assert (
+        fields["APPLICATION_TOKEN"] == p["application_token"]
+        and fields["member_id"] == p["member_id"]
+    )
     assert call(http, p, "profile", fields["AUTH_ID"]).status_code == 200
     # events wait for installFinish
-    assert call(http, p, "event.bind", fields["AUTH_ID"], event="ONCRMDEALUPDATE", handler=fake_app.url + "/b24/events").json()["result"] is True
-    assert sandbox.trigger_event(p["member_id"], "ONCRMDEALUPDATE", {"FIELDS": {"ID": "1"}})["statuses"] == []
+    assert (
+        call(
+            http,
+            p,
+            "event.bind",
+            fields["AUTH_ID"],
+            event="ONCRMDEALUPDATE",
+            handler=fake_app.url + "/b24/events",
+        ).json()["result"]
+        is True
+    )
+    assert (
+        sandbox.trigger_event(p["member_id"], "ONCRMDEALUPDATE", {"FIELDS": {"ID": "1"}})[
+            "statuses"
+        ]
+        == []
+    )
     # BX24.installFinish() from the stand-in JS reports through the control API
-    finish = http.post(f"{sandbox.base_url}/_sandbox/bx24/install_finish", params={"APP_SID": result["app_sid"]})
+    finish = http.post(
+        f"{sandbox.base_url}/_sandbox/bx24/install_finish", params={"APP_SID": result["app_sid"]}
+    )
     assert finish.json() == {"install_finished": True}
     assert sandbox.install_state(p["member_id"])["install_finished"]
     assert call(http, p, "app.info").json()["result"]["INSTALLED"] is True
-    assert sandbox.trigger_event(p["member_id"], "ONCRMDEALUPDATE", {"FIELDS": {"ID": "1"}})["statuses"] == [200]
-    session = http.get(f"{sandbox.base_url}/_sandbox/bx24/session", params={"APP_SID": result["app_sid"]}).json()
+    assert sandbox.trigger_event(p["member_id"], "ONCRMDEALUPDATE", {"FIELDS": {"ID": "1"}})[
+        "statuses"
+    ] == [200]
+    session = http.get(
+        f"{sandbox.base_url}/_sandbox/bx24/session", params={"APP_SID": result["app_sid"]}
+    ).json()
     assert session["member_id"] == p["member_id"] and session["is_admin"] is True
     assert "installFinish" in http.get(sandbox.base_url + "/bx24.js").text
 
 
 def test_event_body_byte_for_byte(sandbox, fake_app, http):
-    p = installed(sandbox, fake_app, member_id="a223c6b3710f85df22e9377d6c4f7553",
-                  application_token="51856fefc120afa4b628cc82d3935cce")
+    p = installed(
+        sandbox,
+        fake_app,
+        member_id="a223c6b3710f85df22e9377d6c4f7553",
+        application_token="51856fefc120afa4b628cc82d3935cce",
+    )
     call(http, p, "event.bind", event="onCrmDealUpdate", handler=fake_app.url + "/b24/events")
-    out = sandbox.trigger_event(p["member_id"], "ONCRMDEALUPDATE", {"FIELDS": {"ID": 759}}, user_id=15, overrides={
-        "event_handler_id": 201, "ts": 1736405807,
-        "auth": {"access_token": "s6p6eclrvim6da22ft9ch94ekreb52lv", "expires": "1736409407",
-                 "domain": "some-domain.bitrix24.com", "server_endpoint": "https://oauth.bitrix.info/rest/",
-                 "client_endpoint": "https://some-domain.bitrix24.com/rest/"}})
+    out = sandbox.trigger_event(
+        p["member_id"],
+        "ONCRMDEALUPDATE",
+        {"FIELDS": {"ID": 759}},
+        user_id=15,
+        overrides={
+            "event_handler_id": 201,
+            "ts": 1736405807,
+            "auth": {
+                "access_token": "s6p6eclrvim6da22ft9ch94ekreb52lv",
+                "expires": "1736409407",
+                "domain": "some-domain.bitrix24.com",
+                "server_endpoint": "https://oauth.bitrix.info/rest/",
+                "client_endpoint": "https://some-domain.bitrix24.com/rest/",
+            },
+        },
+    )
     assert out["statuses"] == [200]
     hit = fake_app.paths("/b24/events")[-1]
     assert hit.body.decode() == DOC_BODY
@@ -71,16 +134,29 @@ def test_event_body_byte_for_byte(sandbox, fake_app, http):
 def test_event_body_real_values(sandbox, fake_app, http):
     p = installed(sandbox, fake_app)
     call(http, p, "event.bind", event="ONEXTERNALCALLSTART", handler=fake_app.url + "/b24/events")
-    out = sandbox.trigger_event(p["member_id"], "ONEXTERNALCALLSTART", {
-        "PHONE_NUMBER": "+494951234567", "PHONE_NUMBER_INTERNATIONAL": "+494951234567", "EXTENSION": "",
-        "USER_ID": "15", "CALL_LIST_ID": "0", "LINE_NUMBER": "7", "IS_MOBILE": "0"}, user_id=15)
+    out = sandbox.trigger_event(
+        p["member_id"],
+        "ONEXTERNALCALLSTART",
+        {
+            "PHONE_NUMBER": "+494951234567",
+            "PHONE_NUMBER_INTERNATIONAL": "+494951234567",
+            "EXTENSION": "",
+            "USER_ID": "15",
+            "CALL_LIST_ID": "0",
+            "LINE_NUMBER": "7",
+            "IS_MOBILE": "0",
+        },
+        user_id=15,
+    )
     body = fake_app.paths("/b24/events")[-1].body.decode()
     pairs = parse_qsl(body, keep_blank_values=True)
     keys = [k for k, _ in pairs]
     assert keys[:2] == ["event", "event_handler_id"] and keys[-1] == "auth[application_token]"
     assert "data%5BPHONE_NUMBER%5D=%2B494951234567" in body and "data%5BEXTENSION%5D=&" in body
     d = dict(pairs)
-    assert d["data[CALL_ID]"] == out["data"]["CALL_ID"] and d["data[CALL_ID]"].startswith("externalCall.")
+    assert d["data[CALL_ID]"] == out["data"]["CALL_ID"] and d["data[CALL_ID]"].startswith(
+        "externalCall."
+    )
     assert d["auth[domain]"] == p["domain"] and d["auth[client_endpoint]"] == p["client_endpoint"]
     assert d["auth[user_id]"] == "15" and "auth[refresh_token]" not in d
     assert call(http, p, "profile", d["auth[access_token]"]).json()["result"]["ID"] == "15"
@@ -92,11 +168,25 @@ def test_bind_rules(sandbox, fake_app, http):
     assert ok.json()["result"] is True
     dup = call(http, p, "event.bind", event="ONCRMDEALUPDATE", handler=fake_app.url + "/b24/events")
     assert dup.json()["error"] == "ERROR_HANDLER_ALREADY_EXIST"
-    assert call(http, p, "event.bind", event="ONNOPE", handler=fake_app.url).json()["error"] == "ERROR_EVENT_NOT_FOUND"
-    assert call(http, p, "event.bind", event="ONCRMDEALADD", handler="ftp://x.y/z").json()["error"] == "ERROR_UNSUPPORTED_PROTOCOL"
+    assert (
+        call(http, p, "event.bind", event="ONNOPE", handler=fake_app.url).json()["error"]
+        == "ERROR_EVENT_NOT_FOUND"
+    )
+    assert (
+        call(http, p, "event.bind", event="ONCRMDEALADD", handler="ftp://x.y/z").json()["error"]
+        == "ERROR_UNSUPPORTED_PROTOCOL"
+    )
     assert call(http, p, "event.get").json()["result"] == [
-        {"event": "ONCRMDEALUPDATE", "handler": fake_app.url + "/b24/events", "auth_type": "0", "offline": 0}]
-    gone = call(http, p, "event.unbind", event="ONCRMDEALUPDATE", handler=fake_app.url + "/b24/events")
+        {
+            "event": "ONCRMDEALUPDATE",
+            "handler": fake_app.url + "/b24/events",
+            "auth_type": "0",
+            "offline": 0,
+        }
+    ]
+    gone = call(
+        http, p, "event.unbind", event="ONCRMDEALUPDATE", handler=fake_app.url + "/b24/events"
+    )
     assert gone.json()["result"] == {"count": 1}
 
 
@@ -105,15 +195,22 @@ def test_self_loop_and_offline_queue_latest_state(sandbox, fake_app, http):
     call(http, p, "event.bind", event="ONCRMDEALUPDATE", event_type="offline")
     deal = sandbox.add_crm(p["member_id"], "deal", {"TITLE": "d"})
     for i in range(5):
-        assert call(http, p, "crm.deal.update", id=deal["ID"], fields={"TITLE": f"t{i}"}).json()["result"] is True
+        assert (
+            call(http, p, "crm.deal.update", id=deal["ID"], fields={"TITLE": f"t{i}"}).json()[
+                "result"
+            ]
+            is True
+        )
     other = sandbox.add_crm(p["member_id"], "deal", {"TITLE": "e"})
     call(http, p, "crm.deal.update", id=other["ID"], fields={"TITLE": "x"})
-    assert len(sandbox.offline_events(p["member_id"])) == 2   # one record per object
+    assert len(sandbox.offline_events(p["member_id"])) == 2  # one record per object
     got = call(http, p, "event.offline.get", clear=0, limit=1).json()["result"]
     assert got["process_id"] and got["events"][0]["EVENT_DATA"] == {"FIELDS": {"ID": deal["ID"]}}
     second = call(http, p, "event.offline.get", clear=0).json()["result"]
-    assert [e["EVENT_DATA"]["FIELDS"]["ID"] for e in second["events"]] == [other["ID"]]   # disjoint
-    assert call(http, p, "event.offline.clear", process_id=got["process_id"]).json()["result"] is True
+    assert [e["EVENT_DATA"]["FIELDS"]["ID"] for e in second["events"]] == [other["ID"]]  # disjoint
+    assert (
+        call(http, p, "event.offline.clear", process_id=got["process_id"]).json()["result"] is True
+    )
     listed = call(http, p, "event.offline.list").json()
     assert listed["total"] == 1
     assert call(http, p, "event.offline.get").json()["result"] == {"process_id": None, "events": []}
@@ -121,21 +218,42 @@ def test_self_loop_and_offline_queue_latest_state(sandbox, fake_app, http):
 
 def test_placements_and_uninstall(sandbox, fake_app, http):
     p = installed(sandbox, fake_app)
-    assert call(http, p, "placement.bind", PLACEMENT="DEFAULT", HANDLER=fake_app.url + "/x").json()["error"] == "ERROR_PLACEMENT_NOT_FOUND"
-    assert call(http, p, "placement.bind", PLACEMENT="CALL_CARD", HANDLER=fake_app.url + "/placements/call_card",
-                TITLE="Card").json()["result"] is True
+    assert (
+        call(http, p, "placement.bind", PLACEMENT="DEFAULT", HANDLER=fake_app.url + "/x").json()[
+            "error"
+        ]
+        == "ERROR_PLACEMENT_NOT_FOUND"
+    )
+    assert (
+        call(
+            http,
+            p,
+            "placement.bind",
+            PLACEMENT="CALL_CARD",
+            HANDLER=fake_app.url + "/placements/call_card",
+            TITLE="Card",
+        ).json()["result"]
+        is True
+    )
     assert call(http, p, "placement.get").json()["result"][0]["placement"] == "CALL_CARD"
-    opened = sandbox.open_placement(p["member_id"], "CALL_CARD", user_id=15, options={"CALL_ID": "externalCall.x"})
+    opened = sandbox.open_placement(
+        p["member_id"], "CALL_CARD", user_id=15, options={"CALL_ID": "externalCall.x"}
+    )
     assert opened["status"] == 200
     fields = dict(parse_qsl(fake_app.paths("/placements/call_card")[-1].body.decode()))
-    assert fields["PLACEMENT"] == "CALL_CARD" and fields["PLACEMENT_OPTIONS"] == '{"CALL_ID":"externalCall.x"}'
+    assert (
+        fields["PLACEMENT"] == "CALL_CARD"
+        and fields["PLACEMENT_OPTIONS"] == '{"CALL_ID":"externalCall.x"}'
+    )
     call(http, p, "event.bind", event="ONAPPUNINSTALL", handler=fake_app.url + "/b24/events")
     out = sandbox.uninstall_app(p["member_id"], clean=True)
     assert out["statuses"] == [200]
     body = dict(parse_qsl(fake_app.paths("/b24/events")[-1].body.decode()))
     assert body["data[CLEAN]"] == "1" and "auth[access_token]" not in body
     assert sorted(k for k in body if k.startswith("auth[")) == sorted(
-        f"auth[{k}]" for k in ("domain", "server_endpoint", "client_endpoint", "member_id", "application_token"))
+        f"auth[{k}]"
+        for k in ("domain", "server_endpoint", "client_endpoint", "member_id", "application_token")
+    )
     assert sandbox.bindings(p["member_id"]) == {"events": [], "placements": []}
     assert call(http, p, "profile").json()["error"] == "invalid_token"
 
@@ -145,12 +263,18 @@ def test_onappinstall_carries_refresh_token(sandbox, fake_app):
     result = sandbox.install_app(p["member_id"], send_onappinstall=True)
     assert [d["status"] for d in result["onappinstall"]] == [200]
     body = dict(parse_qsl(fake_app.paths("/b24/events")[-1].body.decode()))
-    assert body["event"] == "ONAPPINSTALL" and body["auth[refresh_token]"] and body["data[INSTALLED]"] == "Y"
+    assert (
+        body["event"] == "ONAPPINSTALL"
+        and body["auth[refresh_token]"]
+        and body["data[INSTALLED]"] == "Y"
+    )
 
 
 def test_failed_handler_status_is_reported(sandbox, fake_app, http):
     p = installed(sandbox, fake_app)
     call(http, p, "event.bind", event="ONCRMLEADADD", handler=fake_app.url + "/b24/events")
     fake_app.status = 500
-    assert sandbox.trigger_event(p["member_id"], "ONCRMLEADADD", {"FIELDS": {"ID": "1"}})["statuses"] == [500]
+    assert sandbox.trigger_event(p["member_id"], "ONCRMLEADADD", {"FIELDS": {"ID": "1"}})[
+        "statuses"
+    ] == [500]
     assert sandbox.counters(p["member_id"])["events_failed"] == 1

@@ -1,4 +1,5 @@
 """Each fault kind, counts and rates, portal rename (302) and deletion."""
+
 from __future__ import annotations
 
 import httpx
@@ -25,8 +26,10 @@ def test_json_faults(sandbox, portal, http, kind):
     resp = call(http, portal, "profile")
     status, code = JSON_FAULTS[kind]
     assert resp.status_code == status and resp.json()["error"] == code
-    assert call(http, portal, "profile").status_code == 200   # count exhausted
-    assert sandbox.log(portal["member_id"])[0]["method"] == "profile"   # faulted request never executed
+    assert call(http, portal, "profile").status_code == 200  # count exhausted
+    assert (
+        sandbox.log(portal["member_id"])[0]["method"] == "profile"
+    )  # faulted request never executed
     assert len(sandbox.log(portal["member_id"])) == 1
 
 
@@ -51,7 +54,9 @@ def test_hang_until_client_timeout_or_cap(sandbox, portal):
         client.post(portal["client_endpoint"] + "profile", json={"auth": portal["access_token"]})
     sandbox.settings(hang_cap=0.2)
     with httpx.Client(timeout=5) as client:
-        resp = client.post(portal["client_endpoint"] + "profile", json={"auth": portal["access_token"]})
+        resp = client.post(
+            portal["client_endpoint"] + "profile", json={"auth": portal["access_token"]}
+        )
     assert resp.status_code == 504
 
 
@@ -66,12 +71,20 @@ def test_fault_rate_and_removal(sandbox, portal, http):
 
 def test_rename_answers_302_and_token_reports_new_endpoint(sandbox, portal, http):
     moved = sandbox.rename_portal(portal["member_id"])
-    assert moved["client_endpoint"] != portal["client_endpoint"] and moved["member_id"] == portal["member_id"]
-    resp = http.post(portal["client_endpoint"] + "profile?x=1", json={"auth": portal["access_token"]})
+    assert (
+        moved["client_endpoint"] != portal["client_endpoint"]
+        and moved["member_id"] == portal["member_id"]
+    )
+    resp = http.post(
+        portal["client_endpoint"] + "profile?x=1", json={"auth": portal["access_token"]}
+    )
     assert resp.status_code == 302
     assert resp.headers["location"] == moved["client_endpoint"] + "profile?x=1"
     assert call(http, moved, "profile", portal["access_token"]).status_code == 200
-    assert refresh(http, sandbox, portal["refresh_token"]).json()["client_endpoint"] == moved["client_endpoint"]
+    assert (
+        refresh(http, sandbox, portal["refresh_token"]).json()["client_endpoint"]
+        == moved["client_endpoint"]
+    )
 
 
 def test_deleted_portal(sandbox, portal, http):

@@ -1,4 +1,5 @@
 """Leaky bucket (rate and burst, batch = 1), operating time (429), the 60 s request kill."""
+
 from __future__ import annotations
 
 import time
@@ -52,14 +53,22 @@ def test_operating_time_blocks_the_method_only(sandbox, portal, http):
     sandbox.set_operating_limit(0.2, member_id=portal["member_id"])
     sandbox.set_latency(portal["member_id"], 120)
     first = call(http, portal, "user.admin").json()
-    assert first["time"]["operating"] >= 0.12 and first["time"]["operating_reset_at"] >= int(time.time())
-    assert call(http, portal, "user.admin").status_code == 200   # crosses the limit, still completes
+    assert first["time"]["operating"] >= 0.12 and first["time"]["operating_reset_at"] >= int(
+        time.time()
+    )
+    assert call(http, portal, "user.admin").status_code == 200  # crosses the limit, still completes
     blocked = call(http, portal, "user.admin")
     assert blocked.status_code == 429
-    assert blocked.json() == {"error": "OPERATION_TIME_LIMIT", "error_description": "Method is blocked due to operation time limit."}
+    assert blocked.json() == {
+        "error": "OPERATION_TIME_LIMIT",
+        "error_description": "Method is blocked due to operation time limit.",
+    }
     assert call(http, portal, "profile").status_code == 200
     res = call(http, portal, "batch", cmd={"a": "user.admin", "b": "profile"}).json()["result"]
-    assert res["result_error"]["a"]["error"] == "OPERATION_TIME_LIMIT" and res["result"]["b"]["ID"] == "1"
+    assert (
+        res["result_error"]["a"]["error"] == "OPERATION_TIME_LIMIT"
+        and res["result"]["b"]["ID"] == "1"
+    )
     assert sandbox.counters(portal["member_id"])["status_429"] == 1
 
 
@@ -75,11 +84,13 @@ def test_request_killed_after_timeout_but_command_ran(sandbox, portal, http):
 def test_random_latency_and_in_flight(sandbox, portal):
     sandbox.set_latency(portal["member_id"], (100, 150))
     import concurrent.futures
+
     def one(_):
         with httpx.Client(timeout=5) as c:
             t0 = time.perf_counter()
             c.post(portal["client_endpoint"] + "profile", json={"auth": portal["access_token"]})
             return time.perf_counter() - t0
+
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         times = list(pool.map(one, range(8)))
     assert min(times) >= 0.1

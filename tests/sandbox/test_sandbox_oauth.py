@@ -1,4 +1,7 @@
-"""OAuth: rotation, reuse, client checks, expiry, the authorization-code grant, auth-server app.info."""
+"""OAuth: rotation, reuse, client checks, expiry, the authorization-code grant, auth-server
+app.info.
+"""
+
 from __future__ import annotations
 
 import time
@@ -12,11 +15,26 @@ def test_refresh_rotates_and_kills_the_old_pair(sandbox, portal, http):
     assert resp.status_code == 200
     body = resp.json()
     # documented answer shape (§1.4), field order included
-    assert list(body) == ["access_token", "expires", "expires_in", "scope", "domain", "server_endpoint", "status",
-                          "client_endpoint", "member_id", "user_id", "refresh_token"]
+    assert list(body) == [
+        "access_token",
+        "expires",
+        "expires_in",
+        "scope",
+        "domain",
+        "server_endpoint",
+        "status",
+        "client_endpoint",
+        "member_id",
+        "user_id",
+        "refresh_token",
+    ]
     assert body["domain"] == sandbox.base_url.split("//")[1]  # the auth server, not the portal
     assert body["client_endpoint"] == portal["client_endpoint"]
-    assert body["expires_in"] == 3600 and body["member_id"] == portal["member_id"] and body["user_id"] == 1
+    assert (
+        body["expires_in"] == 3600
+        and body["member_id"] == portal["member_id"]
+        and body["user_id"] == 1
+    )
     old = call(http, portal, "profile")
     assert old.status_code == 401 and old.json()["error"] == "invalid_token"
     assert call(http, portal, "profile", body["access_token"]).status_code == 200
@@ -43,9 +61,15 @@ def test_bad_client_and_missing_parameter(sandbox, portal, http):
 
 
 def test_post_form_is_accepted(sandbox, portal, http):
-    resp = http.post(sandbox.base_url + "/oauth/token/", data={
-        "grant_type": "refresh_token", "client_id": "app.sandbox", "client_secret": "sandbox-secret",
-        "refresh_token": portal["refresh_token"]})
+    resp = http.post(
+        sandbox.base_url + "/oauth/token/",
+        data={
+            "grant_type": "refresh_token",
+            "client_id": "app.sandbox",
+            "client_secret": "sandbox-secret",
+            "refresh_token": portal["refresh_token"],
+        },
+    )
     assert resp.status_code == 200 and resp.json()["access_token"]
 
 
@@ -53,7 +77,10 @@ def test_expired_token_then_refresh(sandbox, portal, http):
     sandbox.expire_tokens(portal["member_id"])
     resp = call(http, portal, "profile")
     assert resp.status_code == 401
-    assert resp.json() == {"error": "expired_token", "error_description": "The access token provided has expired."}
+    assert resp.json() == {
+        "error": "expired_token",
+        "error_description": "The access token provided has expired.",
+    }
     new = refresh(http, sandbox, portal["refresh_token"]).json()
     assert call(http, portal, "profile", new["access_token"]).status_code == 200
 
@@ -75,29 +102,50 @@ def test_unknown_and_missing_token(portal, http):
 def test_authorization_code_grant(sandbox, http):
     p = sandbox.create_portal(app_url="http://127.0.0.1:9/app")
     domain = p["domain"]
-    resp = http.get(f"http://{domain}/oauth/authorize/", params={"client_id": "app.sandbox", "state": "xyz"})
+    resp = http.get(
+        f"http://{domain}/oauth/authorize/", params={"client_id": "app.sandbox", "state": "xyz"}
+    )
     assert resp.status_code == 302
     loc = urlsplit(resp.headers["location"])
     assert loc.path == "/app/oauth/callback"
     q = {k: v[0] for k, v in parse_qs(loc.query).items()}
     assert q["state"] == "xyz" and q["domain"] == domain and q["member_id"] == p["member_id"]
     assert q["server_domain"] == sandbox.base_url.split("//")[1] and q["scope"] == p["scope"]
-    params = {"grant_type": "authorization_code", "client_id": "app.sandbox", "client_secret": "sandbox-secret",
-              "code": q["code"]}
+    params = {
+        "grant_type": "authorization_code",
+        "client_id": "app.sandbox",
+        "client_secret": "sandbox-secret",
+        "code": q["code"],
+    }
     body = http.get(sandbox.base_url + "/oauth/token/", params=params).json()
     assert body["client_endpoint"] == p["client_endpoint"] and "expires" not in body
-    assert http.get(sandbox.base_url + "/oauth/token/", params=params).json()["error"] == "invalid_grant"
-    assert http.get(f"http://{domain}/oauth/authorize/", params={"client_id": "other"}).status_code == 400
+    assert (
+        http.get(sandbox.base_url + "/oauth/token/", params=params).json()["error"]
+        == "invalid_grant"
+    )
+    assert (
+        http.get(f"http://{domain}/oauth/authorize/", params={"client_id": "other"}).status_code
+        == 400
+    )
 
 
 def test_authorization_code_expires(sandbox, http):
     sandbox.settings(code_ttl=0.2)
     p = sandbox.create_portal(app_url="http://127.0.0.1:9")
-    loc = http.get(f"http://{p['domain']}/oauth/authorize/", params={"client_id": "app.sandbox"}).headers["location"]
+    loc = http.get(
+        f"http://{p['domain']}/oauth/authorize/", params={"client_id": "app.sandbox"}
+    ).headers["location"]
     code = parse_qs(urlsplit(loc).query)["code"][0]
     time.sleep(0.3)
-    resp = http.get(sandbox.base_url + "/oauth/token/", params={
-        "grant_type": "authorization_code", "client_id": "app.sandbox", "client_secret": "sandbox-secret", "code": code})
+    resp = http.get(
+        sandbox.base_url + "/oauth/token/",
+        params={
+            "grant_type": "authorization_code",
+            "client_id": "app.sandbox",
+            "client_secret": "sandbox-secret",
+            "code": code,
+        },
+    )
     assert resp.json()["error"] == "invalid_grant"
 
 
