@@ -60,3 +60,6 @@ def _register_blueprints(app: Flask) -> None:
 
 def _register_cli(app: Flask) -> None:
     """Command groups; each area adds its own."""
+    from app.tenants.cli import portals_cli
+
+    app.cli.add_command(portals_cli)

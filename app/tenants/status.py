@@ -1,0 +1,141 @@
+"""The portal status machine, driven by what Bitrix24 answers (issue 4, item 6).
+
+=====================  ==========================  =====================================
+Bitrix24 answer        portal status               recovery
+=====================  ==========================  =====================================
+302 to a new host      unchanged (endpoints move)  automatic: the call is repeated
+invalid_grant          auth_failed                 an admin opens the app / reinstall
+PORTAL_DELETED         portal_deleted              none (the portal is gone)
+PAYMENT_REQUIRED       payment_required            renew, then an admin opens the app
+ACCESS_DENIED,         access_denied               grant the scope/rights, admin opens
+insufficient_scope                                 the app
+NOT_INSTALLED,         uninstalled                 install the app again
+ERROR_OAUTH, ...
+operator               disabled                    ``flask portals enable``
+=====================  ==========================  =====================================
+
+Every state but ``active`` and ``installing`` holds the portal's calls: nothing
+is sent (``PortalUnavailable``), and queued commands stay queued.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm.attributes import set_committed_value
+
+from app.bitrix import errors
+from app.extensions import db
+from app.tenants.models import Portal, PortalStatus, utcnow
+
+HELD = frozenset({PortalStatus.AUTH_FAILED, PortalStatus.PAYMENT_REQUIRED,
+                  PortalStatus.ACCESS_DENIED, PortalStatus.PORTAL_DELETED,
+                  PortalStatus.UNINSTALLED, PortalStatus.DISABLED})
+# A fresh chain from an admin's iframe open shows the app works again for these.
+CLEARED_BY_NEW_CHAIN = frozenset({PortalStatus.AUTH_FAILED, PortalStatus.PAYMENT_REQUIRED,
+                                  PortalStatus.ACCESS_DENIED})
+REOPEN = "Open the app in Bitrix24 once as an administrator to reconnect it."
+
+REASONS: dict[PortalStatus, str] = {
+    PortalStatus.AUTH_FAILED: "Bitrix24 no longer accepts the app's refresh token. " + REOPEN
+    + " If that does not help, reinstall the app.",
+    PortalStatus.PAYMENT_REQUIRED: "The app's subscription on this portal has ended. Renew it in "
+    "Bitrix24 Market, then " + REOPEN[0].lower() + REOPEN[1:],
+    PortalStatus.ACCESS_DENIED: "Bitrix24 denied the app access (a permission or scope is "
+    "missing). Check the app's access rights in Bitrix24, then " + REOPEN[0].lower() + REOPEN[1:],
+    PortalStatus.PORTAL_DELETED: "The Bitrix24 portal was deleted or closed; nothing is sent.",
+    PortalStatus.UNINSTALLED: "The app is not installed on this portal any more. "
+    "Install it again from Bitrix24 Market to resume.",
+    PortalStatus.DISABLED: "Switched off by an operator; `flask portals enable` switches it on.",
+}
+INTERRUPTED = ("A token refresh was interrupted (the process stopped after the request left) "
+               "and Bitrix24 had already rotated the tokens, so the stored refresh token is "
+               "spent. ")
+
+_ACCESS_CODES = frozenset({"ACCESS_DENIED", "INSUFFICIENT_SCOPE", "INVALID_SCOPE"})
+
+
+class PortalUnavailable(Exception):
+    """The portal's status holds its calls; nothing was sent to Bitrix24."""
+
+    def __init__(self, member_id: str, status: str, reason: str | None) -> None:
+        super().__init__(f"portal {member_id} is {status}: {reason or 'no reason recorded'}")
+        self.member_id, self.status, self.reason = member_id, status, reason
+
+
+def is_held(status: str | PortalStatus) -> bool:
+    """Whether a portal in this status must not be called."""
+    return PortalStatus(status) in HELD
+
+
+def reason_for(status: str | PortalStatus, detail: str | None = None) -> str | None:
+    """The human reason shown on the settings page and by the CLI."""
+    text = REASONS.get(PortalStatus(status))
+    if text and detail:
+        return f"{text} (Bitrix24: {detail})"
+    return text
+
+
+def transition_for(error: errors.ApiError) -> PortalStatus | None:
+    """The status a top-level Bitrix24 error moves the portal to, if any."""
+    if isinstance(error, errors.InvalidGrant):
+        return PortalStatus.AUTH_FAILED
+    if isinstance(error, errors.PortalDeleted):
+        return PortalStatus.PORTAL_DELETED
+    if isinstance(error, errors.PaymentRequired):
+        return PortalStatus.PAYMENT_REQUIRED
+    if isinstance(error, errors.NotInstalled):
+        return PortalStatus.UNINSTALLED
+    if error.code.upper() in _ACCESS_CODES:
+        return PortalStatus.ACCESS_DENIED
+    return None
+
+
+def ensure_callable(portal: Portal) -> None:
+    """Raise PortalUnavailable when the portal's status holds its calls."""
+    if is_held(portal.status):
+        raise PortalUnavailable(portal.member_id, portal.status, portal.status_reason)
+
+
+def record(portal: Portal, status: PortalStatus, reason: str | None,
+           only_if_version: int | None = None) -> bool:
+    """Write a status change in its own transaction (the caller's session is not committed).
+
+    With ``only_if_version`` the change applies only while the stored chain is still
+    that version: a refresher that lost its chain never overrides a newer one.
+    """
+    values: dict[str, Any] = {"status": status.value, "status_reason": reason,
+                              "status_changed_at": utcnow()}
+    stmt = update(Portal).where(Portal.id == portal.id)
+    if only_if_version is not None:
+        stmt = stmt.where(Portal.token_version == only_if_version)
+    with db.engine.begin() as conn:
+        changed = conn.execute(stmt.values(**values)).rowcount == 1
+    if changed:
+        sync(portal, values)
+    return changed
+
+
+def sync(portal: Portal, values: dict[str, Any]) -> None:
+    """Mirror committed column values onto the in-memory portal without dirtying it."""
+    for key, value in values.items():
+        set_committed_value(portal, key, value)
+
+
+def apply_error(portal: Portal, error: errors.ApiError) -> None:
+    """Move the portal per a top-level error; raise PortalUnavailable when it is now held."""
+    target = transition_for(error)
+    if target is None:
+        return
+    record(portal, target, reason_for(target, f"{error.code} {error.description}".strip()))
+    raise PortalUnavailable(portal.member_id, target.value, portal.status_reason) from error
+
+
+def set_status(portal: Portal, status: str | PortalStatus, reason: str | None = None) -> None:
+    """Set a status through the caller's session and commit it (operators, install, uninstall)."""
+    value = PortalStatus(status)
+    portal.status = value.value
+    portal.status_reason = reason or reason_for(value)
+    portal.status_changed_at = utcnow()
+    db.session.commit()

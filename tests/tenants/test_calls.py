@@ -1,0 +1,46 @@
+"""call_method / call_batch against the sandbox portal over real HTTP."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from app.extensions import db
+from app.tenants import service
+from app.tenants.models import utcnow
+
+
+def test_call_method_returns_result_and_records_activity(make_portal, sandbox):
+    portal, _ = make_portal()
+    assert portal.last_activity_at is None
+    me = service.call_method(portal, "user.current")
+    assert me["ID"] == "1"
+    db.session.expire_all()
+    assert service.get_portal(portal.member_id).last_activity_at is not None
+    assert sandbox.counters(portal.member_id)["refreshes"] == 0
+
+
+def test_expired_token_refreshes_once_and_retries(make_portal, sandbox):
+    portal, info = make_portal()
+    sandbox.expire_tokens(portal.member_id)
+    me = service.call_method(portal, "user.current")
+    assert me["ID"] == "1"
+    assert sandbox.counters(portal.member_id)["refreshes"] == 1
+    db.session.expire_all()
+    stored = service.get_portal(portal.member_id)
+    assert stored.token_version == 2
+    assert stored.access_token != info["access_token"]
+    assert stored.refresh_token != info["refresh_token"]
+    assert stored.refresh_started_at is None and stored.last_refresh_at is not None
+    # the new pair works without another refresh
+    assert service.call_method(stored, "user.current")["ID"] == "1"
+    assert sandbox.counters(portal.member_id)["refreshes"] == 1
+
+
+def test_stored_expiry_past_refreshes_before_calling(make_portal, sandbox):
+    portal, _ = make_portal()
+    portal.expires_at = utcnow() - timedelta(seconds=5)
+    db.session.commit()
+    service.call_method(portal, "user.current")
+    counters = sandbox.counters(portal.member_id)
+    assert counters["refreshes"] == 1
+    assert counters["status_401"] == 0  # nothing was sent with the stale token
