@@ -60,6 +60,7 @@ def transient_errors() -> tuple[type[BaseException], ...]:
 
 
 def _setting(name: str, default: float) -> float:
+    """A tuning knob: app config, then the environment, then the default."""
     value = current_app.config.get(name) or os.environ.get(name)
     return float(value) if value else default
 
@@ -138,7 +139,7 @@ def process(row_id: int) -> str:
         handler(portal, event)
     except transient_errors() as exc:
         db.session.rollback()
-        if attempt >= MAX_ATTEMPTS:
+        if attempt >= _setting("INBOX_MAX_ATTEMPTS", MAX_ATTEMPTS):
             _finish(row, attempt, InboxStatus.DEAD, f"gave up after {attempt} attempts: "
                                                     f"{_describe(exc)}")
             return InboxStatus.DEAD.value

@@ -1,0 +1,146 @@
+"""POST /b24/events: verify, store once, queue, answer; refuse the rest without a trace."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import REGISTRY
+
+from app.extensions import db
+from app.ingress.models import InboxStatus
+from tests.ingress.conftest import (FORM, b24_body, inbox_count, inbox_rows, make_portal,
+                                    queued_messages)
+
+
+def _rejected(reason: str) -> float:
+    return REGISTRY.get_sample_value("b24relay_events_rejected_total",
+                                     {"source": "b24", "reason": reason}) or 0.0
+
+
+def test_a_valid_event_is_stored_queued_and_answered_200(app, portal, deliver, redis_client):
+    response = deliver.b24(portal, data={"FIELDS": {"ID": "759"}})
+    assert response.status_code == 200
+    [row] = inbox_rows()
+    assert response.json["id"] == row.id
+    assert (row.portal_id, row.member_id, row.source, row.event_type) == \
+        (portal.id, portal.member_id, "b24", "ONCRMDEALUPDATE")
+    assert row.payload["data"] == {"FIELDS": {"ID": "759"}}
+    assert row.status == InboxStatus.QUEUED.value and not row.unverified
+    assert queued_messages(redis_client, app) == 1
+
+
+def test_a_duplicate_delivery_is_stored_and_queued_once(app, portal, deliver, redis_client):
+    first, second = deliver.b24(portal), deliver.b24(portal)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert second.json == {"id": first.json["id"], "duplicate": True}
+    assert inbox_count() == 1
+    assert queued_messages(redis_client, app) == 1
+
+
+def test_different_events_of_one_portal_are_all_kept(portal, deliver):
+    for deal in ("1", "2", "3"):
+        assert deliver.b24(portal, data={"FIELDS": {"ID": deal}}).status_code == 200
+    assert deliver.b24(portal, ts="1736405999").status_code == 200
+    assert inbox_count() == 4
+
+
+@pytest.mark.parametrize("case, status, reason", [
+    ("forged token", 401, "forged_token"),
+    ("missing token", 401, "missing_token"),
+    ("unknown portal", 404, "unknown_portal"),
+    ("install event with a wrong token for an active portal", 401, "forged_token"),
+])
+def test_unauthenticated_events_are_refused_and_leave_no_trace(
+        app, portal, deliver, client, redis_client, case, status, reason):
+    before = _rejected(reason)
+    if case == "forged token":
+        response = deliver.b24(portal, token="0" * 32)
+    elif case == "missing token":
+        response = deliver.b24(portal, token=None)
+    elif case == "unknown portal":
+        response = client.post("/b24/events", data=b24_body("f" * 32, "abc"), headers=FORM)
+    else:
+        response = deliver.b24(portal, token="0" * 32, event="ONAPPINSTALL")
+    assert response.status_code == status
+    assert response.json["error"] == reason
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+    assert _rejected(reason) == before + 1
+
+
+@pytest.mark.parametrize("body, content_type", [
+    (b"event=ONCRMDEALUPDATE&auth%5Bmember_id=abc", FORM["Content-Type"]),   # broken key
+    (b"event=X&event=Y&auth%5Bmember_id%5D=abc", FORM["Content-Type"]),     # twice
+    (b"\xff\xfe", FORM["Content-Type"]),                                     # not UTF-8
+    (b"auth%5Bmember_id%5D=abc&auth%5Bapplication_token%5D=t", FORM["Content-Type"]),  # no event
+    (b"event=ONCRMDEALUPDATE&auth%5Bapplication_token%5D=t", FORM["Content-Type"]),  # no member
+    (b"event=ONCRMDEALUPDATE&auth=flat", FORM["Content-Type"]),             # auth not a block
+    (b"", FORM["Content-Type"]),                                             # empty
+    (b'{"event": "ONCRMDEALUPDATE"}', "application/json"),                   # not a form
+])
+def test_malformed_bodies_get_400_and_leave_no_trace(app, client, portal, redis_client, body,
+                                                     content_type):
+    before = _rejected("malformed")
+    response = client.post("/b24/events", data=body, headers={"Content-Type": content_type})
+    assert response.status_code == 400, response.json
+    assert response.json["error"] == "malformed"
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+    assert _rejected("malformed") == before + 1
+
+
+def test_a_body_over_the_limit_gets_413_and_leaves_no_trace(app, portal, deliver, redis_client):
+    app.config["MAX_CONTENT_LENGTH"] = 2048
+    before = _rejected("too_large")
+    response = deliver.b24(portal, data={"FIELDS": {"ID": "1", "NOTE": "x" * 4096}})
+    assert response.status_code == 413
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+    assert _rejected("too_large") == before + 1
+
+
+def test_first_contact_install_is_accepted_provisionally(app, client, redis_client):
+    response = client.post("/b24/events", headers=FORM,
+                           data=b24_body("a" * 32, "fresh-token", event="ONAPPINSTALL",
+                                         data={"VERSION": "1", "INSTALLED": "Y"}))
+    assert response.status_code == 200
+    [row] = inbox_rows()
+    assert row.unverified and row.portal_id is None and row.event_type == "ONAPPINSTALL"
+    assert queued_messages(redis_client, app) == 1
+
+
+def test_install_event_for_a_portal_without_a_token_is_provisional(deliver):
+    portal = make_portal(application_token=None, status="installing")
+    assert deliver.b24(portal, token="new-token", event="ONAPPINSTALL").status_code == 200
+    [row] = inbox_rows()
+    assert row.unverified and row.portal_id == portal.id
+    # any other event from it cannot be checked, so it is refused
+    assert deliver.b24(portal, token="new-token").status_code == 401
+    assert inbox_count() == 1
+
+
+def test_a_token_changed_in_the_database_is_honoured_despite_the_cache(portal, deliver):
+    assert deliver.b24(portal, data={"FIELDS": {"ID": "1"}}).status_code == 200  # cached now
+    portal.application_token = "rotated-token"
+    db.session.commit()
+    assert deliver.b24(portal, token="rotated-token",
+                       data={"FIELDS": {"ID": "2"}}).status_code == 200
+    assert inbox_count() == 2
+
+
+def test_database_down_answers_503_never_200(make_app, redis_client):
+    down = make_app(SQLALCHEMY_DATABASE_URI="postgresql+psycopg://nobody@127.0.0.1:9/none")
+    before = _rejected("db_unavailable")
+    response = down.test_client().post("/b24/events", headers=FORM,
+                                       data=b24_body("b" * 32, "tok"))
+    assert response.status_code == 503
+    assert response.json["error"] == "db_unavailable"
+    assert _rejected("db_unavailable") == before + 1
+    assert redis_client.llen(f"{down.config['DRAMATIQ_NAMESPACE']}:events") == 0
+
+
+def test_metrics_show_intake_counts_depth_and_latency(portal, deliver, client):
+    deliver.b24(portal)
+    deliver.b24(portal, token="bad")
+    text = client.get("/metrics").get_data(as_text=True)
+    assert 'b24relay_events_received_total{source="b24"}' in text
+    assert 'b24relay_events_rejected_total{reason="forged_token",source="b24"}' in text
+    assert 'b24relay_events_queued_total{source="b24",via="intake"}' in text
+    assert 'b24relay_inbox_depth{status="queued"} 1.0' in text
+    assert 'b24relay_event_ack_seconds_bucket{le="0.025",source="b24"}' in text

@@ -1,0 +1,77 @@
+"""Bitrix24's PHP-style form bodies parse into the nested data they encode (protocol §3.6)."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.ingress.formparse import MalformedBody, encode_form, parse_form
+
+# Keys as Bitrix24 uses them: names, never brackets; a dict key never looks like an index.
+names = st.text(alphabet=string.ascii_letters + "_-.", min_size=1, max_size=8).filter(
+    lambda s: not s.isdigit())
+scalars = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
+nested = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, min_size=1, max_size=4),
+                            st.dictionaries(names, inner, min_size=1, max_size=4)),
+    max_leaves=25)
+documents = st.dictionaries(names, nested, min_size=1, max_size=6)
+
+
+@given(documents)
+def test_any_nested_document_survives_encoding_and_parsing(document):
+    assert parse_form(encode_form(document).encode()) == document
+
+
+@given(st.lists(scalars, min_size=1, max_size=6))
+def test_empty_brackets_append_in_order(values):
+    body = "&".join(f"ids%5B%5D={v}" for v in
+                    (encode_form({"x": v})[2:] for v in values))
+    assert parse_form(body.encode()) == {"ids": values}
+
+
+def test_the_documented_deal_update_body():
+    body = (b"event=ONCRMDEALUPDATE&event_handler_id=201&data%5BFIELDS%5D%5BID%5D=759"
+            b"&ts=1736405807&auth%5Bmember_id%5D=a223c6b3710f85df22e9377d6c4f7553"
+            b"&auth%5Bscope%5D=crm%2Ctelephony&auth%5Bapplication_token%5D=51856fef")
+    assert parse_form(body) == {
+        "event": "ONCRMDEALUPDATE", "event_handler_id": "201", "data": {"FIELDS": {"ID": "759"}},
+        "ts": "1736405807",
+        "auth": {"member_id": "a223c6b3710f85df22e9377d6c4f7553", "scope": "crm,telephony",
+                 "application_token": "51856fef"}}
+
+
+def test_indexes_out_of_order_still_make_a_list_and_gaps_keep_a_dict():
+    assert parse_form(b"a[1]=y&a[0]=x") == {"a": ["x", "y"]}
+    assert parse_form(b"a[0]=x&a[2]=z") == {"a": {"0": "x", "2": "z"}}
+
+
+def test_empty_values_are_kept_as_empty_strings():
+    assert parse_form(b"data[EXTENSION]=&event=X") == {"data": {"EXTENSION": ""}, "event": "X"}
+
+
+@pytest.mark.parametrize("body", [
+    b"a[b=1",            # unclosed bracket
+    b"a]=1",             # bracket without a name
+    b"[x]=1",            # no top-level name
+    b"a[b]c=1",          # text after the brackets
+    b"a=1&a[b]=2",       # a scalar and a dict under one name
+    b"a[b]=1&a=2",
+    b"a=1&a=2",          # a field given twice
+    b"\xff\xfe=1",       # not UTF-8
+    b"just-text",        # not key=value
+])
+def test_malformed_bodies_are_refused(body):
+    with pytest.raises(MalformedBody):
+        parse_form(body)
+
+
+def test_nesting_and_field_count_are_bounded():
+    with pytest.raises(MalformedBody):
+        parse_form(b"a" + b"[x]" * 40 + b"=1")
+    with pytest.raises(MalformedBody):
+        parse_form("&".join(f"f{i}=1" for i in range(6000)).encode())

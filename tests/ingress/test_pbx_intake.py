@@ -1,0 +1,134 @@
+"""POST /api/v1/calls/events: the PBX's call events, per-portal API key, 202 with ids."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from sqlalchemy import select
+
+from app.extensions import db
+from app.ingress import auth
+from app.ingress.cli import api_key_command
+from app.ingress.models import PortalApiKey
+from tests.ingress.conftest import inbox_count, inbox_rows, queued_messages
+
+AT = "2026-11-22T16:40:00+03:00"
+START = {"call_id": "pbx-1", "event": "start", "at": AT, "direction": "in",
+         "phone": "+74951234567", "extensions": ["101", "102"], "line": "+74950000000"}
+CALL = [
+    START,
+    {"call_id": "pbx-1", "event": "answer", "at": AT, "extension": "101"},
+    {"call_id": "pbx-1", "event": "transfer", "at": AT, "from_extension": "101",
+     "to_extension": "105"},
+    {"call_id": "pbx-1", "event": "end", "at": AT, "status": "answered", "duration": 42},
+    {"call_id": "pbx-1", "event": "record", "at": AT, "url": "https://pbx.example/r/1.mp3"},
+]
+
+
+def test_a_whole_call_is_stored_in_order_and_answered_202(app, api_key, deliver, redis_client):
+    response = deliver.pbx(api_key, {"events": CALL})
+    assert response.status_code == 202
+    rows = inbox_rows()
+    assert response.json == {"ids": [r.id for r in rows], "duplicates": 0}
+    assert [r.event_type for r in rows] == ["start", "answer", "transfer", "end", "record"]
+    assert {r.source for r in rows} == {"pbx"}
+    assert rows[0].payload["extensions"] == ["101", "102"]
+    assert queued_messages(redis_client, app) == 5
+
+
+def test_a_single_event_object_is_accepted(api_key, deliver):
+    response = deliver.pbx(api_key, {**START, "extensions": "101"})
+    assert response.status_code == 202 and len(response.json["ids"]) == 1
+    assert inbox_rows()[0].payload["extensions"] == ["101"]
+
+
+def test_a_retried_request_is_stored_once(app, api_key, deliver, redis_client):
+    first = deliver.pbx(api_key, {"events": CALL[:2]})
+    again = deliver.pbx(api_key, {"events": CALL[:2]})
+    assert again.status_code == 202
+    assert again.json == {"ids": first.json["ids"], "duplicates": 2}
+    assert inbox_count() == 2 and queued_messages(redis_client, app) == 2
+
+
+@pytest.mark.parametrize("key", [None, "b24r_not-a-key", ""])
+def test_a_missing_or_wrong_key_gets_401_and_leaves_no_trace(app, api_key, deliver, redis_client,
+                                                             key):
+    response = deliver.pbx(key, START)
+    assert response.status_code == 401
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+
+
+def test_rotating_the_key_revokes_the_old_one(portal, api_key, deliver):
+    new_key = auth.issue_api_key(portal)
+    assert deliver.pbx(api_key, START).status_code == 401
+    assert deliver.pbx(new_key, START).status_code == 202
+
+
+def _broken(index: int, **changes):
+    events = copy.deepcopy(CALL)
+    for name, value in changes.items():
+        if value is ...:
+            events[index].pop(name)
+        else:
+            events[index][name] = value
+    return {"events": events}
+
+
+@pytest.mark.parametrize("body, field", [
+    (_broken(0, call_id=...), "events[0].call_id"),
+    (_broken(0, call_id=""), "events[0].call_id"),
+    (_broken(1, event="hangup"), "events[1].event"),
+    (_broken(2, at="2026-11-22T16:40:00"), "events[2].at"),       # no offset
+    (_broken(2, at="yesterday"), "events[2].at"),
+    (_broken(0, direction="sideways"), "events[0].direction"),
+    (_broken(0, phone=...), "events[0].phone"),
+    (_broken(0, extensions=[]), "events[0].extensions"),
+    (_broken(0, extensions=["101", ""]), "events[0].extensions[1]"),
+    (_broken(1, extension=None), "events[1].extension"),
+    (_broken(2, to_extension=...), "events[2].to_extension"),
+    (_broken(3, status="hung"), "events[3].status"),
+    (_broken(3, duration=-1), "events[3].duration"),
+    (_broken(3, duration="42"), "events[3].duration"),
+    (_broken(4, url="ftp://pbx.example/r/1.mp3"), "events[4].url"),
+    ({"events": []}, "events"),
+    ({"events": [START, "start"]}, "events[1]"),
+    ({"call_id": "x", "event": "answer", "at": AT}, "extension"),
+    ([START], "body"),
+])
+def test_a_wrong_schema_gets_422_naming_the_field(app, api_key, deliver, redis_client, body,
+                                                  field):
+    response = deliver.pbx(api_key, body)
+    assert response.status_code == 422, response.json
+    assert response.json["error"] == "invalid_event"
+    assert response.json["field"] == field
+    assert response.json["message"]
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+
+
+def test_a_body_that_is_not_json_gets_400(app, client, api_key):
+    response = client.post("/api/v1/calls/events", data=b"call_id=1",
+                           headers={"Authorization": f"Bearer {api_key}",
+                                    "Content-Type": "application/json"})
+    assert response.status_code == 400 and inbox_count() == 0
+
+
+def test_a_body_over_the_limit_gets_413(app, api_key, deliver):
+    app.config["MAX_CONTENT_LENGTH"] = 1024
+    response = deliver.pbx(api_key, {"events": [START] * 20})
+    assert response.status_code == 413 and inbox_count() == 0
+
+
+def test_the_cli_prints_a_working_key_once_and_stores_only_its_hash(app, portal, deliver):
+    result = app.test_cli_runner().invoke(api_key_command, [portal.member_id])
+    assert result.exit_code == 0, result.output
+    key = result.stdout.strip()
+    stored = db.session.scalars(select(PortalApiKey).where(PortalApiKey.portal_id == portal.id)).one()
+    assert stored.key_hash == auth.hash_api_key(key) and key not in stored.key_hash
+    assert deliver.pbx(key, START).status_code == 202
+
+
+def test_the_cli_refuses_an_unknown_portal(app):
+    result = app.test_cli_runner().invoke(api_key_command, ["nope"])
+    assert result.exit_code != 0 and "no portal" in result.output
