@@ -1,0 +1,574 @@
+"""Installing the app into a portal, and keeping that installation set up.
+
+The flow (protocol §2.2–2.4):
+
+1. :func:`parse_iframe` reads the portal's iframe POST (installer or placement).
+2. :func:`verify_iframe_token` asks the *auth server* (``app.info``) whose token
+   it is: our ``client_id`` and the posted ``member_id``, or nothing is created.
+   The auth server must be one we trust (``B24_AUTH_SERVERS``), since the POST
+   itself names it.
+3. :func:`install` creates or updates the Portal keyed by member_id and stores
+   the installer's chain encrypted (``store_new_chain``).
+4. :func:`setup_portal` reads what is bound (``event.get``, ``placement.get``,
+   ``telephony.externalLine.get``, ``user.get``) and binds only what is missing,
+   in one batch, so a re-install changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import current_app
+from sqlalchemy import delete
+
+from app.bitrix import OAuthClient, RestClient, TokenSet
+from app.bitrix.errors import ApiError, BitrixError
+from app.extensions import db
+from app.tenants import service
+from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
+from app.tenants.status import CLEARED_BY_NEW_CHAIN, is_held
+from app.tenants.users import PortalUser, sync_users, upsert_user
+
+log = logging.getLogger(__name__)
+
+EVENT_PATH = "/b24/events"
+# Bitrix24's REST event list has ONUSERADD but no user-update event: changed
+# extensions are picked up by the periodic user sync (workers/install.py).
+EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE", "ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART",
+          "ONUSERADD")
+PLACEMENTS = {
+    "TELEPHONY_ANALYTICS_MENU": ("/placements/dashboard", "b24relay: calls"),
+    "CALL_CARD": ("/placements/call-card", "b24relay"),
+}
+ALREADY_DONE = frozenset({"ERROR_HANDLER_ALREADY_EXIST", "ERROR_PLACEMENT_HANDLER_EXISTS"})
+DEFAULT_AUTH_SERVERS = "oauth.bitrix.info,oauth.bitrix24.tech"
+USER_PAGE = 50
+BATCH_MAX = 50
+
+REQUIRED_QUERY = ("DOMAIN",)
+REQUIRED_FORM = ("AUTH_ID", "REFRESH_ID", "SERVER_ENDPOINT", "APPLICATION_TOKEN", "member_id")
+
+
+class InstallError(Exception):
+    """The request cannot be honoured; ``status`` and ``message`` go to the page shown."""
+
+    status = 400
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+
+
+class BadIframeRequest(InstallError):
+    """Fields are missing or malformed (400)."""
+
+
+class TokenRejected(InstallError):
+    """The auth server did not accept the token, or it belongs elsewhere (401/403)."""
+
+    status = 401
+
+
+class SetupFailed(InstallError):
+    """The portal answered, but binding what the app needs failed (502)."""
+
+    status = 502
+
+
+@dataclass(frozen=True)
+class IframeAuth:
+    """What the portal POSTs to the installer and to every placement iframe (§2.3)."""
+
+    domain: str
+    protocol: str
+    lang: str
+    member_id: str
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    server_endpoint: str
+    application_token: str
+    scope: str
+    placement: str
+    placement_options: str = ""
+    app_sid: str = ""
+
+    @property
+    def origin(self) -> str:
+        """The portal's web origin, for ``frame-ancestors``."""
+        scheme = "https" if self.protocol == "1" else "http"
+        return f"{scheme}://{self.domain}"
+
+    @property
+    def client_endpoint(self) -> str:
+        """REST base from PROTOCOL + DOMAIN, until Bitrix24 hands one over."""
+        return f"{self.origin}/rest/"
+
+
+def _valid_host(value: str) -> bool:
+    try:
+        parts = urlsplit(f"//{value}")
+        return bool(parts.hostname) and parts.netloc == value and not parts.path
+    except ValueError:
+        return False
+
+
+def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAuth:
+    """Read the iframe POST; a missing or malformed field raises naming it."""
+    missing = [k for k in REQUIRED_QUERY if not (query.get(k) or "").strip()]
+    missing += [k for k in REQUIRED_FORM if not (form.get(k) or "").strip()]
+    if missing:
+        raise BadIframeRequest("missing fields: " + ", ".join(missing))
+    domain = query["DOMAIN"].strip().lower()
+    if not _valid_host(domain):
+        raise BadIframeRequest("DOMAIN is not a host name")
+    server = form["SERVER_ENDPOINT"].strip()
+    if urlsplit(server).scheme not in ("http", "https"):
+        raise BadIframeRequest("SERVER_ENDPOINT is not an http(s) URL")
+    try:
+        expires_in = int(form.get("AUTH_EXPIRES") or 3600)
+    except ValueError:
+        raise BadIframeRequest("AUTH_EXPIRES is not a number") from None
+    return IframeAuth(
+        domain=domain, protocol=(query.get("PROTOCOL") or "1").strip(),
+        lang=query.get("LANG", "")[:8],
+        member_id=form["member_id"].strip(), access_token=form["AUTH_ID"].strip(),
+        refresh_token=form["REFRESH_ID"].strip(), expires_in=expires_in, server_endpoint=server,
+        application_token=form["APPLICATION_TOKEN"].strip(),
+        scope=form.get("APPLICATION_SCOPE", ""),
+        placement=(form.get("PLACEMENT") or "DEFAULT").upper(),
+        placement_options=form.get("PLACEMENT_OPTIONS", ""), app_sid=query.get("APP_SID", ""),
+    )
+
+
+# ---------------------------------------------------------------- settings
+
+
+def setting(name: str, default: str | None = None) -> str | None:
+    """A setting from the app config, else the environment, else ``default``."""
+    import os
+
+    value = current_app.config.get(name) or os.environ.get(name, "").strip()
+    return value or default
+
+
+def trusted_auth_servers() -> set[str]:
+    """Auth-server hosts whose ``app.info`` answer we believe (``B24_AUTH_SERVERS``)."""
+    hosts = {h.strip().lower() for h in (setting("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS) or "")
+             .split(",") if h.strip()}
+    override = setting("B24_OAUTH_TOKEN_URL")
+    if override:
+        hosts.add(urlsplit(override).netloc.lower())
+    return hosts
+
+
+def public_url(path: str) -> str:
+    """An absolute URL of this app as Bitrix24 reaches it."""
+    return str(current_app.config["APP_PUBLIC_URL"]).rstrip("/") + path
+
+
+def oauth_client() -> OAuthClient:
+    """This app's OAuth client (``B24_CLIENT_ID``/``SECRET``, token-URL override)."""
+    client_id, secret = setting("B24_CLIENT_ID"), setting("B24_CLIENT_SECRET")
+    if not client_id or not secret:
+        raise InstallError("B24_CLIENT_ID and B24_CLIENT_SECRET are not configured", 503)
+    return OAuthClient(client_id, secret, token_url=setting("B24_OAUTH_TOKEN_URL"))
+
+
+# ---------------------------------------------------------------- verification
+
+
+def verify_token(server_endpoint: str, access_token: str, member_id: str,
+                 domain: str | None = None) -> dict[str, Any]:
+    """Ask the auth server whose token this is; return its ``app.info`` result or raise."""
+    host = urlsplit(server_endpoint).netloc.lower()
+    if host not in trusted_auth_servers():
+        raise TokenRejected(f"{host} is not a Bitrix24 authorization server this app trusts", 403)
+    try:
+        info = oauth_client().app_info(server_endpoint, access_token)
+    except ApiError as exc:
+        raise TokenRejected(f"the portal rejected the access token ({exc.code}: "
+                            f"{exc.description}); open the app again from your Bitrix24") from exc
+    except BitrixError as exc:
+        raise InstallError(f"the Bitrix24 authorization server did not answer ({exc})",
+                           502) from exc
+    _check_app_info(info, member_id, domain)
+    return info
+
+
+def _check_app_info(info: Mapping[str, Any], member_id: str, domain: str | None) -> None:
+    client_id = current_app.config.get("B24_CLIENT_ID") or setting("B24_CLIENT_ID")
+    if not client_id or not hmac.compare_digest(str(info.get("client_id") or ""), client_id):
+        raise TokenRejected("the access token belongs to another application", 403)
+    install_info = info.get("install") or {}
+    if not hmac.compare_digest(str(install_info.get("member_id") or ""), member_id):
+        raise TokenRejected("the access token belongs to another portal (member_id differs)", 403)
+    endpoint = install_info.get("client_endpoint") or ""
+    if domain and endpoint and (urlsplit(endpoint).netloc.lower() != domain.lower()):
+        raise TokenRejected("the access token belongs to another portal (domain differs)", 403)
+
+
+def verify_iframe_token(auth: IframeAuth) -> dict[str, Any]:
+    """Verify an iframe POST's AUTH_ID against the auth server (§7.4 steps 1–2)."""
+    return verify_token(auth.server_endpoint, auth.access_token, auth.member_id, auth.domain)
+
+
+def application_token_matches(portal: Portal, token: str) -> bool:
+    """Constant-time comparison with the portal's stored application_token."""
+    stored = portal.application_token or ""
+    return bool(stored) and hmac.compare_digest(stored.encode(), (token or "").encode())
+
+
+# ---------------------------------------------------------------- install
+
+
+def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
+    """Verify the installer POST, create or update its portal, and set it up."""
+    info = verify_iframe_token(auth)
+    portal = _upsert_portal(auth, info)
+    service.store_new_chain(
+        portal, access_token=auth.access_token, refresh_token=auth.refresh_token,
+        expires_in=auth.expires_in, client_endpoint=_client_endpoint(auth, info),
+        server_endpoint=auth.server_endpoint, scope=auth.scope or None,
+        user_id=_int_or_none(info.get("user_id")))
+    report = setup_portal(portal, installer_id=_int_or_none(info.get("user_id")))
+    mark_installed(portal)
+    return portal, report
+
+
+def _client_endpoint(auth: IframeAuth, info: Mapping[str, Any]) -> str:
+    return str((info.get("install") or {}).get("client_endpoint") or auth.client_endpoint)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any]) -> Portal:
+    """The portal row for this member_id, created once; commits."""
+    portal = Portal.by_member_id(auth.member_id)
+    if portal is None:
+        portal = Portal(member_id=auth.member_id, status=PortalStatus.INSTALLING.value)
+        db.session.add(portal)
+    portal.domain = auth.domain
+    portal.client_endpoint = _client_endpoint(auth, info)
+    portal.server_endpoint = auth.server_endpoint
+    portal.application_token = auth.application_token
+    portal.app_status = (str((info.get("install") or {}).get("status") or "") or None)
+    portal.language = auth.lang or portal.language
+    if portal.settings is None:
+        portal.settings = PortalSettings()
+    if portal.status != PortalStatus.DISABLED.value and is_held(portal.status):
+        # A verified install supersedes uninstalled/auth_failed/...: set it up again.
+        portal.status, portal.status_reason = PortalStatus.INSTALLING.value, None
+    db.session.commit()
+    return portal
+
+
+def mark_installed(portal: Portal) -> None:
+    """Setup is done: the portal is active."""
+    if portal.installed_at is None or portal.status != PortalStatus.ACTIVE.value:
+        portal.installed_at = datetime.now(UTC)
+    db.session.commit()
+    service.set_status(portal, PortalStatus.ACTIVE, None)
+
+
+def record_application_token(portal: Portal, token: str) -> bool:
+    """Store a (verified) application_token; True when it changed."""
+    if not token or application_token_matches(portal, token):
+        return False
+    portal.application_token = token
+    db.session.commit()
+    return True
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class SetupReport:
+    """What :func:`setup_portal` found and changed."""
+
+    plan: str = Plan.STANDARD.value
+    events_bound: list[str] = field(default_factory=list)
+    placements_bound: list[str] = field(default_factory=list)
+    lines_added: list[str] = field(default_factory=list)
+    users: int = 0
+
+    @property
+    def changed(self) -> bool:
+        """Whether anything was bound or added."""
+        return bool(self.events_bound or self.placements_bound or self.lines_added)
+
+
+READ_COMMANDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "app": ("app.info", {}),
+    "events": ("event.get", {}),
+    "placements": ("placement.get", {}),
+    "lines": ("telephony.externalLine.get", {}),
+    "users": ("user.get", {}),
+}
+
+
+def setup_portal(portal: Portal, installer_id: int | None = None) -> SetupReport:
+    """Bind what is missing (events, placements, lines) and refresh the extension map."""
+    state = _run_batch(portal, READ_COMMANDS)
+    report = SetupReport()
+    _apply_plan(portal, state["app"], report)
+    writes, kinds = _missing_bindings(portal, state)
+    for chunk in _chunks(list(writes.items()), BATCH_MAX):
+        _apply_writes(portal, dict(chunk), kinds, report)
+    _sync_all_users(portal, state["users"], installer_id, report)
+    db.session.commit()
+    log.info("portal %s set up: %s", portal.member_id, report)
+    return report
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)] or []
+
+
+def _run_batch(portal: Portal, commands: dict[str, tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """One batch; any failed command aborts setup naming it."""
+    outcome = _batch(portal, commands)
+    failed = {k: v for k, v in outcome.items() if isinstance(v, ApiError)}
+    if failed:
+        raise SetupFailed("; ".join(f"{commands[k][0]}: {e.code} {e.description}"
+                                    for k, e in failed.items()))
+    return outcome
+
+
+def _batch(portal: Portal, commands: dict[str, tuple[str, dict[str, Any]]]
+           ) -> dict[str, Any]:
+    """``{key: result | ApiError}`` for a batch sent with the portal's chain."""
+    try:
+        result = service.call_batch(portal, commands)
+    except ApiError as exc:
+        raise SetupFailed(f"batch: {exc.code} {exc.description}") from exc
+    except (BitrixError, service.PortalUnavailable) as exc:
+        raise SetupFailed(f"the portal did not answer: {exc}") from exc
+    return {key: _outcome(result, key) for key in commands}
+
+
+def _outcome(result: Any, key: str) -> Any:
+    if key in result.errors:
+        return result.errors[key]
+    if key in result.results:
+        return result.results[key]
+    return ApiError("NOT_EXECUTED", "command absent from the batch answer")
+
+
+def _apply_plan(portal: Portal, app: Mapping[str, Any], report: SetupReport) -> None:
+    family = str((app or {}).get("LICENSE_FAMILY") or "").lower()
+    portal.set_plan(Plan.ENTERPRISE if family == "ent" else Plan.STANDARD)
+    report.plan = portal.plan
+
+
+def _as_list(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return list(value.values())
+    return list(value or [])
+
+
+def wanted_events() -> dict[str, str]:
+    """Event name → handler URL the app binds."""
+    handler = public_url(EVENT_PATH)
+    return {name: handler for name in EVENTS}
+
+
+def wanted_placements() -> dict[str, tuple[str, str]]:
+    """Placement code → (handler URL, title)."""
+    return {code: (public_url(path), title) for code, (path, title) in PLACEMENTS.items()}
+
+
+def _missing_bindings(portal: Portal, state: Mapping[str, Any]
+                      ) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, tuple[str, str]]]:
+    """Commands for whatever is not bound yet, and what each one is (kind, name)."""
+    writes: dict[str, tuple[str, dict[str, Any]]] = {}
+    kinds: dict[str, tuple[str, str]] = {}
+    bound = {(str(b.get("event", "")).upper(), b.get("handler")) for b in _as_list(state["events"])}
+    for i, (name, handler) in enumerate(wanted_events().items()):
+        if (name, handler) not in bound:
+            writes[f"ev{i}"] = ("event.bind", {"event": name, "handler": handler})
+            kinds[f"ev{i}"] = ("event", name)
+    placed = {(str(b.get("placement", "")).upper(), b.get("handler"))
+              for b in _as_list(state["placements"])}
+    for code, (handler, title) in wanted_placements().items():
+        if (code, handler) not in placed:
+            writes[f"pl_{code}"] = ("placement.bind", {"PLACEMENT": code, "HANDLER": handler,
+                                                       "TITLE": title})
+            kinds[f"pl_{code}"] = ("placement", code)
+    for i, params in enumerate(_missing_lines(portal, state["lines"])):
+        writes[f"ln{i}"] = ("telephony.externalLine.add", params)
+        kinds[f"ln{i}"] = ("line", params["NUMBER"])
+    return writes, kinds
+
+
+def _missing_lines(portal: Portal, existing: Any) -> list[dict[str, Any]]:
+    have = {str(line.get("NUMBER")) for line in _as_list(existing) if isinstance(line, dict)}
+    settings = portal.settings
+    crm = "Y" if settings is None or settings.crm_create else "N"
+    out = []
+    for line in (settings.lines if settings else None) or []:
+        number = str(line.get("number") or "").strip()
+        if number and number not in have:
+            out.append({"NUMBER": number, "NAME": str(line.get("name") or number),
+                        "CRM_AUTO_CREATE": crm})
+    return out
+
+
+def _apply_writes(portal: Portal, writes: dict[str, tuple[str, dict[str, Any]]],
+                  kinds: Mapping[str, tuple[str, str]], report: SetupReport) -> None:
+    outcome = _batch(portal, writes)
+    failures = []
+    for key, value in outcome.items():
+        kind, name = kinds[key]
+        if isinstance(value, ApiError) and not _already_done(value):
+            failures.append(f"{writes[key][0]} {name}: {value.code} {value.description}")
+            continue
+        {"event": report.events_bound, "placement": report.placements_bound,
+         "line": report.lines_added}[kind].append(name)
+    if failures:
+        raise SetupFailed("; ".join(failures))
+
+
+def _already_done(error: ApiError) -> bool:
+    return error.code in ALREADY_DONE or "already exists" in (error.description or "").lower()
+
+
+# ---------------------------------------------------------------- users
+
+
+def _sync_all_users(portal: Portal, first_page: Any, installer_id: int | None,
+                    report: SetupReport) -> None:
+    records = _as_list(first_page)
+    page = records
+    while len(page) >= USER_PAGE:
+        page = _as_list(service.call_method(portal, "user.get", {"start": len(records)}))
+        records.extend(page)
+    report.users = sync_users(portal, records)
+    db.session.flush()
+    if installer_id is not None:
+        upsert_user(portal, next((r for r in records if str(r.get("ID")) == str(installer_id)),
+                                 {"ID": installer_id}), is_admin=True)
+
+
+def refresh_user(portal: Portal, user_id: int) -> PortalUser | None:
+    """Re-read one user's extension from the portal (ONUSERADD / ONUSERUPDATE)."""
+    records = _as_list(service.call_method(portal, "user.get", {"ID": user_id}))
+    record = next((r for r in records if str(r.get("ID")) == str(user_id)), None)
+    if record is None:
+        return None
+    row = upsert_user(portal, record)
+    db.session.commit()
+    return row
+
+
+# ---------------------------------------------------------------- uninstall
+
+
+def uninstall(portal: Portal, clean: bool) -> None:
+    """Mark the portal uninstalled and drop its tokens; ``clean`` deletes its data too."""
+    portal.access_token = None
+    portal.refresh_token = None
+    portal.expires_at = None
+    db.session.commit()
+    service.set_status(portal, PortalStatus.UNINSTALLED)
+    if clean:
+        delete_portal_data(portal)
+
+
+def delete_portal_data(portal: Portal) -> int:
+    """Delete every row keyed by this portal's id, in every table; the portal row stays."""
+    deleted = 0
+    for table in reversed(db.metadata.sorted_tables):
+        if "portal_id" in table.c:
+            deleted += db.session.execute(
+                delete(table).where(table.c.portal_id == portal.id)).rowcount or 0
+    db.session.commit()
+    db.session.expire(portal)
+    return deleted
+
+
+# ---------------------------------------------------------------- fresh chains
+
+
+def adopt_chain(portal: Portal, token: TokenSet) -> None:
+    """Keep a verified fresh chain (``store_new_chain`` also lifts ``auth_failed``)."""
+    service.store_new_chain(portal, access_token=token.access_token,
+                            refresh_token=token.refresh_token, expires_in=token.expires_in,
+                            client_endpoint=token.client_endpoint,
+                            server_endpoint=token.server_endpoint or portal.server_endpoint,
+                            scope=token.scope, user_id=token.user_id)
+
+
+def connect_with_code(portal: Portal, code: str) -> None:
+    """OAuth code flow: exchange ``code`` at the portal's token URL and keep the chain."""
+    try:
+        token = oauth_client().exchange_code(portal.server_endpoint or "", code)
+    except ApiError as exc:
+        raise TokenRejected(f"Bitrix24 refused the code ({exc.code}: {exc.description})") from exc
+    except BitrixError as exc:
+        raise InstallError(f"the Bitrix24 authorization server did not answer ({exc})",
+                           502) from exc
+    if token.member_id and not hmac.compare_digest(token.member_id, portal.member_id):
+        raise TokenRejected("the code was issued for another portal", 403)
+    adopt_chain(portal, token)
+
+
+# ---------------------------------------------------------------- placement iframes
+
+
+@dataclass
+class IframeSession:
+    """A verified iframe POST: whose portal, which user, admin or not."""
+
+    portal: Portal
+    auth: IframeAuth
+    user_id: int | None
+    is_admin: bool
+    recovered: bool = False
+
+
+def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSession:
+    """Verify a placement POST (§7.4): auth server, member_id, APPLICATION_TOKEN, admin."""
+    auth = parse_iframe(query, form)
+    info = verify_iframe_token(auth)
+    portal = Portal.by_member_id(auth.member_id)
+    if portal is None:
+        raise TokenRejected("b24relay is not installed on this portal; install it first", 403)
+    if not application_token_matches(portal, auth.application_token):
+        raise TokenRejected("APPLICATION_TOKEN does not match this portal's installation", 403)
+    session = IframeSession(portal, auth, _int_or_none(info.get("user_id")),
+                            user_is_admin(portal, auth.access_token))
+    if session.is_admin and PortalStatus(portal.status) in CLEARED_BY_NEW_CHAIN:
+        adopt_chain(portal, TokenSet.from_response({
+            "access_token": auth.access_token, "refresh_token": auth.refresh_token,
+            "expires_in": auth.expires_in, "server_endpoint": auth.server_endpoint,
+            "scope": auth.scope or None, "user_id": session.user_id}))
+        session.recovered = True
+    return session
+
+
+def user_is_admin(portal: Portal, access_token: str) -> bool:
+    """``user.admin`` with the viewing user's own token: may they change app settings?"""
+    client = RestClient()
+    try:
+        body = client.call(portal.client_endpoint, "user.admin", {}, access_token)
+    except BitrixError as exc:
+        log.warning("user.admin failed for %s: %s", portal.member_id, exc)
+        return False
+    finally:
+        client.close()
+    return body.get("result") is True

@@ -1,0 +1,187 @@
+"""Web endpoints of the install: ``POST /install`` and the OAuth code flow (§1.2, §2.3)."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    make_response,
+    redirect,
+    render_template_string,
+    request,
+)
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from sqlalchemy import select
+
+from app.extensions import db
+from app.tenants import install
+from app.tenants.models import Portal
+
+log = logging.getLogger(__name__)
+bp = Blueprint("tenants", __name__)
+
+STATE_SALT = "b24relay-oauth-state"
+STATE_TTL_SECONDS = 600
+STATE_COOKIE = "b24relay_oauth"
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<style>body{font:15px/1.5 system-ui,sans-serif;margin:2rem;color:#333}h1{font-size:1.3rem}</style>
+{% if sdk_url %}<script src="{{ sdk_url }}"></script>{% endif %}
+</head><body><main>
+<h1>{{ title }}</h1>
+{% for line in lines %}<p>{{ line }}</p>{% endfor %}
+</main>
+{% if finish %}<script>
+BX24.init(function () { BX24.installFinish(); });
+</script>{% endif %}
+</body></html>
+"""
+
+
+def page(title: str, *lines: str, status: int = 200, finish: bool = False,
+         sdk_url: str | None = None) -> Response:
+    """A small HTML page (installer answer, errors, OAuth result)."""
+    body = render_template_string(PAGE, title=title, lines=lines, finish=finish, sdk_url=sdk_url)
+    return make_response(body, status)
+
+
+def framed_by(response: Response, origin: str | None) -> Response:
+    """Let ``origin`` (the portal) frame this response, and nobody else."""
+    response.headers.pop("X-Frame-Options", None)
+    ancestors = origin if origin else "'none'"
+    response.headers["Content-Security-Policy"] = f"frame-ancestors {ancestors}"
+    return response
+
+
+def frameable(view: Callable[..., Response]) -> Callable[..., Response]:
+    """Decorator: the view's answer may be framed by the portal named in the query."""
+
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Response:
+        return framed_by(view(*args, **kwargs), portal_origin_from_query())
+
+    return wrapper
+
+
+def portal_origin_from_query() -> str | None:
+    """``PROTOCOL``+``DOMAIN`` of an iframe request, when DOMAIN is a plain host name."""
+    domain = (request.args.get("DOMAIN") or "").strip().lower()
+    if not domain or not install._valid_host(domain):
+        return None
+    return ("http" if request.args.get("PROTOCOL") == "0" else "https") + "://" + domain
+
+
+def sdk_url() -> str:
+    """Where the BX24 JS library is loaded from (``B24_JS_SDK_URL``)."""
+    return install.setting("B24_JS_SDK_URL", "//api.bitrix24.com/api/v1/") or ""
+
+
+# ---------------------------------------------------------------- install
+
+
+@bp.post("/install")
+@frameable
+def install_view() -> Response:
+    """The installer iframe POST: verify, store, set up, then ``BX24.installFinish()``."""
+    try:
+        auth = install.parse_iframe(request.args, request.form)
+        portal, report = install.install(auth)
+    except install.InstallError as exc:
+        log.warning("install refused: %s", exc.message)
+        return page("b24relay could not be installed", exc.message,
+                    "Nothing was saved. Open the installer again from your Bitrix24 portal.",
+                    status=exc.status)
+    lines = [f"Portal {portal.domain} is connected ({report.plan} plan).",
+             f"{len(install.EVENTS)} event handlers and "
+             f"{len(install.PLACEMENTS)} widgets are in place; {report.users} users read."]
+    return page("b24relay is installed", *lines, finish=True, sdk_url=sdk_url())
+
+
+# ---------------------------------------------------------------- OAuth code flow
+
+
+def _serializer() -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt=STATE_SALT)
+
+
+def _portal_for_start() -> Portal | None:
+    member_id = (request.args.get("member_id") or "").strip()
+    if member_id:
+        return Portal.by_member_id(member_id)
+    domain = (request.args.get("domain") or "").strip().lower()
+    if domain:
+        return db.session.scalars(select(Portal).where(Portal.domain == domain)).first()
+    abort(page("Which portal?", "Pass member_id or domain.", status=400))
+    return None
+
+
+def _portal_base(portal: Portal) -> str:
+    parts = urlsplit(portal.client_endpoint)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@bp.get("/oauth/start")
+def oauth_start() -> Response:
+    """Send the user to the portal's authorize page with a signed, short-lived state."""
+    portal = _portal_for_start()
+    if portal is None:
+        return page("Unknown portal", "Install b24relay from the Bitrix24 Market first.",
+                    status=404)
+    nonce = secrets.token_urlsafe(16)
+    state = _serializer().dumps({"m": portal.member_id, "n": nonce})
+    query = urlencode({"client_id": install.setting("B24_CLIENT_ID") or "", "state": state})
+    response = redirect(f"{_portal_base(portal)}/oauth/authorize/?{query}")
+    response.set_cookie(STATE_COOKIE, nonce, max_age=STATE_TTL_SECONDS, httponly=True,
+                        samesite="Lax", secure=request.is_secure)
+    return response
+
+
+def _state_member() -> str:
+    """The member_id the signed state was issued for; aborts on a bad or stale state."""
+    try:
+        state = _serializer().loads(request.args.get("state", ""), max_age=STATE_TTL_SECONDS)
+    except SignatureExpired:
+        abort(page("The sign-in link expired", "Start again from the app.", status=400))
+    except BadSignature:
+        abort(page("Invalid sign-in state", "Start again from the app.", status=400))
+    nonce = request.cookies.get(STATE_COOKIE, "")
+    if not nonce or not hmac.compare_digest(nonce, str(state.get("n", ""))):
+        abort(page("Invalid sign-in state", "This browser did not start the sign-in.", status=400))
+    member_id = str(state.get("m", ""))
+    posted = request.args.get("member_id")
+    if posted and not hmac.compare_digest(posted, member_id):
+        abort(page("Invalid sign-in state", "The portal answered for another member_id.",
+                   status=400))
+    return member_id
+
+
+@bp.get("/oauth/callback")
+def oauth_callback() -> Response:
+    """Exchange the code (it lives 30 s) and keep the new chain for the portal."""
+    if request.args.get("error"):
+        return page("Bitrix24 refused the sign-in", request.args.get("error", ""), status=400)
+    if not request.args.get("code"):
+        return page("Missing code", "The portal did not send an authorization code.", status=400)
+    member_id = _state_member()
+    portal = Portal.by_member_id(member_id)
+    if portal is None:
+        return page("Unknown portal", "Install b24relay from the Bitrix24 Market first.",
+                    status=404)
+    try:
+        install.connect_with_code(portal, request.args["code"])
+    except install.InstallError as exc:
+        return page("b24relay could not connect", exc.message, status=exc.status)
+    response = page("b24relay is connected", f"Portal {portal.domain} is linked again.")
+    response.delete_cookie(STATE_COOKIE)
+    return response

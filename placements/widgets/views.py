@@ -1,0 +1,43 @@
+"""Widgets bound with ``placement.bind``: the call-analytics dashboard and the call-card tab."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, abort, make_response, render_template
+
+from app.tenants import install
+from app.tenants.users import extension_map
+from placements.common import advice, verified
+
+bp = Blueprint("widgets", __name__, template_folder="templates")
+
+WIDGETS = {path.rsplit("/", 1)[1]: code for code, (path, _) in install.PLACEMENTS.items()}
+
+
+def _options(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+@bp.post("/placements/<name>")
+def widget(name: str) -> Response:
+    """One bound widget; unknown names are 404."""
+    if name not in WIDGETS:
+        abort(404)
+    return _render(name)
+
+
+@verified
+def _render(session: install.IframeSession, name: str) -> Response:
+    portal = session.portal
+    template = "widgets/" + name.replace("-", "_") + ".html"
+    body = render_template(template, portal=portal, advice=advice(portal),
+                           options=_options(session.auth.placement_options),
+                           extensions=extension_map(portal),
+                           lines=(portal.settings.lines if portal.settings else []))
+    return make_response(body)

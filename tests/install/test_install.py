@@ -1,0 +1,175 @@
+"""POST /install against the sandbox: bindings, placements, tokens, idempotence, bad input."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+from sqlalchemy import select, text
+
+from app.extensions import db
+from app.tenants import install
+from app.tenants.users import PortalUser, extension_map
+from tests.install.conftest import CLIENT_SECRET, USERS, portal_count, portal_row
+
+
+def _events(bound: dict) -> set[tuple[str, str]]:
+    return {(b["event"], b["handler"]) for b in bound["events"]}
+
+
+def test_install_binds_events_and_placements_and_finishes(sandbox, installed, live_app):
+    member_id = installed["member_id"]
+    result = installed["install"]
+    assert result["install_finished"] is True
+    assert "BX24.installFinish()" in result["body"]
+    assert f'src="{live_app.app.config["B24_JS_SDK_URL"]}"' in result["body"]
+
+    bound = sandbox.bindings(member_id)
+    handler = live_app.url + "/b24/events"
+    assert _events(bound) == {(e, handler) for e in install.EVENTS}
+    placements = {(p["placement"], p["handler"]) for p in bound["placements"]}
+    assert placements == {("TELEPHONY_ANALYTICS_MENU", live_app.url + "/placements/dashboard"),
+                          ("CALL_CARD", live_app.url + "/placements/call-card")}
+    assert sandbox.install_state(member_id)["install_finished"] is True
+
+
+def test_install_stores_the_portal_with_encrypted_tokens(sandbox, installed):
+    portal = portal_row(installed["member_id"])
+    assert portal is not None and portal.status == "active"
+    assert portal.client_endpoint == installed["client_endpoint"]
+    assert portal.server_endpoint == installed["server_endpoint"]
+    assert portal.application_token == installed["install"]["application_token"]
+    assert portal.access_token == installed["install"]["access_token"]
+    assert portal.refresh_token == installed["install"]["refresh_token"]
+    assert portal.plan == "standard" and portal.installed_at is not None
+    raw = db.session.execute(text("SELECT access_token, refresh_token, application_token "
+                                  "FROM portals WHERE id = :id"), {"id": portal.id}).one()
+    secrets = (portal.access_token, portal.refresh_token, portal.application_token)
+    for stored, plain in zip(raw, secrets, strict=True):
+        assert plain not in stored
+
+
+def test_install_reads_the_extension_map(installed):
+    portal = portal_row(installed["member_id"])
+    assert extension_map(portal) == {"101": 1, "102": 2}
+    users = {u.user_id: u for u in db.session.scalars(
+        select(PortalUser).where(PortalUser.portal_id == portal.id))}
+    assert set(users) == {u["id"] for u in USERS}
+    assert users[1].is_admin and users[1].name == "Ada Admin"
+    assert not users[2].is_admin
+
+
+def test_enterprise_portal_gets_the_enterprise_plan(sandbox, make_portal, live_app):
+    portal = make_portal(plan="enterprise")
+    assert sandbox.install_app(portal["member_id"], live_app.url)["status"] == 200
+    row = portal_row(portal["member_id"])
+    assert (row.plan, row.rate_per_second, row.rate_burst) == ("enterprise", 5.0, 250)
+
+
+def test_second_install_changes_nothing(sandbox, installed, live_app):
+    member_id = installed["member_id"]
+    before = sandbox.bindings(member_id)
+    binds_before = len(sandbox.log(member_id, method="event.bind"))
+    again = sandbox.install_app(member_id, live_app.url)
+    assert again["status"] == 200 and again["install_finished"] is True
+    after = sandbox.bindings(member_id)
+    assert len(after["events"]) == len(before["events"])
+    assert len(after["placements"]) == len(before["placements"])
+    assert len(sandbox.log(member_id, method="event.bind")) == binds_before
+    assert portal_count() == 1
+    assert portal_row(member_id).access_token == again["access_token"]
+
+
+def test_reinstall_after_partial_unbind_binds_only_what_is_missing(sandbox, installed, live_app):
+    member_id = installed["member_id"]
+    portal = portal_row(member_id)
+    from app.tenants import service
+
+    service.call_method(portal, "event.unbind", {"event": "ONAPPUPDATE",
+                                                 "handler": live_app.url + "/b24/events"})
+    seen = len(sandbox.log(member_id, method="event.bind"))
+    assert sandbox.install_app(member_id, live_app.url)["status"] == 200
+    new = sandbox.log(member_id, method="event.bind")[seen:]
+    assert [e["params"].get("event") for e in new] == ["ONAPPUPDATE"]
+
+
+def test_install_adds_configured_lines_once(sandbox, installed, live_app):
+    portal = portal_row(installed["member_id"])
+    portal.settings.lines = [{"number": "74950001", "name": "Main"}]
+    db.session.commit()
+    for _ in range(2):
+        assert sandbox.install_app(installed["member_id"], live_app.url)["status"] == 200
+    lines = sandbox.calls(installed["member_id"])["lines"]
+    assert [line["NUMBER"] for line in lines] == ["74950001"]
+
+
+def _form(portal: dict, **override: str) -> dict[str, str]:
+    tokens = portal
+    form = {"AUTH_ID": tokens["access_token"], "AUTH_EXPIRES": "3600",
+            "REFRESH_ID": tokens["refresh_token"], "SERVER_ENDPOINT": portal["server_endpoint"],
+            "APPLICATION_TOKEN": portal["application_token"], "APPLICATION_SCOPE": portal["scope"],
+            "member_id": portal["member_id"], "status": "P", "PLACEMENT": "DEFAULT"}
+    form.update(override)
+    return {k: v for k, v in form.items() if v is not None}
+
+
+def _query(portal: dict) -> str:
+    return urlencode({"DOMAIN": portal["domain"], "PROTOCOL": "0", "LANG": "en", "APP_SID": "x"})
+
+
+def test_missing_fields_are_named_and_nothing_is_created(make_portal, live_app):
+    portal = make_portal()
+    with live_app.http() as http:
+        resp = http.post("/install?" + _query(portal),
+                         data=_form(portal, AUTH_ID=None, member_id=None))
+    assert resp.status_code == 400
+    assert "missing fields: AUTH_ID, member_id" in resp.text
+    assert portal_count() == 0
+
+
+def test_forged_auth_id_is_refused_and_nothing_is_created(sandbox, make_portal, live_app):
+    portal = make_portal()
+    with live_app.http() as http:
+        resp = http.post("/install?" + _query(portal), data=_form(portal, AUTH_ID="forged0123"))
+    assert resp.status_code == 401
+    assert "rejected the access token" in resp.text
+    assert "installFinish" not in resp.text
+    assert portal_count() == 0
+    assert sandbox.bindings(portal["member_id"])["events"] == []
+
+
+def test_token_of_another_portal_is_refused(make_portal, live_app):
+    victim, attacker = make_portal(), make_portal()
+    with live_app.http() as http:
+        resp = http.post("/install?" + _query(victim),
+                         data=_form(victim, AUTH_ID=attacker["access_token"]))
+    assert resp.status_code == 403
+    assert "another portal" in resp.text
+    assert portal_count() == 0
+
+
+def test_token_of_another_app_is_refused(make_portal, live_app):
+    other = make_portal(client_id="app.someone-else", client_secret=CLIENT_SECRET)
+    with live_app.http() as http:
+        resp = http.post("/install?" + _query(other), data=_form(other))
+    assert resp.status_code == 403
+    assert "another application" in resp.text
+    assert portal_count() == 0
+
+
+def test_untrusted_auth_server_is_refused(make_portal, live_app):
+    portal = make_portal()
+    with live_app.http() as http:
+        resp = http.post("/install?" + _query(portal),
+                         data=_form(portal, SERVER_ENDPOINT="http://attacker.example/rest/"))
+    assert resp.status_code == 403
+    assert "not a Bitrix24 authorization server this app trusts" in resp.text
+    assert portal_count() == 0
+
+
+def test_install_page_may_be_framed_by_the_portal_only(make_portal, live_app):
+    portal = make_portal()
+    with live_app.http() as http:
+        resp = http.post("/install?" + _query(portal), data=_form(portal))
+    assert resp.status_code == 200
+    assert resp.headers["Content-Security-Policy"] == f"frame-ancestors http://{portal['domain']}"
+    assert "X-Frame-Options" not in resp.headers
