@@ -47,6 +47,7 @@ def _import_models() -> None:
     from app.ingress import models as _ingress  # noqa: F401
     from app.tenants import models as _tenants  # noqa: F401
     from app.tenants import users as _tenant_users  # noqa: F401
+    from app.tenants import events as _tenant_events  # noqa: F401  (registers @on handlers)
 
 
 def _register_blueprints(app: Flask) -> None:
@@ -56,6 +57,12 @@ def _register_blueprints(app: Flask) -> None:
     from app.ingress.views import bp as ingress_bp
 
     app.register_blueprint(ingress_bp)
+    from app.tenants.views import bp as tenants_bp
+
+    app.register_blueprint(tenants_bp)
+    import placements
+
+    placements.init_app(app)
 
 
 def _register_cli(app: Flask) -> None:

@@ -24,3 +24,4 @@ dramatiq.set_broker(broker)
 from workers import system  # noqa: E402,F401  (actors register on import)
 from workers import ingress  # noqa: E402,F401
 from workers import tenants  # noqa: E402,F401
+from workers import install  # noqa: E402,F401
