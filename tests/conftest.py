@@ -9,7 +9,6 @@ fixtures) is a fake Bitrix24 over loopback HTTP.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -26,9 +25,8 @@ from sqlalchemy import create_engine, text
 from app import create_app, embedded
 from app.extensions import db
 
-# The sandbox portal's fixtures (sandbox_server, sandbox); guarded while it is being built.
-pytest_plugins = (["sandbox.pytest_plugin"]
-                  if importlib.util.find_spec("sandbox.pytest_plugin") else [])
+# The sandbox portal's fixtures: sandbox_server (session) and sandbox (a SandboxControl).
+pytest_plugins = ["sandbox.pytest_plugin"]
 
 ROOT = Path(__file__).resolve().parent.parent
 SESSION_KEYS = {
