@@ -1,0 +1,118 @@
+"""Lifecycle events through the real path: sandbox → /b24/events → inbox → worker → handler."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import pytest
+from sqlalchemy import delete, func, select
+
+from app.extensions import db
+from app.ingress.models import InboxEvent
+from app.tenants import events
+from app.tenants.models import PortalSettings
+from app.tenants.users import PortalUser
+from tests.conftest import wait_for
+from tests.install.conftest import portal_count, portal_row
+
+
+def _handled(event_type: str, count: int = 1) -> bool:
+    db.session.remove()
+    rows = db.session.scalars(select(InboxEvent).where(InboxEvent.event_type == event_type))
+    done = [r for r in rows if r.status in ("done", "dead", "skipped")]
+    return len(done) >= count
+
+
+@pytest.fixture
+def worker(start_worker, live_app):
+    """One real worker process, configured for the sandbox like the web app."""
+    return start_worker(threads=2, **live_app.worker_env())
+
+
+def test_onappinstall_first_contact_stores_the_application_token(sandbox, make_portal,
+                                                                  live_app, worker):
+    portal = make_portal()
+    # The installer URL answers 405, so ONAPPINSTALL is the first thing the app learns.
+    out = sandbox.install_app(portal["member_id"], live_app.url, send_onappinstall=True,
+                              install_url=live_app.url + "/healthz")
+    assert out["onappinstall"][0]["status"] == 200
+    row = wait_for(lambda: portal_row(portal["member_id"]), timeout=30)
+    assert row.application_token == portal["application_token"]
+    assert row.refresh_token and row.access_token
+    assert row.client_endpoint == portal["client_endpoint"]
+
+
+def test_forged_onappinstall_is_not_trusted(sandbox, make_portal, live_app, worker):
+    portal = make_portal()
+    body = urlencode({
+        "event": "ONAPPINSTALL", "data[VERSION]": "1", "ts": "1",
+        "auth[access_token]": "forged-token", "auth[refresh_token]": "forged-refresh",
+        "auth[expires_in]": "3600", "auth[domain]": portal["domain"],
+        "auth[server_endpoint]": portal["server_endpoint"],
+        "auth[client_endpoint]": portal["client_endpoint"], "auth[member_id]": portal["member_id"],
+        "auth[application_token]": "attacker-chosen"})
+    with live_app.http() as http:
+        resp = http.post("/b24/events", content=body,
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 200  # accepted provisionally, verified by the worker
+    wait_for(lambda: _handled("ONAPPINSTALL"), timeout=30)
+    assert portal_count() == 0
+
+
+def test_uninstall_marks_the_portal_and_drops_its_tokens(sandbox, installed, worker):
+    member_id = installed["member_id"]
+    out = sandbox.uninstall_app(member_id, clean=False)
+    assert out["statuses"] == [200]
+    wait_for(lambda: portal_row(member_id).status == "uninstalled", timeout=30)
+    row = portal_row(member_id)
+    assert row.access_token is None and row.refresh_token is None
+    assert db.session.scalar(select(func.count(PortalUser.id))
+                             .where(PortalUser.portal_id == row.id)) == 3
+
+
+def test_uninstall_with_clean_deletes_the_portal_data(sandbox, installed, worker):
+    member_id = installed["member_id"]
+    assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
+    wait_for(lambda: portal_row(member_id).status == "uninstalled", timeout=30)
+    row = portal_row(member_id)
+    wait_for(lambda: db.session.scalar(select(func.count(PortalUser.id))
+                                       .where(PortalUser.portal_id == row.id)) == 0)
+    assert db.session.scalar(select(func.count(PortalSettings.id))
+                             .where(PortalSettings.portal_id == row.id)) == 0
+    assert portal_count() == 1
+
+
+def test_reinstall_after_uninstall_sets_the_portal_up_again(sandbox, installed, live_app, worker):
+    member_id = installed["member_id"]
+    sandbox.uninstall_app(member_id, clean=True)
+    wait_for(lambda: portal_row(member_id).status == "uninstalled", timeout=30)
+    again = sandbox.install_app(member_id, live_app.url)
+    assert again["status"] == 200 and again["install_finished"]
+    row = portal_row(member_id)
+    assert row.status == "active" and row.refresh_token == again["refresh_token"]
+    assert len(sandbox.bindings(member_id)["events"]) == 5
+    assert portal_count() == 1
+
+
+def test_onuseradd_reads_the_new_users_extension(sandbox, installed, worker):
+    member_id = installed["member_id"]
+    # Forget user 2, as if they joined after the install; the event brings them back.
+    db.session.execute(delete(PortalUser).where(PortalUser.user_id == 2))
+    db.session.commit()
+    out = sandbox.trigger_event(member_id, "ONUSERADD", {"ID": "2", "NAME": "Bob"})
+    assert out["statuses"] == [200]
+    wait_for(lambda: _handled("ONUSERADD"), timeout=30)
+    row = portal_row(member_id)
+    user = db.session.scalars(select(PortalUser).where(PortalUser.portal_id == row.id,
+                                                       PortalUser.user_id == 2)).one()
+    assert user.extension == "102"
+
+
+def test_handlers_are_idempotent(installed, app):
+    row = portal_row(installed["member_id"])
+    event = {"event": "ONAPPUNINSTALL", "data": {"CLEAN": "1"}, "auth": {}}
+    events.on_app_uninstall(row, event)
+    events.on_app_uninstall(portal_row(installed["member_id"]), event)
+    assert portal_row(installed["member_id"]).status == "uninstalled"
+    user_event = {"event": "ONUSERADD", "data": {"ID": "1"}, "auth": {}}
+    events.on_user_add(None, user_event)  # unknown portal: nothing to do
