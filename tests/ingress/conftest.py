@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app.extensions import db
 from app.ingress import auth
 from app.ingress.formparse import encode_form
 from app.ingress.models import InboxEvent
 from app.tenants.models import Portal, PortalSettings, PortalStatus
+from tests.conftest import ROOT, WorkerProcess, child_env
 
 
 def make_portal(**overrides: Any) -> Portal:
@@ -92,3 +97,64 @@ def queued_messages(redis_client: Any, app: Any, queue: str = "events") -> int:
     """Messages waiting in the Dramatiq Redis queue (nobody is consuming in these tests)."""
     ns = app.config["DRAMATIQ_NAMESPACE"]
     return redis_client.llen(f"{ns}:{queue}")
+
+
+EFFECTS_DDL = "CREATE TABLE ingress_test_effects (inbox_id INTEGER NOT NULL, pid INTEGER NOT NULL)"
+
+
+@pytest.fixture
+def effects(app: Any) -> Iterator[Callable[[], dict[int, int]]]:
+    """The effects table the test handlers write; returns a reader {inbox_id: times}."""
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS ingress_test_effects"))
+        conn.execute(text(EFFECTS_DDL))
+
+    def read() -> dict[int, int]:
+        db.session.rollback()
+        rows = db.session.execute(text("SELECT inbox_id, COUNT(*) FROM ingress_test_effects "
+                                       "GROUP BY inbox_id")).all()
+        return {inbox_id: n for inbox_id, n in rows}
+
+    yield read
+    db.session.rollback()
+    with db.engine.begin() as conn:
+        conn.execute(text("DROP TABLE IF EXISTS ingress_test_effects"))
+
+
+class HandlerWorker(WorkerProcess):
+    """``dramatiq workers tests.ingress.effect_handlers``: the app's actors plus test handlers."""
+
+    def __init__(self, env: dict[str, str], processes: int = 1, threads: int = 4) -> None:
+        cmd = [sys.executable, "-m", "dramatiq", "--processes", str(processes), "--threads",
+               str(threads), "--worker-shutdown-timeout", "5000", "workers",
+               "tests.ingress.effect_handlers"]
+        self.log = Path(env["B24RELAY_INSTANCE"]) / f"worker-{uuid.uuid4().hex[:8]}.log"
+        self._log_fh = self.log.open("wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log_fh,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.fixture
+def start_handler_worker(app: Any) -> Iterator[Callable[..., HandlerWorker]]:
+    """Factory: real worker processes with the test handlers; stopped after the test."""
+    started: list[HandlerWorker] = []
+
+    def start(processes: int = 1, threads: int = 4, periodic: bool = False,
+              config: dict[str, Any] | None = None, **extra_env: str) -> HandlerWorker:
+        if not periodic:
+            extra_env.setdefault("B24RELAY_NO_PERIODIC", "1")
+        worker = HandlerWorker(child_env(config or app.config, **extra_env), processes, threads)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def statuses() -> dict[str, int]:
+    """Inbox rows per status."""
+    db.session.rollback()
+    rows = db.session.execute(select(InboxEvent.status, func.count())
+                              .group_by(InboxEvent.status)).all()
+    return {status: n for status, n in rows}

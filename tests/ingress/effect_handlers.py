@@ -1,0 +1,54 @@
+"""Handlers loaded into real worker processes by the ingress tests (``dramatiq workers <this>``).
+
+Each one leaves a visible effect in ``ingress_test_effects`` inside the transaction
+that finishes the inbox row, so a test can count how often an event took effect.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from sqlalchemy import select, text
+
+from app.extensions import db
+from app.ingress.models import InboxEvent
+from app.ingress.processing import TransientError
+from app.ingress.registry import on
+
+EFFECTS_TABLE = "ingress_test_effects"
+
+
+def _record(event: dict[str, Any]) -> None:
+    db.session.execute(text(f"INSERT INTO {EFFECTS_TABLE} (inbox_id, pid) VALUES (:id, :pid)"),
+                       {"id": event["inbox_id"], "pid": os.getpid()})
+
+
+@on("TESTEFFECT")
+def effect(portal: Any, event: dict[str, Any]) -> None:
+    """Record the effect; ``data[SLEEP]`` seconds of work first (to be killed during)."""
+    time.sleep(float((event.get("data") or {}).get("SLEEP") or 0))
+    _record(event)
+
+
+@on("TESTFLAKY")
+def flaky(portal: Any, event: dict[str, Any]) -> None:
+    """Fails transiently on the first attempt, then works."""
+    attempts = db.session.scalar(select(InboxEvent.attempts)
+                                 .where(InboxEvent.id == event["inbox_id"]))
+    if attempts < 2:
+        raise TransientError("portal timed out")
+    _record(event)
+
+
+@on("TESTDOWN")
+def down(portal: Any, event: dict[str, Any]) -> None:
+    """Always fails transiently."""
+    raise TransientError("portal still down")
+
+
+@on("TESTBROKEN")
+def broken(portal: Any, event: dict[str, Any]) -> None:
+    """A bug: retrying cannot help."""
+    raise KeyError("FIELDS")

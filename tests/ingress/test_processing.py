@@ -1,0 +1,114 @@
+"""Inbox rows are handled by real workers: done, skipped, retried, dead-lettered, swept up."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import insert
+
+from app.extensions import db
+from app.ingress import inbox, processing
+from app.ingress.models import InboxEvent
+from app.tenants.models import utcnow
+from tests.conftest import wait_for
+from tests.ingress.conftest import inbox_rows, statuses
+
+
+def test_a_valid_event_is_processed_once_by_a_real_worker(portal, deliver, effects,
+                                                          start_handler_worker):
+    worker = start_handler_worker()
+    response = deliver.b24(portal, event="TESTEFFECT")
+    assert response.status_code == 200
+    wait_for(lambda: statuses() == {"done": 1}, timeout=30)
+    assert effects() == {response.json["id"]: 1}
+    [row] = inbox_rows()
+    assert row.processed_at is not None and row.attempts == 1
+    assert "access_token" not in row.payload["auth"], "a finished row keeps no tokens"
+    assert worker.proc.poll() is None, worker.output()
+
+
+def test_an_event_without_a_handler_is_skipped(portal, deliver, api_key, start_handler_worker):
+    start_handler_worker()
+    deliver.b24(portal, event="ONCRMDEALUPDATE")
+    deliver.pbx(api_key, {"call_id": "c", "event": "answer", "at": "2026-11-22T10:00:00Z",
+                          "extension": "101"})
+    wait_for(lambda: statuses() == {"skipped": 2}, timeout=30)
+
+
+def test_a_transient_failure_is_retried_with_backoff(portal, deliver, effects,
+                                                     start_handler_worker):
+    start_handler_worker()
+    row_id = deliver.b24(portal, event="TESTFLAKY").json["id"]
+    wait_for(lambda: statuses() == {"done": 1}, timeout=40)
+    [row] = inbox_rows()
+    assert row.attempts == 2 and effects() == {row_id: 1}
+
+
+def test_what_keeps_failing_is_dead_lettered_with_its_reason(portal, deliver,
+                                                             start_handler_worker):
+    start_handler_worker(INBOX_MAX_ATTEMPTS="2")
+    deliver.b24(portal, event="TESTDOWN")
+    deliver.b24(portal, event="TESTBROKEN")
+    wait_for(lambda: statuses() == {"dead": 2}, timeout=40)
+    down, broken = inbox_rows()
+    assert down.attempts == 2 and "gave up after 2 attempts" in down.last_error
+    assert "portal still down" in down.last_error
+    assert broken.attempts == 1 and broken.last_error.startswith("KeyError")
+
+
+def _stuck_row(status: str, age_seconds: float, **values) -> int:
+    old = utcnow() - timedelta(seconds=age_seconds)
+    row_id = db.session.execute(insert(InboxEvent).values(
+        member_id="m" * 32, source="b24", event_type="TESTEFFECT", dedupe_key=uuid.uuid4().hex,
+        payload={"event": "TESTEFFECT", "data": {}},
+        unverified=False, status=status, attempts=values.pop("attempts", 0), received_at=old,
+        claimed_at=values.pop("claimed_at", None), **values).returning(InboxEvent.id)).scalar_one()
+    db.session.commit()
+    return row_id
+
+
+def test_the_sweeper_finds_lost_and_abandoned_rows_only(app):
+    app.config.update(INBOX_REQUEUE_AFTER=30, INBOX_PROCESSING_TIMEOUT=120)
+    lost = _stuck_row("received", 60)
+    lost_queued = _stuck_row("queued", 60)
+    fresh = _stuck_row("received", 1)
+    abandoned = _stuck_row("processing", 600, attempts=1, claimed_at=utcnow() - timedelta(
+        seconds=300))
+    busy = _stuck_row("processing", 600, attempts=1, claimed_at=utcnow())
+    done = _stuck_row("done", 600)
+    assert {row_id for row_id, _ in inbox.stuck_rows(30, 120)} == {lost, lost_queued, abandoned}
+    assert processing.sweep() == 3
+    assert processing.sweep() == 0, "a swept row is not swept again at once"
+    by_id = {row.id: row for row in inbox_rows()}
+    assert {by_id[i].status for i in (lost, lost_queued, abandoned)} == {"queued"}
+    assert (by_id[fresh].status, by_id[busy].status, by_id[done].status) == \
+        ("received", "processing", "done")
+
+
+def test_the_periodic_sweeper_gets_stuck_rows_processed(app, effects, start_handler_worker):
+    never_queued = _stuck_row("received", 120)
+    worker_died = _stuck_row("processing", 120, attempts=1,
+                             claimed_at=utcnow() - timedelta(seconds=120))
+    start_handler_worker(periodic=True, INBOX_SWEEP_INTERVAL="1", INBOX_REQUEUE_AFTER="5",
+                         INBOX_PROCESSING_TIMEOUT="60")
+    wait_for(lambda: statuses() == {"done": 2}, timeout=40)
+    assert effects() == {never_queued: 1, worker_died: 1}
+
+
+def test_a_second_message_for_a_finished_row_does_nothing(app, portal, deliver, effects,
+                                                          start_handler_worker):
+    start_handler_worker()
+    row_id = deliver.b24(portal, event="TESTEFFECT").json["id"]
+    wait_for(lambda: statuses() == {"done": 1}, timeout=30)
+    assert processing.process(row_id) == "not_claimed"
+    inbox.enqueue([row_id], "b24")  # a duplicate message reaches a worker too
+    db.session.execute(insert(InboxEvent).values(
+        member_id="x", source="b24", event_type="TESTEFFECT", dedupe_key="marker",
+        payload={"event": "TESTEFFECT"}, unverified=False, status="received", attempts=0,
+        received_at=utcnow()))
+    db.session.commit()
+    marker = inbox_rows()[-1].id
+    inbox.enqueue([marker], "b24")
+    wait_for(lambda: statuses() == {"done": 2}, timeout=30)
+    assert effects() == {row_id: 1, marker: 1}
