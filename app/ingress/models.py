@@ -6,15 +6,24 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text,
-                        UniqueConstraint)
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.extensions import db
 from app.tenants.models import utcnow
 
 
-class InboxStatus(str, enum.Enum):
+class InboxStatus(enum.StrEnum):
     """Where an inbox row stands; done, skipped and dead are final."""
 
     RECEIVED = "received"      # stored, not yet handed to the broker

@@ -7,8 +7,14 @@ from prometheus_client import REGISTRY
 
 from app.extensions import db
 from app.ingress.models import InboxStatus
-from tests.ingress.conftest import (FORM, b24_body, inbox_count, inbox_rows, make_portal,
-                                    queued_messages)
+from tests.ingress.conftest import (
+    FORM,
+    b24_body,
+    inbox_count,
+    inbox_rows,
+    make_portal,
+    queued_messages,
+)
 
 
 def _rejected(reason: str) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 from sqlalchemy import select
 
 from app.extensions import db
@@ -124,7 +123,8 @@ def test_the_cli_prints_a_working_key_once_and_stores_only_its_hash(app, portal,
     result = app.test_cli_runner().invoke(api_key_command, [portal.member_id])
     assert result.exit_code == 0, result.output
     key = result.stdout.strip()
-    stored = db.session.scalars(select(PortalApiKey).where(PortalApiKey.portal_id == portal.id)).one()
+    stored = db.session.scalars(
+        select(PortalApiKey).where(PortalApiKey.portal_id == portal.id)).one()
     assert stored.key_hash == auth.hash_api_key(key) and key not in stored.key_hash
     assert deliver.pbx(key, START).status_code == 202
 
