@@ -37,7 +37,7 @@ with warnings.catch_warnings():
 from app.bitrix import errors
 from app.bitrix.rest import USER_AGENT, decode
 
-TOKEN_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+TOKEN_TIMEOUT = httpx.Timeout(8.0, connect=3.0)
 
 
 def token_url_for(server_endpoint: str, override: str | None = None) -> str:

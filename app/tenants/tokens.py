@@ -43,7 +43,7 @@ from app.tenants.models import Portal, PortalStatus, utcnow
 
 log = logging.getLogger(__name__)
 
-LOCK_TTL = 30.0
+LOCK_TTL = 30.0  # > the refresh request's worst case (8 s, retried once) plus two commits
 LOCK_WAIT = 15.0
 POLL = 0.05
 DEFAULT_SERVER_ENDPOINT = "https://oauth.bitrix.info/rest/"
@@ -115,8 +115,10 @@ def oauth_client() -> OAuthClient:
 
 def refresh(portal: Portal, seen_version: int) -> Credentials:
     """Single-flight refresh of a chain the caller saw at ``seen_version``; returns fresh credentials."""
-    lock = redis_ext.client.lock(lock_key(portal.member_id), timeout=LOCK_TTL)
-    deadline = time.monotonic() + LOCK_WAIT
+    cfg = current_app.config
+    lock = redis_ext.client.lock(lock_key(portal.member_id),
+                                 timeout=float(cfg.get("B24_REFRESH_LOCK_TTL") or LOCK_TTL))
+    deadline = time.monotonic() + float(cfg.get("B24_REFRESH_LOCK_WAIT") or LOCK_WAIT)
     while True:
         if lock.acquire(blocking=False):
             try:

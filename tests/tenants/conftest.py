@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.extensions import db
 from app.tenants.models import Portal, PortalStatus, utcnow
+from tests.conftest import ROOT, child_env
 
 CLIENT_ID = "app.t1test"
 CLIENT_SECRET = "t1-secret"
@@ -25,16 +32,17 @@ def make_portal(oauth_app: Any, sandbox: Any) -> Any:
     """Factory: a sandbox portal plus its Portal row holding the admin's first chain."""
 
     def make(plan: str = "standard", bucket: dict[str, float] | None = None,
-             **columns: Any) -> tuple[Portal, dict[str, Any]]:
-        extra = {"bucket": bucket} if bucket else {}
+             scope: str | None = None, **columns: Any) -> tuple[Portal, dict[str, Any]]:
+        extra: dict[str, Any] = {"bucket": bucket} if bucket else {}
+        if scope:
+            extra["scope"] = scope
         info = sandbox.create_portal(plan=plan, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
                                      **extra)
         portal = Portal(member_id=info["member_id"], domain=info["domain"],
                         client_endpoint=info["client_endpoint"],
                         server_endpoint=info["server_endpoint"],
                         access_token=info["access_token"], refresh_token=info["refresh_token"],
-                        expires_at=utcnow().replace(microsecond=0).fromtimestamp(
-                            info["expires"], utcnow().tzinfo),
+                        expires_at=datetime.fromtimestamp(info["expires"], timezone.utc),
                         token_version=1, status=PortalStatus.ACTIVE.value,
                         installed_at=utcnow(), **columns)
         db.session.add(portal)
@@ -42,3 +50,57 @@ def make_portal(oauth_app: Any, sandbox: Any) -> Any:
         return portal, info
 
     return make
+
+
+class CallerProcess:
+    """A real app process (tests/tenants/caller_proc.py) calling one portal from N threads."""
+
+    def __init__(self, env: dict[str, str], member_id: str, threads: int, log: Path) -> None:
+        self.log = log
+        self._log_fh = log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.tenants.caller_proc", member_id, str(threads)],
+            cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._log_fh, text=True)
+
+    def wait_ready(self) -> None:
+        """Block until every thread has loaded the portal and waits for `go`."""
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        assert line.strip() == "READY", self.log.read_text()
+
+    def go(self) -> None:
+        """Release the threads."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def report(self) -> dict[str, Any]:
+        """The JSON summary the process prints when every thread is done."""
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        assert line, self.log.read_text()
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream:
+                stream.close()
+        self._log_fh.close()
+
+
+@pytest.fixture
+def spawn_callers(oauth_app: Any, tmp_path: Path) -> Iterator[Any]:
+    """Factory: start caller processes for a portal; all are killed after the test."""
+    started: list[CallerProcess] = []
+
+    def spawn(member_id: str, threads: int = 1, **env: str) -> CallerProcess:
+        proc = CallerProcess(child_env(oauth_app.config, **env), member_id, threads,
+                             tmp_path / f"caller-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield spawn
+    for proc in started:
+        proc.close()
