@@ -1,0 +1,74 @@
+"""The OAuth authorization-code flow for a portal that opens the app outside the iframe."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from app.tenants import status as portal_status
+from app.tenants.models import PortalStatus
+from tests.install.conftest import portal_row
+
+
+def test_code_flow_stores_a_fresh_chain(sandbox, installed, live_app):
+    member_id = installed["member_id"]
+    before = portal_row(member_id)
+    version, old_refresh = before.token_version, before.refresh_token
+    with live_app.http() as http:
+        start = http.get("/oauth/start", params={"member_id": member_id})
+        assert start.status_code == 302
+        target = urlsplit(start.headers["Location"])
+        assert target.netloc == installed["domain"] and target.path == "/oauth/authorize/"
+        assert parse_qs(target.query)["client_id"] == [live_app.app.config["B24_CLIENT_ID"]]
+        done = http.get(start.headers["Location"], follow_redirects=True)
+    assert done.status_code == 200, done.text
+    assert "connected" in done.text
+    row = portal_row(member_id)
+    assert row.token_version > version
+    assert row.refresh_token != old_refresh
+    assert row.status == "active"
+
+
+def test_code_flow_by_domain_recovers_an_auth_failed_portal(sandbox, installed, live_app):
+    member_id = installed["member_id"]
+    portal_status.record(portal_row(member_id), PortalStatus.AUTH_FAILED, "chain lost")
+    with live_app.http(follow_redirects=True) as http:
+        done = http.get("/oauth/start", params={"domain": installed["domain"]})
+    assert done.status_code == 200, done.text
+    assert portal_row(member_id).status == "active"
+
+
+def test_callback_refuses_a_forged_state(sandbox, installed, live_app):
+    with live_app.http() as http:
+        resp = http.get("/oauth/callback", params={"code": "x", "state": "forged",
+                                                   "member_id": installed["member_id"]})
+    assert resp.status_code == 400
+    assert "Invalid sign-in state" in resp.text
+
+
+def test_callback_refuses_a_state_started_in_another_browser(sandbox, installed, live_app):
+    with live_app.http() as http:
+        start = http.get("/oauth/start", params={"member_id": installed["member_id"]})
+        authorize = http.get(start.headers["Location"])
+    callback = authorize.headers["Location"]
+    with live_app.http() as stranger:
+        resp = stranger.get(callback)
+    assert resp.status_code == 400
+    assert "did not start the sign-in" in resp.text
+
+
+def test_a_code_is_good_once(sandbox, installed, live_app):
+    with live_app.http() as http:
+        start = http.get("/oauth/start", params={"member_id": installed["member_id"]})
+        nonce = http.cookies["b24relay_oauth"]
+        callback = http.get(start.headers["Location"]).headers["Location"]
+        assert http.get(callback).status_code == 200
+        http.cookies.set("b24relay_oauth", nonce)  # replay the whole browser state
+        again = http.get(callback)
+    assert again.status_code == 401
+    assert "refused the code" in again.text
+
+
+def test_unknown_portal_is_404(live_app):
+    with live_app.http() as http:
+        assert http.get("/oauth/start", params={"member_id": "nope"}).status_code == 404
+        assert http.get("/oauth/start").status_code == 400

@@ -1,0 +1,119 @@
+"""The settings page and the widgets, opened by the sandbox portal as iframe POSTs."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from app.extensions import db
+from app.tenants import status as portal_status
+from app.tenants.models import PortalStatus
+from tests.install.conftest import iframe_form, portal_row
+
+
+def _form_token(body: str) -> str:
+    match = re.search(r'name="form_token" value="([^"]+)"', body)
+    assert match, body
+    return match.group(1)
+
+
+def test_settings_page_shows_status_lines_and_a_form_for_admins(sandbox, installed):
+    opened = sandbox.open_placement(installed["member_id"])
+    assert opened["status"] == 200
+    body = opened["body"]
+    assert 'data-status="active"' in body and "Connected" in body
+    assert "101" in body and "102" in body  # the extension map
+    assert 'name="form_token"' in body
+
+
+def test_settings_page_has_no_form_for_other_users(sandbox, installed):
+    opened = sandbox.open_placement(installed["member_id"], user_id=2)
+    assert opened["status"] == 200
+    assert 'name="form_token"' not in opened["body"]
+    assert "Only a portal administrator" in opened["body"]
+
+
+def test_forged_application_token_is_refused(sandbox, installed):
+    url, form = iframe_form(sandbox.open_placement(installed["member_id"]))
+    form["APPLICATION_TOKEN"] = "0" * 32
+    resp = httpx.post(url, data=form, timeout=30)
+    assert resp.status_code == 403
+    assert "APPLICATION_TOKEN does not match" in resp.text
+    assert resp.headers["Content-Security-Policy"] == \
+        f"frame-ancestors http://{installed['domain']}"
+
+
+def test_forged_auth_id_is_refused(sandbox, installed):
+    url, form = iframe_form(sandbox.open_placement(installed["member_id"]))
+    form["AUTH_ID"] = "forged"
+    resp = httpx.post(url, data=form, timeout=30)
+    assert resp.status_code == 401
+    assert 'name="form_token"' not in resp.text
+
+
+def test_settings_page_may_be_framed_by_its_portal_only(sandbox, installed, live_app):
+    url, form = iframe_form(sandbox.open_placement(installed["member_id"]))
+    resp = httpx.post(url, data=form, timeout=30)
+    assert resp.headers["Content-Security-Policy"] == \
+        f"frame-ancestors http://{installed['domain']}"
+    assert "X-Frame-Options" not in resp.headers
+    assert httpx.get(live_app.url + "/placements/settings").status_code == 400
+
+
+def test_admin_saves_settings_and_lines_are_added(sandbox, installed, live_app, start_worker):
+    start_worker(threads=2, **live_app.worker_env())
+    opened = sandbox.open_placement(installed["member_id"])
+    save = {"form_token": _form_token(opened["body"]), "event_mode": "offline",
+            "lines": "74951112233 Sales\n74951112244", "crm_create": "1"}
+    resp = httpx.post(live_app.url + "/placements/settings", data=save, timeout=30)
+    assert resp.status_code == 200 and "Settings saved." in resp.text
+    settings = portal_row(installed["member_id"]).settings
+    assert settings.event_mode == "offline"
+    assert settings.lines == [{"number": "74951112233", "name": "Sales"},
+                              {"number": "74951112244", "name": "74951112244"}]
+    from tests.conftest import wait_for
+
+    lines = wait_for(lambda: sandbox.calls(installed["member_id"])["lines"], timeout=30)
+    assert sorted(line["NUMBER"] for line in lines) == ["74951112233", "74951112244"]
+
+
+def test_tampered_form_token_is_refused(sandbox, installed, live_app):
+    opened = sandbox.open_placement(installed["member_id"])
+    token = _form_token(opened["body"])
+    resp = httpx.post(live_app.url + "/placements/settings",
+                      data={"form_token": token[:-2] + "xx", "event_mode": "offline"}, timeout=30)
+    assert resp.status_code == 403
+    assert portal_row(installed["member_id"]).settings.event_mode == "online"
+
+
+def test_auth_failed_portal_says_what_to_do_and_an_admin_open_recovers_it(sandbox, installed):
+    member_id = installed["member_id"]
+    row = portal_row(member_id)
+    portal_status.record(row, PortalStatus.AUTH_FAILED,
+                         portal_status.reason_for(PortalStatus.AUTH_FAILED))
+    opened = sandbox.open_placement(member_id, user_id=2)  # not an admin: no recovery
+    assert 'data-status="auth_failed"' in opened["body"]
+    assert "as an administrator to reconnect" in opened["body"]
+
+    opened = sandbox.open_placement(member_id, user_id=1)
+    assert "connected again" in opened["body"]
+    row = portal_row(member_id)
+    _, form = iframe_form(opened)
+    assert row.status == "active"
+    assert row.refresh_token == form["REFRESH_ID"]
+
+
+def test_call_card_tab_shows_the_call(sandbox, installed):
+    opened = sandbox.open_placement(installed["member_id"], placement="CALL_CARD",
+                                    options={"CALL_ID": "externalCall.abc.1",
+                                             "PHONE_NUMBER": "+74950000000"})
+    assert opened["status"] == 200
+    assert "externalCall.abc.1" in opened["body"]
+
+
+def test_analytics_dashboard_opens(sandbox, installed):
+    opened = sandbox.open_placement(installed["member_id"], placement="TELEPHONY_ANALYTICS_MENU")
+    assert opened["status"] == 200
+    assert "Users with an extension" in opened["body"]
+    db.session.remove()
