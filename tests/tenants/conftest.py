@@ -38,13 +38,14 @@ def make_portal(oauth_app: Any, sandbox: Any) -> Any:
             extra["scope"] = scope
         info = sandbox.create_portal(plan=plan, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
                                      **extra)
-        portal = Portal(member_id=info["member_id"], domain=info["domain"],
-                        client_endpoint=info["client_endpoint"],
-                        server_endpoint=info["server_endpoint"],
-                        access_token=info["access_token"], refresh_token=info["refresh_token"],
-                        expires_at=datetime.fromtimestamp(info["expires"], timezone.utc),
-                        token_version=1, status=PortalStatus.ACTIVE.value,
-                        installed_at=utcnow(), **columns)
+        fields = {"member_id": info["member_id"], "domain": info["domain"],
+                  "client_endpoint": info["client_endpoint"],
+                  "server_endpoint": info["server_endpoint"],
+                  "access_token": info["access_token"], "refresh_token": info["refresh_token"],
+                  "expires_at": datetime.fromtimestamp(info["expires"], timezone.utc),
+                  "token_version": 1, "status": PortalStatus.ACTIVE.value,
+                  "installed_at": utcnow(), **columns}
+        portal = Portal(**fields)
         db.session.add(portal)
         db.session.commit()
         return portal, info
