@@ -112,13 +112,14 @@ def test_every_worker_killed_during_a_burst_then_restarted_processes_each_event_
                     INBOX_PROCESSING_TIMEOUT="10")
     workers = start_handler_worker(processes=2, threads=4, **settings)
     results: list[int] = []
+    member_id, token = portal.member_id, portal.application_token  # no ORM use in the thread
 
     def burst() -> None:
         with app.app_context():
             client = app.test_client()
             for i in range(CRASH_EVENTS):
                 response = client.post("/b24/events", headers=FORM, data=b24_body(
-                    portal.member_id, portal.application_token, event="TESTEFFECT",
+                    member_id, token, event="TESTEFFECT",
                     data={"FIELDS": {"ID": str(i)}, "SLEEP": "0.002"}))
                 results.append(response.status_code)
 
