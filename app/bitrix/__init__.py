@@ -7,9 +7,19 @@ Public surface: ``RestClient`` (``call``, ``batch``), ``BatchResult``,
 
 from app.bitrix import errors
 from app.bitrix.errors import (
-    AccessDenied, ApiError, BitrixError, InvalidGrant, InvalidToken, NotInstalled,
-    OperationTimeLimit, PaymentRequired, PortalDeleted, PortalMoved, QueryLimitExceeded,
-    TokenExpired, TransportError,
+    AccessDenied,
+    ApiError,
+    BitrixError,
+    InvalidGrant,
+    InvalidToken,
+    NotInstalled,
+    OperationTimeLimit,
+    PaymentRequired,
+    PortalDeleted,
+    PortalMoved,
+    QueryLimitExceeded,
+    TokenExpired,
+    TransportError,
 )
 from app.bitrix.oauth import OAuthClient, TokenSet, token_url_for
 from app.bitrix.query import command, php_query

@@ -16,13 +16,12 @@ client, not at call sites:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
-
-import warnings
 
 import httpx
 from authlib.common.urls import add_params_to_uri, url_decode
@@ -70,9 +69,9 @@ class TokenSet:
         """Build from a decoded token response (§1.4)."""
         expires_in = int(data.get("expires_in") or 3600)
         if data.get("expires"):
-            expires_at = datetime.fromtimestamp(int(data["expires"]), timezone.utc)
+            expires_at = datetime.fromtimestamp(int(data["expires"]), UTC)
         else:
-            expires_at = datetime.now(timezone.utc) + timedelta(seconds=expires_in)
+            expires_at = datetime.now(UTC) + timedelta(seconds=expires_in)
         user_id = data.get("user_id")
         return cls(access_token=str(data["access_token"]), refresh_token=str(data["refresh_token"]),
                    expires_in=expires_in, expires_at=expires_at,

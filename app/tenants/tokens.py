@@ -28,13 +28,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import current_app
 from redis.exceptions import LockError
-from sqlalchemy import select, update
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import select, update
 
 from app.bitrix import OAuthClient, TokenSet, errors
 from app.extensions import db, redis_ext
@@ -56,7 +56,7 @@ class RefreshPending(errors.TransportError):
 def aware(moment: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every stored time is UTC."""
     if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
+        return moment.replace(tzinfo=UTC)
     return moment
 
 
@@ -114,7 +114,7 @@ def oauth_client() -> OAuthClient:
 
 
 def refresh(portal: Portal, seen_version: int) -> Credentials:
-    """Single-flight refresh of a chain the caller saw at ``seen_version``; returns fresh credentials."""
+    """Single-flight refresh of the chain the caller saw at ``seen_version``; fresh credentials."""
     cfg = current_app.config
     lock = redis_ext.client.lock(lock_key(portal.member_id),
                                  timeout=float(cfg.get("B24_REFRESH_LOCK_TTL") or LOCK_TTL))

@@ -5,9 +5,8 @@ Revises: 0003
 Create Date: 2026-11-22 16:43:44.209167
 
 """
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 # revision identifiers, used by Alembic.
 revision = '0004'
@@ -18,9 +17,11 @@ depends_on = None
 
 def upgrade():
     with op.batch_alter_table('portals', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('refresh_started_at', sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('refresh_started_at', sa.DateTime(timezone=True),
+                                      nullable=True))
         batch_op.add_column(sa.Column('auth_user_id', sa.Integer(), nullable=True))
-        batch_op.add_column(sa.Column('status_changed_at', sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('status_changed_at', sa.DateTime(timezone=True),
+                                      nullable=True))
 
 
 def downgrade():

@@ -1,8 +1,9 @@
 """A real app process that calls one portal from many threads (used by the concurrency tests).
 
 Run as ``python -m tests.tenants.caller_proc MEMBER_ID THREADS``; prints READY,
-waits for a line on stdin (``CALLER_CONFIG`` may hold JSON config overrides), lets every thread call ``user.current`` at once and
+waits for a line on stdin, lets every thread call ``user.current`` at once and
 prints one JSON line: ``{"ok": n, "errors": [...], "seconds": s}``.
+``CALLER_CONFIG`` may hold JSON config overrides for the app.
 """
 
 from __future__ import annotations

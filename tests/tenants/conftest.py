@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ def make_portal(oauth_app: Any, sandbox: Any) -> Any:
                   "client_endpoint": info["client_endpoint"],
                   "server_endpoint": info["server_endpoint"],
                   "access_token": info["access_token"], "refresh_token": info["refresh_token"],
-                  "expires_at": datetime.fromtimestamp(info["expires"], timezone.utc),
+                  "expires_at": datetime.fromtimestamp(info["expires"], UTC),
                   "token_version": 1, "status": PortalStatus.ACTIVE.value,
                   "installed_at": utcnow(), **columns}
         portal = Portal(**fields)
