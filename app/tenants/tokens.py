@@ -33,8 +33,9 @@ from typing import Any
 
 from flask import current_app
 from redis.exceptions import LockError
+from sqlalchemy import case, select, update
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy import select, update
+from sqlalchemy.orm.attributes import flag_modified
 
 from app.bitrix import OAuthClient, TokenSet, errors
 from app.extensions import db, redis_ext
@@ -230,17 +231,25 @@ def store_new_chain(portal: Portal, *, access_token: str, refresh_token: str, ex
     now = utcnow()
     portal.access_token, portal.refresh_token = access_token, refresh_token
     portal.expires_at = now + timedelta(seconds=int(expires_in))
-    state = sa_inspect(portal)
-    portal.token_version = (Portal.token_version + 1 if state.persistent
-                            else (portal.token_version or 0) + 1)
     portal.last_refresh_at, portal.refresh_started_at = now, None
+    flag_modified(portal, "refresh_started_at")  # another process may have set it meanwhile
     for key, value in (("client_endpoint", client_endpoint), ("server_endpoint", server_endpoint),
                        ("scope", scope), ("auth_user_id", user_id)):
         if value:
             setattr(portal, key, value)
-    if portal.status and PortalStatus(portal.status) in portal_status.CLEARED_BY_NEW_CHAIN:
-        portal.status, portal.status_reason = PortalStatus.ACTIVE.value, None
-        portal.status_changed_at = now
+    state = sa_inspect(portal)
+    if state.persistent:
+        # SQL expressions, not the in-memory values: another process may have moved them.
+        portal.token_version = Portal.token_version + 1
+        if not state.attrs.status.history.has_changes():  # the caller's own choice wins
+            cleared = Portal.status.in_([s.value for s in portal_status.CLEARED_BY_NEW_CHAIN])
+            portal.status = case((cleared, PortalStatus.ACTIVE.value), else_=Portal.status)
+            portal.status_reason = case((cleared, None), else_=Portal.status_reason)
+            portal.status_changed_at = case((cleared, now), else_=Portal.status_changed_at)
+    else:
+        portal.token_version = (portal.token_version or 0) + 1
+        if portal.status and PortalStatus(portal.status) in portal_status.CLEARED_BY_NEW_CHAIN:
+            portal.status, portal.status_reason = PortalStatus.ACTIVE.value, None
     if portal not in db.session:
         db.session.add(portal)
     db.session.commit()

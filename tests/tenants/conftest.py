@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from app.extensions import db
@@ -105,3 +108,70 @@ def spawn_callers(oauth_app: Any, tmp_path: Path) -> Iterator[Any]:
     yield spawn
     for proc in started:
         proc.close()
+
+
+class TokenRelay:
+    """A token endpoint in front of the sandbox's that parks each request at a chosen point.
+
+    ``forward=True``: pass the request on (the chain rotates), then hold the answer
+    until ``release`` and drop it. ``forward=False``: hold the request, never pass it
+    on. ``forward="after_release"``: hold the request, pass it on once released and
+    answer normally.
+    """
+
+    def __init__(self, upstream: str, forward: bool | str) -> None:
+        self.upstream, self.forward = upstream, forward
+        self.arrived, self.rotated, self.release = (threading.Event(), threading.Event(),
+                                                    threading.Event())
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                relay.arrived.set()
+                if relay.forward == "after_release":
+                    relay.release.wait(30)
+                if relay.forward:
+                    query = self.path.split("?", 1)[1]
+                    answer = httpx.get(f"{relay.upstream}?{query}", timeout=10)
+                    relay.rotated.set()
+                if relay.forward == "after_release":
+                    self.send_response(answer.status_code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(answer.content)))
+                    self.end_headers()
+                    self.wfile.write(answer.content)
+                    return
+                relay.release.wait(30)
+                self.close_connection = True
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/oauth/token/"
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def relay_factory(sandbox: Any) -> Iterator[Any]:
+    """Factory: TokenRelays in front of the sandbox's token endpoint, closed after the test."""
+    made: list[TokenRelay] = []
+
+    def make(forward: bool | str) -> TokenRelay:
+        relay = TokenRelay(f"{sandbox.base_url}/oauth/token/", forward)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.close()

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy import text
+
+from app.crypto import DecryptionError
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import utcnow
@@ -44,3 +49,21 @@ def test_stored_expiry_past_refreshes_before_calling(make_portal, sandbox):
     counters = sandbox.counters(portal.member_id)
     assert counters["refreshes"] == 1
     assert counters["status_401"] == 0  # nothing was sent with the stale token
+
+
+def test_refreshed_tokens_are_stored_encrypted(make_portal, sandbox, make_app):
+    portal, _ = make_portal()
+    sandbox.expire_tokens(portal.member_id)
+    service.call_method(portal, "user.current")
+    db.session.expire_all()
+    stored = service.get_portal(portal.member_id)
+    plain = (stored.access_token, stored.refresh_token)
+    raw = db.session.execute(text("SELECT access_token, refresh_token FROM portals WHERE id = :id"),
+                             {"id": stored.id}).one()
+    for cipher_text, secret in zip(raw, plain, strict=True):
+        assert secret not in cipher_text
+    db.session.remove()
+    with make_app(TOKEN_ENCRYPTION_KEY=Fernet.generate_key().decode()).app_context():
+        with pytest.raises(DecryptionError):
+            service.get_portal(portal.member_id).refresh_token  # noqa: B018
+        db.session.remove()

@@ -17,12 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
-import httpx
 import pytest
 
 from app.extensions import db, redis_ext
@@ -32,57 +27,6 @@ from app.tenants.status import PortalUnavailable
 from tests.conftest import wait_for
 
 LOCK_TTL = 2.0
-
-
-class TokenRelay:
-    """Forwards (or not) token requests to the sandbox's auth server, then never answers."""
-
-    def __init__(self, upstream: str, forward: bool) -> None:
-        self.upstream, self.forward = upstream, forward
-        self.arrived, self.rotated, self.release = (threading.Event(), threading.Event(),
-                                                    threading.Event())
-        relay = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                relay.arrived.set()
-                if relay.forward:
-                    query = self.path.split("?", 1)[1]
-                    httpx.get(f"{relay.upstream}?{query}", timeout=10).raise_for_status()
-                    relay.rotated.set()
-                relay.release.wait(30)
-                self.close_connection = True
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/oauth/token/"
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def relay_factory(sandbox: Any) -> Iterator[Any]:
-    made: list[TokenRelay] = []
-
-    def make(forward: bool) -> TokenRelay:
-        relay = TokenRelay(f"{sandbox.base_url}/oauth/token/", forward)
-        made.append(relay)
-        return relay
-
-    yield make
-    for relay in made:
-        relay.close()
 
 
 def _kill_mid_refresh(portal, sandbox, spawn_callers, relay) -> None:

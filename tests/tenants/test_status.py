@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import text
 
 from app.bitrix import errors
 from app.extensions import db
@@ -104,3 +105,27 @@ def test_set_status_and_held_portal(make_portal, sandbox):
     with pytest.raises(PortalUnavailable, match="maintenance"):
         service.call_method(portal, "user.current")
     assert sandbox.counters(portal.member_id)["rest_requests"] == 0
+
+
+def test_new_chain_clears_auth_failed_set_by_another_process(make_portal, sandbox):
+    portal, _ = make_portal()  # in memory: active
+    with db.engine.begin() as conn:  # another process lost the chain meanwhile
+        conn.execute(text("UPDATE portals SET status = 'auth_failed', status_reason = 'lost'"))
+    fresh = sandbox.issue_tokens(portal.member_id)
+    service.store_new_chain(portal, access_token=fresh["access_token"],
+                            refresh_token=fresh["refresh_token"], expires_in=3600)
+    stored = _reload(portal.member_id)
+    assert (stored.status, stored.status_reason) == (PortalStatus.ACTIVE.value, None)
+
+
+def test_new_chain_keeps_other_held_states_unless_the_caller_sets_one(make_portal, sandbox):
+    portal, _ = make_portal()
+    service.set_status(portal, PortalStatus.UNINSTALLED)
+    fresh = sandbox.issue_tokens(portal.member_id)
+    service.store_new_chain(portal, access_token=fresh["access_token"],
+                            refresh_token=fresh["refresh_token"], expires_in=3600)
+    assert _reload(portal.member_id).status == PortalStatus.UNINSTALLED.value
+    portal.status = PortalStatus.ACTIVE.value  # a reinstall decides for itself
+    service.store_new_chain(portal, access_token=fresh["access_token"],
+                            refresh_token=fresh["refresh_token"], expires_in=3600)
+    assert _reload(portal.member_id).status == PortalStatus.ACTIVE.value
