@@ -60,7 +60,8 @@ def _portal_from_auth(auth: dict[str, Any], info: dict[str, Any]) -> Portal:
                    or (info.get("install") or {}).get("client_endpoint"))
     portal = Portal(member_id=str(auth["member_id"]), status=PortalStatus.INSTALLING.value,
                     domain=str(auth.get("domain") or "").lower(), client_endpoint=endpoint,
-                    server_endpoint=str(auth.get("server_endpoint") or ""))
+                    server_endpoint=str(auth.get("server_endpoint") or ""),
+                    application_token=str(auth.get("application_token") or "") or None)
     portal.settings = PortalSettings()
     db.session.add(portal)
     db.session.commit()

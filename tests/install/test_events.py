@@ -36,9 +36,10 @@ def test_onappinstall_first_contact_stores_the_application_token(sandbox, make_p
     out = sandbox.install_app(portal["member_id"], live_app.url, send_onappinstall=True,
                               install_url=live_app.url + "/healthz")
     assert out["onappinstall"][0]["status"] == 200
-    row = wait_for(lambda: portal_row(portal["member_id"]), timeout=30)
+    row = wait_for(lambda: (r := portal_row(portal["member_id"])) and r.refresh_token and r,
+                   timeout=30)
     assert row.application_token == portal["application_token"]
-    assert row.refresh_token and row.access_token
+    assert row.access_token
     assert row.client_endpoint == portal["client_endpoint"]
 
 
@@ -59,7 +60,8 @@ def test_forged_onappinstall_is_not_trusted(sandbox, make_portal, live_app, work
     assert portal_count() == 0
 
 
-def test_uninstall_marks_the_portal_and_drops_its_tokens(sandbox, installed, worker):
+def test_uninstall_marks_the_portal_and_reinstall_restores_it(sandbox, installed, live_app,
+                                                              worker):
     member_id = installed["member_id"]
     out = sandbox.uninstall_app(member_id, clean=False)
     assert out["statuses"] == [200]
@@ -68,6 +70,14 @@ def test_uninstall_marks_the_portal_and_drops_its_tokens(sandbox, installed, wor
     assert row.access_token is None and row.refresh_token is None
     assert db.session.scalar(select(func.count(PortalUser.id))
                              .where(PortalUser.portal_id == row.id)) == 3
+
+    # Installing again brings it back: same row, a fresh chain, bindings restored.
+    again = sandbox.install_app(member_id, live_app.url)
+    assert again["status"] == 200 and again["install_finished"]
+    row = portal_row(member_id)
+    assert row.status == "active" and row.refresh_token == again["refresh_token"]
+    assert len(sandbox.bindings(member_id)["events"]) == 5
+    assert portal_count() == 1
 
 
 def test_uninstall_with_clean_deletes_the_portal_data(sandbox, installed, worker):
@@ -79,18 +89,6 @@ def test_uninstall_with_clean_deletes_the_portal_data(sandbox, installed, worker
                                        .where(PortalUser.portal_id == row.id)) == 0)
     assert db.session.scalar(select(func.count(PortalSettings.id))
                              .where(PortalSettings.portal_id == row.id)) == 0
-    assert portal_count() == 1
-
-
-def test_reinstall_after_uninstall_sets_the_portal_up_again(sandbox, installed, live_app, worker):
-    member_id = installed["member_id"]
-    sandbox.uninstall_app(member_id, clean=True)
-    wait_for(lambda: portal_row(member_id).status == "uninstalled", timeout=30)
-    again = sandbox.install_app(member_id, live_app.url)
-    assert again["status"] == 200 and again["install_finished"]
-    row = portal_row(member_id)
-    assert row.status == "active" and row.refresh_token == again["refresh_token"]
-    assert len(sandbox.bindings(member_id)["events"]) == 5
     assert portal_count() == 1
 
 
