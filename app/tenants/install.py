@@ -233,6 +233,8 @@ def application_token_matches(portal: Portal, token: str) -> bool:
 def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
     """Verify the installer POST, create or update its portal, and set it up."""
     info = verify_iframe_token(auth)
+    if not user_is_admin(_client_endpoint(auth, info), auth.access_token):
+        raise TokenRejected("only a portal administrator can install b24relay", 403)
     portal = _upsert_portal(auth, info)
     service.store_new_chain(
         portal, access_token=auth.access_token, refresh_token=auth.refresh_token,
@@ -551,7 +553,7 @@ def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSess
     if not application_token_matches(portal, auth.application_token):
         raise TokenRejected("APPLICATION_TOKEN does not match this portal's installation", 403)
     session = IframeSession(portal, auth, _int_or_none(info.get("user_id")),
-                            user_is_admin(portal, auth.access_token))
+                            user_is_admin(portal.client_endpoint, auth.access_token))
     if session.is_admin and PortalStatus(portal.status) in CLEARED_BY_NEW_CHAIN:
         adopt_chain(portal, TokenSet.from_response({
             "access_token": auth.access_token, "refresh_token": auth.refresh_token,
@@ -561,13 +563,13 @@ def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSess
     return session
 
 
-def user_is_admin(portal: Portal, access_token: str) -> bool:
-    """``user.admin`` with the viewing user's own token: may they change app settings?"""
+def user_is_admin(client_endpoint: str, access_token: str) -> bool:
+    """``user.admin`` with the viewing user's own token: may they manage the app?"""
     client = RestClient()
     try:
-        body = client.call(portal.client_endpoint, "user.admin", {}, access_token)
+        body = client.call(client_endpoint, "user.admin", {}, access_token)
     except BitrixError as exc:
-        log.warning("user.admin failed for %s: %s", portal.member_id, exc)
+        log.warning("user.admin failed at %s: %s", client_endpoint, exc)
         return False
     finally:
         client.close()

@@ -173,3 +173,15 @@ def test_install_page_may_be_framed_by_the_portal_only(make_portal, live_app):
     assert resp.status_code == 200
     assert resp.headers["Content-Security-Policy"] == f"frame-ancestors http://{portal['domain']}"
     assert "X-Frame-Options" not in resp.headers
+
+
+def test_a_non_admin_cannot_install_or_replace_the_admin_chain(sandbox, installed, live_app):
+    member_id = installed["member_id"]
+    before = portal_row(member_id).refresh_token
+    user = sandbox.issue_tokens(member_id, user_id=2)
+    portal = {**installed, **user}
+    with live_app.http() as http:
+        resp = http.post("/install?" + _query(portal), data=_form(portal))
+    assert resp.status_code == 403
+    assert "only a portal administrator" in resp.text
+    assert portal_row(member_id).refresh_token == before
