@@ -20,12 +20,12 @@ import hmac
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 from flask import current_app
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 
 from app.bitrix import OAuthClient, RestClient, TokenSet
 from app.bitrix.errors import ApiError, BitrixError
@@ -464,6 +464,21 @@ def _sync_all_users(portal: Portal, first_page: Any, installer_id: int | None,
     if installer_id is not None:
         upsert_user(portal, next((r for r in records if str(r.get("ID")) == str(installer_id)),
                                  {"ID": installer_id}), is_admin=True)
+
+
+def resync_users(portal: Portal) -> int:
+    """Read every user's extension again (no user-update event exists); returns the count."""
+    report = SetupReport()
+    _sync_all_users(portal, service.call_method(portal, "user.get", {}), None, report)
+    db.session.commit()
+    return report.users
+
+
+def portals_with_live_tokens(margin_seconds: int = 120) -> list[int]:
+    """Active portals whose access token is still valid: a user sync will not refresh them."""
+    horizon = datetime.now(UTC) + timedelta(seconds=margin_seconds)
+    return list(db.session.scalars(select(Portal.id).where(
+        Portal.status == PortalStatus.ACTIVE.value, Portal.expires_at > horizon)))
 
 
 def refresh_user(portal: Portal, user_id: int) -> PortalUser | None:

@@ -114,3 +114,37 @@ def test_handlers_are_idempotent(installed, app):
     assert portal_row(installed["member_id"]).status == "uninstalled"
     user_event = {"event": "ONUSERADD", "data": {"ID": "1"}, "auth": {}}
     events.on_user_add(None, user_event)  # unknown portal: nothing to do
+
+
+def test_onappupdate_binds_what_went_missing_and_keeps_the_new_chain(sandbox, installed,
+                                                                     live_app, worker):
+    member_id = installed["member_id"]
+    from app.tenants import service
+
+    service.call_method(portal_row(member_id), "event.unbind",
+                        {"event": "ONEXTERNALCALLSTART", "handler": live_app.url + "/b24/events"})
+    version = portal_row(member_id).token_version
+    out = sandbox.trigger_event(member_id, "ONAPPUPDATE",
+                                {"VERSION": "2", "PREVIOUS_VERSION": "1", "LANGUAGE_ID": "en"})
+    assert out["statuses"] == [200]
+    wait_for(lambda: _handled("ONAPPUPDATE"), timeout=30)
+    bound = {b["event"] for b in sandbox.bindings(member_id)["events"]}
+    assert "ONEXTERNALCALLSTART" in bound and len(bound) == 5
+    assert portal_row(member_id).token_version > version
+
+
+def test_user_resync_reads_extensions_without_refreshing(installed, app):
+    from datetime import UTC, datetime, timedelta
+
+    from app.tenants import install
+
+    row = portal_row(installed["member_id"])
+    assert install.portals_with_live_tokens() == [row.id]
+    db.session.execute(delete(PortalUser))
+    db.session.commit()
+    assert install.resync_users(portal_row(installed["member_id"])) == 3
+    assert db.session.scalar(select(func.count(PortalUser.id))) == 3
+    row = portal_row(installed["member_id"])
+    row.expires_at = datetime.now(UTC) - timedelta(minutes=1)
+    db.session.commit()
+    assert install.portals_with_live_tokens() == []
