@@ -241,7 +241,13 @@ def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
         expires_in=auth.expires_in, client_endpoint=_client_endpoint(auth, info),
         server_endpoint=auth.server_endpoint, scope=auth.scope or None,
         user_id=_int_or_none(info.get("user_id")))
-    report = setup_portal(portal, installer_id=_int_or_none(info.get("user_id")))
+    try:
+        report = setup_portal(portal, installer_id=_int_or_none(info.get("user_id")))
+    except SetupFailed as exc:
+        db.session.rollback()
+        portal.status_reason = f"Setup did not finish: {exc.message}"[:2000]
+        db.session.commit()
+        raise
     mark_installed(portal)
     return portal, report
 
@@ -583,9 +589,13 @@ def user_is_admin(client_endpoint: str, access_token: str) -> bool:
     client = RestClient()
     try:
         body = client.call(client_endpoint, "user.admin", {}, access_token)
-    except BitrixError as exc:
-        log.warning("user.admin failed at %s: %s", client_endpoint, exc)
+    except ApiError as exc:
+        if (exc.http_status or 0) >= 500:
+            raise InstallError(f"the portal did not answer ({exc.code}); try again", 502) from exc
+        log.warning("user.admin refused at %s: %s", client_endpoint, exc)
         return False
+    except BitrixError as exc:
+        raise InstallError(f"the portal did not answer ({exc}); try again", 502) from exc
     finally:
         client.close()
     return body.get("result") is True

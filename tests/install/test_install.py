@@ -185,3 +185,26 @@ def test_a_non_admin_cannot_install_or_replace_the_admin_chain(sandbox, installe
     assert resp.status_code == 403
     assert "only a portal administrator" in resp.text
     assert portal_row(member_id).refresh_token == before
+
+
+def test_a_portal_error_during_install_does_not_finish_and_a_retry_does(sandbox, make_portal,
+                                                                        live_app):
+    portal = make_portal()
+    sandbox.set_fault(portal["member_id"], "http_500", count=1)
+    failed = sandbox.install_app(portal["member_id"], live_app.url)
+    assert failed["status"] == 502 and failed["install_finished"] is False
+    assert "try again" in failed["body"]
+    retried = sandbox.install_app(portal["member_id"], live_app.url)
+    assert retried["status"] == 200 and retried["install_finished"] is True
+    assert portal_row(portal["member_id"]).status == "active"
+    assert portal_count() == 1
+
+
+def test_a_failed_setup_says_why_and_does_not_finish(sandbox, make_portal, live_app):
+    portal = make_portal(scope="crm,placement,user_basic")  # no telephony: no CALL_CARD
+    failed = sandbox.install_app(portal["member_id"], live_app.url)
+    assert failed["status"] == 502 and failed["install_finished"] is False
+    row = portal_row(portal["member_id"])
+    assert row.status == "installing"
+    assert "Setup did not finish" in row.status_reason
+    assert "telephony.externalLine.get" in row.status_reason
