@@ -166,7 +166,8 @@ class Stack:
                     "TOKEN_ENCRYPTION_KEY": Fernet.generate_key().decode(),
                     "B24RELAY_INSTANCE": str(self.workdir / "instance"),
                     "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
-                    "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING"}
+                    "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING",
+                    "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         for key in ("B24_CLIENT_ID", "B24_CLIENT_SECRET", "BROKER_URL"):
             self.env.pop(key, None)
         time.sleep(0.5)
@@ -196,13 +197,18 @@ class Stack:
         """The Procfile's web line serving ``module`` on a spare loopback port."""
         port = _free_port()
         command = _procfile_web().replace("0.0.0.0", "127.0.0.1").replace("wsgi:app", module)
-        log = (self.workdir / f"gunicorn-{module.split(':')[0]}.log").open("wb")
+        log_path = self.workdir / f"gunicorn-{module.split(':')[0]}.log"
+        log = log_path.open("wb")
         proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=ROOT,
                                 env={**self.env, "PORT": str(port)}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         self.groups.add(proc.pid)
-        _wait_http(f"http://127.0.0.1:{port}/healthz")
+        try:
+            _wait_http(f"http://127.0.0.1:{port}/healthz")
+        except RuntimeError:
+            print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
         return proc, f"http://127.0.0.1:{port}"
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
@@ -220,6 +226,8 @@ class Stack:
     def teardown(self) -> None:
         for proc in reversed(self.procs):
             self.stop(proc)
+        for log in self.workdir.glob("gunicorn-*.log"):  # kept for a look after the run
+            (OUT / f"last-{log.name}").write_bytes(log.read_bytes())
         from sqlalchemy import create_engine, text
 
         admin = create_engine(_sqlalchemy_url(self.pg_admin), isolation_level="AUTOCOMMIT")

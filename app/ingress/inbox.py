@@ -2,9 +2,10 @@
 
 Intake commits the row *before* it enqueues, so a message never points at a row a
 worker cannot see, and an event the broker never got is still in the table: the
-sweeper queues it again. Enqueueing uses a Redis client with short timeouts and
-no retries, and stops trying for a moment after a failure, so a Redis outage
-costs the request at most one short timeout.
+sweeper queues it again. A row is stored as ``queued`` (intake is about to send
+it), and put back to ``received`` if the broker could not take it. Enqueueing uses
+a Redis client with short timeouts and no retries, and stops trying for a moment
+after a failure, so a Redis outage costs the request at most one short timeout.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from dramatiq.brokers.redis import RedisBroker
 from flask import current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import JSON, Boolean, DateTime, bindparam, func, select, text, update
 
 from app import queue
 from app.extensions import db
@@ -73,49 +73,40 @@ def b24_dedupe_key(event: dict[str, Any]) -> str:
                    event.get("data")])
 
 
-def _insert_ignoring_duplicate(values: dict[str, Any]) -> int | None:
-    dialect = db.engine.dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    else:  # pragma: no cover - other databases: a savepoint and the unique constraint
-        try:
-            with db.session.begin_nested():
-                return db.session.execute(insert(InboxEvent).values(**values)
-                                          .returning(InboxEvent.id)).scalar_one()
-        except IntegrityError:
-            return None
-    stmt = (dialect_insert(InboxEvent).values(**values)
-            .on_conflict_do_nothing(index_elements=["member_id", "source", "dedupe_key"])
-            .returning(InboxEvent.id))
-    return db.session.execute(stmt).scalar()
+# One prepared statement, valid on PostgreSQL and SQLite (3.35+): the hot path skips the
+# ORM and statement compilation; a duplicate (same dedupe key) inserts nothing.
+_INSERT = text(
+    "INSERT INTO inbox_events (portal_id, member_id, source, event_type, dedupe_key, payload,"
+    " unverified, status, attempts, received_at)"
+    " VALUES (:portal_id, :member_id, :source, :event_type, :dedupe_key, :payload,"
+    " :unverified, :status, 0, :received_at)"
+    " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id"
+).bindparams(bindparam("payload", type_=JSON), bindparam("unverified", type_=Boolean),
+             bindparam("received_at", type_=DateTime(timezone=True)))
+
+
+_EXISTING = text("SELECT id FROM inbox_events"
+                 " WHERE member_id = :member_id AND source = :source AND dedupe_key = :dedupe_key")
 
 
 def store(events: list[NewEvent]) -> list[Stored]:
     """Write the events in one transaction; a duplicate returns the existing row's id."""
     out: list[Stored] = []
-    try:
+    now = utcnow()
+    with db.engine.begin() as conn:  # its own short transaction, committed before enqueueing
         for ev in events:
-            row_id = _insert_ignoring_duplicate({
-                "portal_id": ev.portal_id, "member_id": ev.member_id, "source": ev.source,
-                "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
-                "payload": ev.payload, "unverified": ev.unverified,
-                "status": InboxStatus.RECEIVED.value, "attempts": 0, "received_at": utcnow(),
-            })
-            created = row_id is not None
-            if row_id is None:
-                row_id = db.session.execute(select(InboxEvent.id).where(
-                    InboxEvent.member_id == ev.member_id, InboxEvent.source == ev.source,
-                    InboxEvent.dedupe_key == ev.dedupe_key)).scalar_one()
-                metrics.DUPLICATES.labels(ev.source).inc()
-            else:
-                metrics.STORED.labels(ev.source, ev.event_type[:64]).inc()
-            out.append(Stored(row_id, created))
-        db.session.commit()
-    except Exception:
-        db.session.rollback()
-        raise
+            values = {"portal_id": ev.portal_id, "member_id": ev.member_id, "source": ev.source,
+                      "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
+                      "payload": ev.payload, "unverified": ev.unverified,
+                      "status": InboxStatus.QUEUED.value, "received_at": now}
+            row_id = conn.execute(_INSERT, values).scalar()
+            out.append(Stored(row_id, True) if row_id is not None else
+                       Stored(conn.execute(_EXISTING, values).scalar_one(), False))
+    for ev, stored in zip(events, out, strict=True):
+        if stored.created:
+            metrics.STORED.labels(ev.source, ev.event_type[:64]).inc()
+        else:
+            metrics.DUPLICATES.labels(ev.source).inc()
     return out
 
 
@@ -144,41 +135,44 @@ def _send(row_id: int) -> None:
 
 
 def enqueue(row_ids: list[int], source: str, via: str = "intake") -> list[int]:
-    """Hand rows to the broker and mark them queued; return the ids that made it.
+    """Hand freshly stored rows to the broker; return the ids that made it.
 
-    A broker failure is not an error for the caller: the rows stay ``received``
-    and the sweeper queues them once the broker is back.
+    Rows are stored as ``queued`` (one commit on the happy path). A broker failure
+    is not an error for the caller: the rows that missed the broker are put back
+    to ``received``, and the sweeper queues them once the broker is back (it
+    would find them as ``queued`` too, should even that update fail).
     """
     ext = current_app.extensions
     _intake_broker()
-    if time.monotonic() < ext["ingress_redis_down_until"]:
-        return []
     sent: list[int] = []
-    try:
-        for row_id in row_ids:
-            _send(row_id)
-            sent.append(row_id)
-    except Exception as exc:  # noqa: BLE001 - any broker failure: the sweeper recovers
-        ext["ingress_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
-        log.warning("broker unavailable, %d inbox rows left for the sweeper: %s",
-                    len(row_ids) - len(sent), exc)
+    if time.monotonic() >= ext["ingress_redis_down_until"]:
+        try:
+            for row_id in row_ids:
+                _send(row_id)
+                sent.append(row_id)
+        except Exception as exc:  # noqa: BLE001 - any broker failure: the sweeper recovers
+            ext["ingress_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
+            log.warning("broker unavailable, %d inbox rows left for the sweeper: %s",
+                        len(row_ids) - len(sent), exc)
     if sent:
-        mark_queued(sent)
         metrics.QUEUED.labels(source, via).inc(len(sent))
+    done = set(sent)
+    missed = [row_id for row_id in row_ids if row_id not in done]
+    if missed:
+        mark_received(missed)
     return sent
 
 
-def mark_queued(row_ids: list[int]) -> None:
-    """received -> queued (a worker may already have claimed a row: then nothing changes)."""
+def mark_received(row_ids: list[int]) -> None:
+    """queued -> received for rows the broker never got (shown as such in the inbox depth)."""
     try:
-        db.session.execute(update(InboxEvent)
-                           .where(InboxEvent.id.in_(row_ids),
-                                  InboxEvent.status == InboxStatus.RECEIVED.value)
-                           .values(status=InboxStatus.QUEUED.value))
-        db.session.commit()
-    except Exception as exc:  # noqa: BLE001 - only bookkeeping; the row is stored and queued
-        db.session.rollback()
-        log.warning("could not mark rows queued: %s", exc)
+        with db.engine.begin() as conn:
+            conn.execute(update(InboxEvent)
+                         .where(InboxEvent.id.in_(row_ids),
+                                InboxEvent.status == InboxStatus.QUEUED.value)
+                         .values(status=InboxStatus.RECEIVED.value))
+    except Exception as exc:  # noqa: BLE001 - bookkeeping only; the sweeper finds queued rows too
+        log.warning("could not mark %d unqueued rows as received: %s", len(row_ids), exc)
 
 
 def stuck_rows(pending_after: float, processing_after: float, limit: int = 1000,
