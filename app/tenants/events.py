@@ -51,7 +51,7 @@ def _store_chain(portal: Portal, auth: dict[str, Any], info: dict[str, Any]) -> 
         expires_in=int(auth.get("expires_in") or 3600),
         client_endpoint=str(auth.get("client_endpoint") or portal.client_endpoint),
         server_endpoint=str(auth.get("server_endpoint") or portal.server_endpoint or ""),
-        scope=auth.get("scope") or None, user_id=install._int_or_none(auth.get("user_id")))
+        scope=auth.get("scope") or None, user_id=install.int_or_none(auth.get("user_id")))
 
 
 def _portal_from_auth(auth: dict[str, Any], info: dict[str, Any]) -> Portal:
@@ -109,7 +109,7 @@ def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
 def _user_id(event: dict[str, Any]) -> int | None:
     data = _data(event)
     fields = data.get("FIELDS") if isinstance(data.get("FIELDS"), dict) else data
-    return install._int_or_none(fields.get("ID"))
+    return install.int_or_none(fields.get("ID"))
 
 
 @on("ONUSERADD")

@@ -113,7 +113,8 @@ class IframeAuth:
         return f"{self.origin}/rest/"
 
 
-def _valid_host(value: str) -> bool:
+def valid_host(value: str) -> bool:
+    """Whether ``value`` is a bare ``host[:port]`` (what DOMAIN must be)."""
     try:
         parts = urlsplit(f"//{value}")
         return bool(parts.hostname) and parts.netloc == value and not parts.path
@@ -128,7 +129,7 @@ def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAut
     if missing:
         raise BadIframeRequest("missing fields: " + ", ".join(missing))
     domain = query["DOMAIN"].strip().lower()
-    if not _valid_host(domain):
+    if not valid_host(domain):
         raise BadIframeRequest("DOMAIN is not a host name")
     server = form["SERVER_ENDPOINT"].strip()
     if urlsplit(server).scheme not in ("http", "https"):
@@ -205,7 +206,7 @@ def verify_token(server_endpoint: str, access_token: str, member_id: str,
 
 
 def _check_app_info(info: Mapping[str, Any], member_id: str, domain: str | None) -> None:
-    client_id = current_app.config.get("B24_CLIENT_ID") or setting("B24_CLIENT_ID")
+    client_id = setting("B24_CLIENT_ID")
     if not client_id or not hmac.compare_digest(str(info.get("client_id") or ""), client_id):
         raise TokenRejected("the access token belongs to another application", 403)
     install_info = info.get("install") or {}
@@ -240,9 +241,9 @@ def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
         portal, access_token=auth.access_token, refresh_token=auth.refresh_token,
         expires_in=auth.expires_in, client_endpoint=_client_endpoint(auth, info),
         server_endpoint=auth.server_endpoint, scope=auth.scope or None,
-        user_id=_int_or_none(info.get("user_id")))
+        user_id=int_or_none(info.get("user_id")))
     try:
-        report = setup_portal(portal, installer_id=_int_or_none(info.get("user_id")))
+        report = setup_portal(portal, installer_id=int_or_none(info.get("user_id")))
     except SetupFailed as exc:
         db.session.rollback()
         portal.status_reason = f"Setup did not finish: {exc.message}"[:2000]
@@ -256,7 +257,8 @@ def _client_endpoint(auth: IframeAuth, info: Mapping[str, Any]) -> str:
     return str((info.get("install") or {}).get("client_endpoint") or auth.client_endpoint)
 
 
-def _int_or_none(value: Any) -> int | None:
+def int_or_none(value: Any) -> int | None:
+    """``int(value)``, or None for a missing or malformed value."""
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -573,7 +575,7 @@ def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSess
         raise TokenRejected("b24relay is not installed on this portal; install it first", 403)
     if not application_token_matches(portal, auth.application_token):
         raise TokenRejected("APPLICATION_TOKEN does not match this portal's installation", 403)
-    session = IframeSession(portal, auth, _int_or_none(info.get("user_id")),
+    session = IframeSession(portal, auth, int_or_none(info.get("user_id")),
                             user_is_admin(portal.client_endpoint, auth.access_token))
     if session.is_admin and PortalStatus(portal.status) in CLEARED_BY_NEW_CHAIN:
         adopt_chain(portal, TokenSet.from_response({

@@ -77,7 +77,7 @@ def frameable(view: Callable[..., Response]) -> Callable[..., Response]:
 def portal_origin_from_query() -> str | None:
     """``PROTOCOL``+``DOMAIN`` of an iframe request, when DOMAIN is a plain host name."""
     domain = (request.args.get("DOMAIN") or "").strip().lower()
-    if not domain or not install._valid_host(domain):
+    if not domain or not install.valid_host(domain):
         return None
     return ("http" if request.args.get("PROTOCOL") == "0" else "https") + "://" + domain
 
