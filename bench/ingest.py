@@ -252,6 +252,21 @@ class Stack:
         return " ".join(str(r[0]) for r in rows)
 
 
+def _group_cpu_seconds(pgid: int) -> float:
+    """CPU time used so far by every process of a process group (gunicorn and its workers)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # field 5 of stat: the process group
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def _sqlalchemy_url(url: str) -> str:
     from app.config import normalise_database_url
 
@@ -261,16 +276,21 @@ def _sqlalchemy_url(url: str) -> str:
 # ---------------------------------------------------------------- parent: runs and report
 
 def _run_load(base: str, rate: float, seconds: float, member_id: str, token: str,
-              workdir: Path) -> dict[str, Any]:
+              workdir: Path, web_pgid: int | None = None) -> dict[str, Any]:
     result_file = workdir / f"load-{rate}-{time.monotonic_ns()}.json"
     tag = str(time.time_ns())
+    cpu_before = _group_cpu_seconds(web_pgid) if web_pgid else 0.0
     subprocess.run([sys.executable, "-m", "bench.ingest", "--generate", "--url", base + PATH,
                     "--rate", str(rate), "--seconds", str(seconds), "--member-id", member_id,
                     "--token", token, "--tag", tag, "--result", str(result_file)],
                    cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     raw = json.loads(result_file.read_text())
     result_file.unlink()
-    return _summarise(rate, raw)
+    summary = _summarise(rate, raw)
+    if web_pgid and summary["sent"]:
+        summary["web_cpu_ms_per_request"] = round(
+            (_group_cpu_seconds(web_pgid) - cpu_before) * 1000 / summary["sent"], 3)
+    return summary
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -300,14 +320,14 @@ def _passes(summary: dict[str, Any]) -> bool:
 
 
 HEADER = (f"{'target':>7} {'rate/s':>7} {'sent':>7} {'2xx':>7} {'errors':>6} {'p50 ms':>7} "
-          f"{'p95 ms':>7} {'p99 ms':>7} {'max ms':>8} {'inbox':>7}")
+          f"{'p95 ms':>7} {'p99 ms':>7} {'max ms':>8} {'web cpu ms/req':>14} {'inbox':>7}")
 
 
 def _row(target: str, s: dict[str, Any]) -> str:
     inbox = s.get("inbox", "")
     return (f"{target:>7} {s['rate']:>7.0f} {s['sent']:>7} {s['ok']:>7} {s['errors']:>6} "
             f"{s['p50_ms']:>7.2f} {s['p95_ms']:>7.2f} {s['p99_ms']:>7.2f} {s['max_ms']:>8.2f} "
-            f"{inbox:>7}")
+            f"{s.get('web_cpu_ms_per_request', float('nan')):>14.2f} {inbox:>7}")
 
 
 def _check_inbox(stack: Stack, summary: dict[str, Any]) -> None:
@@ -368,11 +388,11 @@ def _bench(stack: Stack, args: argparse.Namespace, rates: list[float]) -> dict[s
     lines = [f"gunicorn: {_procfile_web()}", f"cpus: {os.cpu_count()}  "
              f"loadavg before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", HEADER]
     print("\n".join(lines), flush=True)
-    proc, base = stack.gunicorn("wsgi:app")
+    app_proc, base = stack.gunicorn("wsgi:app")
 
     def run_app(rate: float, seconds: float | None = None) -> dict[str, Any]:
         summary = _run_load(base, rate, seconds or args.step_seconds, member_id, token,
-                            stack.workdir)
+                            stack.workdir, app_proc.pid)
         _check_inbox(stack, summary)
         return summary
 
@@ -382,15 +402,16 @@ def _bench(stack: Stack, args: argparse.Namespace, rates: list[float]) -> dict[s
     lines.append(_row("app", main_run))
     print(lines[-1], flush=True)
     peak_app, app_steps = _peak(run_app, rates, lines, "app")
-    stack.stop(proc)
-    proc, bare = stack.gunicorn("bench.bare_app:app")
+    stack.stop(app_proc)
+    bare_proc, bare = stack.gunicorn("bench.bare_app:app")
 
     def run_bare(rate: float) -> dict[str, Any]:
-        return _run_load(bare, rate, args.step_seconds, member_id, token, stack.workdir)
+        return _run_load(bare, rate, args.step_seconds, member_id, token, stack.workdir,
+                         bare_proc.pid)
 
     _run_load(bare, 200, 3, member_id, token, stack.workdir)
     peak_bare, bare_steps = _peak(run_bare, rates, lines, "bare")
-    stack.stop(proc)
+    stack.stop(bare_proc)
     ratio = peak_app / peak_bare if peak_bare else float("nan")
     verdict = ("PASS" if _passes(main_run) and main_run["inbox"] == "exact" else "FAIL")
     lines += [f"main run {args.rate:.0f}/s x {args.seconds:.0f}s: {verdict} "
