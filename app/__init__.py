@@ -67,6 +67,8 @@ def _register_blueprints(app: Flask) -> None:
 
 def _register_cli(app: Flask) -> None:
     """Command groups; each area adds its own."""
+    from app.ingress.cli import api_key_command
     from app.tenants.cli import portals_cli
 
+    portals_cli.add_command(api_key_command)
     app.cli.add_command(portals_cli)

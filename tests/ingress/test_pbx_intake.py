@@ -9,7 +9,6 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.ingress import auth
-from app.ingress.cli import api_key_command
 from app.ingress.models import PortalApiKey
 from tests.ingress.conftest import inbox_count, inbox_rows, queued_messages
 
@@ -120,7 +119,7 @@ def test_a_body_over_the_limit_gets_413(app, api_key, deliver):
 
 
 def test_the_cli_prints_a_working_key_once_and_stores_only_its_hash(app, portal, deliver):
-    result = app.test_cli_runner().invoke(api_key_command, [portal.member_id])
+    result = app.test_cli_runner().invoke(args=["portals", "api-key", portal.member_id])
     assert result.exit_code == 0, result.output
     key = result.stdout.strip()
     stored = db.session.scalars(
@@ -130,5 +129,5 @@ def test_the_cli_prints_a_working_key_once_and_stores_only_its_hash(app, portal,
 
 
 def test_the_cli_refuses_an_unknown_portal(app):
-    result = app.test_cli_runner().invoke(api_key_command, ["nope"])
+    result = app.test_cli_runner().invoke(args=["portals", "api-key", "nope"])
     assert result.exit_code != 0 and "no portal" in result.output
