@@ -5,7 +5,7 @@ from __future__ import annotations
 import dramatiq
 
 from app.config import env_int
-from app.ingress import processing
+from app.ingress import offline, processing
 from workers.scheduler import periodic
 
 SWEEP_INTERVAL_SECONDS = env_int("INBOX_SWEEP_INTERVAL", 15)
@@ -23,3 +23,17 @@ def process_inbox_event(row_id: int) -> None:
 def sweep_inbox() -> None:
     """Queue again the inbox rows no worker finished."""
     processing.sweep()
+
+
+@periodic(env_int("OFFLINE_PULL_INTERVAL", 30))
+@dramatiq.actor(queue_name="default", max_retries=0)
+def pull_offline_events() -> None:
+    """Queue one pull per portal in offline events mode."""
+    for portal_id in offline.offline_portal_ids():
+        pull_offline_portal.send(portal_id)
+
+
+@dramatiq.actor(queue_name="default", max_retries=3, min_backoff=5000)
+def pull_offline_portal(portal_id: int) -> None:
+    """Move one portal's Bitrix24 offline queue into the inbox."""
+    offline.pull_portal(portal_id)
