@@ -193,26 +193,42 @@ def mark_received(row_ids: list[int]) -> None:
         log.warning("could not mark %d unqueued rows as received: %s", len(row_ids), exc)
 
 
-def stuck_rows(pending_after: float, processing_after: float, limit: int = 1000,
+@dataclass(frozen=True)
+class SweepPolicy:
+    """How long a row may sit in each unfinished state before the sweeper queues it again.
+
+    ``received`` rows are known to have missed the broker, so they go back soon;
+    ``queued`` rows normally just wait their turn in the broker, so only a long
+    silence means their message was lost; ``processing`` rows wait out the
+    longest handler before their worker is presumed dead.
+    """
+
+    received_after: float = 10.0
+    queued_after: float = 120.0
+    processing_after: float = 600.0
+
+
+def stuck_rows(policy: SweepPolicy, limit: int = 1000,
                now: datetime | None = None) -> list[tuple[int, str]]:
-    """Rows no worker finished: pending for ``pending_after`` s, or claimed and silent."""
+    """(id, source) of the rows the policy says no worker will finish on its own."""
     now = now or utcnow()
-    pending_cutoff = now - timedelta(seconds=pending_after)
-    processing_cutoff = now - timedelta(seconds=processing_after)
-    pending = (InboxEvent.status.in_(PENDING)
-               & (InboxEvent.received_at < pending_cutoff)
-               & ((InboxEvent.claimed_at.is_(None)) | (InboxEvent.claimed_at < pending_cutoff)))
-    abandoned = ((InboxEvent.status == InboxStatus.PROCESSING.value)
-                 & (InboxEvent.claimed_at < processing_cutoff))
-    rows = db.session.execute(select(InboxEvent.id, InboxEvent.source)
-                              .where(pending | abandoned)
+
+    def silent(status: str, seconds: float) -> Any:
+        cutoff = now - timedelta(seconds=seconds)
+        since = func.coalesce(InboxEvent.claimed_at, InboxEvent.received_at)
+        return (InboxEvent.status == status) & (since < cutoff)
+
+    stuck = (silent(InboxStatus.RECEIVED.value, policy.received_after)
+             | silent(InboxStatus.QUEUED.value, policy.queued_after)
+             | silent(InboxStatus.PROCESSING.value, policy.processing_after))
+    rows = db.session.execute(select(InboxEvent.id, InboxEvent.source).where(stuck)
                               .order_by(InboxEvent.id).limit(limit)).all()
     return [(r.id, r.source) for r in rows]
 
 
-def requeue_stuck(pending_after: float, processing_after: float, limit: int = 1000) -> int:
+def requeue_stuck(policy: SweepPolicy, limit: int = 1000) -> int:
     """Queue stuck rows again (abandoned claims go back to ``queued`` first)."""
-    rows = stuck_rows(pending_after, processing_after, limit)
+    rows = stuck_rows(policy, limit)
     if not rows:
         return 0
     ids = [row_id for row_id, _ in rows]

@@ -156,9 +156,11 @@ def process(row_id: int) -> str:
 
 def sweep() -> int:
     """Queue again what no worker finished (lost message, killed worker); the count."""
-    requeued = inbox.requeue_stuck(
-        pending_after=_setting("INBOX_REQUEUE_AFTER", 60.0),
-        processing_after=_setting("INBOX_PROCESSING_TIMEOUT", 300.0))
+    default = inbox.SweepPolicy()
+    requeued = inbox.requeue_stuck(inbox.SweepPolicy(
+        received_after=_setting("INBOX_REQUEUE_RECEIVED_AFTER", default.received_after),
+        queued_after=_setting("INBOX_REQUEUE_AFTER", default.queued_after),
+        processing_after=_setting("INBOX_PROCESSING_TIMEOUT", default.processing_after)))
     if requeued:
         log.info("sweeper queued %d stuck inbox rows again", requeued)
     return requeued

@@ -69,29 +69,33 @@ def _stuck_row(status: str, age_seconds: float, **values) -> int:
 
 
 def test_the_sweeper_finds_lost_and_abandoned_rows_only(app):
-    app.config.update(INBOX_REQUEUE_AFTER=30, INBOX_PROCESSING_TIMEOUT=120)
-    lost = _stuck_row("received", 60)
-    lost_queued = _stuck_row("queued", 60)
+    app.config.update(INBOX_REQUEUE_RECEIVED_AFTER=10, INBOX_REQUEUE_AFTER=30,
+                      INBOX_PROCESSING_TIMEOUT=120)
+    missed_broker = _stuck_row("received", 20)
+    lost_message = _stuck_row("queued", 60)
+    waiting_its_turn = _stuck_row("queued", 20)
     fresh = _stuck_row("received", 1)
     abandoned = _stuck_row("processing", 600, attempts=1, claimed_at=utcnow() - timedelta(
         seconds=300))
     busy = _stuck_row("processing", 600, attempts=1, claimed_at=utcnow())
     done = _stuck_row("done", 600)
-    assert {row_id for row_id, _ in inbox.stuck_rows(30, 120)} == {lost, lost_queued, abandoned}
+    policy = inbox.SweepPolicy(received_after=10, queued_after=30, processing_after=120)
+    assert {row_id for row_id, _ in inbox.stuck_rows(policy)} == \
+        {missed_broker, lost_message, abandoned}
     assert processing.sweep() == 3
     assert processing.sweep() == 0, "a swept row is not swept again at once"
     by_id = {row.id: row for row in inbox_rows()}
-    assert {by_id[i].status for i in (lost, lost_queued, abandoned)} == {"queued"}
-    assert (by_id[fresh].status, by_id[busy].status, by_id[done].status) == \
-        ("received", "processing", "done")
+    assert {by_id[i].status for i in (missed_broker, lost_message, abandoned)} == {"queued"}
+    assert [by_id[i].status for i in (waiting_its_turn, fresh, busy, done)] == \
+        ["queued", "received", "processing", "done"]
 
 
 def test_the_periodic_sweeper_gets_stuck_rows_processed(app, effects, start_handler_worker):
     never_queued = _stuck_row("received", 120)
     worker_died = _stuck_row("processing", 120, attempts=1,
                              claimed_at=utcnow() - timedelta(seconds=120))
-    start_handler_worker(periodic=True, INBOX_SWEEP_INTERVAL="1", INBOX_REQUEUE_AFTER="5",
-                         INBOX_PROCESSING_TIMEOUT="60")
+    start_handler_worker(periodic=True, INBOX_SWEEP_INTERVAL="1",
+                         INBOX_REQUEUE_RECEIVED_AFTER="5", INBOX_PROCESSING_TIMEOUT="60")
     wait_for(lambda: statuses() == {"done": 2}, timeout=40)
     assert effects() == {never_queued: 1, worker_died: 1}
 

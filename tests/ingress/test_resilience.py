@@ -83,7 +83,7 @@ def test_redis_stopped_during_a_burst_loses_nothing(make_app, portal, own_redis,
     own_redis.start()  # an empty Redis: the 20 queued messages are gone too
     acked += [_post(client, portal.member_id, portal.application_token, i) for i in range(60, 80)]
     start_handler_worker(config=web.config, periodic=True, INBOX_SWEEP_INTERVAL="1",
-                         INBOX_REQUEUE_AFTER="2")
+                         INBOX_REQUEUE_RECEIVED_AFTER="2", INBOX_REQUEUE_AFTER="2")
     wait_for(lambda: statuses() == {"done": 80}, timeout=60)
     assert sorted(effects()) == sorted(r.json["id"] for r in acked)
     assert set(effects().values()) == {1}
@@ -108,8 +108,8 @@ def test_a_hung_redis_costs_one_short_timeout_not_a_hang(make_app, portal, own_r
 
 def test_every_worker_killed_during_a_burst_then_restarted_processes_each_event_once(
         app, portal, effects, start_handler_worker):
-    settings = dict(periodic=True, INBOX_SWEEP_INTERVAL="2", INBOX_REQUEUE_AFTER="5",
-                    INBOX_PROCESSING_TIMEOUT="10")
+    settings = dict(periodic=True, INBOX_SWEEP_INTERVAL="2", INBOX_REQUEUE_RECEIVED_AFTER="5",
+                    INBOX_REQUEUE_AFTER="20", INBOX_PROCESSING_TIMEOUT="10")
     workers = start_handler_worker(processes=2, threads=4, **settings)
     results: list[int] = []
     member_id, token = portal.member_id, portal.application_token  # no ORM use in the thread
