@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -25,6 +26,7 @@ bp = Blueprint("ingress", __name__)
 log = logging.getLogger(__name__)
 
 FORM_TYPE = "application/x-www-form-urlencoded"
+MEMBER_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 
 
 def _body() -> bytes:
@@ -72,14 +74,14 @@ def _b24_event(body: bytes) -> inbox.NewEvent:
     name, auth_block = event.get("event"), event.get("auth")
     if not isinstance(name, str) or not name.strip():
         raise Rejected(400, "malformed", "event is required")
-    if not isinstance(auth_block, dict) or not isinstance(auth_block.get("member_id"), str) \
-            or not auth_block["member_id"].strip():
-        raise Rejected(400, "malformed", "auth[member_id] is required")
+    member_id = auth_block.get("member_id") if isinstance(auth_block, dict) else None
+    if not isinstance(member_id, str) or not MEMBER_ID.fullmatch(member_id):
+        raise Rejected(400, "malformed", "auth[member_id] is required (up to 64 letters/digits)")
     token = auth_block.get("application_token")
-    sender = auth.verify_b24(auth_block["member_id"], token if isinstance(token, str) else None,
+    sender = auth.verify_b24(member_id, token if isinstance(token, str) else None,
                              name.strip().upper())
     return inbox.NewEvent(
-        member_id=auth_block["member_id"], source="b24", event_type=name.strip().upper(),
+        member_id=member_id, source="b24", event_type=name.strip().upper(),
         payload=event, dedupe_key=inbox.b24_dedupe_key(event),
         portal_id=sender.portal.id if sender.portal else None, unverified=sender.unverified)
 

@@ -79,6 +79,10 @@ def test_unauthenticated_events_are_refused_and_leave_no_trace(
     (b"auth%5Bmember_id%5D=abc&auth%5Bapplication_token%5D=t", FORM["Content-Type"]),  # no event
     (b"event=ONCRMDEALUPDATE&auth%5Bapplication_token%5D=t", FORM["Content-Type"]),  # no member
     (b"event=ONCRMDEALUPDATE&auth=flat", FORM["Content-Type"]),             # auth not a block
+    (b"event=ONAPPINSTALL&auth%5Bmember_id%5D=" + b"a" * 65 +
+     b"&auth%5Bapplication_token%5D=t", FORM["Content-Type"]),              # member_id too long
+    (b"event=ONAPPINSTALL&auth%5Bmember_id%5D=a%27%3B--&auth%5Bapplication_token%5D=t",
+     FORM["Content-Type"]),                                                 # not an id
     (b"", FORM["Content-Type"]),                                             # empty
     (b'{"event": "ONCRMDEALUPDATE"}', "application/json"),                   # not a form
 ])
