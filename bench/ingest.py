@@ -359,7 +359,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--step-seconds", type=float, default=15.0)
-    parser.add_argument("--steps", default="500,750,1000,1250,1500,1750,2000,2500,3000")
+    parser.add_argument("--steps", default="500,600,700,800,900,1000,1250,1500,1750,2000,2500")
     parser.add_argument("--pg", default=os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--quick", action="store_true", help="10 s main run, 5 s steps")
