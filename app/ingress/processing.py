@@ -52,7 +52,8 @@ def transient_errors() -> tuple[type[BaseException], ...]:
         from app.bitrix import errors as bitrix_errors
     except ImportError:
         return tuple(kinds)
-    for name in ("TransportError", "QueryLimitExceeded", "ServerError"):
+    for name in ("TransportError", "QueryLimitExceeded", "OverloadLimit", "OperationTimeLimit",
+                 "ServerError"):
         kind = getattr(bitrix_errors, name, None)
         if isinstance(kind, type) and issubclass(kind, BaseException):
             kinds.append(kind)

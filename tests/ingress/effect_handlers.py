@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import select, text
 
+from app.bitrix import errors
 from app.extensions import db
 from app.ingress.models import InboxEvent
 from app.ingress.processing import TransientError
@@ -32,13 +33,20 @@ def effect(portal: Any, event: dict[str, Any]) -> None:
     _record(event)
 
 
+FIRST_FAILURES = {
+    "ours": lambda: TransientError("portal timed out"),
+    "transport": lambda: errors.TransportError("connection reset", None),
+    "rate": lambda: errors.QueryLimitExceeded("QUERY_LIMIT_EXCEEDED", "Too many requests", 503),
+}
+
+
 @on("TESTFLAKY")
 def flaky(portal: Any, event: dict[str, Any]) -> None:
-    """Fails transiently on the first attempt, then works."""
+    """Fails on the first attempt with the transient error named in ``data[ERROR]``."""
     attempts = db.session.scalar(select(InboxEvent.attempts)
                                  .where(InboxEvent.id == event["inbox_id"]))
     if attempts < 2:
-        raise TransientError("portal timed out")
+        raise FIRST_FAILURES[event["data"]["ERROR"]]()
     _record(event)
 
 

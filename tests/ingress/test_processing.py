@@ -36,13 +36,14 @@ def test_an_event_without_a_handler_is_skipped(portal, deliver, api_key, start_h
     wait_for(lambda: statuses() == {"skipped": 2}, timeout=30)
 
 
-def test_a_transient_failure_is_retried_with_backoff(portal, deliver, effects,
+def test_transient_failures_are_retried_with_backoff(portal, deliver, effects,
                                                      start_handler_worker):
     start_handler_worker()
-    row_id = deliver.b24(portal, event="TESTFLAKY").json["id"]
-    wait_for(lambda: statuses() == {"done": 1}, timeout=40)
-    [row] = inbox_rows()
-    assert row.attempts == 2 and effects() == {row_id: 1}
+    ids = [deliver.b24(portal, event="TESTFLAKY", data={"ERROR": kind}).json["id"]
+           for kind in ("ours", "transport", "rate")]
+    wait_for(lambda: statuses() == {"done": 3}, timeout=40)
+    assert [row.attempts for row in inbox_rows()] == [2, 2, 2]
+    assert effects() == dict.fromkeys(ids, 1)
 
 
 def test_what_keeps_failing_is_dead_lettered_with_its_reason(portal, deliver,
