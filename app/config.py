@@ -87,6 +87,10 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "SECRET_KEY": env_str("SECRET_KEY"),
         "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
         "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
+        # Auth-server hosts whose app.info we trust when an install POST names its own.
+        "B24_AUTH_SERVERS": env_str("B24_AUTH_SERVERS", "oauth.bitrix.info,oauth.bitrix24.tech"),
+        "B24_JS_SDK_URL": env_str("B24_JS_SDK_URL", "//api.bitrix24.com/api/v1/"),
+        "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", 30),
         "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
         "PRODUCTION": production,
     }

@@ -154,11 +154,9 @@ def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAut
 
 
 def setting(name: str, default: str | None = None) -> str | None:
-    """A setting from the app config, else the environment, else ``default``."""
-    import os
-
-    value = current_app.config.get(name) or os.environ.get(name, "").strip()
-    return value or default
+    """A setting from the app config (app/config.py reads the environment), else ``default``."""
+    value = current_app.config.get(name)
+    return str(value) if value else default
 
 
 def trusted_auth_servers() -> set[str]:
