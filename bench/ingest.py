@@ -68,6 +68,7 @@ async def _generate(url: str, rate: float, seconds: float, member_id: str, token
     results: list[tuple[int, float, int | None]] = []
     loop = asyncio.get_running_loop()
     lag_max = 0.0
+    failures: dict[str, int] = {}
 
     async def one(session: aiohttp.ClientSession, i: int, due: float) -> None:
         status, ident = 0, None
@@ -78,11 +79,14 @@ async def _generate(url: str, rate: float, seconds: float, member_id: str, token
                     ident = (await resp.json()).get("id")
                 else:
                     await resp.read()
-        except Exception:  # noqa: BLE001 - a failed request is counted, not raised
+        except Exception as exc:  # noqa: BLE001 - a failed request is counted, not raised
             status = -1
+            failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
         results.append((status, (loop.time() - due) * 1000.0, ident))
 
-    connector = aiohttp.TCPConnector(limit=1024, force_close=False)
+    # Idle connections are dropped before gunicorn's 2 s keep-alive closes them, so no
+    # request is sent on a connection the server is closing at that moment.
+    connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=1.0)
     async with aiohttp.ClientSession(connector=connector,
                                      timeout=aiohttp.ClientTimeout(total=10)) as session:
         t0 = loop.time() + 0.2
@@ -97,7 +101,8 @@ async def _generate(url: str, rate: float, seconds: float, member_id: str, token
             tasks.append(asyncio.create_task(one(session, i, due)))
         await asyncio.gather(*tasks)
         elapsed = loop.time() - t0
-    return {"results": results, "elapsed": elapsed, "generator_lag_max_ms": lag_max * 1000}
+    return {"results": results, "elapsed": elapsed, "generator_lag_max_ms": lag_max * 1000,
+            "failures": failures}
 
 
 def _generator_main(args: argparse.Namespace) -> None:
@@ -311,8 +316,17 @@ def _summarise(rate: float, raw: dict[str, Any]) -> dict[str, Any]:
         "p99_ms": round(_quantile(latencies, 0.99), 2),
         "max_ms": round(latencies[-1], 2) if latencies else None,
         "generator_lag_max_ms": round(raw["generator_lag_max_ms"], 2),
+        "failures": raw.get("failures", {}),
+        "statuses": _count(r[0] for r in results if not 200 <= r[0] < 300),
         "acked_ids": sorted(r[2] for r in ok if r[2] is not None),
     }
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for value in values:
+        out[str(value)] = out.get(str(value), 0) + 1
+    return out
 
 
 def _passes(summary: dict[str, Any]) -> bool:
@@ -325,6 +339,8 @@ HEADER = (f"{'target':>7} {'rate/s':>7} {'sent':>7} {'2xx':>7} {'errors':>6} {'p
 
 def _row(target: str, s: dict[str, Any]) -> str:
     inbox = s.get("inbox", "")
+    if s["errors"]:
+        inbox += f"  errors: {s['statuses']} {s['failures']}"
     return (f"{target:>7} {s['rate']:>7.0f} {s['sent']:>7} {s['ok']:>7} {s['errors']:>6} "
             f"{s['p50_ms']:>7.2f} {s['p95_ms']:>7.2f} {s['p99_ms']:>7.2f} {s['max_ms']:>8.2f} "
             f"{s.get('web_cpu_ms_per_request', float('nan')):>14.2f} {inbox:>7}")
