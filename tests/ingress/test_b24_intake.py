@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import REGISTRY
+from sqlalchemy import text
 
 from app.extensions import db
 from app.ingress.models import InboxStatus
@@ -154,3 +155,20 @@ def test_metrics_show_intake_counts_depth_and_latency(portal, deliver, client):
     assert 'b24relay_events_queued_total{source="b24",via="intake"}' in text
     assert 'b24relay_inbox_depth{status="queued"} 1.0' in text
     assert 'b24relay_event_ack_seconds_bucket{le="0.025",source="b24"}' in text
+
+
+def test_an_inbox_that_cannot_be_written_answers_503_and_queues_nothing(app, portal, deliver,
+                                                                       redis_client):
+    assert deliver.b24(portal, data={"FIELDS": {"ID": "1"}}).status_code == 200  # portal cached
+    db.session.remove()
+    with db.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE inbox_events RENAME TO inbox_events_away"))
+    try:
+        before = _rejected("db_unavailable")
+        response = deliver.b24(portal, data={"FIELDS": {"ID": "2"}})
+        assert response.status_code == 503 and response.json["error"] == "db_unavailable"
+        assert _rejected("db_unavailable") == before + 1
+    finally:
+        with db.engine.begin() as conn:
+            conn.execute(text("ALTER TABLE inbox_events_away RENAME TO inbox_events"))
+    assert inbox_count() == 1 and queued_messages(redis_client, app) == 1
