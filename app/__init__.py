@@ -43,30 +43,28 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 
 def _import_models() -> None:
-    """Every model module, so metadata and Alembic see all tables."""
+    """Every model module (so metadata and Alembic see all tables) and every event handler."""
     from app.ingress import models as _ingress  # noqa: F401
+    from app.tenants import events as _tenant_events  # noqa: F401  (registers @on handlers)
     from app.tenants import models as _tenants  # noqa: F401
     from app.tenants import users as _tenant_users  # noqa: F401
-    from app.tenants import events as _tenant_events  # noqa: F401  (registers @on handlers)
 
 
 def _register_blueprints(app: Flask) -> None:
+    """Health and metrics, intake, install/OAuth, and the pages shown inside the portal."""
+    import placements
     from app.health import bp as health_bp
-
-    app.register_blueprint(health_bp)
     from app.ingress.views import bp as ingress_bp
-
-    app.register_blueprint(ingress_bp)
     from app.tenants.views import bp as tenants_bp
 
+    app.register_blueprint(health_bp)
+    app.register_blueprint(ingress_bp)
     app.register_blueprint(tenants_bp)
-    import placements
-
     placements.init_app(app)
 
 
 def _register_cli(app: Flask) -> None:
-    """Command groups; each area adds its own."""
+    """``flask portals …``: list, show, refresh, disable, enable, api-key."""
     from app.ingress.cli import api_key_command
     from app.tenants.cli import portals_cli
 

@@ -21,7 +21,5 @@ broker.add_middleware(PeriodicMiddleware(redis_ext.client))
 app.extensions["broker"] = broker
 dramatiq.set_broker(broker)
 
-from workers import system  # noqa: E402,F401  (actors register on import)
-from workers import ingress  # noqa: E402,F401
-from workers import tenants  # noqa: E402,F401
-from workers import install  # noqa: E402,F401
+# Actors register on import, so these come after set_broker.
+from workers import ingress, install, system, tenants  # noqa: E402,F401

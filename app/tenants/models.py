@@ -17,7 +17,7 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class PortalStatus(str, enum.Enum):
+class PortalStatus(enum.StrEnum):
     """Where a portal stands; every non-active state holds its commands."""
 
     INSTALLING = "installing"          # install POST seen, setup not finished
@@ -30,7 +30,7 @@ class PortalStatus(str, enum.Enum):
     DISABLED = "disabled"              # switched off by an operator
 
 
-class Plan(str, enum.Enum):
+class Plan(enum.StrEnum):
     """Bitrix24 plan family, which sets the REST rate limit."""
 
     STANDARD = "standard"
@@ -63,7 +63,8 @@ class Portal(db.Model):
     plan: Mapped[str] = mapped_column(String(16), default=Plan.STANDARD.value)
     rate_per_second: Mapped[float] = mapped_column(default=2.0)
     rate_burst: Mapped[int] = mapped_column(Integer, default=50)
-    status: Mapped[str] = mapped_column(String(32), default=PortalStatus.INSTALLING.value, index=True)
+    status: Mapped[str] = mapped_column(String(32), default=PortalStatus.INSTALLING.value,
+                                        index=True)
     status_reason: Mapped[str | None] = mapped_column(Text)
     language: Mapped[str | None] = mapped_column(String(8))
     installed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
