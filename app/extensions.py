@@ -27,7 +27,9 @@ def configure_sqlite(app: Flask) -> None:
     """SQLite shared by web and worker processes: WAL, a busy timeout, FK checks."""
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if not uri.startswith("sqlite"):
-        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"pool_pre_ping": True})
+        # No pool_pre_ping: it costs a round trip per request. A connection found dead is
+        # invalidated by SQLAlchemy; the intake path retries once on it (app/ingress/inbox.py),
+        # workers retry the message, pages answer one error after a database restart.
         return
     if uri.startswith("sqlite:///") and ":memory:" not in uri:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from flask import current_app
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from app.extensions import db
 from app.ingress.models import PortalApiKey
@@ -64,9 +65,15 @@ def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
     hit = cache.get(member_id)
     if hit is not None and not fresh and hit[0] > time.monotonic():
         return hit[1]
-    row = db.session.execute(
-        select(Portal.id, Portal.member_id, Portal.application_token, Portal.status)
-        .where(Portal.member_id == member_id)).first()
+    query = (select(Portal.id, Portal.member_id, Portal.application_token, Portal.status)
+             .where(Portal.member_id == member_id))
+    try:
+        row = db.session.execute(query).first()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        db.session.rollback()  # the database restarted: one retry on a fresh connection
+        row = db.session.execute(query).first()
     if row is None:
         cache.pop(member_id, None)
         return None

@@ -28,6 +28,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import JSON, Boolean, DateTime, bindparam, func, select, text, update
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from app import queue
 from app.extensions import db
@@ -107,8 +108,7 @@ def _transaction(single: bool) -> Iterator[Connection]:
         yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
-def store(events: list[NewEvent]) -> list[Stored]:
-    """Write the events in one transaction; a duplicate returns the existing row's id."""
+def _insert(events: list[NewEvent]) -> list[Stored]:
     out: list[Stored] = []
     now = utcnow()
     with _transaction(single=len(events) == 1) as conn:  # committed before anything is queued
@@ -120,6 +120,19 @@ def store(events: list[NewEvent]) -> list[Stored]:
             row_id = conn.execute(_INSERT, values).scalar()
             out.append(Stored(row_id, True) if row_id is not None else
                        Stored(conn.execute(_EXISTING, values).scalar_one(), False))
+    return out
+
+
+def store(events: list[NewEvent]) -> list[Stored]:
+    """Write the events in one transaction; a duplicate returns the existing row's id."""
+    try:
+        out = _insert(events)
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        # A pooled connection died (database restarted): SQLAlchemy dropped the pool, so one
+        # retry gets a fresh connection. The insert is idempotent by dedupe_key.
+        out = _insert(events)
     for ev, stored in zip(events, out, strict=True):
         if stored.created:
             metrics.STORED.labels(ev.source, ev.event_type[:64]).inc()

@@ -8,7 +8,6 @@ Bitrix24 never resends an event, so the answer must be fast and must never be a
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import re
@@ -87,23 +86,6 @@ def _b24_event(body: bytes) -> inbox.NewEvent:
         portal_id=sender.portal.id if sender.portal else None, unverified=sender.unverified)
 
 
-_heap_frozen = False
-
-
-@bp.before_request
-def _freeze_startup_heap() -> None:
-    """Once per process, move the startup heap out of the collector's way.
-
-    A full (gen-2) collection rescans every object the imports created, ~120k of
-    them: 64 ms with the process stopped, and that alone set the p99 of the event
-    endpoints. ``gc.freeze`` (meant for pre-fork servers) excludes them from later
-    collections. It belongs in the WSGI entry point; here it is at least done
-    before the first event is answered. Not in tests: each test builds new apps.
-    """
-    global _heap_frozen
-    if not _heap_frozen and not current_app.testing:
-        _heap_frozen = True
-        gc.freeze()
 
 
 @bp.post("/b24/events")

@@ -10,12 +10,15 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
+from app.extensions import db
 from tests.conftest import wait_for
-from tests.ingress.conftest import FORM, b24_body, inbox_rows, statuses
+from tests.ingress.conftest import FORM, b24_body, inbox_count, inbox_rows, make_portal, statuses
 
 CRASH_EVENTS = int(os.environ.get("INGRESS_CRASH_EVENTS", "1000"))
 
@@ -136,3 +139,24 @@ def test_every_worker_killed_during_a_burst_then_restarted_processes_each_event_
     assert len(done) == CRASH_EVENTS and set(done.values()) == {1}, "each event took effect once"
     assert {row.id for row in inbox_rows()} == set(done)
     print(f"\n{CRASH_EVENTS} events; at the kill: {killed_at}")
+
+
+def test_database_restart_loses_no_event(app, deliver, database_url):
+    """Pooled connections killed under the app (as a PostgreSQL restart does): still 200, stored."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("needs PostgreSQL (pg_terminate_backend)")
+    # Plain copies: the test's own session loses its connection too.
+    first, second = (SimpleNamespace(member_id=p.member_id, application_token=p.application_token)
+                     for p in (make_portal(), make_portal()))
+    db.session.remove()
+    assert deliver.b24(first).status_code == 200  # warms the pool and the token cache
+    admin = create_engine(database_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        killed = conn.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")).scalar()
+    admin.dispose()
+    assert killed >= 1
+    assert deliver.b24(first, ts="1736405900").status_code == 200   # insert path
+    assert deliver.b24(second).status_code == 200                   # portal lookup path
+    assert inbox_count() == 3
