@@ -114,8 +114,8 @@ def _run(instance: Path, env: dict[str, str], procs: list[subprocess.Popen]) -> 
     subprocess.run([py, "-m", "flask", "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=env,
                    check=True)
     procs.append(subprocess.Popen(
-        [py, "-m", "gunicorn", "--bind", bind, "--workers", "2", "--worker-class", "gthread",
-         "--threads", "4", "wsgi:app"], cwd=ROOT, env=env))
+        [py, "-m", "gunicorn", "--config", "gunicorn.conf.py", "wsgi:app"], cwd=ROOT,
+        env={**env, "BIND": bind}))
     procs.append(subprocess.Popen(
         [py, "-m", "dramatiq", "--processes", "1", "--threads", "4", "workers"],
         cwd=ROOT, env=env))

@@ -205,7 +205,8 @@ class Stack:
         log_path = self.workdir / f"gunicorn-{module.split(':')[0]}.log"
         log = log_path.open("wb")
         proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=ROOT,
-                                env={**self.env, "PORT": str(port)}, stdout=log,
+                                env={**self.env, "PORT": str(port),
+                                     "BIND": f"127.0.0.1:{port}"}, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         self.groups.add(proc.pid)

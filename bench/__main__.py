@@ -1,0 +1,33 @@
+"""``make bench``: every benchmark in turn, each printing its own table.
+
+1. ``bench.ingest`` — event intake under gunicorn + PostgreSQL + Redis, against a
+   bare Flask endpoint in the same run (see its docstring for options);
+2. ``sandbox.loadtest`` — the sandbox portal's rate limit at 300 requests/s for 60 s.
+
+Run one alone with ``python -m bench.ingest …`` or ``python -m sandbox.loadtest …``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+RUNS = [
+    ("event intake (bench.ingest)", [sys.executable, "-m", "bench.ingest"]),
+    ("sandbox rate limit (sandbox.loadtest)",
+     [sys.executable, "-m", "sandbox.loadtest", "--rate", "300", "--seconds", "60"]),
+]
+
+
+def main() -> int:
+    """Run each benchmark; the exit code is the first failure's, else 0."""
+    status = 0
+    for title, command in RUNS:
+        print(f"\n=== {title}\n$ {' '.join(command[1:])}", flush=True)
+        code = subprocess.call(command)
+        status = status or code
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
