@@ -2,6 +2,7 @@
 
 1. ``bench.ingest`` — event intake under gunicorn + PostgreSQL + Redis, against a
    bare Flask endpoint in the same run (see its docstring for options);
+   and ``bench.chart`` drawing its latency against the offered rate as an SVG;
 2. ``sandbox.loadtest`` — the sandbox portal's rate limit at 300 requests/s for 60 s.
 
 Run one alone with ``python -m bench.ingest …`` or ``python -m sandbox.loadtest …``.
@@ -14,6 +15,7 @@ import sys
 
 RUNS = [
     ("event intake (bench.ingest)", [sys.executable, "-m", "bench.ingest"]),
+    ("its chart (bench.chart)", [sys.executable, "-m", "bench.chart"]),
     ("sandbox rate limit (sandbox.loadtest)",
      [sys.executable, "-m", "sandbox.loadtest", "--rate", "300", "--seconds", "60"]),
 ]
