@@ -545,8 +545,13 @@ def connect_with_code(portal: Portal, code: str) -> None:
     except BitrixError as exc:
         raise InstallError(f"the Bitrix24 authorization server did not answer ({exc})",
                            502) from exc
-    if token.member_id and not hmac.compare_digest(token.member_id, portal.member_id):
-        raise TokenRejected("the code was issued for another portal", 403)
+    if not token.member_id or not hmac.compare_digest(str(token.member_id), portal.member_id):
+        raise TokenRejected("the code was issued for another portal (member_id missing or "
+                            "different)", 403)
+    # Any portal user can finish this flow: only an administrator's chain may replace the app's.
+    if not user_is_admin(token.client_endpoint or portal.client_endpoint, token.access_token):
+        raise TokenRejected("only a portal administrator can reconnect b24relay; "
+                            "nothing was changed", 403)
     adopt_chain(portal, token)
 
 

@@ -72,3 +72,20 @@ def test_unknown_portal_is_404(live_app):
     with live_app.http() as http:
         assert http.get("/oauth/start", params={"member_id": "nope"}).status_code == 404
         assert http.get("/oauth/start").status_code == 400
+
+
+def test_a_non_admin_finishing_the_code_flow_changes_nothing(sandbox, installed, live_app):
+    member_id = installed["member_id"]
+    before = portal_row(member_id)
+    version, old_refresh = before.token_version, before.refresh_token
+    with live_app.http() as http:
+        start = http.get("/oauth/start", params={"member_id": member_id})
+        # Bob (user 2, not an administrator) signs in on the portal's authorize page.
+        authorize = http.get(start.headers["Location"] + "&user_id=2")
+        assert authorize.status_code == 302
+        done = http.get(authorize.headers["Location"])
+    assert done.status_code == 403, done.text
+    assert "only a portal administrator can reconnect" in done.text
+    row = portal_row(member_id)
+    assert row.token_version == version
+    assert row.refresh_token == old_refresh
