@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import redis
 from flask import current_app
 from sqlalchemy import func, or_, select
 
@@ -123,7 +124,12 @@ def _touch(portal: Portal) -> None:
     if last is not None and now - last < ACTIVITY_GRANULARITY:
         return
     key = f"b24relay:activity:{portal.member_id}"
-    if not redis_ext.client.set(key, 1, nx=True, ex=int(ACTIVITY_GRANULARITY.total_seconds())):
+    try:
+        if not redis_ext.client.set(key, 1, nx=True,
+                                    ex=int(ACTIVITY_GRANULARITY.total_seconds())):
+            return
+    except redis.RedisError as exc:  # bookkeeping must never fail a call that succeeded
+        log.warning("activity of %s not recorded: %s", portal.member_id, exc)
         return
     with db.engine.begin() as conn:
         conn.execute(Portal.__table__.update().where(Portal.id == portal.id)

@@ -123,7 +123,7 @@ def refresh(portal: Portal, seen_version: int) -> Credentials:
     while True:
         if lock.acquire(blocking=False):
             try:
-                return _refresh_locked(portal, seen_version)
+                return _refresh_locked(portal, seen_version, lock)
             finally:
                 _release(lock)
         time.sleep(POLL)
@@ -142,7 +142,7 @@ def _release(lock: Any) -> None:
         log.warning("refresh lock %s expired before release", lock.name)
 
 
-def _refresh_locked(portal: Portal, seen_version: int) -> Credentials:
+def _refresh_locked(portal: Portal, seen_version: int, lock: Any) -> Credentials:
     row = _read(portal.id)
     if row["token_version"] != seen_version or portal_status.is_held(row["status"]):
         portal_status.sync(portal, row)
@@ -153,7 +153,7 @@ def _refresh_locked(portal: Portal, seen_version: int) -> Credentials:
     interrupted = row["refresh_started_at"] is not None
     _write(portal, {"refresh_started_at": utcnow()}, seen_version)
     try:
-        _spend(portal, row, seen_version)
+        _spend(portal, row, seen_version, lock)
     except errors.InvalidGrant as exc:
         _chain_lost(portal, seen_version, portal_status.INTERRUPTED if interrupted else "",
                     f"{exc.code} {exc.description}".strip())
@@ -164,8 +164,13 @@ def _refresh_locked(portal: Portal, seen_version: int) -> Credentials:
     return reload(portal)
 
 
-def _spend(portal: Portal, row: dict[str, Any], seen_version: int) -> TokenSet:
-    """The refresh request; one retry with the same token if the answer was lost in transit."""
+def _spend(portal: Portal, row: dict[str, Any], seen_version: int, lock: Any) -> TokenSet:
+    """The refresh request; one retry with the same token if the answer was lost in transit.
+
+    Before the retry the lock's TTL is renewed, so no other process can take the lock and
+    present the same refresh token while the retry is in flight; if the lock was already
+    lost, there is no retry.
+    """
     server = row["server_endpoint"] or DEFAULT_SERVER_ENDPOINT
     client = oauth_client()
 
@@ -175,6 +180,13 @@ def _spend(portal: Portal, row: dict[str, Any], seen_version: int) -> TokenSet:
     try:
         return client.refresh(server, row["refresh_token"], update_token=commit)
     except errors.TransportError as exc:
+        try:
+            lock.extend(float(current_app.config.get("B24_REFRESH_LOCK_TTL") or LOCK_TTL),
+                        replace_ttl=True)
+        except LockError:
+            log.error("refresh of %s lost in transit and its lock expired; not retrying",
+                      portal.member_id)
+            raise exc from None
         log.warning("refresh of %s lost in transit (%s); retrying once", portal.member_id, exc)
         return client.refresh(server, row["refresh_token"], update_token=commit)
 

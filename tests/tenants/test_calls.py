@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pytest
@@ -12,6 +13,7 @@ from app.crypto import DecryptionError
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import utcnow
+from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET
 
 
 def test_call_method_returns_result_and_records_activity(make_portal, sandbox):
@@ -66,4 +68,29 @@ def test_refreshed_tokens_are_stored_encrypted(make_portal, sandbox, make_app):
     with make_app(TOKEN_ENCRYPTION_KEY=Fernet.generate_key().decode()).app_context():
         with pytest.raises(DecryptionError):
             service.get_portal(portal.member_id).refresh_token  # noqa: B018
+        db.session.remove()
+
+
+def test_a_refresh_writes_no_secret_to_the_logs(make_portal, sandbox, caplog):
+    portal, info = make_portal()
+    sandbox.expire_tokens(portal.member_id)
+    with caplog.at_level(logging.INFO):
+        service.call_method(portal, "user.current")
+    assert sandbox.counters(portal.member_id)["refreshes"] == 1
+    db.session.expire_all()
+    stored = service.get_portal(portal.member_id)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for secret in (CLIENT_SECRET, info["refresh_token"], stored.refresh_token,
+                   stored.access_token):
+        assert secret not in logged
+
+
+def test_redis_failure_after_a_successful_call_does_not_fail_it(make_portal, sandbox, make_app):
+    portal, _ = make_portal()
+    member_id = portal.member_id
+    broken = make_app(REDIS_URL="redis://127.0.0.1:1/0", B24_CLIENT_ID=CLIENT_ID,
+                      B24_CLIENT_SECRET=CLIENT_SECRET)
+    with broken.app_context():
+        fresh = service.get_portal(member_id)
+        assert service.call_method(fresh, "user.current")["ID"] == "1"
         db.session.remove()
