@@ -22,7 +22,6 @@ from flask import current_app
 from sqlalchemy import func, or_, select
 
 from app.bitrix import BatchResult, RestClient, errors
-from app.config import env_int
 from app.extensions import db, redis_ext
 from app.tenants import status as portal_status
 from app.tenants import tokens
@@ -146,7 +145,7 @@ def refresh_now(portal: Portal) -> Credentials:
 def idle_portals(days: int | None = None) -> list[Portal]:
     """Active portals with neither a refresh nor activity in the last ``days`` days."""
     if days is None:
-        days = int(current_app.config.get("IDLE_REFRESH_DAYS") or env_int("IDLE_REFRESH_DAYS", 30))
+        days = int(current_app.config.get("IDLE_REFRESH_DAYS") or 30)
     cutoff = utcnow() - timedelta(days=days)
     renewed = func.coalesce(Portal.last_refresh_at, Portal.installed_at, Portal.created_at)
     query = select(Portal).where(
