@@ -29,11 +29,25 @@ def test_readiness_fails_when_redis_is_unreachable(make_app):
     assert resp.get_json()["checks"]["redis"].startswith("error")
 
 
-def test_metrics_are_exposed(client):
+def _sample(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_count_what_the_intake_endpoints_did(client):
+    before = client.get("/metrics").get_data(as_text=True)
+    refused = client.post("/b24/events", data="event=ONAPPINSTALL",
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert refused.status_code == 400
     resp = client.get("/metrics")
-    assert resp.status_code == 200
-    assert resp.mimetype == "text/plain"
-    assert b"python_info" in resp.data or b"process_" in resp.data
+    assert resp.status_code == 200 and resp.mimetype == "text/plain"
+    after = resp.get_data(as_text=True)
+    name = "b24relay_events_rejected_total"
+    assert _sample(after, name, source="b24", reason="malformed") == \
+        _sample(before, name, source="b24", reason="malformed") + 1
+    assert "b24relay_event_ack_seconds_bucket" in after
 
 
 def test_portal_round_trip_with_plan_limits(app):
