@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from app.extensions import db
 from app.ingress.registry import on
@@ -35,7 +36,8 @@ def _verified(event: dict[str, Any]) -> dict[str, Any] | None:
     try:
         return install.verify_token(str(auth.get("server_endpoint") or ""),
                                     str(auth.get("access_token") or ""),
-                                    str(auth.get("member_id") or ""))
+                                    str(auth.get("member_id") or ""),
+                                    domain=str(auth.get("domain") or ""))
     except install.InstallError as exc:
         log.warning("%s for %s not verified: %s", event.get("event"), auth.get("member_id"),
                     exc.message)
@@ -49,17 +51,17 @@ def _store_chain(portal: Portal, auth: dict[str, Any], info: dict[str, Any]) -> 
     service.store_new_chain(
         portal, access_token=str(auth["access_token"]), refresh_token=str(auth["refresh_token"]),
         expires_in=int(auth.get("expires_in") or 3600),
-        client_endpoint=str(auth.get("client_endpoint") or portal.client_endpoint),
+        client_endpoint=install.portal_endpoint(info),
         server_endpoint=str(auth.get("server_endpoint") or portal.server_endpoint or ""),
         scope=auth.get("scope") or None, user_id=install.int_or_none(auth.get("user_id")))
 
 
 def _portal_from_auth(auth: dict[str, Any], info: dict[str, Any]) -> Portal:
     """Create the portal a verified first contact names (the installer POST may come later)."""
-    endpoint = str(auth.get("client_endpoint")
-                   or (info.get("install") or {}).get("client_endpoint"))
+    # The address comes from the auth server's answer, never from the event itself.
+    endpoint = install.portal_endpoint(info)
     portal = Portal(member_id=str(auth["member_id"]), status=PortalStatus.INSTALLING.value,
-                    domain=str(auth.get("domain") or "").lower(), client_endpoint=endpoint,
+                    domain=urlsplit(endpoint).netloc.lower(), client_endpoint=endpoint,
                     server_endpoint=str(auth.get("server_endpoint") or ""),
                     application_token=str(auth.get("application_token") or "") or None)
     portal.settings = PortalSettings()

@@ -210,9 +210,30 @@ def _check_app_info(info: Mapping[str, Any], member_id: str, domain: str | None)
     install_info = info.get("install") or {}
     if not hmac.compare_digest(str(install_info.get("member_id") or ""), member_id):
         raise TokenRejected("the access token belongs to another portal (member_id differs)", 403)
-    endpoint = install_info.get("client_endpoint") or ""
-    if domain and endpoint and (urlsplit(endpoint).netloc.lower() != domain.lower()):
+    endpoint = portal_endpoint(info)  # raises when the auth server names no address
+    if domain is not None and urlsplit(endpoint).netloc.lower() != domain.strip().lower():
         raise TokenRejected("the access token belongs to another portal (domain differs)", 403)
+
+
+def portal_endpoint(info: Mapping[str, Any]) -> str:
+    """The portal's REST base as the auth server's ``app.info`` names it (never the request's).
+
+    ``install.client_endpoint``, else ``install.domain`` (scheme from ``install.uri``,
+    https by default). Neither named → :class:`TokenRejected`: REST calls carry tokens,
+    so their address must not come from the POST or the event.
+    """
+    install_info = info.get("install") or {}
+    endpoint = str(install_info.get("client_endpoint") or "").strip()
+    if endpoint:
+        parts = urlsplit(endpoint)
+        if parts.scheme in ("http", "https") and parts.netloc:
+            return endpoint if endpoint.endswith("/") else endpoint + "/"
+    domain = str(install_info.get("domain") or "").strip().lower()
+    if domain and valid_host(domain):
+        scheme = urlsplit(str(install_info.get("uri") or "")).scheme
+        return f"{scheme if scheme in ('http', 'https') else 'https'}://{domain}/rest/"
+    raise TokenRejected("the Bitrix24 authorization server did not name the portal's address; "
+                        "open the app again from your Bitrix24", 403)
 
 
 def verify_iframe_token(auth: IframeAuth) -> dict[str, Any]:
@@ -252,7 +273,8 @@ def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
 
 
 def _client_endpoint(auth: IframeAuth, info: Mapping[str, Any]) -> str:
-    return str((info.get("install") or {}).get("client_endpoint") or auth.client_endpoint)
+    """The REST base app.info names (verify_iframe_token checked its host is DOMAIN)."""
+    return portal_endpoint(info)
 
 
 def int_or_none(value: Any) -> int | None:

@@ -148,3 +148,42 @@ def test_user_resync_reads_extensions_without_refreshing(installed, app):
     row.expires_at = datetime.now(UTC) - timedelta(minutes=1)
     db.session.commit()
     assert install.portals_with_live_tokens() == []
+
+
+def _onappinstall(portal: dict, tokens: dict, **auth: str) -> str:
+    fields = {"access_token": tokens["access_token"], "refresh_token": tokens["refresh_token"],
+              "expires_in": "3600", "domain": portal["domain"],
+              "server_endpoint": portal["server_endpoint"],
+              "client_endpoint": portal["client_endpoint"], "member_id": portal["member_id"],
+              "user_id": "1", "application_token": portal["application_token"], **auth}
+    return urlencode({"event": "ONAPPINSTALL", "data[VERSION]": "1", "ts": "1",
+                      **{f"auth[{k}]": v for k, v in fields.items()}})
+
+
+def _post_event(live_app, body: str) -> None:
+    with live_app.http() as http:
+        resp = http.post("/b24/events", content=body,
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 200
+
+
+def test_onappinstall_client_endpoint_is_taken_from_app_info(sandbox, make_portal, live_app,
+                                                             worker):
+    portal = make_portal()
+    tokens = sandbox.issue_tokens(portal["member_id"], user_id=1)
+    # A real token, but the event names another host as the REST base: it is not used.
+    _post_event(live_app, _onappinstall(portal, tokens,
+                                        client_endpoint="http://127.0.0.1:9/rest/"))
+    row = wait_for(lambda: (r := portal_row(portal["member_id"])) and r.refresh_token and r,
+                   timeout=30)
+    assert row.client_endpoint == portal["client_endpoint"]
+    assert row.domain == portal["domain"]
+
+
+def test_onappinstall_naming_another_domain_is_refused(sandbox, make_portal, live_app, worker):
+    portal = make_portal()
+    tokens = sandbox.issue_tokens(portal["member_id"], user_id=1)
+    _post_event(live_app, _onappinstall(portal, tokens, domain="127.0.0.1:9",
+                                        client_endpoint="http://127.0.0.1:9/rest/"))
+    wait_for(lambda: _handled("ONAPPINSTALL"), timeout=30)
+    assert portal_count() == 0

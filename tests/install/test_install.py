@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import urlencode
 
+import pytest
 from sqlalchemy import select, text
 
 from app.extensions import db
@@ -208,3 +209,28 @@ def test_a_failed_setup_says_why_and_does_not_finish(sandbox, make_portal, live_
     assert row.status == "installing"
     assert "Setup did not finish" in row.status_reason
     assert "telephony.externalLine.get" in row.status_reason
+
+
+def test_a_domain_other_than_app_info_names_is_refused(make_portal, live_app):
+    portal = make_portal()
+    elsewhere = {**portal, "domain": "127.0.0.1:9"}  # a host the attacker controls
+    with live_app.http() as http:
+        resp = http.post("/install?" + _query(elsewhere), data=_form(portal))
+    assert resp.status_code == 403
+    assert "domain differs" in resp.text
+    assert portal_count() == 0
+
+
+def test_the_portal_address_is_taken_from_app_info_only(live_app):
+    info = {"client_id": live_app.app.config["B24_CLIENT_ID"],
+            "install": {"member_id": "m1", "domain": "x.bitrix24.com"}}
+    with live_app.app.app_context():
+        # Only install.domain named: its https REST base, and the posted DOMAIN must match it.
+        install._check_app_info(info, "m1", "x.bitrix24.com")
+        assert install.portal_endpoint(info) == "https://x.bitrix24.com/rest/"
+        with pytest.raises(install.TokenRejected, match="domain differs"):
+            install._check_app_info(info, "m1", "attacker.example")
+        # Neither client_endpoint nor domain: refused, whatever the request says.
+        bare = {**info, "install": {"member_id": "m1"}}
+        with pytest.raises(install.TokenRejected, match="did not name the portal's address"):
+            install._check_app_info(bare, "m1", "x.bitrix24.com")
