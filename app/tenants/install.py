@@ -42,6 +42,9 @@ EVENT_PATH = "/b24/events"
 # extensions are picked up by the periodic user sync (workers/install.py).
 EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE", "ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART",
           "ONUSERADD")
+# Lifecycle events stay online in the offline mode: ONAPPUNINSTALL must reach us while
+# the tokens still exist, and ONAPPUPDATE re-runs this setup.
+ALWAYS_ONLINE = frozenset({"ONAPPUNINSTALL", "ONAPPUPDATE"})
 PLACEMENTS = {
     "TELEPHONY_ANALYTICS_MENU": ("/placements/dashboard", "b24relay: calls"),
     "CALL_CARD": ("/placements/call-card", "b24relay"),
@@ -332,6 +335,7 @@ class SetupReport:
 
     plan: str = Plan.STANDARD.value
     events_bound: list[str] = field(default_factory=list)
+    events_unbound: list[str] = field(default_factory=list)
     placements_bound: list[str] = field(default_factory=list)
     lines_added: list[str] = field(default_factory=list)
     users: int = 0
@@ -339,7 +343,8 @@ class SetupReport:
     @property
     def changed(self) -> bool:
         """Whether anything was bound or added."""
-        return bool(self.events_bound or self.placements_bound or self.lines_added)
+        return bool(self.events_bound or self.events_unbound or self.placements_bound
+                    or self.lines_added)
 
 
 READ_COMMANDS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -356,6 +361,7 @@ def setup_portal(portal: Portal, installer_id: int | None = None) -> SetupReport
     state = _run_batch(portal, READ_COMMANDS)
     report = SetupReport()
     _apply_plan(portal, state["app"], report)
+    db.session.commit()  # the plan's UPDATE must not hold the row through the calls below
     writes, kinds = _missing_bindings(portal, state)
     for chunk in _chunks(list(writes.items()), BATCH_MAX):
         _apply_writes(portal, dict(chunk), kinds, report)
@@ -382,6 +388,7 @@ def _run_batch(portal: Portal, commands: dict[str, tuple[str, dict[str, Any]]]) 
 def _batch(portal: Portal, commands: dict[str, tuple[str, dict[str, Any]]]
            ) -> dict[str, Any]:
     """``{key: result | ApiError}`` for a batch sent with the portal's chain."""
+    _end_transaction()
     try:
         result = service.call_batch(portal, commands)
     except ApiError as exc:
@@ -389,6 +396,12 @@ def _batch(portal: Portal, commands: dict[str, tuple[str, dict[str, Any]]]
     except (BitrixError, service.PortalUnavailable) as exc:
         raise SetupFailed(f"the portal did not answer: {exc}") from exc
     return {key: _outcome(result, key) for key in commands}
+
+
+def _end_transaction() -> None:
+    """Commit before a (slow) Bitrix24 call: no row or database lock waits on the portal."""
+    if db.session().in_transaction():
+        db.session.commit()
 
 
 def _outcome(result: Any, key: str) -> Any:
@@ -412,9 +425,51 @@ def _as_list(value: Any) -> list[Any]:
 
 
 def wanted_events() -> dict[str, str]:
-    """Event name → handler URL the app binds."""
+    """Event name → handler URL the app binds (online mode)."""
     handler = public_url(EVENT_PATH)
     return {name: handler for name in EVENTS}
+
+
+def offline_mode(portal: Portal) -> bool:
+    """Whether the portal's settings chose the offline events mode (§3.9)."""
+    return portal.settings is not None and portal.settings.event_mode == "offline"
+
+
+def _is_offline(binding: Mapping[str, Any]) -> bool:
+    return str(binding.get("offline") or "0").strip().upper() in {"1", "Y", "TRUE"}
+
+
+def _event_commands(portal: Portal, bindings: list[Any]
+                    ) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, tuple[str, str]]]:
+    """Bind what the event mode wants, unbind what the other mode left behind.
+
+    Online: ``event.bind {event, handler}``. Offline: ``event.bind {event,
+    event_type: offline}`` (no handler; the queue is read by app.ingress.offline)
+    for every event except :data:`ALWAYS_ONLINE`.
+    """
+    writes: dict[str, tuple[str, dict[str, Any]]] = {}
+    kinds: dict[str, tuple[str, str]] = {}
+    rows = [b for b in bindings if isinstance(b, Mapping)]
+    online = {(str(b.get("event", "")).upper(), b.get("handler"))
+              for b in rows if not _is_offline(b)}
+    offline = {str(b.get("event", "")).upper() for b in rows if _is_offline(b)}
+    queue = offline_mode(portal)
+    for i, (name, handler) in enumerate(wanted_events().items()):
+        if queue and name not in ALWAYS_ONLINE:
+            if name not in offline:
+                writes[f"ev{i}"] = ("event.bind", {"event": name, "event_type": "offline"})
+                kinds[f"ev{i}"] = ("event", name)
+            if (name, handler) in online:
+                writes[f"un{i}"] = ("event.unbind", {"event": name, "handler": handler})
+                kinds[f"un{i}"] = ("unbind", name)
+            continue
+        if (name, handler) not in online:
+            writes[f"ev{i}"] = ("event.bind", {"event": name, "handler": handler})
+            kinds[f"ev{i}"] = ("event", name)
+        if name in offline:
+            writes[f"un{i}"] = ("event.unbind", {"event": name, "event_type": "offline"})
+            kinds[f"un{i}"] = ("unbind", name)
+    return writes, kinds
 
 
 def wanted_placements() -> dict[str, tuple[str, str]]:
@@ -425,13 +480,7 @@ def wanted_placements() -> dict[str, tuple[str, str]]:
 def _missing_bindings(portal: Portal, state: Mapping[str, Any]
                       ) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, tuple[str, str]]]:
     """Commands for whatever is not bound yet, and what each one is (kind, name)."""
-    writes: dict[str, tuple[str, dict[str, Any]]] = {}
-    kinds: dict[str, tuple[str, str]] = {}
-    bound = {(str(b.get("event", "")).upper(), b.get("handler")) for b in _as_list(state["events"])}
-    for i, (name, handler) in enumerate(wanted_events().items()):
-        if (name, handler) not in bound:
-            writes[f"ev{i}"] = ("event.bind", {"event": name, "handler": handler})
-            kinds[f"ev{i}"] = ("event", name)
+    writes, kinds = _event_commands(portal, _as_list(state["events"]))
     placed = {(str(b.get("placement", "")).upper(), b.get("handler"))
               for b in _as_list(state["placements"])}
     for code, (handler, title) in wanted_placements().items():
@@ -467,8 +516,8 @@ def _apply_writes(portal: Portal, writes: dict[str, tuple[str, dict[str, Any]]],
         if isinstance(value, ApiError) and not _already_done(value):
             failures.append(f"{writes[key][0]} {name}: {value.code} {value.description}")
             continue
-        {"event": report.events_bound, "placement": report.placements_bound,
-         "line": report.lines_added}[kind].append(name)
+        {"event": report.events_bound, "unbind": report.events_unbound,
+         "placement": report.placements_bound, "line": report.lines_added}[kind].append(name)
     if failures:
         raise SetupFailed("; ".join(failures))
 
@@ -485,6 +534,7 @@ def _sync_all_users(portal: Portal, first_page: Any, installer_id: int | None,
     records = _as_list(first_page)
     page = records
     while len(page) >= USER_PAGE:
+        _end_transaction()
         page = _as_list(service.call_method(portal, "user.get", {"start": len(records)}))
         records.extend(page)
     report.users = sync_users(portal, records)

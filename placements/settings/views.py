@@ -93,12 +93,12 @@ def _save() -> Response:
         return error_page("The form expired or was tampered with; reopen the app.", 403)
     origin = _portal_origin(portal)
     try:
-        lines_changed = _apply_form(_settings(portal))
+        setup_needed = _apply_form(_settings(portal))
     except ValueError as exc:
         body = render(portal, is_admin=True, user_id=claims.get("u"), error=str(exc))
         return framed_by(make_response(body, 400), origin)
     db.session.commit()
-    if lines_changed:
+    if setup_needed:  # new lines to add, or events to rebind for the new event mode
         enqueue("setup_portal", portal.id)
     body = render(portal, is_admin=True, user_id=claims.get("u"), notice="Settings saved.")
     return framed_by(make_response(body), origin)
@@ -131,12 +131,12 @@ def parse_lines(text: str) -> list[dict[str, str]]:
 
 
 def _apply_form(settings: PortalSettings) -> bool:
-    """Copy the form into ``settings``; True when the lines changed."""
+    """Copy the form into ``settings``; True when the lines or the event mode changed."""
     mode = request.form.get("event_mode", settings.event_mode)
     if mode not in EVENT_MODES:
         raise ValueError("event mode must be online or offline")
     lines = parse_lines(request.form.get("lines", ""))
-    changed = lines != (settings.lines or [])
+    changed = lines != (settings.lines or []) or mode != settings.event_mode
     settings.event_mode = mode
     settings.lines = lines
     settings.crm_create = request.form.get("crm_create") == "1"

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from urllib.parse import urlencode
 
 import pytest
 from sqlalchemy import select, text
 
 from app.extensions import db
-from app.tenants import install
+from app.tenants import install, service
+from app.tenants.models import Portal
 from app.tenants.users import PortalUser, extension_map
+from tests.conftest import wait_for
 from tests.install.conftest import CLIENT_SECRET, USERS, portal_count, portal_row
 
 
@@ -234,3 +237,46 @@ def test_the_portal_address_is_taken_from_app_info_only(live_app):
         bare = {**info, "install": {"member_id": "m1"}}
         with pytest.raises(install.TokenRejected, match="did not name the portal's address"):
             install._check_app_info(bare, "m1", "x.bitrix24.com")
+
+
+def _write_portal_row(portal_id: int, wait_ms: int) -> None:
+    """Another connection writes the portal row, waiting at most ``wait_ms`` for locks."""
+    with db.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text(f"SET lock_timeout = '{wait_ms}ms'"))
+        else:
+            conn.exec_driver_sql(f"PRAGMA busy_timeout={wait_ms}")
+        conn.execute(text("UPDATE portals SET language = 'de' WHERE id = :id"), {"id": portal_id})
+        conn.commit()
+
+
+def test_setup_holds_no_lock_while_it_waits_for_the_portal(sandbox, installed, live_app):
+    member_id = installed["member_id"]
+    portal_id = portal_row(member_id).id
+    sandbox.set_plan(member_id, "enterprise")  # setup will change the portal row (plan)
+    service.call_method(portal_row(member_id), "event.unbind",
+                        {"event": "ONUSERADD", "handler": live_app.url + "/b24/events"})
+    sandbox.set_latency(member_id, 1500)
+    sent = sandbox.counters(member_id)["rest_requests"]
+    outcome: dict = {}
+
+    def run() -> None:
+        with live_app.app.app_context():
+            try:
+                outcome["report"] = install.setup_portal(db.session.get(Portal, portal_id))
+            except Exception as exc:  # reported below
+                outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        # The read batch is answered, the plan applied; the write batch is on the wire now.
+        wait_for(lambda: (c := sandbox.counters(member_id))["rest_requests"] >= sent + 2
+                 and c["in_flight"] == 1, timeout=10)
+        _write_portal_row(portal_id, 300)
+    finally:
+        thread.join(30)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["report"].events_bound == ["ONUSERADD"]
+    row = portal_row(member_id)
+    assert row.plan == "enterprise" and row.language == "de"

@@ -117,3 +117,38 @@ def test_analytics_dashboard_opens(sandbox, installed):
     assert opened["status"] == 200
     assert "Users with an extension" in opened["body"]
     db.session.remove()
+
+
+def test_switching_to_offline_mode_binds_offline_events(sandbox, installed, live_app,
+                                                        start_worker):
+    from app.tenants import install
+    from tests.conftest import wait_for
+
+    member_id = installed["member_id"]
+    start_worker(threads=2, **live_app.worker_env())
+    handler = live_app.url + "/b24/events"
+    queued = {e for e in install.EVENTS if e not in install.ALWAYS_ONLINE}
+
+    def save(mode: str) -> None:
+        opened = sandbox.open_placement(member_id)
+        resp = httpx.post(live_app.url + "/placements/settings", timeout=30, data={
+            "form_token": _form_token(opened["body"]), "event_mode": mode, "lines": "",
+            "crm_create": "1"})
+        assert resp.status_code == 200 and "Settings saved." in resp.text
+
+    def bound() -> tuple[set, set]:
+        rows = sandbox.bindings(member_id)["events"]
+        return ({(b["event"], b["handler"]) for b in rows if not b["offline"]},
+                {b["event"] for b in rows if b["offline"]})
+
+    save("offline")  # only the mode changed: setup runs again
+    online, offline = wait_for(lambda: (b := bound())[1] == queued and b, timeout=30)
+    assert online == {(e, handler) for e in install.ALWAYS_ONLINE}
+
+    out = sandbox.trigger_event(member_id, "ONUSERADD", {"FIELDS": {"ID": "2"}})
+    assert out["statuses"] == []  # no online handler for it any more
+    assert [e["EVENT_NAME"] for e in sandbox.offline_events(member_id)] == ["ONUSERADD"]
+
+    save("online")
+    online, offline = wait_for(lambda: not (b := bound())[1] and b, timeout=30)
+    assert online == {(e, handler) for e in install.EVENTS}
