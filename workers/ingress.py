@@ -1,4 +1,4 @@
-"""Inbox actors: process one row, and sweep up rows that got stuck."""
+"""Inbox actors: process one row, and sweep up rows that got stuck or can leave the parking."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def process_inbox_event(row_id: int) -> None:
 @periodic(SWEEP_INTERVAL_SECONDS)
 @dramatiq.actor(queue_name="default", max_retries=0)
 def sweep_inbox() -> None:
-    """Queue again the inbox rows no worker finished."""
+    """Queue again the inbox rows no worker finished, and parked rows that can go on now
+    (``unhandled`` ones whose event now has a handler, ``held`` ones whose portal is active)."""
     processing.sweep()
 
 

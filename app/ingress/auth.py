@@ -3,6 +3,10 @@
 The application_token check runs on every event, so the decrypted token is kept
 per process for a few seconds; a token that does not match the cached one is
 always checked again against the database before the event is refused.
+
+PBX keys are cached the same way, by key hash, for ``CACHE_SECONDS``: a rotated
+key is dropped at once in the process that rotated it, and keeps working in the
+other processes for at most ``CACHE_SECONDS`` (5 s). Unknown keys are not cached.
 """
 
 from __future__ import annotations
@@ -57,6 +61,16 @@ class Sender:
 
 def _cache() -> dict[str, tuple[float, KnownPortal]]:
     return current_app.extensions.setdefault("ingress_portal_cache", {})
+
+
+def _key_cache() -> dict[str, tuple[float, KnownPortal]]:
+    return current_app.extensions.setdefault("ingress_api_key_cache", {})
+
+
+def _forget_keys_of(portal_id: int) -> None:
+    cache = _key_cache()
+    for key_hash in [h for h, (_, known) in cache.items() if known.id == portal_id]:
+        cache.pop(key_hash, None)
 
 
 def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
@@ -126,18 +140,32 @@ def issue_api_key(portal: Portal) -> str:
     record.key_hash = hash_api_key(key)
     record.prefix = key[:12]
     db.session.commit()
+    _forget_keys_of(portal.id)
     return key
 
 
 def verify_api_key(authorization: str | None) -> KnownPortal:
-    """The portal whose key is in ``Authorization: Bearer <key>``."""
+    """The portal whose key is in ``Authorization: Bearer <key>``.
+
+    Cached per process by key hash for ``CACHE_SECONDS`` (5 s): after a rotation in
+    another process the old key is accepted for at most that long (and a portal's
+    status change shows after at most that long). Unknown keys always ask the database.
+    """
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Rejected(401, "missing_key", "Authorization: Bearer <api key> is required")
+    key_hash = hash_api_key(key.strip())
+    cache = _key_cache()
+    hit = cache.get(key_hash)
+    if hit is not None and hit[0] > time.monotonic():
+        return hit[1]
     row = db.session.execute(
         select(Portal.id, Portal.member_id, Portal.status)
         .join(PortalApiKey, PortalApiKey.portal_id == Portal.id)
-        .where(PortalApiKey.key_hash == hash_api_key(key.strip()))).first()
+        .where(PortalApiKey.key_hash == key_hash)).first()
     if row is None:
+        cache.pop(key_hash, None)
         raise Rejected(401, "bad_key", "unknown API key")
-    return KnownPortal(row.id, row.member_id, None, row.status)
+    known = KnownPortal(row.id, row.member_id, None, row.status)
+    cache[key_hash] = (time.monotonic() + CACHE_SECONDS, known)
+    return known

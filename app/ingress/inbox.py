@@ -14,10 +14,10 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -26,15 +26,16 @@ from dramatiq.brokers.redis import RedisBroker
 from flask import current_app
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from sqlalchemy import JSON, Boolean, DateTime, bindparam, func, select, text, update
+from sqlalchemy import JSON, Boolean, DateTime, bindparam, func, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from app import queue
 from app.extensions import db
 from app.ingress import metrics
-from app.ingress.models import PENDING, InboxEvent, InboxStatus
-from app.tenants.models import utcnow
+from app.ingress.models import PARKED, PENDING, InboxEvent, InboxStatus
+from app.tenants.models import Portal, utcnow
+from app.tenants.status import HELD
 
 log = logging.getLogger(__name__)
 
@@ -214,33 +215,84 @@ class SweepPolicy:
     ``queued`` rows normally just wait their turn in the broker, so only a long
     silence means their message was lost; ``processing`` rows wait out the
     longest handler before their worker is presumed dead.
+
+    A ``queued`` row's wait backs off: each requeue sets ``claimed_at``, and the
+    next one waits at least as long as the row had already waited then
+    (``claimed_at - received_at``), capped at ``queued_after_cap``. So while the
+    broker has a long backlog (a slow Bitrix24), a row gets a few extra messages
+    over its lifetime instead of one per ``queued_after``; a lost message is still
+    replaced within the cap. Extra messages are harmless (the claim takes a row once).
+
+    Parked rows go back without a delay once they can go on: ``unhandled`` (and
+    legacy ``skipped``) rows whose (source, event_type) is in ``handled``, and
+    ``held`` rows whose portal's status no longer holds its calls.
     """
 
     received_after: float = 10.0
     queued_after: float = 120.0
+    queued_after_cap: float = 1800.0
     processing_after: float = 600.0
+    handled: Mapping[str, Sequence[str]] = field(default_factory=dict)  # source -> event types
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they are UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _queued_wait(policy: SweepPolicy, received_at: datetime, claimed_at: datetime | None) -> float:
+    """Seconds of silence after which a queued row is queued again (doubling, capped)."""
+    waited = 0.0
+    if claimed_at is not None:
+        waited = (_aware(claimed_at) - _aware(received_at)).total_seconds()
+    return min(policy.queued_after_cap, max(policy.queued_after, waited))
+
+
+def _now_handled(policy: SweepPolicy) -> Any:
+    """Parked-for-no-handler rows whose event type has a handler now (None if none do)."""
+    per_source = [(InboxEvent.source == source)
+                  & func.upper(InboxEvent.event_type).in_([t.upper() for t in types])
+                  for source, types in policy.handled.items() if types]
+    if not per_source:
+        return None
+    return (InboxEvent.status.in_([InboxStatus.UNHANDLED.value,
+                                   InboxStatus.LEGACY_SKIPPED.value]) & or_(*per_source))
 
 
 def stuck_rows(policy: SweepPolicy, limit: int = 1000,
                now: datetime | None = None) -> list[tuple[int, str]]:
     """(id, source) of the rows the policy says no worker will finish on its own."""
     now = now or utcnow()
+    since = func.coalesce(InboxEvent.claimed_at, InboxEvent.received_at)
 
     def silent(status: str, seconds: float) -> Any:
-        cutoff = now - timedelta(seconds=seconds)
-        since = func.coalesce(InboxEvent.claimed_at, InboxEvent.received_at)
-        return (InboxEvent.status == status) & (since < cutoff)
+        return (InboxEvent.status == status) & (since < now - timedelta(seconds=seconds))
 
+    callable_portals = select(Portal.id).where(Portal.status.notin_([s.value for s in HELD]))
     stuck = (silent(InboxStatus.RECEIVED.value, policy.received_after)
              | silent(InboxStatus.QUEUED.value, policy.queued_after)
-             | silent(InboxStatus.PROCESSING.value, policy.processing_after))
-    rows = db.session.execute(select(InboxEvent.id, InboxEvent.source).where(stuck)
-                              .order_by(InboxEvent.id).limit(limit)).all()
-    return [(r.id, r.source) for r in rows]
+             | silent(InboxStatus.PROCESSING.value, policy.processing_after)
+             | ((InboxEvent.status == InboxStatus.HELD.value)
+                & InboxEvent.portal_id.in_(callable_portals)))
+    handled = _now_handled(policy)
+    if handled is not None:
+        stuck = stuck | handled
+    rows = db.session.execute(
+        select(InboxEvent.id, InboxEvent.source, InboxEvent.status, InboxEvent.received_at,
+               InboxEvent.claimed_at)
+        .where(stuck).order_by(since, InboxEvent.id).limit(limit)).all()
+    out = []
+    for r in rows:
+        if r.status == InboxStatus.QUEUED.value:
+            silence = (now - _aware(r.claimed_at or r.received_at)).total_seconds()
+            if silence < _queued_wait(policy, r.received_at, r.claimed_at):
+                continue  # requeued before: wait longer this time
+        out.append((r.id, r.source))
+    return out
 
 
 def requeue_stuck(policy: SweepPolicy, limit: int = 1000) -> int:
-    """Queue stuck rows again (abandoned claims go back to ``queued`` first)."""
+    """Queue stuck and releasable parked rows again (abandoned claims go back to ``queued``)."""
     rows = stuck_rows(policy, limit)
     if not rows:
         return 0
@@ -252,7 +304,9 @@ def requeue_stuck(policy: SweepPolicy, limit: int = 1000) -> int:
                        .values(status=InboxStatus.QUEUED.value, claimed_at=now,
                                last_error="worker lost while processing; requeued"))
     db.session.execute(update(InboxEvent)
-                       .where(InboxEvent.id.in_(ids), InboxEvent.status.in_(PENDING))
+                       .where(InboxEvent.id.in_(ids),
+                              InboxEvent.status.in_([*PENDING, *PARKED,
+                                                     InboxStatus.LEGACY_SKIPPED.value]))
                        .values(status=InboxStatus.QUEUED.value, claimed_at=now))
     db.session.commit()
     for row_id, source in rows:
@@ -262,8 +316,8 @@ def requeue_stuck(policy: SweepPolicy, limit: int = 1000) -> int:
 
 
 def depth() -> dict[str, int]:
-    """Rows per unfinished status (and dead), for the inbox-depth gauge."""
-    wanted = [*PENDING, InboxStatus.PROCESSING.value, InboxStatus.DEAD.value]
+    """Rows per unfinished status (parked ones too) and dead, for the inbox-depth gauge."""
+    wanted = [*PENDING, InboxStatus.PROCESSING.value, *PARKED, InboxStatus.DEAD.value]
     counts = dict.fromkeys(wanted, 0)
     rows = db.session.execute(select(InboxEvent.status, func.count())
                               .where(InboxEvent.status.in_(wanted))

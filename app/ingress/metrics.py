@@ -21,7 +21,9 @@ DUPLICATES = Counter("b24relay_events_duplicate_total",
 QUEUED = Counter("b24relay_events_queued_total",
                  "Inbox rows handed to the broker (by intake or the sweeper).", ["source", "via"])
 PROCESSED = Counter("b24relay_events_processed_total",
-                    "Inbox rows finished by a worker.", ["source", "type", "outcome"])
+                    "Worker passes over inbox rows by outcome: done and dead (final), retry, "
+                    "and unhandled (no handler yet) or held (portal paused), both parked "
+                    "until the sweeper queues them again.", ["source", "type", "outcome"])
 ACK_LATENCY = Histogram("b24relay_event_ack_seconds",
                         "Time from request start to the answer of an intake endpoint.",
                         ["source"],
@@ -37,7 +39,8 @@ class InboxDepthCollector(Collector):
     @staticmethod
     def _family() -> GaugeMetricFamily:
         return GaugeMetricFamily("b24relay_inbox_depth",
-                                 "Inbox rows not finished yet, and dead ones, by status.",
+                                 "Inbox rows not finished yet (parked unhandled/held included), "
+                                 "and dead ones, by status.",
                                  labels=["status"])
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

@@ -24,18 +24,30 @@ from app.tenants.models import utcnow
 
 
 class InboxStatus(enum.StrEnum):
-    """Where an inbox row stands; done, skipped and dead are final."""
+    """Where an inbox row stands; done and dead are final, unhandled and held are parked.
+
+    A parked row waits without spending attempts; the sweeper queues it again once it
+    can go somewhere: an ``unhandled`` row when a handler for its (source, event_type)
+    is registered, a ``held`` row when its portal's status is callable again. The
+    status column is a plain string (no CHECK constraint, no enum type), so adding a
+    status needs no migration.
+    """
 
     RECEIVED = "received"      # stored, not yet handed to the broker
     QUEUED = "queued"          # a message for it is (or should be) in the broker
     PROCESSING = "processing"  # a worker claimed it
     DONE = "done"
-    SKIPPED = "skipped"        # no handler for this event type
+    UNHANDLED = "unhandled"    # parked: no handler for this event type (yet)
+    HELD = "held"              # parked: the portal's status holds its calls (PortalUnavailable)
     DEAD = "dead"              # failed for good; last_error says why
+    # Written by earlier versions for rows without a handler; the sweeper treats such
+    # rows like unhandled ones, so those events are not lost either.
+    LEGACY_SKIPPED = "skipped"
 
 
 PENDING = (InboxStatus.RECEIVED.value, InboxStatus.QUEUED.value)
-FINAL = (InboxStatus.DONE.value, InboxStatus.SKIPPED.value, InboxStatus.DEAD.value)
+PARKED = (InboxStatus.UNHANDLED.value, InboxStatus.HELD.value)
+FINAL = (InboxStatus.DONE.value, InboxStatus.DEAD.value)
 
 
 class InboxEvent(db.Model):

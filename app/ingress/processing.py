@@ -7,6 +7,11 @@ final status commit in one transaction, and only while the claim is still ours:
 if the worker dies mid-way, nothing of its work is kept and the sweeper hands
 the row out again.
 
+A row whose event has no handler yet is parked as ``unhandled``; a handler that
+raises ``PortalUnavailable`` (the portal's status holds its calls) parks the row
+as ``held``. Neither spends an attempt; the sweeper queues parked rows again
+once a handler exists or the portal is callable again.
+
 Handlers receive ``(portal_or_None, event)`` where ``event`` is the stored
 payload plus ``inbox_id`` and ``unverified`` (True for a first-contact
 ONAPPINSTALL whose application_token could not be checked yet).
@@ -27,13 +32,17 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from app.extensions import db
 from app.ingress import inbox, metrics
 from app.ingress.models import PENDING, InboxEvent, InboxStatus
-from app.ingress.registry import handler_for
+from app.ingress.registry import handler_for, registered
 from app.tenants.models import Portal, utcnow
+from app.tenants.status import PortalUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
-SECRET_AUTH_KEYS = ("access_token", "refresh_token")
+# Removed from a row's auth block when it is finished. The application_token is only
+# needed at intake (verify_b24) and by a handler (ONAPPINSTALL stores it); a finished
+# row is never verified or handled again.
+SECRET_AUTH_KEYS = ("access_token", "refresh_token", "application_token")
 
 
 class TransientError(Exception):
@@ -108,6 +117,20 @@ def _finish(row: InboxEvent, attempt: int, status: InboxStatus, error: str | Non
     return True
 
 
+def _park(row: InboxEvent, attempt: int, status: InboxStatus, why: str) -> bool:
+    """Park a claimed row (unhandled/held) without spending the attempt; payload kept."""
+    done = db.session.execute(
+        update(InboxEvent)
+        .where(InboxEvent.id == row.id, InboxEvent.status == InboxStatus.PROCESSING.value,
+               InboxEvent.attempts == attempt)
+        .values(status=status.value, attempts=attempt - 1, last_error=why, claimed_at=utcnow())
+        .execution_options(synchronize_session=False)).rowcount
+    db.session.commit()
+    if done:
+        metrics.PROCESSED.labels(row.source, row.event_type, status.value).inc()
+    return bool(done)
+
+
 def _release(row_id: int, attempt: int, error: str) -> None:
     """Hand a transiently failed row back (queued) for the broker's delayed retry."""
     db.session.execute(
@@ -132,12 +155,16 @@ def process(row_id: int) -> str:
     assert row is not None  # we just claimed it
     handler = handler_for(row.source, row.event_type)
     if handler is None:
-        _finish(row, attempt, InboxStatus.SKIPPED)
-        return InboxStatus.SKIPPED.value
+        _park(row, attempt, InboxStatus.UNHANDLED, "no handler registered for this event yet")
+        return InboxStatus.UNHANDLED.value
     portal = db.session.get(Portal, row.portal_id) if row.portal_id else None
     event = {**copy.deepcopy(row.payload), "inbox_id": row.id, "unverified": row.unverified}
     try:
         handler(portal, event)
+    except PortalUnavailable as exc:
+        db.session.rollback()
+        _park(row, attempt, InboxStatus.HELD, _describe(exc))
+        return InboxStatus.HELD.value
     except transient_errors() as exc:
         db.session.rollback()
         if attempt >= _setting("INBOX_MAX_ATTEMPTS", MAX_ATTEMPTS):
@@ -156,12 +183,15 @@ def process(row_id: int) -> str:
 
 
 def sweep() -> int:
-    """Queue again what no worker finished (lost message, killed worker); the count."""
+    """Queue again what no worker finished (lost message, killed worker) and the parked
+    rows that can go on now (a handler was registered, the portal is active again)."""
     default = inbox.SweepPolicy()
     requeued = inbox.requeue_stuck(inbox.SweepPolicy(
         received_after=_setting("INBOX_REQUEUE_RECEIVED_AFTER", default.received_after),
         queued_after=_setting("INBOX_REQUEUE_AFTER", default.queued_after),
-        processing_after=_setting("INBOX_PROCESSING_TIMEOUT", default.processing_after)))
+        queued_after_cap=_setting("INBOX_REQUEUE_AFTER_CAP", default.queued_after_cap),
+        processing_after=_setting("INBOX_PROCESSING_TIMEOUT", default.processing_after),
+        handled={source: registered(source) for source in ("b24", "pbx")}))
     if requeued:
         log.info("sweeper queued %d stuck inbox rows again", requeued)
     return requeued

@@ -17,6 +17,7 @@ from app.extensions import db
 from app.ingress.models import InboxEvent
 from app.ingress.processing import TransientError
 from app.ingress.registry import on
+from app.tenants.status import ensure_callable
 
 EFFECTS_TABLE = "ingress_test_effects"
 
@@ -60,3 +61,18 @@ def down(portal: Any, event: dict[str, Any]) -> None:
 def broken(portal: Any, event: dict[str, Any]) -> None:
     """A bug: retrying cannot help."""
     raise KeyError("FIELDS")
+
+
+@on("TESTPAUSED")
+def paused(portal: Any, event: dict[str, Any]) -> None:
+    """Does what any Bitrix24-calling handler does first: refuse a portal whose status holds."""
+    ensure_callable(portal)
+    _record(event)
+
+
+if os.environ.get("INGRESS_TEST_PBX_HANDLER"):
+    # A handler that "arrives with a deploy": only workers started with this variable have it.
+    @on("answer", source="pbx")
+    def pbx_answer(portal: Any, event: dict[str, Any]) -> None:
+        """Record the effect of a PBX answer event."""
+        _record(event)

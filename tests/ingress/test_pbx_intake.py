@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from app.extensions import db
 from app.ingress import auth
@@ -72,6 +73,27 @@ def _broken(index: int, **changes):
         else:
             events[index][name] = value
     return {"events": events}
+
+
+def test_a_key_is_checked_in_the_database_at_most_once_per_cache_window(
+        app, portal, api_key, deliver, monkeypatch):
+    monkeypatch.setattr(auth, "CACHE_SECONDS", 0.5)
+    header = f"Bearer {api_key}"
+    assert auth.verify_api_key(header).id == portal.id
+    # Another process rotates the key: this one accepts the old key only within the window.
+    db.session.execute(delete(PortalApiKey))
+    db.session.commit()
+    assert auth.verify_api_key(header).id == portal.id, "served from the cache"
+    time.sleep(0.6)
+    with pytest.raises(auth.Rejected):
+        auth.verify_api_key(header)
+    assert deliver.pbx(api_key, START).status_code == 401
+
+
+def test_a_rotation_in_this_process_drops_the_cached_key_at_once(portal, api_key, deliver):
+    assert deliver.pbx(api_key, START).status_code == 202  # now cached
+    auth.issue_api_key(portal)
+    assert deliver.pbx(api_key, START).status_code == 401
 
 
 @pytest.mark.parametrize("body, field", [

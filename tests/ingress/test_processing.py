@@ -1,18 +1,19 @@
-"""Inbox rows are handled by real workers: done, skipped, retried, dead-lettered, swept up."""
+"""Inbox rows are handled by real workers: done, parked, retried, dead-lettered, swept up."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import insert
+from sqlalchemy import insert, update
 
 from app.extensions import db
 from app.ingress import inbox, processing
 from app.ingress.models import InboxEvent
-from app.tenants.models import utcnow
+from app.tenants.models import Portal, utcnow
 from tests.conftest import wait_for
-from tests.ingress.conftest import inbox_rows, statuses
+from tests.ingress.conftest import inbox_rows, make_portal, statuses
 
 
 def test_a_valid_event_is_processed_once_by_a_real_worker(portal, deliver, effects,
@@ -25,15 +26,46 @@ def test_a_valid_event_is_processed_once_by_a_real_worker(portal, deliver, effec
     [row] = inbox_rows()
     assert row.processed_at is not None and row.attempts == 1
     assert "access_token" not in row.payload["auth"], "a finished row keeps no tokens"
+    assert "application_token" not in row.payload["auth"], "nor the application token"
     assert worker.proc.poll() is None, worker.output()
 
 
-def test_an_event_without_a_handler_is_skipped(portal, deliver, api_key, start_handler_worker):
-    start_handler_worker()
-    deliver.b24(portal, event="ONCRMDEALUPDATE")
-    deliver.pbx(api_key, {"call_id": "c", "event": "answer", "at": "2026-11-22T10:00:00Z",
-                          "extension": "101"})
-    wait_for(lambda: statuses() == {"skipped": 2}, timeout=30)
+ANSWER = {"call_id": "c", "event": "answer", "at": "2026-11-22T10:00:00Z", "extension": "101"}
+
+
+def test_an_event_without_a_handler_is_parked_until_a_handler_exists(
+        portal, deliver, api_key, effects, start_handler_worker):
+    old = start_handler_worker()
+    deal = deliver.b24(portal, event="ONCRMDEALUPDATE").json["id"]
+    [answer] = deliver.pbx(api_key, ANSWER).json["ids"]
+    wait_for(lambda: statuses() == {"unhandled": 2}, timeout=30)
+    assert [row.attempts for row in inbox_rows()] == [0, 0], "parking spends no attempt"
+    old.stop()
+    # A deploy brings a handler for PBX answers; its sweeper hands the parked row out again.
+    start_handler_worker(periodic=True, INBOX_SWEEP_INTERVAL="1", INGRESS_TEST_PBX_HANDLER="1")
+    wait_for(lambda: statuses() == {"done": 1, "unhandled": 1}, timeout=40)
+    assert effects() == {answer: 1}
+    by_id = {row.id: row for row in inbox_rows()}
+    assert by_id[deal].status == "unhandled", "still no handler for deal updates"
+    assert by_id[answer].attempts == 1
+
+
+def test_events_of_a_paused_portal_are_held_until_it_is_active_again(
+        portal, deliver, effects, start_handler_worker):
+    portal.status = "auth_failed"
+    db.session.commit()
+    start_handler_worker(periodic=True, INBOX_SWEEP_INTERVAL="1")
+    row_id = deliver.b24(portal, event="TESTPAUSED").json["id"]
+    wait_for(lambda: statuses() == {"held": 1}, timeout=30)
+    time.sleep(3)  # a few sweeps: a held row stays held while the portal is paused
+    [row] = inbox_rows()
+    assert (row.status, row.attempts) == ("held", 0), "held, not dead, and no attempt spent"
+    assert "auth_failed" in row.last_error
+    db.session.execute(update(Portal).where(Portal.id == portal.id).values(status="active"))
+    db.session.commit()
+    wait_for(lambda: statuses() == {"done": 1}, timeout=30)
+    assert effects() == {row_id: 1}
+    assert inbox_rows()[0].attempts == 1
 
 
 def test_transient_failures_are_retried_with_backoff(portal, deliver, effects,
@@ -60,9 +92,10 @@ def test_what_keeps_failing_is_dead_lettered_with_its_reason(portal, deliver,
 
 def _stuck_row(status: str, age_seconds: float, **values) -> int:
     old = utcnow() - timedelta(seconds=age_seconds)
+    event_type = values.pop("event_type", "TESTEFFECT")
     row_id = db.session.execute(insert(InboxEvent).values(
-        member_id="m" * 32, source="b24", event_type="TESTEFFECT", dedupe_key=uuid.uuid4().hex,
-        payload={"event": "TESTEFFECT", "data": {}},
+        member_id="m" * 32, source=values.pop("source", "b24"), event_type=event_type,
+        dedupe_key=uuid.uuid4().hex, payload={"event": event_type, "data": {}},
         unverified=False, status=status, attempts=values.pop("attempts", 0), received_at=old,
         claimed_at=values.pop("claimed_at", None), **values).returning(InboxEvent.id)).scalar_one()
     db.session.commit()
@@ -89,6 +122,43 @@ def test_the_sweeper_finds_lost_and_abandoned_rows_only(app):
     assert {by_id[i].status for i in (missed_broker, lost_message, abandoned)} == {"queued"}
     assert [by_id[i].status for i in (waiting_its_turn, fresh, busy, done)] == \
         ["queued", "received", "processing", "done"]
+
+
+def test_a_queued_row_is_requeued_with_a_doubling_wait_up_to_a_cap(app):
+    policy = inbox.SweepPolicy(queued_after=120, queued_after_cap=1800)
+
+    def queued(age: float, requeued_ago: float | None) -> int:
+        claimed = None if requeued_ago is None else utcnow() - timedelta(seconds=requeued_ago)
+        return _stuck_row("queued", age, claimed_at=claimed)
+
+    never_requeued = queued(130, None)
+    waited_100_then_requeued = queued(250, 150)   # must now wait 120 s: it did
+    waited_300_then_requeued = queued(500, 200)   # must now wait 300 s: not yet
+    waited_long_then_requeued = queued(9000, 1850)  # the cap: 1800 s at most
+    assert {row_id for row_id, _ in inbox.stuck_rows(policy)} == \
+        {never_requeued, waited_100_then_requeued, waited_long_then_requeued}
+    assert waited_300_then_requeued not in {r for r, _ in inbox.stuck_rows(policy)}
+    app.config.update(INBOX_REQUEUE_AFTER=120)
+    assert processing.sweep() == 3
+    assert processing.sweep() == 0, "a swept row is not swept again at once"
+
+
+def test_the_sweeper_releases_parked_rows_only_when_they_can_go_on(app, portal):
+    paused = make_portal(status="auth_failed")
+    unhandled = _stuck_row("unhandled", 5, event_type="TESTEFFECT")
+    lowercase_pbx = _stuck_row("unhandled", 5, event_type="answer", source="pbx")
+    legacy = _stuck_row("skipped", 5, event_type="TESTEFFECT")
+    no_handler = _stuck_row("unhandled", 5, event_type="ONCRMDEALUPDATE")
+    held_active = _stuck_row("held", 5, portal_id=portal.id)
+    held_paused = _stuck_row("held", 5, portal_id=paused.id)
+    policy = inbox.SweepPolicy(handled={"b24": ["TESTEFFECT"], "pbx": ["ANSWER"]})
+    assert {row_id for row_id, _ in inbox.stuck_rows(policy)} == \
+        {unhandled, lowercase_pbx, legacy, held_active}
+    assert inbox.requeue_stuck(policy) == 4
+    by_id = {row.id: row for row in inbox_rows()}
+    assert [by_id[i].status for i in (unhandled, lowercase_pbx, legacy, held_active)] == \
+        ["queued"] * 4
+    assert by_id[no_handler].status == "unhandled" and by_id[held_paused].status == "held"
 
 
 def test_the_periodic_sweeper_gets_stuck_rows_processed(app, effects, start_handler_worker):
