@@ -1,6 +1,7 @@
 """Installing the app into a portal, and keeping that installation set up.
 
-The flow (protocol §2.2–2.4):
+The flow (protocol §2.2–2.4); steps 1–2 live in :mod:`app.tenants.verify`
+(re-exported here):
 
 1. :func:`parse_iframe` reads the portal's iframe POST (installer or placement).
 2. :func:`verify_iframe_token` asks the *auth server* (``app.info``) whose token
@@ -22,18 +23,39 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import current_app
 from sqlalchemy import delete, select
 
-from app.bitrix import OAuthClient, RestClient, TokenSet
+from app.bitrix import TokenSet
 from app.bitrix.errors import ApiError, BitrixError
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
 from app.tenants.status import CLEARED_BY_NEW_CHAIN, is_held
 from app.tenants.users import PortalUser, sync_users, upsert_user
+
+# Verification lives in app.tenants.verify; its public names stay importable from here.
+from app.tenants.verify import (  # noqa: F401
+    DEFAULT_AUTH_SERVERS,
+    REQUIRED_FORM,
+    REQUIRED_QUERY,
+    BadIframeRequest,
+    IframeAuth,
+    InstallError,
+    TokenRejected,
+    _check_app_info,
+    application_token_matches,
+    oauth_client,
+    parse_iframe,
+    portal_endpoint,
+    setting,
+    trusted_auth_servers,
+    user_is_admin,
+    valid_host,
+    verify_iframe_token,
+    verify_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,35 +72,8 @@ PLACEMENTS = {
     "CALL_CARD": ("/placements/call-card", "b24relay"),
 }
 ALREADY_DONE = frozenset({"ERROR_HANDLER_ALREADY_EXIST", "ERROR_PLACEMENT_HANDLER_EXISTS"})
-DEFAULT_AUTH_SERVERS = "oauth.bitrix.info,oauth.bitrix24.tech"
 USER_PAGE = 50
 BATCH_MAX = 50
-
-REQUIRED_QUERY = ("DOMAIN",)
-REQUIRED_FORM = ("AUTH_ID", "REFRESH_ID", "SERVER_ENDPOINT", "APPLICATION_TOKEN", "member_id")
-
-
-class InstallError(Exception):
-    """The request cannot be honoured; ``status`` and ``message`` go to the page shown."""
-
-    status = 400
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-
-
-class BadIframeRequest(InstallError):
-    """Fields are missing or malformed (400)."""
-
-
-class TokenRejected(InstallError):
-    """The auth server did not accept the token, or it belongs elsewhere (401/403)."""
-
-    status = 401
-
 
 class SetupFailed(InstallError):
     """The portal answered, but binding what the app needs failed (502)."""
@@ -86,168 +81,12 @@ class SetupFailed(InstallError):
     status = 502
 
 
-@dataclass(frozen=True)
-class IframeAuth:
-    """What the portal POSTs to the installer and to every placement iframe (§2.3)."""
-
-    domain: str
-    protocol: str
-    lang: str
-    member_id: str
-    access_token: str
-    refresh_token: str
-    expires_in: int
-    server_endpoint: str
-    application_token: str
-    scope: str
-    placement: str
-    placement_options: str = ""
-    app_sid: str = ""
-
-    @property
-    def origin(self) -> str:
-        """The portal's web origin, for ``frame-ancestors``."""
-        scheme = "https" if self.protocol == "1" else "http"
-        return f"{scheme}://{self.domain}"
-
-    @property
-    def client_endpoint(self) -> str:
-        """REST base from PROTOCOL + DOMAIN, until Bitrix24 hands one over."""
-        return f"{self.origin}/rest/"
-
-
-def valid_host(value: str) -> bool:
-    """Whether ``value`` is a bare ``host[:port]`` (what DOMAIN must be)."""
-    try:
-        parts = urlsplit(f"//{value}")
-        return bool(parts.hostname) and parts.netloc == value and not parts.path
-    except ValueError:
-        return False
-
-
-def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAuth:
-    """Read the iframe POST; a missing or malformed field raises naming it."""
-    missing = [k for k in REQUIRED_QUERY if not (query.get(k) or "").strip()]
-    missing += [k for k in REQUIRED_FORM if not (form.get(k) or "").strip()]
-    if missing:
-        raise BadIframeRequest("missing fields: " + ", ".join(missing))
-    domain = query["DOMAIN"].strip().lower()
-    if not valid_host(domain):
-        raise BadIframeRequest("DOMAIN is not a host name")
-    server = form["SERVER_ENDPOINT"].strip()
-    if urlsplit(server).scheme not in ("http", "https"):
-        raise BadIframeRequest("SERVER_ENDPOINT is not an http(s) URL")
-    try:
-        expires_in = int(form.get("AUTH_EXPIRES") or 3600)
-    except ValueError:
-        raise BadIframeRequest("AUTH_EXPIRES is not a number") from None
-    return IframeAuth(
-        domain=domain, protocol=(query.get("PROTOCOL") or "1").strip(),
-        lang=query.get("LANG", "")[:8],
-        member_id=form["member_id"].strip(), access_token=form["AUTH_ID"].strip(),
-        refresh_token=form["REFRESH_ID"].strip(), expires_in=expires_in, server_endpoint=server,
-        application_token=form["APPLICATION_TOKEN"].strip(),
-        scope=form.get("APPLICATION_SCOPE", ""),
-        placement=(form.get("PLACEMENT") or "DEFAULT").upper(),
-        placement_options=form.get("PLACEMENT_OPTIONS", ""), app_sid=query.get("APP_SID", ""),
-    )
-
-
 # ---------------------------------------------------------------- settings
-
-
-def setting(name: str, default: str | None = None) -> str | None:
-    """A setting from the app config (app/config.py reads the environment), else ``default``."""
-    value = current_app.config.get(name)
-    return str(value) if value else default
-
-
-def trusted_auth_servers() -> set[str]:
-    """Auth-server hosts whose ``app.info`` answer we believe (``B24_AUTH_SERVERS``)."""
-    hosts = {h.strip().lower() for h in (setting("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS) or "")
-             .split(",") if h.strip()}
-    override = setting("B24_OAUTH_TOKEN_URL")
-    if override:
-        hosts.add(urlsplit(override).netloc.lower())
-    return hosts
 
 
 def public_url(path: str) -> str:
     """An absolute URL of this app as Bitrix24 reaches it."""
     return str(current_app.config["APP_PUBLIC_URL"]).rstrip("/") + path
-
-
-def oauth_client() -> OAuthClient:
-    """This app's OAuth client (``B24_CLIENT_ID``/``SECRET``, token-URL override)."""
-    client_id, secret = setting("B24_CLIENT_ID"), setting("B24_CLIENT_SECRET")
-    if not client_id or not secret:
-        raise InstallError("B24_CLIENT_ID and B24_CLIENT_SECRET are not configured", 503)
-    return OAuthClient(client_id, secret, token_url=setting("B24_OAUTH_TOKEN_URL"))
-
-
-# ---------------------------------------------------------------- verification
-
-
-def verify_token(server_endpoint: str, access_token: str, member_id: str,
-                 domain: str | None = None) -> dict[str, Any]:
-    """Ask the auth server whose token this is; return its ``app.info`` result or raise."""
-    host = urlsplit(server_endpoint).netloc.lower()
-    if host not in trusted_auth_servers():
-        raise TokenRejected(f"{host} is not a Bitrix24 authorization server this app trusts", 403)
-    try:
-        info = oauth_client().app_info(server_endpoint, access_token)
-    except ApiError as exc:
-        raise TokenRejected(f"the portal rejected the access token ({exc.code}: "
-                            f"{exc.description}); open the app again from your Bitrix24") from exc
-    except BitrixError as exc:
-        raise InstallError(f"the Bitrix24 authorization server did not answer ({exc})",
-                           502) from exc
-    _check_app_info(info, member_id, domain)
-    return info
-
-
-def _check_app_info(info: Mapping[str, Any], member_id: str, domain: str | None) -> None:
-    client_id = setting("B24_CLIENT_ID")
-    if not client_id or not hmac.compare_digest(str(info.get("client_id") or ""), client_id):
-        raise TokenRejected("the access token belongs to another application", 403)
-    install_info = info.get("install") or {}
-    if not hmac.compare_digest(str(install_info.get("member_id") or ""), member_id):
-        raise TokenRejected("the access token belongs to another portal (member_id differs)", 403)
-    endpoint = portal_endpoint(info)  # raises when the auth server names no address
-    if domain is not None and urlsplit(endpoint).netloc.lower() != domain.strip().lower():
-        raise TokenRejected("the access token belongs to another portal (domain differs)", 403)
-
-
-def portal_endpoint(info: Mapping[str, Any]) -> str:
-    """The portal's REST base as the auth server's ``app.info`` names it (never the request's).
-
-    ``install.client_endpoint``, else ``install.domain`` (scheme from ``install.uri``,
-    https by default). Neither named → :class:`TokenRejected`: REST calls carry tokens,
-    so their address must not come from the POST or the event.
-    """
-    install_info = info.get("install") or {}
-    endpoint = str(install_info.get("client_endpoint") or "").strip()
-    if endpoint:
-        parts = urlsplit(endpoint)
-        if parts.scheme in ("http", "https") and parts.netloc:
-            return endpoint if endpoint.endswith("/") else endpoint + "/"
-    domain = str(install_info.get("domain") or "").strip().lower()
-    if domain and valid_host(domain):
-        scheme = urlsplit(str(install_info.get("uri") or "")).scheme
-        return f"{scheme if scheme in ('http', 'https') else 'https'}://{domain}/rest/"
-    raise TokenRejected("the Bitrix24 authorization server did not name the portal's address; "
-                        "open the app again from your Bitrix24", 403)
-
-
-def verify_iframe_token(auth: IframeAuth) -> dict[str, Any]:
-    """Verify an iframe POST's AUTH_ID against the auth server (§7.4 steps 1–2)."""
-    return verify_token(auth.server_endpoint, auth.access_token, auth.member_id, auth.domain)
-
-
-def application_token_matches(portal: Portal, token: str) -> bool:
-    """Constant-time comparison with the portal's stored application_token."""
-    stored = portal.application_token or ""
-    return bool(stored) and hmac.compare_digest(stored.encode(), (token or "").encode())
 
 
 # ---------------------------------------------------------------- install
@@ -659,20 +498,3 @@ def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSess
             "scope": auth.scope or None, "user_id": session.user_id}))
         session.recovered = True
     return session
-
-
-def user_is_admin(client_endpoint: str, access_token: str) -> bool:
-    """``user.admin`` with the viewing user's own token: may they manage the app?"""
-    client = RestClient()
-    try:
-        body = client.call(client_endpoint, "user.admin", {}, access_token)
-    except ApiError as exc:
-        if (exc.http_status or 0) >= 500:
-            raise InstallError(f"the portal did not answer ({exc.code}); try again", 502) from exc
-        log.warning("user.admin refused at %s: %s", client_endpoint, exc)
-        return False
-    except BitrixError as exc:
-        raise InstallError(f"the portal did not answer ({exc}); try again", 502) from exc
-    finally:
-        client.close()
-    return body.get("result") is True
