@@ -2,10 +2,11 @@
 
 A worker first *claims* the row (one atomic UPDATE from received/queued to
 processing, which bumps ``attempts``); a second message for the same row finds
-nothing to claim and does nothing. The handler's own database writes and the
-final status commit in one transaction, and only while the claim is still ours:
-if the worker dies mid-way, nothing of its work is kept and the sweeper hands
-the row out again.
+nothing to claim and does nothing. Writes a handler leaves uncommitted in the
+session are committed together with the final status, and only while the claim
+is still ours. Some handlers commit on their own (the install and lifecycle
+handlers store token chains at once, on purpose): they must be idempotent, since
+a worker that dies after such a commit leaves the row to be handed out again.
 
 A row whose event has no handler yet is parked as ``unhandled``; a handler that
 raises ``PortalUnavailable`` (the portal's status holds its calls) parks the row
