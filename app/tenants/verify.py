@@ -22,7 +22,7 @@ from flask import current_app
 
 from app.bitrix import OAuthClient
 from app.bitrix.errors import ApiError, BitrixError
-from app.tenants import service
+from app.tenants import service, tokens
 from app.tenants.models import Portal
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,9 @@ def trusted_auth_servers() -> set[str]:
 
 def oauth_client() -> OAuthClient:
     """This app's OAuth client (``B24_CLIENT_ID``/``SECRET``, token-URL override)."""
-    client_id, secret = setting("B24_CLIENT_ID"), setting("B24_CLIENT_SECRET")
-    if not client_id or not secret:
+    if not setting("B24_CLIENT_ID") or not setting("B24_CLIENT_SECRET"):
         raise InstallError("B24_CLIENT_ID and B24_CLIENT_SECRET are not configured", 503)
-    return OAuthClient(client_id, secret, token_url=setting("B24_OAUTH_TOKEN_URL"))
+    return tokens.oauth_client()
 
 
 # ---------------------------------------------------------------- verification
