@@ -7,9 +7,9 @@ What it does:
 1. a fresh PostgreSQL database (``--pg``, default the local server) migrated with the
    real migrations, one installed portal; a Redis server of its own on a spare port;
 2. gunicorn started with the Procfile's ``web`` line (same workers, threads, access log);
-3. a load generator in another process (aiohttp, open loop: request *i* is due at
-   ``t0 + i/rate`` whatever happened before, and its latency counts from that due
-   time) posting Bitrix24-shaped form events to ``/b24/events``;
+3. a load generator in another process (bench/loadgen.py, raw asyncio; open loop:
+   request *i* is due at ``t0 + i/rate`` whatever happened before, and its latency
+   counts from that due time) posting Bitrix24-shaped form events to ``/b24/events``;
 4. after each run the inbox must hold exactly the acknowledged ids;
 5. the peak sustainable rate: the rate is stepped up until p99 > 25 ms or an error,
    for the app and for a bare Flask endpoint that only returns 200 (same gunicorn
@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
+import resource
 import secrets
 import socket
 import subprocess
@@ -60,52 +62,21 @@ def _body(member_id: str, token: str, i: int, tag: str) -> bytes:
 
 async def _generate(url: str, rate: float, seconds: float, member_id: str, token: str,
                     tag: str) -> dict[str, Any]:
-    import aiohttp
+    from bench.loadgen import generate, render_requests
 
     total = int(rate * seconds)
-    bodies = [_body(member_id, token, i, tag) for i in range(total)]
-    headers = {"Content-Type": "application/x-www-form-urlencoded"}
-    results: list[tuple[int, float, int | None]] = []
-    loop = asyncio.get_running_loop()
-    lag_max = 0.0
-    failures: dict[str, int] = {}
-
-    async def one(session: aiohttp.ClientSession, i: int, due: float) -> None:
-        status, ident = 0, None
-        try:
-            async with session.post(url, data=bodies[i], headers=headers) as resp:
-                status = resp.status
-                if status == 200 and resp.content_type == "application/json":
-                    ident = (await resp.json()).get("id")
-                else:
-                    await resp.read()
-        except Exception as exc:  # noqa: BLE001 - a failed request is counted, not raised
-            status = -1
-            failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
-        results.append((status, (loop.time() - due) * 1000.0, ident))
-
-    # Idle connections are dropped before gunicorn's 2 s keep-alive closes them, so no
-    # request is sent on a connection the server is closing at that moment.
-    connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=1.0)
-    async with aiohttp.ClientSession(connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=10)) as session:
-        t0 = loop.time() + 0.2
-        tasks = []
-        for i in range(total):
-            due = t0 + i / rate
-            delay = due - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            else:
-                lag_max = max(lag_max, -delay)
-            tasks.append(asyncio.create_task(one(session, i, due)))
-        await asyncio.gather(*tasks)
-        elapsed = loop.time() - t0
-    return {"results": results, "elapsed": elapsed, "generator_lag_max_ms": lag_max * 1000,
-            "failures": failures}
+    requests = render_requests(url, [_body(member_id, token, i, tag) for i in range(total)],
+                               "application/x-www-form-urlencoded")
+    return await generate(url, requests, rate)
 
 
 def _generator_main(args: argparse.Namespace) -> None:
+    # The client's own garbage collector must not pause the schedule: tens of thousands of
+    # pending tasks and result tuples make a full collection take 50-150 ms, which the open
+    # loop would charge to the server as latency. A 60 s run fits in memory without it.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     out = asyncio.run(_generate(args.url, args.rate, args.seconds, args.member_id, args.token,
                                 args.tag))
     Path(args.result).write_text(json.dumps(out))
@@ -286,6 +257,7 @@ def _run_load(base: str, rate: float, seconds: float, member_id: str, token: str
     result_file = workdir / f"load-{rate}-{time.monotonic_ns()}.json"
     tag = str(time.time_ns())
     cpu_before = _group_cpu_seconds(web_pgid) if web_pgid else 0.0
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     # The client stands in for traffic from other hosts: on this shared box it gets scheduling
     # priority so that its own starvation is not measured as server latency (its remaining
     # lag is still counted, and reported as generator_lag_max_ms). Without root, nice warns
@@ -298,6 +270,11 @@ def _run_load(base: str, rate: float, seconds: float, member_id: str, token: str
     raw = json.loads(result_file.read_text())
     result_file.unlink()
     summary = _summarise(rate, raw)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if summary["sent"]:
+        summary["client_cpu_ms_per_request"] = round(
+            (children_after.ru_utime + children_after.ru_stime - children_before.ru_utime
+             - children_before.ru_stime) * 1000 / summary["sent"], 3)
     if web_pgid and summary["sent"]:
         summary["web_cpu_ms_per_request"] = round(
             (_group_cpu_seconds(web_pgid) - cpu_before) * 1000 / summary["sent"], 3)
