@@ -172,3 +172,26 @@ def test_an_inbox_that_cannot_be_written_answers_503_and_queues_nothing(app, por
         with db.engine.begin() as conn:
             conn.execute(text("ALTER TABLE inbox_events_away RENAME TO inbox_events"))
     assert inbox_count() == 1 and queued_messages(redis_client, app) == 1
+
+
+
+def test_intake_hands_its_connections_back_transactional(app, portal, deliver, database_url):
+    """Intake's autocommit INSERT leaves no pooled connection in autocommit.
+
+    On PostgreSQL intake runs its INSERT on the pool's own psycopg connection in
+    autocommit; a connection handed back that way would make every later ORM
+    transaction on it commit statement by statement, and a rollback undo nothing.
+    """
+    if not database_url.startswith("postgresql"):
+        pytest.skip("the driver-level insert is PostgreSQL's")
+    for i in range(3):
+        assert deliver.b24(portal, ts=f"17364059{i:02d}").status_code == 200
+    held = [db.engine.raw_connection() for _ in range(db.engine.pool.checkedin())]
+    try:
+        assert held and [c.driver_connection.autocommit for c in held] == [False] * len(held)
+    finally:
+        for conn in held:
+            conn.close()
+    db.session.execute(text("DELETE FROM inbox_events"))
+    db.session.rollback()
+    assert inbox_count() == 3
