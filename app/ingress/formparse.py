@@ -7,8 +7,9 @@ stays a string, as Bitrix24 sends it.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 MAX_DEPTH = 16
 MAX_FIELDS = 5000
@@ -18,8 +19,9 @@ class MalformedBody(ValueError):
     """The body is not a well-formed PHP-style form."""
 
 
-def split_key(key: str) -> list[str]:
-    """``a[b][]`` -> ``["a", "b", ""]``; unbalanced brackets are malformed."""
+@lru_cache(maxsize=4096)  # every event repeats the same few dozen field names
+def split_key(key: str) -> tuple[str, ...]:
+    """``a[b][]`` -> ``("a", "b", "")``; unbalanced brackets are malformed."""
     head, sep, rest = key.partition("[")
     if not head or "]" in head:
         raise MalformedBody(f"bad field name {key!r}")
@@ -36,10 +38,10 @@ def split_key(key: str) -> list[str]:
         rest = rest[1:]
     if len(parts) > MAX_DEPTH:
         raise MalformedBody(f"nesting deeper than {MAX_DEPTH} in {key!r}")
-    return parts
+    return tuple(parts)
 
 
-def _assign(root: dict[str, Any], parts: list[str], value: str, key: str) -> None:
+def _assign(root: dict[str, Any], parts: tuple[str, ...], value: str, key: str) -> None:
     node = root
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
@@ -76,13 +78,37 @@ def parse_pairs(pairs: list[tuple[str, str]]) -> dict[str, Any]:
     return _listify(root)
 
 
+def _decode(part: str) -> str:
+    if "+" in part:
+        part = part.replace("+", " ")
+    return unquote(part, errors="strict") if "%" in part else part
+
+
+def decode_pairs(text: str) -> list[tuple[str, str]]:
+    """``a=1&b=%20`` -> ``[("a", "1"), ("b", " ")]``, strictly.
+
+    What ``urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True,
+    errors="strict")`` returns (a property test holds them equal), at a third of its
+    cost: most fields of an event need no unquoting at all.
+    """
+    if not text:
+        return []
+    if text.count("&") >= MAX_FIELDS:
+        raise MalformedBody(f"more than {MAX_FIELDS} fields")
+    pairs = []
+    for field in text.split("&"):
+        name, eq, value = field.partition("=")
+        if not eq:
+            raise MalformedBody(f"not a form body: bad field {field!r}")
+        pairs.append((_decode(name), _decode(value)))
+    return pairs
+
+
 def parse_form(body: bytes) -> dict[str, Any]:
     """Decode an ``application/x-www-form-urlencoded`` body into nested data."""
     try:
-        text = body.decode("utf-8")
-        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text),
-                          errors="strict", max_num_fields=MAX_FIELDS)
-    except (UnicodeDecodeError, ValueError) as exc:
+        pairs = decode_pairs(body.decode("utf-8"))
+    except UnicodeDecodeError as exc:
         raise MalformedBody(f"not a form body: {exc}") from exc
     return parse_pairs(pairs)
 

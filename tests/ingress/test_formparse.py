@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import string
+from urllib.parse import parse_qsl
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.ingress.formparse import MalformedBody, encode_form, parse_form
+from app.ingress.formparse import MalformedBody, decode_pairs, encode_form, parse_form
 
 # Keys as Bitrix24 uses them: names, never brackets; a dict key never looks like an index.
 names = st.text(alphabet=string.ascii_letters + "_-.", min_size=1, max_size=8).filter(
@@ -25,6 +26,23 @@ documents = st.dictionaries(names, nested, min_size=1, max_size=6)
 @given(documents)
 def test_any_nested_document_survives_encoding_and_parsing(document):
     assert parse_form(encode_form(document).encode()) == document
+
+
+# Raw form text, heavy on what the decoder has to get right: separators, escapes, pluses.
+form_text = st.lists(st.sampled_from(list("&=%+[]aZ09fF_ é") + ["%2", "%41", "%C3%A9", "%ff",
+                                                               "%E2%82"]),
+                     max_size=30).map("".join)
+
+
+@given(form_text)
+def test_the_pair_decoder_agrees_with_the_standard_library(text):
+    try:
+        expected = parse_qsl(text, keep_blank_values=True, strict_parsing=True, errors="strict")
+    except (ValueError, UnicodeDecodeError):  # UnicodeDecodeError is a ValueError, say so
+        with pytest.raises((MalformedBody, UnicodeDecodeError)):
+            decode_pairs(text)
+    else:
+        assert decode_pairs(text) == expected
 
 
 @given(st.lists(scalars, min_size=1, max_size=6))
