@@ -5,7 +5,7 @@ from __future__ import annotations
 import dramatiq
 
 from app.config import env_int
-from app.ingress import offline, processing
+from app.ingress import offline, processing, retention
 from workers.scheduler import periodic
 
 SWEEP_INTERVAL_SECONDS = env_int("INBOX_SWEEP_INTERVAL", 15)
@@ -38,3 +38,10 @@ def pull_offline_events() -> None:
 def pull_offline_portal(portal_id: int) -> None:
     """Move one portal's Bitrix24 offline queue into the inbox."""
     offline.pull_portal(portal_id)
+
+
+@periodic(env_int("INBOX_PRUNE_INTERVAL", 3600))
+@dramatiq.actor(queue_name="default", max_retries=0)
+def prune_inbox() -> None:
+    """Delete finished inbox rows past their retention; expire rows parked too long."""
+    retention.prune(retention.Retention.from_env())
