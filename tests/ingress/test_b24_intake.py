@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import text
@@ -195,3 +197,28 @@ def test_intake_hands_its_connections_back_transactional(app, portal, deliver, d
     db.session.execute(text("DELETE FROM inbox_events"))
     db.session.rollback()
     assert inbox_count() == 3
+
+
+def _first_contact(client, n: int, address: str):
+    return client.post("/b24/events", headers=FORM, environ_base={"REMOTE_ADDR": address},
+                       data=b24_body(f"{n:032x}", "fresh-token", event="ONAPPINSTALL",
+                                     data={"VERSION": "1", "INSTALLED": "Y"}))
+
+
+def test_install_events_for_unknown_portals_have_a_ceiling(app, client, portal, deliver,
+                                                           redis_client):
+    """Forged first contacts cost a row and an app.info call each: per address and in total,
+    only so many a minute are stored; the rest get 429 and leave nothing."""
+    app.config.update(UNVERIFIED_INSTALLS_PER_IP=3, UNVERIFIED_INSTALLS_TOTAL=5)
+    if time.time() % 60 > 57:  # the counts are per clock minute: do not straddle two
+        time.sleep(60 - time.time() % 60 + 0.05)
+    before = _rejected("rate_limited")
+    assert [_first_contact(client, n, "203.0.113.7").status_code for n in range(5)] == \
+        [200, 200, 200, 429, 429]
+    assert [_first_contact(client, n, "203.0.113.8").status_code for n in range(5, 8)] == \
+        [200, 200, 429]  # this address's own count is fine; the total is not
+    assert inbox_count() == 5 and queued_messages(redis_client, app) == 5
+    assert _rejected("rate_limited") == before + 3
+    assert _first_contact(client, 99, "203.0.113.9").json["error"] == "rate_limited"
+    # Events from installed portals are verified, so no ceiling applies to them.
+    assert deliver.b24(portal).status_code == 200
