@@ -91,9 +91,6 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "B24_AUTH_SERVERS": env_str("B24_AUTH_SERVERS", "oauth.bitrix.info,oauth.bitrix24.tech"),
         "B24_JS_SDK_URL": env_str("B24_JS_SDK_URL", "//api.bitrix24.com/api/v1/"),
         "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", 30),
-        # Ceilings on install events for unknown portals, per minute (app/ingress/limits.py).
-        "UNVERIFIED_INSTALLS_PER_IP": env_int("UNVERIFIED_INSTALLS_PER_IP", 30),
-        "UNVERIFIED_INSTALLS_TOTAL": env_int("UNVERIFIED_INSTALLS_TOTAL", 600),
         "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
         "PRODUCTION": production,
     }

@@ -134,9 +134,11 @@ class _Connection(asyncio.Protocol):
 
 async def _open_and_send(run: _Run, host: str, port: int, request: bytes, due: float) -> None:
     run.connections += 1
-    try:
-        _, conn = await run.loop.create_connection(lambda: _Connection(run), host, port)
-    except OSError as exc:
+    try:  # the watchdog only sees sent requests, so the connect has its own deadline
+        _, conn = await asyncio.wait_for(
+            run.loop.create_connection(lambda: _Connection(run), host, port),
+            max(0.1, due + TIMEOUT_SECONDS - run.loop.time()))
+    except Exception as exc:  # noqa: BLE001 - every request ends up counted
         run.connections -= 1
         run.record(-1, due, None, type(exc).__name__)
         return

@@ -19,9 +19,25 @@ class MalformedBody(ValueError):
     """The body is not a well-formed PHP-style form."""
 
 
-@lru_cache(maxsize=4096)  # every event repeats the same few dozen field names
+CACHED_KEY_LENGTH = 64
+
+
 def split_key(key: str) -> tuple[str, ...]:
-    """``a[b][]`` -> ``("a", "b", "")``; unbalanced brackets are malformed."""
+    """``a[b][]`` -> ``("a", "b", "")``; unbalanced brackets are malformed.
+
+    Every event repeats the same few dozen field names, so short ones are cached; the
+    sender picks the names before anything is verified, so long ones are not (4096
+    cached names of up to a whole body each would be a gigabyte per process).
+    """
+    return _split_cached(key) if len(key) <= CACHED_KEY_LENGTH else _split(key)
+
+
+@lru_cache(maxsize=4096)
+def _split_cached(key: str) -> tuple[str, ...]:
+    return _split(key)
+
+
+def _split(key: str) -> tuple[str, ...]:
     head, sep, rest = key.partition("[")
     if not head or "]" in head:
         raise MalformedBody(f"bad field name {key!r}")

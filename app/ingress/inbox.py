@@ -148,7 +148,11 @@ def _insert_one_fast(ev: NewEvent) -> Stored | None:
     import psycopg
     from psycopg.types.json import Json
 
-    raw = db.engine.raw_connection()
+    try:
+        raw = db.engine.raw_connection()  # a failed connect raises psycopg's own error here
+    except psycopg.Error as exc:
+        log.info("inbox fast insert: no connection, taking the general path: %s", exc)
+        return None
     try:
         conn = raw.driver_connection
         try:
@@ -171,6 +175,9 @@ def _insert_one_fast(ev: NewEvent) -> Stored | None:
                 raw.invalidate(exc)
             log.info("inbox fast insert failed, taking the general path: %s", exc)
             return None
+        except BaseException:
+            raw.invalidate()  # never hand a connection back to the pool in autocommit
+            raise
     finally:
         raw.close()  # back to the pool (or away, if invalidated)
     return Stored(row[0], True) if row is not None else None

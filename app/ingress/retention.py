@@ -15,7 +15,7 @@ stay forever. The rules, each a setting:
   still shown and counted before it goes.
 
 Rows still on their way (``received``, ``queued``, ``processing``) are never touched.
-Deletes run in batches (``Retention.batch``, 5000 rows), each its own short transaction.
+Expiry and deletes run in batches (``Retention.batch``, 5000 rows), each its own short transaction.
 """
 
 from __future__ import annotations
@@ -75,15 +75,22 @@ def _delete_batches(condition: object, batch: int) -> int:
 def prune(policy: Retention, now: datetime | None = None) -> dict[str, int]:
     """Apply ``policy`` once; how many rows were expired and deleted, by kind."""
     now = now or utcnow()
-    expired = db.session.execute(
-        update(InboxEvent)
-        .where(InboxEvent.status.in_(PARKED_OR_LEGACY),
-               InboxEvent.received_at < now - timedelta(days=policy.park_days))
-        .values(status=InboxStatus.DEAD.value, processed_at=now,
-                last_error=literal("expired: parked as ") + InboxEvent.status
-                + literal(f" for over {policy.park_days:g} days; not replayed"))
-        .execution_options(synchronize_session=False)).rowcount
-    db.session.commit()
+    parked_too_long = (InboxEvent.status.in_(PARKED_OR_LEGACY)
+                       & (InboxEvent.received_at < now - timedelta(days=policy.park_days)))
+    expired = 0
+    while True:  # in batches too: a first run may meet a month of parked rows
+        ids = select(InboxEvent.id).where(parked_too_long).limit(policy.batch).scalar_subquery()
+        count = db.session.execute(
+            update(InboxEvent)
+            .where(InboxEvent.id.in_(ids), parked_too_long)
+            .values(status=InboxStatus.DEAD.value, processed_at=now,
+                    last_error=literal("expired: parked as ") + InboxEvent.status
+                    + literal(f" for over {policy.park_days:g} days; not replayed"))
+            .execution_options(synchronize_session=False)).rowcount
+        db.session.commit()
+        expired += count
+        if count < policy.batch:
+            break
     done = _delete_batches((InboxEvent.status == InboxStatus.DONE.value)
                            & (InboxEvent.received_at < now - timedelta(days=policy.done_days)),
                            policy.batch)

@@ -18,7 +18,7 @@ from flask import Blueprint, Response, current_app, jsonify, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.ingress import auth, inbox, limits, metrics, pbx
+from app.ingress import auth, inbox, metrics, pbx
 from app.ingress.auth import Rejected
 from app.ingress.formparse import MalformedBody, parse_form
 
@@ -80,8 +80,6 @@ def _b24_event(body: bytes) -> inbox.NewEvent:
     token = auth_block.get("application_token")
     sender = auth.verify_b24(member_id, token if isinstance(token, str) else None,
                              name.strip().upper())
-    if sender.unverified:
-        limits.admit_unverified(request.remote_addr)
     return inbox.NewEvent(
         member_id=member_id, source="b24", event_type=name.strip().upper(),
         payload=event, dedupe_key=inbox.b24_dedupe_key(event),

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import text
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.pool import NullPool
 
 from app.extensions import db
 from app.ingress.models import InboxStatus
@@ -148,6 +147,37 @@ def test_database_down_answers_503_never_200(make_app, redis_client):
     assert redis_client.llen(f"{down.config['DRAMATIQ_NAMESPACE']}:events") == 0
 
 
+def test_database_unreachable_mid_traffic_answers_503(app, portal, deliver, database_url,
+                                                       redis_client):
+    """The portal is cached and the pool warm; then the database refuses every connection
+    (restarting, or gone): each event gets 503, never a 200 and never a bare 500."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("needs PostgreSQL (ALLOW_CONNECTIONS)")
+    assert deliver.b24(portal, data={"FIELDS": {"ID": "1"}}).status_code == 200
+    name = db.engine.url.database
+    admin = create_engine(make_url(database_url).set(database="postgres"),
+                          isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
+    try:
+        before = _rejected("db_unavailable")
+        answers = [deliver.b24(portal, data={"FIELDS": {"ID": str(i)}}) for i in range(2, 5)]
+        assert [(r.status_code, r.json["error"]) for r in answers] == \
+            [(503, "db_unavailable")] * 3
+        assert _rejected("db_unavailable") == before + 3
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+    assert deliver.b24(portal, data={"FIELDS": {"ID": "5"}}).status_code == 200
+    db.session().invalidate()  # the test's own pooled connections were terminated too
+    db.session.remove()
+    db.engine.dispose()
+    assert inbox_count() == 2 and queued_messages(redis_client, app) == 2
+
+
 def test_metrics_show_intake_counts_depth_and_latency(portal, deliver, client):
     deliver.b24(portal)
     deliver.b24(portal, token="bad")
@@ -191,6 +221,16 @@ def test_intake_hands_its_connections_back_transactional(app, portal, deliver, d
     held = [db.engine.raw_connection() for _ in range(db.engine.pool.checkedin())]
     try:
         assert held and [c.driver_connection.autocommit for c in held] == [False] * len(held)
+        # ...and the driver-level path did run: its INSERT is prepared at the first use
+        # (SQLAlchemy's execute would let psycopg prepare only from the 5th).
+        prepared = 0
+        for conn in held:
+            with conn.driver_connection.cursor() as cur:
+                cur.execute("SELECT count(*) FROM pg_prepared_statements"
+                            " WHERE statement LIKE 'INSERT INTO inbox_events%'")
+                prepared += cur.fetchone()[0]
+            conn.driver_connection.rollback()
+        assert prepared >= 1
     finally:
         for conn in held:
             conn.close()
@@ -198,27 +238,3 @@ def test_intake_hands_its_connections_back_transactional(app, portal, deliver, d
     db.session.rollback()
     assert inbox_count() == 3
 
-
-def _first_contact(client, n: int, address: str):
-    return client.post("/b24/events", headers=FORM, environ_base={"REMOTE_ADDR": address},
-                       data=b24_body(f"{n:032x}", "fresh-token", event="ONAPPINSTALL",
-                                     data={"VERSION": "1", "INSTALLED": "Y"}))
-
-
-def test_install_events_for_unknown_portals_have_a_ceiling(app, client, portal, deliver,
-                                                           redis_client):
-    """Forged first contacts cost a row and an app.info call each: per address and in total,
-    only so many a minute are stored; the rest get 429 and leave nothing."""
-    app.config.update(UNVERIFIED_INSTALLS_PER_IP=3, UNVERIFIED_INSTALLS_TOTAL=5)
-    if time.time() % 60 > 57:  # the counts are per clock minute: do not straddle two
-        time.sleep(60 - time.time() % 60 + 0.05)
-    before = _rejected("rate_limited")
-    assert [_first_contact(client, n, "203.0.113.7").status_code for n in range(5)] == \
-        [200, 200, 200, 429, 429]
-    assert [_first_contact(client, n, "203.0.113.8").status_code for n in range(5, 8)] == \
-        [200, 200, 429]  # this address's own count is fine; the total is not
-    assert inbox_count() == 5 and queued_messages(redis_client, app) == 5
-    assert _rejected("rate_limited") == before + 3
-    assert _first_contact(client, 99, "203.0.113.9").json["error"] == "rate_limited"
-    # Events from installed portals are verified, so no ceiling applies to them.
-    assert deliver.b24(portal).status_code == 200

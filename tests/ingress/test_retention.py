@@ -70,9 +70,11 @@ def test_deletes_run_in_batches_until_nothing_is_left(app):
     portal = make_portal()
     for _ in range(23):
         _row(portal.id, "done", 10 * DAY, 10 * DAY)
+    for _ in range(9):
+        _row(portal.id, "unhandled", 40 * DAY)
     _row(portal.id, "done", DAY, DAY)
-    assert prune(Retention(batch=7))["done_deleted"] == 23
-    assert len(inbox_rows()) == 1
+    assert prune(Retention(batch=7)) == {"expired": 9, "done_deleted": 23, "dead_deleted": 0}
+    assert sorted(r.status for r in inbox_rows()) == ["dead"] * 9 + ["done"]
 
 
 def test_a_worker_prunes_on_its_own_schedule(app, start_worker):
