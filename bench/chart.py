@@ -50,7 +50,7 @@ def render(result: dict, target_ms: float = 25.0) -> str:
         parts.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y(ms):.1f}" y2="{y(ms):.1f}" '
                      'stroke="#eee"/>')
         parts.append(f'<text x="{LEFT - 8}" y="{y(ms) + 4:.1f}" text-anchor="end">{ms} ms</text>')
-    step = 100 if hi_r - lo_r > 300 else 50
+    step = next(s for s in (50, 100, 250, 500, 1000, 2500) if (hi_r - lo_r) / s <= 10)
     for rate in range(int(lo_r // step * step), int(hi_r) + 1, step):
         if rate >= lo_r:
             parts.append(f'<text x="{x(rate):.1f}" y="{H - BOTTOM + 18}" '
