@@ -35,16 +35,9 @@ def render_requests(url: str, bodies: Sequence[bytes], content_type: str) -> lis
 
 
 @dataclass
-class Result:
-    """What became of one request: HTTP status (-1 on a failure), latency, the inbox id."""
-
-    status: int
-    latency_ms: float
-    ident: int | None
-
-
-@dataclass
 class _Run:
+    """One run's shared state; a result is (HTTP status or -1, latency ms, inbox id)."""
+
     loop: asyncio.AbstractEventLoop
     results: list[tuple[int, float, int | None]] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)

@@ -202,21 +202,6 @@ def store(events: list[NewEvent]) -> list[Stored]:
     return out
 
 
-def _fast_redis(url: str) -> redis.Redis:
-    """A Redis client that gives up fast (the shared one waits seconds)."""
-    return redis.Redis.from_url(url, socket_timeout=ENQUEUE_TIMEOUT_SECONDS,
-                                socket_connect_timeout=ENQUEUE_TIMEOUT_SECONDS,
-                                retry=Retry(NoBackoff(), 0))
-
-
-def intake_redis() -> redis.Redis:
-    """The request path's Redis (``REDIS_URL``) with intake's short timeouts."""
-    ext = current_app.extensions
-    if "ingress_redis" not in ext:
-        ext["ingress_redis"] = _fast_redis(current_app.config["REDIS_URL"])
-    return ext["ingress_redis"]
-
-
 def _intake_broker() -> dramatiq.Broker:
     """A broker whose Redis client gives up fast (the shared one waits seconds)."""
     ext = current_app.extensions
@@ -226,7 +211,9 @@ def _intake_broker() -> dramatiq.Broker:
         if url.startswith(("amqp://", "amqps://")):
             ext["ingress_broker"] = queue.broker()
         else:
-            client = intake_redis() if url == cfg["REDIS_URL"] else _fast_redis(url)
+            client = redis.Redis.from_url(url, socket_timeout=ENQUEUE_TIMEOUT_SECONDS,
+                                          socket_connect_timeout=ENQUEUE_TIMEOUT_SECONDS,
+                                          retry=Retry(NoBackoff(), 0))
             # No middleware: enqueue hooks do nothing a message needs (retries, time and
             # age limits act in the worker, with the worker broker's own middleware).
             ext["ingress_broker"] = RedisBroker(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from prometheus_client import Counter
-from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy import ColumnElement, Delete, Update, delete, func, literal, select, update
 
 from app.config import env_int
 from app.extensions import db
@@ -59,45 +59,35 @@ class Retention:
                    park_days=env_int("INBOX_PARK_DAYS", 30))
 
 
-def _delete_batches(condition: object, batch: int) -> int:
+def _in_batches(statement: Update | Delete, condition: ColumnElement[bool], batch: int) -> int:
+    """Run ``statement`` on the rows matching ``condition``, ``batch`` rows per commit."""
     total = 0
     while True:
         ids = select(InboxEvent.id).where(condition).limit(batch).scalar_subquery()
-        deleted = db.session.execute(
-            delete(InboxEvent).where(InboxEvent.id.in_(ids))
-            .execution_options(synchronize_session=False)).rowcount
+        count = db.session.execute(statement.where(InboxEvent.id.in_(ids), condition)
+                                   .execution_options(synchronize_session=False)).rowcount
         db.session.commit()
-        total += deleted
-        if deleted < batch:
+        total += count
+        if count < batch:
             return total
 
 
 def prune(policy: Retention, now: datetime | None = None) -> dict[str, int]:
     """Apply ``policy`` once; how many rows were expired and deleted, by kind."""
     now = now or utcnow()
-    parked_too_long = (InboxEvent.status.in_(PARKED_OR_LEGACY)
-                       & (InboxEvent.received_at < now - timedelta(days=policy.park_days)))
-    expired = 0
-    while True:  # in batches too: a first run may meet a month of parked rows
-        ids = select(InboxEvent.id).where(parked_too_long).limit(policy.batch).scalar_subquery()
-        count = db.session.execute(
-            update(InboxEvent)
-            .where(InboxEvent.id.in_(ids), parked_too_long)
-            .values(status=InboxStatus.DEAD.value, processed_at=now,
-                    last_error=literal("expired: parked as ") + InboxEvent.status
-                    + literal(f" for over {policy.park_days:g} days; not replayed"))
-            .execution_options(synchronize_session=False)).rowcount
-        db.session.commit()
-        expired += count
-        if count < policy.batch:
-            break
-    done = _delete_batches((InboxEvent.status == InboxStatus.DONE.value)
-                           & (InboxEvent.received_at < now - timedelta(days=policy.done_days)),
-                           policy.batch)
-    dead = _delete_batches(
-        (InboxEvent.status == InboxStatus.DEAD.value)
-        & (func.coalesce(InboxEvent.processed_at, InboxEvent.received_at)
-           < now - timedelta(days=policy.dead_days)), policy.batch)
+    expire = update(InboxEvent).values(
+        status=InboxStatus.DEAD.value, processed_at=now,
+        last_error=literal("expired: parked as ") + InboxEvent.status
+        + literal(f" for over {policy.park_days:g} days; not replayed"))
+    expired = _in_batches(expire, InboxEvent.status.in_(PARKED_OR_LEGACY)
+                          & (InboxEvent.received_at < now - timedelta(days=policy.park_days)),
+                          policy.batch)
+    done = _in_batches(delete(InboxEvent), (InboxEvent.status == InboxStatus.DONE.value)
+                       & (InboxEvent.received_at < now - timedelta(days=policy.done_days)),
+                       policy.batch)
+    dead = _in_batches(delete(InboxEvent), (InboxEvent.status == InboxStatus.DEAD.value)
+                       & (func.coalesce(InboxEvent.processed_at, InboxEvent.received_at)
+                          < now - timedelta(days=policy.dead_days)), policy.batch)
     if expired:
         EXPIRED.labels("parked").inc(expired)
     PRUNED.labels(InboxStatus.DONE.value).inc(done)
