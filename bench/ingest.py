@@ -29,7 +29,6 @@ import json
 import os
 import resource
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from app.tenants.sandbox_setup import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -84,12 +85,6 @@ def _generator_main(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- parent: set-up
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(url: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -116,7 +111,7 @@ class Stack:
         self.db_name = f"b24relay_bench_{secrets.token_hex(4)}"
         self.db_url = pg.rsplit("/", 1)[0] + "/" + self.db_name
         self.workdir = workdir
-        self.redis_port = _free_port()
+        self.redis_port = free_port()
         self.procs: list[subprocess.Popen[bytes]] = []
         self.groups: set[int] = set()
         self.env: dict[str, str] = {}
@@ -146,7 +141,19 @@ class Stack:
                     "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
         for key in ("B24_CLIENT_ID", "B24_CLIENT_SECRET", "BROKER_URL"):
             self.env.pop(key, None)
-        time.sleep(0.5)
+        import redis
+
+        client = redis.Redis(port=self.redis_port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:  # up once it answers PING
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
 
     def seed(self) -> tuple[str, str]:
         """Migrate and install one portal; its member_id and application_token."""
@@ -171,7 +178,7 @@ class Stack:
 
     def gunicorn(self, module: str) -> tuple[subprocess.Popen[bytes], str]:
         """The Procfile's web line serving ``module`` on a spare loopback port."""
-        port = _free_port()
+        port = free_port()
         command = _procfile_web().replace("0.0.0.0", "127.0.0.1").replace("wsgi:app", module)
         log_path = self.workdir / f"gunicorn-{module.split(':')[0]}.log"
         log = log_path.open("wb")

@@ -174,9 +174,10 @@ def redis_client(redis_url: str) -> Iterator[Any]:
 class WorkerProcess:
     """A real ``dramatiq workers`` process for the test app's broker and database."""
 
-    def __init__(self, env: dict[str, str], processes: int = 1, threads: int = 4) -> None:
+    def __init__(self, env: dict[str, str], processes: int = 1, threads: int = 4,
+                 modules: tuple[str, ...] = ("workers",)) -> None:
         cmd = [sys.executable, "-m", "dramatiq", "--processes", str(processes),
-               "--threads", str(threads), "--worker-shutdown-timeout", "5000", "workers"]
+               "--threads", str(threads), "--worker-shutdown-timeout", "5000", *modules]
         self.log = Path(env["B24RELAY_INSTANCE"]) / f"worker-{uuid.uuid4().hex[:8]}.log"
         self._log_fh = self.log.open("wb")
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log_fh,
@@ -204,11 +205,12 @@ def start_worker(app: Any) -> Iterator[Any]:
     started: list[WorkerProcess] = []
 
     def start(processes: int = 1, threads: int = 4, periodic: bool = False,
+              config: dict[str, Any] | None = None, modules: tuple[str, ...] = ("workers",),
               **extra_env: str) -> WorkerProcess:
         if not periodic:
             extra_env.setdefault("B24RELAY_NO_PERIODIC", "1")
-        env = child_env(app.config, **extra_env)
-        worker = WorkerProcess(env, processes, threads)
+        env = child_env(config or app.config, **extra_env)
+        worker = WorkerProcess(env, processes, threads, modules)
         started.append(worker)
         return worker
 

@@ -96,11 +96,6 @@ def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
     return known
 
 
-def forget_portal(member_id: str) -> None:
-    """Drop a cached portal (after its token changed in this process)."""
-    _cache().pop(member_id, None)
-
-
 def _same(given: str, stored: str | None) -> bool:
     return stored is not None and hmac.compare_digest(given.encode(), stored.encode())
 

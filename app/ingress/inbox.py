@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -36,6 +36,7 @@ from app.ingress import metrics
 from app.ingress.models import PARKED, PENDING, InboxEvent, InboxStatus
 from app.tenants.models import Portal, utcnow
 from app.tenants.status import HELD
+from app.tenants.tokens import aware
 
 log = logging.getLogger(__name__)
 
@@ -223,12 +224,6 @@ def _intake_broker() -> dramatiq.Broker:
     return ext["ingress_broker"]
 
 
-def _send(row_id: int) -> None:
-    message = dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR, args=(row_id,), kwargs={},
-                               options={})
-    _intake_broker().enqueue(message)
-
-
 def enqueue(row_ids: list[int], source: str, via: str = "intake") -> list[int]:
     """Hand freshly stored rows to the broker; return the ids that made it.
 
@@ -238,12 +233,13 @@ def enqueue(row_ids: list[int], source: str, via: str = "intake") -> list[int]:
     would find them as ``queued`` too, should even that update fail).
     """
     ext = current_app.extensions
-    _intake_broker()
+    broker = _intake_broker()
     sent: list[int] = []
     if time.monotonic() >= ext["ingress_redis_down_until"]:
         try:
             for row_id in row_ids:
-                _send(row_id)
+                broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR,
+                                                args=(row_id,), kwargs={}, options={}))
                 sent.append(row_id)
         except Exception as exc:  # noqa: BLE001 - any broker failure: the sweeper recovers
             ext["ingress_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
@@ -298,16 +294,11 @@ class SweepPolicy:
     handled: Mapping[str, Sequence[str]] = field(default_factory=dict)  # source -> event types
 
 
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; they are UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def _queued_wait(policy: SweepPolicy, received_at: datetime, claimed_at: datetime | None) -> float:
     """Seconds of silence after which a queued row is queued again (doubling, capped)."""
     waited = 0.0
     if claimed_at is not None:
-        waited = (_aware(claimed_at) - _aware(received_at)).total_seconds()
+        waited = (aware(claimed_at) - aware(received_at)).total_seconds()
     return min(policy.queued_after_cap, max(policy.queued_after, waited))
 
 
@@ -347,7 +338,7 @@ def stuck_rows(policy: SweepPolicy, limit: int = 1000,
     out = []
     for r in rows:
         if r.status == InboxStatus.QUEUED.value:
-            silence = (now - _aware(r.claimed_at or r.received_at)).total_seconds()
+            silence = (now - aware(r.claimed_at or r.received_at)).total_seconds()
             if silence < _queued_wait(policy, r.received_at, r.claimed_at):
                 continue  # requeued before: wait longer this time
         out.append((r.id, r.source))

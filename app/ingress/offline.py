@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from app.extensions import db, redis_ext
 from app.ingress import inbox
@@ -30,12 +30,16 @@ LOCK_SECONDS = 120
 PENDING_SECONDS = 30 * 24 * 3600  # Bitrix24 keeps a reserved batch this long
 
 
+def _offline_portals(*columns: Any) -> Select[Any]:
+    """Active portals that chose the offline events mode."""
+    return (select(*columns).join(PortalSettings, PortalSettings.portal_id == Portal.id)
+            .where(PortalSettings.event_mode == "offline",
+                   Portal.status == PortalStatus.ACTIVE.value))
+
+
 def offline_portal_ids() -> list[int]:
     """Active portals that chose the offline events mode."""
-    return list(db.session.scalars(
-        select(Portal.id).join(PortalSettings, PortalSettings.portal_id == Portal.id)
-        .where(PortalSettings.event_mode == "offline",
-               Portal.status == PortalStatus.ACTIVE.value).order_by(Portal.id)))
+    return list(db.session.scalars(_offline_portals(Portal.id).order_by(Portal.id)))
 
 
 def _pending_key(portal: Portal) -> str:
@@ -118,9 +122,7 @@ def pull(portal: Portal) -> int:
 
 def pull_portal(portal_id: int) -> int:
     """``pull`` for a portal id, if it is still active and in offline mode."""
-    if portal_id not in offline_portal_ids():
-        return 0
-    portal = db.session.get(Portal, portal_id)
+    portal = db.session.scalars(_offline_portals(Portal).where(Portal.id == portal_id)).first()
     return pull(portal) if portal is not None else 0
 
 

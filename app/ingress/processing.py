@@ -30,6 +30,7 @@ from sqlalchemy import update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from app.bitrix import errors as bitrix_errors
 from app.extensions import db
 from app.ingress import inbox, metrics
 from app.ingress.models import PENDING, InboxEvent, InboxStatus
@@ -54,20 +55,11 @@ class PermanentError(Exception):
     """Raise from a handler for a failure no retry can fix (the row goes dead at once)."""
 
 
-def transient_errors() -> tuple[type[BaseException], ...]:
-    """Failures that retry: ours, database outages, and the Bitrix24 client's transient ones."""
-    kinds: list[type[BaseException]] = [TransientError, OperationalError, InterfaceError,
-                                        PoolTimeout]
-    try:
-        from app.bitrix import errors as bitrix_errors
-    except ImportError:
-        return tuple(kinds)
-    for name in ("TransportError", "QueryLimitExceeded", "OverloadLimit", "OperationTimeLimit",
-                 "ServerError"):
-        kind = getattr(bitrix_errors, name, None)
-        if isinstance(kind, type) and issubclass(kind, BaseException):
-            kinds.append(kind)
-    return tuple(kinds)
+# Failures that retry: ours, database outages, and the Bitrix24 client's transient ones.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TransientError, OperationalError, InterfaceError, PoolTimeout,
+    bitrix_errors.TransportError, bitrix_errors.QueryLimitExceeded, bitrix_errors.OverloadLimit,
+    bitrix_errors.OperationTimeLimit, bitrix_errors.ServerError)
 
 
 def _setting(name: str, default: float) -> float:
@@ -166,7 +158,7 @@ def process(row_id: int) -> str:
         db.session.rollback()
         _park(row, attempt, InboxStatus.HELD, _describe(exc))
         return InboxStatus.HELD.value
-    except transient_errors() as exc:
+    except TRANSIENT_ERRORS as exc:
         db.session.rollback()
         if attempt >= _setting("INBOX_MAX_ATTEMPTS", MAX_ATTEMPTS):
             _finish(row, attempt, InboxStatus.DEAD, f"gave up after {attempt} attempts: "

@@ -54,9 +54,9 @@ class Retention:
 
     @classmethod
     def from_env(cls) -> Retention:
-        return cls(done_days=env_int("INBOX_KEEP_DONE_DAYS", 7),
-                   dead_days=env_int("INBOX_KEEP_DEAD_DAYS", 30),
-                   park_days=env_int("INBOX_PARK_DAYS", 30))
+        return cls(done_days=env_int("INBOX_KEEP_DONE_DAYS", int(cls.done_days)),
+                   dead_days=env_int("INBOX_KEEP_DEAD_DAYS", int(cls.dead_days)),
+                   park_days=env_int("INBOX_PARK_DAYS", int(cls.park_days)))
 
 
 def _in_batches(statement: Update | Delete, condition: ColumnElement[bool], batch: int) -> int:

@@ -78,14 +78,12 @@ def _b24_event(body: bytes) -> inbox.NewEvent:
     if not isinstance(member_id, str) or not MEMBER_ID.fullmatch(member_id):
         raise Rejected(400, "malformed", "auth[member_id] is required (up to 64 letters/digits)")
     token = auth_block.get("application_token")
-    sender = auth.verify_b24(member_id, token if isinstance(token, str) else None,
-                             name.strip().upper())
+    event_type = name.strip().upper()
+    sender = auth.verify_b24(member_id, token if isinstance(token, str) else None, event_type)
     return inbox.NewEvent(
-        member_id=member_id, source="b24", event_type=name.strip().upper(),
+        member_id=member_id, source="b24", event_type=event_type,
         payload=event, dedupe_key=inbox.b24_dedupe_key(event),
         portal_id=sender.portal.id if sender.portal else None, unverified=sender.unverified)
-
-
 
 
 @bp.post("/b24/events")

@@ -37,7 +37,8 @@ DEMO_USERS = [
 ]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -60,7 +61,7 @@ def _state(instance_dir: Path) -> dict[str, Any]:
         state["client_id"] = f"local.{secrets.token_hex(7)}.{secrets.token_hex(4)}"
         state["client_secret"] = secrets.token_urlsafe(24)
     wanted = int(os.environ.get("B24_SANDBOX_PORT") or state.get("port") or 0)
-    state["port"] = wanted if wanted and _port_free(wanted) else _free_port()
+    state["port"] = wanted if wanted and _port_free(wanted) else free_port()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state))
     path.chmod(0o600)

@@ -54,6 +54,11 @@ def upsert_user(portal: Portal, record: dict[str, Any], is_admin: bool | None = 
     user_id = int(record["ID"])
     row = db.session.scalars(select(PortalUser).where(
         PortalUser.portal_id == portal.id, PortalUser.user_id == user_id)).first()
+    return _apply(portal, row, user_id, record, is_admin)
+
+
+def _apply(portal: Portal, row: PortalUser | None, user_id: int, record: dict[str, Any],
+           is_admin: bool | None = None) -> PortalUser:
     if row is None:
         row = PortalUser(portal_id=portal.id, user_id=user_id)
         db.session.add(row)
@@ -67,9 +72,12 @@ def upsert_user(portal: Portal, record: dict[str, Any], is_admin: bool | None = 
 
 def sync_users(portal: Portal, records: Iterable[dict[str, Any]]) -> int:
     """Upsert every user in ``records``; returns how many were seen (caller commits)."""
+    known = {row.user_id: row for row in db.session.scalars(
+        select(PortalUser).where(PortalUser.portal_id == portal.id))}  # one query, not one per user
     count = 0
     for record in records:
-        upsert_user(portal, record)
+        user_id = int(record["ID"])
+        known[user_id] = _apply(portal, known.get(user_id), user_id, record)
         count += 1
     return count
 

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
-import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +16,7 @@ from app.ingress import auth
 from app.ingress.formparse import encode_form
 from app.ingress.models import InboxEvent
 from app.tenants.models import Portal, PortalSettings, PortalStatus
-from tests.conftest import ROOT, WorkerProcess, child_env
+from tests.conftest import WorkerProcess
 
 
 def make_portal(**overrides: Any) -> Portal:
@@ -121,35 +119,14 @@ def effects(app: Any) -> Iterator[Callable[[], dict[int, int]]]:
         conn.execute(text("DROP TABLE IF EXISTS ingress_test_effects"))
 
 
-class HandlerWorker(WorkerProcess):
-    """``dramatiq workers tests.ingress.effect_handlers``: the app's actors plus test handlers."""
-
-    def __init__(self, env: dict[str, str], processes: int = 1, threads: int = 4) -> None:
-        cmd = [sys.executable, "-m", "dramatiq", "--processes", str(processes), "--threads",
-               str(threads), "--worker-shutdown-timeout", "5000", "workers",
-               "tests.ingress.effect_handlers"]
-        self.log = Path(env["B24RELAY_INSTANCE"]) / f"worker-{uuid.uuid4().hex[:8]}.log"
-        self._log_fh = self.log.open("wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log_fh,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+HANDLER_MODULES = ("workers", "tests.ingress.effect_handlers")
 
 
 @pytest.fixture
-def start_handler_worker(app: Any) -> Iterator[Callable[..., HandlerWorker]]:
-    """Factory: real worker processes with the test handlers; stopped after the test."""
-    started: list[HandlerWorker] = []
-
-    def start(processes: int = 1, threads: int = 4, periodic: bool = False,
-              config: dict[str, Any] | None = None, **extra_env: str) -> HandlerWorker:
-        if not periodic:
-            extra_env.setdefault("B24RELAY_NO_PERIODIC", "1")
-        worker = HandlerWorker(child_env(config or app.config, **extra_env), processes, threads)
-        started.append(worker)
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
+def start_handler_worker(start_worker: Callable[..., WorkerProcess]
+                         ) -> Callable[..., WorkerProcess]:
+    """Factory: real worker processes with the app's actors plus the test handlers."""
+    return functools.partial(start_worker, modules=HANDLER_MODULES)
 
 
 def statuses() -> dict[str, int]:

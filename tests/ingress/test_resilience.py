@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from app.extensions import db
+from app.tenants.sandbox_setup import free_port
 from tests.conftest import wait_for
 from tests.ingress.conftest import FORM, b24_body, inbox_count, inbox_rows, make_portal, statuses
 
@@ -27,9 +28,7 @@ class RedisServer:
     """A redis-server of our own on a spare port, to stop and start at will."""
 
     def __init__(self, workdir: Path) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = f"redis://127.0.0.1:{self.port}/0"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,10 @@ from pathlib import Path
 import httpx
 
 from app.tenants import sandbox_setup
+from app.tenants.sandbox_setup import free_port
 from tests.conftest import ROOT
 
 INSTALL_DEADLINE_SECONDS = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _launch(instance: Path, port: int) -> subprocess.Popen:
@@ -52,7 +46,7 @@ def _read_banner(proc: subprocess.Popen, deadline: float) -> dict[str, str]:
 
 
 def test_make_run_installs_into_the_sandbox_within_60_seconds(tmp_path):
-    port = _free_port()
+    port = free_port()
     started = time.monotonic()
     proc = _launch(tmp_path, port)
     try:
