@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import redis
 from flask import Flask
@@ -11,6 +13,7 @@ from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
 from app import embedded
@@ -28,7 +31,7 @@ def configure_sqlite(app: Flask) -> None:
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if not uri.startswith("sqlite"):
         # No pool_pre_ping: it costs a round trip per request. A connection found dead is
-        # invalidated by SQLAlchemy; the intake path retries once on it (app/ingress/inbox.py),
+        # invalidated by SQLAlchemy; intake retries once on it (retry_if_connection_died below),
         # workers retry the message, pages answer one error after a database restart.
         return
     if uri.startswith("sqlite:///") and ":memory:" not in uri:
@@ -75,3 +78,23 @@ class RedisExtension:
 
 
 redis_ext = RedisExtension()
+
+
+T = TypeVar("T")
+
+
+def retry_if_connection_died(work: Callable[[], T], reset: Callable[[], None] | None = None) -> T:
+    """Run ``work``; if its pooled connection was dead (the database restarted), once more.
+
+    SQLAlchemy drops the whole pool when it sees a dead connection, so the second run
+    gets a fresh one. With pool_pre_ping off, this is what the request paths use
+    instead; ``reset`` (a session rollback, say) runs between the two.
+    """
+    try:
+        return work()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        if reset is not None:
+            reset()
+        return work()

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 from flask import current_app
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
 
-from app.extensions import db
+from app.extensions import db, retry_if_connection_died
 from app.ingress.models import PortalApiKey
 from app.tenants.models import Portal, PortalStatus
 
@@ -81,13 +80,8 @@ def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
         return hit[1]
     query = (select(Portal.id, Portal.member_id, Portal.application_token, Portal.status)
              .where(Portal.member_id == member_id))
-    try:
-        row = db.session.execute(query).first()
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-        db.session.rollback()  # the database restarted: one retry on a fresh connection
-        row = db.session.execute(query).first()
+    row = retry_if_connection_died(lambda: db.session.execute(query).first(),
+                                   reset=db.session.rollback)
     if row is None:
         cache.pop(member_id, None)
         return None

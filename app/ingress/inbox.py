@@ -28,10 +28,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from sqlalchemy import JSON, Boolean, DateTime, bindparam, func, or_, select, text, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
 
 from app import queue
-from app.extensions import db
+from app.extensions import db, retry_if_connection_died
 from app.ingress import metrics
 from app.ingress.models import PARKED, PENDING, InboxEvent, InboxStatus
 from app.tenants.models import Portal, utcnow
@@ -187,14 +186,8 @@ def _insert_one_fast(ev: NewEvent) -> Stored | None:
 def store(events: list[NewEvent]) -> list[Stored]:
     """Write the events in one transaction; a duplicate returns the existing row's id."""
     fast = _insert_one_fast(events[0]) if len(events) == 1 else None
-    try:
-        out = [fast] if fast is not None else _insert(events)
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-        # A pooled connection died (database restarted): SQLAlchemy dropped the pool, so one
-        # retry gets a fresh connection. The insert is idempotent by dedupe_key.
-        out = _insert(events)
+    # The insert is idempotent by dedupe_key, so a retry on a fresh connection is safe.
+    out = [fast] if fast is not None else retry_if_connection_died(lambda: _insert(events))
     for ev, stored in zip(events, out, strict=True):
         if stored.created:
             metrics.STORED.labels(ev.source, ev.event_type[:64]).inc()
