@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, select
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -92,6 +93,12 @@ class Portal(db.Model):
     def by_member_id(cls, member_id: str) -> Portal | None:
         """Look a portal up by its Bitrix24 member_id."""
         return db.session.scalars(select(cls).where(cls.member_id == member_id)).first()
+
+    @property
+    def origin(self) -> str:
+        """``https://host`` of the portal itself (its REST endpoint without the path)."""
+        parts = urlsplit(self.client_endpoint)
+        return f"{parts.scheme}://{parts.netloc}"
 
     def __repr__(self) -> str:
         return f"<Portal {self.member_id} {self.domain} {self.status}>"

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 from flask import (
     Blueprint,
@@ -126,11 +126,6 @@ def _portal_for_start() -> Portal | None:
     return None
 
 
-def _portal_base(portal: Portal) -> str:
-    parts = urlsplit(portal.client_endpoint)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 @bp.get("/oauth/start")
 def oauth_start() -> Response:
     """Send the user to the portal's authorize page with a signed, short-lived state."""
@@ -141,7 +136,7 @@ def oauth_start() -> Response:
     nonce = secrets.token_urlsafe(16)
     state = _serializer().dumps({"m": portal.member_id, "n": nonce})
     query = urlencode({"client_id": install.setting("B24_CLIENT_ID") or "", "state": state})
-    response = redirect(f"{_portal_base(portal)}/oauth/authorize/?{query}")
+    response = redirect(f"{portal.origin}/oauth/authorize/?{query}")
     response.set_cookie(STATE_COOKIE, nonce, max_age=STATE_TTL_SECONDS, httponly=True,
                         samesite="Lax", secure=request.is_secure)
     return response

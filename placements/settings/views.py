@@ -91,7 +91,7 @@ def _save() -> Response:
     portal = db.session.get(Portal, claims["p"]) if claims else None
     if portal is None or portal.member_id != claims.get("m"):
         return error_page("The form expired or was tampered with; reopen the app.", 403)
-    origin = _portal_origin(portal)
+    origin = portal.origin
     try:
         setup_needed = _apply_form(_settings(portal))
     except ValueError as exc:
@@ -102,13 +102,6 @@ def _save() -> Response:
         enqueue("setup_portal", portal.id)
     body = render(portal, is_admin=True, user_id=claims.get("u"), notice="Settings saved.")
     return framed_by(make_response(body), origin)
-
-
-def _portal_origin(portal: Portal) -> str:
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(portal.client_endpoint)
-    return f"{parts.scheme}://{parts.netloc}"
 
 
 def parse_lines(text: str) -> list[dict[str, str]]:
