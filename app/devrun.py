@@ -70,6 +70,7 @@ def main() -> int:
     instance = instance_dir()
     instance.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    env.setdefault("ACCESS_LOG", "-")  # gunicorn's access log on stdout while developing
     own_redis = not env.get("REDIS_URL")
     procs: list[subprocess.Popen] = []
     try:

@@ -100,6 +100,19 @@ def _decode(part: str) -> str:
     return unquote(part, errors="strict") if "%" in part else part
 
 
+# Every event repeats the same encoded names (``auth%5Bmember_id%5D``) and most of its
+# encoded values (endpoints, scope): short ones are decoded once per process. The
+# bound keeps the sender, who picks them before anything is verified, from growing it.
+_decode_short = lru_cache(maxsize=8192)(_decode)
+CACHED_PART_LENGTH = 192
+
+
+def _decode_part(part: str) -> str:
+    if "%" not in part and "+" not in part:
+        return part
+    return _decode_short(part) if len(part) <= CACHED_PART_LENGTH else _decode(part)
+
+
 def decode_pairs(text: str) -> list[tuple[str, str]]:
     """``a=1&b=%20`` -> ``[("a", "1"), ("b", " ")]``, strictly.
 
@@ -116,7 +129,7 @@ def decode_pairs(text: str) -> list[tuple[str, str]]:
         name, eq, value = field.partition("=")
         if not eq:
             raise MalformedBody(f"not a form body: bad field {field!r}")
-        pairs.append((_decode(name), _decode(value)))
+        pairs.append((_decode_part(name), _decode_part(value)))
     return pairs
 
 
