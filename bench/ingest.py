@@ -388,6 +388,9 @@ def main() -> None:
     parser.add_argument("--pg", default=os.environ.get(
         "BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
     parser.add_argument("--quick", action="store_true", help="10 s main run, 5 s steps")
+    parser.add_argument("--cpu-hog", type=int, default=0, metavar="N",
+                        help="N busy-loop processes beside the server for the whole run, as a "
+                             "noisy neighbour taking N cores' worth of time (headroom check)")
     args = parser.parse_args()
     if args.generate:
         _generator_main(args)
@@ -399,10 +402,16 @@ def main() -> None:
     load_before, probe_before = os.getloadavg(), cpu_probe_ms()
     with tempfile.TemporaryDirectory(prefix="b24relay-bench-") as tmp:
         stack = Stack(args.pg, Path(tmp))
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(args.cpu_hog)]
         try:
             report = _bench(stack, args, rates)
         finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
             stack.teardown()
+    report["cpu_hogs"] = args.cpu_hog
     report["loadavg_before"], report["loadavg_after"] = load_before, os.getloadavg()
     report["cpu_probe_ms"] = [probe_before, cpu_probe_ms()]
     _write(report)
@@ -411,7 +420,8 @@ def main() -> None:
 def _bench(stack: Stack, args: argparse.Namespace, rates: list[float]) -> dict[str, Any]:
     stack.start_backends()
     member_id, token = stack.seed()
-    lines = [f"gunicorn: {_procfile_web()}", f"cpus: {os.cpu_count()}  "
+    lines = [f"gunicorn: {_procfile_web()}", f"cpus: {os.cpu_count()}  busy-loop neighbours: "
+             f"{args.cpu_hog}  "
              f"loadavg before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", HEADER]
     print("\n".join(lines), flush=True)
     app_proc, base = stack.gunicorn("wsgi:app")
