@@ -21,9 +21,9 @@ MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
 class NoCookieSession(SessionInterface):
     """The app keeps no cookie session: Bitrix24 and the PBX authenticate every request.
 
-    Placement pages carry their portal in a signed token of their own (placements/),
-    so Flask's signed-cookie session is never read; skipping it saves building a
-    signing serializer on every event (about 5% of intake's CPU).
+    Placement forms and the OAuth state carry signed tokens of their own (placements/,
+    tenants/views.py), so Flask's signed-cookie session is never read; skipping it
+    saves building a signing serializer on every event (about 5% of intake's CPU).
     """
 
     def open_session(self, app: Flask, request: Any) -> None:
