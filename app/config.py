@@ -15,6 +15,10 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parent.parent
+# Defaults that modules reading app.config also fall back on when a setting is empty.
+DEFAULT_AUTH_SERVERS = "oauth.bitrix.info,oauth.bitrix24.tech"
+DEFAULT_JS_SDK_URL = "//api.bitrix24.com/api/v1/"
+DEFAULT_IDLE_REFRESH_DAYS = 30
 
 
 def instance_dir() -> Path:
@@ -88,9 +92,9 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
         "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
         # Auth-server hosts whose app.info we trust when an install POST names its own.
-        "B24_AUTH_SERVERS": env_str("B24_AUTH_SERVERS", "oauth.bitrix.info,oauth.bitrix24.tech"),
-        "B24_JS_SDK_URL": env_str("B24_JS_SDK_URL", "//api.bitrix24.com/api/v1/"),
-        "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", 30),
+        "B24_AUTH_SERVERS": env_str("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS),
+        "B24_JS_SDK_URL": env_str("B24_JS_SDK_URL", DEFAULT_JS_SDK_URL),
+        "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", DEFAULT_IDLE_REFRESH_DAYS),
         "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
         "PRODUCTION": production,
     }

@@ -12,7 +12,6 @@ other processes for at most ``CACHE_SECONDS`` (5 s). Unknown keys are not cached
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from sqlalchemy import select
 from app.extensions import db, retry_if_connection_died
 from app.ingress.models import PortalApiKey
 from app.tenants.models import Portal, PortalStatus
+from app.tenants.verify import application_token_matches
 
 CACHE_SECONDS = 5.0
 INSTALL_EVENT = "ONAPPINSTALL"
@@ -90,18 +90,14 @@ def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
     return known
 
 
-def _same(given: str, stored: str | None) -> bool:
-    return stored is not None and hmac.compare_digest(given.encode(), stored.encode())
-
-
 def verify_b24(member_id: str, token: str | None, event_name: str) -> Sender:
     """Check ``auth[application_token]`` against the stored one, in constant time."""
     if not token:
         raise Rejected(401, "missing_token", "auth[application_token] is required")
     portal = lookup_portal(member_id)
-    if portal is not None and not _same(token, portal.application_token):
+    if portal is not None and not application_token_matches(portal, token):
         portal = lookup_portal(member_id, fresh=True)  # never refuse on a stale cache
-    if portal is not None and _same(token, portal.application_token):
+    if portal is not None and application_token_matches(portal, token):
         return Sender(portal)
     first_contact = (portal is None or portal.application_token is None
                      or portal.status == PortalStatus.UNINSTALLED.value)

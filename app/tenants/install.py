@@ -35,12 +35,8 @@ from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
 from app.tenants.status import CLEARED_BY_NEW_CHAIN, is_held
 from app.tenants.users import PortalUser, sync_users, upsert_user
 
-# Verification lives in app.tenants.verify; its public names stay importable from here.
+# Verification lives in app.tenants.verify; the names callers reach through here stay importable.
 from app.tenants.verify import (  # noqa: F401
-    DEFAULT_AUTH_SERVERS,
-    REQUIRED_FORM,
-    REQUIRED_QUERY,
-    BadIframeRequest,
     IframeAuth,
     InstallError,
     TokenRejected,
@@ -50,7 +46,6 @@ from app.tenants.verify import (  # noqa: F401
     parse_iframe,
     portal_endpoint,
     setting,
-    trusted_auth_servers,
     user_is_admin,
     valid_host,
     verify_iframe_token,
@@ -95,12 +90,13 @@ def public_url(path: str) -> str:
 def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
     """Verify the installer POST, create or update its portal, and set it up."""
     info = verify_iframe_token(auth)
-    if not user_is_admin(_client_endpoint(auth, info), auth.access_token):
+    client_endpoint = portal_endpoint(info)  # verify_iframe_token checked its host is DOMAIN
+    if not user_is_admin(client_endpoint, auth.access_token):
         raise TokenRejected("only a portal administrator can install b24relay", 403)
-    portal = _upsert_portal(auth, info)
+    portal = _upsert_portal(auth, info, client_endpoint)
     service.store_new_chain(
         portal, access_token=auth.access_token, refresh_token=auth.refresh_token,
-        expires_in=auth.expires_in, client_endpoint=_client_endpoint(auth, info),
+        expires_in=auth.expires_in, client_endpoint=client_endpoint,
         server_endpoint=auth.server_endpoint, scope=auth.scope or None,
         user_id=int_or_none(info.get("user_id")))
     try:
@@ -114,11 +110,6 @@ def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
     return portal, report
 
 
-def _client_endpoint(auth: IframeAuth, info: Mapping[str, Any]) -> str:
-    """The REST base app.info names (verify_iframe_token checked its host is DOMAIN)."""
-    return portal_endpoint(info)
-
-
 def int_or_none(value: Any) -> int | None:
     """``int(value)``, or None for a missing or malformed value."""
     try:
@@ -127,14 +118,14 @@ def int_or_none(value: Any) -> int | None:
         return None
 
 
-def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any]) -> Portal:
+def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any], client_endpoint: str) -> Portal:
     """The portal row for this member_id, created once; commits."""
     portal = Portal.by_member_id(auth.member_id)
     if portal is None:
         portal = Portal(member_id=auth.member_id, status=PortalStatus.INSTALLING.value)
         db.session.add(portal)
     portal.domain = auth.domain
-    portal.client_endpoint = _client_endpoint(auth, info)
+    portal.client_endpoint = client_endpoint
     portal.server_endpoint = auth.server_endpoint
     portal.application_token = auth.application_token
     portal.app_status = (str((info.get("install") or {}).get("status") or "") or None)

@@ -22,6 +22,7 @@ from flask import current_app
 from sqlalchemy import func, or_, select
 
 from app.bitrix import BatchResult, RestClient, errors
+from app.config import DEFAULT_IDLE_REFRESH_DAYS
 from app.extensions import db, redis_ext
 from app.tenants import status as portal_status
 from app.tenants import tokens
@@ -107,10 +108,7 @@ def _refreshed(portal: Portal, creds: Credentials) -> Credentials:
 def _moved(portal: Portal, creds: Credentials, client_endpoint: str) -> Credentials:
     """The portal was renamed: store its new endpoint and domain, then repeat the call."""
     domain = client_endpoint.split("://", 1)[-1].split("/", 1)[0]
-    values = {"client_endpoint": client_endpoint, "domain": domain}
-    with db.engine.begin() as conn:
-        conn.execute(Portal.__table__.update().where(Portal.id == portal.id).values(**values))
-    portal_status.sync(portal, values)
+    portal_status.write(portal, {"client_endpoint": client_endpoint, "domain": domain})
     log.info("portal %s moved to %s", portal.member_id, client_endpoint)
     return Credentials(creds.access_token, client_endpoint, creds.token_version,
                        creds.expires_at, creds.status)
@@ -130,10 +128,7 @@ def _touch(portal: Portal) -> None:
     except redis.RedisError as exc:  # bookkeeping must never fail a call that succeeded
         log.warning("activity of %s not recorded: %s", portal.member_id, exc)
         return
-    with db.engine.begin() as conn:
-        conn.execute(Portal.__table__.update().where(Portal.id == portal.id)
-                     .values(last_activity_at=now))
-    portal_status.sync(portal, {"last_activity_at": now})
+    portal_status.write(portal, {"last_activity_at": now})
 
 
 def refresh_now(portal: Portal) -> Credentials:
@@ -145,7 +140,7 @@ def refresh_now(portal: Portal) -> Credentials:
 def idle_portals(days: int | None = None) -> list[Portal]:
     """Active portals with neither a refresh nor activity in the last ``days`` days."""
     if days is None:
-        days = int(current_app.config.get("IDLE_REFRESH_DAYS") or 30)
+        days = int(current_app.config.get("IDLE_REFRESH_DAYS") or DEFAULT_IDLE_REFRESH_DAYS)
     cutoff = utcnow() - timedelta(days=days)
     renewed = func.coalesce(Portal.last_refresh_at, Portal.installed_at, Portal.created_at)
     query = select(Portal).where(

@@ -107,6 +107,15 @@ def record(portal: Portal, status: PortalStatus, reason: str | None,
     """
     values: dict[str, Any] = {"status": status.value, "status_reason": reason,
                               "status_changed_at": utcnow()}
+    return write(portal, values, only_if_version)
+
+
+def write(portal: Portal, values: dict[str, Any], only_if_version: int | None = None) -> bool:
+    """Update the portal's row in its own transaction and mirror what was written onto it.
+
+    The caller's session is neither committed nor dirtied. With ``only_if_version``
+    the update applies only while the stored chain is still that version.
+    """
     stmt = update(Portal).where(Portal.id == portal.id)
     if only_if_version is not None:
         stmt = stmt.where(Portal.token_version == only_if_version)

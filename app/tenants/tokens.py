@@ -33,7 +33,7 @@ from typing import Any
 
 from flask import current_app
 from redis.exceptions import LockError
-from sqlalchemy import case, select, update
+from sqlalchemy import case, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm.attributes import flag_modified
 
@@ -64,6 +64,11 @@ def aware(moment: datetime | None) -> datetime | None:
 def lock_key(member_id: str) -> str:
     """The Redis key of a portal's refresh lock."""
     return f"b24relay:refresh:{member_id}"
+
+
+def lock_ttl() -> float:
+    """Seconds a refresh lock lives unless renewed (``B24_REFRESH_LOCK_TTL``, else LOCK_TTL)."""
+    return float(current_app.config.get("B24_REFRESH_LOCK_TTL") or LOCK_TTL)
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,7 @@ def oauth_client() -> OAuthClient:
 def refresh(portal: Portal, seen_version: int) -> Credentials:
     """Single-flight refresh of the chain the caller saw at ``seen_version``; fresh credentials."""
     cfg = current_app.config
-    lock = redis_ext.client.lock(lock_key(portal.member_id),
-                                 timeout=float(cfg.get("B24_REFRESH_LOCK_TTL") or LOCK_TTL))
+    lock = redis_ext.client.lock(lock_key(portal.member_id), timeout=lock_ttl())
     deadline = time.monotonic() + float(cfg.get("B24_REFRESH_LOCK_WAIT") or LOCK_WAIT)
     while True:
         if lock.acquire(blocking=False):
@@ -151,14 +155,15 @@ def _refresh_locked(portal: Portal, seen_version: int, lock: Any) -> Credentials
         _chain_lost(portal, seen_version, "No refresh token is stored. ")
         return reload(portal)
     interrupted = row["refresh_started_at"] is not None
-    _write(portal, {"refresh_started_at": utcnow()}, seen_version)
+    portal_status.write(portal, {"refresh_started_at": utcnow()}, seen_version)
     try:
         _spend(portal, row, seen_version, lock)
     except errors.InvalidGrant as exc:
         _chain_lost(portal, seen_version, portal_status.INTERRUPTED if interrupted else "",
                     f"{exc.code} {exc.description}".strip())
     except errors.ApiError as exc:
-        _write(portal, {"refresh_started_at": None}, seen_version)  # answered: nothing rotated
+        # Answered, so nothing rotated: the stored token is still good.
+        portal_status.write(portal, {"refresh_started_at": None}, seen_version)
         portal_status.apply_error(portal, exc)
         raise
     return reload(portal)
@@ -181,8 +186,7 @@ def _spend(portal: Portal, row: dict[str, Any], seen_version: int, lock: Any) ->
         return client.refresh(server, row["refresh_token"], update_token=commit)
     except errors.TransportError as exc:
         try:
-            lock.extend(float(current_app.config.get("B24_REFRESH_LOCK_TTL") or LOCK_TTL),
-                        replace_ttl=True)
+            lock.extend(lock_ttl(), replace_ttl=True)
         except LockError:
             log.error("refresh of %s lost in transit and its lock expired; not retrying",
                       portal.member_id)
@@ -205,22 +209,11 @@ def _commit_refreshed(portal: Portal, seen_version: int, tokens: TokenSet) -> No
         values["scope"] = tokens.scope
     if tokens.status:
         values["app_status"] = tokens.status
-    if not _write(portal, values, seen_version):
+    if not portal_status.write(portal, values, seen_version):
         log.warning("portal %s: a newer chain was stored during the refresh; answer discarded",
                     portal.member_id)
     else:
         log.info("portal %s: tokens refreshed (version %d)", portal.member_id, seen_version + 1)
-
-
-def _write(portal: Portal, values: dict[str, Any], only_if_version: int) -> bool:
-    """Conditional update in its own transaction; mirrors the values onto ``portal``."""
-    stmt = (update(Portal).where(Portal.id == portal.id, Portal.token_version == only_if_version)
-            .values(**values))
-    with db.engine.begin() as conn:
-        changed = conn.execute(stmt).rowcount == 1
-    if changed:
-        portal_status.sync(portal, values)
-    return changed
 
 
 def _chain_lost(portal: Portal, seen_version: int, why: str, detail: str | None = None) -> None:

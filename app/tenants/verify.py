@@ -1,6 +1,6 @@
 """Who is asking: the iframe POST, the auth server's ``app.info``, the admin check.
 
-Split out of :mod:`app.tenants.install` (which re-exports every public name here).
+Split out of :mod:`app.tenants.install` (which re-exports the names its callers use).
 
 * :func:`parse_iframe` reads the portal's iframe POST (§2.3).
 * :func:`verify_token` asks a *trusted* auth server (``B24_AUTH_SERVERS``) whose
@@ -15,19 +15,18 @@ import hmac
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from flask import current_app
 
 from app.bitrix import OAuthClient
 from app.bitrix.errors import ApiError, BitrixError
+from app.config import DEFAULT_AUTH_SERVERS
 from app.tenants import service, tokens
-from app.tenants.models import Portal
 
 log = logging.getLogger(__name__)
 
-DEFAULT_AUTH_SERVERS = "oauth.bitrix.info,oauth.bitrix24.tech"
 REQUIRED_QUERY = ("DOMAIN",)
 REQUIRED_FORM = ("AUTH_ID", "REFRESH_ID", "SERVER_ENDPOINT", "APPLICATION_TOKEN", "member_id")
 
@@ -203,7 +202,14 @@ def verify_iframe_token(auth: IframeAuth) -> dict[str, Any]:
     return verify_token(auth.server_endpoint, auth.access_token, auth.member_id, auth.domain)
 
 
-def application_token_matches(portal: Portal, token: str) -> bool:
+class HasApplicationToken(Protocol):
+    """What holds a portal's application_token: the Portal row, or intake's cached copy."""
+
+    @property
+    def application_token(self) -> str | None: ...
+
+
+def application_token_matches(portal: HasApplicationToken, token: str | None) -> bool:
     """Constant-time comparison with the portal's stored application_token."""
     stored = portal.application_token or ""
     return bool(stored) and hmac.compare_digest(stored.encode(), (token or "").encode())

@@ -23,6 +23,7 @@ from flask import (
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select
 
+from app.config import DEFAULT_JS_SDK_URL
 from app.extensions import db
 from app.tenants import install
 from app.tenants.models import Portal
@@ -84,7 +85,7 @@ def portal_origin_from_query() -> str | None:
 
 def sdk_url() -> str:
     """Where the BX24 JS library is loaded from (``B24_JS_SDK_URL``)."""
-    return install.setting("B24_JS_SDK_URL", "//api.bitrix24.com/api/v1/") or ""
+    return install.setting("B24_JS_SDK_URL", DEFAULT_JS_SDK_URL) or ""
 
 
 # ---------------------------------------------------------------- install
