@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from .client import SandboxControl
+from .limits import PLANS
 from .server import SandboxServer
 
 
@@ -96,10 +97,10 @@ def run(rate: float, seconds: int, url: str | None, method: str, plan: str) -> d
             print(table(results, seconds))
             counters = control.counters(portal["member_id"])
             ok = sum(1 for _, o, _ in results if o == "ok")
+            burst, drain = PLANS[plan]["burst"], PLANS[plan]["drain"]
             print(
                 f"expected ok ≈ burst + drain*seconds = "
-                f"{portal_burst(plan)} + {portal_drain(plan)}*{seconds}"
-                f" = {portal_burst(plan) + portal_drain(plan) * seconds:.0f}; got {ok}; "
+                f"{burst} + {drain}*{seconds} = {burst + drain * seconds:.0f}; got {ok}; "
                 f"server counted {counters['query_limit_exceeded']} QUERY_LIMIT_EXCEEDED, "
                 f"max in flight "
                 f"{counters['max_in_flight']}"
@@ -110,14 +111,6 @@ def run(rate: float, seconds: int, url: str | None, method: str, plan: str) -> d
             server.stop()
 
 
-def portal_burst(plan: str) -> float:
-    return 250.0 if plan == "enterprise" else 50.0
-
-
-def portal_drain(plan: str) -> float:
-    return 5.0 if plan == "enterprise" else 2.0
-
-
 def main(argv: list[str] | None = None) -> None:
     """CLI entry."""
     ap = argparse.ArgumentParser(prog="python -m sandbox.loadtest")
@@ -125,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--url", default=None, help="an already running sandbox cloud URL")
     ap.add_argument("--method", default="profile")
-    ap.add_argument("--plan", default="standard", choices=["standard", "enterprise"])
+    ap.add_argument("--plan", default="standard", choices=list(PLANS))
     args = ap.parse_args(argv)
     run(args.rate, args.seconds, args.url, args.method, args.plan)
 

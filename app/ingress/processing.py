@@ -92,15 +92,24 @@ def _scrubbed(payload: dict[str, Any]) -> dict[str, Any]:
     return clean
 
 
+def _update_if_ours(row_id: int, attempt: int, **values: Any) -> int:
+    """Write ``values`` to the row only while the claim is still ours; rows written (0 or 1).
+
+    Ours means still processing under our attempt number: the sweeper requeueing the row
+    changes its status, another worker claiming it since changes the attempt.
+    """
+    return db.session.execute(
+        update(InboxEvent)
+        .where(InboxEvent.id == row_id, InboxEvent.status == InboxStatus.PROCESSING.value,
+               InboxEvent.attempts == attempt)
+        .values(**values)
+        .execution_options(synchronize_session=False)).rowcount
+
+
 def _finish(row: InboxEvent, attempt: int, status: InboxStatus, error: str | None = None) -> bool:
     """Record the outcome (with the handler's writes) if the claim is still ours."""
-    done = db.session.execute(
-        update(InboxEvent)
-        .where(InboxEvent.id == row.id, InboxEvent.status == InboxStatus.PROCESSING.value,
-               InboxEvent.attempts == attempt)
-        .values(status=status.value, last_error=error, processed_at=utcnow(),
-                payload=_scrubbed(row.payload))
-        .execution_options(synchronize_session=False)).rowcount
+    done = _update_if_ours(row.id, attempt, status=status.value, last_error=error,
+                           processed_at=utcnow(), payload=_scrubbed(row.payload))
     if not done:
         db.session.rollback()
         log.warning("inbox row %s was taken over by another worker; result discarded", row.id)
@@ -112,12 +121,8 @@ def _finish(row: InboxEvent, attempt: int, status: InboxStatus, error: str | Non
 
 def _park(row: InboxEvent, attempt: int, status: InboxStatus, why: str) -> bool:
     """Park a claimed row (unhandled/held) without spending the attempt; payload kept."""
-    done = db.session.execute(
-        update(InboxEvent)
-        .where(InboxEvent.id == row.id, InboxEvent.status == InboxStatus.PROCESSING.value,
-               InboxEvent.attempts == attempt)
-        .values(status=status.value, attempts=attempt - 1, last_error=why, claimed_at=utcnow())
-        .execution_options(synchronize_session=False)).rowcount
+    done = _update_if_ours(row.id, attempt, status=status.value, attempts=attempt - 1,
+                           last_error=why, claimed_at=utcnow())
     db.session.commit()
     if done:
         metrics.PROCESSED.labels(row.source, row.event_type, status.value).inc()
@@ -126,12 +131,8 @@ def _park(row: InboxEvent, attempt: int, status: InboxStatus, why: str) -> bool:
 
 def _release(row_id: int, attempt: int, error: str) -> None:
     """Hand a transiently failed row back (queued) for the broker's delayed retry."""
-    db.session.execute(
-        update(InboxEvent)
-        .where(InboxEvent.id == row_id, InboxEvent.status == InboxStatus.PROCESSING.value,
-               InboxEvent.attempts == attempt)
-        .values(status=InboxStatus.QUEUED.value, last_error=error, claimed_at=utcnow())
-        .execution_options(synchronize_session=False))
+    _update_if_ours(row_id, attempt, status=InboxStatus.QUEUED.value, last_error=error,
+                    claimed_at=utcnow())
     db.session.commit()
 
 

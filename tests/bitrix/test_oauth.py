@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -14,6 +12,7 @@ import pytest
 
 from app.bitrix import OAuthClient, errors, token_url_for
 from tests.bitrix.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.conftest import StubHandler, StubServer
 
 
 class Recorder:
@@ -23,31 +22,21 @@ class Recorder:
         self.requests: list[dict[str, Any]] = []
         recorder = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(StubHandler):
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 recorder.requests.append({"method": self.command, "path": self.path,
                                           "body": self.rfile.read(length).decode()})
                 status, body = answer(self.path)
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self.reply(status, json.dumps(body).encode(), "application/json")
 
             do_GET = do_POST = _handle  # noqa: N815 - http.server API
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/oauth/token/"
+        self.server = StubServer(Handler)
+        self.url = f"{self.server.url}/oauth/token/"
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from urllib.parse import urlencode
 
+import httpx
 import pytest
 from sqlalchemy import select, text
 
@@ -116,15 +117,18 @@ def _form(portal: dict, **override: str) -> dict[str, str]:
     return {k: v for k, v in form.items() if v is not None}
 
 
-def _query(portal: dict) -> str:
-    return urlencode({"DOMAIN": portal["domain"], "PROTOCOL": "0", "LANG": "en", "APP_SID": "x"})
+def _post_install(live_app, portal: dict, domain: str | None = None,
+                  **override: str | None) -> httpx.Response:
+    """POST Bitrix24's install form for ``portal``; ``domain`` replaces the query's DOMAIN."""
+    query = urlencode({"DOMAIN": domain or portal["domain"], "PROTOCOL": "0", "LANG": "en",
+                       "APP_SID": "x"})
+    with live_app.http() as http:
+        return http.post("/install?" + query, data=_form(portal, **override))
 
 
 def test_missing_fields_are_named_and_nothing_is_created(make_portal, live_app):
     portal = make_portal()
-    with live_app.http() as http:
-        resp = http.post("/install?" + _query(portal),
-                         data=_form(portal, AUTH_ID=None, member_id=None))
+    resp = _post_install(live_app, portal, AUTH_ID=None, member_id=None)
     assert resp.status_code == 400
     assert "missing fields: AUTH_ID, member_id" in resp.text
     assert portal_count() == 0
@@ -132,8 +136,7 @@ def test_missing_fields_are_named_and_nothing_is_created(make_portal, live_app):
 
 def test_forged_auth_id_is_refused_and_nothing_is_created(sandbox, make_portal, live_app):
     portal = make_portal()
-    with live_app.http() as http:
-        resp = http.post("/install?" + _query(portal), data=_form(portal, AUTH_ID="forged0123"))
+    resp = _post_install(live_app, portal, AUTH_ID="forged0123")
     assert resp.status_code == 401
     assert "rejected the access token" in resp.text
     assert "installFinish" not in resp.text
@@ -143,9 +146,7 @@ def test_forged_auth_id_is_refused_and_nothing_is_created(sandbox, make_portal, 
 
 def test_token_of_another_portal_is_refused(make_portal, live_app):
     victim, attacker = make_portal(), make_portal()
-    with live_app.http() as http:
-        resp = http.post("/install?" + _query(victim),
-                         data=_form(victim, AUTH_ID=attacker["access_token"]))
+    resp = _post_install(live_app, victim, AUTH_ID=attacker["access_token"])
     assert resp.status_code == 403
     assert "another portal" in resp.text
     assert portal_count() == 0
@@ -153,8 +154,7 @@ def test_token_of_another_portal_is_refused(make_portal, live_app):
 
 def test_token_of_another_app_is_refused(make_portal, live_app):
     other = make_portal(client_id="app.someone-else", client_secret=CLIENT_SECRET)
-    with live_app.http() as http:
-        resp = http.post("/install?" + _query(other), data=_form(other))
+    resp = _post_install(live_app, other)
     assert resp.status_code == 403
     assert "another application" in resp.text
     assert portal_count() == 0
@@ -162,9 +162,7 @@ def test_token_of_another_app_is_refused(make_portal, live_app):
 
 def test_untrusted_auth_server_is_refused(make_portal, live_app):
     portal = make_portal()
-    with live_app.http() as http:
-        resp = http.post("/install?" + _query(portal),
-                         data=_form(portal, SERVER_ENDPOINT="http://attacker.example/rest/"))
+    resp = _post_install(live_app, portal, SERVER_ENDPOINT="http://attacker.example/rest/")
     assert resp.status_code == 403
     assert "not a Bitrix24 authorization server this app trusts" in resp.text
     assert portal_count() == 0
@@ -172,8 +170,7 @@ def test_untrusted_auth_server_is_refused(make_portal, live_app):
 
 def test_install_page_may_be_framed_by_the_portal_only(make_portal, live_app):
     portal = make_portal()
-    with live_app.http() as http:
-        resp = http.post("/install?" + _query(portal), data=_form(portal))
+    resp = _post_install(live_app, portal)
     assert resp.status_code == 200
     assert resp.headers["Content-Security-Policy"] == f"frame-ancestors http://{portal['domain']}"
     assert "X-Frame-Options" not in resp.headers
@@ -184,8 +181,7 @@ def test_a_non_admin_cannot_install_or_replace_the_admin_chain(sandbox, installe
     before = portal_row(member_id).refresh_token
     user = sandbox.issue_tokens(member_id, user_id=2)
     portal = {**installed, **user}
-    with live_app.http() as http:
-        resp = http.post("/install?" + _query(portal), data=_form(portal))
+    resp = _post_install(live_app, portal)
     assert resp.status_code == 403
     assert "only a portal administrator" in resp.text
     assert portal_row(member_id).refresh_token == before
@@ -216,9 +212,7 @@ def test_a_failed_setup_says_why_and_does_not_finish(sandbox, make_portal, live_
 
 def test_a_domain_other_than_app_info_names_is_refused(make_portal, live_app):
     portal = make_portal()
-    elsewhere = {**portal, "domain": "127.0.0.1:9"}  # a host the attacker controls
-    with live_app.http() as http:
-        resp = http.post("/install?" + _query(elsewhere), data=_form(portal))
+    resp = _post_install(live_app, portal, domain="127.0.0.1:9")  # a host the attacker controls
     assert resp.status_code == 403
     assert "domain differs" in resp.text
     assert portal_count() == 0

@@ -7,16 +7,15 @@ tests/conftest.py).
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
 from sandbox import SandboxControl
+from tests.conftest import StubHandler, StubServer
 
 SECRET = "sandbox-secret"
 USERS = [
@@ -57,38 +56,21 @@ def fake_app() -> Iterator[FakeApp]:
     """A real HTTP server on loopback standing in for the app (events, installer, placements)."""
     state = FakeApp()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(StubHandler):
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             state.hits.append(Hit("POST", self.path, dict(self.headers), body))
             html = state.install_html if self.path.startswith("/install") else "<html>ok</html>"
-            payload = html.encode()
-            self.send_response(state.status)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self.reply(state.status, html.encode(), "text/html; charset=utf-8")
 
         def do_GET(self) -> None:  # noqa: N802
             state.hits.append(Hit("GET", self.path, dict(self.headers), b""))
-            payload = b"RIFF-fake-wav"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+            self.reply(200, b"RIFF-fake-wav")
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    server = StubServer(Handler)
+    state.url = server.url
     yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    server.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,9 @@ import httpx
 import pytest
 
 from app.extensions import db
+from app.tenants import service
 from app.tenants.models import Portal, PortalStatus, utcnow
-from tests.conftest import ROOT, child_env
+from tests.conftest import ROOT, StubHandler, StubServer, child_env
 
 CLIENT_ID = "app.t1test"
 CLIENT_SECRET = "t1-secret"
@@ -54,6 +54,12 @@ def make_portal(oauth_app: Any, sandbox: Any) -> Any:
         return portal, info
 
     return make
+
+
+def reload_portal(member_id: str) -> Portal | None:
+    """The portal row as committed now: the session's copies are expired, then looked up."""
+    db.session.expire_all()
+    return service.get_portal(member_id)
 
 
 class CallerProcess:
@@ -125,7 +131,7 @@ class TokenRelay:
                                                     threading.Event())
         relay = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(StubHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server API
                 relay.arrived.set()
                 if relay.forward == "after_release":
@@ -135,31 +141,17 @@ class TokenRelay:
                     answer = httpx.get(f"{relay.upstream}?{query}", timeout=10)
                     relay.rotated.set()
                 if relay.forward == "after_release":
-                    self.send_response(answer.status_code)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(answer.content)))
-                    self.end_headers()
-                    self.wfile.write(answer.content)
+                    self.reply(answer.status_code, answer.content, "application/json")
                     return
                 relay.release.wait(30)
                 self.close_connection = True
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/oauth/token/"
+        self.server = StubServer(Handler)
+        self.url = f"{self.server.url}/oauth/token/"
 
     def close(self) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.close()
 
 
 @pytest.fixture

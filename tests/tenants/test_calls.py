@@ -13,7 +13,7 @@ from app.crypto import DecryptionError
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import utcnow
-from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET
+from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, reload_portal
 
 
 def test_call_method_returns_result_and_records_activity(make_portal, sandbox):
@@ -21,8 +21,7 @@ def test_call_method_returns_result_and_records_activity(make_portal, sandbox):
     assert portal.last_activity_at is None
     me = service.call_method(portal, "user.current")
     assert me["ID"] == "1"
-    db.session.expire_all()
-    assert service.get_portal(portal.member_id).last_activity_at is not None
+    assert reload_portal(portal.member_id).last_activity_at is not None
     assert sandbox.counters(portal.member_id)["refreshes"] == 0
 
 
@@ -32,8 +31,7 @@ def test_expired_token_refreshes_once_and_retries(make_portal, sandbox):
     me = service.call_method(portal, "user.current")
     assert me["ID"] == "1"
     assert sandbox.counters(portal.member_id)["refreshes"] == 1
-    db.session.expire_all()
-    stored = service.get_portal(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert stored.token_version == 2
     assert stored.access_token != info["access_token"]
     assert stored.refresh_token != info["refresh_token"]
@@ -57,8 +55,7 @@ def test_refreshed_tokens_are_stored_encrypted(make_portal, sandbox, make_app):
     portal, _ = make_portal()
     sandbox.expire_tokens(portal.member_id)
     service.call_method(portal, "user.current")
-    db.session.expire_all()
-    stored = service.get_portal(portal.member_id)
+    stored = reload_portal(portal.member_id)
     plain = (stored.access_token, stored.refresh_token)
     raw = db.session.execute(text("SELECT access_token, refresh_token FROM portals WHERE id = :id"),
                              {"id": stored.id}).one()
@@ -77,8 +74,7 @@ def test_a_refresh_writes_no_secret_to_the_logs(make_portal, sandbox, caplog):
     with caplog.at_level(logging.INFO):
         service.call_method(portal, "user.current")
     assert sandbox.counters(portal.member_id)["refreshes"] == 1
-    db.session.expire_all()
-    stored = service.get_portal(portal.member_id)
+    stored = reload_portal(portal.member_id)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for secret in (CLIENT_SECRET, info["refresh_token"], stored.refresh_token,
                    stored.access_token):

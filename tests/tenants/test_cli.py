@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from app.extensions import db
 from app.tenants import service
 from app.tenants.models import PortalStatus
+from tests.tenants.conftest import reload_portal
 
 
 def _run(app, *args):
@@ -31,8 +31,7 @@ def test_refresh_spends_the_chain_once(oauth_app, make_portal, sandbox):
     assert code == 0, out
     assert "token version 2" in out
     assert sandbox.counters(portal.member_id)["refreshes"] == 1
-    db.session.expire_all()
-    assert service.call_method(service.get_portal(portal.member_id), "user.current")["ID"] == "1"
+    assert service.call_method(reload_portal(portal.member_id), "user.current")["ID"] == "1"
 
 
 def test_disable_holds_calls_and_enable_resumes(oauth_app, make_portal, sandbox):
@@ -47,7 +46,6 @@ def test_disable_holds_calls_and_enable_resumes(oauth_app, make_portal, sandbox)
     assert sandbox.counters(portal.member_id)["refreshes"] == 0
 
     assert _run(oauth_app, "enable", portal.member_id)[0] == 0
-    db.session.expire_all()
-    stored = service.get_portal(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.ACTIVE.value and stored.status_reason is None
     assert service.call_method(stored, "user.current")["ID"] == "1"

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from app.extensions import db
 from app.tenants import service
 from app.tenants.models import PortalStatus, utcnow
 from tests.conftest import wait_for
+from tests.tenants.conftest import reload_portal
 
 
 def _portals(make_portal):
@@ -21,8 +21,7 @@ def _portals(make_portal):
 
 
 def _versions(portals):
-    db.session.expire_all()
-    return {name: service.get_portal(p.member_id).token_version for name, p in portals.items()}
+    return {name: reload_portal(p.member_id).token_version for name, p in portals.items()}
 
 
 def test_idle_refresh_picks_only_active_portals_quiet_for_30_days(make_portal, sandbox):

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from app.extensions import db
-from app.tenants import service
 from app.tenants.models import PortalStatus
+from tests.tenants.conftest import reload_portal
 
 PROCESSES, THREADS = 8, 50
 
@@ -33,8 +32,7 @@ def test_expired_token_under_400_concurrent_callers_refreshes_exactly_once(
     assert counters["refreshes"] == 1
     assert counters["token_grants"] == 1
     assert counters["violations"]["refresh_token_reuse"] == 0  # nobody presented a spent token
-    db.session.expire_all()
-    stored = service.get_portal(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.ACTIVE.value
     assert stored.token_version == 2
     assert stored.refresh_token != info["refresh_token"]

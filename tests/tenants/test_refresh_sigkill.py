@@ -20,11 +20,12 @@ import signal
 
 import pytest
 
-from app.extensions import db, redis_ext
+from app.extensions import redis_ext
 from app.tenants import service, tokens
 from app.tenants.models import PortalStatus
 from app.tenants.status import PortalUnavailable
 from tests.conftest import wait_for
+from tests.tenants.conftest import reload_portal
 
 LOCK_TTL = 2.0
 
@@ -39,8 +40,7 @@ def _kill_mid_refresh(portal, sandbox, spawn_callers, relay) -> None:
     assert (relay.rotated if relay.forward else relay.arrived).wait(20)
     os.kill(caller.proc.pid, signal.SIGKILL)
     caller.proc.wait(10)
-    db.session.expire_all()
-    row = service.get_portal(portal.member_id)
+    row = reload_portal(portal.member_id)
     assert row.refresh_started_at is not None  # the marker was committed before the request
     assert row.token_version == 1 and row.status == PortalStatus.ACTIVE.value
     lock = tokens.lock_key(portal.member_id)
@@ -55,8 +55,7 @@ def test_killed_before_the_auth_server_saw_it_next_caller_refreshes(
     assert sandbox.counters(portal.member_id)["refreshes"] == 0
 
     assert service.call_method(service.get_portal(portal.member_id), "user.current")["ID"] == "1"
-    db.session.expire_all()
-    row = service.get_portal(portal.member_id)
+    row = reload_portal(portal.member_id)
     assert row.status == PortalStatus.ACTIVE.value
     assert row.token_version == 2 and row.refresh_started_at is None
     counters = sandbox.counters(portal.member_id)
@@ -73,8 +72,7 @@ def test_killed_after_rotation_holds_portal_with_reason_until_a_new_chain(
     with pytest.raises(PortalUnavailable) as exc_info:
         service.call_method(service.get_portal(portal.member_id), "user.current")
     assert exc_info.value.status == PortalStatus.AUTH_FAILED.value
-    db.session.expire_all()
-    row = service.get_portal(portal.member_id)
+    row = reload_portal(portal.member_id)
     assert row.status == PortalStatus.AUTH_FAILED.value
     assert "refresh was interrupted" in row.status_reason
     assert "Open the app in Bitrix24 once as an administrator" in row.status_reason
@@ -88,5 +86,4 @@ def test_killed_after_rotation_holds_portal_with_reason_until_a_new_chain(
     service.store_new_chain(row, access_token=fresh["access_token"],
                             refresh_token=fresh["refresh_token"], expires_in=3600)
     assert service.call_method(row, "user.current")["ID"] == "1"
-    db.session.expire_all()
-    assert service.get_portal(portal.member_id).status == PortalStatus.ACTIVE.value
+    assert reload_portal(portal.member_id).status == PortalStatus.ACTIVE.value

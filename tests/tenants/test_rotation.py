@@ -6,6 +6,7 @@ import threading
 
 from app.extensions import db
 from app.tenants import service, tokens
+from tests.tenants.conftest import reload_portal
 
 
 def test_a_second_refresh_of_the_same_version_is_a_no_op(make_portal, sandbox):
@@ -46,8 +47,7 @@ def test_a_new_chain_stored_mid_refresh_wins_over_the_late_answer(
 
     assert "error" not in outcome and outcome["result"]["ID"] == "1"
     assert sandbox.counters(portal.member_id)["refreshes"] == 1  # the old chain did rotate...
-    db.session.expire_all()
-    stored = service.get_portal(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert stored.access_token == fresh["access_token"]  # ...but its answer was discarded
     assert stored.refresh_token == fresh["refresh_token"]
     assert stored.token_version == 2 and stored.refresh_started_at is None

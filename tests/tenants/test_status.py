@@ -10,11 +10,7 @@ from app.extensions import db
 from app.tenants import service
 from app.tenants.models import PortalStatus
 from app.tenants.status import PortalUnavailable
-
-
-def _reload(member_id):
-    db.session.expire_all()
-    return service.get_portal(member_id)
+from tests.tenants.conftest import reload_portal
 
 
 @pytest.mark.parametrize(("fault", "status", "hint"), [
@@ -29,7 +25,7 @@ def test_error_moves_portal_and_holds_later_calls(make_portal, sandbox, fault, s
     with pytest.raises(PortalUnavailable) as exc_info:
         service.call_method(portal, "user.current")
     assert isinstance(exc_info.value.__cause__, errors.ApiError)
-    stored = _reload(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert stored.status == status.value
     assert hint in stored.status_reason
     sent = sandbox.counters(portal.member_id)["rest_requests"]
@@ -43,14 +39,14 @@ def test_deleted_portal_becomes_portal_deleted(make_portal, sandbox):
     sandbox.delete_portal(portal.member_id)
     with pytest.raises(PortalUnavailable):
         service.call_batch(portal, {"me": ("user.current", {})})
-    assert _reload(portal.member_id).status == PortalStatus.PORTAL_DELETED.value
+    assert reload_portal(portal.member_id).status == PortalStatus.PORTAL_DELETED.value
 
 
 def test_missing_scope_becomes_access_denied(make_portal):
     portal, _ = make_portal(scope="crm,user_basic")  # granted without telephony
     with pytest.raises(PortalUnavailable):
         service.call_method(portal, "telephony.externalLine.get")
-    stored = _reload(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.ACCESS_DENIED.value
     assert "insufficient_scope" in stored.status_reason
 
@@ -61,7 +57,7 @@ def test_batch_command_errors_do_not_change_status(make_portal):
                                          "bad": ("no.such.method", {"x": 1})})
     assert result.results["me"]["ID"] == "1"
     assert isinstance(result.errors["bad"], errors.MethodNotFound)
-    assert _reload(portal.member_id).status == PortalStatus.ACTIVE.value
+    assert reload_portal(portal.member_id).status == PortalStatus.ACTIVE.value
 
 
 def test_invalid_grant_marks_auth_failed_and_a_new_chain_recovers(make_portal, sandbox):
@@ -72,7 +68,7 @@ def test_invalid_grant_marks_auth_failed_and_a_new_chain_recovers(make_portal, s
     with pytest.raises(PortalUnavailable) as exc_info:
         service.call_method(portal, "user.current")
     assert exc_info.value.status == PortalStatus.AUTH_FAILED.value
-    stored = _reload(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.AUTH_FAILED.value
     assert "Open the app in Bitrix24 once as an administrator" in stored.status_reason
     assert stored.refresh_token == "not-a-live-refresh-token"  # held, not dropped
@@ -81,7 +77,7 @@ def test_invalid_grant_marks_auth_failed_and_a_new_chain_recovers(make_portal, s
     service.store_new_chain(stored, access_token=fresh["access_token"],
                             refresh_token=fresh["refresh_token"], expires_in=3600,
                             user_id=fresh["user_id"])
-    stored = _reload(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.ACTIVE.value and stored.status_reason is None
     assert stored.auth_user_id == fresh["user_id"]
     assert service.call_method(stored, "user.current")["ID"] == "1"
@@ -92,7 +88,7 @@ def test_rename_302_updates_endpoints_and_repeats_the_call(make_portal, sandbox)
     moved = sandbox.rename_portal(portal.member_id)
     assert moved["client_endpoint"] != info["client_endpoint"]
     assert service.call_method(portal, "user.current")["ID"] == "1"
-    stored = _reload(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert stored.client_endpoint == moved["client_endpoint"]
     assert stored.domain == moved["domain"]
     log = sandbox.log(portal.member_id, method="user.current")
@@ -114,7 +110,7 @@ def test_new_chain_clears_auth_failed_set_by_another_process(make_portal, sandbo
     fresh = sandbox.issue_tokens(portal.member_id)
     service.store_new_chain(portal, access_token=fresh["access_token"],
                             refresh_token=fresh["refresh_token"], expires_in=3600)
-    stored = _reload(portal.member_id)
+    stored = reload_portal(portal.member_id)
     assert (stored.status, stored.status_reason) == (PortalStatus.ACTIVE.value, None)
 
 
@@ -124,8 +120,8 @@ def test_new_chain_keeps_other_held_states_unless_the_caller_sets_one(make_porta
     fresh = sandbox.issue_tokens(portal.member_id)
     service.store_new_chain(portal, access_token=fresh["access_token"],
                             refresh_token=fresh["refresh_token"], expires_in=3600)
-    assert _reload(portal.member_id).status == PortalStatus.UNINSTALLED.value
+    assert reload_portal(portal.member_id).status == PortalStatus.UNINSTALLED.value
     portal.status = PortalStatus.ACTIVE.value  # a reinstall decides for itself
     service.store_new_chain(portal, access_token=fresh["access_token"],
                             refresh_token=fresh["refresh_token"], expires_in=3600)
-    assert _reload(portal.member_id).status == PortalStatus.ACTIVE.value
+    assert reload_portal(portal.member_id).status == PortalStatus.ACTIVE.value
