@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from app.extensions import db
+from app.ingress.inbox import ENQUEUE_TIMEOUT_SECONDS, REDIS_BACKOFF_SECONDS
 from app.tenants.sandbox_setup import free_port
 from tests.conftest import wait_for
 from tests.ingress.conftest import FORM, b24_body, inbox_count, inbox_rows, make_portal, statuses
@@ -104,7 +105,12 @@ def test_a_hung_redis_costs_one_short_timeout_not_a_hang(make_app, portal, own_r
             timings.append(time.perf_counter() - started)
     finally:
         os.kill(own_redis.proc.pid, signal.SIGCONT)
-    assert max(timings) < 1.0 and sorted(timings)[-2] < 0.1, timings
+    # One request per backoff window pays the enqueue timeout; the rest skip Redis. (A
+    # threshold on the second-slowest request failed once on a busy CI machine: 0.14 s
+    # for a request that never touched Redis.)
+    paid = [t for t in timings if t >= 0.9 * ENQUEUE_TIMEOUT_SECONDS]
+    windows = 1 + int(sum(timings) // REDIS_BACKOFF_SECONDS)
+    assert max(timings) < 1.0 and len(paid) <= windows, timings
     assert statuses() == {"queued": 1, "received": 20}
 
 
