@@ -121,9 +121,3 @@ def on_user_add(portal: Portal | None, event: dict[str, Any]) -> None:
     if portal is None or user_id is None:
         return
     install.refresh_user(portal, user_id)
-
-
-@on("ONUSERUPDATE")
-def on_user_update(portal: Portal | None, event: dict[str, Any]) -> None:
-    """Re-read a changed user's extension."""
-    on_user_add(portal, event)

@@ -390,7 +390,7 @@ def portals_with_live_tokens(margin_seconds: int = 120) -> list[int]:
 
 
 def refresh_user(portal: Portal, user_id: int) -> PortalUser | None:
-    """Re-read one user's extension from the portal (ONUSERADD / ONUSERUPDATE)."""
+    """Re-read one user's extension from the portal (ONUSERADD)."""
     records = _as_list(service.call_method(portal, "user.get", {"ID": user_id}))
     record = next((r for r in records if str(r.get("ID")) == str(user_id)), None)
     if record is None:

@@ -1,7 +1,8 @@
 """Portal users and the extension map: which Bitrix24 user answers which inner number.
 
 Filled from ``user.get`` (``UF_PHONE_INNER``) at install and kept current by the
-ONUSERADD / ONUSERUPDATE handlers. Telephony reads it through
+ONUSERADD handler and the periodic user sync (Bitrix24's REST events have no user
+update). Telephony reads it through
 :func:`user_for_extension` and :func:`extension_map`.
 """
 
