@@ -362,12 +362,38 @@ def requeue_stuck(policy: SweepPolicy, limit: int = 1000) -> int:
     return len(rows)
 
 
-def depth() -> dict[str, int]:
-    """Rows per unfinished status (parked ones too) and dead, for the inbox-depth gauge."""
+def depth(portal_id: int | None = None) -> dict[str, int]:
+    """Rows per unfinished status (parked ones too) and dead: the inbox-depth gauge, or one
+    portal's share of it (its settings page). ``done`` rows are never counted: there are
+    millions, and the status index finds the others without reading them."""
     wanted = [*PENDING, InboxStatus.PROCESSING.value, *PARKED, InboxStatus.DEAD.value]
     counts = dict.fromkeys(wanted, 0)
-    rows = db.session.execute(select(InboxEvent.status, func.count())
-                              .where(InboxEvent.status.in_(wanted))
-                              .group_by(InboxEvent.status)).all()
-    counts.update({status: n for status, n in rows})
+    query = (select(InboxEvent.status, func.count()).where(InboxEvent.status.in_(wanted))
+             .group_by(InboxEvent.status))
+    if portal_id is not None:
+        query = query.where(InboxEvent.portal_id == portal_id)
+    counts.update({status: n for status, n in db.session.execute(query).all()})
     return counts
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead-lettered event as its portal's admin sees it: what, when, and why."""
+
+    id: int
+    source: str
+    event_type: str
+    received_at: datetime
+    attempts: int
+    reason: str
+
+
+def dead_letters(portal_id: int, limit: int = 10) -> list[DeadLetter]:
+    """The portal's newest dead-lettered events (payloads stay out of the page)."""
+    rows = db.session.execute(
+        select(InboxEvent.id, InboxEvent.source, InboxEvent.event_type, InboxEvent.received_at,
+               InboxEvent.attempts, InboxEvent.last_error)
+        .where(InboxEvent.status == InboxStatus.DEAD.value, InboxEvent.portal_id == portal_id)
+        .order_by(InboxEvent.received_at.desc(), InboxEvent.id.desc()).limit(limit)).all()
+    return [DeadLetter(r.id, r.source, r.event_type, aware(r.received_at), r.attempts,
+                       r.last_error or "") for r in rows]

@@ -13,6 +13,8 @@ from flask import Blueprint, Response, current_app, make_response, render_templa
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from app.extensions import db
+from app.ingress import inbox
+from app.ingress.retention import Retention
 from app.queue import enqueue
 from app.tenants import install
 from app.tenants.models import Portal, PortalSettings
@@ -26,6 +28,7 @@ FORM_SALT = "b24relay-settings-form"
 FORM_TTL_SECONDS = 30 * 60
 EVENT_MODES = ("online", "offline")
 MAX_LINES = 40
+DEAD_LETTERS_SHOWN = 10
 
 
 def _serializer() -> URLSafeTimedSerializer:
@@ -50,6 +53,9 @@ def render(portal: Portal, *, is_admin: bool, user_id: int | None, notice: str =
     settings = _settings(portal)
     return render_template(
         "settings/settings.html", portal=portal, settings=settings, advice=advice(portal),
+        inbox_counts=inbox.depth(portal.id) if is_admin else {},
+        dead=inbox.dead_letters(portal.id, DEAD_LETTERS_SHOWN) if is_admin else [],
+        dead_days=int(Retention.from_env().dead_days),
         is_admin=is_admin, token=form_token(portal, user_id) if is_admin else "",
         lines_text="\n".join(f"{line.get('number')} {line.get('name') or ''}".strip()
                              for line in settings.lines or []),

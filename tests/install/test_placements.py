@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+import uuid
+from typing import Any
 
 import httpx
 
 from app.extensions import db
+from app.ingress.models import InboxEvent
 from app.tenants import status as portal_status
 from app.tenants.models import PortalStatus
+from tests.ingress.conftest import make_portal
 from tests.install.conftest import iframe_form, portal_row
 
 
@@ -152,3 +156,42 @@ def test_switching_to_offline_mode_binds_offline_events(sandbox, installed, live
     save("online")
     online, offline = wait_for(lambda: not (b := bound())[1] and b, timeout=30)
     assert online == {(e, handler) for e in install.EVENTS}
+
+
+def _inbox_row(portal_id: int | None, member_id: str, status: str, reason: str | None = None,
+               **extra: Any) -> None:
+    db.session.add(InboxEvent(portal_id=portal_id, member_id=member_id, source="b24",
+                              event_type=extra.pop("event_type", "ONCRMDEALUPDATE"),
+                              dedupe_key=uuid.uuid4().hex, payload={"secret": "payload"},
+                              status=status, attempts=extra.pop("attempts", 0),
+                              last_error=reason, **extra))
+    db.session.commit()
+
+
+def test_admins_see_their_portals_stuck_and_failed_events_and_nobody_elses(sandbox, installed):
+    member_id = installed["member_id"]
+    own = portal_row(member_id)
+    other = make_portal()
+    _inbox_row(own.id, member_id, "dead", "handler failed: <b>crm.deal.get</b> timed out",
+               attempts=5, event_type="ONEXTERNALCALLSTART")
+    _inbox_row(own.id, member_id, "queued")
+    _inbox_row(own.id, member_id, "unhandled", "no handler for ONCRMLEADADD")
+    _inbox_row(own.id, member_id, "done")
+    _inbox_row(other.id, other.member_id, "dead", "the other portal's failure")
+
+    body = sandbox.open_placement(member_id)["body"]
+    assert re.search(r'data-count="waiting">1<', body), body
+    assert re.search(r'data-count="unhandled">1<', body)
+    assert re.search(r'data-count="dead">1<', body)
+    [row] = re.findall(r'<tr data-id="\d+">.*?</tr>', body)
+    assert "b24 ONEXTERNALCALLSTART" in row and "<td>5</td>" in row
+    assert "&lt;b&gt;crm.deal.get&lt;/b&gt; timed out" in row  # escaped, not markup
+    assert "the other portal's failure" not in body and "payload" not in body
+
+    not_admin = sandbox.open_placement(member_id, user_id=2)["body"]
+    assert "dead-letters" not in not_admin and "timed out" not in not_admin
+
+
+def test_a_portal_without_failures_says_so(sandbox, installed):
+    body = sandbox.open_placement(installed["member_id"])["body"]
+    assert 'id="no-dead-letters"' in body and re.search(r'data-count="dead">0<', body)
