@@ -238,3 +238,52 @@ def test_intake_hands_its_connections_back_transactional(app, portal, deliver, d
     db.session.rollback()
     assert inbox_count() == 3
 
+
+
+# Bodies as the protocol notes print them (§3.4, §3.5), written out by hand rather than by our
+# encoder, with the seeded portal's member_id and application_token put in.
+DOC_DEAL_UPDATE = (
+    "event=ONCRMDEALUPDATE&event_handler_id=201&data%5BFIELDS%5D%5BID%5D=759&ts=1736405807"
+    "&auth%5Baccess_token%5D=s6p6eclrvim6da22ft9ch94ekreb52lv&auth%5Bexpires%5D=1736409407"
+    "&auth%5Bexpires_in%5D=3600&auth%5Bscope%5D=crm%2Ctelephony%2Cplacement%2Cuser_basic"
+    "&auth%5Bdomain%5D=some-domain.bitrix24.com"
+    "&auth%5Bserver_endpoint%5D=https%3A%2F%2Foauth.bitrix.info%2Frest%2F&auth%5Bstatus%5D=P"
+    "&auth%5Bclient_endpoint%5D=https%3A%2F%2Fsome-domain.bitrix24.com%2Frest%2F"
+    "&auth%5Bmember_id%5D={member_id}&auth%5Buser_id%5D=15"
+    "&auth%5Bapplication_token%5D={token}")
+# An event no user caused (a robot, an import): no tokens, only the five identifying fields.
+DOC_NO_USER = (
+    "event=ONCRMDEALUPDATE&event_handler_id=201&data%5BFIELDS%5D%5BID%5D=760&ts=1736405808"
+    "&auth%5Bdomain%5D=some-domain.bitrix24.com"
+    "&auth%5Bclient_endpoint%5D=https%3A%2F%2Fsome-domain.bitrix24.com%2Frest%2F"
+    "&auth%5Bserver_endpoint%5D=https%3A%2F%2Foauth.bitrix.info%2Frest%2F"
+    "&auth%5Bmember_id%5D={member_id}&auth%5Bapplication_token%5D={token}")
+DOC_CALL_START = (
+    "event=ONEXTERNALCALLSTART&event_handler_id=1055"
+    "&data%5BPHONE_NUMBER%5D=%2B494951234567&data%5BPHONE_NUMBER_INTERNATIONAL%5D=%2B494951234567"
+    "&data%5BEXTENSION%5D=&data%5BUSER_ID%5D=1269&data%5BCALL_LIST_ID%5D=0"
+    "&data%5BLINE_NUMBER%5D=7&data%5BIS_MOBILE%5D=0"
+    "&data%5BCALL_ID%5D=externalCall.89350264e026dace3f2b14d1f438257c.1773236989"
+    "&data%5BCRM_ENTITY_TYPE%5D=CONTACT&data%5BCRM_ENTITY_ID%5D=797&ts=1773236988"
+    "&auth%5Bdomain%5D=example.bitrix24.com&auth%5Bmember_id%5D={member_id}"
+    "&auth%5Buser_id%5D=1269&auth%5Bapplication_token%5D={token}")
+
+
+@pytest.mark.parametrize("raw, event_type, data", [
+    (DOC_DEAL_UPDATE, "ONCRMDEALUPDATE", {"FIELDS": {"ID": "759"}}),
+    (DOC_NO_USER, "ONCRMDEALUPDATE", {"FIELDS": {"ID": "760"}}),
+    (DOC_CALL_START, "ONEXTERNALCALLSTART", {
+        "PHONE_NUMBER": "+494951234567", "PHONE_NUMBER_INTERNATIONAL": "+494951234567",
+        "EXTENSION": "", "USER_ID": "1269", "CALL_LIST_ID": "0", "LINE_NUMBER": "7",
+        "IS_MOBILE": "0", "CALL_ID": "externalCall.89350264e026dace3f2b14d1f438257c.1773236989",
+        "CRM_ENTITY_TYPE": "CONTACT", "CRM_ENTITY_ID": "797"}),
+], ids=["deal update", "no user behind it", "click-to-call"])
+def test_documented_bodies_are_stored_as_bitrix24_sends_them(app, client, portal, redis_client,
+                                                             raw, event_type, data):
+    body = raw.format(member_id=portal.member_id, token=portal.application_token)
+    response = client.post("/b24/events", data=body, headers=FORM)
+    assert response.status_code == 200, response.json
+    [row] = inbox_rows()
+    assert (row.event_type, row.payload["data"]) == (event_type, data)
+    assert row.payload["auth"]["member_id"] == portal.member_id
+    assert queued_messages(redis_client, app) == 1
