@@ -11,6 +11,22 @@ DIRECTIONS = ("in", "out")
 END_STATUSES = ("answered", "busy", "no_answer", "cancelled", "failed")
 MAX_EVENTS_PER_REQUEST = 500
 MAX_TEXT = 256
+MAX_DEPTH = 16  # {"events": [{...}]} is 3 deep; extra fields a PBX adds get the rest
+
+
+def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """Whether JSON data nests lists/objects more than ``limit`` levels (checked without
+    recursion: a body just under the size limit can nest tens of thousands of levels, and
+    Python's JSON encoder and the database's JSON column would hit the recursion limit)."""
+    level: list[Any] = [value]
+    for _ in range(limit):  # after i rounds, level holds the containers at depth i + 1
+        level = [child for node in level
+                 for child in (node.values() if isinstance(node, dict) else
+                               node if isinstance(node, list) else ())
+                 if isinstance(child, (dict, list))]
+        if not level:
+            return False
+    return True
 
 
 def _path(where: str, name: str) -> str:

@@ -106,8 +106,10 @@ def b24_events() -> tuple[Response, int]:
 def _pbx_events(body: bytes, portal: auth.KnownPortal) -> list[inbox.NewEvent]:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise Rejected(400, "malformed", f"body is not JSON: {exc}") from exc
+    if pbx.deeper_than(data):
+        raise Rejected(400, "malformed", f"JSON nested deeper than {pbx.MAX_DEPTH} levels")
     try:
         events = pbx.validate_body(data)
     except pbx.InvalidEvent as exc:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import time
 
 import pytest
 from sqlalchemy import delete, select
 
 from app.extensions import db
-from app.ingress import auth
+from app.ingress import auth, pbx
 from app.ingress.models import PortalApiKey
 from tests.ingress.conftest import inbox_count, inbox_rows, queued_messages
 
@@ -127,11 +128,30 @@ def test_a_wrong_schema_gets_422_naming_the_field(app, api_key, deliver, redis_c
     assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
 
 
-def test_a_body_that_is_not_json_gets_400(app, client, api_key):
-    response = client.post("/api/v1/calls/events", data=b"call_id=1",
+def _nested(levels: int) -> str:
+    """``START`` with an extra field, the whole body nested ``levels`` containers deep."""
+    return json.dumps(START)[:-1] + ', "extra": ' + "[" * (levels - 1) + "]" * (levels - 1) + "}"
+
+
+@pytest.mark.parametrize("body", [
+    "call_id=1",
+    "[" * 100_000 + "]" * 100_000,  # under the size limit, past Python's recursion limit
+    _nested(pbx.MAX_DEPTH + 1),
+], ids=["form", "nesting bomb", "one level too deep"])
+def test_a_body_that_is_not_json_or_nests_too_deep_gets_400(app, client, api_key, redis_client,
+                                                            body):
+    response = client.post("/api/v1/calls/events", data=body,
                            headers={"Authorization": f"Bearer {api_key}",
                                     "Content-Type": "application/json"})
-    assert response.status_code == 400 and inbox_count() == 0
+    assert response.status_code == 400 and response.json["error"] == "malformed"
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+
+
+def test_extra_fields_may_nest_up_to_the_limit(client, api_key):
+    response = client.post("/api/v1/calls/events", data=_nested(pbx.MAX_DEPTH),
+                           headers={"Authorization": f"Bearer {api_key}",
+                                    "Content-Type": "application/json"})
+    assert response.status_code == 202 and inbox_count() == 1
 
 
 def test_a_body_over_the_limit_gets_413(app, api_key, deliver):
