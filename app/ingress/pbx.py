@@ -97,8 +97,13 @@ def _duration(event: dict[str, Any], where: str) -> int:
 
 def _url(event: dict[str, Any], where: str) -> str:
     value = _text(event, "url", where) or ""
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    try:
+        parts = urlsplit(value)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:  # e.g. an unclosed IPv6 bracket, or a port that is not a number
+        valid = False
+    if not valid:
         raise InvalidEvent(_path(where, "url"), "must be an http(s) URL of the recording")
     return value
 

@@ -113,6 +113,9 @@ def test_a_rotation_in_this_process_drops_the_cached_key_at_once(portal, api_key
     (_broken(3, duration=-1), "events[3].duration"),
     (_broken(3, duration="42"), "events[3].duration"),
     (_broken(4, url="ftp://pbx.example/r/1.mp3"), "events[4].url"),
+    (_broken(4, url="https://[::1/r/1.mp3"), "events[4].url"),  # urlsplit raises on it
+    (_broken(4, url="https://pbx.example:rec/r/1.mp3"), "events[4].url"),
+    (_broken(4, url="https://:8080/r/1.mp3"), "events[4].url"),  # no host
     ({"events": []}, "events"),
     ({"events": [START, "start"]}, "events[1]"),
     ({"call_id": "x", "event": "answer", "at": AT}, "extension"),
