@@ -55,6 +55,7 @@ TRICKY = {
            "yesterday", "2026-11-22T16:40:00+25:00", ""],
     "direction": ["IN", "both"],
     "phone": ["", "x" * 300],
+    "line": ["", None, ["+7495"]],
     "extensions": [[], [""], ["101", None], "101,102", [["101"]]],
     "extension": ["", None, 101.5],
     "from_extension": ["", None], "to_extension": ["", {}],
