@@ -84,9 +84,10 @@ def _register_blueprints(app: Flask) -> None:
 
 
 def _register_cli(app: Flask) -> None:
-    """``flask portals …``: list, show, refresh, disable, enable, api-key."""
-    from app.ingress.cli import api_key_command
+    """``flask portals …`` (list, show, refresh, disable, enable, api-key), ``flask inbox …``."""
+    from app.ingress.cli import api_key_command, inbox_cli
     from app.tenants.cli import portals_cli
 
     portals_cli.add_command(api_key_command)
     app.cli.add_command(portals_cli)
+    app.cli.add_command(inbox_cli)

@@ -388,12 +388,40 @@ class DeadLetter:
     reason: str
 
 
-def dead_letters(portal_id: int, limit: int = 10) -> list[DeadLetter]:
-    """The portal's newest dead-lettered events (payloads stay out of the page)."""
-    rows = db.session.execute(
-        select(InboxEvent.id, InboxEvent.source, InboxEvent.event_type, InboxEvent.received_at,
-               InboxEvent.attempts, InboxEvent.last_error)
-        .where(InboxEvent.status == InboxStatus.DEAD.value, InboxEvent.portal_id == portal_id)
-        .order_by(InboxEvent.received_at.desc(), InboxEvent.id.desc()).limit(limit)).all()
+def dead_letters(portal_id: int | None = None, limit: int = 10) -> list[DeadLetter]:
+    """The newest dead-lettered events, of one portal or of all (payloads stay out)."""
+    query = (select(InboxEvent.id, InboxEvent.source, InboxEvent.event_type,
+                    InboxEvent.received_at, InboxEvent.attempts, InboxEvent.last_error)
+             .where(InboxEvent.status == InboxStatus.DEAD.value)
+             .order_by(InboxEvent.received_at.desc(), InboxEvent.id.desc()).limit(limit))
+    if portal_id is not None:
+        query = query.where(InboxEvent.portal_id == portal_id)
     return [DeadLetter(r.id, r.source, r.event_type, aware(r.received_at), r.attempts,
-                       r.last_error or "") for r in rows]
+                       r.last_error or "") for r in db.session.execute(query).all()]
+
+
+def replay_dead(row_ids: Sequence[int] = (), portal_id: int | None = None) -> list[int]:
+    """Give dead rows (these ids, or all of a portal's) a fresh set of attempts; queue them.
+
+    For an operator who fixed what killed them. Only rows still ``dead`` are touched; the
+    payload is as it was left, without the event's tokens, so handlers use the portal's own.
+    """
+    where = [InboxEvent.status == InboxStatus.DEAD.value]
+    if row_ids:
+        where.append(InboxEvent.id.in_(list(row_ids)))
+    if portal_id is not None:
+        where.append(InboxEvent.portal_id == portal_id)
+    if len(where) == 1:
+        raise ValueError("name the rows or the portal to replay")
+    rows = db.session.execute(select(InboxEvent.id, InboxEvent.source).where(*where)).all()
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    db.session.execute(update(InboxEvent)
+                       .where(InboxEvent.id.in_(ids), InboxEvent.status == InboxStatus.DEAD.value)
+                       .values(status=InboxStatus.QUEUED.value, attempts=0, claimed_at=utcnow(),
+                               processed_at=None))
+    db.session.commit()
+    for source in sorted({r.source for r in rows}):
+        enqueue([r.id for r in rows if r.source == source], source, via="replay")
+    return ids
