@@ -91,6 +91,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "SECRET_KEY": env_str("SECRET_KEY"),
         "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
         "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
+        "DB_CONNECT_TIMEOUT": env_int("DB_CONNECT_TIMEOUT", 5),
         # Auth-server hosts whose app.info we trust when an install POST names its own.
         "B24_AUTH_SERVERS": env_str("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS),
         "B24_JS_SDK_URL": env_str("B24_JS_SDK_URL", DEFAULT_JS_SDK_URL),

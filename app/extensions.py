@@ -26,13 +26,20 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 
-def configure_sqlite(app: Flask) -> None:
-    """SQLite shared by web and worker processes: WAL, a busy timeout, FK checks."""
+def configure_database(app: Flask) -> None:
+    """Engine options: a bounded connect on PostgreSQL; WAL, a busy timeout and FK checks on
+    SQLite (shared by web and worker processes)."""
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
-    if not uri.startswith("sqlite"):
+    if uri.startswith("postgresql"):
+        # A server that accepts but never answers (hung, or a half-open network path) would
+        # hold an intake thread forever; after DB_CONNECT_TIMEOUT seconds the event gets 503.
         # No pool_pre_ping: it costs a round trip per request. A connection found dead is
         # invalidated by SQLAlchemy; intake retries once on it (retry_if_connection_died below),
         # workers retry the message, pages answer one error after a database restart.
+        app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {
+            "connect_timeout": int(app.config.get("DB_CONNECT_TIMEOUT") or 5)}})
+        return
+    if not uri.startswith("sqlite"):
         return
     if uri.startswith("sqlite:///") and ":memory:" not in uri:
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)

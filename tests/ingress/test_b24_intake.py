@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import create_engine, make_url, text
@@ -145,6 +149,29 @@ def test_database_down_answers_503_never_200(make_app, redis_client):
     assert response.json["error"] == "db_unavailable"
     assert _rejected("db_unavailable") == before + 1
     assert redis_client.llen(f"{down.config['DRAMATIQ_NAMESPACE']}:events") == 0
+
+
+def test_a_database_that_never_answers_costs_a_bounded_wait_then_503(make_app, redis_client):
+    """A server that accepts the connection and then says nothing (hung, or a half-open
+    path): libpq would wait forever; the connect timeout turns that into a 503."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(silent.accept()[0]), daemon=True).start()
+    try:
+        port = silent.getsockname()[1]
+        hung = make_app(SQLALCHEMY_DATABASE_URI=f"postgresql+psycopg://nobody@127.0.0.1:{port}/x",
+                        DB_CONNECT_TIMEOUT=2)  # libpq's minimum
+        started = time.monotonic()
+        response = hung.test_client().post("/b24/events", headers=FORM,
+                                           data=b24_body("c" * 32, "tok"))
+        waited = time.monotonic() - started
+        assert response.status_code == 503 and response.json["error"] == "db_unavailable"
+        assert waited < 10, waited
+        assert redis_client.llen(f"{hung.config['DRAMATIQ_NAMESPACE']}:events") == 0
+    finally:
+        silent.close()
+        for conn in accepted:
+            conn.close()
 
 
 def test_database_unreachable_mid_traffic_answers_503(app, portal, deliver, database_url,
