@@ -33,9 +33,8 @@ from app import queue
 from app.extensions import db, retry_if_connection_died
 from app.ingress import metrics
 from app.ingress.models import PARKED, PENDING, InboxEvent, InboxStatus
-from app.tenants.models import Portal, utcnow
+from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import HELD
-from app.tenants.tokens import aware
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from app.config import DEFAULT_IDLE_REFRESH_DAYS
 from app.extensions import db, redis_ext
 from app.tenants import status as portal_status
 from app.tenants import tokens
-from app.tenants.models import Portal, PortalStatus, utcnow
+from app.tenants.models import Portal, PortalStatus, aware, utcnow
 from app.tenants.status import PortalUnavailable, set_status
 from app.tenants.tokens import Credentials, store_new_chain
 
@@ -116,7 +116,7 @@ def _moved(portal: Portal, creds: Credentials, client_endpoint: str) -> Credenti
 
 def _touch(portal: Portal) -> None:
     """Record activity cheaply: at most once per ACTIVITY_GRANULARITY per portal, across hosts."""
-    last = tokens.aware(portal.last_activity_at)
+    last = aware(portal.last_activity_at)
     now = utcnow()
     if last is not None and now - last < ACTIVITY_GRANULARITY:
         return

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
@@ -40,7 +40,7 @@ from sqlalchemy.orm.attributes import flag_modified
 from app.bitrix import OAuthClient, TokenSet, errors
 from app.extensions import db, redis_ext
 from app.tenants import status as portal_status
-from app.tenants.models import Portal, PortalStatus, utcnow
+from app.tenants.models import Portal, PortalStatus, aware, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,6 @@ DEFAULT_SERVER_ENDPOINT = "https://oauth.bitrix.info/rest/"
 
 class RefreshPending(errors.TransportError):
     """Another process is refreshing this portal and did not finish within the wait."""
-
-
-def aware(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment
 
 
 def lock_key(member_id: str) -> str:
