@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, insert, select, text
 
 from app.extensions import db
 from app.ingress import auth
@@ -79,6 +79,24 @@ def deliver(client: Any) -> Deliver:
 @pytest.fixture
 def api_key(portal: Portal) -> str:
     return auth.issue_api_key(portal)
+
+
+def add_inbox_row(status: str, portal: Portal | None = None, **values: Any) -> int:
+    """Insert an inbox row as intake or a worker would have left it; returns its id.
+
+    Without ``portal`` the row belongs to no portal (member_id ``m…``); ``values`` override
+    any column (``event_type`` also names the payload's event).
+    """
+    event_type = values.pop("event_type", "TESTEFFECT")
+    row = {"portal_id": portal.id if portal else None,
+           "member_id": portal.member_id if portal else "m" * 32, "source": "b24",
+           "event_type": event_type, "dedupe_key": uuid.uuid4().hex,
+           "payload": {"event": event_type, "data": {}}, "unverified": False,
+           "status": status, "attempts": 0, **values}
+    row_id = db.session.execute(insert(InboxEvent).values(**row)
+                                .returning(InboxEvent.id)).scalar_one()
+    db.session.commit()
+    return row_id
 
 
 def inbox_count() -> int:

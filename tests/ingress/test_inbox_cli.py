@@ -3,25 +3,16 @@ good and, once the cause is fixed, runs them again through a real worker."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
-
-from sqlalchemy import insert
 
 from app.extensions import db
 from app.ingress.models import InboxEvent
 from tests.conftest import wait_for
-from tests.ingress.conftest import make_portal, queued_messages
+from tests.ingress.conftest import add_inbox_row, make_portal, queued_messages
 
 
 def _row(portal: Any, status: str, reason: str | None = None) -> int:
-    row_id = db.session.execute(insert(InboxEvent).values(
-        portal_id=portal.id, member_id=portal.member_id, source="b24", event_type="TESTEFFECT",
-        dedupe_key=uuid.uuid4().hex, payload={"event": "TESTEFFECT", "data": {}},
-        unverified=False, status=status, attempts=5 if status == "dead" else 1,
-        last_error=reason).returning(InboxEvent.id)).scalar_one()
-    db.session.commit()
-    return row_id
+    return add_inbox_row(status, portal, attempts=5 if status == "dead" else 1, last_error=reason)
 
 
 def _inbox(app: Any, *args: str) -> Any:

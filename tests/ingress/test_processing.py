@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import timedelta
 
 from sqlalchemy import insert, update
@@ -13,7 +12,7 @@ from app.ingress import inbox, processing
 from app.ingress.models import InboxEvent
 from app.tenants.models import Portal, utcnow
 from tests.conftest import wait_for
-from tests.ingress.conftest import inbox_rows, make_portal, statuses
+from tests.ingress.conftest import add_inbox_row, inbox_rows, make_portal, statuses
 
 
 def test_a_valid_event_is_processed_once_by_a_real_worker(portal, deliver, effects,
@@ -91,15 +90,8 @@ def test_what_keeps_failing_is_dead_lettered_with_its_reason(portal, deliver,
 
 
 def _stuck_row(status: str, age_seconds: float, **values) -> int:
-    old = utcnow() - timedelta(seconds=age_seconds)
-    event_type = values.pop("event_type", "TESTEFFECT")
-    row_id = db.session.execute(insert(InboxEvent).values(
-        member_id="m" * 32, source=values.pop("source", "b24"), event_type=event_type,
-        dedupe_key=uuid.uuid4().hex, payload={"event": event_type, "data": {}},
-        unverified=False, status=status, attempts=values.pop("attempts", 0), received_at=old,
-        claimed_at=values.pop("claimed_at", None), **values).returning(InboxEvent.id)).scalar_one()
-    db.session.commit()
-    return row_id
+    return add_inbox_row(status, received_at=utcnow() - timedelta(seconds=age_seconds),
+                         **values)
 
 
 def test_the_sweeper_finds_lost_and_abandoned_rows_only(app):

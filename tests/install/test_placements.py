@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import re
-import uuid
-from typing import Any
 
 import httpx
 
 from app.extensions import db
-from app.ingress.models import InboxEvent
 from app.tenants import status as portal_status
 from app.tenants.models import PortalStatus
-from tests.ingress.conftest import make_portal
+from tests.ingress.conftest import add_inbox_row, make_portal
 from tests.install.conftest import iframe_form, portal_row
 
 
@@ -158,26 +155,17 @@ def test_switching_to_offline_mode_binds_offline_events(sandbox, installed, live
     assert online == {(e, handler) for e in install.EVENTS}
 
 
-def _inbox_row(portal_id: int | None, member_id: str, status: str, reason: str | None = None,
-               **extra: Any) -> None:
-    db.session.add(InboxEvent(portal_id=portal_id, member_id=member_id, source="b24",
-                              event_type=extra.pop("event_type", "ONCRMDEALUPDATE"),
-                              dedupe_key=uuid.uuid4().hex, payload={"secret": "payload"},
-                              status=status, attempts=extra.pop("attempts", 0),
-                              last_error=reason, **extra))
-    db.session.commit()
-
-
 def test_admins_see_their_portals_stuck_and_failed_events_and_nobody_elses(sandbox, installed):
     member_id = installed["member_id"]
     own = portal_row(member_id)
     other = make_portal()
-    _inbox_row(own.id, member_id, "dead", "handler failed: <b>crm.deal.get</b> timed out",
-               attempts=5, event_type="ONEXTERNALCALLSTART")
-    _inbox_row(own.id, member_id, "queued")
-    _inbox_row(own.id, member_id, "unhandled", "no handler for ONCRMLEADADD")
-    _inbox_row(own.id, member_id, "done")
-    _inbox_row(other.id, other.member_id, "dead", "the other portal's failure")
+    secret = {"payload": {"secret": "payload"}}
+    add_inbox_row("dead", own, last_error="handler failed: <b>crm.deal.get</b> timed out",
+                  attempts=5, event_type="ONEXTERNALCALLSTART", **secret)
+    add_inbox_row("queued", own, **secret)
+    add_inbox_row("unhandled", own, last_error="no handler for ONCRMLEADADD", **secret)
+    add_inbox_row("done", own, **secret)
+    add_inbox_row("dead", other, last_error="the other portal's failure", **secret)
 
     body = sandbox.open_placement(member_id)["body"]
     assert re.search(r'data-count="waiting">1<', body), body
