@@ -8,10 +8,10 @@ from typing import Any
 
 from flask import Response, make_response, render_template, request
 
+from app.framing import framed_by, portal_origin_from_query
 from app.tenants import install
 from app.tenants.models import Portal, PortalStatus
 from app.tenants.status import reason_for
-from app.tenants.views import framed_by, portal_origin_from_query
 
 PLAIN_ADVICE = {
     PortalStatus.ACTIVE.value: "Connected: calls and events flow.",
@@ -27,7 +27,11 @@ def advice(portal: Portal) -> str:
 
 
 def error_page(message: str, status: int, origin: str | None = None) -> Response:
-    """A frameable error page that says what went wrong."""
+    """An error page saying what went wrong, framed by ``origin`` (a verified portal).
+
+    Without one, the request is unverified: only a portal the app already knows
+    under the query's DOMAIN may frame the page, else nobody.
+    """
     body = render_template("placements/error.html", message=message)
     return framed_by(make_response(body, status), origin or portal_origin_from_query())
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-from collections.abc import Callable
-from functools import wraps
-from typing import Any
 from urllib.parse import urlencode
 
 from flask import (
@@ -25,6 +22,7 @@ from sqlalchemy import select
 
 from app.config import DEFAULT_JS_SDK_URL
 from app.extensions import db
+from app.framing import frameable, framed_by
 from app.tenants import install
 from app.tenants.models import Portal
 
@@ -57,30 +55,12 @@ def page(title: str, *lines: str, status: int = 200, finish: bool = False,
     return make_response(body, status)
 
 
-def framed_by(response: Response, origin: str | None) -> Response:
-    """Let ``origin`` (the portal) frame this response, and nobody else."""
-    response.headers.pop("X-Frame-Options", None)
-    ancestors = origin if origin else "'none'"
-    response.headers["Content-Security-Policy"] = f"frame-ancestors {ancestors}"
+@bp.after_request
+def _unframed_unless_said(response: Response) -> Response:
+    """Pages not framed on purpose (the OAuth flow runs top-level) may not be framed at all."""
+    if "Content-Security-Policy" not in response.headers:
+        framed_by(response, None)
     return response
-
-
-def frameable(view: Callable[..., Response]) -> Callable[..., Response]:
-    """Decorator: the view's answer may be framed by the portal named in the query."""
-
-    @wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> Response:
-        return framed_by(view(*args, **kwargs), portal_origin_from_query())
-
-    return wrapper
-
-
-def portal_origin_from_query() -> str | None:
-    """``PROTOCOL``+``DOMAIN`` of an iframe request, when DOMAIN is a plain host name."""
-    domain = (request.args.get("DOMAIN") or "").strip().lower()
-    if not domain or not install.valid_host(domain):
-        return None
-    return ("http" if request.args.get("PROTOCOL") == "0" else "https") + "://" + domain
 
 
 def sdk_url() -> str:

@@ -13,13 +13,13 @@ from flask import Blueprint, Response, current_app, make_response, render_templa
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from app.extensions import db
+from app.framing import framed_by
 from app.ingress import inbox
 from app.ingress.retention import Retention
 from app.queue import enqueue
 from app.tenants import install
 from app.tenants.models import Portal, PortalSettings
 from app.tenants.users import extension_map
-from app.tenants.views import framed_by
 from placements.common import advice, error_page, verified
 
 bp = Blueprint("settings", __name__, template_folder="templates")
