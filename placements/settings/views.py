@@ -1,16 +1,16 @@
 """The app's own page (DEFAULT placement): the portal's state and its settings.
 
 ``POST /placements/settings`` from the portal iframe is verified server-side
-(§7.4); an administrator gets a form carrying a signed, short-lived token, so
-saving needs no cookie inside the cross-site iframe.
+(§7.4); an administrator gets a form carrying a signed, short-lived, single-use
+token (:mod:`placements.settings.form_token`), so saving needs no cookie inside
+the cross-site iframe.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
 
-from flask import Blueprint, Response, current_app, make_response, render_template, request
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from flask import Blueprint, Response, make_response, render_template, request
 
 from app.extensions import db
 from app.framing import framed_by
@@ -21,23 +21,14 @@ from app.tenants import install
 from app.tenants.models import Portal, PortalSettings
 from app.tenants.users import extension_map
 from placements.common import advice, error_page, verified
+from placements.settings import form_token
 
+log = logging.getLogger(__name__)
 bp = Blueprint("settings", __name__, template_folder="templates")
 
-FORM_SALT = "b24relay-settings-form"
-FORM_TTL_SECONDS = 30 * 60
 EVENT_MODES = ("online", "offline")
 MAX_LINES = 40
 DEAD_LETTERS_SHOWN = 10
-
-
-def _serializer() -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt=FORM_SALT)
-
-
-def form_token(portal: Portal, user_id: int | None) -> str:
-    """A signed token that lets this admin save this portal's settings for a while."""
-    return _serializer().dumps({"p": portal.id, "m": portal.member_id, "u": user_id})
 
 
 def _settings(portal: Portal) -> PortalSettings:
@@ -48,17 +39,16 @@ def _settings(portal: Portal) -> PortalSettings:
 
 
 def render(portal: Portal, *, is_admin: bool, user_id: int | None, notice: str = "",
-           error: str = "", recovered: bool = False) -> str:
-    """The settings page for ``portal``."""
+           error: str = "", recovered: bool = False, lines_text: str | None = None) -> str:
+    """The settings page for ``portal``; an admin's carries a fresh single-use form token."""
     settings = _settings(portal)
     return render_template(
         "settings/settings.html", portal=portal, settings=settings, advice=advice(portal),
         inbox_counts=inbox.depth(portal.id) if is_admin else {},
         dead=inbox.dead_letters(portal.id, DEAD_LETTERS_SHOWN) if is_admin else [],
         dead_days=int(Retention.from_env().dead_days),
-        is_admin=is_admin, token=form_token(portal, user_id) if is_admin else "",
-        lines_text="\n".join(f"{line.get('number')} {line.get('name') or ''}".strip()
-                             for line in settings.lines or []),
+        is_admin=is_admin, token=form_token.issue(portal, user_id) if is_admin else "",
+        lines_text=_lines_text(settings) if lines_text is None else lines_text,
         extensions=sorted(extension_map(portal).items()), notice=notice, error=error,
         recovered=recovered, modes=EVENT_MODES)
 
@@ -85,29 +75,30 @@ def _show(session: install.IframeSession) -> Response:
                                 recovered=session.recovered))
 
 
-def _form_claims() -> dict[str, Any] | None:
-    try:
-        return _serializer().loads(request.form.get("form_token", ""), max_age=FORM_TTL_SECONDS)
-    except (BadSignature, SignatureExpired):
-        return None
+def _lines_text(settings: PortalSettings) -> str:
+    return "\n".join(f"{line.get('number')} {line.get('name') or ''}".strip()
+                     for line in settings.lines or [])
 
 
 def _save() -> Response:
-    claims = _form_claims()
-    portal = db.session.get(Portal, claims["p"]) if claims else None
-    if portal is None or portal.member_id != claims.get("m"):
-        return error_page("The form expired or was tampered with; reopen the app.", 403)
-    origin = portal.origin
+    try:
+        grant = form_token.redeem(request.form.get("form_token", ""))
+    except form_token.FormRefused as exc:
+        # A token we signed names its portal: that portal frames the refusal. A forged one: nobody.
+        return error_page(exc.message, exc.status, exc.portal.origin if exc.portal else None)
+    portal, user_id = grant.portal, grant.user_id
     try:
         setup_needed = _apply_form(_settings(portal))
-    except ValueError as exc:
-        body = render(portal, is_admin=True, user_id=claims.get("u"), error=str(exc))
-        return framed_by(make_response(body, 400), origin)
+    except ValueError as exc:  # nothing written; the admin's text comes back with the error
+        body = render(portal, is_admin=True, user_id=user_id, error=str(exc),
+                      lines_text=request.form.get("lines", ""))
+        return framed_by(make_response(body, 400), portal.origin)
     db.session.commit()
+    log.info("settings of portal %s saved by user %s", portal.member_id, user_id)
     if setup_needed:  # new lines to add, or events to rebind for the new event mode
         enqueue("setup_portal", portal.id)
-    body = render(portal, is_admin=True, user_id=claims.get("u"), notice="Settings saved.")
-    return framed_by(make_response(body), origin)
+    body = render(portal, is_admin=True, user_id=user_id, notice="Settings saved.")
+    return framed_by(make_response(body), portal.origin)
 
 
 def parse_lines(text: str) -> list[dict[str, str]]:
