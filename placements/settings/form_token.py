@@ -134,4 +134,5 @@ def _spend(nonce: str, portal: Portal) -> None:
         raise FormRefused("The form could not be checked just now; nothing was saved. "
                           "Try again in a minute.", 503, portal) from exc
     if not first:
+        log.warning("settings form of portal %s posted again: refused", portal.member_id)
         raise FormRefused("This form was already used; " + REOPEN, portal=portal)

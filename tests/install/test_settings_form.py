@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.tenants import status as portal_status
-from app.tenants.models import PortalStatus
+from app.tenants.models import Portal, PortalSettings, PortalStatus
 from app.tenants.users import PortalUser
 from placements.settings import form_token
 from tests.install.conftest import LiveApp, portal_row
@@ -178,3 +178,20 @@ def test_a_rejected_line_list_comes_back_with_a_fresh_token(sandbox, installed, 
     assert "74950001 Sales\nnot/a/number</textarea>" in resp.text  # nothing the admin typed is lost
     again = _save(live_app, _token(resp.text), "74950001 Sales")
     assert again.status_code == 200 and _lines(member_id) == ["74950001"]
+
+
+def test_without_redis_a_form_is_refused_and_nothing_is_saved(app, make_app):
+    # The nonce cannot be spent, so the save cannot be proven first: refuse, loudly, and keep all.
+    cut_off = make_app(REDIS_URL="redis://127.0.0.1:1/0")
+    with cut_off.app_context():
+        portal = Portal(member_id="m-cut-off", domain="cut-off.example", status="active",
+                        client_endpoint="https://cut-off.example/rest/")
+        portal.settings = PortalSettings()
+        db.session.add(portal)
+        db.session.commit()
+        token = form_token.issue(portal, 1)
+    resp = cut_off.test_client().post("/placements/settings",
+                                      data={"form_token": token, "lines": "74950001"})
+    assert resp.status_code == 503 and "Try again in a minute" in resp.text
+    assert resp.headers["Content-Security-Policy"] == "frame-ancestors https://cut-off.example"
+    assert portal_row("m-cut-off").settings.lines == []
