@@ -31,6 +31,7 @@ from sqlalchemy import select
 
 from app.extensions import db, redis_ext
 from app.tenants.models import Portal, PortalStatus
+from app.tenants.status import reason_for
 from app.tenants.users import PortalUser
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,8 @@ def _claims(raw: str) -> dict[str, Any]:
                           + REOPEN, portal=portal) from None
     except BadSignature:
         raise FormRefused("The form was tampered with; " + REOPEN) from None
-    if not isinstance(claims, dict) or not claims.get("n"):
-        raise FormRefused("The form was tampered with; " + REOPEN)  # e.g. a pre-nonce token
+    if not isinstance(claims, dict) or not claims.get("n"):  # issued before tokens had a nonce
+        raise FormRefused("The form is out of date; " + REOPEN)
     return claims
 
 
@@ -114,8 +115,7 @@ def _bound_portal(claims: dict[str, Any]) -> Portal | None:
 
 def _still_allowed(portal: Portal, user_id: int | None) -> None:
     if portal.status in GONE:
-        raise FormRefused(f"b24relay is {portal.status.replace('_', ' ')} on this portal; "
-                          "nothing was saved.", portal=portal)
+        raise FormRefused(f"{reason_for(portal.status)} Nothing was saved.", portal=portal)
     if user_id is not None:
         user = db.session.scalars(select(PortalUser).where(
             PortalUser.portal_id == portal.id, PortalUser.user_id == user_id)).first()

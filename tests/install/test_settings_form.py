@@ -134,7 +134,7 @@ def test_a_form_of_a_portal_that_uninstalled_the_app_is_refused(sandbox, install
                          portal_status.reason_for(PortalStatus.UNINSTALLED))
     db.session.commit()
     resp = _save(live_app, token, "74950001")
-    assert resp.status_code == 403 and "uninstalled" in resp.text
+    assert resp.status_code == 403 and "not installed on this portal any more" in resp.text
     assert _lines(member_id) == []
 
 
