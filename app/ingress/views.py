@@ -30,14 +30,26 @@ MEMBER_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 
 
 def _body() -> bytes:
-    """The raw body, refusing anything over MAX_CONTENT_LENGTH (with or without a length)."""
+    """The raw body, refusing anything over MAX_CONTENT_LENGTH (with or without a length).
+
+    A chunked body has no length to check up front, and werkzeug's stream stops
+    quietly at the limit: the body would be stored cut. So the stream is allowed one
+    byte more than the limit, and a body that fills it is refused whole.
+    """
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    if limit and (request.content_length or 0) > limit:
-        raise Rejected(413, "too_large", f"body over {limit} bytes")
-    try:
+    if not limit:
         return request.get_data(cache=False)
+    too_large = Rejected(413, "too_large", f"body over {limit} bytes")
+    if (request.content_length or 0) > limit:
+        raise too_large
+    request.max_content_length = limit + 1  # before the stream is first touched
+    try:
+        body = request.get_data(cache=False)
     except RequestEntityTooLarge as exc:
-        raise Rejected(413, "too_large", f"body over {limit} bytes") from exc
+        raise too_large from exc
+    if len(body) > limit:
+        raise too_large
+    return body
 
 
 def _answer(source: str, started: float, status: int, body: dict[str, Any]) -> tuple[Response, int]:
