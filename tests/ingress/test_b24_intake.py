@@ -111,6 +111,19 @@ def test_a_body_over_the_limit_gets_413_and_leaves_no_trace(app, portal, deliver
     assert _rejected("too_large") == before + 1
 
 
+@pytest.mark.parametrize("token", ["valid", "forged"])
+def test_a_body_over_the_field_cap_gets_400_before_its_token_is_checked(
+        app, portal, client, redis_client, token):
+    app_token = portal.application_token if token == "valid" else "0" * 32
+    body = b24_body(portal.member_id, app_token) + "&" + "&".join(["data%5BX%5D%5B%5D=1"] * 1000)
+    before = _rejected("malformed")
+    response = client.post("/b24/events", data=body, headers=FORM)
+    assert response.status_code == 400
+    assert response.json == {"error": "malformed", "message": "more than 1000 fields"}
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+    assert _rejected("malformed") == before + 1
+
+
 def test_first_contact_install_is_accepted_provisionally(app, client, redis_client):
     response = client.post("/b24/events", headers=FORM,
                            data=b24_body("a" * 32, "fresh-token", event="ONAPPINSTALL",
