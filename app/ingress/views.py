@@ -60,7 +60,7 @@ def _answer(source: str, started: float, status: int, body: dict[str, Any]) -> t
 
 def _refuse(source: str, started: float, exc: Rejected) -> tuple[Response, int]:
     metrics.REJECTED.labels(source, exc.reason).inc()
-    log.info("%s event refused: %s %s (%s)", source, exc.status, exc.reason, exc.message)
+    log.info("%s event refused: %s %s (%s)", source, exc.status, exc.reason, exc.detail)
     return _answer(source, started, exc.status,
                    {"error": exc.reason, "message": exc.message, **exc.extra})
 

@@ -58,7 +58,7 @@ def test_different_events_of_one_portal_are_all_kept(portal, deliver):
 @pytest.mark.parametrize("case, status, reason", [
     ("forged token", 401, "forged_token"),
     ("missing token", 401, "missing_token"),
-    ("unknown portal", 404, "unknown_portal"),
+    ("unknown portal", 401, "forged_token"),
     ("install event with a wrong token for an active portal", 401, "forged_token"),
 ])
 def test_unauthenticated_events_are_refused_and_leave_no_trace(
@@ -76,6 +76,17 @@ def test_unauthenticated_events_are_refused_and_leave_no_trace(
     assert response.json["error"] == reason
     assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
     assert _rejected(reason) == before + 1
+
+
+def test_an_unknown_portal_is_answered_like_a_forged_token(app, portal, deliver, client,
+                                                           caplog):
+    caplog.set_level("INFO", logger="app.ingress.views")
+    forged = deliver.b24(portal, token="0" * 32)
+    unknown = client.post("/b24/events", data=b24_body("f" * 32, "0" * 32), headers=FORM)
+    assert (unknown.status_code, unknown.get_data()) == (forged.status_code, forged.get_data())
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert "application_token does not match" in refusals[0]
+    assert "no installation for member_id " + "f" * 32 in refusals[1]  # the operator still sees it
 
 
 @pytest.mark.parametrize("body, content_type", [
