@@ -119,12 +119,14 @@ def b24_events() -> tuple[Response, int]:
 
 def _pbx_events(body: bytes, portal: auth.KnownPortal) -> list[inbox.NewEvent]:
     try:
-        data = json.loads(body)
+        data, non_finite = pbx.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise Rejected(400, "malformed", f"body is not JSON: {exc}") from exc
     if pbx.deeper_than(data):
         raise Rejected(400, "malformed", f"JSON nested deeper than {pbx.MAX_DEPTH} levels")
     try:
+        if non_finite:
+            raise pbx.InvalidEvent(pbx.non_finite_field(data) or "body", "must be a finite number")
         events = pbx.validate_body(data)
     except pbx.InvalidEvent as exc:
         raise Rejected(422, "invalid_event", exc.message, field=exc.field) from exc
