@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from app.extensions import db
+from app.ingress import processing
 from app.ingress.models import InboxStatus
 from tests.ingress.conftest import (
     FORM,
@@ -238,6 +239,29 @@ def test_metrics_show_intake_counts_depth_and_latency(portal, deliver, client):
     assert 'b24relay_events_queued_total{source="b24",via="intake"}' in text
     assert 'b24relay_inbox_depth{status="queued"} 1.0' in text
     assert 'b24relay_event_ack_seconds_bucket{le="0.025",source="b24"}' in text
+
+
+def _series(metric: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+
+def test_invented_event_names_share_one_metric_series(app, portal, deliver):
+    stored = "b24relay_events_stored_total"
+    processed = "b24relay_events_processed_total"
+    before = _series(stored, source="b24", type="other")
+    handled_before = _series(stored, source="b24", type="ONUSERADD")
+    names = [f"ONINVENTED{i}" for i in range(5)]
+    for name in names:
+        assert deliver.b24(portal, event=name).status_code == 200
+    assert deliver.b24(portal, event="ONUSERADD").status_code == 200
+    assert _series(stored, source="b24", type="other") == before + 5
+    assert _series(stored, source="b24", type="ONUSERADD") == handled_before + 1
+    for row in inbox_rows()[:5]:  # a worker's pass over them, in process
+        assert processing.process(row.id) == "unhandled"
+    assert _series(processed, source="b24", type="other", outcome="unhandled") >= 5
+    exposed = REGISTRY.collect()
+    assert not any(name in str(sample.labels) for family in exposed for sample in family.samples
+                   for name in names), "no series per invented name"
 
 
 def test_an_inbox_that_cannot_be_written_answers_503_and_queues_nothing(app, portal, deliver,
