@@ -20,7 +20,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.ingress import auth, inbox, metrics, pbx, sealed
 from app.ingress.auth import Rejected
-from app.ingress.formparse import MalformedBody, parse_form
+from app.ingress.formparse import MalformedBody, clip, parse_form
 
 bp = Blueprint("ingress", __name__)
 log = logging.getLogger(__name__)
@@ -65,11 +65,18 @@ def _refuse(source: str, started: float, exc: Rejected) -> tuple[Response, int]:
                    {"error": exc.reason, "message": exc.message, **exc.extra})
 
 
+def _first_line(exc: Exception) -> str:
+    """A database error without the SQL and parameters SQLAlchemy appends: those would put
+    the sender's event, however large, into the log."""
+    return clip(str(exc).partition("\n")[0], 200)
+
+
 def _store_and_queue(source: str, events: list[inbox.NewEvent]) -> list[inbox.Stored]:
     try:
         stored = inbox.store(events)
     except SQLAlchemyError as exc:
-        log.error("inbox unavailable, %d %s event(s) refused: %s", len(events), source, exc)
+        log.error("inbox unavailable, %d %s event(s) refused: %s", len(events), source,
+                  _first_line(exc))
         raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc
     fresh = [s.id for s in stored if s.created]
     if fresh:

@@ -114,6 +114,21 @@ def test_malformed_bodies_get_400_and_leave_no_trace(app, client, portal, redis_
     assert _rejected("malformed") == before + 1
 
 
+@pytest.mark.parametrize("body", [
+    b"event=X&" + b"n" * 100_000 + b"]=1",                      # a broken name
+    b"event=X&data%5B" + b"n" * 100_000 + b"=1",                # unbalanced
+    b"event=X&" + b"n" * 100_000,                               # no '='
+], ids=["bad name", "unbalanced", "not a pair"])
+def test_a_malformed_field_name_is_shown_cut_short(app, client, caplog, body):
+    caplog.set_level("INFO", logger="app.ingress.views")
+    response = client.post("/b24/events", data=body, headers=FORM)
+    assert response.status_code == 400
+    assert len(response.get_data()) < 200 and "n" * 30 in response.json["message"]
+    assert response.json["message"].endswith("...'")
+    [line] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(line) < 200
+
+
 def test_a_body_over_the_limit_gets_413_and_leaves_no_trace(app, portal, deliver, redis_client):
     app.config["MAX_CONTENT_LENGTH"] = 2048
     before = _rejected("too_large")
