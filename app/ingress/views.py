@@ -18,7 +18,7 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.ingress import auth, inbox, metrics, pbx, sealed
+from app.ingress import auth, first_contact, inbox, metrics, pbx, sealed
 from app.ingress.auth import Rejected
 from app.ingress.formparse import MalformedBody, clip, parse_form
 
@@ -102,6 +102,9 @@ def _b24_event(body: bytes) -> inbox.NewEvent:
     sender = auth.verify_b24(member_id, token if isinstance(token, str) else None, event_type)
     dedupe_key = inbox.b24_dedupe_key(event)
     sealed.strip(event, event_type)  # checked, and no row keeps a token in clear
+    if sender.unverified:  # anyone can send one: keep it small, and count it
+        event = first_contact.pruned(event)
+        first_contact.admit(request.remote_addr)
     return inbox.NewEvent(
         member_id=member_id, source="b24", event_type=event_type,
         payload=event, dedupe_key=dedupe_key,
