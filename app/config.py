@@ -92,6 +92,11 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
         "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
         "DB_CONNECT_TIMEOUT": env_int("DB_CONNECT_TIMEOUT", 5),
+        # Unverified first contacts (ONAPPINSTALL from an unknown portal) per minute, per
+        # source address and in total: 429 beyond (app/ingress/first_contact.py).
+        "FIRST_CONTACT_PER_ADDRESS_PER_MINUTE": env_int("FIRST_CONTACT_PER_ADDRESS_PER_MINUTE",
+                                                        30),
+        "FIRST_CONTACT_PER_MINUTE": env_int("FIRST_CONTACT_PER_MINUTE", 300),
         # Auth-server hosts whose app.info we trust when an install POST names its own.
         "B24_AUTH_SERVERS": env_str("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS),
         "B24_JS_SDK_URL": env_str("B24_JS_SDK_URL", DEFAULT_JS_SDK_URL),

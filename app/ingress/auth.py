@@ -30,13 +30,19 @@ API_KEY_PREFIX = "b24r_"
 
 
 class Rejected(Exception):
-    """The request is refused with ``status``; ``reason`` labels the rejection metric."""
+    """The request is refused with ``status``; ``reason`` labels the rejection metric.
 
-    def __init__(self, status: int, reason: str, message: str, **extra: str) -> None:
+    ``message`` goes to the sender; ``detail`` (default: the message) only to the log,
+    for what the sender must not learn.
+    """
+
+    def __init__(self, status: int, reason: str, message: str, *, detail: str | None = None,
+                 **extra: str) -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
         self.message = message
+        self.detail = detail or message
         self.extra = extra
 
 
@@ -104,9 +110,10 @@ def verify_b24(member_id: str, token: str | None, event_name: str) -> Sender:
     if event_name == INSTALL_EVENT and first_contact:
         # Nothing to compare with yet: the install handler verifies it via app.info.
         return Sender(portal, unverified=True)
-    if portal is None:
-        raise Rejected(404, "unknown_portal", "no installation for this member_id")
-    raise Rejected(401, "forged_token", "application_token does not match")
+    # An unknown member_id is answered (and counted: /metrics is public) like a forged
+    # token, or the answer would tell anyone which portals have the app installed.
+    raise Rejected(401, "forged_token", "application_token does not match",
+                   detail=f"no installation for member_id {member_id}" if portal is None else None)
 
 
 def hash_api_key(key: str) -> str:

@@ -195,6 +195,13 @@ def store(events: list[NewEvent]) -> list[Stored]:
     return out
 
 
+def fast_redis(url: str) -> redis.Redis:
+    """A Redis client for intake: it gives up after a short timeout, without retrying."""
+    return redis.Redis.from_url(url, socket_timeout=ENQUEUE_TIMEOUT_SECONDS,
+                                socket_connect_timeout=ENQUEUE_TIMEOUT_SECONDS,
+                                retry=Retry(NoBackoff(), 0))
+
+
 def _intake_broker() -> dramatiq.Broker:
     """A broker whose Redis client gives up fast (the shared one waits seconds)."""
     ext = current_app.extensions
@@ -204,9 +211,7 @@ def _intake_broker() -> dramatiq.Broker:
         if url.startswith(("amqp://", "amqps://")):
             ext["ingress_broker"] = queue.broker()
         else:
-            client = redis.Redis.from_url(url, socket_timeout=ENQUEUE_TIMEOUT_SECONDS,
-                                          socket_connect_timeout=ENQUEUE_TIMEOUT_SECONDS,
-                                          retry=Retry(NoBackoff(), 0))
+            client = fast_redis(url)
             # No middleware: enqueue hooks do nothing a message needs (retries, time and
             # age limits act in the worker, with the worker broker's own middleware).
             ext["ingress_broker"] = RedisBroker(

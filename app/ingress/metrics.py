@@ -9,21 +9,60 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from app.ingress.registry import handler_for
+
+OTHER_EVENTS = "other"
+# The PBX's event names are checked against this closed set before anything is stored.
+PBX_EVENT_NAMES = frozenset({"start", "answer", "transfer", "end", "record"})
+
+
+def event_label(source: str, event_type: str) -> str:
+    """An event's name as a metric label, from a bounded set.
+
+    Anyone holding a portal's application_token can invent event names, and a label
+    per name would grow the metric without bound: a name keeps its own series only
+    when a handler is registered for it (or it is one of the PBX's five), every
+    other name counts as ``other``.
+    """
+    if handler_for(source, event_type) is not None:
+        return event_type
+    if source == "pbx" and event_type in PBX_EVENT_NAMES:
+        return event_type
+    return OTHER_EVENTS
+
+
+class ByEventType:
+    """A counter whose second label is an event name, always bounded by ``event_label``.
+
+    Bounded here, where the metric is defined, so no call site can forget it.
+    """
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+
+    def labels(self, source: str, event_type: str, *rest: str) -> Counter:
+        """The child for ``source``, the event's bounded label, and any further labels."""
+        return self._counter.labels(source, event_label(source, event_type), *rest)
+
+
 RECEIVED = Counter("b24relay_events_received_total",
                    "Events that reached an intake endpoint.", ["source"])
 REJECTED = Counter("b24relay_events_rejected_total",
                    "Events answered with an error and not stored; reason=db_unavailable "
                    "is an event lost unless its sender retries.", ["source", "reason"])
-STORED = Counter("b24relay_events_stored_total",
-                 "Events written to the inbox (duplicates not counted).", ["source", "type"])
+STORED = ByEventType(Counter("b24relay_events_stored_total",
+                             "Events written to the inbox (duplicates not counted); type is "
+                             "the event's name if it has a handler, else other.",
+                             ["source", "type"]))
 DUPLICATES = Counter("b24relay_events_duplicate_total",
                      "Deliveries of an event already in the inbox.", ["source"])
 QUEUED = Counter("b24relay_events_queued_total",
                  "Inbox rows handed to the broker (by intake or the sweeper).", ["source", "via"])
-PROCESSED = Counter("b24relay_events_processed_total",
-                    "Worker passes over inbox rows by outcome: done and dead (final), retry, "
-                    "and unhandled (no handler yet) or held (portal paused), both parked "
-                    "until the sweeper queues them again.", ["source", "type", "outcome"])
+PROCESSED = ByEventType(Counter(
+    "b24relay_events_processed_total",
+    "Worker passes over inbox rows by outcome: done and dead (final), retry, and unhandled "
+    "(no handler yet) or held (portal paused), both parked until the sweeper queues them "
+    "again; type as for b24relay_events_stored_total.", ["source", "type", "outcome"]))
 ACK_LATENCY = Histogram("b24relay_event_ack_seconds",
                         "Time from request start to the answer of an intake endpoint.",
                         ["source"],

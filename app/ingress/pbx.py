@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
+
+from app.ingress.formparse import clip
 
 EVENTS = ("start", "answer", "transfer", "end", "record")
 DIRECTIONS = ("in", "out")
@@ -40,6 +44,49 @@ class InvalidEvent(ValueError):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+
+
+class _NonFinite:
+    """Stands where the JSON said NaN, Infinity, or a number too large for a float."""
+
+    __slots__ = ()
+
+
+def loads(body: bytes) -> tuple[Any, bool]:
+    """The body as JSON, and whether it holds a number that is not finite.
+
+    ``json.loads`` accepts NaN and Infinity (and turns 1e999 into infinity); such a
+    number can be neither stored as JSON nor used as a duration. A marker takes its
+    place, so that ``non_finite_field`` can name where it was.
+    """
+    seen: list[str] = []
+
+    def non_finite(text: str) -> _NonFinite:
+        seen.append(text)
+        return _NonFinite()
+
+    def number(text: str) -> float | _NonFinite:
+        value = float(text)
+        return value if math.isfinite(value) else non_finite(text)
+
+    return json.loads(body, parse_constant=non_finite, parse_float=number), bool(seen)
+
+
+def non_finite_field(data: Any, where: str = "") -> str | None:
+    """The path of the first non-finite number in ``data`` (checked no deeper than MAX_DEPTH)."""
+    if isinstance(data, _NonFinite):
+        return where or "body"
+    if isinstance(data, dict):
+        children: Any = ((_path(where, clip(str(k))), v) for k, v in data.items())
+    elif isinstance(data, list):
+        children = ((f"{where}[{i}]", v) for i, v in enumerate(data))
+    else:
+        return None
+    for path, value in children:
+        found = non_finite_field(value, path)
+        if found:
+            return found
+    return None
 
 
 def _text(event: dict[str, Any], name: str, where: str, required: bool = True) -> str | None:

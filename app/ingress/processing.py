@@ -15,7 +15,9 @@ once a handler exists or the portal is callable again.
 
 Handlers receive ``(portal_or_None, event)`` where ``event`` is the stored
 payload plus ``inbox_id`` and ``unverified`` (True for a first-contact
-ONAPPINSTALL whose application_token could not be checked yet).
+ONAPPINSTALL whose application_token could not be checked yet). Intake stored
+no token in clear (app/ingress/sealed.py): ONAPPINSTALL's and ONAPPUPDATE's are
+unsealed back into ``event["auth"]`` here, in memory only; other events have none.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.bitrix import errors as bitrix_errors
 from app.extensions import db
-from app.ingress import inbox, metrics
+from app.ingress import inbox, metrics, sealed
 from app.ingress.models import PENDING, InboxEvent, InboxStatus
 from app.ingress.registry import handler_for, registered
 from app.tenants.models import Portal, utcnow
@@ -41,10 +43,6 @@ from app.tenants.status import PortalUnavailable
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
-# Removed from a row's auth block when it is finished. The application_token is only
-# needed at intake (verify_b24) and by a handler (ONAPPINSTALL stores it); a finished
-# row is never verified or handled again.
-SECRET_AUTH_KEYS = ("access_token", "refresh_token", "application_token")
 
 
 class TransientError(Exception):
@@ -81,17 +79,6 @@ def _claim(row_id: int) -> int | None:
     return attempt
 
 
-def _scrubbed(payload: dict[str, Any]) -> dict[str, Any]:
-    """The payload without the tokens it carried; a finished row keeps no secrets."""
-    auth = payload.get("auth")
-    if not isinstance(auth, dict) or not any(k in auth for k in SECRET_AUTH_KEYS):
-        return payload
-    clean = copy.deepcopy(payload)
-    for key in SECRET_AUTH_KEYS:
-        clean["auth"].pop(key, None)
-    return clean
-
-
 def _update_if_ours(row_id: int, attempt: int, **values: Any) -> int:
     """Write ``values`` to the row only while the claim is still ours; rows written (0 or 1).
 
@@ -109,7 +96,7 @@ def _update_if_ours(row_id: int, attempt: int, **values: Any) -> int:
 def _finish(row: InboxEvent, attempt: int, status: InboxStatus, error: str | None = None) -> bool:
     """Record the outcome (with the handler's writes) if the claim is still ours."""
     done = _update_if_ours(row.id, attempt, status=status.value, last_error=error,
-                           processed_at=utcnow(), payload=_scrubbed(row.payload))
+                           processed_at=utcnow(), payload=sealed.scrubbed(row.payload))
     if not done:
         db.session.rollback()
         log.warning("inbox row %s was taken over by another worker; result discarded", row.id)
@@ -152,7 +139,10 @@ def process(row_id: int) -> str:
         _park(row, attempt, InboxStatus.UNHANDLED, "no handler registered for this event yet")
         return InboxStatus.UNHANDLED.value
     portal = db.session.get(Portal, row.portal_id) if row.portal_id else None
-    event = {**copy.deepcopy(row.payload), "inbox_id": row.id, "unverified": row.unverified}
+    # The tokens intake sealed (ONAPPINSTALL, ONAPPUPDATE) go back into event["auth"]
+    # for the handler, in memory only.
+    payload = sealed.unsealed(row.payload) if row.source == "b24" else copy.deepcopy(row.payload)
+    event = {**payload, "inbox_id": row.id, "unverified": row.unverified}
     try:
         handler(portal, event)
     except PortalUnavailable as exc:

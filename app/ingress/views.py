@@ -18,9 +18,9 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.ingress import auth, inbox, metrics, pbx
+from app.ingress import auth, first_contact, inbox, metrics, pbx, sealed
 from app.ingress.auth import Rejected
-from app.ingress.formparse import MalformedBody, parse_form
+from app.ingress.formparse import MalformedBody, clip, parse_form
 
 bp = Blueprint("ingress", __name__)
 log = logging.getLogger(__name__)
@@ -30,14 +30,26 @@ MEMBER_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
 
 
 def _body() -> bytes:
-    """The raw body, refusing anything over MAX_CONTENT_LENGTH (with or without a length)."""
+    """The raw body, refusing anything over MAX_CONTENT_LENGTH (with or without a length).
+
+    A chunked body has no length to check up front, and werkzeug's stream stops
+    quietly at the limit: the body would be stored cut. So the stream is allowed one
+    byte more than the limit, and a body that fills it is refused whole.
+    """
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
-    if limit and (request.content_length or 0) > limit:
-        raise Rejected(413, "too_large", f"body over {limit} bytes")
-    try:
+    if not limit:
         return request.get_data(cache=False)
+    too_large = Rejected(413, "too_large", f"body over {limit} bytes")
+    if (request.content_length or 0) > limit:
+        raise too_large
+    request.max_content_length = limit + 1  # before the stream is first touched
+    try:
+        body = request.get_data(cache=False)
     except RequestEntityTooLarge as exc:
-        raise Rejected(413, "too_large", f"body over {limit} bytes") from exc
+        raise too_large from exc
+    if len(body) > limit:
+        raise too_large
+    return body
 
 
 def _answer(source: str, started: float, status: int, body: dict[str, Any]) -> tuple[Response, int]:
@@ -48,16 +60,23 @@ def _answer(source: str, started: float, status: int, body: dict[str, Any]) -> t
 
 def _refuse(source: str, started: float, exc: Rejected) -> tuple[Response, int]:
     metrics.REJECTED.labels(source, exc.reason).inc()
-    log.info("%s event refused: %s %s (%s)", source, exc.status, exc.reason, exc.message)
+    log.info("%s event refused: %s %s (%s)", source, exc.status, exc.reason, exc.detail)
     return _answer(source, started, exc.status,
                    {"error": exc.reason, "message": exc.message, **exc.extra})
+
+
+def _first_line(exc: Exception) -> str:
+    """A database error without the SQL and parameters SQLAlchemy appends: those would put
+    the sender's event, however large, into the log."""
+    return clip(str(exc).partition("\n")[0], 200)
 
 
 def _store_and_queue(source: str, events: list[inbox.NewEvent]) -> list[inbox.Stored]:
     try:
         stored = inbox.store(events)
     except SQLAlchemyError as exc:
-        log.error("inbox unavailable, %d %s event(s) refused: %s", len(events), source, exc)
+        log.error("inbox unavailable, %d %s event(s) refused: %s", len(events), source,
+                  _first_line(exc))
         raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc
     fresh = [s.id for s in stored if s.created]
     if fresh:
@@ -81,9 +100,14 @@ def _b24_event(body: bytes) -> inbox.NewEvent:
     token = auth_block.get("application_token")
     event_type = name.strip().upper()
     sender = auth.verify_b24(member_id, token if isinstance(token, str) else None, event_type)
+    dedupe_key = inbox.b24_dedupe_key(event)
+    sealed.strip(event, event_type)  # checked, and no row keeps a token in clear
+    if sender.unverified:  # anyone can send one: keep it small, and count it
+        event = first_contact.pruned(event)
+        first_contact.admit(request.remote_addr)
     return inbox.NewEvent(
         member_id=member_id, source="b24", event_type=event_type,
-        payload=event, dedupe_key=inbox.b24_dedupe_key(event),
+        payload=event, dedupe_key=dedupe_key,
         portal_id=sender.portal.id if sender.portal else None, unverified=sender.unverified)
 
 
@@ -105,12 +129,14 @@ def b24_events() -> tuple[Response, int]:
 
 def _pbx_events(body: bytes, portal: auth.KnownPortal) -> list[inbox.NewEvent]:
     try:
-        data = json.loads(body)
+        data, non_finite = pbx.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise Rejected(400, "malformed", f"body is not JSON: {exc}") from exc
     if pbx.deeper_than(data):
         raise Rejected(400, "malformed", f"JSON nested deeper than {pbx.MAX_DEPTH} levels")
     try:
+        if non_finite:
+            raise pbx.InvalidEvent(pbx.non_finite_field(data) or "body", "must be a finite number")
         events = pbx.validate_body(data)
     except pbx.InvalidEvent as exc:
         raise Rejected(422, "invalid_event", exc.message, field=exc.field) from exc

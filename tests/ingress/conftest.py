@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import functools
+import os
 import secrets
+import signal
+import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import func, insert, select, text
 
@@ -16,7 +23,7 @@ from app.ingress import auth
 from app.ingress.formparse import encode_form
 from app.ingress.models import InboxEvent
 from app.tenants.models import Portal, PortalSettings, PortalStatus
-from tests.conftest import WorkerProcess
+from tests.conftest import ROOT, WorkerProcess, child_env, wait_for
 
 
 def make_portal(**overrides: Any) -> Portal:
@@ -153,3 +160,48 @@ def statuses() -> dict[str, int]:
     rows = db.session.execute(select(InboxEvent.status, func.count())
                               .group_by(InboxEvent.status)).all()
     return {status: n for status, n in rows}
+
+
+class Gunicorn:
+    """The web tier as the Procfile starts it (gunicorn.conf.py), on a free loopback port."""
+
+    def __init__(self, config: dict[str, Any], **extra_env: str) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        env = child_env(config, BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1", WEB_THREADS="2",
+                        **extra_env)
+        self.log = Path(config["INSTANCE_PATH"]) / f"gunicorn-{port}.log"
+        self._log_fh = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT, env=env, stdout=self._log_fh, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        wait_for(self._answers, timeout=30)
+
+    def _answers(self) -> bool:
+        assert self.proc.poll() is None, self.log.read_text(errors="replace")
+        try:
+            return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        """Stop gunicorn and its workers (their process group)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log_fh.close()
+
+
+@pytest.fixture
+def gunicorn(app: Any) -> Iterator[Gunicorn]:
+    """The test app's database and Redis served by a real gunicorn."""
+    server = Gunicorn(app.config)
+    yield server
+    server.stop()

@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from app.extensions import db
+from app.ingress import processing
 from app.ingress.models import InboxStatus
 from tests.ingress.conftest import (
     FORM,
@@ -58,7 +59,7 @@ def test_different_events_of_one_portal_are_all_kept(portal, deliver):
 @pytest.mark.parametrize("case, status, reason", [
     ("forged token", 401, "forged_token"),
     ("missing token", 401, "missing_token"),
-    ("unknown portal", 404, "unknown_portal"),
+    ("unknown portal", 401, "forged_token"),
     ("install event with a wrong token for an active portal", 401, "forged_token"),
 ])
 def test_unauthenticated_events_are_refused_and_leave_no_trace(
@@ -76,6 +77,17 @@ def test_unauthenticated_events_are_refused_and_leave_no_trace(
     assert response.json["error"] == reason
     assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
     assert _rejected(reason) == before + 1
+
+
+def test_an_unknown_portal_is_answered_like_a_forged_token(app, portal, deliver, client,
+                                                           caplog):
+    caplog.set_level("INFO", logger="app.ingress.views")
+    forged = deliver.b24(portal, token="0" * 32)
+    unknown = client.post("/b24/events", data=b24_body("f" * 32, "0" * 32), headers=FORM)
+    assert (unknown.status_code, unknown.get_data()) == (forged.status_code, forged.get_data())
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert "application_token does not match" in refusals[0]
+    assert "no installation for member_id " + "f" * 32 in refusals[1]  # the operator still sees it
 
 
 @pytest.mark.parametrize("body, content_type", [
@@ -102,6 +114,21 @@ def test_malformed_bodies_get_400_and_leave_no_trace(app, client, portal, redis_
     assert _rejected("malformed") == before + 1
 
 
+@pytest.mark.parametrize("body", [
+    b"event=X&" + b"n" * 100_000 + b"]=1",                      # a broken name
+    b"event=X&data%5B" + b"n" * 100_000 + b"=1",                # unbalanced
+    b"event=X&" + b"n" * 100_000,                               # no '='
+], ids=["bad name", "unbalanced", "not a pair"])
+def test_a_malformed_field_name_is_shown_cut_short(app, client, caplog, body):
+    caplog.set_level("INFO", logger="app.ingress.views")
+    response = client.post("/b24/events", data=body, headers=FORM)
+    assert response.status_code == 400
+    assert len(response.get_data()) < 200 and "n" * 30 in response.json["message"]
+    assert response.json["message"].endswith("...'")
+    [line] = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(line) < 200
+
+
 def test_a_body_over_the_limit_gets_413_and_leaves_no_trace(app, portal, deliver, redis_client):
     app.config["MAX_CONTENT_LENGTH"] = 2048
     before = _rejected("too_large")
@@ -109,6 +136,19 @@ def test_a_body_over_the_limit_gets_413_and_leaves_no_trace(app, portal, deliver
     assert response.status_code == 413
     assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
     assert _rejected("too_large") == before + 1
+
+
+@pytest.mark.parametrize("token", ["valid", "forged"])
+def test_a_body_over_the_field_cap_gets_400_before_its_token_is_checked(
+        app, portal, client, redis_client, token):
+    app_token = portal.application_token if token == "valid" else "0" * 32
+    body = b24_body(portal.member_id, app_token) + "&" + "&".join(["data%5BX%5D%5B%5D=1"] * 1000)
+    before = _rejected("malformed")
+    response = client.post("/b24/events", data=body, headers=FORM)
+    assert response.status_code == 400
+    assert response.json == {"error": "malformed", "message": "more than 1000 fields"}
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+    assert _rejected("malformed") == before + 1
 
 
 def test_first_contact_install_is_accepted_provisionally(app, client, redis_client):
@@ -214,6 +254,29 @@ def test_metrics_show_intake_counts_depth_and_latency(portal, deliver, client):
     assert 'b24relay_events_queued_total{source="b24",via="intake"}' in text
     assert 'b24relay_inbox_depth{status="queued"} 1.0' in text
     assert 'b24relay_event_ack_seconds_bucket{le="0.025",source="b24"}' in text
+
+
+def _series(metric: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+
+def test_invented_event_names_share_one_metric_series(app, portal, deliver):
+    stored = "b24relay_events_stored_total"
+    processed = "b24relay_events_processed_total"
+    before = _series(stored, source="b24", type="other")
+    handled_before = _series(stored, source="b24", type="ONUSERADD")
+    names = [f"ONINVENTED{i}" for i in range(5)]
+    for name in names:
+        assert deliver.b24(portal, event=name).status_code == 200
+    assert deliver.b24(portal, event="ONUSERADD").status_code == 200
+    assert _series(stored, source="b24", type="other") == before + 5
+    assert _series(stored, source="b24", type="ONUSERADD") == handled_before + 1
+    for row in inbox_rows()[:5]:  # a worker's pass over them, in process
+        assert processing.process(row.id) == "unhandled"
+    assert _series(processed, source="b24", type="other", outcome="unhandled") >= 5
+    exposed = REGISTRY.collect()
+    assert not any(name in str(sample.labels) for family in exposed for sample in family.samples
+                   for name in names), "no series per invented name"
 
 
 def test_an_inbox_that_cannot_be_written_answers_503_and_queues_nothing(app, portal, deliver,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+import time
 from urllib.parse import parse_qsl
 
 import pytest
@@ -93,3 +94,50 @@ def test_nesting_and_field_count_are_bounded():
         parse_form(b"a" + b"[x]" * 40 + b"=1")
     with pytest.raises(MalformedBody):
         parse_form("&".join(f"f{i}=1" for i in range(6000)).encode())
+
+
+# Bodies an attacker shapes to make parsing expensive before the token is checked.
+HOSTILE_SHAPES = {
+    "repeated a[]": lambda n: "&".join(["a[]=1"] * n),
+    "distinct names": lambda n: "&".join(f"k{i}=1" for i in range(n)),
+    "deep keys": lambda n: "&".join("a" + "[x]" * 14 + f"[{i}]=1" for i in range(n)),
+    "huge indexes": lambda n: "&".join(f"a[{99999999 - i}]=1" for i in range(n)),
+    "mixed a[] and indexes": lambda n: "&".join(f"a[{i}]=1&a[]=2" for i in range(n // 2)),
+    "one long key": lambda n: "a" + "[x]" * n + "=1",
+}
+
+
+def _parse_cpu_seconds(body: bytes, repeats: int = 3) -> float:
+    """Best-of CPU time of one parse (refusals count: they must be cheap too)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        try:
+            parse_form(body, max_fields=10**6)
+        except MalformedBody:
+            pass
+        best = min(best, time.process_time() - started)
+    return best
+
+
+@pytest.mark.parametrize("shape", HOSTILE_SHAPES)
+def test_parsing_a_hostile_body_costs_time_linear_in_its_size(shape):
+    # Past the parser's caches (4096 names), so both sizes take the same path per field.
+    n = 5000
+    small, large = (_parse_cpu_seconds(HOSTILE_SHAPES[shape](k).encode()) for k in (n, 4 * n))
+    # Linear is a ratio of 4, quadratic 16; the margin absorbs a busy machine.
+    assert large < 8 * max(small, 0.0005), (shape, small, large)
+
+
+def test_the_field_cap_is_checked_before_any_field_is_parsed():
+    body = "&".join(["a[]=1"] * 1000).encode()
+    assert len(parse_form(body)["a"]) == 1000
+    with pytest.raises(MalformedBody, match="more than 1000 fields"):
+        parse_form(body + b"&b=1")
+
+
+def test_refusals_show_a_clipped_field_name():
+    name = "n" * 100_000
+    with pytest.raises(MalformedBody) as refused:
+        parse_form(f"{name}]=1".encode())
+    assert len(str(refused.value)) < 120 and "..." in str(refused.value)

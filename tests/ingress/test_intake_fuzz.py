@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from tests.ingress.conftest import FORM, inbox_count
 from tests.ingress.test_pbx_intake import CALL
 
-B24_STATUSES = {200, 400, 401, 404, 413}
+B24_STATUSES = {200, 400, 401, 413}
 PBX_STATUSES = {202, 400, 401, 413, 422}
 FUZZ = settings(max_examples=300, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -131,6 +131,38 @@ def test_a_wrong_schema_gets_422_naming_the_field(app, api_key, deliver, redis_c
     assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
 
 
+_END = json.dumps({"events": CALL[:3] + [{**CALL[3], "duration": 0}]})
+_LONG_NAME = "n" * 1000
+
+
+@pytest.mark.parametrize("body, field", [
+    (_END.replace('"duration": 0', '"duration": NaN'), "events[3].duration"),
+    (_END.replace('"duration": 0', '"duration": Infinity'), "events[3].duration"),
+    (_END.replace('"duration": 0', '"duration": -Infinity'), "events[3].duration"),
+    (_END.replace('"duration": 0', '"duration": 1e999'), "events[3].duration"),  # inf as a float
+    (json.dumps(START)[:-1] + ', "extra": {"a": [1, 2.5, NaN]}}', "extra.a[2]"),
+    (json.dumps(START)[:-1] + f', "{_LONG_NAME}": NaN}}', "n" * 40 + "..."),
+    ("NaN", "body"),
+], ids=["NaN", "Infinity", "-Infinity", "1e999", "nested extra", "long name", "bare"])
+def test_a_number_that_is_not_finite_gets_422_naming_the_field(app, client, api_key, redis_client,
+                                                               body, field):
+    response = client.post("/api/v1/calls/events", data=body,
+                           headers={"Authorization": f"Bearer {api_key}",
+                                    "Content-Type": "application/json"})
+    assert response.status_code == 422, response.get_data(as_text=True)
+    assert response.json["error"] == "invalid_event" and response.json["field"] == field
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+
+
+def test_finite_floats_are_still_accepted(client, api_key):
+    body = _END.replace('"duration": 0', '"duration": 42.7')
+    response = client.post("/api/v1/calls/events", data=body,
+                           headers={"Authorization": f"Bearer {api_key}",
+                                    "Content-Type": "application/json"})
+    assert response.status_code == 202
+    assert inbox_rows()[3].payload["duration"] == 42
+
+
 def _nested(levels: int) -> str:
     """``START`` with an extra field, the whole body nested ``levels`` containers deep."""
     return json.dumps(START)[:-1] + ', "extra": ' + "[" * (levels - 1) + "]" * (levels - 1) + "}"

@@ -1,0 +1,103 @@
+"""Unverified first contact: an ONAPPINSTALL from a portal the app cannot check yet.
+
+Nothing is stored to compare its application_token with, so anyone can send one, for
+any member_id; each is stored for the worker to check with the auth server's
+``app.info``. Two things bound what a forger gets out of it:
+
+- only what the check and the install handler need is stored (``pruned``), and one
+  that is still large after pruning is refused with 413;
+- a per-minute ceiling per source address and one for all addresses together
+  (``FIRST_CONTACT_PER_ADDRESS_PER_MINUTE``, 30; ``FIRST_CONTACT_PER_MINUTE``, 300),
+  counted in Redis; beyond them the answer is 429 and nothing is stored.
+
+The trade-off: Bitrix24 never resends, so a real ONAPPINSTALL refused by a ceiling
+is lost (the installer POST, which the app treats as primary, still installs the
+portal). The ceilings are far above real install rates, and a single attacker
+address reaches its own ceiling long before the global one. The source address is
+the one ProxyFix takes from the front proxy's X-Forwarded-For. When Redis cannot
+be asked, the ceiling is not applied (fail open): intake must keep answering, and
+the event is stored.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+import redis
+from flask import current_app
+
+from app.ingress import inbox
+from app.ingress.auth import Rejected
+from app.ingress.sealed import SEALED_FIELD
+
+log = logging.getLogger(__name__)
+
+AUTH_KEPT = ("member_id", "domain", "server_endpoint", "client_endpoint", "user_id", "expires",
+             "expires_in", "scope", "status")
+SMALL_SCALAR = 64      # characters: data[VERSION], data[LANGUAGE_ID], ... are a few each
+MAX_STORED_BYTES = 4096  # a real ONAPPINSTALL is under 1 KB even with its sealed tokens
+WINDOW_SECONDS = 60
+REDIS_BACKOFF_SECONDS = 1.0
+
+# One round trip: count the address; count it globally only while the address is under
+# its own ceiling, so one address cannot use up everybody's share.
+_COUNT = """
+local mine = redis.call('INCR', KEYS[1])
+if mine == 1 then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+if mine > tonumber(ARGV[1]) then return 1 end
+local all = redis.call('INCR', KEYS[2])
+if all == 1 then redis.call('EXPIRE', KEYS[2], ARGV[3]) end
+if all > tonumber(ARGV[2]) then return 2 end
+return 0
+"""
+
+
+def pruned(event: dict[str, Any]) -> dict[str, Any]:
+    """What verification and the install handler need of a first-contact event, nothing else."""
+    data = event.get("data") if isinstance(event.get("data"), dict) else {}
+    auth = event.get("auth") if isinstance(event.get("auth"), dict) else {}
+    kept: dict[str, Any] = {
+        "event": event.get("event"), "ts": event.get("ts"),
+        "data": {k: v for k, v in data.items() if isinstance(v, str) and len(v) <= SMALL_SCALAR},
+        "auth": {k: auth[k] for k in AUTH_KEPT if isinstance(auth.get(k), str)},
+    }
+    if isinstance(event.get(SEALED_FIELD), str):
+        kept[SEALED_FIELD] = event[SEALED_FIELD]
+    size = len(json.dumps(kept))
+    if size > MAX_STORED_BYTES:
+        raise Rejected(413, "too_large", f"a first-contact event must be under "
+                                         f"{MAX_STORED_BYTES} bytes of what is kept")
+    return kept
+
+
+def _client() -> redis.Redis:
+    ext = current_app.extensions
+    if "first_contact_redis" not in ext:
+        ext["first_contact_redis"] = inbox.fast_redis(current_app.config["REDIS_URL"])
+        ext["first_contact_redis_down_until"] = 0.0
+    return ext["first_contact_redis"]
+
+
+def admit(address: str | None) -> None:
+    """Count a first contact from ``address``; 429 beyond a ceiling (none if Redis is out)."""
+    cfg, ext = current_app.config, current_app.extensions
+    client = _client()
+    if time.monotonic() < ext["first_contact_redis_down_until"]:
+        return
+    prefix = f"b24relay:first-contact:{int(time.time() // WINDOW_SECONDS)}"
+    try:
+        over = client.eval(_COUNT, 2, f"{prefix}:addr:{address or 'unknown'}", f"{prefix}:all",
+                           cfg["FIRST_CONTACT_PER_ADDRESS_PER_MINUTE"],
+                           cfg["FIRST_CONTACT_PER_MINUTE"], 2 * WINDOW_SECONDS)
+    except redis.RedisError as exc:
+        ext["first_contact_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
+        log.warning("first-contact ceiling not applied, Redis unavailable: %s", exc)
+        return
+    if over:
+        scope = "from this address" if over == 1 else "in total"
+        raise Rejected(429, "first_contact_limit",
+                       f"too many install events from unknown portals {scope}; retry later",
+                       detail=f"first-contact ceiling {scope} reached by {address}")
