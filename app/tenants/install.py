@@ -3,16 +3,27 @@
 The flow (protocol §2.2–2.4); steps 1–2 live in :mod:`app.tenants.verify`
 (re-exported here):
 
-1. :func:`parse_iframe` reads the portal's iframe POST (installer or placement).
+1. :func:`parse_iframe` reads the portal's iframe POST (installer or placement),
+   short form or full (§2.3).
 2. :func:`verify_iframe_token` asks the *auth server* (``app.info``) whose token
    it is: our ``client_id`` and the posted ``member_id``, or nothing is created.
-   The auth server must be one we trust (``B24_AUTH_SERVERS``), since the POST
-   itself names it.
+   The auth server must be one we trust (``B24_AUTH_SERVERS``) when the POST
+   names it; a POST that names none is checked at the configured one.
 3. :func:`install` creates or updates the Portal keyed by member_id and stores
-   the installer's chain encrypted (``store_new_chain``).
+   the installer's chain encrypted (``store_new_chain``), and the application
+   token when the installer form carries one.
 4. :func:`setup_portal` reads what is bound (``event.get``, ``placement.get``,
    ``telephony.externalLine.get``, ``user.get``) and binds only what is missing,
-   in one batch, so a re-install changes nothing.
+   in one batch, so a re-install changes nothing. ONAPPINSTALL is among the
+   events: each install or update drops its binding (§2.4), so the installer
+   binds it again before the page calls ``installFinish``, which then sends it
+   with the application token (the short form's only source of it).
+
+Transactions: these functions add and flush; the caller that owns the unit of
+work commits once (the ``/install`` view, the install actors, the placement
+decorator; inbox processing for the event handlers). The one side transaction is
+:func:`_end_transaction`, before each slow Bitrix24 call. ``store_new_chain``
+(app/tenants/tokens.py) still commits on its own.
 """
 
 from __future__ import annotations
@@ -57,11 +68,12 @@ log = logging.getLogger(__name__)
 EVENT_PATH = "/b24/events"
 # Bitrix24's REST event list has ONUSERADD but no user-update event: changed
 # extensions are picked up by the periodic user sync (workers/install.py).
-EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE", "ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART",
-          "ONUSERADD")
-# Lifecycle events stay online in the offline mode: ONAPPUNINSTALL must reach us while
-# the tokens still exist, and ONAPPUPDATE re-runs this setup.
-ALWAYS_ONLINE = frozenset({"ONAPPUNINSTALL", "ONAPPUPDATE"})
+EVENTS = ("ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPUPDATE", "ONEXTERNALCALLSTART",
+          "ONEXTERNALCALLBACKSTART", "ONUSERADD")
+# Lifecycle events stay online in the offline mode: ONAPPINSTALL brings the application
+# token (and is only sent online), ONAPPUNINSTALL must reach us while the tokens still
+# exist, and ONAPPUPDATE re-runs this setup.
+ALWAYS_ONLINE = frozenset({"ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPUPDATE"})
 PLACEMENTS = {
     "TELEPHONY_ANALYTICS_MENU": ("/placements/dashboard", "b24relay: calls"),
     "CALL_CARD": ("/placements/call-card", "b24relay"),
@@ -97,7 +109,7 @@ def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
     service.store_new_chain(
         portal, access_token=auth.access_token, refresh_token=auth.refresh_token,
         expires_in=auth.expires_in, client_endpoint=client_endpoint,
-        server_endpoint=auth.server_endpoint, scope=auth.scope or None,
+        server_endpoint=auth.server_endpoint, scope=auth.scope or info.get("scope") or None,
         user_id=int_or_none(info.get("user_id")))
     try:
         report = setup_portal(portal, installer_id=int_or_none(info.get("user_id")))
@@ -127,7 +139,10 @@ def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any], client_endpoint: s
     portal.domain = auth.domain
     portal.client_endpoint = client_endpoint
     portal.server_endpoint = auth.server_endpoint
-    portal.application_token = auth.application_token
+    if auth.application_token:
+        # The installer was verified as an admin (app.info + user.admin): it may set the
+        # token. The short form carries none; ONAPPINSTALL brings it (app.tenants.events).
+        portal.application_token = auth.application_token
     portal.app_status = (str((info.get("install") or {}).get("status") or "") or None)
     portal.language = auth.lang or portal.language
     if portal.settings is None:
@@ -472,13 +487,19 @@ class IframeSession:
 
 
 def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSession:
-    """Verify a placement POST (§7.4): auth server, member_id, APPLICATION_TOKEN, admin."""
+    """Verify a placement POST (§7.4): auth server, member_id, APPLICATION_TOKEN, admin.
+
+    The proof is ``app.info`` for the posted AUTH_ID. APPLICATION_TOKEN is compared only
+    when both the form and the portal have one, and a token from a placement form is
+    never stored: any employee can post any value there with their own real AUTH_ID.
+    """
     auth = parse_iframe(query, form)
     info = verify_iframe_token(auth)
     portal = Portal.by_member_id(auth.member_id)
     if portal is None:
         raise TokenRejected("b24relay is not installed on this portal; install it first", 403)
-    if not application_token_matches(portal, auth.application_token):
+    if (auth.application_token and portal.application_token
+            and not application_token_matches(portal, auth.application_token)):
         raise TokenRejected("APPLICATION_TOKEN does not match this portal's installation", 403)
     session = IframeSession(portal, auth, int_or_none(info.get("user_id")),
                             user_is_admin(portal.client_endpoint, auth.access_token))
