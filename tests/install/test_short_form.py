@@ -16,7 +16,8 @@ from sqlalchemy import func, select
 
 from app.extensions import db
 from app.ingress.models import InboxEvent
-from app.tenants import verify
+from app.tenants import install, verify
+from app.tenants.models import Portal
 from tests.conftest import wait_for
 from tests.install.conftest import iframe_form, portal_row, process_queued
 
@@ -128,3 +129,24 @@ def test_the_configured_auth_server_verifies_a_post_that_names_none(app):
     with pytest.raises(verify.BadIframeRequest, match="missing fields: REFRESH_ID"):
         verify.parse_iframe({"DOMAIN": "x.bitrix24.com"}, {**short, "REFRESH_ID": ""})
 
+
+def _committed_status(member_id: str) -> str | None:
+    """The portal's status as another connection sees it (what is committed)."""
+    with db.engine.connect() as conn:
+        return conn.scalar(select(Portal.status).where(Portal.member_id == member_id))
+
+
+def test_install_leaves_the_commit_to_its_caller(sandbox, make_portal, live_app):
+    portal = make_portal()
+    tokens = sandbox.issue_tokens(portal["member_id"], user_id=1)
+    auth = install.parse_iframe(
+        {"DOMAIN": portal["domain"], "PROTOCOL": "0"},
+        {"AUTH_ID": tokens["access_token"], "REFRESH_ID": tokens["refresh_token"],
+         "member_id": portal["member_id"], "status": "P"})
+    row, report = install.install(auth)
+    assert row.status == "active" and report.events_bound
+    # Only the side transaction before the portal calls committed (status "installing");
+    # the outcome is the caller's to commit.
+    assert _committed_status(portal["member_id"]) == "installing"
+    db.session.commit()
+    assert _committed_status(portal["member_id"]) == "active"
