@@ -97,7 +97,11 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "FIRST_CONTACT_PER_ADDRESS_PER_MINUTE": env_int("FIRST_CONTACT_PER_ADDRESS_PER_MINUTE",
                                                         30),
         "FIRST_CONTACT_PER_MINUTE": env_int("FIRST_CONTACT_PER_MINUTE", 300),
-        # Auth-server hosts whose app.info we trust when an install POST names its own.
+        # Auth servers whose app.info we trust when an iframe POST names its own
+        # SERVER_ENDPOINT: comma-separated hosts (https) or scheme://host URLs. An iframe
+        # POST without SERVER_ENDPOINT (the short form real portals send, protocol §2.3)
+        # is verified at the configured auth server: the host of B24_OAUTH_TOKEN_URL when
+        # that is set, else the FIRST entry here.
         "B24_AUTH_SERVERS": env_str("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS),
         "B24_JS_SDK_URL": env_str("B24_JS_SDK_URL", DEFAULT_JS_SDK_URL),
         "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", DEFAULT_IDLE_REFRESH_DAYS),

@@ -8,6 +8,7 @@ from typing import Any
 
 from flask import Response, make_response, render_template, request
 
+from app.extensions import db
 from app.framing import framed_by, portal_origin_from_query
 from app.tenants import install
 from app.tenants.models import Portal, PortalStatus
@@ -45,6 +46,7 @@ def verified(view: Callable[..., Response]) -> Callable[..., Response]:
             session = install.open_iframe(request.args, request.form)
         except install.InstallError as exc:
             return error_page(exc.message, exc.status)
+        db.session.commit()  # the open is the unit of work (a recovered chain is kept)
         return framed_by(view(session, *args, **kwargs), session.auth.origin)
 
     return wrapper

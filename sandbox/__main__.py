@@ -34,6 +34,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the install flow against --app-url for each portal",
     )
     ap.add_argument("--token-ttl", type=int, default=None)
+    ap.add_argument(
+        "--iframe-form",
+        choices=["full", "short"],
+        default=None,
+        help="the iframe POST form portals send by default (protocol §2.3; default full)",
+    )
     ap.add_argument("--operating-limit", type=float, default=None)
     ap.add_argument("--json", action="store_true", help="print portals as JSON lines")
     return ap.parse_args(argv)
@@ -49,7 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     with SandboxControl(server.url) as control:
         tweaks = {
             k: v
-            for k, v in (("token_ttl", args.token_ttl), ("operating_limit", args.operating_limit))
+            for k, v in (
+                ("token_ttl", args.token_ttl),
+                ("operating_limit", args.operating_limit),
+                ("iframe_form", args.iframe_form),
+            )
             if v is not None
         }
         if tweaks:

@@ -48,7 +48,7 @@ class SandboxControl:
         **extra: Any,
     ) -> dict[str, Any]:
         """Create a portal; returns member_id, domain, endpoints, ports and the admin's first token
-        pair.
+        pair. ``iframe_form="short"|"full"`` (in ``extra``) picks the form its iframe POSTs use.
         """
         spec = {
             "plan": plan,
@@ -139,7 +139,13 @@ class SandboxControl:
         user_id: int | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        """POST the installer iframe form to <app_url>/install; optionally send ONAPPINSTALL."""
+        """POST the installer iframe form to <app_url>/install (``form``: the body sent).
+
+        When the installer page calls installFinish, ONAPPINSTALL goes to whatever is bound
+        for it then (``onappinstall``: each delivery, with the ``tokens`` it carried).
+        ``send_onappinstall`` sends it even when nothing was delivered that way (to the
+        bound handler, else ``<app_url>/b24/events``), finished or not.
+        """
         spec = {
             "app_url": app_url,
             "send_onappinstall": send_onappinstall,
@@ -149,7 +155,7 @@ class SandboxControl:
         return self._call("POST", f"/portals/{member_id}/install", spec)
 
     def finish_install(self, member_id: str) -> dict[str, Any]:
-        """Mark installation finished (what BX24.installFinish() does)."""
+        """What BX24.installFinish() does: finish the install and send ONAPPINSTALL."""
         return self._call("POST", f"/portals/{member_id}/install_finish")
 
     def install_state(self, member_id: str) -> dict[str, Any]:

@@ -8,18 +8,35 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import aiohttp
 
 from . import methods_core, methods_crm, methods_telephony  # noqa: F401  (registers methods)
 from .limits import PLANS
 from .phpquery import build_query
-from .state import Portal, Settings, TokenStore, User, hex32
+from .state import IFRAME_FORMS, Portal, Settings, TokenStore, User, hex32
 
 INSTALL_FINISH_RE = re.compile(r"BX24\s*\.\s*installFinish\s*\(")
 TOKEN_EVENTS = {"ONAPPINSTALL", "ONAPPUPDATE", "ONOFFLINEEVENT", "ONSUBSCRIPTIONRENEW"}
 USER_AGENT = "Bitrix24 Webhook Engine"
+INSTALL_DATA = {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"}
+# The fields every iframe POST carries, and the three only the full form adds (§2.3).
+FULL_FORM_ONLY = ("SERVER_ENDPOINT", "APPLICATION_TOKEN", "APPLICATION_SCOPE")
+
+
+def check_iframe_form(value: Any) -> str:
+    """A valid iframe form name ("full" or "short"), or a 400 control error."""
+    if value not in IFRAME_FORMS:
+        raise ControlError(400, f"iframe_form must be one of {list(IFRAME_FORMS)}, got {value!r}")
+    return str(value)
+
+
+def sent_tokens(body: str) -> dict[str, str]:
+    """The access/refresh tokens an event body carried (for tests that follow a chain)."""
+    sent = dict(parse_qsl(body))
+    return {k: sent[f"auth[{k}]"] for k in ("access_token", "refresh_token")
+            if f"auth[{k}]" in sent}
 
 
 class ControlError(Exception):
@@ -99,6 +116,8 @@ class Cloud:
         )
         if spec.get("application_token"):
             p.application_token = spec["application_token"]
+        if spec.get("iframe_form") is not None:
+            p.iframe_form = check_iframe_form(spec["iframe_form"])
         for key in ("redirect_url", "install_url", "app_page_url", "events_url"):
             setattr(p, key, spec.get(key))
         p.set_plan(plan)
@@ -140,6 +159,7 @@ class Cloud:
             "application_token": p.application_token,
             "scope": p.scope,
             "status": p.status,
+            "iframe_form": self.iframe_form(p),
             "app_url": p.app_url,
             "deleted": p.deleted,
             "installed": p.installed,
@@ -471,14 +491,17 @@ class Cloud:
         if not targets and fallback_url:
             p.handler_seq += 1
             targets = [(p.handler_seq, fallback_url, 0)]
-        jobs = []
+        jobs, tokens = [], []
         for handler_id, url, auth_type in targets:
             who = user_id if not auth_type or user_id is None else auth_type
             body = self.event_body(p, event, handler_id, data, who, overrides)
             jobs.append(self.post_form(url, body, self.settings.event_timeout))
+            tokens.append(sent_tokens(body))
         results = list(await asyncio.gather(*jobs))
-        for r in results:
+        for r, sent in zip(results, tokens, strict=True):
             r.pop("body", None)
+            if sent:
+                r["tokens"] = sent
             p.bump("events_sent" if r.get("status") == 200 else "events_failed")
         return results
 
@@ -516,6 +539,8 @@ class Cloud:
         event = str(spec["event"]).upper()
         data = spec.get("data") or {}
         user_id = None if spec.get("no_auth") else int(spec.get("user_id") or self._default_user(p))
+        if event == "ONAPPUPDATE":
+            self.drop_install_bindings(p)  # the update happened: it drops them (§2.4)
         if event == "ONEXTERNALCALLSTART" and not data.get("CALL_ID"):
             data = dict(data)
             call = methods_telephony.make_call(
@@ -564,6 +589,9 @@ class Cloud:
             "status": p.status,
             "PLACEMENT": placement,
         }
+        if self.iframe_form(p) == "short":
+            for key in FULL_FORM_ONLY:
+                del fields[key]
         if placement != "DEFAULT" or options:
             import json
 
@@ -589,6 +617,39 @@ class Cloud:
         query = urlencode({"DOMAIN": p.domain, "PROTOCOL": "0", "LANG": "en", "APP_SID": sid})
         return url + ("&" if "?" in url else "?") + query, build_query(fields)
 
+    def iframe_form(self, p: Portal) -> str:
+        """The form this portal's iframe POSTs use: its own, else the cloud's default."""
+        return p.iframe_form or self.settings.iframe_form
+
+    def drop_install_bindings(self, p: Portal) -> None:
+        """Each install or update drops the app's ONAPPINSTALL bindings (§2.3, §2.4)."""
+        p.bindings = [b for b in p.bindings if b.event != "ONAPPINSTALL"]
+
+    def begin_install(self, p: Portal, user_id: int) -> None:
+        """The portal installs the app for admin ``user_id``; the installer page comes next."""
+        p.installed, p.deleted = True, False
+        self.drop_install_bindings(p)
+        p.install_user = user_id
+
+    def show_installer(self, p: Portal, user_id: int) -> None:
+        """An iframe open of an unfinished app shows the installer: an admin's is an install."""
+        if p.users[user_id].admin:
+            self.begin_install(p, user_id)
+
+    async def finish_install(self, p: Portal) -> list[dict[str, Any]]:
+        """installFinish: the install is finished, and ONAPPINSTALL goes to its bound handlers.
+
+        The event carries the installing admin's tokens (a new chain) and the application
+        token (§2.4); it is sent once per install, to what is bound for it at this moment.
+        """
+        user_id, p.install_user = p.install_user, None
+        if user_id is None and not p.install_finished:
+            user_id = self._default_user(p)  # finished without an installer page: its admin
+        p.installed = p.install_finished = True
+        if user_id is None or user_id not in p.users:
+            return []  # a repeated installFinish: nothing is sent again
+        return await self.deliver(p, "ONAPPINSTALL", INSTALL_DATA, user_id, force=True)
+
     def _app_url(self, p: Portal, path: str) -> str:
         if not p.app_url:
             raise ControlError(400, "portal has no app_url; pass app_url")
@@ -600,18 +661,19 @@ class Cloud:
             p.app_url = spec["app_url"]
         url = spec.get("install_url") or p.install_url or self._app_url(p, "/install")
         user_id = int(spec.get("user_id") or self._default_user(p))
-        p.installed, p.deleted = True, False
+        self.begin_install(p, user_id)
         target, body = self.frame(p, user_id, "DEFAULT", None, url)
         sid = target.rsplit("APP_SID=", 1)[1]
         self.sessions[sid]["install"] = True
         resp = await self.post_form(target, body, float(spec.get("timeout", 30)), follow=True)
         p.bump("token_grants")
+        sent: list[dict[str, Any]] = []
         if (
             resp.get("status") == 200
             and resp.get("content_type") == "text/html"
             and INSTALL_FINISH_RE.search(resp.get("body", ""))
         ):
-            p.install_finished = True
+            sent = await self.finish_install(p)
         out = {
             "status": resp.get("status"),
             "content_type": resp.get("content_type"),
@@ -622,16 +684,15 @@ class Cloud:
             "access_token": self.sessions[sid]["access_token"],
             "refresh_token": self.sessions[sid]["refresh_token"],
             "application_token": p.application_token,
+            "form": body,
+            "onappinstall": sent,
         }
-        if spec.get("send_onappinstall"):
+        if spec.get("send_onappinstall") and not sent:
+            # Forced, whatever is bound or finished: to the bound handler, else the events URL.
+            p.install_user = None
             fallback = p.events_url or self._app_url(p, "/b24/events")
             out["onappinstall"] = await self.deliver(
-                p,
-                "ONAPPINSTALL",
-                {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"},
-                user_id,
-                force=True,
-                fallback_url=fallback,
+                p, "ONAPPINSTALL", INSTALL_DATA, user_id, force=True, fallback_url=fallback
             )
         return out
 
@@ -650,6 +711,7 @@ class Cloud:
                 )
             else:
                 url = p.install_url or self._app_url(p, "/install")
+                self.show_installer(p, user_id)
         else:
             if not p.install_finished:
                 raise ControlError(409, "widgets are hidden until installation is finished")

@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .cloud import Cloud, ControlError
+from .cloud import Cloud, ControlError, check_iframe_form
 from .state import Fault
 
 FAULTS = {
@@ -196,6 +196,8 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
             for key, value in body.items():
                 if not hasattr(cloud.settings, key):
                     raise ControlError(400, f"unknown setting {key}")
+                if key == "iframe_form":
+                    check_iframe_form(value)
                 setattr(cloud.settings, key, type(getattr(cloud.settings, key))(value))
         return vars(cloud.settings)
 
@@ -227,8 +229,8 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
 
     async def install_finish(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
-        p.installed = p.install_finished = True
-        return install_state_of(p)
+        sent = await cloud.finish_install(p)
+        return {**install_state_of(p), "onappinstall": sent}
 
     def install_state_of(p: Any) -> dict[str, Any]:
         return {
@@ -316,6 +318,8 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
                 if p.install_finished
                 else (p.install_url or cloud._app_url(p, "/install"))
             )
+            if not p.install_finished:
+                cloud.show_installer(p, user_id)
         else:
             bound = [b for b in p.placements if b.placement == placement]
             if not bound:
@@ -362,7 +366,7 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
             return _json({"error": "portal gone"}, 404, CORS)
         if not s.get("install") and p.install_finished:
             return _json({"install_finished": True}, 200, CORS)
-        p.installed = p.install_finished = True
+        await cloud.finish_install(p)
         return _json({"install_finished": True}, 200, CORS)
 
     def add(method: str, path: str, func: Callable[[web.Request], Awaitable[Any]]) -> None:

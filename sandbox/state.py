@@ -14,6 +14,10 @@ from .limits import PLANS, LeakyBucket, OperatingClock
 
 DEFAULT_SCOPE = "crm,telephony,placement,user_basic"
 LOG_LIMIT = 100_000
+# The iframe POST forms (protocol §2.3): "short" is what the portal's own iframe template and
+# install POSTs captured in 2023-2024 carry; "full" adds SERVER_ENDPOINT, APPLICATION_TOKEN and
+# APPLICATION_SCOPE, as the REST docs rewritten in 2026 list them.
+IFRAME_FORMS = ("full", "short")
 
 
 def hex32() -> str:
@@ -33,6 +37,7 @@ class Settings:
     event_timeout: float = 5.0
     reuse_revokes_chain: bool = True
     log_limit: int = LOG_LIMIT
+    iframe_form: str = "full"  # the default for portals created without their own
 
 
 @dataclass
@@ -194,6 +199,8 @@ class Portal:
     deleted: bool = False
     installed: bool = True
     install_finished: bool = False
+    iframe_form: str | None = None  # None: the cloud's Settings.iframe_form
+    install_user: int | None = None  # the admin of an install not yet finished (ONAPPINSTALL)
     redirect_url: str | None = None
     install_url: str | None = None
     app_page_url: str | None = None

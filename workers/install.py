@@ -25,6 +25,7 @@ def setup_portal(portal_id: int) -> None:
     portal = _active(portal_id)
     if portal is not None:
         install.setup_portal(portal)
+        db.session.commit()
 
 
 @dramatiq.actor(queue_name="default", max_retries=3, min_backoff=5_000, max_backoff=60_000)
@@ -33,6 +34,7 @@ def sync_portal_users(portal_id: int) -> None:
     portal = _active(portal_id)
     if portal is not None:
         install.resync_users(portal)
+        db.session.commit()
 
 
 @periodic(USER_SYNC_SECONDS)

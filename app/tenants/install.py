@@ -3,16 +3,27 @@
 The flow (protocol §2.2–2.4); steps 1–2 live in :mod:`app.tenants.verify`
 (re-exported here):
 
-1. :func:`parse_iframe` reads the portal's iframe POST (installer or placement).
+1. :func:`parse_iframe` reads the portal's iframe POST (installer or placement),
+   short form or full (§2.3).
 2. :func:`verify_iframe_token` asks the *auth server* (``app.info``) whose token
    it is: our ``client_id`` and the posted ``member_id``, or nothing is created.
-   The auth server must be one we trust (``B24_AUTH_SERVERS``), since the POST
-   itself names it.
+   The auth server must be one we trust (``B24_AUTH_SERVERS``) when the POST
+   names it; a POST that names none is checked at the configured one.
 3. :func:`install` creates or updates the Portal keyed by member_id and stores
-   the installer's chain encrypted (``store_new_chain``).
+   the installer's chain encrypted (``store_new_chain``), and the application
+   token when the installer form carries one.
 4. :func:`setup_portal` reads what is bound (``event.get``, ``placement.get``,
    ``telephony.externalLine.get``, ``user.get``) and binds only what is missing,
-   in one batch, so a re-install changes nothing.
+   in one batch, so a re-install changes nothing. ONAPPINSTALL is among the
+   events: each install or update drops its binding (§2.4), so the installer
+   binds it again before the page calls ``installFinish``, which then sends it
+   with the application token (the short form's only source of it).
+
+Transactions: these functions add and flush; the caller that owns the unit of
+work commits once (the ``/install`` view, the install actors, the placement
+decorator; inbox processing for the event handlers). The one side transaction is
+:func:`_end_transaction`, before each slow Bitrix24 call. ``store_new_chain``
+(app/tenants/tokens.py) still commits on its own.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ from app.bitrix.errors import ApiError, BitrixError
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
-from app.tenants.status import CLEARED_BY_NEW_CHAIN, is_held
+from app.tenants.status import CLEARED_BY_NEW_CHAIN, is_held, reason_for
 from app.tenants.users import PortalUser, sync_users, upsert_user
 
 # Verification lives in app.tenants.verify; the names callers reach through here stay importable.
@@ -57,11 +68,12 @@ log = logging.getLogger(__name__)
 EVENT_PATH = "/b24/events"
 # Bitrix24's REST event list has ONUSERADD but no user-update event: changed
 # extensions are picked up by the periodic user sync (workers/install.py).
-EVENTS = ("ONAPPUNINSTALL", "ONAPPUPDATE", "ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART",
-          "ONUSERADD")
-# Lifecycle events stay online in the offline mode: ONAPPUNINSTALL must reach us while
-# the tokens still exist, and ONAPPUPDATE re-runs this setup.
-ALWAYS_ONLINE = frozenset({"ONAPPUNINSTALL", "ONAPPUPDATE"})
+EVENTS = ("ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPUPDATE", "ONEXTERNALCALLSTART",
+          "ONEXTERNALCALLBACKSTART", "ONUSERADD")
+# Lifecycle events stay online in the offline mode: ONAPPINSTALL brings the application
+# token (and is only sent online), ONAPPUNINSTALL must reach us while the tokens still
+# exist, and ONAPPUPDATE re-runs this setup.
+ALWAYS_ONLINE = frozenset({"ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPUPDATE"})
 PLACEMENTS = {
     "TELEPHONY_ANALYTICS_MENU": ("/placements/dashboard", "b24relay: calls"),
     "CALL_CARD": ("/placements/call-card", "b24relay"),
@@ -69,6 +81,7 @@ PLACEMENTS = {
 ALREADY_DONE = frozenset({"ERROR_HANDLER_ALREADY_EXIST", "ERROR_PLACEMENT_HANDLER_EXISTS"})
 USER_PAGE = 50
 BATCH_MAX = 50
+IN_WORKERS_HANDS = "processing"  # an inbox row claimed by a worker (app.ingress.processing)
 
 class SetupFailed(InstallError):
     """The portal answered, but binding what the app needs failed (502)."""
@@ -88,7 +101,11 @@ def public_url(path: str) -> str:
 
 
 def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
-    """Verify the installer POST, create or update its portal, and set it up."""
+    """Verify the installer POST, create or update its portal, and set it up.
+
+    The caller commits, also when :class:`SetupFailed` is raised: the portal then
+    keeps the reason (``status_reason``) the settings page shows.
+    """
     info = verify_iframe_token(auth)
     client_endpoint = portal_endpoint(info)  # verify_iframe_token checked its host is DOMAIN
     if not user_is_admin(client_endpoint, auth.access_token):
@@ -97,14 +114,14 @@ def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
     service.store_new_chain(
         portal, access_token=auth.access_token, refresh_token=auth.refresh_token,
         expires_in=auth.expires_in, client_endpoint=client_endpoint,
-        server_endpoint=auth.server_endpoint, scope=auth.scope or None,
+        server_endpoint=auth.server_endpoint, scope=auth.scope or info.get("scope") or None,
         user_id=int_or_none(info.get("user_id")))
     try:
         report = setup_portal(portal, installer_id=int_or_none(info.get("user_id")))
     except SetupFailed as exc:
         db.session.rollback()
         portal.status_reason = f"Setup did not finish: {exc.message}"[:2000]
-        db.session.commit()
+        db.session.flush()
         raise
     mark_installed(portal)
     return portal, report
@@ -119,7 +136,7 @@ def int_or_none(value: Any) -> int | None:
 
 
 def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any], client_endpoint: str) -> Portal:
-    """The portal row for this member_id, created once; commits."""
+    """The portal row for this member_id, created once (flushed)."""
     portal = Portal.by_member_id(auth.member_id)
     if portal is None:
         portal = Portal(member_id=auth.member_id, status=PortalStatus.INSTALLING.value)
@@ -127,7 +144,10 @@ def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any], client_endpoint: s
     portal.domain = auth.domain
     portal.client_endpoint = client_endpoint
     portal.server_endpoint = auth.server_endpoint
-    portal.application_token = auth.application_token
+    if auth.application_token:
+        # The installer was verified as an admin (app.info + user.admin): it may set the
+        # token. The short form carries none; ONAPPINSTALL brings it (app.tenants.events).
+        portal.application_token = auth.application_token
     portal.app_status = (str((info.get("install") or {}).get("status") or "") or None)
     portal.language = auth.lang or portal.language
     if portal.settings is None:
@@ -135,24 +155,30 @@ def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any], client_endpoint: s
     if portal.status != PortalStatus.DISABLED.value and is_held(portal.status):
         # A verified install supersedes uninstalled/auth_failed/...: set it up again.
         portal.status, portal.status_reason = PortalStatus.INSTALLING.value, None
-    db.session.commit()
+    db.session.flush()
     return portal
 
 
 def mark_installed(portal: Portal) -> None:
-    """Setup is done: the portal is active."""
+    """Setup is done: the portal is active (flushed)."""
     if portal.installed_at is None or portal.status != PortalStatus.ACTIVE.value:
         portal.installed_at = datetime.now(UTC)
-    db.session.commit()
-    service.set_status(portal, PortalStatus.ACTIVE, None)
+    _set_status(portal, PortalStatus.ACTIVE)
+
+
+def _set_status(portal: Portal, status: PortalStatus) -> None:
+    """Move the portal to ``status`` in the caller's unit of work (status.set_status commits)."""
+    portal.status, portal.status_reason = status.value, reason_for(status)
+    portal.status_changed_at = datetime.now(UTC)
+    db.session.flush()
 
 
 def record_application_token(portal: Portal, token: str) -> bool:
-    """Store a (verified) application_token; True when it changed."""
+    """Store a (verified) application_token (flushed); True when it changed."""
     if not token or application_token_matches(portal, token):
         return False
     portal.application_token = token
-    db.session.commit()
+    db.session.flush()
     return True
 
 
@@ -191,12 +217,11 @@ def setup_portal(portal: Portal, installer_id: int | None = None) -> SetupReport
     state = _run_batch(portal, READ_COMMANDS)
     report = SetupReport()
     _apply_plan(portal, state["app"], report)
-    db.session.commit()  # the plan's UPDATE must not hold the row through the calls below
     writes, kinds = _missing_bindings(portal, state)
     for chunk in _chunks(list(writes.items()), BATCH_MAX):
-        _apply_writes(portal, dict(chunk), kinds, report)
+        _apply_writes(portal, dict(chunk), kinds, report)  # commits the plan first (_batch)
     _sync_all_users(portal, state["users"], installer_id, report)
-    db.session.commit()
+    db.session.flush()
     log.info("portal %s set up: %s", portal.member_id, report)
     return report
 
@@ -229,7 +254,12 @@ def _batch(portal: Portal, commands: dict[str, tuple[str, dict[str, Any]]]
 
 
 def _end_transaction() -> None:
-    """Commit before a (slow) Bitrix24 call: no row or database lock waits on the portal."""
+    """Commit before a (slow) Bitrix24 call: no row or database lock waits on the portal.
+
+    A side transaction on purpose, the one exception to "the caller commits": what the
+    unit of work wrote so far is committed, so that neither this session's row locks nor
+    SQLite's write lock are held while the portal takes seconds (or a minute) to answer.
+    """
     if db.session().in_transaction():
         db.session.commit()
 
@@ -378,7 +408,7 @@ def resync_users(portal: Portal) -> int:
     """Read every user's extension again (no user-update event exists); returns the count."""
     report = SetupReport()
     _sync_all_users(portal, service.call_method(portal, "user.get", {}), None, report)
-    db.session.commit()
+    db.session.flush()
     return report.users
 
 
@@ -396,7 +426,7 @@ def refresh_user(portal: Portal, user_id: int) -> PortalUser | None:
     if record is None:
         return None
     row = upsert_user(portal, record)
-    db.session.commit()
+    db.session.flush()
     return row
 
 
@@ -408,20 +438,27 @@ def uninstall(portal: Portal, clean: bool) -> None:
     portal.access_token = None
     portal.refresh_token = None
     portal.expires_at = None
-    db.session.commit()
-    service.set_status(portal, PortalStatus.UNINSTALLED)
+    _set_status(portal, PortalStatus.UNINSTALLED)
     if clean:
         delete_portal_data(portal)
 
 
 def delete_portal_data(portal: Portal) -> int:
-    """Delete every row keyed by this portal's id, in every table; the portal row stays."""
+    """Delete every row keyed by this portal's id, in every table; the portal row stays.
+
+    Rows a worker holds (status ``processing``: the inbox row of the ONAPPUNINSTALL being
+    handled among them) are left to that worker, which finishes them in its own unit of
+    work (scrubbed of secrets, later pruned): deleting the row under it would make inbox
+    processing discard the whole unit of work, this deletion included, as a lost claim.
+    """
     deleted = 0
     for table in reversed(db.metadata.sorted_tables):
         if "portal_id" in table.c:
-            deleted += db.session.execute(
-                delete(table).where(table.c.portal_id == portal.id)).rowcount or 0
-    db.session.commit()
+            stmt = delete(table).where(table.c.portal_id == portal.id)
+            if "status" in table.c:
+                stmt = stmt.where(table.c.status != IN_WORKERS_HANDS)
+            deleted += db.session.execute(stmt).rowcount or 0
+    db.session.flush()
     db.session.expire(portal)
     return deleted
 
@@ -472,13 +509,19 @@ class IframeSession:
 
 
 def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSession:
-    """Verify a placement POST (§7.4): auth server, member_id, APPLICATION_TOKEN, admin."""
+    """Verify a placement POST (§7.4): auth server, member_id, APPLICATION_TOKEN, admin.
+
+    The proof is ``app.info`` for the posted AUTH_ID. APPLICATION_TOKEN is compared only
+    when both the form and the portal have one, and a token from a placement form is
+    never stored: any employee can post any value there with their own real AUTH_ID.
+    """
     auth = parse_iframe(query, form)
     info = verify_iframe_token(auth)
     portal = Portal.by_member_id(auth.member_id)
     if portal is None:
         raise TokenRejected("b24relay is not installed on this portal; install it first", 403)
-    if not application_token_matches(portal, auth.application_token):
+    if (auth.application_token and portal.application_token
+            and not application_token_matches(portal, auth.application_token)):
         raise TokenRejected("APPLICATION_TOKEN does not match this portal's installation", 403)
     session = IframeSession(portal, auth, int_or_none(info.get("user_id")),
                             user_is_admin(portal.client_endpoint, auth.access_token))

@@ -2,7 +2,9 @@
 
 Split out of :mod:`app.tenants.install` (which re-exports the names its callers use).
 
-* :func:`parse_iframe` reads the portal's iframe POST (§2.3).
+* :func:`parse_iframe` reads the portal's iframe POST (§2.3), in either form: the
+  short one real portals send (no ``SERVER_ENDPOINT``, ``APPLICATION_TOKEN``,
+  ``APPLICATION_SCOPE``) or the full one of the 2026 docs.
 * :func:`verify_token` asks a *trusted* auth server (``B24_AUTH_SERVERS``) whose
   token it is: our ``client_id``, the given ``member_id``, and the portal's address
   (:func:`portal_endpoint`, from ``app.info`` only) matching the posted domain (§7.4).
@@ -28,7 +30,10 @@ from app.tenants import service, tokens
 log = logging.getLogger(__name__)
 
 REQUIRED_QUERY = ("DOMAIN",)
-REQUIRED_FORM = ("AUTH_ID", "REFRESH_ID", "SERVER_ENDPOINT", "APPLICATION_TOKEN", "member_id")
+# What every portal sends (§2.3). The portal's own iframe template and the install POSTs
+# captured in 2023-2024 carry no SERVER_ENDPOINT, APPLICATION_TOKEN or APPLICATION_SCOPE:
+# those are used when present and never required.
+REQUIRED_FORM = ("AUTH_ID", "REFRESH_ID", "member_id")
 
 
 class InstallError(Exception):
@@ -64,8 +69,8 @@ class IframeAuth:
     access_token: str
     refresh_token: str
     expires_in: int
-    server_endpoint: str
-    application_token: str
+    server_endpoint: str  # the form's SERVER_ENDPOINT, else the configured auth server
+    application_token: str  # "" when the form carries none (the short form)
     scope: str
     placement: str
     placement_options: str = ""
@@ -93,7 +98,7 @@ def valid_host(value: str) -> bool:
 
 
 def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAuth:
-    """Read the iframe POST; a missing or malformed field raises naming it."""
+    """Read the iframe POST (short or full form); a missing or malformed field raises naming it."""
     missing = [k for k in REQUIRED_QUERY if not (query.get(k) or "").strip()]
     missing += [k for k in REQUIRED_FORM if not (form.get(k) or "").strip()]
     if missing:
@@ -101,7 +106,7 @@ def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAut
     domain = query["DOMAIN"].strip().lower()
     if not valid_host(domain):
         raise BadIframeRequest("DOMAIN is not a host name")
-    server = form["SERVER_ENDPOINT"].strip()
+    server = (form.get("SERVER_ENDPOINT") or "").strip() or default_auth_server()
     if urlsplit(server).scheme not in ("http", "https"):
         raise BadIframeRequest("SERVER_ENDPOINT is not an http(s) URL")
     try:
@@ -113,7 +118,7 @@ def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAut
         lang=query.get("LANG", "")[:8],
         member_id=form["member_id"].strip(), access_token=form["AUTH_ID"].strip(),
         refresh_token=form["REFRESH_ID"].strip(), expires_in=expires_in, server_endpoint=server,
-        application_token=form["APPLICATION_TOKEN"].strip(),
+        application_token=(form.get("APPLICATION_TOKEN") or "").strip(),
         scope=form.get("APPLICATION_SCOPE", ""),
         placement=(form.get("PLACEMENT") or "DEFAULT").upper(),
         placement_options=form.get("PLACEMENT_OPTIONS", ""), app_sid=query.get("APP_SID", ""),
@@ -126,14 +131,42 @@ def setting(name: str, default: str | None = None) -> str | None:
     return str(value) if value else default
 
 
+def _auth_server_entries() -> list[str]:
+    """``B24_AUTH_SERVERS`` as a list: each entry a host (https) or a ``scheme://host`` URL."""
+    raw = setting("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS) or ""
+    return [entry.strip().lower() for entry in raw.split(",") if entry.strip()]
+
+
+def _as_url(entry: str) -> tuple[str, str]:
+    """``(scheme, host)`` of an auth-server entry; a bare host means https."""
+    if "://" in entry:
+        parts = urlsplit(entry)
+        return parts.scheme, parts.netloc
+    return "https", entry
+
+
 def trusted_auth_servers() -> set[str]:
     """Auth-server hosts whose ``app.info`` answer we believe (``B24_AUTH_SERVERS``)."""
-    hosts = {h.strip().lower() for h in (setting("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS) or "")
-             .split(",") if h.strip()}
+    hosts = {_as_url(entry)[1] for entry in _auth_server_entries()}
     override = setting("B24_OAUTH_TOKEN_URL")
     if override:
         hosts.add(urlsplit(override).netloc.lower())
     return hosts
+
+
+def default_auth_server() -> str:
+    """The auth server's REST base for an iframe POST that names none (the short form, §2.3).
+
+    The host of ``B24_OAUTH_TOKEN_URL`` when it is set (every token goes there anyway),
+    else the first entry of ``B24_AUTH_SERVERS`` (see app/config.py).
+    """
+    override = setting("B24_OAUTH_TOKEN_URL")
+    if override:
+        parts = urlsplit(override)
+        return f"{parts.scheme}://{parts.netloc}/rest/"
+    entries = _auth_server_entries() or [DEFAULT_AUTH_SERVERS.split(",")[0]]
+    scheme, host = _as_url(entries[0])
+    return f"{scheme}://{host}/rest/"
 
 
 def oauth_client() -> OAuthClient:

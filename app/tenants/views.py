@@ -79,10 +79,12 @@ def install_view() -> Response:
         auth = install.parse_iframe(request.args, request.form)
         portal, report = install.install(auth)
     except install.InstallError as exc:
+        db.session.commit()  # keeps what install() recorded about a failed setup (its reason)
         log.warning("install refused: %s", exc.message)
         return page("b24relay could not be installed", exc.message,
                     "Nothing was saved. Open the installer again from your Bitrix24 portal.",
                     status=exc.status)
+    db.session.commit()  # the install is one unit of work, committed before the page answers
     lines = [f"Portal {portal.domain} is connected ({report.plan} plan).",
              f"{len(install.EVENTS)} event handlers and "
              f"{len(install.PLACEMENTS)} widgets are in place; {report.users} users read."]

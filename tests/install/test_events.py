@@ -9,7 +9,7 @@ from sqlalchemy import delete, func, select
 
 from app.extensions import db
 from app.ingress.models import InboxEvent
-from app.tenants import events
+from app.tenants import events, install
 from app.tenants.models import PortalSettings
 from app.tenants.users import PortalUser
 from tests.conftest import wait_for
@@ -74,9 +74,12 @@ def test_uninstall_marks_the_portal_and_reinstall_restores_it(sandbox, installed
     # Installing again brings it back: same row, a fresh chain, bindings restored.
     again = sandbox.install_app(member_id, live_app.url)
     assert again["status"] == 200 and again["install_finished"]
+    wait_for(lambda: _handled("ONAPPINSTALL", 2), timeout=30)  # the reinstall's, by the worker
     row = portal_row(member_id)
-    assert row.status == "active" and row.refresh_token == again["refresh_token"]
-    assert len(sandbox.bindings(member_id)["events"]) == 5
+    [onappinstall] = again["onappinstall"]
+    assert row.status == "active"
+    assert row.refresh_token == onappinstall["tokens"]["refresh_token"]
+    assert len(sandbox.bindings(member_id)["events"]) == len(install.EVENTS)
     assert portal_count() == 1
 
 
@@ -110,7 +113,9 @@ def test_handlers_are_idempotent(installed, app):
     row = portal_row(installed["member_id"])
     event = {"event": "ONAPPUNINSTALL", "data": {"CLEAN": "1"}, "auth": {}}
     events.on_app_uninstall(row, event)
+    db.session.commit()  # inbox processing commits a handler's writes
     events.on_app_uninstall(portal_row(installed["member_id"]), event)
+    db.session.commit()
     assert portal_row(installed["member_id"]).status == "uninstalled"
     user_event = {"event": "ONUSERADD", "data": {"ID": "1"}, "auth": {}}
     events.on_user_add(None, user_event)  # unknown portal: nothing to do
@@ -129,14 +134,13 @@ def test_onappupdate_binds_what_went_missing_and_keeps_the_new_chain(sandbox, in
     assert out["statuses"] == [200]
     wait_for(lambda: _handled("ONAPPUPDATE"), timeout=30)
     bound = {b["event"] for b in sandbox.bindings(member_id)["events"]}
-    assert "ONEXTERNALCALLSTART" in bound and len(bound) == 5
+    # Also ONAPPINSTALL: the update dropped its binding (protocol §2.4) and setup restored it.
+    assert bound == set(install.EVENTS)
     assert portal_row(member_id).token_version > version
 
 
 def test_user_resync_reads_extensions_without_refreshing(installed, app):
     from datetime import UTC, datetime, timedelta
-
-    from app.tenants import install
 
     row = portal_row(installed["member_id"])
     assert install.portals_with_live_tokens() == [row.id]

@@ -53,7 +53,7 @@ def test_make_run_installs_into_the_sandbox_within_60_seconds(tmp_path):
         banner = _read_banner(proc, started + INSTALL_DEADLINE_SECONDS)
         elapsed = time.monotonic() - started
         assert banner["install finished"] == "True"
-        assert int(banner["event bindings"]) == 5 and int(banner["placements bound"]) == 2
+        assert int(banner["event bindings"]) == 6 and int(banner["placements bound"]) == 2
         state = httpx.get(f"{banner['sandbox']}/_sandbox/portals/{banner['member_id']}"
                           "/install_state", timeout=10).json()
         assert state["install_finished"] is True

@@ -8,6 +8,11 @@ from urllib.parse import parse_qsl, urlsplit
 
 from .conftest import call
 
+USERS_WITH_ADMIN_2 = [
+    {"id": 1, "name": "A", "admin": True},
+    {"id": 2, "name": "B", "admin": True},
+]
+
 DOC_BODY = (  # protocol §3.4, newlines removed
     "event=ONCRMDEALUPDATE&event_handler_id=201&data%5BFIELDS%5D%5BID%5D=759&ts=1736405807"
     "&auth%5Baccess_token%5D=s6p6eclrvim6da22ft9ch94ekreb52lv&auth%5Bexpires%5D=1736409407&auth%5Bexpires_in%5D=3600"
@@ -278,3 +283,76 @@ def test_failed_handler_status_is_reported(sandbox, fake_app, http):
         "statuses"
     ] == [500]
     assert sandbox.counters(p["member_id"])["events_failed"] == 1
+
+
+SHORT_FORM = ["AUTH_ID", "AUTH_EXPIRES", "REFRESH_ID", "member_id", "status", "PLACEMENT"]
+
+
+def test_short_iframe_form_per_portal_and_as_the_cloud_default(sandbox, fake_app):
+    p = sandbox.create_portal(app_url=fake_app.url, iframe_form="short")
+    assert p["iframe_form"] == "short"
+    sandbox.install_app(p["member_id"])
+    assert [k for k, _ in parse_qsl(fake_app.paths("/install")[-1].body.decode())] == SHORT_FORM
+    opened = sandbox.open_placement(p["member_id"], handler=fake_app.url + "/placements/x")
+    assert [k for k, _ in parse_qsl(opened["form"])] == SHORT_FORM
+
+    assert sandbox.settings(iframe_form="short")["iframe_form"] == "short"
+    q = sandbox.create_portal(app_url=fake_app.url)
+    assert q["iframe_form"] == "short"
+    sandbox.install_app(q["member_id"])
+    assert [k for k, _ in parse_qsl(fake_app.paths("/install")[-1].body.decode())] == SHORT_FORM
+    full = sandbox.create_portal(app_url=fake_app.url, iframe_form="full")
+    sandbox.install_app(full["member_id"])
+    assert "APPLICATION_TOKEN" in dict(parse_qsl(fake_app.paths("/install")[-1].body.decode()))
+
+
+def test_unknown_iframe_form_is_refused(sandbox, http):
+    bad = http.post(f"{sandbox.base_url}/_sandbox/portals", json={"iframe_form": "medium"})
+    assert bad.status_code == 400 and "iframe_form" in bad.json()["error"]
+    bad = http.post(f"{sandbox.base_url}/_sandbox/settings", json={"iframe_form": "medium"})
+    assert bad.status_code == 400 and sandbox.settings()["iframe_form"] == "full"
+
+
+def _bind_onappinstall(http, p, fake_app, token=None):
+    url = fake_app.url + "/b24/events"
+    assert call(http, p, "event.bind", token, event="ONAPPINSTALL", handler=url).json()["result"]
+
+
+def test_install_finish_sends_onappinstall_to_what_is_bound_then(sandbox, fake_app, http):
+    p = sandbox.create_portal(app_url=fake_app.url, users=USERS_WITH_ADMIN_2)
+    _bind_onappinstall(http, p, fake_app)  # an earlier install's binding
+    fake_app.install_html = "<html>the installer, not finished yet</html>"
+    result = sandbox.install_app(p["member_id"], user_id=2)
+    assert result["onappinstall"] == []
+    assert sandbox.bindings(p["member_id"])["events"] == []  # the install dropped it
+    installer = dict(parse_qsl(fake_app.paths("/install")[-1].body.decode()))
+    _bind_onappinstall(http, p, fake_app, installer["AUTH_ID"])  # what the installer does
+    assert not fake_app.paths("/b24/events")
+
+    finished = sandbox.finish_install(p["member_id"])
+    assert finished["install_finished"] is True
+    [delivery] = finished["onappinstall"]
+    assert delivery["status"] == 200
+    body = dict(parse_qsl(fake_app.paths("/b24/events")[-1].body.decode()))
+    assert body["event"] == "ONAPPINSTALL" and body["data[INSTALLED]"] == "Y"
+    assert body["auth[application_token]"] == p["application_token"]
+    assert body["auth[user_id]"] == "2"  # the installing admin
+    assert delivery["tokens"] == {"access_token": body["auth[access_token]"],
+                                  "refresh_token": body["auth[refresh_token]"]}
+    # A new chain, not the installer form's; it works and can be refreshed.
+    assert body["auth[refresh_token]"] != installer["REFRESH_ID"]
+    assert call(http, p, "profile", body["auth[access_token]"]).json()["result"]["ID"] == "2"
+    # installFinish again sends nothing more.
+    assert sandbox.finish_install(p["member_id"])["onappinstall"] == []
+    assert len(fake_app.paths("/b24/events")) == 1
+
+
+def test_headless_install_finish_and_an_update_drop_and_resend(sandbox, fake_app, http):
+    p = sandbox.create_portal(app_url=fake_app.url)
+    _bind_onappinstall(http, p, fake_app)
+    first = sandbox.install_app(p["member_id"])  # the page calls installFinish: headless shortcut
+    assert first["install_finished"] and first["onappinstall"] == []  # dropped before the page
+    _bind_onappinstall(http, p, fake_app)
+    call(http, p, "event.bind", event="ONAPPUPDATE", handler=fake_app.url + "/b24/events")
+    sandbox.trigger_event(p["member_id"], "ONAPPUPDATE", {"VERSION": "2"})
+    assert {b["event"] for b in sandbox.bindings(p["member_id"])["events"]} == {"ONAPPUPDATE"}
