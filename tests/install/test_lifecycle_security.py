@@ -125,6 +125,20 @@ def test_real_uninstall_with_clean_is_confirmed_and_deletes_the_data(sandbox, wi
     assert "uninstall confirmed by Bitrix24" in worker.output()
 
 
+def test_a_probe_that_gets_no_answer_is_retried_not_taken_as_proof(sandbox, with_data, live_app,
+                                                                  worker):
+    """A transport failure while confirming is retried (the forged event stays harmless)."""
+    member_id = with_data["member_id"]
+    sandbox.set_fault(member_id, "html_502", count=1)  # the first probe gets a gateway page
+    _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
+    handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    assert (handled.status, handled.attempts) == ("done", 2)
+    assert sandbox.counters(member_id)["faults_injected"] == 1
+    row = portal_row(member_id)
+    assert row.status == "active"
+    assert _tenant_data(row.id) == {**with_data["data"], "InboxEvent": 2}
+
+
 def test_uninstall_is_not_confirmed_by_a_lost_chain(sandbox, with_data, live_app, worker):
     """``invalid_grant`` on refresh looks the same for a lost chain: no proof, no deletion."""
     member_id = with_data["member_id"]
