@@ -57,17 +57,25 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     metrics.init_app(app)
 
     _import_models()
+    _register_event_handlers()
     _register_blueprints(app)
     _register_cli(app)
     return app
 
 
 def _import_models() -> None:
-    """Every model module (so metadata and Alembic see all tables) and every event handler."""
+    """Every model module, so metadata and Alembic see all tables."""
     from app.ingress import models as _ingress  # noqa: F401
-    from app.tenants import events as _tenant_events  # noqa: F401  (registers @on handlers)
     from app.tenants import models as _tenants  # noqa: F401
     from app.tenants import users as _tenant_users  # noqa: F401
+
+
+def _register_event_handlers() -> None:
+    """The tenants' lifecycle and user event handlers, into the ingress handler registry."""
+    from app.ingress import registry
+    from app.tenants.events import HANDLERS
+
+    registry.register(HANDLERS)
 
 
 def _register_blueprints(app: Flask) -> None:

@@ -39,6 +39,10 @@ def sent_tokens(body: str) -> dict[str, str]:
             if f"auth[{k}]" in sent}
 
 
+# The token endpoint's answer to a chain of an uninstalled app (issue #11 point 4 reading).
+NOT_INSTALLED = {"error": "NOT_INSTALLED", "error_description": "Application not installed"}
+
+
 class ControlError(Exception):
     """A control API error: (HTTP status, message)."""
 
@@ -199,6 +203,7 @@ class Cloud:
         self.tokens.access.clear()
         self.tokens.refresh.clear()
         self.tokens.codes.clear()
+        self.tokens.revoked.clear()
 
     # ------------------------------------------------------------ auth server
     def token_grant(self, q: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -225,6 +230,8 @@ class Cloud:
             }
         tok = self.tokens.refresh.get(raw)
         p = self.portals.get(tok.member_id) if tok else None
+        if tok is None and self.revoked_by_uninstall(raw):
+            return 401, dict(NOT_INSTALLED)
         if tok is None or p is None:
             return 400, {"error": "invalid_grant", "error_description": "Invalid refresh token"}
         if not self._client_ok(p, q):
@@ -240,8 +247,10 @@ class Cloud:
                 "error": "invalid_grant",
                 "error_description": "Refresh token has already been used",
             }
-        if p.deleted or not p.installed:
+        if p.deleted:
             return 400, {"error": "invalid_grant", "error_description": "Application not installed"}
+        if not p.installed:
+            return 401, dict(NOT_INSTALLED)
         access, refresh = self.tokens.rotate(tok)
         p.bump("refreshes")
         p.bump("token_grants")
@@ -277,6 +286,12 @@ class Cloud:
         p.bump("auth_code_grants")
         p.bump("token_grants")
         return 200, self.token_body(p, access, refresh, first=True)
+
+    def revoked_by_uninstall(self, token: str, member_id: str | None = None) -> bool:
+        """Whether `token` (of `member_id`, if given) died with an uninstall that still stands."""
+        owner = self.tokens.revoked.get(token or "")
+        p = self.portals.get(owner) if owner else None
+        return p is not None and not p.installed and member_id in (None, owner)
 
     def token_body(self, p: Portal, access: Any, refresh: Any, first: bool) -> dict[str, Any]:
         """Token response in the §1.4 field order (first exchange omits expires and user_id, as the
@@ -728,15 +743,23 @@ class Cloud:
         return resp
 
     async def uninstall(self, p: Portal, clean: bool) -> dict[str, Any]:
-        """ONAPPUNINSTALL without tokens, then drop bindings, placements and tokens."""
-        results = await self.deliver(
-            p, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1" if clean else "0"}, None
-        )
-        p.bindings.clear()
-        p.placements.clear()
+        """Revoke API access, then send ONAPPUNINSTALL (no tokens), then drop bindings and
+        placements. Bitrix24 revokes first (protocol §2.6: "API access is already revoked"), so
+        the app can confirm the event with its stored chain, which now answers NOT_INSTALLED.
+        """
+        was_finished = p.install_finished
         p.installed = p.install_finished = False
         p.event_tokens.clear()
         self.tokens.drop_portal(p.member_id)
+        results = await self.deliver(
+            p,
+            "ONAPPUNINSTALL",
+            {"LANGUAGE_ID": "en", "CLEAN": "1" if clean else "0"},
+            None,
+            force=was_finished,
+        )
+        p.bindings.clear()
+        p.placements.clear()
         return {"deliveries": results, "statuses": [r.get("status") for r in results]}
 
 

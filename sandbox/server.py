@@ -189,6 +189,8 @@ class Front:
         if not raw or not isinstance(raw, str):
             raise ApiError("NO_AUTH_FOUND", "Wrong authorization data", 401)
         tok = self.cloud.tokens.access.get(raw)
+        if tok is None and self.cloud.revoked_by_uninstall(raw, p.member_id):
+            raise ApiError("NOT_INSTALLED", "Application not installed", 401)
         if tok is None or tok.member_id != p.member_id:
             raise ApiError("invalid_token", "Unable to get application by token", 401)
         if tok.expires <= time.time():

@@ -273,6 +273,8 @@ class TokenStore:
         self.access: dict[str, AccessToken] = {}
         self.refresh: dict[str, RefreshToken] = {}
         self.codes: dict[str, AuthCode] = {}
+        # Access and refresh tokens an uninstall revoked -> their portal's member_id.
+        self.revoked: dict[str, str] = {}
 
     def issue(self, member_id: str, user_id: int) -> tuple[AccessToken, RefreshToken]:
         """Start or continue a chain: a new access/refresh pair."""
@@ -314,9 +316,11 @@ class TokenStore:
         return n
 
     def drop_portal(self, member_id: str) -> None:
-        """Revoke every token of the portal (uninstall)."""
+        """Revoke every token of the portal (uninstall); `revoked` remembers whose they were."""
         for table in (self.access, self.refresh, self.codes):
             for key in [k for k, v in table.items() if v.member_id == member_id]:
+                if table is not self.codes:
+                    self.revoked[key] = member_id
                 del table[key]
 
     def new_code(self, member_id: str, user_id: int, client_id: str) -> AuthCode:

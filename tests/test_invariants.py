@@ -126,3 +126,30 @@ def test_every_actor_enqueued_by_name_exists(worker_side):
     unknown = {name: where for name, where in enqueued.items()
                if name not in worker_side["actors"]}
     assert unknown == {}, f"enqueued by name but no such actor after `import workers`: {unknown}"
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module a source file imports (``from a.b import c`` gives a.b and a.b.c)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_tenants_do_not_import_the_ingress_handler_registry():
+    """Tenants expose a plain handler table; the app factory registers it at bootstrap."""
+    sources = sorted((ROOT / "app" / "tenants").rglob("*.py"))
+    assert sources, "the scan found nothing: is it still looking?"
+    offenders = sorted(str(path.relative_to(ROOT)) for path in sources
+                       if "app.ingress.registry" in _imported_modules(path))
+    assert offenders == [], f"import app.ingress.registry (expose a HANDLERS table): {offenders}"
+
+
+def test_the_tenants_handler_table_is_what_the_workers_register(worker_side):
+    from app.tenants.events import HANDLERS
+
+    assert set(HANDLERS) <= set(worker_side["handlers"]["b24"])

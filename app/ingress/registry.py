@@ -1,7 +1,10 @@
-"""Handler registry: adding an event type is one decorated function.
+"""Handler registry: adding an event type is one decorated function, or one table.
 
     @on("ONEXTERNALCALLSTART")
     def click_to_call(portal, event): ...
+
+Areas that must not import ingress (tenants) expose a plain ``{event: handler}``
+mapping instead, which the app factory hands to :func:`register` at bootstrap.
 
 ``source`` is ``"b24"`` for Bitrix24 events and ``"pbx"`` for PBX call events.
 A handler receives the Portal and the stored event payload (a dict) and must be
@@ -10,7 +13,7 @@ idempotent: the same inbox row may be processed more than once after a crash.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 Handler = Callable[[Any, dict[str, Any]], Any]
@@ -34,6 +37,12 @@ def on(event_type: str, source: str = "b24") -> Callable[[Handler], Handler]:
         return fn
 
     return register
+
+
+def register(handlers: Mapping[str, Handler], source: str = "b24") -> None:
+    """Register a table of event type -> handler (the same rules as :func:`on`)."""
+    for event_type, fn in handlers.items():
+        on(event_type, source)(fn)
 
 
 def handler_for(source: str, event_type: str) -> Handler | None:

@@ -4,20 +4,38 @@ The ingress endpoint verified the application_token (or, for a first
 ONAPPINSTALL, accepted it provisionally), stored and enqueued the event; these
 handlers run in a worker and must be idempotent. ``event`` is the parsed form:
 ``event["auth"]["member_id"]``, ``event["data"]["CLEAN"]``, ...
+
+The application_token is no secret from a portal's users (where a portal puts
+``APPLICATION_TOKEN`` into every iframe form, any employee can read it, §2.3), so
+it never authorises a destructive or credential-changing event on its own:
+
+* ONAPPUNINSTALL is acted on only once Bitrix24 itself confirms the app is gone
+  (:func:`uninstall_confirmed`); a forged one is logged and changes nothing.
+* A chain or application_token from ONAPPINSTALL / ONAPPUPDATE is adopted only
+  when its tokens belong to a portal administrator (``user.admin``), as ``/install``
+  requires; a non-admin's own tokens are logged and ignored.
+
+:data:`HANDLERS` maps each event name to its handler; the app factory registers
+the table with the ingress registry (tenants does not import ingress).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from app.bitrix import errors
 from app.extensions import db
-from app.ingress.registry import on
-from app.tenants import install, service
+from app.tenants import install, service, tokens
 from app.tenants.models import Portal, PortalSettings, PortalStatus
+from app.tenants.status import PortalUnavailable, is_held
+from app.tenants.tokens import Credentials
 
 log = logging.getLogger(__name__)
+
+EventHandler = Callable[[Portal | None, dict[str, Any]], None]
 
 
 def _auth(event: dict[str, Any]) -> dict[str, Any]:
@@ -39,9 +57,31 @@ def _verified(event: dict[str, Any]) -> dict[str, Any] | None:
                                     str(auth.get("member_id") or ""),
                                     domain=str(auth.get("domain") or ""))
     except install.InstallError as exc:
+        if exc.status >= 500:  # the auth server did not answer: ask again later
+            raise errors.TransportError(exc.message) from exc
         log.warning("%s for %s not verified: %s", event.get("event"), auth.get("member_id"),
                     exc.message)
         return None
+
+
+def _from_admin(event: dict[str, Any], info: dict[str, Any]) -> bool:
+    """Whether the event's tokens belong to a portal administrator (``user.admin``).
+
+    Any employee can send an event carrying their own tokens and the application
+    token from their iframe form; only an admin's chain may become the app's, as at
+    ``/install``. The portal not answering is retried, never taken as a no.
+    """
+    auth = _auth(event)
+    try:
+        admin = install.user_is_admin(install.portal_endpoint(info),
+                                      str(auth.get("access_token") or ""))
+    except install.InstallError as exc:
+        raise errors.TransportError(exc.message) from exc
+    if not admin:
+        log.warning("%s for portal %s carries the tokens of user %s, who is not an "
+                    "administrator: its chain and application_token are ignored",
+                    event.get("event"), auth.get("member_id"), auth.get("user_id"))
+    return admin
 
 
 def _store_chain(portal: Portal, auth: dict[str, Any], info: dict[str, Any]) -> None:
@@ -70,11 +110,10 @@ def _portal_from_auth(auth: dict[str, Any], info: dict[str, Any]) -> Portal:
     return portal
 
 
-@on("ONAPPINSTALL")
 def on_app_install(portal: Portal | None, event: dict[str, Any]) -> None:
-    """Store the application_token and chain once app.info confirms they are ours."""
+    """Store the application_token and chain once app.info and user.admin vouch for them."""
     info = _verified(event)
-    if info is None:
+    if info is None or not _from_admin(event, info):
         return
     auth = _auth(event)
     portal = portal or Portal.by_member_id(str(auth["member_id"])) or _portal_from_auth(auth, info)
@@ -82,9 +121,8 @@ def on_app_install(portal: Portal | None, event: dict[str, Any]) -> None:
     _store_chain(portal, auth, info)
 
 
-@on("ONAPPUPDATE")
 def on_app_update(portal: Portal | None, event: dict[str, Any]) -> None:
-    """Re-run the idempotent setup; take a new application_token once verified."""
+    """Re-run the idempotent setup; take a new application_token or chain from an admin only."""
     if portal is None:
         return
     auth = _auth(event)
@@ -92,20 +130,111 @@ def on_app_update(portal: Portal | None, event: dict[str, Any]) -> None:
     new_token = bool(token) and not install.application_token_matches(portal, token)
     if new_token or auth.get("refresh_token"):
         info = _verified(event)
-        if info is None:
+        if info is None or not _from_admin(event, info):
             return
         install.record_application_token(portal, token)
         _store_chain(portal, auth, info)
     install.setup_portal(portal)
 
 
-@on("ONAPPUNINSTALL")
 def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
-    """Mark the portal uninstalled and drop its tokens; CLEAN=1 deletes its data."""
+    """Once Bitrix24 confirms the uninstall: mark the portal, drop its tokens; CLEAN=1 deletes data.
+
+    Unconfirmed (the stored chain still works, or cannot be asked): a warning naming
+    the portal, and nothing changes.
+    """
     if portal is None:
         return
     clean = str(_data(event).get("CLEAN") or "0").strip() in {"1", "Y", "true"}
+    evidence = uninstall_confirmed(portal)
+    if evidence is None:
+        log.warning("ONAPPUNINSTALL (CLEAN=%s) for portal %s ignored: Bitrix24 did not confirm "
+                    "the uninstall; nothing was changed", int(clean), portal.member_id)
+        return
+    log.info("portal %s: uninstall confirmed by Bitrix24 (%s)%s", portal.member_id, evidence,
+             "; deleting its data" if clean else "")
     install.uninstall(portal, clean)
+    # CLEAN=1 deleted this event's own inbox row too, so the outcome cannot ride on that
+    # row's final update: commit it here.
+    db.session.commit()
+
+
+def uninstall_confirmed(portal: Portal) -> str | None:
+    """Bitrix24's own answer that the app is gone from the portal, or None.
+
+    Asked with the stored chain (protocol §2.6: API access is revoked before
+    ONAPPUNINSTALL is sent): the portal's ``app.info`` refused with ``NOT_INSTALLED``,
+    ``ERROR_OAUTH``, ``APPLICATION_NOT_FOUND``, or ``invalid_token`` for a token we hold
+    as unexpired (and no refresh of ours was interrupted); or, when that token has
+    expired, a refresh of the stored chain answered ``NOT_INSTALLED``. A bare
+    ``invalid_grant`` proves nothing (a lost chain looks the same).
+
+    A portal whose chain is already dead (``auth_failed``, ``access_denied``,
+    ``payment_required``, ``portal_deleted``, ``disabled``, or no stored chain, e.g.
+    after an earlier confirmed uninstall) cannot be asked: None, and the caller leaves
+    it unchanged; a real uninstall then shows on the next reinstall or call. The
+    portal not answering raises a transient error (the event is retried), never a
+    confirmation.
+    """
+    if portal.status != PortalStatus.UNINSTALLED.value and is_held(portal.status):
+        log.warning("portal %s is %s: its chain cannot confirm an uninstall",
+                    portal.member_id, portal.status)
+        return None
+    if not (portal.access_token and portal.refresh_token):
+        log.warning("portal %s has no stored chain to confirm an uninstall with",
+                    portal.member_id)
+        return None
+    creds = Credentials.of(portal)
+    if not creds.expired:
+        try:
+            return _ask_portal(creds, trust_invalid_token=portal.refresh_started_at is None)
+        except errors.TokenExpired:
+            pass  # the stored expiry was optimistic: ask the auth server with a refresh
+    return _ask_by_refresh(portal, creds)
+
+
+def _ask_portal(creds: Credentials, trust_invalid_token: bool) -> str | None:
+    """The portal's ``app.info`` with the stored, unexpired access token; evidence or None.
+
+    Only this app holds its chain, so ``invalid_token`` for it means Bitrix24 revoked
+    it, unless a refresh of ours was interrupted (``refresh_started_at`` still set):
+    that may have spent the chain, and then the token dies the same way.
+    """
+    endpoint = creds.client_endpoint
+    for _ in range(service.MAX_MOVES + 1):
+        try:
+            service.rest_client().call(endpoint, "app.info", {}, creds.access_token or "")
+        except errors.PortalMoved as moved:
+            endpoint = moved.new_client_endpoint  # renamed: ask it at its new address
+            continue
+        except errors.NotInstalled as exc:
+            return f"app.info: {exc.code}"
+        except errors.InvalidToken as exc:
+            if trust_invalid_token and exc.code.lower() == "invalid_token":
+                return f"app.info: {exc.code} for an unexpired access token"
+            return None
+        except errors.TokenExpired:
+            raise
+        except errors.ApiError as exc:
+            if (exc.http_status or 0) >= 500 or exc.http_status == 429:
+                raise  # rate limit or outage: ask again later
+            log.warning("app.info refused at %s (%s): not a sign of an uninstall", endpoint, exc)
+            return None
+        return None  # the app's token works: it is installed
+    raise errors.TransportError(f"portal redirected more than {service.MAX_MOVES} times")
+
+
+def _ask_by_refresh(portal: Portal, creds: Credentials) -> str | None:
+    """Refresh the stored chain (single-flight, the new pair is kept); evidence or None."""
+    try:
+        fresh = tokens.refresh(portal, creds.token_version)
+    except PortalUnavailable as exc:
+        if exc.status == PortalStatus.UNINSTALLED.value:
+            return f"token refresh: {exc.reason}"
+        return None
+    if fresh.status == PortalStatus.UNINSTALLED.value:
+        return "Bitrix24 answered NOT_INSTALLED before (portal status uninstalled)"
+    return None  # refreshed (installed), or the chain is lost (auth_failed): no proof
 
 
 def _user_id(event: dict[str, Any]) -> int | None:
@@ -114,10 +243,18 @@ def _user_id(event: dict[str, Any]) -> int | None:
     return install.int_or_none(fields.get("ID"))
 
 
-@on("ONUSERADD")
 def on_user_add(portal: Portal | None, event: dict[str, Any]) -> None:
     """Read the new user's extension into the map."""
     user_id = _user_id(event)
     if portal is None or user_id is None:
         return
     install.refresh_user(portal, user_id)
+
+
+# Registered with the ingress registry by the app factory (app/__init__.py).
+HANDLERS: dict[str, EventHandler] = {
+    "ONAPPINSTALL": on_app_install,
+    "ONAPPUPDATE": on_app_update,
+    "ONAPPUNINSTALL": on_app_uninstall,
+    "ONUSERADD": on_user_add,
+}

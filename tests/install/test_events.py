@@ -109,7 +109,9 @@ def test_onuseradd_reads_the_new_users_extension(sandbox, installed, worker):
     assert user.extension == "102"
 
 
-def test_handlers_are_idempotent(installed, app):
+def test_handlers_are_idempotent(sandbox, installed, app):
+    # Uninstalled on the portal (no worker runs here: the handler is called directly twice).
+    sandbox.uninstall_app(installed["member_id"], clean=True)
     row = portal_row(installed["member_id"])
     event = {"event": "ONAPPUNINSTALL", "data": {"CLEAN": "1"}, "auth": {}}
     events.on_app_uninstall(row, event)

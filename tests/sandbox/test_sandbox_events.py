@@ -260,7 +260,7 @@ def test_placements_and_uninstall(sandbox, fake_app, http):
         for k in ("domain", "server_endpoint", "client_endpoint", "member_id", "application_token")
     )
     assert sandbox.bindings(p["member_id"]) == {"events": [], "placements": []}
-    assert call(http, p, "profile").json()["error"] == "invalid_token"
+    assert call(http, p, "profile").json()["error"] == "NOT_INSTALLED"
 
 
 def test_onappinstall_carries_refresh_token(sandbox, fake_app):

@@ -1,0 +1,248 @@
+"""Lifecycle events an employee can forge (issue #10 points 2 and 3), through the real path.
+
+Where a portal puts APPLICATION_TOKEN into every iframe form, any employee holds the
+token that authenticates events, and their own iframe form hands them a token chain.
+Each test sends what such an employee could send to /b24/events, lets a real worker
+process it, and checks that Bitrix24 (the sandbox) was asked before anything changed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from app.extensions import db
+from app.ingress.auth import issue_api_key
+from app.ingress.models import InboxEvent, PortalApiKey
+from app.tenants import service
+from app.tenants.models import PortalSettings
+from app.tenants.users import PortalUser
+from tests.conftest import StubHandler, wait_for
+from tests.install.conftest import iframe_form, portal_count, portal_row
+
+PBX_START = {"call_id": "pbx-lifecycle-1", "event": "start", "at": "2026-11-22T16:40:00+03:00",
+             "direction": "in", "phone": "+74951234567", "extensions": ["101"]}
+
+
+@pytest.fixture
+def worker(start_worker, live_app):
+    """One real worker process, configured for the sandbox like the web app."""
+    return start_worker(threads=2, **live_app.worker_env())
+
+
+def _event(portal: dict[str, Any], name: str, data: dict[str, str], **auth: str) -> str:
+    """An event body as Bitrix24 would POST it, with the portal's real application token."""
+    fields = {"domain": portal["domain"], "server_endpoint": portal["server_endpoint"],
+              "client_endpoint": portal["client_endpoint"], "member_id": portal["member_id"],
+              "application_token": portal["application_token"], **auth}
+    return urlencode({"event": name, **{f"data[{k}]": v for k, v in data.items()}, "ts": "1",
+                      **{f"auth[{k}]": v for k, v in fields.items()}})
+
+
+def _post(live_app, body: str) -> None:
+    with live_app.http() as http:
+        resp = http.post("/b24/events", content=body,
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 200, resp.text
+
+
+def _processed(event_type: str) -> InboxEvent | None:
+    """The (single) inbox row of this event once a worker finished it."""
+    db.session.remove()
+    row = db.session.scalars(select(InboxEvent).where(InboxEvent.event_type == event_type)).first()
+    return row if row is not None and row.status in ("done", "dead") else None
+
+
+def _pbx(live_app, key: str) -> int:
+    """Status of a PBX call event sent with ``key``: 202 while the key is valid."""
+    with live_app.http() as http:
+        return http.post("/api/v1/calls/events", json=PBX_START,
+                         headers={"Authorization": f"Bearer {key}"}).status_code
+
+
+def _count(model: Any, portal_id: int) -> int:
+    db.session.remove()
+    return int(db.session.scalar(select(func.count(model.id))
+                                 .where(model.portal_id == portal_id)) or 0)
+
+
+def _tenant_data(portal_id: int) -> dict[str, int]:
+    """How many rows of each kind of the portal's data exist."""
+    return {model.__name__: _count(model, portal_id)
+            for model in (PortalSettings, PortalUser, PortalApiKey, InboxEvent)}
+
+
+@pytest.fixture
+def with_data(installed, live_app) -> dict[str, Any]:
+    """An installed portal with settings, users, a PBX key and inbox rows."""
+    row = portal_row(installed["member_id"])
+    key = issue_api_key(row)
+    assert _pbx(live_app, key) == 202  # one inbox row, and proof the key works
+    data = _tenant_data(row.id)
+    assert data == {"PortalSettings": 1, "PortalUser": 3, "PortalApiKey": 1, "InboxEvent": 1}
+    return {**installed, "pbx_key": key, "portal_id": row.id, "data": data}
+
+
+# ---------------------------------------------------------------- point 2: uninstall
+
+
+def test_forged_onappuninstall_with_clean_changes_nothing(sandbox, with_data, live_app, worker):
+    member_id = with_data["member_id"]
+    before = portal_row(member_id)
+    # Bitrix24 sends ONAPPUNINSTALL with no tokens: the application token is all it has.
+    _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
+    handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    assert handled.status == "done", handled.last_error
+
+    row = portal_row(member_id)
+    assert row.status == "active"
+    assert (row.refresh_token, row.token_version) == (before.refresh_token, before.token_version)
+    assert _tenant_data(row.id) == {**with_data["data"], "InboxEvent": 2}  # + the forged event
+    assert _pbx(live_app, with_data["pbx_key"]) == 202
+    # The stored chain still works, and Bitrix24 still delivers to the app.
+    bound = {b["event"] for b in service.call_method(row, "event.get")}
+    assert "ONAPPUNINSTALL" in bound
+    assert sandbox.install_state(member_id)["installed"] is True
+    assert "Bitrix24 did not confirm the uninstall" in worker.output()
+
+
+def test_real_uninstall_with_clean_is_confirmed_and_deletes_the_data(sandbox, with_data, live_app,
+                                                                      worker):
+    member_id = with_data["member_id"]
+    assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
+    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    assert row.access_token is None and row.refresh_token is None
+    # Settings, users, the PBX key (intake's key cache forgets it within 5 s) and inbox rows.
+    wait_for(lambda: _tenant_data(row.id) == dict.fromkeys(with_data["data"], 0), timeout=10)
+    assert "uninstall confirmed by Bitrix24" in worker.output()
+
+
+def test_a_probe_that_gets_no_answer_is_retried_not_taken_as_proof(sandbox, with_data, live_app,
+                                                                  worker):
+    """A transport failure while confirming is retried (the forged event stays harmless)."""
+    member_id = with_data["member_id"]
+    sandbox.set_fault(member_id, "html_502", count=1)  # the first probe gets a gateway page
+    _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
+    handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    assert (handled.status, handled.attempts) == ("done", 2)
+    assert sandbox.counters(member_id)["faults_injected"] == 1
+    row = portal_row(member_id)
+    assert row.status == "active"
+    assert _tenant_data(row.id) == {**with_data["data"], "InboxEvent": 2}
+
+
+def test_uninstall_is_not_confirmed_by_a_lost_chain(sandbox, with_data, live_app, worker):
+    """``invalid_grant`` on refresh looks the same for a lost chain: no proof, no deletion."""
+    member_id = with_data["member_id"]
+    row = portal_row(member_id)
+    # The stored refresh token was spent elsewhere (a lost chain) and the access token has
+    # expired, so asking Bitrix24 means a refresh, which answers invalid_grant.
+    httpx.get(with_data["server_endpoint"].replace("/rest/", "/oauth/token/"), params={
+        "grant_type": "refresh_token", "client_id": live_app.app.config["B24_CLIENT_ID"],
+        "client_secret": live_app.app.config["B24_CLIENT_SECRET"],
+        "refresh_token": row.refresh_token}).raise_for_status()
+    row.expires_at = datetime.now(UTC) - timedelta(minutes=1)
+    db.session.commit()
+    _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
+    wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    row = portal_row(member_id)
+    assert row.status == "auth_failed"  # what the refresh truly found; not "uninstalled"
+    assert _tenant_data(row.id) == {**with_data["data"], "InboxEvent": 2}
+
+
+class _UninstallProbe(StubHandler):
+    """An event handler that, on ONAPPUNINSTALL, tries the app's old chain at once."""
+
+    chain: dict[str, str] = {}
+    seen: dict[str, Any] = {}
+
+    def do_POST(self) -> None:  # noqa: N802
+        length = int(self.headers.get("Content-Length") or 0)
+        form = dict(parse_qsl(self.rfile.read(length).decode()))
+        if form.get("event") == "ONAPPUNINSTALL":
+            chain = self.chain
+            self.seen["rest"] = httpx.get(chain["client_endpoint"] + "app.info",
+                                          params={"auth": chain["access_token"]}).json()
+            self.seen["refresh"] = httpx.get(chain["token_url"], params={
+                "grant_type": "refresh_token", "client_id": chain["client_id"],
+                "client_secret": chain["client_secret"],
+                "refresh_token": chain["refresh_token"]}).json()
+        self.reply(200, b"ok")
+
+
+@pytest.fixture
+def uninstall_probe() -> Iterator[type[_UninstallProbe]]:
+    """A loopback server recording what the old chain got while ONAPPUNINSTALL was in flight."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _UninstallProbe)
+    _UninstallProbe.seen = {}
+    _UninstallProbe.url = f"http://127.0.0.1:{server.server_port}/events"  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield _UninstallProbe
+    server.shutdown()
+    server.server_close()
+
+
+def test_sandbox_revokes_api_access_before_it_sends_onappuninstall(sandbox, installed, live_app,
+                                                                   uninstall_probe):
+    """Protocol §2.6: when ONAPPUNINSTALL arrives, API access is already revoked."""
+    row = portal_row(installed["member_id"])
+    cfg = live_app.app.config
+    uninstall_probe.chain = {
+        "client_endpoint": row.client_endpoint, "access_token": row.access_token,
+        "refresh_token": row.refresh_token, "client_id": cfg["B24_CLIENT_ID"],
+        "client_secret": cfg["B24_CLIENT_SECRET"],
+        "token_url": installed["server_endpoint"].replace("/rest/", "/oauth/token/")}
+    service.call_method(row, "event.bind", {"event": "ONAPPUNINSTALL",
+                                            "handler": uninstall_probe.url})
+    assert sandbox.uninstall_app(installed["member_id"])["statuses"] == [200, 200]
+    assert uninstall_probe.seen["rest"]["error"] == "NOT_INSTALLED"
+    assert uninstall_probe.seen["refresh"]["error"] == "NOT_INSTALLED"
+
+
+# ---------------------------------------------------------------- point 3: chain swap
+
+
+def _non_admin_chain(sandbox, member_id: str) -> dict[str, str]:
+    """The tokens a non-admin employee finds in their own iframe form (user 2 is no admin)."""
+    opened = sandbox.open_placement(member_id, "DEFAULT", user_id=2)
+    _, form = iframe_form(opened)
+    return {"access_token": form["AUTH_ID"], "refresh_token": form["REFRESH_ID"],
+            "expires_in": "3600", "user_id": "2"}
+
+
+@pytest.mark.parametrize("event", ["ONAPPINSTALL", "ONAPPUPDATE"])
+def test_a_non_admins_tokens_do_not_replace_the_chain(sandbox, installed, live_app, worker, event):
+    member_id = installed["member_id"]
+    before = portal_row(member_id)
+    _post(live_app, _event(installed, event, {"VERSION": "2"},
+                           **_non_admin_chain(sandbox, member_id)))
+    wait_for(lambda: _processed(event), timeout=30)
+
+    row = portal_row(member_id)
+    assert (row.refresh_token, row.token_version, row.auth_user_id) == \
+        (before.refresh_token, before.token_version, before.auth_user_id)
+    # The app still acts as the admin: admin-only methods succeed with the stored chain.
+    assert service.call_method(row, "placement.get")
+    assert service.call_method(row, "event.get")
+    assert "who is not an administrator" in worker.output()
+
+
+def test_a_non_admin_cannot_be_the_first_contact(sandbox, make_portal, live_app, worker):
+    """A first ONAPPINSTALL from a non-admin would fix the application token (a lock-out)."""
+    portal = make_portal()
+    tokens = sandbox.issue_tokens(portal["member_id"], user_id=2)
+    _post(live_app, _event({**portal, "application_token": "chosen-by-the-employee"},
+                           "ONAPPINSTALL", {"VERSION": "1"},
+                           access_token=tokens["access_token"],
+                           refresh_token=tokens["refresh_token"], user_id="2"))
+    wait_for(lambda: _processed("ONAPPINSTALL"), timeout=30)
+    assert portal_count() == 0
