@@ -18,7 +18,7 @@ import os
 
 bind = os.environ.get("BIND") or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY") or multiprocessing.cpu_count())
-worker_class = "gthread"
+worker_class = "app.serving.BufferingWorker"
 threads = int(os.environ.get("WEB_THREADS") or 4)
 accesslog = os.environ.get("ACCESS_LOG") or None
 keepalive = 5

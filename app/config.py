@@ -91,6 +91,10 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "SECRET_KEY": env_str("SECRET_KEY"),
         "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
         "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
+        # app/serving.py: a request must arrive whole within this many seconds (else 408),
+        # its headers within this many bytes (else 431); no thread waits for it meanwhile.
+        "REQUEST_DEADLINE": env_int("REQUEST_DEADLINE_SECONDS", 10),
+        "REQUEST_HEADER_BYTES": env_int("REQUEST_HEADER_BYTES", 64 * 1024),
         "DB_CONNECT_TIMEOUT": env_int("DB_CONNECT_TIMEOUT", 5),
         # Auth-server hosts whose app.info we trust when an install POST names its own.
         "B24_AUTH_SERVERS": env_str("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS),
