@@ -91,6 +91,10 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "SECRET_KEY": env_str("SECRET_KEY"),
         "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
         "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
+        # app/serving.py: a request must arrive whole within this many seconds (else 408),
+        # its headers within this many bytes (else 431); no thread waits for it meanwhile.
+        "REQUEST_DEADLINE": env_int("REQUEST_DEADLINE_SECONDS", 10),
+        "REQUEST_HEADER_BYTES": env_int("REQUEST_HEADER_BYTES", 64 * 1024),
         "DB_CONNECT_TIMEOUT": env_int("DB_CONNECT_TIMEOUT", 5),
         # Unverified first contacts (ONAPPINSTALL from an unknown portal) per minute, per
         # source address and in total: 429 beyond (app/ingress/first_contact.py).

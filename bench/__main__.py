@@ -3,7 +3,9 @@
 1. ``bench.ingest`` — event intake under gunicorn + PostgreSQL + Redis, against a
    bare Flask endpoint in the same run (see its docstring for options);
    and ``bench.chart`` drawing its latency against the offered rate as an SVG;
-2. ``sandbox.loadtest`` — the sandbox portal's rate limit at 300 requests/s for 60 s.
+2. ``sandbox.loadtest`` — the sandbox portal's rate limit at 300 requests/s for 60 s;
+3. ``bench.slow_clients`` — real events' latency while 0, 16 and 200 slow connections
+   stall mid-request, for our gunicorn worker and stock gthread side by side.
 
 Run one alone with ``python -m bench.ingest …`` or ``python -m sandbox.loadtest …``.
 """
@@ -18,6 +20,7 @@ RUNS = [
     ("its chart (bench.chart)", [sys.executable, "-m", "bench.chart"]),
     ("sandbox rate limit (sandbox.loadtest)",
      [sys.executable, "-m", "sandbox.loadtest", "--rate", "300", "--seconds", "60"]),
+    ("slow clients (bench.slow_clients)", [sys.executable, "-m", "bench.slow_clients"]),
 ]
 
 
