@@ -2,7 +2,16 @@
 
 Order of precedence: defaults in code < environment (and `.env`) < the mapping
 given to ``create_app(config)``. Production is recognised by ``B24_CLIENT_ID``
-being set: then secrets must come from the environment, loudly.
+being set (and ``B24_SANDBOX`` not): then secrets must come from the environment, and
+``REDIS_URL`` and ``DATABASE_URL`` must name shared servers, loudly (see
+:func:`require_shared_services`).
+
+Every setting the app, the workers and the placements read is declared here; other
+modules read ``current_app.config`` (or a value handed to them), never ``os.environ``.
+Documented exceptions: ``B24RELAY_INSTANCE`` (read by :func:`instance_dir`, before any
+app exists) and ``PROMETHEUS_MULTIPROC_DIR``, which ``prometheus_client`` reads itself at
+import (it is declared below too, so ``/metrics`` knows to merge the worker processes).
+The launchers (``gunicorn.conf.py``, ``sandbox/devrun.py``) read their own variables.
 """
 
 from __future__ import annotations
@@ -47,6 +56,17 @@ def env_int(name: str, default: int) -> int:
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
 
 
+def env_float(name: str, default: float) -> float:
+    """Return a number (seconds, days) from the environment or fail naming it."""
+    raw = env_str(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+
+
 def env_bool(name: str, default: bool) -> bool:
     """Return a boolean environment variable (1/true/yes/on)."""
     raw = env_str(name)
@@ -73,6 +93,52 @@ def _instance_secret(instance: Path, name: str, make: Any) -> str:
     path.write_text(value)
     path.chmod(0o600)
     return value
+
+
+def worker_settings() -> dict[str, Any]:
+    """Inbox retry, sweeper, retention and periodic-job settings (workers read them)."""
+    return {
+        # The one retry budget of an inbox row: attempts (claims) before it is dead-lettered.
+        # The actor retries only when processing asks it to (workers/ingress.py).
+        "INBOX_MAX_ATTEMPTS": env_int("INBOX_MAX_ATTEMPTS", 5),
+        # Wait before retry n: INBOX_RETRY_BACKOFF * 2**(n-1) seconds, at most ..._MAX.
+        "INBOX_RETRY_BACKOFF": env_float("INBOX_RETRY_BACKOFF", 1.0),
+        "INBOX_RETRY_BACKOFF_MAX": env_float("INBOX_RETRY_BACKOFF_MAX", 30.0),
+        # The sweeper (app.ingress.inbox.SweepPolicy has the meaning of each), in seconds.
+        "INBOX_REQUEUE_RECEIVED_AFTER": env_float("INBOX_REQUEUE_RECEIVED_AFTER", 10.0),
+        "INBOX_REQUEUE_AFTER": env_float("INBOX_REQUEUE_AFTER", 120.0),
+        "INBOX_REQUEUE_AFTER_CAP": env_float("INBOX_REQUEUE_AFTER_CAP", 1800.0),
+        "INBOX_PROCESSING_TIMEOUT": env_float("INBOX_PROCESSING_TIMEOUT", 600.0),
+        # Retention (app.ingress.retention), in days.
+        "INBOX_KEEP_DONE_DAYS": env_int("INBOX_KEEP_DONE_DAYS", 7),
+        "INBOX_KEEP_DEAD_DAYS": env_int("INBOX_KEEP_DEAD_DAYS", 30),
+        "INBOX_PARK_DAYS": env_int("INBOX_PARK_DAYS", 30),
+        # Periodic jobs (workers/scheduler.py): seconds between runs, and a switch to run none
+        # in this worker process (tests that drive the sweeper themselves).
+        "INBOX_SWEEP_INTERVAL": env_float("INBOX_SWEEP_INTERVAL", 15),
+        "OFFLINE_PULL_INTERVAL": env_float("OFFLINE_PULL_INTERVAL", 30),
+        "INBOX_PRUNE_INTERVAL": env_float("INBOX_PRUNE_INTERVAL", 3600),
+        "B24RELAY_NO_PERIODIC": env_bool("B24RELAY_NO_PERIODIC", False),
+    }
+
+
+def require_shared_services(cfg: dict[str, Any], database_url: str | None) -> None:
+    """In production, refuse to run on per-host stand-ins for Redis and the database.
+
+    Without ``REDIS_URL`` every host would start its own embedded Redis: the single-flight
+    token refresh and the rate limit would each be per host, and two hosts refreshing one
+    portal at once lose its chain. ``B24RELAY_SINGLE_HOST=1`` says there is one host only.
+    """
+    if not cfg["PRODUCTION"] or cfg["SINGLE_HOST"]:
+        return
+    missing = [name for name, value in (("REDIS_URL", cfg["REDIS_URL"]),
+                                        ("DATABASE_URL", database_url)) if not value]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)} must be set when B24_CLIENT_ID is set: production needs "
+            "a shared Redis (REDIS_URL) and database (DATABASE_URL) for all its hosts, not the "
+            "embedded ones each host would start. For a deliberate one-host install set "
+            "B24RELAY_SINGLE_HOST=1.")
 
 
 def from_environment(instance: Path) -> dict[str, Any]:
@@ -111,6 +177,11 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", DEFAULT_IDLE_REFRESH_DAYS),
         "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
         "PRODUCTION": production,
+        # One host runs everything, so the embedded Redis and SQLite are allowed in production.
+        "SINGLE_HOST": env_bool("B24RELAY_SINGLE_HOST", False),
+        # Set for gunicorn (make run, the Procfile launcher): /metrics merges all processes.
+        "PROMETHEUS_MULTIPROC_DIR": env_str("PROMETHEUS_MULTIPROC_DIR"),
+        **worker_settings(),
     }
     if cfg["SECRET_KEY"] is None:
         if production:
@@ -124,6 +195,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         )
     if production and not cfg["B24_CLIENT_SECRET"]:
         raise ConfigError("B24_CLIENT_SECRET must be set when B24_CLIENT_ID is set")
+    require_shared_services(cfg, env_str("DATABASE_URL"))
     return cfg
 
 

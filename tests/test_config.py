@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ from cryptography.fernet import Fernet
 
 from app import config as cfg
 from app import create_app
+from tests.conftest import ROOT
 
 
 def test_embedded_defaults_when_nothing_is_set(tmp_path: Path,
@@ -61,3 +65,50 @@ def test_malformed_values_name_the_setting(base_config: dict, monkeypatch: pytes
     monkeypatch.setenv("MAX_BODY_BYTES", "lots")
     with pytest.raises(cfg.ConfigError, match="MAX_BODY_BYTES"):
         cfg.from_environment(Path(base_config["INSTANCE_PATH"]))
+
+
+def _production_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, str]:
+    """A production environment (credentials and secrets) with no shared services named."""
+    env = {"B24_CLIENT_ID": "app.123", "B24_CLIENT_SECRET": "s", "SECRET_KEY": "k",
+           "TOKEN_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+           "B24RELAY_INSTANCE": str(tmp_path)}
+    for name in ("REDIS_URL", "DATABASE_URL", "B24_SANDBOX", "B24RELAY_SINGLE_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def test_production_refuses_to_start_without_shared_redis_and_database(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    _production_env(monkeypatch, tmp_path)
+    with pytest.raises(cfg.ConfigError, match=r"REDIS_URL and DATABASE_URL must be set .*"
+                                              r"B24RELAY_SINGLE_HOST=1"):
+        cfg.from_environment(tmp_path)
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    with pytest.raises(cfg.ConfigError, match=r"^DATABASE_URL must be set"):
+        cfg.from_environment(tmp_path)
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@db/x")
+    assert cfg.from_environment(tmp_path)["PRODUCTION"] is True
+
+
+def test_single_host_opt_in_and_the_sandbox_may_run_embedded(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    _production_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("B24RELAY_SINGLE_HOST", "1")
+    assert cfg.from_environment(tmp_path)["REDIS_URL"] is None
+    monkeypatch.delenv("B24RELAY_SINGLE_HOST")
+    monkeypatch.setenv("B24_SANDBOX", "1")  # make run's sandbox portal: not production
+    assert cfg.from_environment(tmp_path)["PRODUCTION"] is False
+
+
+def test_a_production_process_without_redis_url_exits_before_starting_any_redis(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    env = {k: v for k, v in os.environ.items() if k not in {"REDIS_URL", "DATABASE_URL"}}
+    env.update(_production_env(monkeypatch, tmp_path), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "portals", "list"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "REDIS_URL and DATABASE_URL must be set" in done.stderr
+    assert not (tmp_path / "redis.sock").exists(), "no embedded Redis was started"
+    assert not (tmp_path / "b24relay.db").exists(), "nor a SQLite database created"
