@@ -24,11 +24,13 @@ def _iframe_post(live_app: LiveApp, path: str, portal: dict[str, Any], domain: s
     """The iframe POST a portal makes (query and form as in protocol §2.3), fields overridable."""
     query = urlencode({"DOMAIN": domain, "PROTOCOL": protocol, "LANG": "en", "APP_SID": "x"})
     fields = {"AUTH_ID": portal["access_token"], "AUTH_EXPIRES": "3600",
-              "REFRESH_ID": portal["refresh_token"], "SERVER_ENDPOINT": portal["server_endpoint"],
-              "APPLICATION_TOKEN": portal["application_token"], "member_id": portal["member_id"],
-              "status": "P", "PLACEMENT": "DEFAULT", **form}
+              "REFRESH_ID": portal["refresh_token"], "member_id": portal["member_id"],
+              "status": "P", "PLACEMENT": "DEFAULT",
+              # the long form's extras, where the portal has them (the short form has not)
+              "SERVER_ENDPOINT": portal.get("server_endpoint") or "",
+              "APPLICATION_TOKEN": portal.get("application_token") or "", **form}
     with live_app.http() as http:
-        return http.post(f"{path}?{query}", data=fields)
+        return http.post(f"{path}?{query}", data={k: v for k, v in fields.items() if v})
 
 
 def _assert_framed_by_nobody(resp: httpx.Response) -> None:

@@ -54,11 +54,12 @@ def test_a_forged_install_framed_by_another_origin_is_not_shown(make_portal, liv
     portal = make_portal()
     host, pages = attacker_site
     query = urlencode({"DOMAIN": host, "PROTOCOL": "0", "LANG": "en", "APP_SID": "x"})
-    pages["/"] = _attack_page(f"{live_app.url}/install?{query}", {
-        "AUTH_ID": "forged0123", "AUTH_EXPIRES": "3600", "REFRESH_ID": "forged0456",
-        "SERVER_ENDPOINT": portal["server_endpoint"],
-        "APPLICATION_TOKEN": portal["application_token"], "member_id": portal["member_id"],
-        "status": "P", "PLACEMENT": "DEFAULT"})
+    fields = {"AUTH_ID": "forged0123", "AUTH_EXPIRES": "3600", "REFRESH_ID": "forged0456",
+              "member_id": portal["member_id"], "status": "P", "PLACEMENT": "DEFAULT",
+              "SERVER_ENDPOINT": portal.get("server_endpoint") or "",
+              "APPLICATION_TOKEN": portal.get("application_token") or ""}
+    pages["/"] = _attack_page(f"{live_app.url}/install?{query}",
+                              {k: v for k, v in fields.items() if v})
     with browser_page.expect_response(lambda r: "/install?" in r.url, timeout=20000) as seen:
         browser_page.goto(f"http://{host}/")
     browser_page.wait_for_load_state("networkidle")
