@@ -246,3 +246,18 @@ def test_a_non_admin_cannot_be_the_first_contact(sandbox, make_portal, live_app,
                            refresh_token=tokens["refresh_token"], user_id="2"))
     wait_for(lambda: _processed("ONAPPINSTALL"), timeout=30)
     assert portal_count() == 0
+
+
+def test_an_admins_first_contact_survives_a_portal_that_does_not_answer(sandbox, make_portal,
+                                                                        live_app, worker):
+    """user.admin getting a gateway page is asked again later, not taken as a no."""
+    portal = make_portal()
+    tokens = sandbox.issue_tokens(portal["member_id"], user_id=1)
+    sandbox.set_fault(portal["member_id"], "html_502", count=1)
+    _post(live_app, _event(portal, "ONAPPINSTALL", {"VERSION": "1"},
+                           access_token=tokens["access_token"],
+                           refresh_token=tokens["refresh_token"], user_id="1"))
+    row = wait_for(lambda: (r := portal_row(portal["member_id"])) and r.refresh_token and r,
+                   timeout=30)
+    assert row.application_token == portal["application_token"]
+    assert sandbox.counters(portal["member_id"])["faults_injected"] == 1
