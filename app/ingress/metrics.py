@@ -9,11 +9,10 @@ from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from app.ingress.pbx import EVENTS as PBX_EVENTS  # checked before anything is stored
 from app.ingress.registry import handler_for
 
 OTHER_EVENTS = "other"
-# The PBX's event names are checked against this closed set before anything is stored.
-PBX_EVENT_NAMES = frozenset({"start", "answer", "transfer", "end", "record"})
 
 
 def event_label(source: str, event_type: str) -> str:
@@ -26,7 +25,7 @@ def event_label(source: str, event_type: str) -> str:
     """
     if handler_for(source, event_type) is not None:
         return event_type
-    if source == "pbx" and event_type in PBX_EVENT_NAMES:
+    if source == "pbx" and event_type in PBX_EVENTS:
         return event_type
     return OTHER_EVENTS
 

@@ -33,6 +33,11 @@ def _post_chunked(url: str, body: bytes, headers: dict[str, str]) -> httpx.Respo
     return response
 
 
+def _post_pbx_chunked(url: str, body: bytes, key: str) -> httpx.Response:
+    return _post_chunked(f"{url}/api/v1/calls/events", body,
+                         {"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+
+
 def _b24_form(member_id: str, token: str, size: int) -> bytes:
     """A valid event form of exactly ``size`` bytes (padding in its last field)."""
     head = b24_body(member_id, token).encode() + b"&data%5BPAD%5D="
@@ -64,9 +69,7 @@ def test_an_oversized_chunked_pbx_body_gets_413_and_nothing_is_stored(gunicorn, 
     key = auth.issue_api_key(make_portal())
     body = _pbx_json(size)
     assert len(body) == size
-    response = _post_chunked(f"{gunicorn.url}/api/v1/calls/events", body,
-                             {"Content-Type": "application/json",
-                              "Authorization": f"Bearer {key}"})
+    response = _post_pbx_chunked(gunicorn.url, body, key)
     assert response.status_code == 413, response.text
     assert inbox_count() == 0
 
@@ -79,9 +82,7 @@ def test_a_chunked_body_of_exactly_the_limit_is_stored_whole(gunicorn):
     [row] = inbox_rows()
     assert len(row.payload["data"]["PAD"]) == LIMIT - body.index(b"PAD%5D=") - len("PAD%5D=")
     key = auth.issue_api_key(portal)
-    response = _post_chunked(f"{gunicorn.url}/api/v1/calls/events", _pbx_json(LIMIT),
-                             {"Content-Type": "application/json",
-                              "Authorization": f"Bearer {key}"})
+    response = _post_pbx_chunked(gunicorn.url, _pbx_json(LIMIT), key)
     assert response.status_code == 202, response.text
     assert inbox_count() == 2
 
