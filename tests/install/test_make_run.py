@@ -141,6 +141,17 @@ def test_a_sigkilled_worker_is_restarted_and_events_are_still_processed(make_run
     assert make_run.proc.poll() is None, make_run.output()
 
 
+def test_a_sigkilled_web_server_is_restarted_on_the_same_port(make_run):
+    make_run.banner(INSTALL_DEADLINE_SECONDS)
+    web = make_run.pids()["web (gunicorn)"]
+    mark = len(make_run.lines)
+    os.kill(web, signal.SIGKILL)
+    make_run.wait_for_line(r"web \(gunicorn\) exited \(code -9\); restarting it", 20, mark)
+    # make run holds the port: requests wait in its backlog instead of being refused.
+    assert httpx.get(f"{make_run.url}/healthz", timeout=30).status_code == 200
+    assert make_run.pids()["web (gunicorn)"] != web and not group_alive(web)
+
+
 def test_a_port_another_process_holds_is_a_clear_error(tmp_path):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
