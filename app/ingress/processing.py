@@ -153,9 +153,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def process(row_id: int) -> str:
-    """Claim, handle and finish one row; return the outcome. Raises :class:`RetryLater` only
-    while the row has attempts left (then deliver it again), or when the claim itself failed
-    (the database is down: the sweeper queues the row again later)."""
+    """Claim, handle and finish one row; return the outcome.
+
+    Raises :class:`RetryLater` when a transient failure leaves the row attempts: deliver it
+    again then. A database error from the claim itself propagates; no attempt was spent, and
+    the sweeper queues the row again.
+    """
     attempt = _claim(row_id)
     if attempt is None:
         return "not_claimed"
