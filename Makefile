@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)  ## the app on the embedded default (+ sandbox portal without B24 credentials)
-	$(BIN)/python -m app.devrun
+	$(BIN)/python -m sandbox.devrun
 
 test: $(STAMP)  ## the whole suite
 	$(BIN)/python -m pytest

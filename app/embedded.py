@@ -109,7 +109,7 @@ def _start(instance: Path, timeout: float) -> None:
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             preexec_fn=die_with_parent(), start_new_session=True)
     if not _started:
-        atexit.register(_stop_started, os.getpid())
+        atexit.register(_at_exit, os.getpid())
     _started[sock] = proc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -137,9 +137,13 @@ def stop(instance: Path, timeout: float = 10.0) -> None:
             proc.wait()
 
 
-def _stop_started(starter: int) -> None:
-    """At exit of the process that started servers: stop them (not in forked children)."""
-    if os.getpid() != starter:
-        return
+def stop_started() -> None:
+    """Stop the servers this process started (``make run`` does, once its children are gone)."""
     for sock in list(_started):
         stop(sock.parent)
+
+
+def _at_exit(starter: int) -> None:
+    """At exit of the process that started servers: stop them (not in forked children)."""
+    if os.getpid() == starter:
+        stop_started()

@@ -2,12 +2,13 @@
 
 Under gunicorn set ``PROMETHEUS_MULTIPROC_DIR`` (``make run`` and the Procfile
 launcher do) so ``/metrics`` reports every worker process, not just the one
-that happened to answer.
+that happened to answer. The variable is declared in app/config.py, but it is
+``prometheus_client`` itself that reads it from the environment, at import, to
+decide where each process writes its values; here the setting only says which
+directory ``/metrics`` merges.
 """
 
 from __future__ import annotations
-
-import os
 
 from flask import Flask
 from prometheus_client import CollectorRegistry
@@ -16,7 +17,8 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 def init_app(app: Flask) -> None:
     """Pick the registry /metrics exposes."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    directory = app.config.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
         registry = CollectorRegistry()
-        MultiProcessCollector(registry)
+        MultiProcessCollector(registry, path=directory)
         app.extensions["metrics_registry"] = registry

@@ -17,7 +17,7 @@ from workers.scheduler import PeriodicMiddleware
 app = create_app()
 broker = queue.build_broker(app.config)
 broker.add_middleware(AppContextMiddleware(app))
-broker.add_middleware(PeriodicMiddleware(redis_ext.client))
+broker.add_middleware(PeriodicMiddleware(redis_ext.client, app.config))
 app.extensions["broker"] = broker
 dramatiq.set_broker(broker)
 

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 import dramatiq
 
-from app.config import env_int
 from app.ingress import offline, processing, retention
 from workers.scheduler import periodic
 
-SWEEP_INTERVAL_SECONDS = env_int("INBOX_SWEEP_INTERVAL", 15)
+
+def _asked_to_retry(retries: int, exception: BaseException) -> bool:
+    """Retry only when processing asks: the row's attempts are the one budget.
+
+    Anything else (the claim failed: the database is down) is left to the sweeper, which
+    queues the row again; the row spent no attempt.
+    """
+    return isinstance(exception, dramatiq.Retry)
 
 
-@dramatiq.actor(queue_name="events", max_retries=processing.MAX_ATTEMPTS + 2,
-                min_backoff=1000, max_backoff=30000)
+@dramatiq.actor(queue_name="events", retry_when=_asked_to_retry)
 def process_inbox_event(row_id: int) -> None:
     """Handle inbox row ``row_id`` (a no-op when it is already taken or finished)."""
-    processing.process(row_id)
+    try:
+        processing.process(row_id)
+    except processing.RetryLater as exc:
+        raise dramatiq.Retry(str(exc), delay=int(exc.delay * 1000)) from exc
 
 
-@periodic(SWEEP_INTERVAL_SECONDS)
+@periodic("INBOX_SWEEP_INTERVAL")
 @dramatiq.actor(queue_name="default", max_retries=0)
 def sweep_inbox() -> None:
     """Queue again the inbox rows no worker finished, and parked rows that can go on now
@@ -26,7 +34,7 @@ def sweep_inbox() -> None:
     processing.sweep()
 
 
-@periodic(env_int("OFFLINE_PULL_INTERVAL", 30))
+@periodic("OFFLINE_PULL_INTERVAL")
 @dramatiq.actor(queue_name="default", max_retries=0)
 def pull_offline_events() -> None:
     """Queue one pull per portal in offline events mode."""
@@ -40,8 +48,8 @@ def pull_offline_portal(portal_id: int) -> None:
     offline.pull_portal(portal_id)
 
 
-@periodic(env_int("INBOX_PRUNE_INTERVAL", 3600))
+@periodic("INBOX_PRUNE_INTERVAL")
 @dramatiq.actor(queue_name="default", max_retries=0)
 def prune_inbox() -> None:
     """Delete finished inbox rows past their retention; expire rows parked too long."""
-    retention.prune(retention.Retention.from_env())
+    retention.prune(retention.Retention.from_config())

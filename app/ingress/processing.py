@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from typing import Any
 
 from flask import current_app
@@ -42,11 +41,18 @@ from app.tenants.status import PortalUnavailable
 
 log = logging.getLogger(__name__)
 
-MAX_ATTEMPTS = 5
-
 
 class TransientError(Exception):
     """Raise from a handler for a failure worth retrying later (with backoff)."""
+
+
+class RetryLater(Exception):  # noqa: N818 - an instruction to the caller, not a failure kind
+    """Raised by :func:`process` when the row has attempts left: deliver it again in ``delay``
+    seconds. The row's attempts (``INBOX_MAX_ATTEMPTS``) are the only retry budget."""
+
+    def __init__(self, delay: float, cause: str) -> None:
+        super().__init__(cause)
+        self.delay = delay
 
 
 class PermanentError(Exception):
@@ -60,10 +66,15 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     bitrix_errors.OperationTimeLimit, bitrix_errors.ServerError)
 
 
-def _setting(name: str, default: float) -> float:
-    """A tuning knob: app config, then the environment, then the default."""
-    value = current_app.config.get(name) or os.environ.get(name)
-    return float(value) if value else default
+def _setting(name: str) -> float:
+    """A tuning knob declared in app/config.py."""
+    return float(current_app.config[name])
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1, 2, ...): doubling, capped."""
+    first, cap = _setting("INBOX_RETRY_BACKOFF"), _setting("INBOX_RETRY_BACKOFF_MAX")
+    return min(cap, first * 2 ** (attempt - 1))
 
 
 def _claim(row_id: int) -> int | None:
@@ -128,7 +139,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def process(row_id: int) -> str:
-    """Claim, handle and finish one row; return the outcome. Raises only to be retried."""
+    """Claim, handle and finish one row; return the outcome.
+
+    Raises :class:`RetryLater` when a transient failure leaves the row attempts: deliver it
+    again then. A database error from the claim itself propagates; no attempt was spent, and
+    the sweeper queues the row again.
+    """
     attempt = _claim(row_id)
     if attempt is None:
         return "not_claimed"
@@ -151,13 +167,13 @@ def process(row_id: int) -> str:
         return InboxStatus.HELD.value
     except TRANSIENT_ERRORS as exc:
         db.session.rollback()
-        if attempt >= _setting("INBOX_MAX_ATTEMPTS", MAX_ATTEMPTS):
+        if attempt >= _setting("INBOX_MAX_ATTEMPTS"):
             _finish(row, attempt, InboxStatus.DEAD, f"gave up after {attempt} attempts: "
                                                     f"{_describe(exc)}")
             return InboxStatus.DEAD.value
         _release(row_id, attempt, _describe(exc))
         metrics.PROCESSED.labels(row.source, row.event_type, "retry").inc()
-        raise
+        raise RetryLater(retry_delay(attempt), _describe(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - anything else will not heal by retrying
         db.session.rollback()
         log.exception("handler for inbox row %s failed for good", row_id)
@@ -169,12 +185,11 @@ def process(row_id: int) -> str:
 def sweep() -> int:
     """Queue again what no worker finished (lost message, killed worker) and the parked
     rows that can go on now (a handler was registered, the portal is active again)."""
-    default = inbox.SweepPolicy()
     requeued = inbox.requeue_stuck(inbox.SweepPolicy(
-        received_after=_setting("INBOX_REQUEUE_RECEIVED_AFTER", default.received_after),
-        queued_after=_setting("INBOX_REQUEUE_AFTER", default.queued_after),
-        queued_after_cap=_setting("INBOX_REQUEUE_AFTER_CAP", default.queued_after_cap),
-        processing_after=_setting("INBOX_PROCESSING_TIMEOUT", default.processing_after),
+        received_after=_setting("INBOX_REQUEUE_RECEIVED_AFTER"),
+        queued_after=_setting("INBOX_REQUEUE_AFTER"),
+        queued_after_cap=_setting("INBOX_REQUEUE_AFTER_CAP"),
+        processing_after=_setting("INBOX_PROCESSING_TIMEOUT"),
         handled={source: registered(source) for source in ("b24", "pbx")}))
     if requeued:
         log.info("sweeper queued %d stuck inbox rows again", requeued)

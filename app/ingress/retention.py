@@ -24,10 +24,10 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from flask import current_app
 from prometheus_client import Counter
 from sqlalchemy import ColumnElement, Delete, Update, delete, func, literal, select, update
 
-from app.config import env_int
 from app.extensions import db
 from app.ingress.models import PARKED, InboxEvent, InboxStatus
 from app.tenants.models import utcnow
@@ -53,10 +53,11 @@ class Retention:
     batch: int = BATCH
 
     @classmethod
-    def from_env(cls) -> Retention:
-        return cls(done_days=env_int("INBOX_KEEP_DONE_DAYS", int(cls.done_days)),
-                   dead_days=env_int("INBOX_KEEP_DEAD_DAYS", int(cls.dead_days)),
-                   park_days=env_int("INBOX_PARK_DAYS", int(cls.park_days)))
+    def from_config(cls) -> Retention:
+        """The policy the app's settings (``INBOX_KEEP_*_DAYS``, ``INBOX_PARK_DAYS``) give."""
+        cfg = current_app.config
+        return cls(done_days=cfg["INBOX_KEEP_DONE_DAYS"], dead_days=cfg["INBOX_KEEP_DEAD_DAYS"],
+                   park_days=cfg["INBOX_PARK_DAYS"])
 
 
 def _in_batches(statement: Update | Delete, condition: ColumnElement[bool], batch: int) -> int:

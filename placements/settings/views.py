@@ -46,7 +46,7 @@ def render(portal: Portal, *, is_admin: bool, user_id: int | None, notice: str =
         "settings/settings.html", portal=portal, settings=settings, advice=advice(portal),
         inbox_counts=inbox.depth(portal.id) if is_admin else {},
         dead=inbox.dead_letters(portal.id, DEAD_LETTERS_SHOWN) if is_admin else [],
-        dead_days=int(Retention.from_env().dead_days),
+        dead_days=int(Retention.from_config().dead_days),
         is_admin=is_admin, token=form_token.issue(portal, user_id) if is_admin else "",
         lines_text=_lines_text(settings) if lines_text is None else lines_text,
         extensions=sorted(extension_map(portal).items()), notice=notice, error=error,

@@ -89,6 +89,19 @@ def test_what_keeps_failing_is_dead_lettered_with_its_reason(portal, deliver,
     assert broken.attempts == 1 and broken.last_error.startswith("KeyError")
 
 
+def test_a_transient_failure_is_retried_exactly_the_configured_times_then_dead_lettered(
+        portal, deliver, start_handler_worker):
+    # Nine attempts: more than the actor's own retry count used to allow (seven retries).
+    start_handler_worker(INBOX_MAX_ATTEMPTS="9", INBOX_RETRY_BACKOFF="0.05",
+                         INBOX_RETRY_BACKOFF_MAX="0.2")
+    deliver.b24(portal, event="TESTDOWN")
+    wait_for(lambda: statuses() == {"dead": 1}, timeout=30)
+    [row] = inbox_rows()
+    assert row.attempts == 9 and "gave up after 9 attempts" in row.last_error
+    time.sleep(1)
+    assert inbox_rows()[0].attempts == 9, "nothing handles it after it went dead"
+
+
 def _stuck_row(status: str, age_seconds: float, **values) -> int:
     return add_inbox_row(status, received_at=utcnow() - timedelta(seconds=age_seconds),
                          **values)

@@ -1,72 +1,197 @@
-"""``make run`` with no credentials: the launcher installs the app into a sandbox portal."""
+"""``make run`` (``python -m sandbox.devrun``), the real entry: it installs the app into a
+sandbox portal, keeps its processes running, refuses a port someone else holds, and
+leaves nothing behind, even when it is SIGKILLed."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
+from cryptography.fernet import Fernet
 
-from app.tenants import sandbox_setup
-from app.tenants.sandbox_setup import free_port
-from tests.conftest import ROOT
+from sandbox import appsetup
+from sandbox.appsetup import free_port
+from sandbox.client import SandboxControl
+from sandbox.devrun import group_alive
+from tests.conftest import ROOT, wait_for
+from tests.test_embedded import servers_for
 
 INSTALL_DEADLINE_SECONDS = 60
+BANNER_LABELS = ("sandbox", "member_id", "install finished", "event bindings",
+                 "placements bound")
 
 
-def _launch(instance: Path, port: int) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"B24_CLIENT_ID", "B24_CLIENT_SECRET", "DATABASE_URL", "REDIS_URL",
-                        "SECRET_KEY", "TOKEN_ENCRYPTION_KEY", "BROKER_URL"}}
-    env.update(B24RELAY_INSTANCE=str(instance), APP_PUBLIC_URL=f"http://127.0.0.1:{port}",
-               PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "app.devrun"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+class MakeRun:
+    """A running ``make run`` whose output is collected line by line."""
+
+    def __init__(self, instance: Path, port: int, **extra_env: str) -> None:
+        env = {k: v for k, v in os.environ.items()
+               if k not in {"B24_CLIENT_ID", "B24_CLIENT_SECRET", "DATABASE_URL", "REDIS_URL",
+                            "SECRET_KEY", "TOKEN_ENCRYPTION_KEY", "BROKER_URL"}}
+        env.update(B24RELAY_INSTANCE=str(instance), APP_PUBLIC_URL=f"http://127.0.0.1:{port}",
+                   PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **extra_env)
+        self.instance, self.url = instance, f"http://127.0.0.1:{port}"
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "sandbox.devrun"], cwd=ROOT,
+                                     env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def output(self) -> str:
+        """Everything printed so far."""
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
+        """The first line from ``start`` on that matches ``pattern``."""
+        def found() -> re.Match | None:
+            return next(filter(None, (re.search(pattern, line)
+                                      for line in self.lines[start:])), None)
+        try:
+            return wait_for(found, timeout=timeout, interval=0.1)
+        except AssertionError:
+            raise AssertionError(f"no line like {pattern!r}; output:\n{self.output()}") from None
+
+    def banner(self, timeout: float) -> dict[str, str]:
+        """The sandbox lines of the banner, as ``{label: value}``."""
+        self.wait_for_line("Ctrl-C stops everything", timeout)
+        seen = {}
+        for line in self.lines:
+            for label in BANNER_LABELS:
+                if line.strip().startswith(label + " "):
+                    seen[label] = line.strip()[len(label):].strip()
+        return seen
+
+    def pids(self) -> dict[str, int]:
+        """The latest pid of each child, by name, as printed when it started."""
+        return {m.group(1): int(m.group(2)) for m in
+                (re.search(r"^started (.+) \(pid (\d+)\)", line) for line in self.lines) if m}
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop it (only the launcher itself: its children must follow on their own)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+        self.proc.wait(timeout=60)
+        self._reader.join(10)
+        # Closing while the reader still reads would block: a leftover child keeps the pipe.
+        if not self._reader.is_alive() and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
-def _read_banner(proc: subprocess.Popen, deadline: float) -> dict[str, str]:
-    """The sandbox lines of the banner, as ``{label: value}``."""
-    seen: dict[str, str] = {}
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if time.monotonic() > deadline:
-            break
-        for label in ("sandbox", "member_id", "install finished", "event bindings",
-                      "placements bound"):
-            if line.strip().startswith(label + " "):
-                seen[label] = line.strip()[len(label):].strip()
-        if "Ctrl-C stops everything" in line:
-            return seen
-    raise AssertionError(f"no banner before the deadline; saw {seen}")
+@pytest.fixture(scope="module")
+def make_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MakeRun]:
+    """One ``make run`` in sandbox mode for this module's tests."""
+    run = MakeRun(tmp_path_factory.mktemp("make-run"), free_port())
+    run.started = time.monotonic()  # type: ignore[attr-defined]
+    yield run
+    run.stop()
 
 
-def test_make_run_installs_into_the_sandbox_within_60_seconds(tmp_path):
-    port = free_port()
-    started = time.monotonic()
-    proc = _launch(tmp_path, port)
+def test_make_run_installs_into_the_sandbox_within_60_seconds(make_run):
+    banner = make_run.banner(INSTALL_DEADLINE_SECONDS)
+    elapsed = time.monotonic() - make_run.started
+    assert banner["install finished"] == "True"
+    assert int(banner["event bindings"]) == 6 and int(banner["placements bound"]) == 2
+    state = httpx.get(f"{banner['sandbox']}/_sandbox/portals/{banner['member_id']}"
+                      "/install_state", timeout=10).json()
+    assert state["install_finished"] is True
+    assert elapsed < INSTALL_DEADLINE_SECONDS
+    print(f"make run: app installed in the sandbox {elapsed:.1f}s after start")
+
+
+def _statuses(instance: Path, event: str) -> list[str]:
+    """The inbox statuses of this event's rows, read from make run's SQLite file."""
+    with sqlite3.connect(instance / "b24relay.db", timeout=10) as conn:
+        return [status for (status,) in conn.execute(
+            "SELECT status FROM inbox_events WHERE event_type = ?", (event,))]
+
+
+def test_a_sigkilled_worker_is_restarted_and_events_are_still_processed(make_run):
+    banner = make_run.banner(INSTALL_DEADLINE_SECONDS)
+    worker = make_run.pids()["worker (dramatiq)"]
+    mark = len(make_run.lines)
+    os.kill(worker, signal.SIGKILL)
+    make_run.wait_for_line(r"worker \(dramatiq\) exited \(code -9\); restarting it in \d+s",
+                           20, mark)
+    make_run.wait_for_line(r"^started worker \(dramatiq\)", 20, mark)
+    assert make_run.pids()["worker (dramatiq)"] != worker
+    assert not group_alive(worker), "the killed worker's own processes are gone too"
+    with SandboxControl(banner["sandbox"]) as control:  # Bitrix24 sends an event
+        sent = control.trigger_event(banner["member_id"], "ONUSERADD",
+                                     data={"FIELDS": {"ID": "2"}})
+    assert sent["statuses"] == [200]
+    wait_for(lambda: _statuses(make_run.instance, "ONUSERADD") == ["done"], timeout=30)
+    assert make_run.proc.poll() is None, make_run.output()
+
+
+def test_a_sigkilled_web_server_is_restarted_on_the_same_port(make_run):
+    make_run.banner(INSTALL_DEADLINE_SECONDS)
+    web = make_run.pids()["web (gunicorn)"]
+    mark = len(make_run.lines)
+    os.kill(web, signal.SIGKILL)
+    make_run.wait_for_line(r"web \(gunicorn\) exited \(code -9\); restarting it", 20, mark)
+    # make run holds the port: requests wait in its backlog instead of being refused.
+    assert httpx.get(f"{make_run.url}/healthz", timeout=30).status_code == 200
+    assert make_run.pids()["web (gunicorn)"] != web and not group_alive(web)
+
+
+def test_a_port_another_process_holds_is_a_clear_error(tmp_path):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        run = MakeRun(tmp_path, port)
+        assert run.proc.wait(timeout=30) != 0
+        run.stop()
+    out = run.output()
+    assert f"cannot listen on 127.0.0.1:{port}" in out and "Another process holds port" in out
+    assert "b24relay is running" not in out
+    assert not servers_for(tmp_path) and not (tmp_path / "b24relay.db").exists(), \
+        "nothing was started"
+
+
+def test_a_sigkilled_make_run_leaves_no_process_behind(tmp_path):
+    # Real credentials and nothing shared: one host on the embedded parts, said aloud.
+    run = MakeRun(tmp_path / "instance", free_port(), B24_CLIENT_ID="app.devrun-test",
+                  B24_CLIENT_SECRET="s", SECRET_KEY="k",
+                  TOKEN_ENCRYPTION_KEY=Fernet.generate_key().decode())
     try:
-        banner = _read_banner(proc, started + INSTALL_DEADLINE_SECONDS)
-        elapsed = time.monotonic() - started
-        assert banner["install finished"] == "True"
-        assert int(banner["event bindings"]) == 6 and int(banner["placements bound"]) == 2
-        state = httpx.get(f"{banner['sandbox']}/_sandbox/portals/{banner['member_id']}"
-                          "/install_state", timeout=10).json()
-        assert state["install_finished"] is True
-        assert elapsed < INSTALL_DEADLINE_SECONDS
-        print(f"make run: app installed in the sandbox {elapsed:.1f}s after start")
+        run.wait_for_line("Ctrl-C stops everything", INSTALL_DEADLINE_SECONDS)
+        assert "B24RELAY_SINGLE_HOST=1" in run.output()
+        children = run.pids()
+        assert set(children) == {"web (gunicorn)", "worker (dramatiq)"}
+        assert servers_for(tmp_path / "instance")
+        run.stop(signal.SIGKILL)
+        subprocess.run(["rm", "-rf", str(tmp_path / "instance")], check=True)
+        for pid in children.values():
+            wait_for(lambda pid=pid: not group_alive(pid), timeout=30)
+        wait_for(lambda: not servers_for(tmp_path / "instance"), timeout=10)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{run.url}/healthz", timeout=2)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.communicate(timeout=30)  # drain and close the pipe while it stops
+        run.stop(signal.SIGKILL)
 
 
 def test_sandbox_env_is_stable_across_runs(tmp_path):
-    first = sandbox_setup.sandbox_env(tmp_path)
-    second = sandbox_setup.sandbox_env(tmp_path)
+    first = appsetup.sandbox_env(tmp_path)
+    second = appsetup.sandbox_env(tmp_path)
     assert first["B24_CLIENT_ID"] == second["B24_CLIENT_ID"]
     assert first["B24_CLIENT_SECRET"] == second["B24_CLIENT_SECRET"]
     assert first["B24_SANDBOX"] == "1"

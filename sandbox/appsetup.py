@@ -1,5 +1,7 @@
 """Try-it-locally mode: with no ``B24_CLIENT_ID``, ``make run`` installs the app into the sandbox.
 
+It lives beside the sandbox, not in ``app/``: the app never imports the sandbox.
+
 The sandbox portal (a fake Bitrix24 over loopback HTTP, ``python -m sandbox``)
 runs as its own process. The app itself has no sandbox branch: it simply runs
 with the sandbox's client id/secret, trusts the sandbox's auth server
@@ -7,16 +9,17 @@ with the sandbox's client id/secret, trusts the sandbox's auth server
 (``B24_JS_SDK_URL``). Then the sandbox installs the app exactly as a portal
 would: the installer iframe POST to ``/install``.
 
-``app/devrun.py`` calls, in this order::
+``sandbox/devrun.py`` calls, in this order::
 
-    env.update(sandbox_env(instance))                     # before starting the app
-    info = start_sandbox_and_install(public_url, instance, procs=procs, env=env)
+    env.update(sandbox_env(instance, port))      # before starting the app
+    # start sandbox_command(instance) as a child, then:
+    wait_until_up(instance, proc)
+    info = install(public_url, instance)
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import subprocess
@@ -27,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from app.config import ROOT
+from sandbox.client import SandboxControl
 
 STATE_FILE = "sandbox.json"
 DEMO_USERS = [
@@ -53,14 +56,15 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _state(instance_dir: Path) -> dict[str, Any]:
-    """The sandbox app credentials and port, kept in ``instance/sandbox.json``."""
+def _state(instance_dir: Path, port: int | None = None) -> dict[str, Any]:
+    """The sandbox app credentials and port (``port`` if free, else the last one if free,
+    else any), kept in ``instance/sandbox.json``."""
     path = Path(instance_dir) / STATE_FILE
     state: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     if not state.get("client_id"):
         state["client_id"] = f"local.{secrets.token_hex(7)}.{secrets.token_hex(4)}"
         state["client_secret"] = secrets.token_urlsafe(24)
-    wanted = int(os.environ.get("B24_SANDBOX_PORT") or state.get("port") or 0)
+    wanted = int(port or state.get("port") or 0)
     state["port"] = wanted if wanted and _port_free(wanted) else free_port()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(state))
@@ -68,9 +72,9 @@ def _state(instance_dir: Path) -> dict[str, Any]:
     return state
 
 
-def sandbox_env(instance_dir: Path) -> dict[str, str]:
+def sandbox_env(instance_dir: Path, port: int | None = None) -> dict[str, str]:
     """The environment the app (web and workers) must run with in sandbox mode."""
-    state = _state(instance_dir)
+    state = _state(instance_dir, port)
     url = f"http://127.0.0.1:{state['port']}"
     return {
         "B24_CLIENT_ID": state["client_id"],
@@ -96,23 +100,23 @@ def _wait(url: str, timeout: float, proc: subprocess.Popen | None = None) -> Non
     raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
 
 
-def start_sandbox(instance_dir: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start ``python -m sandbox`` on the port :func:`sandbox_env` chose; wait for it."""
-    state = json.loads((Path(instance_dir) / STATE_FILE).read_text())
-    log = (Path(instance_dir) / "sandbox.log").open("ab")
-    proc = subprocess.Popen([sys.executable, "-m", "sandbox", "--port", str(state["port"])],
-                            cwd=ROOT, env=env or dict(os.environ), stdout=log,
-                            stderr=subprocess.STDOUT)
-    log.close()
-    _wait(f"http://127.0.0.1:{state['port']}/_sandbox/portals", 20.0, proc)
-    return proc
+def _saved(instance_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(instance_dir) / STATE_FILE).read_text())
+
+
+def sandbox_command(instance_dir: Path) -> list[str]:
+    """``python -m sandbox`` on the port :func:`sandbox_env` chose."""
+    return [sys.executable, "-m", "sandbox", "--port", str(_saved(instance_dir)["port"])]
+
+
+def wait_until_up(instance_dir: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Wait for the sandbox started from :func:`sandbox_command` to answer."""
+    _wait(f"http://127.0.0.1:{_saved(instance_dir)['port']}/_sandbox/portals", timeout, proc)
 
 
 def install_into_sandbox(sandbox_url: str, app_public_url: str, client_id: str,
                          client_secret: str, timeout: float = 60.0) -> dict[str, Any]:
     """Create a demo portal for our client id and install the app into it (installer POST)."""
-    from sandbox.client import SandboxControl
-
     _wait(app_public_url.rstrip("/") + "/healthz", timeout)
     with SandboxControl(sandbox_url) as control:
         portal = control.create_portal(users=DEMO_USERS, client_id=client_id,
@@ -131,19 +135,9 @@ def install_into_sandbox(sandbox_url: str, app_public_url: str, client_id: str,
         }
 
 
-def start_sandbox_and_install(app_public_url: str, instance_dir: Path,
-                              procs: list[subprocess.Popen] | None = None,
-                              env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Start the sandbox, wait for the app's /healthz, install; return what to print."""
-    env = dict(env or os.environ)
-    state = json.loads((Path(instance_dir) / STATE_FILE).read_text()) \
-        if (Path(instance_dir) / STATE_FILE).exists() else None
-    if state is None:
-        env.update(sandbox_env(instance_dir))
-        state = json.loads((Path(instance_dir) / STATE_FILE).read_text())
-    proc = start_sandbox(instance_dir, env)
-    if procs is not None:
-        procs.append(proc)
+def install(app_public_url: str, instance_dir: Path) -> dict[str, Any]:
+    """Install the app into the running sandbox; return what to print."""
+    state = _saved(instance_dir)
     started = time.monotonic()
     info = install_into_sandbox(f"http://127.0.0.1:{state['port']}", app_public_url,
                                 state["client_id"], state["client_secret"])

@@ -1,0 +1,49 @@
+"""Invariants of the layout: the app does not import the sandbox, and settings have one home."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+
+from tests.conftest import ROOT
+
+# Reading the environment is app/config.py's job; everything else reads app.config.
+ENV_READERS = {"environ", "getenv", "env_str", "env_int", "env_float", "env_bool"}
+MAY_READ_ENVIRONMENT = {"app/config.py"}
+
+
+def _modules(*packages: str) -> Iterator[tuple[str, ast.Module]]:
+    for package in packages:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            yield path.relative_to(ROOT).as_posix(), ast.parse(path.read_text(), str(path))
+
+
+def _imported(tree: ast.Module) -> Iterator[str]:
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+
+
+def _environment_reads(tree: ast.Module) -> Iterator[int]:
+    """Lines that touch os.environ/os.getenv or call app.config's env_* readers."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ENV_READERS:
+            yield node.lineno
+        elif isinstance(node, ast.Name) and node.id in ENV_READERS:
+            yield node.lineno
+        elif isinstance(node, ast.ImportFrom) and any(a.name in ENV_READERS for a in node.names):
+            yield node.lineno
+
+
+def test_nothing_under_app_imports_the_sandbox():
+    found = [f"{path}: {name}" for path, tree in _modules("app") for name in _imported(tree)
+             if name == "sandbox" or name.startswith("sandbox.")]
+    assert found == [], "the app must run without the sandbox (move such code to sandbox/)"
+
+
+def test_only_app_config_reads_the_environment():
+    found = [f"{path}:{line}" for path, tree in _modules("app", "workers", "placements")
+             if path not in MAY_READ_ENVIRONMENT for line in _environment_reads(tree)]
+    assert found == [], "declare the setting in app/config.py and read current_app.config"
