@@ -626,7 +626,13 @@ class Cloud:
         p.bindings = [b for b in p.bindings if b.event != "ONAPPINSTALL"]
 
     def begin_install(self, p: Portal, user_id: int) -> None:
-        """The portal installs the app for admin ``user_id``; the installer page comes next."""
+        """The portal installs the app for admin ``user_id``; the installer page comes next.
+
+        Installing again after an uninstall is a new installation with a new application
+        token (protocol §3.7: the token is derived per installation).
+        """
+        if not p.installed:
+            p.application_token = hex32()
         p.installed, p.deleted = True, False
         self.drop_install_bindings(p)
         p.install_user = user_id
