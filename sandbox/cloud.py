@@ -21,7 +21,7 @@ INSTALL_FINISH_RE = re.compile(r"BX24\s*\.\s*installFinish\s*\(")
 TOKEN_EVENTS = {"ONAPPINSTALL", "ONAPPUPDATE", "ONOFFLINEEVENT", "ONSUBSCRIPTIONRENEW"}
 USER_AGENT = "Bitrix24 Webhook Engine"
 INSTALL_DATA = {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"}
-# The fields every iframe POST carries, and the three only the full form adds (§2.3).
+# The three fields only the full iframe form carries (§2.3); the short form omits them.
 FULL_FORM_ONLY = ("SERVER_ENDPOINT", "APPLICATION_TOKEN", "APPLICATION_SCOPE")
 
 
