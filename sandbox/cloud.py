@@ -21,7 +21,7 @@ INSTALL_FINISH_RE = re.compile(r"BX24\s*\.\s*installFinish\s*\(")
 TOKEN_EVENTS = {"ONAPPINSTALL", "ONAPPUPDATE", "ONOFFLINEEVENT", "ONSUBSCRIPTIONRENEW"}
 USER_AGENT = "Bitrix24 Webhook Engine"
 INSTALL_DATA = {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"}
-# The fields every iframe POST carries, and the three only the full form adds (§2.3).
+# The three fields only the full iframe form carries (§2.3); the short form omits them.
 FULL_FORM_ONLY = ("SERVER_ENDPOINT", "APPLICATION_TOKEN", "APPLICATION_SCOPE")
 
 
@@ -641,7 +641,13 @@ class Cloud:
         p.bindings = [b for b in p.bindings if b.event != "ONAPPINSTALL"]
 
     def begin_install(self, p: Portal, user_id: int) -> None:
-        """The portal installs the app for admin ``user_id``; the installer page comes next."""
+        """The portal installs the app for admin ``user_id``; the installer page comes next.
+
+        Installing again after an uninstall is a new installation with a new application
+        token (protocol §3.7: the token is derived per installation).
+        """
+        if not p.installed:
+            p.application_token = hex32()
         p.installed, p.deleted = True, False
         self.drop_install_bindings(p)
         p.install_user = user_id

@@ -148,6 +148,10 @@ def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any], client_endpoint: s
         # The installer was verified as an admin (app.info + user.admin): it may set the
         # token. The short form carries none; ONAPPINSTALL brings it (app.tenants.events).
         portal.application_token = auth.application_token
+    elif portal.status == PortalStatus.UNINSTALLED.value:
+        # A new installation has a new token (§3.7): the old one died with the uninstall,
+        # and without it this install's ONAPPINSTALL is a first contact, checked by app.info.
+        portal.application_token = None
     portal.app_status = (str((info.get("install") or {}).get("status") or "") or None)
     portal.language = auth.lang or portal.language
     if portal.settings is None:
@@ -529,6 +533,6 @@ def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSess
         adopt_chain(portal, TokenSet.from_response({
             "access_token": auth.access_token, "refresh_token": auth.refresh_token,
             "expires_in": auth.expires_in, "server_endpoint": auth.server_endpoint,
-            "scope": auth.scope or None, "user_id": session.user_id}))
+            "scope": auth.scope or info.get("scope") or None, "user_id": session.user_id}))
         session.recovered = True
     return session

@@ -79,6 +79,9 @@ def test_uninstall_marks_the_portal_and_reinstall_restores_it(sandbox, installed
     [onappinstall] = again["onappinstall"]
     assert row.status == "active"
     assert row.refresh_token == onappinstall["tokens"]["refresh_token"]
+    # A new installation, a new application token: the installer form's or ONAPPINSTALL's.
+    assert again["application_token"] != installed["application_token"]
+    assert row.application_token == again["application_token"]
     assert len(sandbox.bindings(member_id)["events"]) == len(install.EVENTS)
     assert portal_count() == 1
 

@@ -356,3 +356,14 @@ def test_headless_install_finish_and_an_update_drop_and_resend(sandbox, fake_app
     call(http, p, "event.bind", event="ONAPPUPDATE", handler=fake_app.url + "/b24/events")
     sandbox.trigger_event(p["member_id"], "ONAPPUPDATE", {"VERSION": "2"})
     assert {b["event"] for b in sandbox.bindings(p["member_id"])["events"]} == {"ONAPPUPDATE"}
+
+
+def test_install_after_uninstall_gets_a_new_application_token(sandbox, fake_app):
+    p = installed(sandbox, fake_app)
+    again = sandbox.install_app(p["member_id"])
+    assert again["application_token"] == p["application_token"]  # same installation
+    sandbox.uninstall_app(p["member_id"])
+    fresh = sandbox.install_app(p["member_id"])
+    assert fresh["install_finished"] and fresh["application_token"] != p["application_token"]
+    form = dict(parse_qsl(fake_app.paths("/install")[-1].body.decode()))
+    assert form["APPLICATION_TOKEN"] == fresh["application_token"]
