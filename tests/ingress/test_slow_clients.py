@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from app.ingress import auth
-from app.tenants.sandbox_setup import free_port
 from bench.slow_clients import SlowClients, slow_request
+from sandbox.appsetup import free_port
 from tests.conftest import ROOT, child_env, wait_for
 from tests.ingress.conftest import FORM, b24_body, inbox_rows
 
