@@ -8,7 +8,9 @@ any member_id; each is stored for the worker to check with the auth server's
   that is still large after pruning is refused with 413;
 - a per-minute ceiling per source address and one for all addresses together
   (``FIRST_CONTACT_PER_ADDRESS_PER_MINUTE``, 30; ``FIRST_CONTACT_PER_MINUTE``, 300),
-  counted in Redis; beyond them the answer is 429 and nothing is stored.
+  counted in Redis; beyond them the answer is 429 and nothing is stored. It applies
+  to unknown and uninstalled portals (:func:`rationed`), not to one an admin just
+  installed that waits for its token.
 
 The trade-off: Bitrix24 never resends, so a real ONAPPINSTALL refused by a ceiling
 is lost (the installer POST, which the app treats as primary, still installs the
@@ -30,8 +32,9 @@ import redis
 from flask import current_app
 
 from app.ingress import inbox
-from app.ingress.auth import Rejected
+from app.ingress.auth import KnownPortal, Rejected
 from app.ingress.sealed import SEALED_FIELD
+from app.tenants.models import PortalStatus
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +84,22 @@ def _client() -> redis.Redis:
     return ext["first_contact_redis"]
 
 
-def admit(address: str | None) -> None:
+def rationed(portal: KnownPortal | None) -> bool:
+    """Whether a first contact for ``portal`` counts against the ceilings.
+
+    Unknown and uninstalled portals do. A portal a verified admin installed through
+    ``/install`` that still waits for its application_token does not: on portals that
+    send the short iframe form (protocol §2.3) its ONAPPINSTALL is the only source of
+    that token, so refusing it would leave the portal deaf to every later event. Its
+    forgeries are still pruned and checked with ``app.info`` before anything is kept.
+    """
+    return portal is None or portal.status == PortalStatus.UNINSTALLED.value
+
+
+def admit(address: str | None, portal: KnownPortal | None = None) -> None:
     """Count a first contact from ``address``; 429 beyond a ceiling (none if Redis is out)."""
+    if not rationed(portal):
+        return
     cfg, ext = current_app.config, current_app.extensions
     client = _client()
     if time.monotonic() < ext["first_contact_redis_down_until"]:

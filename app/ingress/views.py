@@ -104,7 +104,7 @@ def _b24_event(body: bytes) -> inbox.NewEvent:
     sealed.strip(event, event_type)  # checked, and no row keeps a token in clear
     if sender.unverified:  # anyone can send one: keep it small, and count it
         event = first_contact.pruned(event)
-        first_contact.admit(request.remote_addr)
+        first_contact.admit(request.remote_addr, sender.portal)
     return inbox.NewEvent(
         member_id=member_id, source="b24", event_type=event_type,
         payload=event, dedupe_key=dedupe_key,

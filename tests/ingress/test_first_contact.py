@@ -10,7 +10,15 @@ import pytest
 
 from app.ingress.formparse import encode_form
 from app.ingress.sealed import SEALED_FIELD
-from tests.ingress.conftest import FORM, b24_body, inbox_count, inbox_rows, queued_messages
+from app.tenants.models import PortalStatus
+from tests.ingress.conftest import (
+    FORM,
+    b24_body,
+    inbox_count,
+    inbox_rows,
+    make_portal,
+    queued_messages,
+)
 
 AUTH = {"access_token": "acc", "refresh_token": "ref", "application_token": "app",
         "expires": "1762093575", "expires_in": "3600", "scope": "crm,telephony",
@@ -80,6 +88,24 @@ def test_first_contacts_are_rationed_per_address_and_in_total(make_app, redis_cl
     # Portals the app knows are not rationed.
     ok = _post(client, b24_body(portal.member_id, portal.application_token), "203.0.113.1")
     assert ok.status_code == 200 and inbox_count() == 6
+
+
+def test_a_portal_installed_by_its_admin_is_not_rationed_while_it_waits_for_its_token(
+        app, make_app, redis_client):
+    # The short iframe form carries no APPLICATION_TOKEN: /install stores the portal
+    # without one, and only its ONAPPINSTALL brings it. Refusing that would be final.
+    web = make_app(FIRST_CONTACT_PER_ADDRESS_PER_MINUTE=1, FIRST_CONTACT_PER_MINUTE=1)
+    client = web.test_client()
+    waiting = make_portal(application_token=None, status=PortalStatus.ACTIVE.value)
+    _same_minute()
+    statuses = [_post(client, _install(waiting.member_id, data={"VERSION": str(v)})).status_code
+                for v in range(3)]
+    assert statuses == [200, 200, 200]
+    assert [row.unverified for row in inbox_rows()] == [True, True, True]
+    # An uninstalled portal is rationed like an unknown one.
+    gone = make_portal(status=PortalStatus.UNINSTALLED.value)
+    assert [_post(client, _install(gone.member_id, data={"VERSION": str(v)}),
+                  "203.0.113.9").status_code for v in range(2)] == [200, 429]
 
 
 def test_without_redis_first_contacts_are_still_stored(app, make_app):
