@@ -153,10 +153,7 @@ def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
         return
     log.info("portal %s: uninstall confirmed by Bitrix24 (%s)%s", portal.member_id, evidence,
              "; deleting its data" if clean else "")
-    install.uninstall(portal, clean)
-    # CLEAN=1 deleted this event's own inbox row too, so the outcome cannot ride on that
-    # row's final update: commit it here.
-    db.session.commit()
+    install.uninstall(portal, clean)  # committed by inbox processing with the row's outcome
 
 
 def uninstall_confirmed(portal: Portal) -> str | None:
