@@ -55,9 +55,11 @@ def _post(live_app, body: str) -> None:
 
 
 def _processed(event_type: str) -> InboxEvent | None:
-    """The (single) inbox row of this event once a worker finished it."""
+    """The newest inbox row of this event once a worker finished it (the install's own
+    ONAPPINSTALL, processed by the ``installed`` fixture, is older)."""
     db.session.remove()
-    row = db.session.scalars(select(InboxEvent).where(InboxEvent.event_type == event_type)).first()
+    row = db.session.scalars(select(InboxEvent).where(InboxEvent.event_type == event_type)
+                             .order_by(InboxEvent.id.desc())).first()
     return row if row is not None and row.status in ("done", "dead") else None
 
 
@@ -80,6 +82,11 @@ def _tenant_data(portal_id: int) -> dict[str, int]:
             for model in (PortalSettings, PortalUser, PortalApiKey, InboxEvent)}
 
 
+def _plus_one_event(with_data: dict[str, Any]) -> dict[str, int]:
+    """The portal's data as it was, plus the inbox row of the one event sent since."""
+    return {**with_data["data"], "InboxEvent": with_data["data"]["InboxEvent"] + 1}
+
+
 @pytest.fixture
 def with_data(installed, live_app) -> dict[str, Any]:
     """An installed portal with settings, users, a PBX key and inbox rows."""
@@ -87,7 +94,8 @@ def with_data(installed, live_app) -> dict[str, Any]:
     key = issue_api_key(row)
     assert _pbx(live_app, key) == 202  # one inbox row, and proof the key works
     data = _tenant_data(row.id)
-    assert data == {"PortalSettings": 1, "PortalUser": 3, "PortalApiKey": 1, "InboxEvent": 1}
+    # Inbox rows: the PBX event, and the install's own ONAPPINSTALL.
+    assert data == {"PortalSettings": 1, "PortalUser": 3, "PortalApiKey": 1, "InboxEvent": 2}
     return {**installed, "pbx_key": key, "portal_id": row.id, "data": data}
 
 
@@ -105,7 +113,7 @@ def test_forged_onappuninstall_with_clean_changes_nothing(sandbox, with_data, li
     row = portal_row(member_id)
     assert row.status == "active"
     assert (row.refresh_token, row.token_version) == (before.refresh_token, before.token_version)
-    assert _tenant_data(row.id) == {**with_data["data"], "InboxEvent": 2}  # + the forged event
+    assert _tenant_data(row.id) == _plus_one_event(with_data)  # + the forged event
     assert _pbx(live_app, with_data["pbx_key"]) == 202
     # The stored chain still works, and Bitrix24 still delivers to the app.
     bound = {b["event"] for b in service.call_method(row, "event.get")}
@@ -120,8 +128,13 @@ def test_real_uninstall_with_clean_is_confirmed_and_deletes_the_data(sandbox, wi
     assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
     row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
     assert row.access_token is None and row.refresh_token is None
-    # Settings, users, the PBX key (intake's key cache forgets it within 5 s) and inbox rows.
-    wait_for(lambda: _tenant_data(row.id) == dict.fromkeys(with_data["data"], 0), timeout=10)
+    # Settings, users, the PBX key (intake's key cache forgets it within 5 s) and inbox rows;
+    # the ONAPPUNINSTALL row itself stays, scrubbed, until retention prunes it.
+    gone = {**dict.fromkeys(with_data["data"], 0), "InboxEvent": 1}
+    wait_for(lambda: _tenant_data(row.id) == gone, timeout=10)
+    db.session.remove()
+    [left] = db.session.scalars(select(InboxEvent).where(InboxEvent.portal_id == row.id))
+    assert (left.event_type, left.status) == ("ONAPPUNINSTALL", "done")
     assert "uninstall confirmed by Bitrix24" in worker.output()
 
 
@@ -136,7 +149,7 @@ def test_a_probe_that_gets_no_answer_is_retried_not_taken_as_proof(sandbox, with
     assert sandbox.counters(member_id)["faults_injected"] == 1
     row = portal_row(member_id)
     assert row.status == "active"
-    assert _tenant_data(row.id) == {**with_data["data"], "InboxEvent": 2}
+    assert _tenant_data(row.id) == _plus_one_event(with_data)
 
 
 def test_uninstall_is_not_confirmed_by_a_lost_chain(sandbox, with_data, live_app, worker):
@@ -155,7 +168,7 @@ def test_uninstall_is_not_confirmed_by_a_lost_chain(sandbox, with_data, live_app
     wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
     row = portal_row(member_id)
     assert row.status == "auth_failed"  # what the refresh truly found; not "uninstalled"
-    assert _tenant_data(row.id) == {**with_data["data"], "InboxEvent": 2}
+    assert _tenant_data(row.id) == _plus_one_event(with_data)
 
 
 class _UninstallProbe(StubHandler):
