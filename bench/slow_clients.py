@@ -5,14 +5,14 @@
 
 What it does (the set-up is bench/ingest.py's: a fresh PostgreSQL database, a private
 Redis, gunicorn started with the Procfile's ``web`` line, an open-loop load generator):
-with two servers up, ``gunicorn.conf.py``'s worker and stock ``gthread`` (through
-``GUNICORN_CMD_ARGS``), taking turns row by row, and for 0, 16 and 200 slow connections:
-the slow connections are
-opened (each sends its headers and 10 bytes of a 1000-byte body, then nothing; one more
-sends a byte a second) and kept at that number for the whole run (one closed by the server
-is opened again, as an attacker would), while Bitrix24-shaped events are sent at a steady
-rate. The table gives the real events' p50/p99 and errors, how long the server kept each
-slow connection (and how: 408 or closed), and the web workers' memory. Every acknowledged
+two servers run, ``gunicorn.conf.py``'s worker and stock ``gthread`` (through
+``GUNICORN_CMD_ARGS``), taking turns row by row. For 0, 16 and 200 slow connections, the
+slow connections are opened (each sends its headers and 10 bytes of a 1000-byte body, then
+nothing; one more sends a byte a second) and kept at that number for the whole run (one
+closed by the server is opened again, as an attacker would), while Bitrix24-shaped events
+are sent at a steady rate. The table gives the real events' p50/p99 and errors, the web
+tier's CPU per event, how long the server kept the slow connections and how they ended
+(408, closed, or still open at the end), and the web workers' memory. Every acknowledged
 event must be in the inbox. Results go to ``bench/out/slow-clients-<time>.txt`` / ``.json``.
 """
 
@@ -114,10 +114,6 @@ class SlowClients:
                     key.fileobj.send(b"E")
                 except OSError:
                     pass  # closed by the server: its outcome is read next
-
-    def open_count(self) -> int:
-        """Connections still open (the trickler included)."""
-        return len(self.selector.get_map())
 
     def stop(self) -> None:
         """Stop watching and close whatever is still open (its outcome: ``open``)."""

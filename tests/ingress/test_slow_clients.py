@@ -28,14 +28,14 @@ from bench.slow_clients import SlowClients, slow_request
 from tests.conftest import ROOT, child_env, wait_for
 from tests.ingress.conftest import FORM, b24_body, inbox_rows
 
-DEADLINE = 5           # REQUEST_DEADLINE_SECONDS for the server under test
+DEADLINE = 6           # REQUEST_DEADLINE_SECONDS for the server under test
 EVENT_RATE = 50        # real events per second, for EVENT_SECONDS
 EVENT_SECONDS = 3
 # The acceptance figure is 25 ms (bench/slow_clients.py measures it); inside a busy
 # `make test` on two shared cores the bound is looser. Stock gthread fails either way: its
 # events wait for a thread until they time out (REQUEST_TIMEOUT).
 P99_BOUND_MS = float(os.environ.get("SLOW_CLIENTS_P99_MS", "100"))
-REQUEST_TIMEOUT = 2.0
+REQUEST_TIMEOUT = 5.0
 
 
 class Gunicorn:
@@ -143,9 +143,8 @@ def test_real_events_are_acknowledged_while_slow_clients_wait(start_gunicorn, po
     try:
         time.sleep(0.3)  # every slow connection is in before the first event
         results = send_events(server, portal, events, EVENT_RATE)
-        still_open = attackers.open_count()
-        # Each is let go by its deadline (the sweep runs once a second; 2 s of slack).
-        settle = time.monotonic() + DEADLINE + 2
+        # Each is let go by its deadline (the sweep runs once a second; slack for a busy box).
+        settle = time.monotonic() + DEADLINE + 3
         while len(attackers.outcomes) <= slow and time.monotonic() < settle:
             time.sleep(0.1)
     finally:
@@ -154,10 +153,11 @@ def test_real_events_are_acknowledged_while_slow_clients_wait(start_gunicorn, po
     assert statuses == [200] * events, f"not acknowledged: {sorted(set(statuses))}"
     assert sorted(ident for _, _, ident in results) == [row.id for row in inbox_rows()]
     assert p99([ms for _, ms, _ in results]) < P99_BOUND_MS, sorted(ms for _, ms, _ in results)[-5:]
-    assert still_open == slow + 1, "the slow connections were held while the events went by"
     ended = {status for status, _ in attackers.outcomes}
     assert ended <= {"408", "closed"}, f"every slow connection ended by the deadline: {ended}"
-    assert max(held for _, held in attackers.outcomes) < DEADLINE + 2, "the trickler too"
+    held = sorted(held for _, held in attackers.outcomes)
+    assert held[0] >= EVENT_SECONDS, "the slow connections stayed while the events went by"
+    assert held[-1] < DEADLINE + 3, "and were let go by the deadline, the trickler too"
 
 
 def _raw(server: Gunicorn, data: bytes, pause: float = 0.0, pieces: int = 1) -> bytes:
