@@ -46,6 +46,7 @@ DEFAULT_DEADLINE = 10.0
 DEFAULT_HEADER_BYTES = 64 * 1024
 DEFAULT_BODY_LIMIT = 256 * 1024
 RECV_BYTES = 64 * 1024
+SWEEP_SECONDS = 0.25  # how often deadlines are checked: their precision
 # A closed connection's last answer needs the client's FIN, not a thread; lingering waits
 # that long at most, off the main loop's critical path (stock gthread blocks it for 2 s).
 LINGER_SECONDS = 2.0
@@ -161,6 +162,7 @@ class _Pending:
     buffer: RequestBuffer
     deadline: float
     continue_sent: bool = False
+    watched: bool = False           # registered with the poller
 
 
 @dataclass
@@ -203,6 +205,7 @@ class BufferingWorker(ThreadWorker):
             log.warning("request buffering is off (TLS or uwsgi): slow clients hold threads")
         self.pending: dict[TConn, _Pending] = {}
         self.lingering: dict[socket.socket, _Lingering] = {}
+        self.next_sweep = 0.0
         super().run()
 
     def accept(self, listener: socket.socket) -> None:
@@ -229,6 +232,11 @@ class BufferingWorker(ThreadWorker):
         if buffered:
             self._advance(pending, pending.buffer.feed(buffered))
         if conn in self.pending:
+            # Usually the request is there already (a kept-alive connection is here because
+            # it became readable): read it now rather than after one more turn of the loop.
+            self._on_readable(pending, conn.sock)
+        if conn in self.pending:
+            pending.watched = True
             self.poller.register(conn.sock, selectors.EVENT_READ,
                                  partial(self._on_readable, pending))
 
@@ -303,10 +311,8 @@ class BufferingWorker(ThreadWorker):
     def _drop(self, pending: _Pending) -> TConn:
         """Stop watching a pending connection; it is the caller's to serve or close."""
         del self.pending[pending.conn]
-        try:
+        if pending.watched:
             self.poller.unregister(pending.conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
         return pending.conn
 
     def linger(self, sock: socket.socket) -> None:
@@ -344,6 +350,9 @@ class BufferingWorker(ThreadWorker):
         """gthread's sweep, plus requests past their deadline (408) and overdue lingers."""
         super().murder_pending()
         now = time.monotonic()
+        if now < self.next_sweep:  # the loop turns per event; hundreds pending need not
+            return
+        self.next_sweep = now + SWEEP_SECONDS
         for pending in [p for p in self.pending.values() if p.deadline <= now]:
             if pending.buffer.data:
                 self._refuse(pending, REFUSALS["deadline"])

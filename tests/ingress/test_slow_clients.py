@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from app.ingress import auth
+from app.serving import BAD, HEADERS_TOO_LARGE, MORE, READY, TOO_LARGE, RequestBuffer
 from app.tenants.sandbox_setup import free_port
 from bench.slow_clients import SlowClients, slow_request
 from tests.conftest import ROOT, child_env, wait_for
@@ -247,3 +248,51 @@ def test_oversized_or_unframable_requests_are_answered_at_once_and_closed(start_
     finally:
         for sock in stubborn:
             sock.close()
+
+
+def _chunked(body: bytes, size: int) -> bytes:
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\nX-T: 1\r\n\r\n"
+
+
+def _fed_byte_by_byte(buffer: RequestBuffer, data: bytes) -> list[str]:
+    return [buffer.feed(data[i:i + 1]) for i in range(len(data))]
+
+
+CHUNKED_HEAD = b"POST /b24/events HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+
+
+def test_a_request_is_whole_only_at_its_last_byte_however_it_is_framed():
+    body = b"event=ONCRMDEALUPDATE&data=" + b"x" * 300
+    for request in (CHUNKED_HEAD + _chunked(body, 7),
+                    b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body),
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"):
+        states = _fed_byte_by_byte(RequestBuffer(body_limit=1024, header_limit=4096), request)
+        assert states == [MORE] * (len(request) - 1) + [READY]
+
+
+def test_a_body_past_the_limit_is_handed_over_at_limit_plus_one_byte():
+    limit = 100
+    request = CHUNKED_HEAD + _chunked(b"y" * 1000, 30)
+    buffer = RequestBuffer(body_limit=limit, header_limit=4096)
+    states = _fed_byte_by_byte(buffer, request)
+    ready_at = states.index(READY)
+    body_bytes = bytes(buffer.data[:ready_at + 1]).count(b"y")
+    assert body_bytes == limit + 1 and buffer.oversize
+    declared = RequestBuffer(body_limit=limit, header_limit=4096)
+    assert declared.feed(b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n") == READY
+    assert declared.oversize
+
+
+@pytest.mark.parametrize("data, state", [
+    (CHUNKED_HEAD + b"zz\r\n", BAD),                             # not a chunk size
+    (CHUNKED_HEAD + b"3\r\nabcXY", BAD),                        # no CRLF after the data
+    (CHUNKED_HEAD + b"1" * 2000, BAD),                          # a size line with no end
+    (b"GET / HTTP/1.1\r\nX: " + b"p" * 5000, HEADERS_TOO_LARGE),
+    (CHUNKED_HEAD + (b"1;" + b"e" * 100 + b"\r\nA\r\n") * 1000, TOO_LARGE),  # framing bloat
+    # Framing gunicorn refuses (400) without reading a body: handed to it at once.
+    (b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", READY),
+    (b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", READY),
+])
+def test_requests_that_cannot_be_framed_are_refused_or_left_to_gunicorn(data, state):
+    assert RequestBuffer(body_limit=1024, header_limit=4096).feed(data) == state
