@@ -46,6 +46,7 @@ DEFAULT_DEADLINE = 10.0
 DEFAULT_HEADER_BYTES = 64 * 1024
 DEFAULT_BODY_LIMIT = 256 * 1024
 RECV_BYTES = 64 * 1024
+MIN_SOCKET_TIMEOUT = 1.0  # a thread's socket wait once a request is handed over, at least
 SWEEP_SECONDS = 0.25  # how often deadlines are checked: their precision
 # A closed connection's last answer needs the client's FIN, not a thread; lingering waits
 # that long at most, off the main loop's critical path (stock gthread blocks it for 2 s).
@@ -182,6 +183,7 @@ class _Conn(TConn):
         self.worker = worker
         self.oversize = False
         self.continue_sent = False
+        self.deadline = 0.0
 
     def close(self, graceful: bool = False) -> None:
         """Close now, or after the client's FIN without blocking the main loop."""
@@ -280,11 +282,17 @@ class BufferingWorker(ThreadWorker):
         conn.parser.unreader.unread(bytes(pending.buffer.data))
         conn.data_ready = True
         conn.oversize = pending.buffer.oversize
+        conn.deadline = pending.deadline
         conn.continue_sent = pending.continue_sent
         super().enqueue_req(conn)
 
     def handle_request(self, req: Any, conn: TConn) -> bool:
         """Serve as gthread does, closing after an over-limit request's answer."""
+        # Belt and braces: should the app read past what was buffered (the rest of an
+        # over-limit body), or the client not read its answer, the thread waits on the
+        # socket no longer than what is left of the request's deadline.
+        conn.sock.settimeout(max(getattr(conn, "deadline", 0.0) - time.monotonic(),
+                                 MIN_SOCKET_TIMEOUT))
         if getattr(conn, "oversize", False):
             req.force_close()  # its unread rest must not be drained by a thread
         if getattr(conn, "continue_sent", False):
