@@ -16,10 +16,16 @@ reads before it would touch the socket. A thread therefore never waits for a cli
 - a body declared or buffered past the app's ``MAX_CONTENT_LENGTH`` (+1 byte) is handed over
   at once and the app answers 413 from what is buffered; the connection then closes;
 - headers over ``REQUEST_HEADER_BYTES`` get ``431``; chunk framing that cannot be read
-  gets ``400``; both close the connection.
+  gets ``400``; both close the connection;
+- once handed over, the thread's socket reads and writes wait no longer than what is left
+  of the deadline (at least 1 s): the app never needs to read past the buffer, but should
+  it (or should a client not read its answer), the thread is still bounded.
 
 Memory per connection is bounded by the header cap plus the body limit (plus the framing
-of a chunked body, capped too), and connections by gunicorn's ``worker_connections``.
+of a chunked body, capped too), and connections by gunicorn's ``worker_connections``
+(measured: 600 connections stalled after 250 KB of body each added 144 MB to two workers,
+given back after the deadline; 200 stalled after 10 bytes, nothing measurable). Settings
+(app/config.py): ``REQUEST_DEADLINE_SECONDS`` (10) and ``REQUEST_HEADER_BYTES`` (64 KiB).
 Keep-alive requests and pipelined ones go through the same buffering. gunicorn's own
 limits (``limit_request_*``) still apply: its parser reads the buffered request as usual.
 TLS and HTTP/2 are left to stock gthread (TLS ends at the load balancer here).
@@ -46,6 +52,8 @@ DEFAULT_DEADLINE = 10.0
 DEFAULT_HEADER_BYTES = 64 * 1024
 DEFAULT_BODY_LIMIT = 256 * 1024
 RECV_BYTES = 64 * 1024
+MIN_SOCKET_TIMEOUT = 1.0  # a thread's socket wait once a request is handed over, at least
+SWEEP_SECONDS = 0.25  # how often deadlines are checked: their precision
 # A closed connection's last answer needs the client's FIN, not a thread; lingering waits
 # that long at most, off the main loop's critical path (stock gthread blocks it for 2 s).
 LINGER_SECONDS = 2.0
@@ -161,6 +169,7 @@ class _Pending:
     buffer: RequestBuffer
     deadline: float
     continue_sent: bool = False
+    watched: bool = False           # registered with the poller
 
 
 @dataclass
@@ -180,6 +189,7 @@ class _Conn(TConn):
         self.worker = worker
         self.oversize = False
         self.continue_sent = False
+        self.deadline = 0.0
 
     def close(self, graceful: bool = False) -> None:
         """Close now, or after the client's FIN without blocking the main loop."""
@@ -203,6 +213,7 @@ class BufferingWorker(ThreadWorker):
             log.warning("request buffering is off (TLS or uwsgi): slow clients hold threads")
         self.pending: dict[TConn, _Pending] = {}
         self.lingering: dict[socket.socket, _Lingering] = {}
+        self.next_sweep = 0.0
         super().run()
 
     def accept(self, listener: socket.socket) -> None:
@@ -229,6 +240,11 @@ class BufferingWorker(ThreadWorker):
         if buffered:
             self._advance(pending, pending.buffer.feed(buffered))
         if conn in self.pending:
+            # Usually the request is there already (a kept-alive connection is here because
+            # it became readable): read it now rather than after one more turn of the loop.
+            self._on_readable(pending, conn.sock)
+        if conn in self.pending:
+            pending.watched = True
             self.poller.register(conn.sock, selectors.EVENT_READ,
                                  partial(self._on_readable, pending))
 
@@ -272,11 +288,17 @@ class BufferingWorker(ThreadWorker):
         conn.parser.unreader.unread(bytes(pending.buffer.data))
         conn.data_ready = True
         conn.oversize = pending.buffer.oversize
+        conn.deadline = pending.deadline
         conn.continue_sent = pending.continue_sent
         super().enqueue_req(conn)
 
     def handle_request(self, req: Any, conn: TConn) -> bool:
         """Serve as gthread does, closing after an over-limit request's answer."""
+        # Belt and braces: should the app read past what was buffered (the rest of an
+        # over-limit body), or the client not read its answer, the thread waits on the
+        # socket no longer than what is left of the request's deadline.
+        conn.sock.settimeout(max(getattr(conn, "deadline", 0.0) - time.monotonic(),
+                                 MIN_SOCKET_TIMEOUT))
         if getattr(conn, "oversize", False):
             req.force_close()  # its unread rest must not be drained by a thread
         if getattr(conn, "continue_sent", False):
@@ -303,10 +325,8 @@ class BufferingWorker(ThreadWorker):
     def _drop(self, pending: _Pending) -> TConn:
         """Stop watching a pending connection; it is the caller's to serve or close."""
         del self.pending[pending.conn]
-        try:
+        if pending.watched:
             self.poller.unregister(pending.conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
         return pending.conn
 
     def linger(self, sock: socket.socket) -> None:
@@ -344,6 +364,9 @@ class BufferingWorker(ThreadWorker):
         """gthread's sweep, plus requests past their deadline (408) and overdue lingers."""
         super().murder_pending()
         now = time.monotonic()
+        if now < self.next_sweep:  # the loop turns per event; hundreds pending need not
+            return
+        self.next_sweep = now + SWEEP_SECONDS
         for pending in [p for p in self.pending.values() if p.deadline <= now]:
             if pending.buffer.data:
                 self._refuse(pending, REFUSALS["deadline"])
