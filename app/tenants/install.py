@@ -8,7 +8,8 @@ The flow (protocol §2.2–2.4); steps 1–2 live in :mod:`app.tenants.verify`
 2. :func:`verify_iframe_token` asks the *auth server* (``app.info``) whose token
    it is: our ``client_id`` and the posted ``member_id``, or nothing is created.
    The auth server must be one we trust (``B24_AUTH_SERVERS``) when the POST
-   names it; a POST that names none is checked at the configured one.
+   names it; a POST that names none is checked at the portal's stored auth server,
+   then at each trusted one, until one knows the token.
 3. :func:`install` creates or updates the Portal keyed by member_id and stores
    the installer's chain encrypted (``store_new_chain``), and the application
    token when the installer form carries one.
@@ -106,7 +107,7 @@ def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
     The caller commits, also when :class:`SetupFailed` is raised: the portal then
     keeps the reason (``status_reason``) the settings page shows.
     """
-    info = verify_iframe_token(auth)
+    auth, info = verify_iframe_token(auth)
     client_endpoint = portal_endpoint(info)  # verify_iframe_token checked its host is DOMAIN
     if not user_is_admin(client_endpoint, auth.access_token):
         raise TokenRejected("only a portal administrator can install b24relay", 403)
@@ -520,7 +521,7 @@ def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSess
     never stored: any employee can post any value there with their own real AUTH_ID.
     """
     auth = parse_iframe(query, form)
-    info = verify_iframe_token(auth)
+    auth, info = verify_iframe_token(auth)
     portal = Portal.by_member_id(auth.member_id)
     if portal is None:
         raise TokenRejected("b24relay is not installed on this portal; install it first", 403)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -26,6 +26,7 @@ from app.bitrix import OAuthClient
 from app.bitrix.errors import ApiError, BitrixError
 from app.config import DEFAULT_AUTH_SERVERS
 from app.tenants import service, tokens
+from app.tenants.models import Portal
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,13 @@ class IframeAuth:
     access_token: str
     refresh_token: str
     expires_in: int
-    server_endpoint: str  # the form's SERVER_ENDPOINT, else the configured auth server
+    server_endpoint: str  # the form's SERVER_ENDPOINT, else the auth server that knew the token
     application_token: str  # "" when the form carries none (the short form)
     scope: str
     placement: str
     placement_options: str = ""
     app_sid: str = ""
+    server_named: bool = True  # False: the short form named no SERVER_ENDPOINT (§2.3)
 
     @property
     def origin(self) -> str:
@@ -122,6 +124,7 @@ def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAut
         scope=form.get("APPLICATION_SCOPE", ""),
         placement=(form.get("PLACEMENT") or "DEFAULT").upper(),
         placement_options=form.get("PLACEMENT_OPTIONS", ""), app_sid=query.get("APP_SID", ""),
+        server_named=bool((form.get("SERVER_ENDPOINT") or "").strip()),
     )
 
 
@@ -230,9 +233,40 @@ def portal_endpoint(info: Mapping[str, Any]) -> str:
                         "open the app again from your Bitrix24", 403)
 
 
-def verify_iframe_token(auth: IframeAuth) -> dict[str, Any]:
-    """Verify an iframe POST's AUTH_ID against the auth server (§7.4 steps 1–2)."""
-    return verify_token(auth.server_endpoint, auth.access_token, auth.member_id, auth.domain)
+def verify_iframe_token(auth: IframeAuth) -> tuple[IframeAuth, dict[str, Any]]:
+    """Verify an iframe POST's AUTH_ID (§7.4 steps 1–2): the POST as verified, and ``app.info``.
+
+    A POST that names its SERVER_ENDPOINT is asked there. The short form names none
+    (§2.3), and West and East portals have auth servers of their own, so it is asked at
+    the portal's stored auth server first, then at each trusted one in
+    ``B24_AUTH_SERVERS`` order, until one knows the token; the returned POST names that
+    server. An East portal is then neither refused nor moved to the West default on a
+    reinstall. All refusing: the first refusal, or 502 when a server did not answer.
+    """
+    if auth.server_named:
+        return auth, verify_token(auth.server_endpoint, auth.access_token, auth.member_id,
+                                  auth.domain)
+    failures: list[InstallError] = []
+    for server in _auth_server_candidates(auth.member_id):
+        try:
+            info = verify_token(server, auth.access_token, auth.member_id, auth.domain)
+        except InstallError as exc:
+            failures.append(exc)
+            continue
+        return replace(auth, server_endpoint=server), info
+    unanswered = [exc for exc in failures if exc.status >= 500]
+    raise (unanswered or failures)[0]
+
+
+def _auth_server_candidates(member_id: str) -> list[str]:
+    """Auth servers to ask about a POST that names none: the portal's own, then the trusted."""
+    trusted = trusted_auth_servers()
+    portal = Portal.by_member_id(member_id)
+    stored = portal.server_endpoint if portal is not None else None
+    candidates = [stored] if stored and urlsplit(stored).netloc.lower() in trusted else []
+    candidates.append(default_auth_server())
+    candidates += ["{}://{}/rest/".format(*_as_url(entry)) for entry in _auth_server_entries()]
+    return list(dict.fromkeys(candidates))
 
 
 class HasApplicationToken(Protocol):

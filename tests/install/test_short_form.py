@@ -18,6 +18,7 @@ from app.extensions import db
 from app.ingress.models import InboxEvent
 from app.tenants import install, verify
 from app.tenants.models import Portal
+from sandbox.appsetup import free_port
 from tests.conftest import wait_for
 from tests.install.conftest import iframe_form, portal_row, process_queued
 
@@ -128,6 +129,21 @@ def test_the_configured_auth_server_verifies_a_post_that_names_none(app):
         ("https://oauth.bitrix24.tech/rest/", "t", "crm")
     with pytest.raises(verify.BadIframeRequest, match="missing fields: REFRESH_ID"):
         verify.parse_iframe({"DOMAIN": "x.bitrix24.com"}, {**short, "REFRESH_ID": ""})
+
+
+def test_a_post_that_names_no_auth_server_is_asked_at_each_trusted_one(sandbox, make_portal,
+                                                                       live_app):
+    # West and East portals have auth servers of their own and the short form names
+    # neither: the first trusted server (here one that does not answer) is not the last word.
+    sandbox_cloud = live_app.app.config["B24_AUTH_SERVERS"]
+    live_app.app.config["B24_AUTH_SERVERS"] = f"http://127.0.0.1:{free_port()},{sandbox_cloud}"
+    portal = make_portal()
+    out = sandbox.install_app(portal["member_id"], live_app.url)
+    assert out["status"] == 200, out["body"]
+    assert portal_row(portal["member_id"]).server_endpoint == portal["server_endpoint"]
+    # The settings page is asked the same way, and names the same server for the portal.
+    opened = sandbox.open_placement(portal["member_id"])
+    assert opened["status"] == 200 and 'name="form_token"' in opened["body"]
 
 
 def _committed_status(member_id: str) -> str | None:
