@@ -45,26 +45,24 @@ def env_str(name: str, default: str | None = None) -> str | None:
     return value or default
 
 
-def env_int(name: str, default: int) -> int:
-    """Return an integer environment variable or fail naming it."""
+def _env_number(name: str, default: Any, parse: Any, kind: str) -> Any:
     raw = env_str(name)
     if raw is None:
         return default
     try:
-        return int(raw)
+        return parse(raw)
     except ValueError as exc:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from exc
+
+
+def env_int(name: str, default: int) -> int:
+    """Return an integer environment variable or fail naming it."""
+    return int(_env_number(name, default, int, "an integer"))
 
 
 def env_float(name: str, default: float) -> float:
     """Return a number (seconds, days) from the environment or fail naming it."""
-    raw = env_str(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+    return float(_env_number(name, default, float, "a number"))
 
 
 def env_bool(name: str, default: bool) -> bool:

@@ -161,6 +161,16 @@ class RequestBuffer:
         return HEADERS_TOO_LARGE if len(self.data) - line_end > self.header_limit else MORE
 
 
+def _recv(sock: socket.socket) -> bytes | None:
+    """What a readable non-blocking socket holds: None for nothing yet, b"" once it is gone."""
+    try:
+        return sock.recv(RECV_BYTES)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 @dataclass
 class _Pending:
     """A connection whose request is still arriving."""
@@ -249,12 +259,9 @@ class BufferingWorker(ThreadWorker):
                                  partial(self._on_readable, pending))
 
     def _on_readable(self, pending: _Pending, sock: socket.socket) -> None:
-        try:
-            data = sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client went away mid-request
             self._close(pending)
             return
@@ -342,12 +349,9 @@ class BufferingWorker(ThreadWorker):
         self.poller.register(sock, selectors.EVENT_READ, partial(self._on_linger, state))
 
     def _on_linger(self, state: _Lingering, sock: socket.socket) -> None:
-        try:
-            data = sock.recv(RECV_BYTES)
-        except (BlockingIOError, InterruptedError):
+        data = _recv(sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         state.drained += len(data)
         if not data or state.drained > LINGER_DRAIN_BYTES:
             self._end_linger(state)
