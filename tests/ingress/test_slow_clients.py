@@ -32,11 +32,12 @@ from tests.ingress.conftest import FORM, b24_body, inbox_rows
 DEADLINE = 6           # REQUEST_DEADLINE_SECONDS for the server under test
 EVENT_RATE = 50        # real events per second, for EVENT_SECONDS
 EVENT_SECONDS = 3
-# The acceptance figure is 25 ms, measured by bench/slow_clients.py; this test met it too
-# (SLOW_CLIENTS_P99_MS=25) until neighbours loaded the two cores to a load average of 7-11,
-# when one cold request took 150 ms: `make test` keeps a looser bound. Stock gthread fails
-# either way: its events wait for a thread until they time out (REQUEST_TIMEOUT).
-P99_BOUND_MS = float(os.environ.get("SLOW_CLIENTS_P99_MS", "200"))
+# The acceptance figure: real events' p99 stays under 25 ms with the slow connections open
+# (bench/slow_clients.py measures it at length). A machine busy with something else slows
+# every request alike, so the bound is 25 ms or twice the same server's p99 measured just
+# before without slow connections, whichever is larger: stalls of the box pass, waiting for
+# a thread does not. Stock gthread fails either way: its events wait until they time out.
+P99_GOAL_MS = float(os.environ.get("SLOW_CLIENTS_P99_MS", "25"))
 WARM_UP = 20
 REQUEST_TIMEOUT = 5.0
 
@@ -144,10 +145,11 @@ def test_real_events_are_acknowledged_while_slow_clients_wait(start_gunicorn, po
     events = EVENT_RATE * EVENT_SECONDS
     # Not measured: each worker's first requests open its database and Redis connections.
     warm_up = [send_events(server, portal, 1, 1, first=i) for i in range(WARM_UP)]
+    baseline = send_events(server, portal, events, EVENT_RATE, first=WARM_UP)
     attackers = SlowClients("127.0.0.1", server.port, slow).start()
     try:
         time.sleep(0.3)  # every slow connection is in before the first event
-        results = send_events(server, portal, events, EVENT_RATE, first=WARM_UP)
+        results = send_events(server, portal, events, EVENT_RATE, first=WARM_UP + events)
         # Each is let go by its deadline (the sweep runs once a second; slack for a busy box).
         settle = time.monotonic() + DEADLINE + 3
         while len(attackers.outcomes) <= slow and time.monotonic() < settle:
@@ -156,9 +158,12 @@ def test_real_events_are_acknowledged_while_slow_clients_wait(start_gunicorn, po
         attackers.stop()
     statuses = [status for status, _, _ in results]
     assert statuses == [200] * events, f"not acknowledged: {sorted(set(statuses))}"
-    acked = sorted(ident for _, _, ident in [*results, *(r for w in warm_up for r in w)])
+    acked = sorted(ident for _, _, ident in
+                   [*baseline, *results, *(r for w in warm_up for r in w)])
     assert acked == [row.id for row in inbox_rows()]
-    assert p99([ms for _, ms, _ in results]) < P99_BOUND_MS, sorted(ms for _, ms, _ in results)[-5:]
+    quiet, attacked = p99([ms for _, ms, _ in baseline]), p99([ms for _, ms, _ in results])
+    print(f"{slow} slow connections: p99 {attacked:.1f} ms (without them {quiet:.1f} ms)")
+    assert attacked < max(P99_GOAL_MS, 2 * quiet), sorted(ms for _, ms, _ in results)[-5:]
     ended = {status for status, _ in attackers.outcomes}
     assert ended <= {"408", "closed"}, f"every slow connection ended by the deadline: {ended}"
     held = sorted(held for _, held in attackers.outcomes)
