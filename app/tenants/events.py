@@ -214,7 +214,10 @@ def _ask_portal(creds: Credentials, trust_invalid_token: bool) -> str | None:
             raise
         except errors.ApiError as exc:
             if (exc.http_status or 0) >= 500 or exc.http_status == 429:
-                raise  # rate limit or outage: ask again later
+                # Rate limit or outage, whatever its code: ask again later (a transient
+                # error to inbox processing), never a verdict.
+                raise errors.TransportError(f"app.info at {endpoint}: {exc}",
+                                            exc.http_status) from exc
             log.warning("app.info refused at %s (%s): not a sign of an uninstall", endpoint, exc)
             return None
         return None  # the app's token works: it is installed

@@ -138,11 +138,13 @@ def test_real_uninstall_with_clean_is_confirmed_and_deletes_the_data(sandbox, wi
     assert "uninstall confirmed by Bitrix24" in worker.output()
 
 
+@pytest.mark.parametrize("fault", ["html_502", "portal_deleted"])
 def test_a_probe_that_gets_no_answer_is_retried_not_taken_as_proof(sandbox, with_data, live_app,
-                                                                  worker):
-    """A transport failure while confirming is retried (the forged event stays harmless)."""
+                                                                  worker, fault):
+    """A transport failure or a 5xx while confirming is retried (the forgery stays harmless)."""
     member_id = with_data["member_id"]
-    sandbox.set_fault(member_id, "html_502", count=1)  # the first probe gets a gateway page
+    # The first probe gets a gateway page, or a JSON 500 whose code is no transient one.
+    sandbox.set_fault(member_id, fault, count=1)
     _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
     handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
     assert (handled.status, handled.attempts) == ("done", 2)
