@@ -293,7 +293,6 @@ class BufferingWorker(ThreadWorker):
             conn.initialized = True
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
         conn.parser.unreader.unread(bytes(pending.buffer.data))
-        conn.data_ready = True
         conn.oversize = pending.buffer.oversize
         conn.deadline = pending.deadline
         conn.continue_sent = pending.continue_sent
@@ -304,11 +303,12 @@ class BufferingWorker(ThreadWorker):
         # Belt and braces: should the app read past what was buffered (the rest of an
         # over-limit body), or the client not read its answer, the thread waits on the
         # socket no longer than what is left of the request's deadline.
-        conn.sock.settimeout(max(getattr(conn, "deadline", 0.0) - time.monotonic(),
-                                 MIN_SOCKET_TIMEOUT))
-        if getattr(conn, "oversize", False):
+        # A connection that was never buffered (TLS, uwsgi) has no deadline: stock behaviour.
+        if conn.deadline:
+            conn.sock.settimeout(max(conn.deadline - time.monotonic(), MIN_SOCKET_TIMEOUT))
+        if conn.oversize:
             req.force_close()  # its unread rest must not be drained by a thread
-        if getattr(conn, "continue_sent", False):
+        if conn.continue_sent:
             req._expected_100_continue = False  # sent already, before the body was read
         return super().handle_request(req, conn)
 
