@@ -142,7 +142,8 @@ def require_shared_services(cfg: dict[str, Any], database_url: str | None) -> No
 def from_environment(instance: Path) -> dict[str, Any]:
     """Build the settings mapping from environment variables."""
     production = env_str("B24_CLIENT_ID") is not None and not env_bool("B24_SANDBOX", False)
-    database_url = env_str("DATABASE_URL") or f"sqlite:///{instance / 'b24relay.db'}"
+    shared_database = env_str("DATABASE_URL")
+    database_url = shared_database or f"sqlite:///{instance / 'b24relay.db'}"
     cfg: dict[str, Any] = {
         "INSTANCE_PATH": str(instance),
         "SQLALCHEMY_DATABASE_URI": normalise_database_url(database_url),
@@ -193,7 +194,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         )
     if production and not cfg["B24_CLIENT_SECRET"]:
         raise ConfigError("B24_CLIENT_SECRET must be set when B24_CLIENT_ID is set")
-    require_shared_services(cfg, env_str("DATABASE_URL"))
+    require_shared_services(cfg, shared_database)
     return cfg
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import redis
 
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
-# The servers this process started, by socket path (stopped at exit).
-_started: dict[Path, subprocess.Popen] = {}
+# The servers this process started (stopped at exit).
+_started: dict[Path, subprocess.Popen] = {}  # by instance folder
 
 
 def socket_path(instance: Path) -> Path:
@@ -78,7 +78,6 @@ def _command(instance: Path) -> list[str]:
         "--unixsocket", str(socket_path(instance)),
         "--unixsocketperm", "700",
         "--daemonize", "no",
-        "--pidfile", str(instance / "redis.pid"),
         "--logfile", str(instance / "redis.log"),
         "--dir", str(instance),
         "--dbfilename", "redis.rdb",
@@ -110,7 +109,7 @@ def _start(instance: Path, timeout: float) -> None:
                             preexec_fn=die_with_parent(), start_new_session=True)
     if not _started:
         atexit.register(_at_exit, os.getpid())
-    _started[sock] = proc
+    _started[instance] = proc
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         if _alive(sock):
@@ -128,7 +127,7 @@ def stop(instance: Path, timeout: float = 10.0) -> None:
             redis.Redis(unix_socket_path=str(sock)).shutdown(nosave=False)
         except redis.ConnectionError:
             pass  # the server closes the connection as it exits
-    proc = _started.pop(sock, None)
+    proc = _started.pop(instance, None)
     if proc is not None:
         try:
             proc.wait(timeout)
@@ -139,8 +138,8 @@ def stop(instance: Path, timeout: float = 10.0) -> None:
 
 def stop_started() -> None:
     """Stop the servers this process started (``make run`` does, once its children are gone)."""
-    for sock in list(_started):
-        stop(sock.parent)
+    for instance in list(_started):
+        stop(instance)
 
 
 def _at_exit(starter: int) -> None:

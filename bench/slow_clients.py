@@ -26,6 +26,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from bench.ingest import (
     P99_BUDGET_MS,
     Stack,
     _check_inbox,
+    _procfile_web,
     _run_load,
     _wait_http,
     cpu_probe_ms,
@@ -166,24 +168,17 @@ def _one_run(stack: Stack, base: str, pgid: int, slow: int, args: argparse.Names
         if clients:
             clients.stop()
     outcomes = clients.outcomes if clients else []
-    summary["slow_ended"] = _tally(status for status, _ in outcomes)
+    summary["slow_ended"] = dict(Counter(status for status, _ in outcomes))
     summary["slow_held_max_s"] = round(max((held for _, held in outcomes), default=0.0), 1)
     _check_inbox(stack, summary)
     summary.pop("acked_ids", None)
     return summary
 
 
-def _tally(values: Any) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for value in values:
-        out[value] = out.get(value, 0) + 1
-    return out
-
-
 def _bench(stack: Stack, args: argparse.Namespace) -> dict[str, Any]:
     stack.start_backends()
     seed = stack.seed()
-    lines = [f"gunicorn: {stack_command()}; events {args.rate:.0f}/s x {args.seconds:.0f}s "
+    lines = [f"gunicorn: {_procfile_web()}; events {args.rate:.0f}/s x {args.seconds:.0f}s "
              f"per run; request deadline {args.deadline} s",
              f"cpus: {os.cpu_count()}  loadavg before: {_loadavg()}  "
              f"cpu probe: {cpu_probe_ms()} ms",
@@ -238,12 +233,6 @@ def _start(stack: Stack, extra_args: str, deadline: int, seed: tuple[str, str]
 def _loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
-
-def stack_command() -> str:
-    """The gunicorn command the bench starts (the Procfile's web line)."""
-    from bench.ingest import _procfile_web
-
-    return _procfile_web()
 
 
 def main() -> None:

@@ -76,12 +76,14 @@ def pruned(event: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def _client() -> redis.Redis:
+def _counter() -> Any:
+    """The counting script, registered once per process (EVALSHA, not the source, per call)."""
     ext = current_app.extensions
-    if "first_contact_redis" not in ext:
-        ext["first_contact_redis"] = inbox.fast_redis(current_app.config["REDIS_URL"])
+    if "first_contact_count" not in ext:
+        client = inbox.fast_redis(current_app.config["REDIS_URL"])
+        ext["first_contact_count"] = client.register_script(_COUNT)
         ext["first_contact_redis_down_until"] = 0.0
-    return ext["first_contact_redis"]
+    return ext["first_contact_count"]
 
 
 def rationed(portal: KnownPortal | None) -> bool:
@@ -101,14 +103,14 @@ def admit(address: str | None, portal: KnownPortal | None = None) -> None:
     if not rationed(portal):
         return
     cfg, ext = current_app.config, current_app.extensions
-    client = _client()
+    count = _counter()
     if time.monotonic() < ext["first_contact_redis_down_until"]:
         return
     prefix = f"b24relay:first-contact:{int(time.time() // WINDOW_SECONDS)}"
     try:
-        over = client.eval(_COUNT, 2, f"{prefix}:addr:{address or 'unknown'}", f"{prefix}:all",
-                           cfg["FIRST_CONTACT_PER_ADDRESS_PER_MINUTE"],
-                           cfg["FIRST_CONTACT_PER_MINUTE"], 2 * WINDOW_SECONDS)
+        over = count(keys=[f"{prefix}:addr:{address or 'unknown'}", f"{prefix}:all"],
+                     args=[cfg["FIRST_CONTACT_PER_ADDRESS_PER_MINUTE"],
+                           cfg["FIRST_CONTACT_PER_MINUTE"], 2 * WINDOW_SECONDS])
     except redis.RedisError as exc:
         ext["first_contact_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
         log.warning("first-contact ceiling not applied, Redis unavailable: %s", exc)

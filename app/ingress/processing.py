@@ -106,8 +106,11 @@ def _update_if_ours(row_id: int, attempt: int, **values: Any) -> int:
 
 def _finish(row: InboxEvent, attempt: int, status: InboxStatus, error: str | None = None) -> bool:
     """Record the outcome (with the handler's writes) if the claim is still ours."""
+    clean = sealed.scrubbed(row.payload)
+    # Most payloads hold no token (intake strips them): only a changed one is written back.
+    rewrite = {"payload": clean} if clean is not row.payload else {}
     done = _update_if_ours(row.id, attempt, status=status.value, last_error=error,
-                           processed_at=utcnow(), payload=sealed.scrubbed(row.payload))
+                           processed_at=utcnow(), **rewrite)
     if not done:
         db.session.rollback()
         log.warning("inbox row %s was taken over by another worker; result discarded", row.id)
@@ -167,13 +170,13 @@ def process(row_id: int) -> str:
         return InboxStatus.HELD.value
     except TRANSIENT_ERRORS as exc:
         db.session.rollback()
+        why = _describe(exc)
         if attempt >= _setting("INBOX_MAX_ATTEMPTS"):
-            _finish(row, attempt, InboxStatus.DEAD, f"gave up after {attempt} attempts: "
-                                                    f"{_describe(exc)}")
+            _finish(row, attempt, InboxStatus.DEAD, f"gave up after {attempt} attempts: {why}")
             return InboxStatus.DEAD.value
-        _release(row_id, attempt, _describe(exc))
+        _release(row_id, attempt, why)
         metrics.PROCESSED.labels(row.source, row.event_type, "retry").inc()
-        raise RetryLater(retry_delay(attempt), _describe(exc)) from exc
+        raise RetryLater(retry_delay(attempt), why) from exc
     except Exception as exc:  # noqa: BLE001 - anything else will not heal by retrying
         db.session.rollback()
         log.exception("handler for inbox row %s failed for good", row_id)

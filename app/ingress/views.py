@@ -122,7 +122,7 @@ def b24_events() -> tuple[Response, int]:
     except Rejected as exc:
         return _refuse("b24", started, exc)
     except SQLAlchemyError as exc:  # the portal lookup itself failed
-        log.error("portal lookup failed: %s", exc)
+        log.error("portal lookup failed: %s", _first_line(exc))
         return _refuse("b24", started, Rejected(503, "db_unavailable", "retry later"))
     return _answer("b24", started, 200, {"id": stored[0].id, "duplicate": not stored[0].created})
 
@@ -157,7 +157,7 @@ def pbx_call_events() -> tuple[Response, int]:
     except Rejected as exc:
         return _refuse("pbx", started, exc)
     except SQLAlchemyError as exc:
-        log.error("API key lookup failed: %s", exc)
+        log.error("API key lookup failed: %s", _first_line(exc))
         return _refuse("pbx", started, Rejected(503, "db_unavailable", "retry later"))
     return _answer("pbx", started, 202, {
         "ids": [s.id for s in stored],

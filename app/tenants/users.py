@@ -50,12 +50,16 @@ def _active(value: Any) -> bool:
     return str(value).strip().upper() in {"Y", "1", "TRUE"}
 
 
+def find_user(portal: Portal, user_id: int) -> PortalUser | None:
+    """The portal's row for Bitrix24 user ``user_id``, if the app has one."""
+    return db.session.scalars(select(PortalUser).where(
+        PortalUser.portal_id == portal.id, PortalUser.user_id == user_id)).first()
+
+
 def upsert_user(portal: Portal, record: dict[str, Any], is_admin: bool | None = None) -> PortalUser:
     """Create or update one user from a ``user.get`` record (caller commits)."""
     user_id = int(record["ID"])
-    row = db.session.scalars(select(PortalUser).where(
-        PortalUser.portal_id == portal.id, PortalUser.user_id == user_id)).first()
-    return _apply(portal, row, user_id, record, is_admin)
+    return _apply(portal, find_user(portal, user_id), user_id, record, is_admin)
 
 
 def _apply(portal: Portal, row: PortalUser | None, user_id: int, record: dict[str, Any],

@@ -108,7 +108,8 @@ def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAut
     domain = query["DOMAIN"].strip().lower()
     if not valid_host(domain):
         raise BadIframeRequest("DOMAIN is not a host name")
-    server = (form.get("SERVER_ENDPOINT") or "").strip() or default_auth_server()
+    named = (form.get("SERVER_ENDPOINT") or "").strip()
+    server = named or default_auth_server()
     if urlsplit(server).scheme not in ("http", "https"):
         raise BadIframeRequest("SERVER_ENDPOINT is not an http(s) URL")
     try:
@@ -124,7 +125,7 @@ def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAut
         scope=form.get("APPLICATION_SCOPE", ""),
         placement=(form.get("PLACEMENT") or "DEFAULT").upper(),
         placement_options=form.get("PLACEMENT_OPTIONS", ""), app_sid=query.get("APP_SID", ""),
-        server_named=bool((form.get("SERVER_ENDPOINT") or "").strip()),
+        server_named=bool(named),
     )
 
 

@@ -27,12 +27,11 @@ from typing import Any
 import redis
 from flask import current_app
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from sqlalchemy import select
 
 from app.extensions import db, redis_ext
 from app.tenants.models import Portal, PortalStatus
 from app.tenants.status import reason_for
-from app.tenants.users import PortalUser
+from app.tenants.users import find_user
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +116,7 @@ def _still_allowed(portal: Portal, user_id: int | None) -> None:
     if portal.status in GONE:
         raise FormRefused(f"{reason_for(portal.status)} Nothing was saved.", portal=portal)
     if user_id is not None:
-        user = db.session.scalars(select(PortalUser).where(
-            PortalUser.portal_id == portal.id, PortalUser.user_id == user_id)).first()
+        user = find_user(portal, user_id)
         if user is not None and not user.active:
             raise FormRefused("Your Bitrix24 account is deactivated; nothing was saved.",
                               portal=portal)
