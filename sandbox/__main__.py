@@ -1,4 +1,4 @@
-"""`python -m sandbox --port N [--app-url URL] [--portals K]`: run the fake cloud until
+"""`python -m sandbox --port N [--app-url URL] [--portals K] [--https]`: run the fake cloud until
 SIGINT/SIGTERM.
 """
 
@@ -41,6 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the iframe POST form portals send by default (protocol §2.3; default full)",
     )
     ap.add_argument("--operating-limit", type=float, default=None)
+    ap.add_argument(
+        "--https",
+        action="store_true",
+        help="serve every port over TLS with a certificate from a CA made at start "
+        "(PROTOCOL=1, https endpoints); the CA file is printed: give it to the app as "
+        "B24_CA_BUNDLE",
+    )
     ap.add_argument("--json", action="store_true", help="print portals as JSON lines")
     return ap.parse_args(argv)
 
@@ -48,11 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Start, print URLs, wait for a signal, stop."""
     args = parse_args(argv)
-    server = SandboxServer(port=args.port).start()
+    server = SandboxServer(port=args.port, tls=args.https).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with SandboxControl(server.url) as control:
+    with SandboxControl(server.url, ca_file=server.ca_file) as control:
         tweaks = {
             k: v
             for k, v in (
@@ -70,6 +77,8 @@ def main(argv: list[str] | None = None) -> None:
             f"bx24.js {server.url}/bx24.js)",
             flush=True,
         )
+        if server.ca_file:
+            print(f"sandbox CA (B24_CA_BUNDLE): {server.ca_file}", flush=True)
         for _ in range(args.portals):
             portal = control.create_portal(
                 plan=args.plan,

@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from .tls import client_context
+
 
 class SandboxError(RuntimeError):
     """The control API refused a call."""
@@ -14,9 +16,12 @@ class SandboxError(RuntimeError):
 class SandboxControl:
     """Drive the sandbox from tests and benchmarks."""
 
-    def __init__(self, base_url: str, timeout: float = 90.0) -> None:
+    def __init__(self, base_url: str, timeout: float = 90.0, ca_file: str | None = None) -> None:
+        """``ca_file``: the https mode's CA (``SandboxServer.ca_file``), trusted alone."""
         self.base_url = base_url.rstrip("/")
-        self.http = httpx.Client(base_url=self.base_url + "/_sandbox", timeout=timeout)
+        verify = client_context(ca_file) if ca_file else True
+        self.http = httpx.Client(base_url=self.base_url + "/_sandbox", timeout=timeout,
+                                 verify=verify)
 
     def close(self) -> None:
         """Close the HTTP client."""

@@ -61,6 +61,7 @@ class Cloud:
         self.ports: dict[int, Portal] = {}
         self.sessions: dict[str, dict[str, Any]] = {}
         self.cloud_port = 0
+        self.scheme = "http"  # "https" in the https mode (SandboxServer(tls=True))
         self.open_port: Callable[[], Awaitable[int]] | None = None
         self.close_port: Callable[[int], Awaitable[None]] | None = None
         self.http: aiohttp.ClientSession | None = None
@@ -73,7 +74,12 @@ class Cloud:
 
     @property
     def server_endpoint(self) -> str:
-        return f"http://{self.server_host}/rest/"
+        return f"{self.scheme}://{self.server_host}/rest/"
+
+    @property
+    def protocol(self) -> int:
+        """What iframe POSTs say in ``PROTOCOL`` (§2.3): 1 for https, 0 for http."""
+        return 1 if self.scheme == "https" else 0
 
     def portal(self, member_id: str) -> Portal:
         """The portal or a 404 control error."""
@@ -117,6 +123,7 @@ class Cloud:
             app_url=spec.get("app_url"),
             scope=spec.get("scope") or "crm,telephony,placement,user_basic",
             status=spec.get("status", "P"),
+            scheme=self.scheme,
         )
         if spec.get("application_token"):
             p.application_token = spec["application_token"]
@@ -151,12 +158,12 @@ class Cloud:
         return {
             "member_id": p.member_id,
             "domain": p.domain,
-            "protocol": 0,
+            "protocol": self.protocol,
             "port": p.port,
             "ports": [p.port, *p.old_ports],
             "client_endpoint": p.client_endpoint,
             "server_endpoint": self.server_endpoint,
-            "oauth_token_url": f"http://{self.server_host}/oauth/token/",
+            "oauth_token_url": f"{self.scheme}://{self.server_host}/oauth/token/",
             "plan": p.plan,
             "client_id": p.client_id,
             "client_secret": p.client_secret,
@@ -343,7 +350,7 @@ class Cloud:
                     "status": p.status,
                     "scope": p.scope,
                     "domain": p.domain,
-                    "uri": f"http://{p.domain}",
+                    "uri": f"{self.scheme}://{p.domain}",
                     "client_endpoint": p.client_endpoint,
                     "member_id": p.member_id,
                     "member_type": "company",
@@ -629,7 +636,8 @@ class Cloud:
             "lang": "en",
             "fields": fields,
         }
-        query = urlencode({"DOMAIN": p.domain, "PROTOCOL": "0", "LANG": "en", "APP_SID": sid})
+        query = urlencode({"DOMAIN": p.domain, "PROTOCOL": str(self.protocol), "LANG": "en",
+                           "APP_SID": sid})
         return url + ("&" if "?" in url else "?") + query, build_query(fields)
 
     def iframe_form(self, p: Portal) -> str:

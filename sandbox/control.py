@@ -344,7 +344,7 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
         return {"ok": True}
 
     async def bx24_js(request: web.Request) -> web.Response:
-        js = BX24_JS % {"cloud": json.dumps(f"http://{cloud.server_host}")}
+        js = BX24_JS % {"cloud": json.dumps(f"{cloud.scheme}://{cloud.server_host}")}
         return web.Response(text=js, content_type="application/javascript", headers=CORS)
 
     async def bx24_session(request: web.Request) -> web.Response:

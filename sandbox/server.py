@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import shutil
 import socket
+import ssl
 import struct
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +22,7 @@ from .cloud import Cloud, loopback_socket
 from .methods_telephony import store_upload
 from .phpquery import parse_pairs
 from .rest import ApiError, Ctx, full_time, run_batch, run_method, success_body, time_block
+from .tls import make_certificates, server_context
 
 JSON_TYPE = "application/json"
 GATEWAY_HTML = {
@@ -119,7 +124,7 @@ class Front:
         if p is None:
             return web.Response(status=404, text="no portal here")
         if port != p.port:
-            location = f"http://{p.domain}{request.path_qs}"
+            location = f"{self.cloud.scheme}://{p.domain}{request.path_qs}"
             return web.Response(status=302, headers={"Location": location}, text="")
         path = request.path
         if path.rstrip("/") == "/oauth/authorize":
@@ -302,13 +307,20 @@ def build_apps(cloud: Cloud) -> tuple[web.Application, web.Application]:
 
 
 class SandboxServer:
-    """The sandbox in a background thread: `.start()`, `.stop()`, `.url`; also a context manager."""
+    """The sandbox in a background thread: `.start()`, `.stop()`, `.url`; also a context manager.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    ``tls=True`` is the https mode: every port (cloud and portals) speaks TLS with a
+    certificate from a CA made at start; ``ca_file`` is that CA's PEM while the server runs.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: bool = False) -> None:
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError("the sandbox listens on loopback only")
         self.host, self.port = "127.0.0.1", port
         self.cloud = Cloud()
+        self.cloud.scheme = "https" if tls else "http"
+        self.ca_file: str | None = None
+        self._ssl: ssl.SSLContext | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -318,8 +330,8 @@ class SandboxServer:
 
     @property
     def url(self) -> str:
-        """Cloud base URL, e.g. http://127.0.0.1:41234."""
-        return f"http://127.0.0.1:{self.cloud.cloud_port}"
+        """Cloud base URL, e.g. http://127.0.0.1:41234 (https:// in the https mode)."""
+        return f"{self.cloud.scheme}://127.0.0.1:{self.cloud.cloud_port}"
 
     def start(self) -> SandboxServer:
         """Run the event loop in a daemon thread; return once listening."""
@@ -352,6 +364,21 @@ class SandboxServer:
 
     async def serve(self, ready: Any = None) -> None:
         """Serve until stopped (used by the thread and by `python -m sandbox`)."""
+        tls_dir = self._make_tls() if self.cloud.scheme == "https" else None
+        try:
+            await self._serve(ready)
+        finally:
+            if tls_dir:
+                shutil.rmtree(tls_dir, ignore_errors=True)
+
+    def _make_tls(self) -> str:
+        """A fresh CA and server certificate for this run, in a private temporary directory."""
+        tls_dir = tempfile.mkdtemp(prefix="b24-sandbox-tls-")
+        files = make_certificates(Path(tls_dir))
+        self.ca_file, self._ssl = files.ca_file, server_context(files)
+        return tls_dir
+
+    async def _serve(self, ready: Any) -> None:
         self.loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         cloud_app, portal_app = build_apps(self.cloud)
@@ -367,12 +394,12 @@ class SandboxServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.cloud.cloud_port = sock.getsockname()[1]
-        cloud_site = web.SockSite(cloud_runner, sock, backlog=1024)
+        cloud_site = web.SockSite(cloud_runner, sock, backlog=1024, ssl_context=self._ssl)
         await cloud_site.start()
 
         async def open_port() -> int:
             psock = loopback_socket()
-            site = web.SockSite(portal_runner, psock, backlog=1024)
+            site = web.SockSite(portal_runner, psock, backlog=1024, ssl_context=self._ssl)
             await site.start()
             port = psock.getsockname()[1]
             self._sites[port] = site

@@ -193,6 +193,7 @@ class Portal:
     app_url: str | None
     scope: str = DEFAULT_SCOPE
     status: str = "P"
+    scheme: str = "http"  # the cloud's: "https" in the https mode
     application_token: str = field(default_factory=hex32)
     port: int = 0
     old_ports: list[int] = field(default_factory=list)
@@ -240,7 +241,7 @@ class Portal:
 
     @property
     def client_endpoint(self) -> str:
-        return f"http://{self.domain}/rest/"
+        return f"{self.scheme}://{self.domain}/rest/"
 
     def set_plan(self, plan: str) -> None:
         """Switch plan and its bucket parameters."""
