@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,11 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # that is set, else the FIRST entry here.
         "B24_AUTH_SERVERS": env_str("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS),
         "B24_JS_SDK_URL": env_str("B24_JS_SDK_URL", DEFAULT_JS_SDK_URL),
+        # A PEM file of the CAs every outgoing https call trusts (REST, token endpoint,
+        # app.info): instead of, not on top of, the default store. Empty: httpx's default
+        # store (certifi's bundle, or SSL_CERT_FILE). For a portal behind a private CA, or
+        # the sandbox's https mode (`python -m sandbox --https` prints its CA file).
+        "B24_CA_BUNDLE": env_str("B24_CA_BUNDLE"),
         "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", DEFAULT_IDLE_REFRESH_DAYS),
         "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
         "PRODUCTION": production,
@@ -212,6 +218,18 @@ def validate(cfg: dict[str, Any]) -> None:
                 "(generate one with: python -c 'from cryptography.fernet import Fernet; "
                 "print(Fernet.generate_key().decode())')"
             ) from exc
+    _check_ca_bundle(cfg.get("B24_CA_BUNDLE"))
     broker = cfg.get("BROKER_URL")
     if broker and not broker.startswith(("amqp://", "amqps://", "redis://", "rediss://", "unix://")):
         raise ConfigError(f"BROKER_URL must be amqp:// or redis://, got {broker!r}")
+
+
+def _check_ca_bundle(path: str | None) -> None:
+    """A named CA bundle must load now, not at the first https call in a worker."""
+    if not path:
+        return
+    try:
+        ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"B24_CA_BUNDLE must name a PEM file of CA certificates, "
+                          f"got {path!r}: {exc}") from exc

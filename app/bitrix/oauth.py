@@ -16,6 +16,7 @@ client, not at call sites:
 
 from __future__ import annotations
 
+import ssl
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", AuthlibDeprecationWarning)
     from authlib.integrations.httpx_client import OAuth2Client
 
-from app.bitrix import errors
+from app.bitrix import errors, tls
 from app.bitrix.rest import USER_AGENT, decode
 
 TOKEN_TIMEOUT = httpx.Timeout(8.0, connect=3.0)
@@ -133,16 +134,18 @@ class OAuthClient:
 
     def __init__(self, client_id: str, client_secret: str, *, token_url: str | None = None,
                  transport: httpx.BaseTransport | None = None,
-                 timeout: httpx.Timeout | float = TOKEN_TIMEOUT) -> None:
+                 timeout: httpx.Timeout | float = TOKEN_TIMEOUT,
+                 verify: ssl.SSLContext | bool = True) -> None:
         if not client_id or not client_secret:
             raise ValueError("B24_CLIENT_ID and B24_CLIENT_SECRET are required for OAuth")
         self.client_id, self.client_secret = client_id, client_secret
         self.token_url_override = token_url
-        self.transport, self.timeout = transport, timeout
+        self.transport, self.timeout, self.verify = transport, timeout, verify
 
     def _client(self, update_token: Callable[..., None] | None = None) -> BitrixOAuth2Client:
         return BitrixOAuth2Client(self.client_id, self.client_secret, transport=self.transport,
-                                  timeout=self.timeout, update_token=update_token)
+                                  timeout=self.timeout, verify=self.verify,
+                                  update_token=update_token)
 
     def refresh(self, server_endpoint: str, refresh_token: str,
                 update_token: Callable[[TokenSet], None] | None = None) -> TokenSet:
@@ -170,11 +173,11 @@ class OAuthClient:
         url = server_endpoint.rstrip("/") + "/app.info"
         try:
             with httpx.Client(transport=self.transport, timeout=self.timeout,
-                              follow_redirects=False,
+                              follow_redirects=False, verify=self.verify,
                               headers={"User-Agent": USER_AGENT}) as http:
                 response = http.get(url, params={"auth": access_token})
         except httpx.HTTPError as exc:
-            raise errors.TransportError(f"{type(exc).__name__}: {exc}") from exc
+            raise errors.TransportError(tls.describe(exc)) from exc
         return decode(response).get("result") or {}
 
 
@@ -188,6 +191,6 @@ def _grant(request: Callable[[], Any]) -> dict[str, Any]:
         raise errors.TransportError(f"token endpoint answered HTTP {exc.response.status_code}",
                                     exc.response.status_code) from exc
     except httpx.HTTPError as exc:
-        raise errors.TransportError(f"{type(exc).__name__}: {exc}") from exc
+        raise errors.TransportError(tls.describe(exc)) from exc
     except ValueError as exc:  # a non-JSON body below HTTP 400
         raise errors.TransportError(str(exc)) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,7 +10,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from app.bitrix import errors
+from app.bitrix import errors, tls
 from app.bitrix.query import command
 
 MAX_BATCH = 50
@@ -100,9 +101,10 @@ class RestClient:
 
     def __init__(self, http: httpx.Client | None = None, *,
                  transport: httpx.BaseTransport | None = None,
-                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT) -> None:
+                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+                 verify: ssl.SSLContext | bool = True) -> None:
         self.http = http or httpx.Client(
-            transport=transport, timeout=timeout, follow_redirects=False,
+            transport=transport, timeout=timeout, follow_redirects=False, verify=verify,
             headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
 
@@ -117,7 +119,7 @@ class RestClient:
         try:
             response = self.http.post(client_endpoint + method, json=body)
         except httpx.HTTPError as exc:
-            raise errors.TransportError(f"{type(exc).__name__}: {exc}") from exc
+            raise errors.TransportError(tls.describe(exc)) from exc
         return decode(response)
 
     def batch(self, client_endpoint: str, commands: Mapping[str, tuple[str, Mapping[str, Any]]],

@@ -21,7 +21,7 @@ import redis
 from flask import current_app
 from sqlalchemy import func, or_, select
 
-from app.bitrix import BatchResult, RestClient, errors
+from app.bitrix import BatchResult, RestClient, errors, tls
 from app.config import DEFAULT_IDLE_REFRESH_DAYS
 from app.extensions import db, redis_ext
 from app.tenants import status as portal_status
@@ -38,7 +38,7 @@ T = TypeVar("T")
 ACTIVITY_GRANULARITY = timedelta(minutes=15)  # last_activity_at is written at most this often
 MAX_MOVES = 3
 _client_lock = threading.Lock()
-_client: RestClient | None = None
+_clients: dict[str, RestClient] = {}  # by B24_CA_BUNDLE ("" = the default trust store)
 _client_pid = 0
 
 
@@ -48,14 +48,20 @@ def get_portal(member_id: str) -> Portal | None:
 
 
 def rest_client() -> RestClient:
-    """The process's shared REST client: one connection pool, rebuilt after a fork."""
-    global _client, _client_pid
-    if _client is None or _client_pid != os.getpid():
+    """The process's shared REST client: one pool per CA bundle, rebuilt after a fork."""
+    global _client_pid
+    bundle = current_app.config.get("B24_CA_BUNDLE") or ""
+    client = _clients.get(bundle) if _client_pid == os.getpid() else None
+    if client is None:
         with _client_lock:
-            if _client is None or _client_pid != os.getpid():
-                _client, _client_pid = RestClient(), os.getpid()
-                atexit.register(_client.close)
-    return _client
+            if _client_pid != os.getpid():
+                _clients.clear()
+                _client_pid = os.getpid()
+            client = _clients.get(bundle)
+            if client is None:
+                client = _clients[bundle] = RestClient(verify=tls.trust(bundle))
+                atexit.register(client.close)
+    return client
 
 
 def call_method(portal: Portal, method: str, params: Mapping[str, Any] | None = None) -> Any:

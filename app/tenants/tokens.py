@@ -37,7 +37,7 @@ from sqlalchemy import case, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm.attributes import flag_modified
 
-from app.bitrix import OAuthClient, TokenSet, errors
+from app.bitrix import OAuthClient, TokenSet, errors, tls
 from app.extensions import db, redis_ext
 from app.tenants import status as portal_status
 from app.tenants.models import Portal, PortalStatus, aware, utcnow
@@ -109,7 +109,8 @@ def oauth_client() -> OAuthClient:
     """The app's OAuth client from its configuration."""
     cfg = current_app.config
     return OAuthClient(cfg.get("B24_CLIENT_ID") or "", cfg.get("B24_CLIENT_SECRET") or "",
-                       token_url=cfg.get("B24_OAUTH_TOKEN_URL"))
+                       token_url=cfg.get("B24_OAUTH_TOKEN_URL"),
+                       verify=tls.trust(cfg.get("B24_CA_BUNDLE")))
 
 
 def refresh(portal: Portal, seen_version: int) -> Credentials:
