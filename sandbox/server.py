@@ -110,6 +110,12 @@ async def request_params(request: web.Request) -> dict[str, Any]:
     return params
 
 
+def connections(*runners: web.AppRunner) -> list[asyncio.BaseTransport]:
+    """The transports of every connection the runners' servers hold now."""
+    handlers = [h for r in runners if r.server is not None for h in r.server.connections]
+    return [h.transport for h in handlers if h.transport is not None]
+
+
 class Front:
     """HTTP handlers bound to one Cloud."""
 
@@ -421,8 +427,11 @@ class SandboxServer:
                 task.cancel()
             if self.cloud.http and not self.cloud.http.closed:
                 await self.cloud.http.close()
+            open_now = connections(portal_runner, cloud_runner)
             await portal_runner.cleanup()
             await cloud_runner.cleanup()
+            for transport in open_now:
+                transport.abort()  # a TLS close waits for the peer; idle pooled ones never reply
 
     def request_stop(self) -> None:
         """Ask a loop-owned server to stop (signal handlers)."""
