@@ -108,6 +108,21 @@ def lead_add(ctx: Ctx, params: dict[str, Any]) -> int:
     return add_entity(ctx, "lead", _fields(params))
 
 
+@method("crm.lead.get", scope="crm")
+def lead_get(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
+    return _get(ctx, "lead", params)
+
+
+@method("crm.lead.list", scope="crm")
+def lead_list(ctx: Ctx, params: dict[str, Any]) -> Any:
+    return _list(ctx, "lead", params)
+
+
+@method("crm.activity.list", scope="crm")
+def activity_list(ctx: Ctx, params: dict[str, Any]) -> Any:
+    return _list(ctx, "activity", params)
+
+
 @method("crm.deal.add", scope="crm")
 def deal_add(ctx: Ctx, params: dict[str, Any]) -> int:
     return add_entity(ctx, "deal", _fields(params))
