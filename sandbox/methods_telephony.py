@@ -351,17 +351,17 @@ def _click_line(portal: Portal, data: dict[str, Any]) -> dict[str, Any]:
 def click_to_call(ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
     """ONEXTERNALCALLSTART data as the portal sends it: it registers the outgoing call first
     (creating a lead when the line's CRM_AUTO_CREATE is on and the CRM has no match), then
-    sends the full field set in the documented order (protocol §3.5/§8.8).
+    sends the full field set in the documented order (protocol §3.5/§8.8). A CALL_ID in
+    ``data`` skips the registration (the caller plays a call registered elsewhere).
     """
-    phone = str(data.get("PHONE_NUMBER") or "")
     line = _click_line(ctx.portal, data)
-    call: dict[str, Any] = {}
+    crm: dict[str, Any] = data
     if not data.get("CALL_ID"):
-        call = register_call(ctx, CallSpec(
-            user_id=ctx.user.id, phone=norm_phone(phone), call_type="1", line=line["NUMBER"],
-            external=None, start=time.time(), crm_create=line["CRM_AUTO_CREATE"] == "Y",
-            crm_entity=_crm_entity(data), show=False, click_to_call=True))
-    ordered = {
+        call = _register_click(ctx, data, line)
+        crm = {"CALL_ID": call["CALL_ID"], "CRM_ENTITY_TYPE": call["CRM_ENTITY_TYPE"] or "",
+               "CRM_ENTITY_ID": call["CRM_ENTITY_ID"] or ""}
+    phone = str(data.get("PHONE_NUMBER") or "")
+    return {
         "PHONE_NUMBER": phone,
         "PHONE_NUMBER_INTERNATIONAL": data.get("PHONE_NUMBER_INTERNATIONAL",
                                                _international(phone)),
@@ -370,11 +370,27 @@ def click_to_call(ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
         "CALL_LIST_ID": str(data.get("CALL_LIST_ID") or 0),
         "LINE_NUMBER": line["NUMBER"],
         "IS_MOBILE": "1" if str(data.get("IS_MOBILE") or "0") in ("1", "true", "Y") else "0",
-        "CALL_ID": data.get("CALL_ID") or call["CALL_ID"],
-        "CRM_ENTITY_TYPE": data.get("CRM_ENTITY_TYPE", call.get("CRM_ENTITY_TYPE") or ""),
-        "CRM_ENTITY_ID": str(data.get("CRM_ENTITY_ID", call.get("CRM_ENTITY_ID") or "")),
+        "CALL_ID": crm["CALL_ID"],
+        "CRM_ENTITY_TYPE": crm.get("CRM_ENTITY_TYPE", ""),
+        "CRM_ENTITY_ID": str(crm.get("CRM_ENTITY_ID", "")),
     }
-    return ordered
+
+
+def _register_click(ctx: Ctx, data: dict[str, Any], line: dict[str, Any]) -> dict[str, Any]:
+    """The outgoing call the portal registers for a click, as the app's register would."""
+    spec = CallSpec(
+        user_id=ctx.user.id,
+        phone=norm_phone(data.get("PHONE_NUMBER", "")),
+        call_type="1",
+        line=line["NUMBER"],
+        external=None,
+        start=time.time(),
+        crm_create=line["CRM_AUTO_CREATE"] == "Y",
+        crm_entity=_crm_entity(data),
+        show=False,
+        click_to_call=True,
+    )
+    return register_call(ctx, spec)
 
 
 def _users(params: dict[str, Any], call: dict[str, Any]) -> list[int]:
