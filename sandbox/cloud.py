@@ -15,7 +15,8 @@ import aiohttp
 from . import methods_core, methods_crm, methods_telephony  # noqa: F401  (registers methods)
 from .limits import PLANS
 from .phpquery import build_query
-from .state import IFRAME_FORMS, Portal, Settings, TokenStore, User, hex32
+from .rest import Ctx
+from .state import IFRAME_FORMS, Portal, Settings, TokenStore, User, hex32, parse_time_zone
 
 INSTALL_FINISH_RE = re.compile(r"BX24\s*\.\s*installFinish\s*\(")
 TOKEN_EVENTS = {"ONAPPINSTALL", "ONAPPUPDATE", "ONOFFLINEEVENT", "ONSUBSCRIPTIONRENEW"}
@@ -29,6 +30,15 @@ def check_iframe_form(value: Any) -> str:
     """A valid iframe form name ("full" or "short"), or a 400 control error."""
     if value not in IFRAME_FORMS:
         raise ControlError(400, f"iframe_form must be one of {list(IFRAME_FORMS)}, got {value!r}")
+    return str(value)
+
+
+def check_time_zone(value: Any) -> str:
+    """A valid portal time zone (IANA name or "+03:00"), or a 400 control error."""
+    try:
+        parse_time_zone(str(value))
+    except ValueError as exc:
+        raise ControlError(400, str(exc)) from None
     return str(value)
 
 
@@ -129,6 +139,9 @@ class Cloud:
             p.application_token = spec["application_token"]
         if spec.get("iframe_form") is not None:
             p.iframe_form = check_iframe_form(spec["iframe_form"])
+        if spec.get("time_zone"):
+            p.time_zone = check_time_zone(spec["time_zone"])
+        p.missing_placements = [str(c).upper() for c in spec.get("missing_placements") or []]
         for key in ("redirect_url", "install_url", "app_page_url", "events_url"):
             setattr(p, key, spec.get(key))
         p.set_plan(plan)
@@ -171,6 +184,7 @@ class Cloud:
             "scope": p.scope,
             "status": p.status,
             "iframe_form": self.iframe_form(p),
+            "time_zone": p.time_zone,
             "app_url": p.app_url,
             "deleted": p.deleted,
             "installed": p.installed,
@@ -563,19 +577,8 @@ class Cloud:
         user_id = None if spec.get("no_auth") else int(spec.get("user_id") or self._default_user(p))
         if event == "ONAPPUPDATE":
             self.drop_install_bindings(p)  # the update happened: it drops them (§2.4)
-        if event == "ONEXTERNALCALLSTART" and not data.get("CALL_ID"):
-            data = dict(data)
-            call = methods_telephony.make_call(
-                p,
-                int(data.get("USER_ID") or user_id or self._default_user(p)),
-                methods_telephony.norm_phone(data.get("PHONE_NUMBER", "")),
-                "1",
-                str(data.get("LINE_NUMBER", "")),
-                "",
-                time.time(),
-                click_to_call=True,
-            )
-            data["CALL_ID"] = call["CALL_ID"]
+        if event == "ONEXTERNALCALLSTART":
+            data = self._click_to_call(p, data, user_id)
         queued = (
             methods_core.queue_offline(p, event, data, user_id) if p.install_finished else False
         )
@@ -588,6 +591,13 @@ class Cloud:
             "offline_queued": queued,
             "install_finished": p.install_finished,
         }
+
+    def _click_to_call(self, p: Portal, data: dict[str, Any], user_id: int | None) -> Any:
+        """The clicking user's call, registered as the portal does before it sends the event."""
+        uid = int(data.get("USER_ID") or user_id or self._default_user(p))
+        if uid not in p.users:
+            raise ControlError(400, f"unknown user {uid}")
+        return methods_telephony.click_to_call(Ctx(p, p.users[uid], self), dict(data))
 
     def _default_user(self, p: Portal) -> int:
         admin = next(iter(p.admins()), None)

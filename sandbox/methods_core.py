@@ -293,7 +293,7 @@ def offline_get(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
             and (not connector or r["CONNECTOR"] != connector)
         ]
     rows = _offline_filter(rows, arg(params, "filter", default=None))
-    rows = sorted(rows, key=lambda r: (r["TS"], r["ID"]))[: max(limit, 0)]
+    rows = sorted(rows, key=lambda r: (r["TS"], int(r["ID"])))[: max(limit, 0)]
     if not rows:
         return {"process_id": None, "events": []}
     if clear:
@@ -345,7 +345,7 @@ def offline_list(ctx: Ctx, params: dict[str, Any]) -> Any:
     rows = _offline_filter(list(ctx.portal.offline), arg(params, "filter", default=None))
     out = [
         dict(_public(r), PROCESS_ID=r["PROCESS_ID"] or None, ERROR=r["ERROR"])
-        for r in sorted(rows, key=lambda r: r["ID"])
+        for r in sorted(rows, key=lambda r: int(r["ID"]))
     ]
     return page(out, params)
 
@@ -365,8 +365,8 @@ def queue_offline(portal: Any, event: str, data: dict[str, Any], user_id: int | 
     portal.offline_seq += 1
     portal.offline.append(
         {
-            "ID": portal.offline_seq,
-            "TIMESTAMP_X": iso(now),
+            "ID": str(portal.offline_seq),  # a string, as Bitrix24 sends every id here
+            "TIMESTAMP_X": iso(now, portal.tz),
             "TS": now,
             "EVENT_NAME": event,
             "EVENT_DATA": data,
@@ -384,39 +384,57 @@ def queue_offline(portal: Any, event: str, data: dict[str, Any], user_id: int | 
 # ---------------------------------------------------------------- placements
 
 
-@method("placement.bind", scope="placement", admin=True)
-def placement_bind(ctx: Ctx, params: dict[str, Any]) -> bool:
-    code = str(arg(params, "PLACEMENT", "placement", default="")).upper()
-    handler = str(arg(params, "HANDLER", "handler", default=""))
+def _bind_error(code: str, text: str, **extra: Any) -> ApiError:
+    """A placement.bind error: answered with HTTP 200 (issue #11 point 6; the b24restdocs
+    placement-bind page lists 200 for ERROR_PLACEMENT_MAX_COUNT and ERROR_ARGUMENT; we take the
+    stricter reading, every placement.bind error). Inside a batch it lands among the results.
+    """
+    return ApiError(code, text, 200, **extra)
+
+
+def _offered(ctx: Ctx, code: str) -> bool:
+    """Whether this portal offers the placement: known, its tool scope granted, not missing."""
+    need = PLACEMENTS.get(code, "?")
+    return (
+        code in PLACEMENTS
+        and (not need or need in ctx.portal.scope.split(","))
+        and code not in ctx.portal.missing_placements
+    )
+
+
+def _check_bind(ctx: Ctx, code: str, handler: str, options: Any) -> None:
     if not code:
-        raise ApiError(
-            "ERROR_ARGUMENT", "Argument 'PLACEMENT' is null or empty", 400, argument="PLACEMENT"
-        )
-    if code not in PLACEMENTS:
-        raise ApiError("ERROR_PLACEMENT_NOT_FOUND", "Placement not found", 400)
-    need = PLACEMENTS[code]
-    if need and need not in ctx.portal.scope.split(","):
-        raise ApiError("ERROR_PLACEMENT_NOT_FOUND", "Placement not found", 400)
+        raise _bind_error("ERROR_ARGUMENT", "Argument 'PLACEMENT' is null or empty",
+                          argument="PLACEMENT")
+    if not _offered(ctx, code):
+        raise _bind_error("ERROR_PLACEMENT_NOT_FOUND", "Placement not found")
     if not handler:
-        raise ApiError(
-            "ERROR_ARGUMENT", "Argument 'HANDLER' is null or empty", 400, argument="HANDLER"
-        )
+        raise _bind_error("ERROR_ARGUMENT", "Argument 'HANDLER' is null or empty",
+                          argument="HANDLER")
     parts = urlsplit(handler)
     if parts.scheme not in ("http", "https"):
-        raise ApiError("ERROR_UNSUPPORTED_PROTOCOL", "Unsupported handler protocol", 400)
+        raise _bind_error("ERROR_UNSUPPORTED_PROTOCOL", "Unsupported handler protocol")
     if not parts.hostname or "." not in parts.hostname:
-        raise ApiError("ERROR_WRONG_HANDLER_URL", "Wrong handler URL", 400)
-    options = arg(params, "OPTIONS", "options", default={})
+        raise _bind_error("ERROR_WRONG_HANDLER_URL", "Wrong handler URL")
     if code == "PAGE_BACKGROUND_WORKER" and not (
         isinstance(options, dict) and options.get("errorHandlerUrl")
     ):
-        raise ApiError("EMPTY_ERROR_HANDLER_URL", "errorHandlerUrl is required", 400)
+        raise _bind_error("EMPTY_ERROR_HANDLER_URL", "errorHandlerUrl is required")
+
+
+@method("placement.bind", scope="placement", admin=True)
+def placement_bind(ctx: Ctx, params: dict[str, Any]) -> bool:
+    """Bind a widget handler; every error comes with HTTP 200."""
+    code = str(arg(params, "PLACEMENT", "placement", default="")).upper()
+    handler = str(arg(params, "HANDLER", "handler", default=""))
+    options = arg(params, "OPTIONS", "options", default={})
+    _check_bind(ctx, code, handler, options)
     user_id = int(arg(params, "USER_ID", default=0) or 0)
     existing = [b for b in ctx.portal.placements if b.placement == code]
     if any(b.handler == handler and b.user_id == user_id for b in existing):
-        raise ApiError("ERROR_PLACEMENT_HANDLER_EXISTS", "Handler already binded", 400)
+        raise _bind_error("ERROR_PLACEMENT_HANDLER_EXISTS", "Handler already binded")
     if code in SINGLE_INSTANCE and existing:
-        raise ApiError("ERROR_PLACEMENT_MAX_COUNT", "Placement max count reached", 400)
+        raise _bind_error("ERROR_PLACEMENT_MAX_COUNT", "Placement max count: 1")
     ctx.portal.placements.append(
         PlacementBinding(
             code,
@@ -433,20 +451,28 @@ def placement_bind(ctx: Ctx, params: dict[str, Any]) -> bool:
 
 @method("placement.unbind", scope="placement", admin=True)
 def placement_unbind(ctx: Ctx, params: dict[str, Any]) -> dict[str, int]:
+    """Remove handlers; ``count`` grows by 2 per handler removed (1 found + 1 deleted), as the
+    b24restdocs placement-unbind page describes it.
+    """
     code = str(arg(params, "PLACEMENT", "placement", default="")).upper()
     if not code:
         raise ApiError(
             "ERROR_ARGUMENT", "Argument 'PLACEMENT' is null or empty", 400, argument="PLACEMENT"
         )
     handler = str(arg(params, "HANDLER", "handler", default=""))
+    user = arg(params, "USER_ID", default=None)
     keep = [
         b
         for b in ctx.portal.placements
-        if not (b.placement == code and (not handler or b.handler == handler))
+        if not (
+            b.placement == code
+            and (not handler or b.handler == handler)
+            and (user is None or str(b.user_id) == str(user))
+        )
     ]
-    count = len(ctx.portal.placements) - len(keep)
+    removed = len(ctx.portal.placements) - len(keep)
     ctx.portal.placements = keep
-    return {"count": count}
+    return {"count": 2 * removed}
 
 
 @method("placement.get", scope="placement", admin=True)
@@ -456,5 +482,4 @@ def placement_get(ctx: Ctx, params: dict[str, Any]) -> list[dict[str, Any]]:
 
 @method("placement.list", scope="placement")
 def placement_list(ctx: Ctx, params: dict[str, Any]) -> list[str]:
-    granted = set(ctx.portal.scope.split(","))
-    return sorted(code for code, need in PLACEMENTS.items() if not need or need in granted)
+    return sorted(code for code in PLACEMENTS if _offered(ctx, code))

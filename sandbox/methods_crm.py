@@ -44,7 +44,7 @@ def add_entity(ctx: Ctx, kind: str, fields: dict[str, Any]) -> int:
     """Create a CRM record; used by methods and by telephony auto-create."""
     ctx.portal.crm_seq += 1
     new_id = ctx.portal.crm_seq
-    now = iso(time.time())
+    now = iso(time.time(), ctx.portal.tz)
     rec = {
         "ID": str(new_id),
         "DATE_CREATE": now,
@@ -108,6 +108,21 @@ def lead_add(ctx: Ctx, params: dict[str, Any]) -> int:
     return add_entity(ctx, "lead", _fields(params))
 
 
+@method("crm.lead.get", scope="crm")
+def lead_get(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
+    return _get(ctx, "lead", params)
+
+
+@method("crm.lead.list", scope="crm")
+def lead_list(ctx: Ctx, params: dict[str, Any]) -> Any:
+    return _list(ctx, "lead", params)
+
+
+@method("crm.activity.list", scope="crm")
+def activity_list(ctx: Ctx, params: dict[str, Any]) -> Any:
+    return _list(ctx, "activity", params)
+
+
 @method("crm.deal.add", scope="crm")
 def deal_add(ctx: Ctx, params: dict[str, Any]) -> int:
     return add_entity(ctx, "deal", _fields(params))
@@ -128,6 +143,6 @@ def deal_update(ctx: Ctx, params: dict[str, Any]) -> bool:
     """Update a deal; your own update fires ONCRMDEALUPDATE back to you (as in Bitrix24)."""
     rec = _get(ctx, "deal", params)
     rec.update(_fields(params))
-    rec["DATE_MODIFY"] = iso(time.time())
+    rec["DATE_MODIFY"] = iso(time.time(), ctx.portal.tz)
     ctx.cloud.emit(ctx.portal, "ONCRMDEALUPDATE", {"FIELDS": {"ID": rec["ID"]}}, ctx.user.id)
     return True

@@ -6,6 +6,7 @@ import base64
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -163,40 +164,139 @@ def _check_date(raw: Any) -> float:
     return parsed.timestamp()
 
 
-def make_call(
-    portal: Portal,
-    user_id: int,
-    phone: str,
-    call_type: str,
-    line: str,
-    external: str,
-    start: float,
-    click_to_call: bool = False,
-) -> dict[str, Any]:
+@dataclass
+class CallSpec:
+    """What a register asks for: the dedup key plus what a new call is made of."""
+
+    user_id: int
+    phone: str
+    call_type: str
+    line: str
+    external: str | None  # None: not passed (then dedup ignores it, as Bitrix24 does)
+    start: float
+    crm_create: bool = False
+    crm_entity: tuple[str, int] | None = None
+    show: bool = True
+    click_to_call: bool = False
+
+
+def make_call(portal: Portal, spec: CallSpec) -> dict[str, Any]:
     """Create an active (registered, unfinished) call."""
-    hits = find_crm(portal, phone)
+    hits = find_crm(portal, spec.phone)
     call = {
         "CALL_ID": new_call_id(),
-        "USER_ID": user_id,
-        "PHONE_NUMBER": phone,
-        "TYPE": call_type,
-        "LINE_NUMBER": line,
-        "EXTERNAL_CALL_ID": external,
-        "START": start,
+        "USER_ID": spec.user_id,
+        "PHONE_NUMBER": spec.phone,
+        "TYPE": spec.call_type,
+        "LINE_NUMBER": spec.line,
+        "EXTERNAL_CALL_ID": spec.external,
+        "START": spec.start,
         "SHOWN": set(),
-        "CLICK_TO_CALL": click_to_call,
+        "CLICK_TO_CALL": spec.click_to_call,
         "REGISTERED_AT": time.time(),
         "CRM_ENTITY_TYPE": hits[0]["CRM_ENTITY_TYPE"] if hits else None,
         "CRM_ENTITY_ID": hits[0]["CRM_ENTITY_ID"] if hits else None,
+        "CREATED_LEAD": None,
+        "CREATED": [],
     }
     portal.calls[call["CALL_ID"]] = call
     return call
 
 
+def find_active(portal: Portal, spec: CallSpec, now: float) -> dict[str, Any] | None:
+    """The active call a register repeats, per the platform's dedup rule.
+
+    Only calls not yet finished, whose CALL_START_DATE is under 30 minutes old, for the same
+    resolved user, number and TYPE; LINE_NUMBER and EXTERNAL_CALL_ID count when passed (the
+    rest module's register builds its duplicate filter that way).
+    """
+    for call in portal.calls.values():
+        if (
+            call["USER_ID"] == spec.user_id
+            and call["PHONE_NUMBER"] == spec.phone
+            and call["TYPE"] == spec.call_type
+            and call["START"] > now - DEDUP_WINDOW
+            and (not spec.line or call["LINE_NUMBER"] == spec.line)
+            and (spec.external is None or call["EXTERNAL_CALL_ID"] == spec.external)
+        ):
+            return call
+    return None
+
+
+def register_call(ctx: Ctx, spec: CallSpec) -> dict[str, Any]:
+    """Return the active duplicate or create the call (and its lead); note it in the log."""
+    portal = ctx.portal
+    call = find_active(portal, spec, time.time())
+    created = call is None
+    if call is None:
+        _check_click_to_call(portal, spec)
+        call = make_call(portal, spec)
+        _count_external(portal, spec.external)
+        _bind_crm(ctx, call, spec)
+    if spec.show:
+        call["SHOWN"].add(spec.user_id)
+    ctx.note = {"call_id": call["CALL_ID"], "external_call_id": spec.external,
+                "created": created}
+    return call
+
+
+def _check_click_to_call(portal: Portal, spec: CallSpec) -> None:
+    """A new register for a click-to-call the portal already registered is a violation."""
+    if spec.click_to_call:
+        return
+    for c in portal.calls.values():
+        if (
+            c["CLICK_TO_CALL"]
+            and c["USER_ID"] == spec.user_id
+            and c["PHONE_NUMBER"] == spec.phone
+            and time.time() - c["REGISTERED_AT"] < DEDUP_WINDOW
+        ):
+            portal.violation("register_for_click_to_call")
+            return
+
+
+def _count_external(portal: Portal, external: str | None) -> None:
+    """Count calls created again for an EXTERNAL_CALL_ID that already had one."""
+    if not external:
+        return
+    portal.dedup[external] = portal.dedup.get(external, 0) + 1
+    if portal.dedup[external] > 1:
+        portal.bump("duplicate_calls")
+
+
+def _bind_crm(ctx: Ctx, call: dict[str, Any], spec: CallSpec) -> None:
+    """The CRM entity passed, else a CRM match, else a new lead when asked to create one."""
+    if spec.crm_entity:
+        call["CRM_ENTITY_TYPE"], call["CRM_ENTITY_ID"] = spec.crm_entity
+        return
+    if call["CRM_ENTITY_ID"] is not None or not spec.crm_create or _is_internal(ctx, spec):
+        return
+    lead = add_entity(
+        ctx,
+        "lead",
+        {"TITLE": f"Call {spec.phone}", "PHONE": [{"VALUE": spec.phone, "VALUE_TYPE": "WORK"}]},
+    )
+    call["CRM_ENTITY_TYPE"], call["CRM_ENTITY_ID"] = "LEAD", lead
+    call["CREATED_LEAD"] = lead
+    call["CREATED"] = [{"ENTITY_TYPE": "LEAD", "ENTITY_ID": lead}]
+
+
+def _is_internal(ctx: Ctx, spec: CallSpec) -> bool:
+    """A call to an employee's extension creates nothing in the CRM."""
+    return any(u.extension == spec.phone and u.active for u in ctx.portal.users.values())
+
+
+def _crm_entity(params: dict[str, Any]) -> tuple[str, int] | None:
+    kind = arg(params, "CRM_ENTITY_TYPE", default=None)
+    ident = arg(params, "CRM_ENTITY_ID", default=None)
+    if not kind or not str(ident or "").isdigit():
+        return None
+    return str(kind).upper(), int(ident)
+
+
 @method("telephony.externalCall.register", scope="telephony")
 def call_register(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
-    """Register a call; identical key within 30 min returns the same CALL_ID."""
-    portal = ctx.portal
+    """Register a call; an active duplicate (the platform's dedup rule) is returned instead."""
     user = _resolve_user(ctx, params)
     call_type = str(arg(params, "TYPE", default=""))
     if call_type not in TYPES:
@@ -204,62 +304,93 @@ def call_register(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     phone = norm_phone(arg(params, "PHONE_NUMBER", default=""))
     if not _PHONE_RE.match(phone):
         raise core("Unsupported phone number format")
-    start = _check_date(arg(params, "CALL_START_DATE", default=None))
-    line = str(arg(params, "LINE_NUMBER", default=""))
-    external = str(arg(params, "EXTERNAL_CALL_ID", default=""))
-    key = (
-        phone,
-        call_type,
-        str(arg(params, "USER_ID", default="")),
-        str(arg(params, "USER_PHONE_INNER", default="")),
-        line,
-        external,
+    external = params.get("EXTERNAL_CALL_ID")
+    spec = CallSpec(
+        user_id=user.id,
+        phone=phone,
+        call_type=call_type,
+        line=str(arg(params, "LINE_NUMBER", default="")).strip(),
+        external=None if external is None else str(external),
+        start=_check_date(arg(params, "CALL_START_DATE", default=None)),
+        crm_create=str(arg(params, "CRM_CREATE", default="0")) == "1",
+        crm_entity=_crm_entity(params),
+        show=str(arg(params, "SHOW", default="1")) == "1",
     )
-    now = time.time()
-    dedup = portal.dedup
-    hit = dedup.get(key)
-    if hit and now - hit[1] < DEDUP_WINDOW:
-        call = portal.calls.get(hit[0]) or portal.finished_calls.get(hit[0])
-        return _register_result(hit[0], call or {}, None, [])
-    for c in portal.calls.values():
-        if (
-            c["CLICK_TO_CALL"]
-            and c["USER_ID"] == user.id
-            and c["PHONE_NUMBER"] == phone
-            and now - c["REGISTERED_AT"] < DEDUP_WINDOW
-        ):
-            portal.violation("register_for_click_to_call")
-            break
-    call = make_call(portal, user.id, phone, call_type, line, external, start)
-    dedup[key] = (call["CALL_ID"], now)
-    created: list[dict[str, Any]] = []
-    lead = None
-    if call["CRM_ENTITY_ID"] is None and str(arg(params, "CRM_CREATE", default="0")) == "1":
-        lead = add_entity(
-            ctx,
-            "lead",
-            {"TITLE": f"Call {phone}", "PHONE": [{"VALUE": phone, "VALUE_TYPE": "WORK"}]},
-        )
-        call["CRM_ENTITY_TYPE"], call["CRM_ENTITY_ID"] = "LEAD", lead
-        created.append({"ENTITY_TYPE": "LEAD", "ENTITY_ID": lead})
-    if arg(params, "CRM_ENTITY_TYPE", default=None) and arg(params, "CRM_ENTITY_ID", default=None):
-        call["CRM_ENTITY_TYPE"] = str(params["CRM_ENTITY_TYPE"]).upper()
-        call["CRM_ENTITY_ID"] = int(params["CRM_ENTITY_ID"])
-    if str(arg(params, "SHOW", default="1")) == "1":
-        call["SHOWN"].add(user.id)
-    return _register_result(call["CALL_ID"], call, lead, created)
+    return _register_result(register_call(ctx, spec))
 
 
-def _register_result(
-    call_id: str, call: dict[str, Any], lead: Any, created: list[Any]
-) -> dict[str, Any]:
+def _register_result(call: dict[str, Any]) -> dict[str, Any]:
     return {
-        "CALL_ID": call_id,
-        "CRM_CREATED_LEAD": lead,
-        "CRM_CREATED_ENTITIES": created,
+        "CALL_ID": call["CALL_ID"],
+        "CRM_CREATED_LEAD": call["CREATED_LEAD"],
+        "CRM_CREATED_ENTITIES": list(call["CREATED"]),
         "CRM_ENTITY_TYPE": call.get("CRM_ENTITY_TYPE"),
         "CRM_ENTITY_ID": call.get("CRM_ENTITY_ID"),
     }
+
+
+# ---------------------------------------------------------------- click-to-call
+
+
+def _international(phone: str) -> str:
+    """E.164 as the portal formats it: "+" and digits (00-prefixed numbers too)."""
+    digits = norm_phone(phone)
+    if digits.startswith("00"):
+        return "+" + digits[2:]
+    return digits if digits.startswith("+") else "+" + digits
+
+
+def _click_line(portal: Portal, data: dict[str, Any]) -> dict[str, Any]:
+    """The line a click-to-call goes out on: the one named, else the app's first line."""
+    number = str(data.get("LINE_NUMBER") or "")
+    if number:
+        return portal.lines.get(number) or {"NUMBER": number, "CRM_AUTO_CREATE": "Y"}
+    return next(iter(portal.lines.values()), {"NUMBER": "", "CRM_AUTO_CREATE": "Y"})
+
+
+def click_to_call(ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
+    """ONEXTERNALCALLSTART data as the portal sends it: it registers the outgoing call first
+    (creating a lead when the line's CRM_AUTO_CREATE is on and the CRM has no match), then
+    sends the full field set in the documented order (protocol §3.5/§8.8). A CALL_ID in
+    ``data`` skips the registration (the caller plays a call registered elsewhere).
+    """
+    line = _click_line(ctx.portal, data)
+    crm: dict[str, Any] = data
+    if not data.get("CALL_ID"):
+        call = _register_click(ctx, data, line)
+        crm = {"CALL_ID": call["CALL_ID"], "CRM_ENTITY_TYPE": call["CRM_ENTITY_TYPE"] or "",
+               "CRM_ENTITY_ID": call["CRM_ENTITY_ID"] or ""}
+    phone = str(data.get("PHONE_NUMBER") or "")
+    return {
+        "PHONE_NUMBER": phone,
+        "PHONE_NUMBER_INTERNATIONAL": data.get("PHONE_NUMBER_INTERNATIONAL",
+                                               _international(phone)),
+        "EXTENSION": data.get("EXTENSION", ""),
+        "USER_ID": str(ctx.user.id),
+        "CALL_LIST_ID": str(data.get("CALL_LIST_ID") or 0),
+        "LINE_NUMBER": line["NUMBER"],
+        "IS_MOBILE": "1" if str(data.get("IS_MOBILE") or "0") in ("1", "true", "Y") else "0",
+        "CALL_ID": crm["CALL_ID"],
+        "CRM_ENTITY_TYPE": crm.get("CRM_ENTITY_TYPE", ""),
+        "CRM_ENTITY_ID": str(crm.get("CRM_ENTITY_ID", "")),
+    }
+
+
+def _register_click(ctx: Ctx, data: dict[str, Any], line: dict[str, Any]) -> dict[str, Any]:
+    """The outgoing call the portal registers for a click, as the app's register would."""
+    spec = CallSpec(
+        user_id=ctx.user.id,
+        phone=norm_phone(data.get("PHONE_NUMBER", "")),
+        call_type="1",
+        line=line["NUMBER"],
+        external=None,
+        start=time.time(),
+        crm_create=line["CRM_AUTO_CREATE"] == "Y",
+        crm_entity=_crm_entity(data),
+        show=False,
+        click_to_call=True,
+    )
+    return register_call(ctx, spec)
 
 
 def _users(params: dict[str, Any], call: dict[str, Any]) -> list[int]:
@@ -308,7 +439,6 @@ def call_finish(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         status = "OTHER"
     del portal.calls[call_id]
     portal.stat_seq += 1
-    activity = add_entity(ctx, "activity", {}) if "activity" in portal.crm else None
     stat = {
         "ID": portal.stat_seq,
         "CALL_ID": call_id,
@@ -318,8 +448,9 @@ def call_finish(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         "PORTAL_NUMBER": call["LINE_NUMBER"],
         "INCOMING": call["TYPE"],
         "CALL_DURATION": str(duration),
-        "CALL_START_DATE": iso(call["START"]),
-        "CALL_STATUS": 1 if status == "200" else 0,
+        "CALL_START_DATE": iso(call["START"], portal.tz),
+        # Follows DURATION, not STATUS_CODE: the rest module sets it from DURATION > 0.
+        "CALL_STATUS": 1 if duration > 0 else 0,
         "CALL_VOTE": str(arg(params, "VOTE", default="")),
         "COST": str(arg(params, "COST", default="0")),
         "COST_CURRENCY": str(arg(params, "COST_CURRENCY", default="")),
@@ -327,13 +458,27 @@ def call_finish(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         "CALL_FAILED_REASON": str(arg(params, "FAILED_REASON", default="")),
         "REST_APP_ID": "1",
         "REST_APP_NAME": portal.client_id,
-        "CRM_ACTIVITY_ID": activity or portal.stat_seq,
+        "CRM_ACTIVITY_ID": _add_activity(ctx, call),
         "COMMENT": None,
         "CRM_ENTITY_TYPE": call["CRM_ENTITY_TYPE"],
         "CRM_ENTITY_ID": call["CRM_ENTITY_ID"],
     }
     portal.finished_calls[call_id] = dict(stat, RECORD=None, FINISHED_AT=time.time())
     return stat
+
+
+def _add_activity(ctx: Ctx, call: dict[str, Any]) -> int:
+    """The CRM call activity a finish creates (one per finished call, duplicates included)."""
+    fields = {
+        "TYPE_ID": "2",
+        "SUBJECT": f"Call {call['PHONE_NUMBER']}",
+        "DIRECTION": "1" if call["TYPE"] in ("2", "3") else "2",
+        "START_TIME": iso(call["START"], ctx.portal.tz),
+        "OWNER_TYPE": call["CRM_ENTITY_TYPE"] or "",
+        "OWNER_ID": str(call["CRM_ENTITY_ID"] or ""),
+        "ORIGIN_ID": f"VI_{call['CALL_ID']}",
+    }
+    return add_entity(ctx, "activity", fields)
 
 
 def _ext_ok(name: str) -> bool:

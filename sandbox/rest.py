@@ -7,8 +7,8 @@ import inspect
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from .phpquery import parse_str, php_shape, scalar_to_str
@@ -39,6 +39,8 @@ class Ctx:
     cloud: Any
     in_batch: bool = False
     batch_id: str | None = None
+    # What a method adds to its command-log entry (e.g. whether a register created a call).
+    note: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,20 +78,22 @@ def method(
     return deco
 
 
-def iso(ts: float) -> str:
-    """ISO-8601 with offset, as Bitrix24 prints dates."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds")
+def iso(ts: float, tz: tzinfo | None = None) -> str:
+    """ISO-8601 with the offset of ``tz`` (the portal's time zone), as Bitrix24 prints dates."""
+    return datetime.fromtimestamp(ts, tz or UTC).isoformat(timespec="seconds")
 
 
-def time_block(start: float, finish: float, processing: float) -> dict[str, Any]:
+def time_block(
+    start: float, finish: float, processing: float, tz: tzinfo | None = None
+) -> dict[str, Any]:
     """The per-call `time` block without the operating fields."""
     return {
         "start": round(start, 6),
         "finish": round(finish, 6),
         "duration": round(finish - start, 6),
         "processing": round(processing, 6),
-        "date_start": iso(start),
-        "date_finish": iso(finish),
+        "date_start": iso(start, tz),
+        "date_finish": iso(finish, tz),
     }
 
 
@@ -133,6 +137,7 @@ async def run_method(
     t0 = time.perf_counter()
     status: Any = 200
     result: Any
+    ctx.note = {}
     try:
         meth = METHODS.get(name.lower())
         if meth is None:
@@ -174,9 +179,10 @@ async def run_method(
             "in_batch": ctx.in_batch,
             "batch_id": ctx.batch_id,
             "user_id": ctx.user.id,
+            **ctx.note,
         }
     )
-    return result, time_block(start, finish, processing)
+    return result, time_block(start, finish, processing, portal.tz)
 
 
 def full_time(ctx: Ctx, name: str, timing: dict[str, Any]) -> dict[str, Any]:
@@ -293,6 +299,12 @@ async def run_batch(ctx: Ctx, params: dict[str, Any], latency: float) -> dict[st
             continue
         sub_params = substitute(parse_str(query), sections)
         result, timing = await run_method(ctx, name, sub_params, share)
+        if isinstance(result, ApiError) and result.status == 200:
+            # An error a method answers with HTTP 200 is its returned value (placement.bind):
+            # inside a batch it lands among the results, not in result_error.
+            sections["result"][key] = result.body()
+            sections["result_time"][key] = timing
+            continue
         if isinstance(result, ApiError):
             sections["result_error"][key] = result.body()
             if halt:

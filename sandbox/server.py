@@ -227,7 +227,10 @@ class Front:
                 return error_response(err)
             processing = time.perf_counter() - t0
             return json_response(
-                {"result": result, "time": time_block(start, start + processing, processing)}
+                {
+                    "result": result,
+                    "time": time_block(start, start + processing, processing, ctx.portal.tz),
+                }
             )
         result, timing = await run_method(ctx, name, params, latency)
         if isinstance(result, ApiError):

@@ -5,10 +5,13 @@ log.
 from __future__ import annotations
 
 import collections
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta, timezone, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .limits import PLANS, LeakyBucket, OperatingClock
 
@@ -18,6 +21,21 @@ LOG_LIMIT = 100_000
 # install POSTs captured in 2023-2024 carry; "full" adds SERVER_ENDPOINT, APPLICATION_TOKEN and
 # APPLICATION_SCOPE, as the REST docs rewritten in 2026 list them.
 IFRAME_FORMS = ("full", "short")
+# A portal's time zone when created without one: every date it writes carries this offset.
+DEFAULT_TIME_ZONE = "Europe/Berlin"
+_OFFSET_RE = re.compile(r"^([+-])(\d{2}):(\d{2})$")
+
+
+def parse_time_zone(name: str) -> tzinfo:
+    """An IANA zone ("Europe/Berlin") or a fixed offset ("+03:00"); ValueError otherwise."""
+    fixed = _OFFSET_RE.match(name)
+    if fixed:
+        sign = -1 if fixed.group(1) == "-" else 1
+        return timezone(sign * timedelta(hours=int(fixed.group(2)), minutes=int(fixed.group(3))))
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {name!r}") from None
 
 
 def hex32() -> str:
@@ -178,6 +196,9 @@ def new_counters() -> dict[str, Any]:
             "refresh_token_reuse": 0,
             "double_finish": 0,
         },
+        # Calls created again for an EXTERNAL_CALL_ID that already had one (register dedup
+        # only matches active calls): each is a second call and a second CRM activity.
+        "duplicate_calls": 0,
     }
 
 
@@ -220,7 +241,9 @@ class Portal:
     offline_seq: int = 0
     offline_signal_at: float = 0.0
     crm: dict[str, dict[int, dict[str, Any]]] = field(
-        default_factory=lambda: {"contact": {}, "deal": {}, "lead": {}, "company": {}}
+        default_factory=lambda: {
+            "contact": {}, "deal": {}, "lead": {}, "company": {}, "activity": {}
+        }
     )
     crm_seq: int = 0
     lines: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -231,8 +254,15 @@ class Portal:
     file_seq: int = 9000
     uploads: dict[str, dict[str, Any]] = field(default_factory=dict)
     handler_seq: int = 0
-    dedup: dict[Any, Any] = field(default_factory=dict)
+    dedup: dict[Any, Any] = field(default_factory=dict)  # EXTERNAL_CALL_ID -> calls created
     event_tokens: dict[int, Any] = field(default_factory=dict)
+    time_zone: str = DEFAULT_TIME_ZONE
+    missing_placements: list[str] = field(default_factory=list)  # codes this portal lacks
+
+    @property
+    def tz(self) -> tzinfo:
+        """The portal's time zone: every date it writes carries its offset."""
+        return parse_time_zone(self.time_zone)
 
     @property
     def domain(self) -> str:

@@ -12,6 +12,7 @@ reads the same batch again instead of leaving it reserved.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Select, select
@@ -46,14 +47,32 @@ def _pending_key(portal: Portal) -> str:
     return f"b24relay:offline:process:{portal.id}"
 
 
+def unix_ts(stamp: Any) -> str | None:
+    """``TIMESTAMP_X`` (ISO-8601 in the portal's time zone) as unix seconds, like an online
+    event's ``ts``; None when it carries no offset (its instant is then unknown).
+    """
+    try:
+        moment = datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return None
+    return str(int(moment.timestamp())) if moment.utcoffset() is not None else None
+
+
+def _queue_order(record: dict[str, Any]) -> tuple[int, int]:
+    """The queue's own order: by ID as a number (ids are strings: "10" comes after "9")."""
+    raw = str(record.get("ID") or "")
+    return (0, int(raw)) if raw.isdigit() else (1, 0)
+
+
 def _as_inbox_event(portal: Portal, record: dict[str, Any]) -> inbox.NewEvent | None:
     name, message_id = record.get("EVENT_NAME"), record.get("MESSAGE_ID")
     if not isinstance(name, str) or not name or not message_id:
         return None
     payload = {"event": name.upper(), "data": record.get("EVENT_DATA") or {},
-               "ts": record.get("TIMESTAMP_X"),
+               "ts": unix_ts(record.get("TIMESTAMP_X")),
                "auth": {"member_id": portal.member_id, "domain": portal.domain},
                "offline": {"id": record.get("ID"), "message_id": message_id,
+                           "timestamp_x": record.get("TIMESTAMP_X"),
                            "additional": record.get("EVENT_ADDITIONAL")}}
     return inbox.NewEvent(member_id=portal.member_id, source="b24", event_type=name.upper(),
                           payload=payload, dedupe_key=inbox.digest(["offline", str(message_id)]),
@@ -80,7 +99,7 @@ def _take_batch(portal: Portal) -> tuple[str | None, list[dict[str, Any]]]:
 def _store_batch(portal: Portal, process_id: str, events: list[dict[str, Any]]) -> int:
     usable: list[tuple[dict[str, Any], inbox.NewEvent]] = []
     broken: list[str] = []
-    for record in events:
+    for record in sorted(events, key=_queue_order):  # inbox order = processing order
         event = _as_inbox_event(portal, record)
         if event is not None:
             usable.append((record, event))
@@ -94,10 +113,17 @@ def _store_batch(portal: Portal, process_id: str, events: list[dict[str, Any]]) 
                     {"process_id": process_id, "message_id": broken})
     if usable:
         call_method(portal, "event.offline.clear",
-                    {"process_id": process_id,
-                     "message_id": [str(record["MESSAGE_ID"]) for record, _ in usable]})
+                    {"process_id": process_id, **_clear_ids([record for record, _ in usable])})
     redis_ext.client.delete(_pending_key(portal))
     return sum(1 for s in stored if s.created)
+
+
+def _clear_ids(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Clear stored records by their ids, as given (strings); by MESSAGE_ID if one has none."""
+    ids = [str(record.get("ID") or "") for record in records]
+    if all(ids):
+        return {"id": ids}
+    return {"message_id": [str(record["MESSAGE_ID"]) for record in records]}
 
 
 def pull(portal: Portal) -> int:

@@ -40,7 +40,7 @@ from flask import current_app
 from sqlalchemy import delete, select
 
 from app.bitrix import TokenSet
-from app.bitrix.errors import ApiError, BitrixError
+from app.bitrix.errors import ApiError, BitrixError, from_body
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
@@ -198,6 +198,7 @@ class SetupReport:
     events_bound: list[str] = field(default_factory=list)
     events_unbound: list[str] = field(default_factory=list)
     placements_bound: list[str] = field(default_factory=list)
+    placements_unbound: list[str] = field(default_factory=list)
     lines_added: list[str] = field(default_factory=list)
     users: int = 0
 
@@ -205,7 +206,7 @@ class SetupReport:
     def changed(self) -> bool:
         """Whether anything was bound or added."""
         return bool(self.events_bound or self.events_unbound or self.placements_bound
-                    or self.lines_added)
+                    or self.placements_unbound or self.lines_added)
 
 
 READ_COMMANDS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -273,8 +274,17 @@ def _outcome(result: Any, key: str) -> Any:
     if key in result.errors:
         return result.errors[key]
     if key in result.results:
-        return result.results[key]
+        return _error_in_result(result.results[key])
     return ApiError("NOT_EXECUTED", "command absent from the batch answer")
+
+
+def _error_in_result(value: Any) -> Any:
+    """A failure answered with HTTP 200 (placement.bind does so) is the command's *result*
+    inside a batch: ``{"error", "error_description"}`` among the results is still an error.
+    """
+    if isinstance(value, Mapping) and "error" in value:
+        return from_body(dict(value), 200)
+    return value
 
 
 def _apply_plan(portal: Portal, app: Mapping[str, Any], report: SetupReport) -> None:
@@ -347,7 +357,10 @@ def _missing_bindings(portal: Portal, state: Mapping[str, Any]
     """Commands for whatever is not bound yet, and what each one is (kind, name)."""
     writes, kinds = _event_commands(portal, _as_list(state["events"]))
     placed = {(str(b.get("placement", "")).upper(), b.get("handler"))
-              for b in _as_list(state["placements"])}
+              for b in _as_list(state["placements"]) if isinstance(b, Mapping)}
+    for i, (code, handler) in enumerate(sorted(_stale_placements(placed))):
+        writes[f"pu{i}"] = ("placement.unbind", {"PLACEMENT": code, "HANDLER": handler})
+        kinds[f"pu{i}"] = ("unplace", code)
     for code, (handler, title) in wanted_placements().items():
         if (code, handler) not in placed:
             writes[f"pl_{code}"] = ("placement.bind", {"PLACEMENT": code, "HANDLER": handler,
@@ -357,6 +370,17 @@ def _missing_bindings(portal: Portal, state: Mapping[str, Any]
         writes[f"ln{i}"] = ("telephony.externalLine.add", params)
         kinds[f"ln{i}"] = ("line", params["NUMBER"])
     return writes, kinds
+
+
+def _stale_placements(placed: set[tuple[str, Any]]) -> set[tuple[str, Any]]:
+    """Our widgets still bound to a handler we no longer use (APP_PUBLIC_URL moved).
+
+    Each is unbound by its handler; the answer's ``count`` is not read (the portal counts
+    2 per handler removed, b24restdocs placement-unbind), ``placement.get`` is the truth.
+    """
+    wanted = wanted_placements()
+    return {(code, handler) for code, handler in placed
+            if code in wanted and handler != wanted[code][0]}
 
 
 def _missing_lines(portal: Portal, existing: Any) -> list[dict[str, Any]]:
@@ -378,11 +402,14 @@ def _apply_writes(portal: Portal, writes: dict[str, tuple[str, dict[str, Any]]],
     failures = []
     for key, value in outcome.items():
         kind, name = kinds[key]
+        if kind == "placement" and value is False:  # "the handler was not registered"
+            value = ApiError("NOT_BOUND", "placement.bind answered false")
         if isinstance(value, ApiError) and not _already_done(value):
             failures.append(f"{writes[key][0]} {name}: {value.code} {value.description}")
             continue
         {"event": report.events_bound, "unbind": report.events_unbound,
-         "placement": report.placements_bound, "line": report.lines_added}[kind].append(name)
+         "placement": report.placements_bound, "unplace": report.placements_unbound,
+         "line": report.lines_added}[kind].append(name)
     if failures:
         raise SetupFailed("; ".join(failures))
 
