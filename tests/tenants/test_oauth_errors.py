@@ -180,8 +180,11 @@ def aged_portal(make_portal: Any, sandbox: Any, days: int) -> Any:
     return portal
 
 
-def test_keep_alive_renews_a_chain_idle_175_days_for_another_180(make_portal, sandbox):
+def test_keep_alive_renews_a_chain_idle_175_days_for_another_180(oauth_app, make_portal,
+                                                                  sandbox):
     portal = aged_portal(make_portal, sandbox, 175)
+    in_5_days = (utcnow() + timedelta(days=5)).strftime("%Y-%m-%d")
+    assert f"refresh token dies:       {in_5_days}" in cli(oauth_app, "show", portal.member_id)
     assert service.refresh_idle_portals() == [portal.member_id]
     stored = reload_portal(portal.member_id)
     assert stored.token_version == 2
@@ -190,6 +193,8 @@ def test_keep_alive_renews_a_chain_idle_175_days_for_another_180(make_portal, sa
     sandbox.age_tokens(portal.member_id, 10)  # 185 days after the first chain's issue
     assert service.call_method(stored, "user.current")["ID"] == "1"
     assert reload_portal(portal.member_id).token_version == 3  # expired access, live refresh
+    in_180_days = (utcnow() + timedelta(days=180)).strftime("%Y-%m-%d")
+    assert in_180_days in cli(oauth_app, "show", portal.member_id)
 
 
 def test_a_chain_idle_181_days_is_lost_and_the_admin_is_told_to_reconnect(make_portal, sandbox):
