@@ -28,7 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # Defaults that modules reading app.config also fall back on when a setting is empty.
 DEFAULT_AUTH_SERVERS = "oauth.bitrix.info,oauth.bitrix24.tech"
 DEFAULT_JS_SDK_URL = "//api.bitrix24.com/api/v1/"
+# A refresh token dies 180 days after its issue (protocol §1.5); a chain nobody used that long
+# is lost. The idle keep-alive (hourly) refreshes a portal quiet for IDLE_REFRESH_DAYS: 30
+# leaves 150 days for a stopped worker or an auth-server outage and costs one refresh a month
+# per idle portal, far from the over-refreshing Bitrix24 warns about. Above
+# MAX_IDLE_REFRESH_DAYS the margin is too thin to trust, so the setting is refused.
+REFRESH_TOKEN_DAYS = 180
 DEFAULT_IDLE_REFRESH_DAYS = 30
+MAX_IDLE_REFRESH_DAYS = 150
 
 
 def instance_dir() -> Path:
@@ -179,6 +186,8 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # store (certifi's bundle, or SSL_CERT_FILE). For a portal behind a private CA, or
         # the sandbox's https mode (`python -m sandbox --https` prints its CA file).
         "B24_CA_BUNDLE": env_str("B24_CA_BUNDLE"),
+        # A portal with neither a refresh nor a call for this many days gets one refresh from
+        # the hourly keep-alive (why 30, and why at most 150: DEFAULT_IDLE_REFRESH_DAYS above).
         "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", DEFAULT_IDLE_REFRESH_DAYS),
         "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
         "PRODUCTION": production,
@@ -219,6 +228,10 @@ def validate(cfg: dict[str, Any]) -> None:
                 "print(Fernet.generate_key().decode())')"
             ) from exc
     _check_ca_bundle(cfg.get("B24_CA_BUNDLE"))
+    idle_days = cfg.get("IDLE_REFRESH_DAYS")
+    if idle_days is not None and not 1 <= int(idle_days) <= MAX_IDLE_REFRESH_DAYS:
+        raise ConfigError(f"IDLE_REFRESH_DAYS must be 1..{MAX_IDLE_REFRESH_DAYS} (refresh tokens "
+                          f"die {REFRESH_TOKEN_DAYS} days after issue), got {idle_days!r}")
     broker = cfg.get("BROKER_URL")
     if broker and not broker.startswith(("amqp://", "amqps://", "redis://", "rediss://", "unix://")):
         raise ConfigError(f"BROKER_URL must be amqp:// or redis://, got {broker!r}")

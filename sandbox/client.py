@@ -135,6 +135,19 @@ class SandboxControl:
         """A fresh independent chain for a user (as an iframe open would give)."""
         return self._call("POST", f"/portals/{member_id}/tokens", {"user_id": user_id})
 
+    def set_subscription(self, member_id: str, active: bool) -> dict[str, Any]:
+        """Lapse (``active=False``) or renew the app's subscription on the portal.
+
+        Lapsed: the token endpoint and REST answer ``PAYMENT_REQUIRED`` and events are not sent.
+        """
+        return self._call("POST", f"/portals/{member_id}/subscription", {"active": active})
+
+    def age_tokens(self, member_id: str, days: float) -> dict[str, Any]:
+        """Move the issue times of the portal's codes, access and refresh tokens ``days`` back
+        (a refresh token dies ``refresh_ttl``, 180 days, after its issue).
+        """
+        return self._call("POST", f"/portals/{member_id}/age_tokens", {"days": days})
+
     # ------------------------------------------------------------ acting as the portal
     def install_app(
         self,

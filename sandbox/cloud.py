@@ -51,6 +51,10 @@ def sent_tokens(body: str) -> dict[str, str]:
 
 # The token endpoint's answer to a chain of an uninstalled app (issue #11 point 4 reading).
 NOT_INSTALLED = {"error": "NOT_INSTALLED", "error_description": "Application not installed"}
+# The token endpoint's and REST's answer while the app's subscription has lapsed (§1.7, §4.3).
+PAYMENT_REQUIRED = {"error": "PAYMENT_REQUIRED", "error_description": "Subscription has been ended"}
+# A client_id that is not the app's: HTTP 200 with an error body (§1.7, b24pysdk).
+WRONG_CLIENT = {"error": "wrong_client", "error_description": "Wrong client"}
 
 
 class ControlError(Exception):
@@ -189,6 +193,7 @@ class Cloud:
             "deleted": p.deleted,
             "installed": p.installed,
             "install_finished": p.install_finished,
+            "subscription_active": p.subscription_active,
             "users": [
                 {
                     "id": u.id,
@@ -209,6 +214,21 @@ class Cloud:
         p.port = new
         self.ports[new] = p
         return self.describe(p)
+
+    def set_subscription(self, p: Portal, active: bool) -> dict[str, Any]:
+        """Lapse (False) or renew (True) the app's subscription on the portal.
+
+        While lapsed the token endpoint and REST answer PAYMENT_REQUIRED and no event is
+        sent (protocol §1.7, §3.3); renewing restores all of it. Tokens are not touched:
+        a refused refresh spends nothing.
+        """
+        p.subscription_active = bool(active)
+        return self.describe(p)
+
+    def age_tokens(self, p: Portal, days: float) -> dict[str, Any]:
+        """Pretend `days` went by for the portal's tokens and codes: their issue times move back."""
+        moved = self.tokens.age_portal(p.member_id, float(days) * 86_400)
+        return {"member_id": p.member_id, "days": float(days), "moved": moved}
 
     async def reset(self) -> None:
         """Forget every portal and restore default settings."""
@@ -239,8 +259,33 @@ class Cloud:
             "error_description": "Invalid grant_type parameter",
         }
 
-    def _client_ok(self, p: Portal, q: dict[str, str]) -> bool:
-        return q.get("client_id") == p.client_id and q.get("client_secret") == p.client_secret
+    def _client_error(self, p: Portal | None, q: dict[str, str]) -> tuple[int, dict] | None:
+        """The answer to a grant whose client is wrong, or None when the client is right.
+
+        A client_id that is not the app's (or, before the token is known, no app's) gets HTTP
+        200 with ``wrong_client`` (protocol §1.7, b24pysdk); the right client_id with a wrong
+        secret gets ``400 invalid_client``.
+        """
+        client_id = q.get("client_id") or ""
+        if p is None:
+            known = any(x.client_id == client_id for x in self.portals.values())
+            return None if known else (200, dict(WRONG_CLIENT))
+        if client_id != p.client_id:
+            return 200, dict(WRONG_CLIENT)
+        if q.get("client_secret") != p.client_secret:
+            return 400, {
+                "error": "invalid_client",
+                "error_description": "Invalid client credentials",
+            }
+        return None
+
+    def _app_refusal(self, p: Portal) -> tuple[int, dict[str, Any]] | None:
+        """Why the portal's app may get no tokens now: uninstalled or its subscription lapsed."""
+        if not p.installed:
+            return 401, dict(NOT_INSTALLED)
+        if not p.subscription_active:
+            return 401, dict(PAYMENT_REQUIRED)
+        return None
 
     def _refresh_grant(self, q: dict[str, str]) -> tuple[int, dict[str, Any]]:
         raw = q.get("refresh_token")
@@ -251,15 +296,14 @@ class Cloud:
             }
         tok = self.tokens.refresh.get(raw)
         p = self.portals.get(tok.member_id) if tok else None
+        owner = self.portals.get(self.tokens.revoked.get(raw, ""))
+        refused = self._client_error(p or owner, q)
+        if refused:
+            return refused
         if tok is None and self.revoked_by_uninstall(raw):
             return 401, dict(NOT_INSTALLED)
         if tok is None or p is None:
             return 400, {"error": "invalid_grant", "error_description": "Invalid refresh token"}
-        if not self._client_ok(p, q):
-            return 400, {
-                "error": "invalid_client",
-                "error_description": "Invalid client credentials",
-            }
         if tok.spent:
             p.violation("refresh_token_reuse")
             if self.settings.reuse_revokes_chain:
@@ -268,10 +312,13 @@ class Cloud:
                 "error": "invalid_grant",
                 "error_description": "Refresh token has already been used",
             }
+        if self.tokens.refresh_expired(tok):
+            return 400, {"error": "invalid_grant", "error_description": "Refresh token expired"}
         if p.deleted:
             return 400, {"error": "invalid_grant", "error_description": "Application not installed"}
-        if not p.installed:
-            return 401, dict(NOT_INSTALLED)
+        refused = self._app_refusal(p)
+        if refused:
+            return refused
         access, refresh = self.tokens.rotate(tok)
         p.bump("refreshes")
         p.bump("token_grants")
@@ -286,15 +333,13 @@ class Cloud:
             }
         code = self.tokens.codes.get(raw)
         p = self.portals.get(code.member_id) if code else None
+        refused = self._client_error(p, q)
+        if refused:
+            return refused
         if code is None or p is None:
             return 400, {
                 "error": "invalid_grant",
                 "error_description": "Invalid authorization code",
-            }
-        if not self._client_ok(p, q) or code.client_id != q.get("client_id"):
-            return 400, {
-                "error": "invalid_client",
-                "error_description": "Invalid client credentials",
             }
         if code.used or code.expires < time.time():
             code.used = True
@@ -302,6 +347,9 @@ class Cloud:
                 "error": "invalid_grant",
                 "error_description": "Authorization code expired or used",
             }
+        refused = self._app_refusal(p)
+        if refused:
+            return refused
         code.used = True
         access, refresh = self.tokens.issue(p.member_id, code.user_id)
         p.bump("auth_code_grants")
@@ -518,7 +566,8 @@ class Cloud:
     ) -> list[dict[str, Any]]:
         """POST the event to every online handler bound for it; return what each answered."""
         event = event.upper()
-        if p.deleted or not (p.install_finished or force):
+        lapsed = not p.subscription_active  # nothing is sent while unpaid (§3.3)
+        if p.deleted or lapsed or not (p.install_finished or force):
             p.bump("events_suppressed")
             return []
         targets = [

@@ -211,6 +211,18 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
         p = cloud.portal(request.match_info["mid"])
         return {"expired": cloud.tokens.expire_portal(p.member_id)}
 
+    async def subscription(request: web.Request) -> Any:
+        body = await _body(request)
+        if not isinstance(body.get("active"), bool):
+            raise ControlError(400, "active must be true or false")
+        return cloud.set_subscription(cloud.portal(request.match_info["mid"]), body["active"])
+
+    async def age_tokens(request: web.Request) -> Any:
+        days = float((await _body(request))["days"])
+        if days < 0:
+            raise ControlError(400, "days must not be negative")
+        return cloud.age_tokens(cloud.portal(request.match_info["mid"]), days)
+
     async def tokens(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
         body = await _body(request)
@@ -384,6 +396,8 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
     add("POST", "/portals/{mid}/operating_limit", operating_limit)
     add("POST", "/portals/{mid}/expire_tokens", expire)
     add("POST", "/portals/{mid}/tokens", tokens)
+    add("POST", "/portals/{mid}/subscription", subscription)
+    add("POST", "/portals/{mid}/age_tokens", age_tokens)
     add("POST", "/portals/{mid}/install", install)
     add("POST", "/portals/{mid}/install_finish", install_finish)
     add("GET", "/portals/{mid}/install_state", install_state)

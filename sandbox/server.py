@@ -208,6 +208,8 @@ class Front:
             raise ApiError("expired_token", "The access token provided has expired.", 401)
         if not p.installed:
             raise ApiError("NOT_INSTALLED", "Application not installed", 401)
+        if not p.subscription_active:
+            raise ApiError("PAYMENT_REQUIRED", "Subscription has been ended", 401)
         user = p.users.get(tok.user_id)
         if user is None or not user.active:
             raise ApiError("authorization_error", "Unable to authorize user", 401)

@@ -17,6 +17,7 @@ from .limits import PLANS, LeakyBucket, OperatingClock
 
 DEFAULT_SCOPE = "crm,telephony,placement,user_basic"
 LOG_LIMIT = 100_000
+DAY = 86_400
 # The iframe POST forms (protocol §2.3): "short" is what the portal's own iframe template and
 # install POSTs captured in 2023-2024 carry; "full" adds SERVER_ENDPOINT, APPLICATION_TOKEN and
 # APPLICATION_SCOPE, as the REST docs rewritten in 2026 list them.
@@ -48,6 +49,7 @@ class Settings:
     """Cloud-wide knobs changeable through the control API."""
 
     token_ttl: int = 3600
+    refresh_ttl: int = 180 * DAY  # a refresh token dies this long after its issue (§1.5)
     code_ttl: float = 30.0
     operating_limit: float = 480.0
     request_timeout: float = 60.0
@@ -220,6 +222,7 @@ class Portal:
     old_ports: list[int] = field(default_factory=list)
     deleted: bool = False
     installed: bool = True
+    subscription_active: bool = True  # False: the app's paid period lapsed (PAYMENT_REQUIRED)
     install_finished: bool = False
     iframe_form: str | None = None  # None: the cloud's Settings.iframe_form
     install_user: int | None = None  # the admin of an install not yet finished (ONAPPINSTALL)
@@ -353,6 +356,27 @@ class TokenStore:
                 if table is not self.codes:
                     self.revoked[key] = member_id
                 del table[key]
+
+    def age_portal(self, member_id: str, seconds: float) -> dict[str, int]:
+        """Move the issue times of the portal's codes and tokens `seconds` into the past."""
+        moved = {"access": 0, "refresh": 0, "codes": 0}
+        for tok in self.access.values():
+            if tok.member_id == member_id:
+                tok.expires -= seconds
+                moved["access"] += 1
+        for ref in self.refresh.values():
+            if ref.member_id == member_id:
+                ref.issued -= seconds
+                moved["refresh"] += 1
+        for code in self.codes.values():
+            if code.member_id == member_id:
+                code.expires -= seconds
+                moved["codes"] += 1
+        return moved
+
+    def refresh_expired(self, tok: RefreshToken) -> bool:
+        """Whether `tok` outlived `refresh_ttl` since its issue."""
+        return time.time() - tok.issued >= self.settings.refresh_ttl
 
     def new_code(self, member_id: str, user_id: int, client_id: str) -> AuthCode:
         code = AuthCode(

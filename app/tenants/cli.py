@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import click
 from flask.cli import AppGroup
 from sqlalchemy import select
 
 from app.bitrix import errors
+from app.config import REFRESH_TOKEN_DAYS
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import Portal, PortalStatus
@@ -19,6 +20,11 @@ portals_cli = AppGroup("portals", help="Inspect and operate the installed portal
 
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def _dies(issued: datetime | None) -> datetime | None:
+    """When a refresh token issued at ``issued`` expires unless spent (protocol §1.5)."""
+    return issued + timedelta(days=REFRESH_TOKEN_DAYS) if issued else None
 
 
 def _portal_or_fail(member_id: str) -> Portal:
@@ -56,6 +62,7 @@ def show_portal(member_id: str) -> None:
         ("tokens", "stored" if p.refresh_token else "none"),
         ("token version", p.token_version), ("token expires", _when(p.expires_at)),
         ("chain user", p.auth_user_id or "-"), ("last refresh", _when(p.last_refresh_at)),
+        ("refresh token dies", _when(_dies(p.last_refresh_at))),
         ("refresh in flight since", _when(p.refresh_started_at)),
         ("last activity", _when(p.last_activity_at)), ("installed", _when(p.installed_at)),
     ]

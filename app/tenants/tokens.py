@@ -39,6 +39,7 @@ from sqlalchemy.orm.attributes import flag_modified
 
 from app.bitrix import OAuthClient, TokenSet, errors, tls
 from app.extensions import db, redis_ext
+from app.tenants import metrics
 from app.tenants import status as portal_status
 from app.tenants.models import Portal, PortalStatus, aware, utcnow
 
@@ -150,17 +151,42 @@ def _refresh_locked(portal: Portal, seen_version: int, lock: Any) -> Credentials
         return reload(portal)
     interrupted = row["refresh_started_at"] is not None
     portal_status.write(portal, {"refresh_started_at": utcnow()}, seen_version)
+    outcome = "error"
     try:
         _spend(portal, row, seen_version, lock)
+        outcome = "refreshed"
     except errors.InvalidGrant as exc:
+        outcome = "chain_lost"
         _chain_lost(portal, seen_version, portal_status.INTERRUPTED if interrupted else "",
                     f"{exc.code} {exc.description}".strip())
     except errors.ApiError as exc:
-        # Answered, so nothing rotated: the stored token is still good.
-        portal_status.write(portal, {"refresh_started_at": None}, seen_version)
+        outcome = _refused(portal, seen_version, exc)
         portal_status.apply_error(portal, exc)
         raise
+    except errors.TransportError:
+        outcome = "no_answer"
+        raise
+    finally:
+        metrics.REFRESHES.labels(outcome).inc()
     return reload(portal)
+
+
+def _refused(portal: Portal, seen_version: int, exc: errors.ApiError) -> str:
+    """An answered refusal rotated nothing: keep the stored token, log it; the metric outcome.
+
+    A refused client (``wrong_client``, even on HTTP 200, or ``invalid_client``) is our own
+    misconfiguration, not the tenant's: the portal keeps its status and its chain, and the
+    operator is told at error level.
+    """
+    portal_status.write(portal, {"refresh_started_at": None}, seen_version)
+    if isinstance(exc, errors.InvalidClient):
+        log.error("portal %s: the auth server refused the app's client credentials (%s); "
+                  "check B24_CLIENT_ID and B24_CLIENT_SECRET. The portal keeps its status and "
+                  "its tokens.", portal.member_id, exc)
+        return "client_rejected"
+    target = portal_status.transition_for(exc)
+    log.warning("portal %s: refresh refused: %s", portal.member_id, exc)
+    return target.value if target else "refused"
 
 
 def _spend(portal: Portal, row: dict[str, Any], seen_version: int, lock: Any) -> TokenSet:
