@@ -93,7 +93,7 @@ def _send(portal: Portal, send: Callable[[Credentials], T]) -> T:
         try:
             result = send(creds)
         except errors.QueryLimitExceeded:
-            _rate_bucket().fill(portal.member_id, portal.plan)
+            _fill(portal)
             raise
         except (errors.TokenExpired, errors.InvalidToken):
             if refreshed:
@@ -133,6 +133,14 @@ def _pace(portal: Portal) -> None:
     except redis.RedisError as exc:  # the budget is bookkeeping; Bitrix24 still enforces it
         log.warning("portal %s: rate bucket unavailable (%s); sending unpaced",
                     portal.member_id, exc)
+
+
+def _fill(portal: Portal) -> None:
+    """Bitrix24 said QUERY_LIMIT_EXCEEDED: everyone sharing the bucket waits."""
+    try:
+        _rate_bucket().fill(portal.member_id, portal.plan)
+    except redis.RedisError as exc:
+        log.warning("portal %s: rate bucket not filled (%s)", portal.member_id, exc)
 
 
 def _refreshed(portal: Portal, creds: Credentials) -> Credentials:
