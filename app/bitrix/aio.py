@@ -7,13 +7,13 @@ socket, not a thread. One instance per event loop; its pool is shared by every p
 
 from __future__ import annotations
 
-import os
 import ssl
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
 
+from app.bitrix import tls
 from app.bitrix.rest import (
     DEFAULT_TIMEOUT,
     USER_AGENT,
@@ -25,20 +25,16 @@ from app.bitrix.rest import (
 )
 
 
-def ssl_verify(verify: bool | str) -> bool | ssl.SSLContext:
-    """httpx's ``verify``: a CA bundle file or directory becomes an SSL context."""
-    if not isinstance(verify, str):
-        return verify
-    if os.path.isdir(verify):
-        return ssl.create_default_context(capath=verify)
-    return ssl.create_default_context(cafile=verify)
+def ssl_verify(verify: bool | str | ssl.SSLContext) -> bool | ssl.SSLContext:
+    """httpx's ``verify``: a CA bundle path (``B24_CA_BUNDLE``) becomes ``tls.trust``'s context."""
+    return tls.trust(verify) if isinstance(verify, str) else verify
 
 
 class AsyncRestClient:
     """Calls REST methods with an access token from async code; knows nothing of tenants."""
 
     def __init__(self, *, timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
-                 max_connections: int = 1000, verify: bool | str = True,
+                 max_connections: int = 1000, verify: bool | str | ssl.SSLContext = True,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.http = httpx.AsyncClient(
             transport=transport, timeout=timeout, verify=ssl_verify(verify),

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from app.bitrix import AsyncRestClient, RestClient, errors
+from sandbox import SandboxControl, SandboxServer
 from tests.conftest import wait_for
 
 TRICKY = "a&b=c#d+e%f?g h/ü"
@@ -164,3 +165,18 @@ def test_more_than_50_commands_are_refused_before_sending(portal, sandbox):
         run(lambda rest: rest.batch(portal["client_endpoint"], commands,
                                     portal["access_token"]))
     assert sandbox.counters(portal["member_id"])["rest_requests"] == 0
+
+
+def test_https_portal_is_trusted_through_the_ca_bundle_only():
+    server = SandboxServer(tls=True).start()
+    control = SandboxControl(server.url, ca_file=server.ca_file)
+    try:
+        portal = control.create_portal()
+        assert call(portal, verify=server.ca_file)["result"]["ID"] == "1"
+        with pytest.raises(errors.TransportError) as exc_info:
+            call(portal)  # the default trust store does not know the sandbox's CA
+        assert exc_info.value.sent is False  # refused in the handshake: nothing was sent
+        assert "untrusted TLS certificate" in str(exc_info.value)
+    finally:
+        control.close()
+        server.stop()
