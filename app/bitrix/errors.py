@@ -8,7 +8,10 @@ the same code arrives with different statuses from different sources
 
     BitrixError
     ├── TransportError               no usable answer: timeout, reset, refused,
-    │                                non-JSON body (a gateway's HTML 502/503/504)
+    │   │                            non-JSON body (a gateway's HTML 502/503/504);
+    │   │                            ``sent`` is False only when the request surely
+    │   │                            never reached the server (connect, pool timeout)
+    │   └── AnswerTimeout            sent, but no answer in time: it may have run
     ├── PortalMoved                  302 to a new host: update client_endpoint, repeat
     └── ApiError(code, description, http_status)
         ├── TokenExpired             expired_token: refresh, retry once
@@ -42,11 +45,20 @@ class BitrixError(Exception):
 
 
 class TransportError(BitrixError):
-    """The request got no usable answer; it may or may not have run on the portal."""
+    """The request got no usable answer; it may or may not have run on the portal.
 
-    def __init__(self, message: str, http_status: int | None = None) -> None:
+    ``sent`` is False only when the request surely never reached the server (the
+    connection was never made, or no pooled connection was free): repeating it is safe.
+    """
+
+    def __init__(self, message: str, http_status: int | None = None, *, sent: bool = True) -> None:
         super().__init__(message)
         self.http_status = http_status
+        self.sent = sent
+
+
+class AnswerTimeout(TransportError):
+    """The request left but no answer came in time: its outcome is unknown."""
 
 
 class PortalMoved(BitrixError):

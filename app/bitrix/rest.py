@@ -50,6 +50,29 @@ def decode(response: httpx.Response) -> dict[str, Any]:
     return body
 
 
+# Raised before a byte of the request left: the portal surely never saw it.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
+def transport_error(exc: httpx.HTTPError) -> errors.TransportError:
+    """The TransportError for an httpx failure: ``sent`` False when the request never left."""
+    message = tls.describe(exc)
+    if isinstance(exc, _NOT_SENT):
+        return errors.TransportError(message, sent=False)
+    if isinstance(exc, httpx.ReadTimeout):
+        return errors.AnswerTimeout(message)
+    return errors.TransportError(message)
+
+
+def batch_params(commands: Mapping[str, tuple[str, Mapping[str, Any]]],
+                 halt: bool) -> dict[str, Any]:
+    """The ``batch`` request's parameters for up to 50 ``{key: (method, params)}`` commands."""
+    if len(commands) > MAX_BATCH:
+        raise ValueError(f"a batch takes at most {MAX_BATCH} commands, got {len(commands)}")
+    cmd = {key: command(method, params) for key, (method, params) in commands.items()}
+    return {"halt": 1 if halt else 0, "cmd": cmd}
+
+
 def as_dict(section: Any) -> dict[str, Any]:
     """Batch sections come back as ``[]`` when empty and as lists for numeric keys."""
     if isinstance(section, dict):
@@ -119,15 +142,11 @@ class RestClient:
         try:
             response = self.http.post(client_endpoint + method, json=body)
         except httpx.HTTPError as exc:
-            raise errors.TransportError(tls.describe(exc)) from exc
+            raise transport_error(exc) from exc
         return decode(response)
 
     def batch(self, client_endpoint: str, commands: Mapping[str, tuple[str, Mapping[str, Any]]],
               access_token: str, halt: bool = False) -> BatchResult:
         """Send up to 50 ``{key: (method, params)}`` commands as one ``batch`` request."""
-        if len(commands) > MAX_BATCH:
-            raise ValueError(f"a batch takes at most {MAX_BATCH} commands, got {len(commands)}")
-        cmd = {key: command(method, params) for key, (method, params) in commands.items()}
-        body = self.call(client_endpoint, "batch", {"halt": 1 if halt else 0, "cmd": cmd},
-                         access_token)
+        body = self.call(client_endpoint, "batch", batch_params(commands, halt), access_token)
         return parse_batch(body, tuple(commands))

@@ -13,6 +13,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from sqlalchemy import func, or_, select
 
 from app.bitrix import BatchResult, RestClient, errors, tls
 from app.config import DEFAULT_IDLE_REFRESH_DAYS
+from app.dispatcher.bucket import RateBucket
 from app.extensions import db, redis_ext
 from app.tenants import status as portal_status
 from app.tenants import tokens
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ACTIVITY_GRANULARITY = timedelta(minutes=15)  # last_activity_at is written at most this often
 MAX_MOVES = 3
+BUCKET_MAX_WAIT = 30.0  # past this a direct call goes anyway and Bitrix24 decides
 _client_lock = threading.Lock()
 _clients: dict[str, RestClient] = {}  # by B24_CA_BUNDLE ("" = the default trust store)
 _client_pid = 0
@@ -86,8 +89,12 @@ def _send(portal: Portal, send: Callable[[Credentials], T]) -> T:
         creds = _refreshed(portal, creds)
     refreshed, moves = False, 0
     while True:
+        _pace(portal)
         try:
             result = send(creds)
+        except errors.QueryLimitExceeded:
+            _fill(portal)
+            raise
         except (errors.TokenExpired, errors.InvalidToken):
             if refreshed:
                 raise
@@ -103,6 +110,37 @@ def _send(portal: Portal, send: Callable[[Credentials], T]) -> T:
         else:
             _touch(portal)
             return result
+
+
+def _rate_bucket() -> RateBucket:
+    """The app's view of the per-portal buckets the dispatcher uses too."""
+    ext = current_app.extensions
+    if "rate_bucket" not in ext:
+        ext["rate_bucket"] = RateBucket(redis_ext.client)
+    return ext["rate_bucket"]
+
+
+def _pace(portal: Portal) -> None:
+    """Take the portal's rate token before each request, waiting for it (shared budget)."""
+    deadline = time.monotonic() + BUCKET_MAX_WAIT
+    try:
+        while (wait := _rate_bucket().take(portal.member_id, portal.plan)) > 0:
+            if time.monotonic() + wait > deadline:
+                log.warning("portal %s: no rate token within %.0f s; sending anyway",
+                            portal.member_id, BUCKET_MAX_WAIT)
+                return
+            time.sleep(wait)
+    except redis.RedisError as exc:  # the budget is bookkeeping; Bitrix24 still enforces it
+        log.warning("portal %s: rate bucket unavailable (%s); sending unpaced",
+                    portal.member_id, exc)
+
+
+def _fill(portal: Portal) -> None:
+    """Bitrix24 said QUERY_LIMIT_EXCEEDED: everyone sharing the bucket waits."""
+    try:
+        _rate_bucket().fill(portal.member_id, portal.plan)
+    except redis.RedisError as exc:
+        log.warning("portal %s: rate bucket not filled (%s)", portal.member_id, exc)
 
 
 def _refreshed(portal: Portal, creds: Credentials) -> Credentials:

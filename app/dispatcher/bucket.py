@@ -1,0 +1,119 @@
+"""One leaky bucket per portal in Redis, shared by every process and host (protocol §6.1).
+
+Bitrix24 counts each request (a batch is one) into a bucket per portal that drains ``drain``
+per second and refuses a request above ``burst`` with ``QUERY_LIMIT_EXCEEDED``. We keep the
+same bucket on our side and take a token *when a request is sent*, so we never fire into a
+full bucket, with a little headroom:
+
+* capacity ``burst - max(2, min(drain, burst / 5))`` (48 standard, 245 enterprise): the token
+  is taken a moment before the request arrives, and arrivals bunch by up to ~1 s of jitter
+  (a busy event loop between take and send, network queues); Bitrix24 may also drain in
+  whole-second steps rather than continuously;
+* drain at ``DRAIN_SHARE`` (99 %) of the nominal rate: slack for clock drift and rounding on
+  their side. A 10,000-command backlog to a standard portal then needs (200 - 48) / 1.98 =
+  76.8 s for the 75 s of the ceiling (50 at once, then 2/s): 97.7 %.
+
+``take`` is atomic (one Lua script, ``redis.call('TIME')`` as the clock, so hosts need no
+synchronised clocks) and returns 0.0 when it took a token, else the seconds until one is
+free: it took *nothing* then, and the caller waits that long and calls ``take`` again.
+``fill`` records a ``QUERY_LIMIT_EXCEEDED``: the portal's bucket is full now, so everyone
+waits until it has drained below our capacity. A key lives only while its bucket is not
+empty: an idle portal costs nothing.
+
+``portal_key`` is the portal's ``member_id`` everywhere (the direct calls in
+``app.tenants.service`` and the dispatcher must name the same bucket). ``plan`` is a key of
+the ``plans`` mapping (``PLANS`` by default); an unknown plan counts as ``standard``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import redis
+import redis.asyncio
+
+PLANS: dict[str, tuple[float, int]] = {"standard": (2.0, 50), "enterprise": (5.0, 250)}
+DRAIN_SHARE = 0.99
+MIN_HEADROOM = 2
+
+# KEYS[1] bucket; ARGV: drain/s, capacity, fill level (-1: take a token instead).
+# Returns the seconds to wait as a string ("0" when a token was taken).
+_SCRIPT = """
+local drain, capacity, fill = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'level', 'stamp')
+local level = tonumber(state[1]) or 0
+local stamp = tonumber(state[2]) or now
+level = math.max(0, level - math.max(0, now - stamp) * drain)
+local wait = 0
+if fill >= 0 then
+  level = math.max(level, fill)
+elseif level + 1 <= capacity + 1e-9 then
+  level = level + 1
+else
+  wait = (level + 1 - capacity) / drain
+end
+redis.call('HSET', KEYS[1], 'level', string.format('%.6f', level),
+           'stamp', string.format('%.6f', now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(level / drain * 1000) + 1000)
+return string.format('%.6f', wait)
+"""
+
+
+def limits(drain: float, burst: int) -> tuple[float, float]:
+    """Our (drain per second, capacity) for a portal's bucket: the same, less the headroom."""
+    headroom = max(MIN_HEADROOM, min(math.ceil(drain), burst // 5))
+    return drain * DRAIN_SHARE, float(max(1, burst - headroom))
+
+
+class _Bucket:
+    """What both buckets share: the key, the limits and the script's arguments."""
+
+    def __init__(self, prefix: str, plans: Mapping[str, tuple[float, int]] | None) -> None:
+        self.prefix = prefix
+        self.plans = dict(plans or PLANS)
+
+    def _args(self, portal_key: str, plan: str, fill: bool) -> tuple[list[str], list[float]]:
+        drain, burst = self.plans.get(plan) or PLANS["standard"]
+        ours, capacity = limits(drain, burst)
+        return [self.prefix + portal_key], [ours, capacity, float(burst) if fill else -1.0]
+
+
+class RateBucket(_Bucket):
+    """The portal buckets through a sync ``redis.Redis`` (direct calls, threads)."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "b24relay:bucket:",
+                 plans: Mapping[str, tuple[float, int]] | None = None) -> None:
+        super().__init__(prefix, plans)
+        self.script = client.register_script(_SCRIPT)
+
+    def take(self, portal_key: str, plan: str) -> float:
+        """0.0: a token was taken now; else nothing was taken: wait that long, then retry."""
+        keys, args = self._args(portal_key, plan, fill=False)
+        return float(self.script(keys=keys, args=args))
+
+    def fill(self, portal_key: str, plan: str) -> None:
+        """Bitrix24 answered QUERY_LIMIT_EXCEEDED: its bucket is full now."""
+        keys, args = self._args(portal_key, plan, fill=True)
+        self.script(keys=keys, args=args)
+
+
+class AsyncRateBucket(_Bucket):
+    """The same buckets through ``redis.asyncio`` (the dispatcher's event loop)."""
+
+    def __init__(self, client: redis.asyncio.Redis, *, prefix: str = "b24relay:bucket:",
+                 plans: Mapping[str, tuple[float, int]] | None = None) -> None:
+        super().__init__(prefix, plans)
+        self.script = client.register_script(_SCRIPT)
+
+    async def take(self, portal_key: str, plan: str) -> float:
+        """0.0: a token was taken now; else nothing was taken: wait that long, then retry."""
+        keys, args = self._args(portal_key, plan, fill=False)
+        return float(await self.script(keys=keys, args=args))
+
+    async def fill(self, portal_key: str, plan: str) -> None:
+        """Bitrix24 answered QUERY_LIMIT_EXCEEDED: its bucket is full now."""
+        keys, args = self._args(portal_key, plan, fill=True)
+        await self.script(keys=keys, args=args)

@@ -1,0 +1,144 @@
+"""Credentials snapshots for the dispatcher: no ORM objects, no Flask context, no blocked loop.
+
+A ``Snapshot`` is an immutable copy of what a request to one portal needs, read with SQL Core
+through the app's engine and decrypted with the app's cipher, both captured when the
+``CredentialStore`` is built: any thread can ``load`` one. Everything that touches the
+database runs in an executor, so the event loop never waits on it.
+
+``refreshed`` runs the existing single-flight refresh (``app.tenants.tokens.refresh``: a
+Redis lock across processes and hosts, re-read after the lock, compare-and-set on
+``token_version``) in the executor inside an app context. Inside one process, concurrent
+callers for the same (portal, token_version) share one future, so N batches that meet
+``expired_token`` together cost one executor thread and at most one refresh. A refresh that
+leaves the portal held (``invalid_grant``, ``NOT_INSTALLED``...) returns a snapshot whose
+``held`` is True instead of raising; a transport failure or an unclassified error of the auth
+server still raises. A store belongs to one event loop (its shared futures do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+from datetime import datetime
+from typing import Any
+
+from cryptography.fernet import MultiFernet
+from flask import Flask
+from sqlalchemy import String, select, type_coerce, update
+
+from app.crypto import fernet_from
+from app.extensions import db
+from app.tenants import tokens
+from app.tenants.models import Portal, aware, utcnow
+from app.tenants.status import HELD, PortalUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """One portal's endpoint, token and status as committed when it was read."""
+
+    portal_id: int
+    member_id: str
+    client_endpoint: str
+    access_token: str | None
+    token_version: int
+    expires_at: datetime | None
+    status: str
+    plan: str
+
+    @property
+    def held(self) -> bool:
+        """The portal status machine holds this portal's calls (nothing may be sent)."""
+        return self.status in HELD
+
+    @property
+    def expired(self) -> bool:
+        """The stored expiry has passed: refresh before sending rather than after a 401."""
+        return self.expires_at is not None and self.expires_at <= utcnow()
+
+
+_COLUMNS = (Portal.id, Portal.member_id, Portal.client_endpoint,
+            type_coerce(Portal.access_token, String),  # ciphertext: we decrypt it ourselves
+            Portal.token_version, Portal.expires_at, Portal.status, Portal.plan)
+
+
+class CredentialStore:
+    """Loads snapshots and refreshes them for async code; built once per engine (event loop)."""
+
+    def __init__(self, app: Flask,
+                 executor: concurrent.futures.Executor | None = None) -> None:
+        self.app = app
+        with app.app_context():
+            self.engine = db.engine
+        self.cipher: MultiFernet = fernet_from(app.config["TOKEN_ENCRYPTION_KEY"])
+        self._own_executor = executor is None
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="b24relay-credentials")
+        self._refreshing: dict[tuple[int, int], asyncio.Future[Snapshot]] = {}
+
+    def close(self) -> None:
+        """Shut down the executor if the store made it."""
+        if self._own_executor:
+            self.executor.shutdown(wait=True)
+
+    def load(self, portal_id: int) -> Snapshot:
+        """The portal's committed credentials (sync; no app context needed). LookupError if gone."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*_COLUMNS).where(Portal.id == portal_id)).first()
+        if row is None:
+            raise LookupError(f"portal {portal_id} does not exist")
+        pid, member_id, endpoint, secret, version, expires_at, status, plan = row
+        token = self.cipher.decrypt(secret.encode()).decode() if secret else None
+        return Snapshot(pid, member_id, endpoint, token, version or 0, aware(expires_at),
+                        status, plan or "standard")
+
+    async def aload(self, portal_id: int) -> Snapshot:
+        """``load`` in the executor."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.load,
+                                                                portal_id)
+
+    async def refreshed(self, snap: Snapshot) -> Snapshot:
+        """New credentials after ``expired_token``: one shared single-flight refresh."""
+        key = (snap.portal_id, snap.token_version)
+        future = self._refreshing.get(key)
+        if future is None:
+            loop = asyncio.get_running_loop()
+            future = loop.run_in_executor(self.executor, self._refresh, *key)
+            self._refreshing[key] = future
+            future.add_done_callback(lambda done: self._settle(key, done))
+        return await asyncio.shield(future)
+
+    def _settle(self, key: tuple[int, int], done: asyncio.Future[Snapshot]) -> None:
+        self._refreshing.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here too: every awaiter may have gone
+
+    def _refresh(self, portal_id: int, seen_version: int) -> Snapshot:
+        with self.app.app_context():
+            try:
+                portal = db.session.get(Portal, portal_id)
+                if portal is None:
+                    raise LookupError(f"portal {portal_id} does not exist")
+                tokens.refresh(portal, seen_version)
+            except PortalUnavailable as exc:
+                log.warning("refresh left the portal held: %s", exc)
+            finally:
+                db.session.remove()
+        return self.load(portal_id)
+
+    async def moved(self, snap: Snapshot, client_endpoint: str) -> Snapshot:
+        """The portal was renamed (302): store its new endpoint and domain, return the snapshot."""
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, self._store_endpoint, snap.portal_id, client_endpoint)
+        log.info("portal %s moved to %s", snap.member_id, client_endpoint)
+        return dataclasses.replace(snap, client_endpoint=client_endpoint)
+
+    def _store_endpoint(self, portal_id: int, client_endpoint: str) -> None:
+        domain = client_endpoint.split("://", 1)[-1].split("/", 1)[0]
+        values: dict[str, Any] = {"client_endpoint": client_endpoint, "domain": domain}
+        with self.engine.begin() as conn:
+            conn.execute(update(Portal).where(Portal.id == portal_id).values(**values))
