@@ -65,6 +65,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
 def _import_models() -> None:
     """Every model module, so metadata and Alembic see all tables."""
+    from app.dispatcher import models as _dispatcher  # noqa: F401
     from app.ingress import models as _ingress  # noqa: F401
     from app.tenants import models as _tenants  # noqa: F401
     from app.tenants import users as _tenant_users  # noqa: F401

@@ -128,6 +128,36 @@ def worker_settings() -> dict[str, Any]:
     }
 
 
+def dispatch_settings() -> dict[str, Any]:
+    """The outgoing dispatcher's settings (app/dispatcher/, README "Outgoing: the dispatcher")."""
+    return {
+        # Run the dispatcher engine inside every Dramatiq worker process (workers/dispatcher.py);
+        # off for processes that should not send (a dedicated `flask dispatcher run` does).
+        "DISPATCH_ENABLED": env_bool("DISPATCH_ENABLED", True),
+        # parallel: up to K batches in flight per portal; sequential: K=1 and the next batch
+        # leaves only after the previous one came back (the benchmark baseline).
+        "DISPATCH_MODE": env_str("DISPATCH_MODE", "parallel"),
+        # K, batches in flight per portal; 0 derives it from the plan (half the burst).
+        "DISPATCH_MAX_INFLIGHT": env_int("DISPATCH_MAX_INFLIGHT", 0),
+        # When fewer than 50 commands are ready, wait this long for more before sending.
+        "DISPATCH_LINGER_MS": env_float("DISPATCH_LINGER_MS", 25.0),
+        # A failing command is retried with backoff until this many hours after it first left.
+        "DISPATCH_RETRY_HORIZON_HOURS": env_float("DISPATCH_RETRY_HORIZON_HOURS", 6.0),
+        # Seconds a batch request may take before its outcome counts as unknown (a cloud
+        # request is killed at 60 s), and the margin its commands' lease adds to that.
+        "DISPATCH_REQUEST_TIMEOUT": env_float("DISPATCH_REQUEST_TIMEOUT", 65.0),
+        "DISPATCH_LEASE_MARGIN": env_float("DISPATCH_LEASE_MARGIN", 15.0),
+        # Seconds a process owns a portal's dispatching in Redis without renewing it; a dead
+        # owner's portals are taken over by another process after this.
+        "DISPATCH_OWNER_TTL": env_float("DISPATCH_OWNER_TTL", 10.0),
+        # Seconds between sweeps (due retries, expired leases, held portals that cleared).
+        "DISPATCH_SWEEP_INTERVAL": env_float("DISPATCH_SWEEP_INTERVAL", 5.0),
+        # Threads the engine uses for database work, and the HTTP connection pool's size.
+        "DISPATCH_DB_THREADS": env_int("DISPATCH_DB_THREADS", 4),
+        "DISPATCH_MAX_CONNECTIONS": env_int("DISPATCH_MAX_CONNECTIONS", 1000),
+    }
+
+
 def require_shared_services(cfg: dict[str, Any], database_url: str | None) -> None:
     """In production, refuse to run on per-host stand-ins for Redis and the database.
 
@@ -196,6 +226,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # Set for gunicorn (make run, the Procfile launcher): /metrics merges all processes.
         "PROMETHEUS_MULTIPROC_DIR": env_str("PROMETHEUS_MULTIPROC_DIR"),
         **worker_settings(),
+        **dispatch_settings(),
     }
     if cfg["SECRET_KEY"] is None:
         if production:
@@ -232,6 +263,9 @@ def validate(cfg: dict[str, Any]) -> None:
     if idle_days is not None and not 1 <= int(idle_days) <= MAX_IDLE_REFRESH_DAYS:
         raise ConfigError(f"IDLE_REFRESH_DAYS must be 1..{MAX_IDLE_REFRESH_DAYS} (refresh tokens "
                           f"die {REFRESH_TOKEN_DAYS} days after issue), got {idle_days!r}")
+    mode = cfg.get("DISPATCH_MODE", "parallel")
+    if mode not in {"parallel", "sequential"}:
+        raise ConfigError(f"DISPATCH_MODE must be parallel or sequential, got {mode!r}")
     broker = cfg.get("BROKER_URL")
     if broker and not broker.startswith(("amqp://", "amqps://", "redis://", "rediss://", "unix://")):
         raise ConfigError(f"BROKER_URL must be amqp:// or redis://, got {broker!r}")

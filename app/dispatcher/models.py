@@ -1,0 +1,88 @@
+"""The outbox: every REST command the app means to send, until it is done or dead."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+    Text,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.extensions import db
+from app.tenants.models import utcnow
+
+# BIGINT on PostgreSQL; SQLite autoincrements only an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+class CommandStatus(enum.StrEnum):
+    """Where a command stands; done and dead are final."""
+
+    QUEUED = "queued"      # waiting for its portal's dispatcher (maybe until not_before)
+    INFLIGHT = "inflight"  # leased by a dispatcher: in a batch on the wire
+    DONE = "done"
+    DEAD = "dead"          # failed for good; dead_reason says why
+
+
+class Priority(enum.IntEnum):
+    """Real-time work (telephony) leaves before bulk work (user sync, exports)."""
+
+    REALTIME = 0
+    BULK = 1
+
+
+class OutboxCommand(db.Model):
+    """One REST command for one portal."""
+
+    __tablename__ = "outbox_commands"
+    __table_args__ = (
+        # The driver's hot query: a portal's queued commands, real-time first, then by id.
+        # Its (portal_id, status) prefix also serves a portal's dead letters.
+        Index("ix_outbox_commands_ready", "portal_id", "status", "priority", "id"),
+        # The sweep: due queued commands and expired leases across all portals.
+        Index("ix_outbox_commands_status_not_before", "status", "not_before"),
+        Index("ix_outbox_commands_status_lease_until", "status", "lease_until"),
+        # Ordering keys: the earliest unfinished command of a key.
+        Index("ix_outbox_commands_portal_key", "portal_id", "key", "id"),
+        # on_done notifications still to send (true from the start when there is none).
+        Index("ix_outbox_commands_on_done_sent_status", "on_done_sent", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"),
+                                           index=True)
+    method: Mapped[str] = mapped_column(String(128))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    key: Mapped[str | None] = mapped_column(String(128))
+    after_id: Mapped[int | None] = mapped_column(BigId)
+    priority: Mapped[int] = mapped_column(SmallInteger, default=Priority.REALTIME.value)
+    status: Mapped[str] = mapped_column(String(16), default=CommandStatus.QUEUED.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    lease_owner: Mapped[str | None] = mapped_column(String(96))
+    batch_id: Mapped[str | None] = mapped_column(String(32))
+    result: Mapped[Any | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"error", "error_description"}
+    dead_reason: Mapped[str | None] = mapped_column(Text)
+    on_done: Mapped[str | None] = mapped_column(String(128))
+    on_done_sent: Mapped[bool] = mapped_column(Boolean, default=False)  # or nothing to send
+    submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    first_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    inbox_event_id: Mapped[int | None] = mapped_column(BigId)
+
+    def __repr__(self) -> str:
+        return f"<OutboxCommand {self.id} {self.method} {self.status}>"

@@ -1,0 +1,39 @@
+"""Waking the dispatchers: a Redis channel every engine listens on.
+
+A nudge says "portal N may have ready commands". It is only a hint: the sweep finds
+every portal with due work anyway, so a nudge lost to a Redis hiccup costs a few
+seconds, never a command.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import redis
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "b24relay:dispatch:nudge"
+
+
+def encode(portal_ids: Iterable[int]) -> str:
+    """One message for several portals: ``"3,17"``."""
+    return ",".join(str(i) for i in sorted(set(portal_ids)))
+
+
+def decode(message: bytes | str) -> list[int]:
+    """The portal ids of a nudge message (junk is ignored)."""
+    text = message.decode() if isinstance(message, bytes) else message
+    return [int(part) for part in text.split(",") if part.strip().isdigit()]
+
+
+def publish(client: redis.Redis, portal_ids: Iterable[int]) -> None:
+    """Tell every engine these portals may have ready commands; never raises."""
+    ids = encode(portal_ids)
+    if not ids:
+        return
+    try:
+        client.publish(CHANNEL, ids)
+    except redis.RedisError as exc:
+        log.warning("dispatch nudge for %s lost (the sweep will find it): %s", ids, exc)

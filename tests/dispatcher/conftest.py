@@ -1,0 +1,53 @@
+"""Dispatcher test helpers: sandbox portals with their Portal rows, an engine in this process,
+and a look at the nudge channel."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from app.dispatcher import nudge
+from app.dispatcher.models import OutboxCommand
+from app.extensions import db
+from tests.conftest import wait_for
+from tests.tenants.conftest import make_portal, oauth_app  # noqa: F401 - fixtures
+
+
+def rows(portal_id: int | None = None) -> list[OutboxCommand]:
+    """Every outbox row (of one portal), as committed now, by id."""
+    db.session.expire_all()
+    query = select(OutboxCommand).order_by(OutboxCommand.id)
+    if portal_id is not None:
+        query = query.where(OutboxCommand.portal_id == portal_id)
+    return list(db.session.scalars(query))
+
+
+def settled(portal_id: int, count: int, timeout: float = 20.0) -> list[OutboxCommand]:
+    """Wait until ``count`` of the portal's commands are done or dead; return all rows."""
+    def finished() -> list[OutboxCommand] | None:
+        found = rows(portal_id)
+        final = [r for r in found if r.status in ("done", "dead")]
+        return found if len(final) >= count else None
+
+    return wait_for(finished, timeout=timeout)
+
+
+@pytest.fixture
+def nudges(redis_client: Any) -> Iterator[Any]:
+    """A subscription to the nudge channel; ``read()`` returns the portal ids heard so far."""
+    pubsub = redis_client.pubsub()
+    pubsub.subscribe(nudge.CHANNEL)
+    wait_for(lambda: pubsub.get_message(timeout=0.1))  # the subscribe confirmation
+
+    class Heard:
+        def read(self, wait: float = 0.3) -> list[list[int]]:
+            out = []
+            while (message := pubsub.get_message(timeout=wait)) is not None:
+                out.append(nudge.decode(message["data"]))
+            return out
+
+    yield Heard()
+    pubsub.close()

@@ -1,0 +1,52 @@
+"""Submitting to the outbox: commands live and die with the caller's transaction."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.dispatcher import ref, submit
+from app.extensions import db
+from app.ingress.models import InboxEvent, InboxStatus
+from tests.dispatcher.conftest import rows
+
+
+def _inbox_row(portal_id: int) -> InboxEvent:
+    event = InboxEvent(portal_id=portal_id, member_id="m", source="b24", event_type="ONTEST",
+                       dedupe_key="k1", payload={}, status=InboxStatus.PROCESSING.value)
+    db.session.add(event)
+    db.session.commit()
+    return event
+
+
+def test_commands_commit_with_the_inbox_row_and_nudge_once_after_the_commit(make_portal,
+                                                                              nudges):
+    portal, _ = make_portal()
+    event = _inbox_row(portal.id)
+    first = submit(portal, "crm.deal.add", {"fields": {"TITLE": "a"}}, inbox_event_id=event.id)
+    submit(portal, "crm.deal.update", {"id": ref(first, "ID")}, key="deal", after=first)
+    assert nudges.read(wait=0.2) == [], "nothing may be nudged before the commit"
+    event.status = InboxStatus.DONE.value
+    db.session.commit()
+    assert nudges.read() == [[portal.id]]
+    stored = rows(portal.id)
+    assert [(r.method, r.status, r.inbox_event_id) for r in stored] == [
+        ("crm.deal.add", "queued", event.id), ("crm.deal.update", "queued", None)]
+    assert stored[1].after_id == first and stored[1].params == {"id": f"$ref[{first}][ID]"}
+
+
+def test_a_rolled_back_handler_leaves_no_command_and_no_nudge(make_portal, nudges):
+    portal, _ = make_portal()
+    event = _inbox_row(portal.id)
+    submit(portal, "crm.deal.add", {"fields": {"TITLE": "a"}}, inbox_event_id=event.id)
+    event.status = InboxStatus.DONE.value
+    db.session.rollback()
+    db.session.commit()  # a later, empty commit must not carry the forgotten nudge
+    assert nudges.read() == []
+    assert rows(portal.id) == []
+
+
+@pytest.mark.parametrize("method, priority", [("batch", "realtime"), ("crm.deal.add", "urgent")])
+def test_submit_refuses_what_the_outbox_cannot_send(make_portal, method, priority):
+    portal, _ = make_portal()
+    with pytest.raises(ValueError):
+        submit(portal, method, {}, priority=priority)
