@@ -51,3 +51,43 @@ def nudges(redis_client: Any) -> Iterator[Any]:
 
     yield Heard()
     pubsub.close()
+
+
+@pytest.fixture
+def start_engine(oauth_app: Any) -> Iterator[Any]:  # noqa: F811 - the imported fixture
+    """Factory: a dispatcher engine in this process (settings over the test app's); stopped
+    after the test."""
+    from app.dispatcher.engine import Engine
+
+    started: list[Engine] = []
+
+    def start(**settings: Any) -> Engine:
+        saved = {k: oauth_app.config.get(k) for k in settings}
+        oauth_app.config.update(settings)
+        try:
+            engine = Engine(oauth_app).start()
+        finally:
+            oauth_app.config.update(saved)
+        started.append(engine)
+        return engine
+
+    yield start
+    for engine in started:
+        engine.stop(timeout=5)
+        assert engine._thread is not None and not engine._thread.is_alive(), "engine still runs"
+
+
+def call_commands(portal: Any, call: int) -> list[int]:
+    """register, show, finish for one call, ordered by the call's key, the later two
+    referencing the registration's CALL_ID."""
+    from app.dispatcher import ref, submit
+
+    key = f"call-{call}"
+    reg = submit(portal, "telephony.externalcall.register",
+                 {"USER_ID": 1, "PHONE_NUMBER": f"+49301234{call:04d}", "TYPE": 2,
+                  "EXTERNAL_CALL_ID": f"pbx-{call}", "SHOW": 0}, key=key)
+    show = submit(portal, "telephony.externalcall.show",
+                  {"CALL_ID": ref(reg, "CALL_ID"), "USER_ID": 1}, key=key)
+    fin = submit(portal, "telephony.externalcall.finish",
+                 {"CALL_ID": ref(reg, "CALL_ID"), "USER_ID": 1, "DURATION": 5}, key=key)
+    return [reg, show, fin]

@@ -1,0 +1,490 @@
+"""The dispatcher engine: an event loop in a daemon thread that drives portals' outboxes.
+
+How work reaches it:
+
+- **nudge**: after a commit that submitted commands, the portal's id is published on a
+  Redis channel every engine listens on. An engine that is not driving the portal tries
+  to own it (``SET NX PX`` on ``b24relay:dispatch:owner:<id>``); one heartbeat renews
+  every owned portal in one script call. The owner re-reads the portal's ready commands
+  at once.
+- **sweep** (``app.dispatcher.sweep``, a periodic job): nudges portals with due retries,
+  recovers expired leases, and is the only thing that finds portals whose owner died or
+  whose held status cleared.
+
+Per owned portal one driver coroutine runs while the portal has work, and none when it
+has none (idle portals cost nothing). A driver keeps up to K batches in flight, starts a
+batch whenever a slot is free and the portal's shared bucket gives a token (never
+because a batch came back), and keeps the last slot for real-time work. Database work
+runs in a small thread pool in SQL Core; the loop itself never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import httpx
+import redis.asyncio as aioredis
+from flask import Flask
+
+from app.bitrix import AsyncRestClient, errors
+from app.dispatcher import metrics, nudge, outcomes, store
+from app.dispatcher.bucket import PLANS, AsyncRateBucket
+from app.dispatcher.credentials import CredentialStore, Snapshot
+from app.dispatcher.ledger import AsyncLedger
+from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack
+from app.dispatcher.policy import Verdict
+from app.extensions import db
+from app.tenants.models import utcnow
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+OWNER_PREFIX = "b24relay:dispatch:owner:"
+FETCH = 2 * MAX_BATCH  # candidates read per packing: room for key chains that cannot go yet
+MAX_RESENDS = 3        # refreshes and renames before a batch's answer counts as a failure
+# Renew every key still ours; return the ids that are not ours any more.
+_RENEW = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2])
+  else table.insert(lost, i) end
+end
+return lost
+"""
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The engine's settings (app/config.py DISPATCH_*)."""
+
+    sequential: bool
+    max_inflight: int
+    linger: float
+    horizon: timedelta
+    request_timeout: float
+    lease_margin: float
+    owner_ttl: float
+    db_threads: int
+    max_connections: int
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Settings:
+        """Read the DISPATCH_* settings."""
+        return cls(sequential=cfg.get("DISPATCH_MODE", "parallel") == "sequential",
+                   max_inflight=int(cfg.get("DISPATCH_MAX_INFLIGHT") or 0),
+                   linger=float(cfg.get("DISPATCH_LINGER_MS", 25.0)) / 1000,
+                   horizon=timedelta(hours=float(cfg.get("DISPATCH_RETRY_HORIZON_HOURS", 6))),
+                   request_timeout=float(cfg.get("DISPATCH_REQUEST_TIMEOUT", 65.0)),
+                   lease_margin=float(cfg.get("DISPATCH_LEASE_MARGIN", 15.0)),
+                   owner_ttl=float(cfg.get("DISPATCH_OWNER_TTL", 10.0)),
+                   db_threads=int(cfg.get("DISPATCH_DB_THREADS", 4)),
+                   max_connections=int(cfg.get("DISPATCH_MAX_CONNECTIONS", 1000)))
+
+    def slots(self, plan: str) -> int:
+        """K for a portal on ``plan``: the setting, else half the plan's burst."""
+        if self.sequential:
+            return 1
+        return self.max_inflight or max(1, PLANS.get(plan, PLANS["standard"])[1] // 2)
+
+
+class Engine:
+    """Drives the outboxes of the portals this process owns; ``start()`` / ``stop()``."""
+
+    def __init__(self, app: Flask, *, owner: str | None = None) -> None:
+        self.app = app
+        self.settings = Settings.from_config(app.config)
+        with app.app_context():
+            self.db = db.engine
+        self.redis_url = app.config["REDIS_URL"]
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.drivers: dict[int, Driver] = {}
+        self._claiming: set[int] = set()
+        self._rewake: set[int] = set()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = threading.Event()
+        self._failure: BaseException | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, timeout: float = 10.0) -> Engine:
+        """Start the loop thread; returns once the engine listens for nudges."""
+        self._thread = threading.Thread(target=self._run, name="b24relay-dispatcher",
+                                        daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout):
+            raise RuntimeError(f"dispatcher engine did not start: {self._failure!r}")
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop taking work, let batches in flight finish (up to ``timeout``), release portals."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(self._stopping.set)
+        thread.join(timeout + 5)
+
+    def wake(self, portal_id: int) -> None:
+        """Nudge from another thread (tests, the CLI): drive ``portal_id`` if it has work."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._wake(portal_id)))
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # a dying engine must say why
+            self._failure = exc
+            log.exception("dispatcher engine stopped")
+            self._started.set()
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            self.settings.db_threads, thread_name_prefix="b24relay-dispatch-db")
+        self.redis = aioredis.Redis.from_url(self.redis_url)
+        self.client = AsyncRestClient(
+            timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
+            max_connections=self.settings.max_connections)
+        self.bucket = AsyncRateBucket(self.redis)
+        self.ledger = AsyncLedger(self.redis)
+        self.credentials = CredentialStore(self.app, self.executor)
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(nudge.CHANNEL)
+        tasks = [asyncio.create_task(self._listen(pubsub)),
+                 asyncio.create_task(self._heartbeat())]
+        self._started.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._shutdown(tasks, pubsub)
+
+    async def _shutdown(self, tasks: list[asyncio.Task[Any]], pubsub: Any) -> None:
+        for driver in list(self.drivers.values()):
+            driver.retiring = True
+            driver.poke()
+        drivers = [d.task for d in self.drivers.values() if d.task is not None]
+        if drivers:
+            await asyncio.wait(drivers, timeout=self.settings.request_timeout)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await pubsub.aclose()
+        await self.client.aclose()
+        await self.redis.aclose()
+        self.executor.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ helpers
+    async def run_db(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking database function in the engine's thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, lambda: func(*args, **kwargs))
+
+    def lease_length(self) -> timedelta:
+        """How long a batch's commands stay leased."""
+        return store.lease_seconds(self.settings.request_timeout, self.settings.lease_margin)
+
+    # ------------------------------------------------------------------ ownership
+    async def _listen(self, pubsub: Any) -> None:
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("dispatch nudges unavailable (%s); the sweep still finds work", exc)
+                await asyncio.sleep(1.0)
+                continue
+            if message and message.get("type") == "message":
+                for portal_id in nudge.decode(message["data"]):
+                    await self._wake(portal_id)
+
+    async def _wake(self, portal_id: int) -> None:
+        driver = self.drivers.get(portal_id)
+        if driver is not None:
+            driver.poke()
+            return
+        if portal_id in self._claiming or self._stopping.is_set():
+            self._rewake.add(portal_id)
+            return
+        self._claiming.add(portal_id)
+        try:
+            owned = await self.redis.set(OWNER_PREFIX + str(portal_id), self.owner, nx=True,
+                                         px=int(self.settings.owner_ttl * 1000))
+        except aioredis.RedisError as exc:
+            log.warning("cannot claim portal %s: %s", portal_id, exc)
+            owned = False
+        finally:
+            self._claiming.discard(portal_id)
+        if owned and not self._stopping.is_set():
+            driver = Driver(self, portal_id)
+            self.drivers[portal_id] = driver
+            driver.task = asyncio.create_task(driver.run())
+        self._retry_rewake(portal_id)
+
+    def _retry_rewake(self, portal_id: int) -> None:
+        if portal_id in self._rewake and portal_id not in self._claiming:
+            self._rewake.discard(portal_id)
+            asyncio.ensure_future(self._wake(portal_id))
+
+    async def retire(self, driver: Driver) -> None:
+        """A driver ran out of work: forget it and give its portal up."""
+        if self.drivers.get(driver.portal_id) is driver:
+            del self.drivers[driver.portal_id]
+        self._claiming.add(driver.portal_id)  # a nudge meanwhile waits for the release
+        try:
+            await self.redis.eval(_RELEASE, 1, OWNER_PREFIX + str(driver.portal_id), self.owner)
+        except aioredis.RedisError as exc:
+            log.warning("portal %s not released (its lease expires): %s", driver.portal_id, exc)
+        finally:
+            self._claiming.discard(driver.portal_id)
+        self._retry_rewake(driver.portal_id)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.owner_ttl / 3)
+            ids = list(self.drivers)
+            if not ids:
+                continue
+            try:
+                keys = [OWNER_PREFIX + str(i) for i in ids]
+                lost = await self.redis.eval(_RENEW, len(ids), *keys,
+                                             self.owner, int(self.settings.owner_ttl * 1000))
+            except aioredis.RedisError as exc:
+                log.warning("dispatch ownership not renewed: %s", exc)
+                continue
+            for index in lost:
+                driver = self.drivers.get(ids[int(index) - 1])
+                if driver is not None:
+                    log.warning("portal %s: ownership lost; stopping its driver", driver.portal_id)
+                    driver.retiring = True
+                    driver.poke()
+
+
+class Driver:
+    """Sends one portal's ready commands: up to K batches in flight, one bucket token each."""
+
+    def __init__(self, engine: Engine, portal_id: int) -> None:
+        self.engine = engine
+        self.portal_id = portal_id
+        self.task: asyncio.Task[None] | None = None
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.retiring = False
+        self.held = False
+        self.snap: Snapshot | None = None
+        self._wakeup = asyncio.Event()
+        self._poked = False
+
+    def poke(self) -> None:
+        """New commands may be ready, or a slot is free: look again."""
+        self._poked = True
+        self._wakeup.set()
+
+    @property
+    def slots(self) -> int:
+        """K: batches this portal may have in flight."""
+        return self.engine.settings.slots(self.snap.plan if self.snap else "standard")
+
+    async def run(self) -> None:
+        """Send batches while there is work; then retire."""
+        try:
+            self.snap = await self.engine.credentials.aload(self.portal_id)
+            while not self.retiring and not self.held and not self.snap.held:
+                self._poked = False
+                self._wakeup.clear()
+                if len(self.inflight) < self.slots and await self._send_next():
+                    continue
+                if not self.inflight and not self._poked:
+                    break
+                await self._wakeup.wait()
+        except Exception:
+            log.exception("portal %s: driver failed; the sweep will resume it", self.portal_id)
+        finally:
+            if self.inflight:
+                await asyncio.gather(*self.inflight, return_exceptions=True)
+            await self.engine.retire(self)
+
+    # ------------------------------------------------------------------ packing
+    async def _send_next(self) -> bool:
+        """Pack, take a token, lease and launch one batch; False when nothing can go now."""
+        packed = await self._pack()
+        if not packed.commands:
+            return False
+        if len(packed.commands) < MAX_BATCH and self.engine.settings.linger > 0:
+            await asyncio.sleep(self.engine.settings.linger)
+            packed = await self._pack()
+        if await self._token() > 0:
+            packed = await self._pack()  # the wait let more arrive (maybe real-time ones)
+        if not packed.commands:
+            return False
+        return await self._launch(packed)
+
+    async def _pack(self) -> Packed:
+        eng = self.engine
+        ready = await eng.run_db(store.fetch_ready, eng.db, self.portal_id, utcnow(), FETCH)
+        paused = await self._paused({c.method.lower() for c in ready.candidates})
+        realtime_only = self.slots > 1 and len(self.inflight) == self.slots - 1
+        packed = pack(ready.candidates, ready.blockers, ready.deps, realtime_only=realtime_only,
+                      paused=paused, complete=ready.complete)
+        if packed.doomed:
+            await eng.run_db(store.mark_doomed, eng.db, packed.doomed, utcnow())
+            metrics.dead(self.member_id, len(packed.doomed))
+        self._deps = ready.deps
+        return packed
+
+    async def _paused(self, methods: set[str]) -> frozenset[str]:
+        key = self.member_id
+        paused = set()
+        for method in methods:
+            if await self.engine.ledger.pause_until(key, method):
+                paused.add(method)
+        return frozenset(paused)
+
+    @property
+    def member_id(self) -> str:
+        """The portal's key in the shared bucket, the ledger and the metrics."""
+        return self.snap.member_id if self.snap else str(self.portal_id)
+
+    async def _token(self) -> float:
+        """Wait until the portal's bucket gives a token; returns the seconds waited."""
+        assert self.snap is not None
+        waited = 0.0
+        while (wait := await self.engine.bucket.take(self.member_id, self.snap.plan)) > 0:
+            await asyncio.sleep(wait)
+            waited += wait
+        return waited
+
+    async def _launch(self, packed: Packed) -> bool:
+        eng, now = self.engine, utcnow()
+        batch_id = uuid.uuid4().hex[:16]
+        leased = await eng.run_db(store.lease, eng.db, [c.id for c in packed.commands],
+                                  owner=eng.owner, batch_id=batch_id, now=now,
+                                  until=now + eng.lease_length())
+        commands = [c for c in packed.commands if c.id in leased]
+        if not commands:
+            return False
+        wire = Packed(commands).wire(self._deps)
+        task = asyncio.create_task(self._flight(commands, wire))
+        self.inflight.add(task)
+        task.add_done_callback(self._landed)
+        return True
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        self.poke()
+
+    # ------------------------------------------------------------------ one batch
+    async def _flight(self, commands: list[Candidate], wire: dict[str, Any]) -> None:
+        started = time.monotonic()
+        metrics.inflight(self.member_id, +1)
+        try:
+            answer = await self._exchange(wire)
+            metrics.round_trip(self.member_id, time.monotonic() - started)
+            await self._settle(commands, answer)
+        except Exception:
+            log.exception("portal %s: a batch's outcome was not recorded; its lease will "
+                          "expire and the sweep recovers it", self.portal_id)
+        finally:
+            metrics.inflight(self.member_id, -1)
+
+    async def _exchange(self, wire: dict[str, Any]) -> Any:
+        """Send the batch; refresh or follow a rename and send again (each with a token)."""
+        eng = self.engine
+        for _ in range(MAX_RESENDS + 1):
+            snap = await self._usable()
+            if snap.held:
+                return outcomes.PortalHeld(f"portal {snap.member_id} is {snap.status}")
+            try:
+                async with asyncio.timeout(eng.settings.request_timeout + 1):
+                    return await eng.client.batch(snap.client_endpoint, wire,
+                                                  snap.access_token or "")
+            except TimeoutError as exc:
+                return exc
+            except errors.PortalMoved as exc:
+                self.snap = await eng.credentials.moved(snap, exc.new_client_endpoint)
+            except errors.BitrixError as exc:
+                if outcomes.verdict_of(exc) is not Verdict.REFRESH:
+                    return exc
+                metrics.refreshed(self.member_id)
+                self.snap = await eng.credentials.refreshed(snap)
+            await self._token()
+        return errors.TransportError("gave up after repeated refreshes and renames")
+
+    async def _usable(self) -> Snapshot:
+        snap = self.snap
+        assert snap is not None
+        if not snap.held and snap.expires_at is not None and snap.expires_at <= utcnow():
+            metrics.refreshed(self.member_id)
+            self.snap = snap = await self.engine.credentials.refreshed(snap)
+        return snap
+
+    async def _settle(self, commands: list[Candidate], answer: Any) -> None:
+        eng, now = self.engine, utcnow()
+        rows, effects = outcomes.decide(commands, answer, now,
+                                        outcomes.Rules(eng.settings.horizon))
+        await eng.run_db(store.record, eng.db, eng.owner, rows)
+        metrics.settled(self.member_id, commands, rows, now)
+        await self._apply(effects)
+
+    async def _apply(self, effects: outcomes.Effects) -> None:
+        eng, key = self.engine, self.member_id
+        if effects.fill_bucket:
+            metrics.rate_limited(key)
+            await eng.bucket.fill(key, self.snap.plan if self.snap else "standard")
+        for method, seconds in effects.processing.items():
+            await eng.ledger.add(key, method, seconds)
+        for method, until in effects.operating.items():
+            await eng.ledger.hold(key, method, until)
+        if effects.refresh and self.snap is not None:
+            metrics.refreshed(key)
+            self.snap = await eng.credentials.refreshed(self.snap)
+        if effects.hold is not None:
+            await self._hold(effects.hold)
+        if effects.notify:
+            await eng.run_db(notify, eng.app, effects.notify)
+            await eng.run_db(store.mark_notified, eng.db, [i for i, _ in effects.notify])
+
+    async def _hold(self, error: BaseException) -> None:
+        """Let the portal status machine judge; stop driving (the sweep resumes the portal)."""
+        if isinstance(error, errors.ApiError):
+            await self.engine.run_db(apply_status, self.engine.app, self.portal_id, error)
+        self.snap = await self.engine.credentials.aload(self.portal_id)
+        self.held = True
+        log.warning("portal %s: holding its commands (%s)", self.portal_id, error)
+        self.poke()
+
+
+def apply_status(app: Flask, portal_id: int, error: errors.ApiError) -> None:
+    """Move the portal through the status machine (in a worker thread, own app context)."""
+    from app.tenants import status as portal_status
+    from app.tenants.models import Portal
+
+    with app.app_context():
+        try:
+            portal = db.session.get(Portal, portal_id)
+            if portal is not None:
+                portal_status.apply_error(portal, error)
+            if isinstance(error, errors.OverloadLimit):
+                log.error("portal %s: Bitrix24 blocked its REST access (OVERLOAD_LIMIT); "
+                          "a human must look", portal_id)
+        except portal_status.PortalUnavailable:
+            pass
+        finally:
+            db.session.remove()
+
+
+def notify(app: Flask, done: list[tuple[int, str]]) -> None:
+    """Enqueue each done command's on_done actor with its id (in a worker thread)."""
+    from app.dispatcher.sweep import send_on_done
+
+    with app.app_context():
+        for command_id, actor in done:
+            send_on_done(actor, command_id)

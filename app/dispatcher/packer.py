@@ -1,0 +1,189 @@
+"""Packing ready commands into one batch: order by key, references, priority (pure).
+
+A candidate goes into the batch when
+- no earlier command of its ordering key is unfinished outside this batch (an earlier one
+  in the same batch runs first: a batch executes its commands in order);
+- every command it depends on (``after``, ``ref``) is done, or in this batch;
+- its method is not paused by the operating-time ledger;
+- and, on the portal's last free slot, it is real-time work (bulk keeps one slot free).
+
+Commands that depend on a dead command cannot run: they are returned to be dead-lettered.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from app.dispatcher.models import CommandStatus, Priority
+from app.dispatcher.outbox import REF_RE, references
+
+MAX_BATCH = 50
+MISSING = "missing"  # a dependency that is not a command of the portal
+_PATH = re.compile(r"\[([^\[\]]*)\]")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A queued, due command as the packer sees it."""
+
+    id: int
+    method: str
+    params: dict[str, Any]
+    key: str | None
+    after_id: int | None
+    priority: int
+    attempts: int = 0
+    first_sent_at: datetime | None = None
+    submitted_at: datetime | None = None
+    on_done: str | None = None
+
+    @property
+    def batch_key(self) -> str:
+        """Its key inside the batch request (never numeric: PHP would turn them into lists)."""
+        return f"c{self.id}"
+
+    def depends_on(self) -> set[int]:
+        """The commands whose completion (and result) this one waits for."""
+        deps = references(self.params)
+        return deps | {self.after_id} if self.after_id is not None else deps
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """The stored state of a command some candidate depends on."""
+
+    status: str
+    result: Any = None
+
+
+@dataclass
+class Packed:
+    """One batch to send, and the commands that can never run."""
+
+    commands: list[Candidate] = field(default_factory=list)
+    doomed: dict[int, str] = field(default_factory=dict)  # id -> dead reason
+
+    def wire(self, deps: Mapping[int, Dependency]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The ``{key: (method, params)}`` map for ``batch``, references resolved."""
+        inside = {c.id for c in self.commands}
+        return {c.batch_key: (c.method, resolve(c.params, inside, deps)) for c in self.commands}
+
+
+def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
+         deps: Mapping[int, Dependency], *, limit: int = MAX_BATCH, realtime_only: bool = False,
+         paused: frozenset[str] = frozenset(), complete: bool = True) -> Packed:
+    """Choose up to ``limit`` candidates (given in priority, id order) for one batch.
+
+    ``blockers``: per ordering key, the lowest id of an unfinished command of that key that
+    is not among the candidates. ``deps``: the state of the commands candidates depend on.
+    ``complete``: the candidates are every due command (else a key chain reaching the last
+    candidate may go on beyond them).
+    """
+    ordered = list(candidates)
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for c in sorted(ordered, key=lambda c: c.id):
+        if c.key is not None:
+            by_key[c.key].append(c.id)
+    out, chosen = Packed(), set()
+    open_end = None if complete or not ordered else max(c.id for c in ordered)
+    for c in ordered:
+        if len(out.commands) >= limit:
+            break
+        reason = _doomed(c, deps)
+        if reason:
+            out.doomed[c.id] = reason
+        elif (_fits(c, chosen, by_key, blockers, deps, realtime_only, paused)
+              and not _splits_chain(c, chosen, by_key, limit - len(out.commands), open_end)):
+            out.commands.append(c)
+            chosen.add(c.id)
+    out.commands.sort(key=lambda c: c.id)
+    return out
+
+
+def _doomed(c: Candidate, deps: Mapping[int, Dependency]) -> str | None:
+    for dep in sorted(c.depends_on()):
+        state = deps.get(dep)
+        if dep >= c.id or (state is not None and state.status == MISSING):
+            return f"depends on command {dep}, which is not an earlier command of its portal"
+        if state is not None and state.status == CommandStatus.DEAD.value:
+            return f"depends on command {dep}, which is dead"
+    return None
+
+
+def _fits(c: Candidate, chosen: set[int], by_key: Mapping[str, list[int]],
+          blockers: Mapping[str, int], deps: Mapping[int, Dependency], realtime_only: bool,
+          paused: frozenset[str]) -> bool:
+    if realtime_only and c.priority != Priority.REALTIME.value:
+        return False
+    if c.method.lower() in paused:
+        return False
+    if c.key is not None:
+        if blockers.get(c.key, c.id + 1) < c.id:
+            return False
+        if any(other < c.id and other not in chosen for other in by_key[c.key]):
+            return False
+    for dep in c.depends_on():
+        state = deps.get(dep)
+        done = state is not None and state.status == CommandStatus.DONE.value
+        if not done and not (dep in chosen and dep < c.id):
+            return False
+    return True
+
+
+def _splits_chain(c: Candidate, chosen: set[int], by_key: Mapping[str, list[int]],
+                  room: int, open_end: int | None) -> bool:
+    """Whether starting c's key chain here would cut it at the batch's end.
+
+    The cut-off rest would wait a whole round trip for this batch; leading the next
+    batch instead, the chain goes at once. Only when something else fills this batch.
+    """
+    if c.key is None or not chosen or any(i in chosen for i in by_key[c.key]):
+        return False
+    if open_end is not None and by_key[c.key][-1] == open_end:
+        return True  # the chain may go on beyond the candidates: length unknown
+    return len([i for i in by_key[c.key] if i >= c.id]) > room
+
+
+def resolve(value: Any, inside: set[int], deps: Mapping[int, Dependency]) -> Any:
+    """Replace ``ref`` placeholders: ``$result[c<id>]...`` within the batch, else the value."""
+    if isinstance(value, dict):
+        return {k: resolve(v, inside, deps) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, inside, deps) for v in value]
+    if not isinstance(value, str) or "$ref[" not in value:
+        return value
+    whole = REF_RE.fullmatch(value)
+    if whole and int(whole.group(1)) not in inside:
+        found, target = _stored(whole, deps)
+        return target if found else value
+    return REF_RE.sub(lambda m: _text(m, inside, deps), value)
+
+
+def _text(m: re.Match[str], inside: set[int], deps: Mapping[int, Dependency]) -> str:
+    if int(m.group(1)) in inside:
+        return f"$result[c{m.group(1)}]{m.group(2)}"
+    found, target = _stored(m, deps)
+    if not found or isinstance(target, (dict, list)):
+        return m.group(0)
+    return {True: "1", False: "0", None: ""}.get(target, str(target)) \
+        if isinstance(target, (bool, type(None))) else str(target)
+
+
+def _stored(m: re.Match[str], deps: Mapping[int, Dependency]) -> tuple[bool, Any]:
+    state = deps.get(int(m.group(1)))
+    if state is None or state.status != CommandStatus.DONE.value:
+        return False, None
+    node = state.result
+    for part in _PATH.findall(m.group(2)):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return False, None
+    return True, node
