@@ -13,6 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as config_mod
 from app import metrics, queue
+from app.dispatcher import metrics as dispatch_metrics
 from app.extensions import configure_database, db, migrate, redis_ext
 
 MIGRATIONS_DIR = str(Path(__file__).resolve().parent.parent / "migrations")
@@ -55,6 +56,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     redis_ext.init_app(app)
     queue.init_app(app)
     metrics.init_app(app)
+    dispatch_metrics.init_app(app)
 
     _import_models()
     _register_event_handlers()
@@ -93,10 +95,14 @@ def _register_blueprints(app: Flask) -> None:
 
 
 def _register_cli(app: Flask) -> None:
-    """``flask portals …`` (list, show, refresh, disable, enable, api-key), ``flask inbox …``."""
+    """``flask portals …`` (list, show, refresh, disable, enable, api-key), ``flask inbox …``,
+    ``flask outbox …`` (show, dead, replay), ``flask dispatcher run``."""
+    from app.dispatcher.cli import dispatcher_cli, outbox_cli
     from app.ingress.cli import api_key_command, inbox_cli
     from app.tenants.cli import portals_cli
 
     portals_cli.add_command(api_key_command)
     app.cli.add_command(portals_cli)
     app.cli.add_command(inbox_cli)
+    app.cli.add_command(outbox_cli)
+    app.cli.add_command(dispatcher_cli)

@@ -1,0 +1,38 @@
+"""The dispatcher in the workers: an engine per worker process, and the periodic sweep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import Middleware
+from flask import Flask
+
+from app.dispatcher import sweep
+from workers.scheduler import periodic
+
+
+class DispatcherMiddleware(Middleware):
+    """Runs a dispatcher engine in each worker process (unless ``DISPATCH_ENABLED`` is off)."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.engine: Any = None
+
+    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if not self.app.config.get("DISPATCH_ENABLED", True):
+            return
+        from app.dispatcher.engine import Engine
+
+        self.engine = Engine(self.app).start()
+
+    def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        if self.engine is not None:
+            self.engine.stop(timeout=float(self.app.config.get("DISPATCH_REQUEST_TIMEOUT", 65)))
+
+
+@periodic("DISPATCH_SWEEP_INTERVAL")
+@dramatiq.actor(queue_name="default", max_retries=0)
+def sweep_outbox() -> None:
+    """Recover expired leases, nudge portals with due commands, resend missed on_done."""
+    sweep.sweep()
