@@ -41,7 +41,7 @@ from app.bitrix import AsyncRestClient, errors
 from app.dispatcher import metrics, nudge, outcomes, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket
 from app.dispatcher.credentials import CredentialStore, Snapshot
-from app.dispatcher.ledger import AsyncLedger
+from app.dispatcher.ledger import AsyncOperatingLedger
 from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack
 from app.dispatcher.policy import Verdict
 from app.extensions import db
@@ -157,7 +157,7 @@ class Engine:
             timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
             max_connections=self.settings.max_connections)
         self.bucket = AsyncRateBucket(self.redis)
-        self.ledger = AsyncLedger(self.redis)
+        self.ledger = AsyncOperatingLedger(self.redis)
         self.credentials = CredentialStore(self.app, self.executor)
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(nudge.CHANNEL)
@@ -439,8 +439,8 @@ class Driver:
         if effects.fill_bucket:
             metrics.rate_limited(key)
             await eng.bucket.fill(key, self.snap.plan if self.snap else "standard")
-        for method, seconds in effects.processing.items():
-            await eng.ledger.add(key, method, seconds)
+        if effects.processing:
+            await eng.ledger.add_batch(key, effects.processing)
         for method, until in effects.operating.items():
             await eng.ledger.hold(key, method, until)
         if effects.refresh and self.snap is not None:
