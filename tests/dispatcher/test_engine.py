@@ -86,3 +86,18 @@ def test_a_realtime_command_overtakes_a_2000_command_bulk_backlog(make_portal, s
     bulk_left = sum(r.status != "done" for r in rows(portal.id))
     assert waited < 2.8, f"the call card waited {waited:.2f} s behind bulk work"
     assert bulk_left > 1000 and row.result["CALL_ID"]
+
+
+def test_a_key_longer_than_a_batch_runs_in_submission_order(make_portal, sandbox, start_engine):
+    portal, info = make_portal()
+    sandbox.set_latency(info["member_id"], 300)
+    start_engine(DISPATCH_LINGER_MS=0)
+    for n in range(60):
+        submit(portal, "crm.deal.add", {"fields": {"TITLE": str(n)}}, key="one-chain")
+    db.session.commit()
+    assert {r.status for r in settled(portal.id, 60)} == {"done"}
+    log = sorted(sandbox.log(info["member_id"]), key=lambda e: e["seq"])
+    assert [int(e["params"]["fields"]["TITLE"]) for e in log] == list(range(60))
+    first, second = log[0]["batch_id"], log[-1]["batch_id"]
+    assert max(e["finish"] for e in log if e["batch_id"] == first) <= \
+        min(e["start"] for e in log if e["batch_id"] == second)
