@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from cryptography.fernet import Fernet
@@ -47,6 +48,23 @@ def _reset_os_environ() -> Iterator[None]:
     os.environ.update(before)
 
 
+def _xdist_worker() -> str:
+    """``gw0``, ``gw1``... under pytest-xdist (``make test`` runs two), else empty."""
+    return os.environ.get("PYTEST_XDIST_WORKER", "")
+
+
+def _worker_redis_db(url: str) -> str:
+    """Under xdist, worker N uses the database N below the given one (each flushes its own)."""
+    worker = _xdist_worker()
+    if not worker:
+        return url
+    parts = urlsplit(url)
+    index = int(parts.path.strip("/") or 0) - int(worker.removeprefix("gw"))
+    if index < 0:
+        raise RuntimeError(f"REDIS_URL {url}: no database left for xdist worker {worker}")
+    return urlunsplit(parts._replace(path=f"/{index}"))
+
+
 @pytest.fixture(scope="session")
 def instance_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A private instance folder for this test session."""
@@ -59,7 +77,13 @@ def database_url(instance_dir: Path) -> str:
     from app.config import normalise_database_url
 
     url = _ORIGINAL_ENV.get("DATABASE_URL")
-    return normalise_database_url(url) if url else f"sqlite:///{instance_dir / 'test.db'}"
+    if not url:
+        return f"sqlite:///{instance_dir / 'test.db'}"
+    url = normalise_database_url(url)
+    worker = _xdist_worker()
+    if worker:  # each xdist worker empties its tables after every test: one database each
+        url = make_empty_database(url, f"{url.rsplit('/', 1)[1]}_{worker}")
+    return url
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +91,7 @@ def redis_url(instance_dir: Path) -> Iterator[str]:
     """The Redis under test: REDIS_URL, or the embedded server (stopped at the end)."""
     url = _ORIGINAL_ENV.get("REDIS_URL")
     if url:
-        yield url
+        yield _worker_redis_db(url)
         return
     yield embedded.ensure_running(instance_dir)
     embedded.stop(instance_dir)
