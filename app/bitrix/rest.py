@@ -105,14 +105,24 @@ class BatchResult:
         return not self.errors and not self.skipped
 
 
+def _answered_error(value: Any) -> bool:
+    """An error a method answers with HTTP 200 (``placement.bind`` does, protocol §7.1) arrives
+    inside a batch as that command's *result*: ``{"error": ..., "error_description": ...}``."""
+    return (isinstance(value, dict) and isinstance(value.get("error"), str)
+            and set(value) <= {"error", "error_description"})
+
+
 def parse_batch(body: dict[str, Any], keys: tuple[str, ...]) -> BatchResult:
-    """Normalise a batch body into a BatchResult."""
+    """Normalise a batch body into a BatchResult; an error answered as a result is an error."""
     inner = body.get("result") if isinstance(body.get("result"), dict) else {}
+    results = as_dict(inner.get("result"))
     failed = {
         key: errors.from_body(err if isinstance(err, dict) else {"error": str(err)})
         for key, err in as_dict(inner.get("result_error")).items()
     }
-    return BatchResult(results=as_dict(inner.get("result")), errors=failed,
+    for key in [k for k, v in results.items() if _answered_error(v)]:
+        failed[key] = errors.from_body(results.pop(key), 200)
+    return BatchResult(results=results, errors=failed,
                        totals=as_dict(inner.get("result_total")),
                        nexts=as_dict(inner.get("result_next")),
                        times=as_dict(inner.get("result_time")),

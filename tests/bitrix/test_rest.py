@@ -52,6 +52,20 @@ def test_batch_per_command_errors_numeric_keys_and_halt(portal, rest):
     assert halted.skipped == ["c"]
 
 
+def test_an_error_a_method_answers_with_http_200_is_that_commands_error(portal, rest):
+    """placement.bind answers its errors with HTTP 200, so inside a batch they sit among the
+    results; the client must still report them as errors (a dispatcher would call them done)."""
+    handler = "https://app.example.com/placements/x"
+    result = rest.batch(portal["client_endpoint"], {
+        "ok": ("placement.bind", {"PLACEMENT": "CALL_CARD", "HANDLER": handler}),
+        "bad": ("placement.bind", {"PLACEMENT": "PAGE_BACKGROUND_WORKER", "HANDLER": handler}),
+    }, portal["access_token"])
+    assert result.results == {"ok": True}
+    assert result.errors["bad"].code == "EMPTY_ERROR_HANDLER_URL"
+    assert result.errors["bad"].http_status == 200
+    assert not result.ok
+
+
 def test_batch_refuses_more_than_50(portal, rest):
     commands = {f"c{i}": ("user.current", {}) for i in range(MAX_BATCH + 1)}
     with pytest.raises(ValueError, match="at most 50"):
