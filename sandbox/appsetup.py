@@ -33,8 +33,8 @@ import httpx
 from sandbox.client import SandboxControl
 
 STATE_FILE = "sandbox.json"
-FINISHED_BY = ("the sandbox's control call, standing in for the installer page's script "
-               "(on a real portal, its BX24.installFinish() finishes the install)")
+FINISHED_BY = ("a control call, standing in for the installer page's script: on a real "
+               "portal its BX24.installFinish() does it")
 DEMO_USERS = [
     {"id": 1, "name": "Anna", "last_name": "Admin", "admin": True, "extension": "101"},
     {"id": 2, "name": "Boris", "last_name": "Sales", "extension": "102"},
