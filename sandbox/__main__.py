@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--install",
         action="store_true",
-        help="run the install flow against --app-url for each portal",
+        help="POST the installer at --app-url for each portal, then finish the install by the "
+        "control call (no browser runs the page's script)",
     )
     ap.add_argument("--token-ttl", type=int, default=None)
     ap.add_argument(
@@ -98,9 +99,11 @@ def main(argv: list[str] | None = None) -> None:
                 )
             if args.install and args.app_url:
                 result = control.install_app(portal["member_id"], args.app_url)
+                finished = control.finish_install(portal["member_id"])
                 print(
                     f"  install: HTTP {result['status']} "
-                    f"install_finished={result['install_finished']}",
+                    f"install_finished={finished['install_finished']} (by the control call in "
+                    "place of the installer page's BX24.installFinish())",
                     flush=True,
                 )
     stop.wait()

@@ -33,6 +33,8 @@ import httpx
 from sandbox.client import SandboxControl
 
 STATE_FILE = "sandbox.json"
+FINISHED_BY = ("a control call, standing in for the installer page's script: on a real "
+               "portal its BX24.installFinish() does it")
 DEMO_USERS = [
     {"id": 1, "name": "Anna", "last_name": "Admin", "admin": True, "extension": "101"},
     {"id": 2, "name": "Boris", "last_name": "Sales", "extension": "102"},
@@ -116,19 +118,26 @@ def wait_until_up(instance_dir: Path, proc: subprocess.Popen, timeout: float = 2
 
 def install_into_sandbox(sandbox_url: str, app_public_url: str, client_id: str,
                          client_secret: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Create a demo portal for our client id and install the app into it (installer POST)."""
+    """Create a demo portal for our client id and install the app into it.
+
+    The installer POST, then the control call that finishes the install: nobody's
+    browser runs the installer page here, and on a real portal only its script's
+    BX24.installFinish() does that.
+    """
     _wait(app_public_url.rstrip("/") + "/healthz", timeout)
     with SandboxControl(sandbox_url) as control:
         portal = control.create_portal(users=DEMO_USERS, client_id=client_id,
                                        client_secret=client_secret, app_url=app_public_url)
         result = control.install_app(portal["member_id"], app_public_url)
+        finished = control.finish_install(portal["member_id"])
         bound = control.bindings(portal["member_id"])
         return {
             "sandbox": sandbox_url,
             "portal domain": portal["domain"],
             "member_id": portal["member_id"],
             "install HTTP status": result.get("status"),
-            "install finished": result.get("install_finished"),
+            "install finished": finished.get("install_finished"),
+            "finished by": FINISHED_BY,
             "event bindings": len(bound.get("events", [])),
             "placements bound": len(bound.get("placements", [])),
             "open the app": control.frame_url(portal["member_id"]),

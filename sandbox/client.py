@@ -159,10 +159,11 @@ class SandboxControl:
     ) -> dict[str, Any]:
         """POST the installer iframe form to <app_url>/install (``form``: the body sent).
 
-        When the installer page calls installFinish, ONAPPINSTALL goes to whatever is bound
-        for it then (``onappinstall``: each delivery, with the ``tokens`` it carried).
-        ``send_onappinstall`` sends it even when nothing was delivered that way (to the
-        bound handler, else ``<app_url>/b24/events``), finished or not.
+        The install stays pending (``install_pending``): no script runs here, and only the
+        page's BX24.installFinish() in a browser (through :meth:`frame_url`) or
+        :meth:`finish_install` finishes it. ``send_onappinstall`` sends ONAPPINSTALL
+        anyway (to the bound handler, else ``<app_url>/b24/events``; ``onappinstall``:
+        each delivery, with the ``tokens`` it carried), finished or not.
         """
         spec = {
             "app_url": app_url,
@@ -173,7 +174,12 @@ class SandboxControl:
         return self._call("POST", f"/portals/{member_id}/install", spec)
 
     def finish_install(self, member_id: str) -> dict[str, Any]:
-        """What BX24.installFinish() does: finish the install and send ONAPPINSTALL."""
+        """Finish the install and send ONAPPINSTALL, as the installer page's script would.
+
+        A stand-in for the browser, for tests and ``make run``: on a real portal (and in
+        the sandbox's frame page) only the page's BX24.installFinish() does this. Returns
+        the install state and ``onappinstall`` (each delivery, with its ``tokens``).
+        """
         return self._call("POST", f"/portals/{member_id}/install_finish")
 
     def install_state(self, member_id: str) -> dict[str, Any]:
@@ -196,7 +202,11 @@ class SandboxControl:
     def frame_url(
         self, member_id: str, placement: str = "DEFAULT", user_id: int | None = None
     ) -> str:
-        """URL of an auto-submitting page that opens the placement in a real browser."""
+        """URL of the portal page that frames the placement for a real browser.
+
+        It redirects to the portal's own origin, which POSTs the iframe form into its
+        iframe and answers the frame's BX24 messages (an installer's installFinish).
+        """
         q = f"?placement={placement}" + (f"&user_id={user_id}" if user_id else "")
         return f"{self.base_url}/_sandbox/portals/{member_id}/frame{q}"
 

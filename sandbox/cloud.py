@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,6 @@ from .phpquery import build_query
 from .rest import Ctx
 from .state import IFRAME_FORMS, Portal, Settings, TokenStore, User, hex32, parse_time_zone
 
-INSTALL_FINISH_RE = re.compile(r"BX24\s*\.\s*installFinish\s*\(")
 TOKEN_EVENTS = {"ONAPPINSTALL", "ONAPPUPDATE", "ONOFFLINEEVENT", "ONSUBSCRIPTIONRENEW"}
 USER_AGENT = "Bitrix24 Webhook Engine"
 INSTALL_DATA = {"VERSION": "1", "ACTIVE": "Y", "INSTALLED": "Y", "LANGUAGE_ID": "en"}
@@ -719,16 +717,21 @@ class Cloud:
         self.drop_install_bindings(p)
         p.install_user = user_id
 
-    def show_installer(self, p: Portal, user_id: int) -> None:
+    def show_installer(self, p: Portal, user_id: int) -> bool:
         """An iframe open of an unfinished app shows the installer: an admin's is an install."""
         if p.users[user_id].admin:
             self.begin_install(p, user_id)
+            return True
+        return False
 
     async def finish_install(self, p: Portal) -> list[dict[str, Any]]:
         """installFinish: the install is finished, and ONAPPINSTALL goes to its bound handlers.
 
-        The event carries the installing admin's tokens (a new chain) and the application
-        token (§2.4); it is sent once per install, to what is bound for it at this moment.
+        Reached only from the portal page on the installer frame's ``setInstallFinish``
+        message (sandbox/frame.py), or from the explicit control call that stands in
+        for that browser. The event carries the installing admin's tokens (a new chain)
+        and the application token (§2.4); it is sent once per install, to what is bound
+        for it at this moment.
         """
         user_id, p.install_user = p.install_user, None
         if user_id is None and not p.install_finished:
@@ -744,7 +747,12 @@ class Cloud:
         return p.app_url.rstrip("/") + path
 
     async def install(self, p: Portal, spec: dict[str, Any]) -> dict[str, Any]:
-        """Act as the portal installing the app: POST the installer, maybe ONAPPINSTALL."""
+        """Act as the portal installing the app: POST the installer form, nothing more.
+
+        Whatever the page answers, the install stays pending: on a real portal only the
+        page's script finishes it (BX24.installFinish() in a browser, through the portal
+        page: sandbox/frame.py), and a headless POST runs no script.
+        """
         if spec.get("app_url"):
             p.app_url = spec["app_url"]
         url = spec.get("install_url") or p.install_url or self._app_url(p, "/install")
@@ -755,13 +763,6 @@ class Cloud:
         self.sessions[sid]["install"] = True
         resp = await self.post_form(target, body, float(spec.get("timeout", 30)), follow=True)
         p.bump("token_grants")
-        sent: list[dict[str, Any]] = []
-        if (
-            resp.get("status") == 200
-            and resp.get("content_type") == "text/html"
-            and INSTALL_FINISH_RE.search(resp.get("body", ""))
-        ):
-            sent = await self.finish_install(p)
         out = {
             "status": resp.get("status"),
             "content_type": resp.get("content_type"),
@@ -769,13 +770,14 @@ class Cloud:
             "body": resp.get("body"),
             "app_sid": sid,
             "install_finished": p.install_finished,
+            "install_pending": not p.install_finished,
             "access_token": self.sessions[sid]["access_token"],
             "refresh_token": self.sessions[sid]["refresh_token"],
             "application_token": p.application_token,
             "form": body,
-            "onappinstall": sent,
+            "onappinstall": [],
         }
-        if spec.get("send_onappinstall") and not sent:
+        if spec.get("send_onappinstall"):
             # Forced, whatever is bound or finished: to the bound handler, else the events URL.
             p.install_user = None
             fallback = p.events_url or self._app_url(p, "/b24/events")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import html
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from . import frame
 from .cloud import Cloud, ControlError, check_iframe_form
 from .state import Fault
 
@@ -29,58 +29,6 @@ FAULTS = {
     "invalid_token",
     "operation_time_limit",
 }
-CORS = {
-    "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-    "Access-Control-Allow-Headers": "Content-Type",
-}
-BX24_JS = r"""/* Sandbox stand-in for the BX24 JS library (not Bitrix code). */
-(function () {
-  var CLOUD = %(cloud)s;
-  var q = new URLSearchParams(window.location.search);
-  var sid = q.get("APP_SID") || (window.BX24_SANDBOX_SID || "");
-  var session = null, waiting = [], loading = null;
-  function load() {
-    if (!loading) {
-      loading = fetch(CLOUD + "/_sandbox/bx24/session?APP_SID=" + encodeURIComponent(sid))
-        .then(function (r) { return r.json(); })
-        .then(function (s) {
-          session = s;
-          waiting.splice(0).forEach(function (cb) { cb(); });
-          return s;
-        });
-    }
-    return loading;
-  }
-  window.BX24 = {
-    init: function (cb) { if (session) { cb && cb(); } else { if (cb) waiting.push(cb); load(); } },
-    getAuth: function () {
-      if (!session || session.error) return false;
-      return {access_token: session.access_token, refresh_token: session.refresh_token,
-              expires_in: session.expires_in, domain: session.domain, member_id: session.member_id};
-    },
-    isAdmin: function () { return !!(session && session.is_admin); },
-    getDomain: function () { return session ? session.domain : q.get("DOMAIN"); },
-    getLang: function () { return q.get("LANG") || "en"; },
-    placement: {
-      info: function () {
-        return session ? {placement: session.placement, options: session.options} : {};
-      },
-      call: function (name, params, cb) { cb && cb({}); },
-      bindEvent: function () {}
-    },
-    installFinish: function () {
-      var url = CLOUD + "/_sandbox/bx24/install_finish?APP_SID=" + encodeURIComponent(sid);
-      return fetch(url, {method: "POST"});
-    },
-    fitWindow: function () {}, resizeWindow: function () {},
-    reloadWindow: function () { window.location.reload(); },
-    closeApplication: function () {}
-  };
-  load();
-})();
-"""
-
 Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -240,6 +188,7 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
         return await cloud.install(cloud.portal(request.match_info["mid"]), await _body(request))
 
     async def install_finish(request: web.Request) -> Any:
+        """Finish the install without a browser (a stand-in for the installer page's script)."""
         p = cloud.portal(request.match_info["mid"])
         sent = await cloud.finish_install(p)
         return {**install_state_of(p), "onappinstall": sent}
@@ -319,67 +268,15 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
         return list(p.crm[kind].values())
 
     async def frame_page(request: web.Request) -> web.Response:
-        """An auto-submitting iframe POST page for a real browser (installer or placement)."""
-        p = cloud.portal(request.match_info["mid"])
-        placement = request.query.get("placement", "DEFAULT").upper()
-        user_id = int(request.query.get("user_id") or cloud._default_user(p))
-        options = json.loads(request.query.get("options", "{}") or "{}")
-        if placement == "DEFAULT":
-            url = (
-                (p.app_page_url or cloud._app_url(p, "/placements/settings"))
-                if p.install_finished
-                else (p.install_url or cloud._app_url(p, "/install"))
-            )
-            if not p.install_finished:
-                cloud.show_installer(p, user_id)
-        else:
-            bound = [b for b in p.placements if b.placement == placement]
-            if not bound:
-                raise ControlError(404, f"no handler bound for {placement}")
-            url = bound[0].handler
-        target, body = cloud.frame(p, user_id, placement, options, url)
-        from urllib.parse import parse_qsl
-
-        inputs = "".join(
-            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
-            for k, v in parse_qsl(body, keep_blank_values=True)
-        )
-        page = (
-            f"<!doctype html><html><body>"
-            f'<form id="f" method="post" action="{html.escape(target)}">{inputs}</form>'
-            '<script>document.getElementById("f").submit();</script></body></html>'
-        )
-        return web.Response(text=page, content_type="text/html")
+        """The page framing the app lives on the portal's origin: send the browser there."""
+        return frame.frame_redirect(cloud.portal(request.match_info["mid"]), request.query_string)
 
     async def reset(request: web.Request) -> Any:
         await cloud.reset()
         return {"ok": True}
 
     async def bx24_js(request: web.Request) -> web.Response:
-        js = BX24_JS % {"cloud": json.dumps(f"{cloud.scheme}://{cloud.server_host}")}
-        return web.Response(text=js, content_type="application/javascript", headers=CORS)
-
-    async def bx24_session(request: web.Request) -> web.Response:
-        if request.method == "OPTIONS":
-            return web.Response(headers=CORS)
-        s = cloud.sessions.get(request.query.get("APP_SID", ""))
-        if s is None:
-            return _json({"error": "unknown APP_SID"}, 404, CORS)
-        return _json({k: v for k, v in s.items() if k != "fields"}, 200, CORS)
-
-    async def bx24_finish(request: web.Request) -> web.Response:
-        if request.method == "OPTIONS":
-            return web.Response(headers=CORS)
-        s = cloud.sessions.get(request.query.get("APP_SID", ""))
-        if s is None:
-            return _json({"error": "unknown APP_SID"}, 404, CORS)
-        p = cloud.portals.get(s["member_id"])
-        if p is None:
-            return _json({"error": "portal gone"}, 404, CORS)
-        if not s.get("install") and p.install_finished:
-            return _json({"install_finished": True}, 200, CORS)
-        await cloud.finish_install(p)
-        return _json({"install_finished": True}, 200, CORS)
+        return frame.bx24_js()
 
     def add(method: str, path: str, func: Callable[[web.Request], Awaitable[Any]]) -> None:
         r.add_route(method, base + path, _guard(func))
@@ -414,5 +311,3 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
     add("*", "/settings", settings)
     add("POST", "/reset", reset)
     r.add_get("/bx24.js", bx24_js)
-    r.add_route("*", base + "/bx24/session", bx24_session)
-    r.add_route("*", base + "/bx24/install_finish", bx24_finish)

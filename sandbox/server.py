@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import control
+from . import control, frame
 from .cloud import Cloud, loopback_socket
 from .methods_telephony import store_upload
 from .phpquery import parse_pairs
@@ -138,6 +138,8 @@ class Front:
             if status == 302:
                 return web.Response(status=302, headers={"Location": payload})
             return web.Response(status=status, text=payload, content_type="text/html")
+        if path.startswith("/_sandbox/"):  # the portal's page framing the app (sandbox/frame.py)
+            return await frame.portal_page(self.cloud, p, request)
         if not path.startswith("/rest/"):
             return web.Response(status=404, text="Not found")
         name = path[len("/rest/") :].strip("/").lower()

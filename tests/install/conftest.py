@@ -101,20 +101,24 @@ def make_portal(sandbox: Any, live_app: LiveApp, form_kind: str) -> Any:
 
 @pytest.fixture
 def installed(sandbox: Any, make_portal: Any, live_app: LiveApp) -> dict[str, Any]:
-    """A sandbox portal with the app installed: the installer POST, then its ONAPPINSTALL.
+    """A sandbox portal with the app installed: the installer POST, then installFinish.
 
-    installFinish sent ONAPPINSTALL (the installing admin's new chain and the
-    application token, which the short form carries no other way); it is processed
-    here as a worker would, so the portal ends in the same state with either form.
+    No browser runs the installer page's script here, so the explicit control call
+    finishes the install in its place (tests/install/test_install_finish_browser.py
+    shows the page doing it). installFinish sent ONAPPINSTALL (the installing admin's
+    new chain and the application token, which the short form carries no other way);
+    it is processed here as a worker would, so the portal ends in the same state with
+    either form.
     """
     portal = make_portal()
     result = sandbox.install_app(portal["member_id"], live_app.url)
-    assert result["status"] == 200, result["body"]
-    assert [d["status"] for d in result["onappinstall"]] == [200], result["onappinstall"]
+    assert result["status"] == 200 and result["install_pending"], result["body"]
+    finished = sandbox.finish_install(portal["member_id"])
+    assert [d["status"] for d in finished["onappinstall"]] == [200], finished["onappinstall"]
     process_queued("ONAPPINSTALL")
     wait_for(lambda: portal_row(portal["member_id"]).application_token
              == portal["application_token"], timeout=10)
-    return {**portal, "install": result}
+    return {**portal, "install": result, "finish": finished}
 
 
 def process_queued(event_type: str) -> list[str]:

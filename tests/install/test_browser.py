@@ -1,8 +1,8 @@
 """The pages the portal frames, in a real browser (Debian's Chromium driven by Playwright).
 
-The sandbox's frame page POSTs the iframe form exactly as a portal does; the
-app's installer page then loads the BX24 library (the sandbox's stand-in, via
-``B24_JS_SDK_URL``) and must call ``BX24.installFinish()`` from its JavaScript.
+The sandbox's frame page is the portal's own page: it POSTs the iframe form into its
+iframe exactly as a portal does. The installer's run in it is in
+test_install_finish_browser.py.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import wait_for
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -35,29 +33,12 @@ def browser_page(tmp_path: Path):
         browser.close()
 
 
-def test_installer_page_calls_install_finish_in_a_browser(sandbox, sandbox_server, make_portal,
-                                                          browser_page, tmp_path):
-    portal = make_portal()
-    mid = portal["member_id"]
-    assert sandbox.install_state(mid)["install_finished"] is False
-
-    browser_page.goto(f"{sandbox_server.url}/_sandbox/portals/{mid}/frame?placement=DEFAULT")
-    browser_page.wait_for_load_state("networkidle")
-
-    state = wait_for(lambda: (s := sandbox.install_state(mid))["install_finished"] and s,
-                     timeout=20)
-    assert state["install_finished"] is True
-    bindings = sandbox.bindings(mid)
-    assert {b["event"] for b in bindings["events"]} >= {"ONAPPUNINSTALL", "ONEXTERNALCALLSTART"}
-    browser_page.screenshot(path=str(tmp_path / "installer.png"))
-
-
 def test_settings_page_renders_the_portal_status_in_a_browser(sandbox, sandbox_server,
                                                                installed, browser_page, tmp_path):
     mid = installed["member_id"]
     browser_page.goto(f"{sandbox_server.url}/_sandbox/portals/{mid}/frame?placement=DEFAULT")
     browser_page.wait_for_load_state("networkidle")
-    text = browser_page.inner_text("body")
+    text = browser_page.frame(name="app").inner_text("body")  # the portal page's iframe
     assert "active" in text.lower(), text
     assert "101" in text  # the admin's extension from the portal's users
     browser_page.screenshot(path=str(tmp_path / "settings.png"), full_page=True)

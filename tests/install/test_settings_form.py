@@ -52,6 +52,7 @@ def _lines(member_id: str) -> list[str]:
 def _install_another(sandbox: Any, make_portal: Any, live_app: LiveApp) -> dict[str, Any]:
     other = make_portal()
     assert sandbox.install_app(other["member_id"], live_app.url)["status"] == 200
+    sandbox.finish_install(other["member_id"])  # what the installer page's script does
     return other
 
 

@@ -34,15 +34,18 @@ def installed(sandbox, fake_app, **extra):
         **extra,
     )
     result = sandbox.install_app(p["member_id"])
-    assert result["install_finished"], result
+    assert result["install_pending"], result
+    assert sandbox.finish_install(p["member_id"])["install_finished"]  # no browser runs the page
     return p
 
 
-def test_install_post_shape_and_headless_install_finish(sandbox, fake_app, http):
+def test_install_post_shape_and_a_headless_install_stays_pending(sandbox, fake_app, http):
     p = sandbox.create_portal(app_url=fake_app.url)
-    fake_app.install_html = "<html>no finish here</html>"
     result = sandbox.install_app(p["member_id"])
+    # The page calls BX24.installFinish(), but no script runs on a headless POST.
+    assert "BX24.installFinish()" in result["body"]
     assert result["status"] == 200 and not result["install_finished"]
+    assert result["install_pending"] and result["onappinstall"] == []
     hit = fake_app.paths("/install")[0]
     query = dict(parse_qsl(urlsplit(hit.path).query))
     assert query == {
@@ -88,20 +91,13 @@ def test_install_post_shape_and_headless_install_finish(sandbox, fake_app, http)
         ]
         == []
     )
-    # BX24.installFinish() from the stand-in JS reports through the control API
-    finish = http.post(
-        f"{sandbox.base_url}/_sandbox/bx24/install_finish", params={"APP_SID": result["app_sid"]}
-    )
-    assert finish.json() == {"install_finished": True}
-    assert sandbox.install_state(p["member_id"])["install_finished"]
+    assert sandbox.install_state(p["member_id"])["install_finished"] is False
+    # The explicit control call stands in for the page's script.
+    assert sandbox.finish_install(p["member_id"])["install_finished"] is True
     assert call(http, p, "app.info").json()["result"]["INSTALLED"] is True
     assert sandbox.trigger_event(p["member_id"], "ONCRMDEALUPDATE", {"FIELDS": {"ID": "1"}})[
         "statuses"
     ] == [200]
-    session = http.get(
-        f"{sandbox.base_url}/_sandbox/bx24/session", params={"APP_SID": result["app_sid"]}
-    ).json()
-    assert session["member_id"] == p["member_id"] and session["is_admin"] is True
     assert "installFinish" in http.get(sandbox.base_url + "/bx24.js").text
 
 
@@ -347,10 +343,11 @@ def test_install_finish_sends_onappinstall_to_what_is_bound_then(sandbox, fake_a
     assert len(fake_app.paths("/b24/events")) == 1
 
 
-def test_headless_install_finish_and_an_update_drop_and_resend(sandbox, fake_app, http):
+def test_an_install_and_an_update_drop_onappinstall_bindings(sandbox, fake_app, http):
     p = sandbox.create_portal(app_url=fake_app.url)
     _bind_onappinstall(http, p, fake_app)
-    first = sandbox.install_app(p["member_id"])  # the page calls installFinish: headless shortcut
+    sandbox.install_app(p["member_id"])
+    first = sandbox.finish_install(p["member_id"])  # in place of the page's installFinish
     assert first["install_finished"] and first["onappinstall"] == []  # dropped before the page
     _bind_onappinstall(http, p, fake_app)
     call(http, p, "event.bind", event="ONAPPUPDATE", handler=fake_app.url + "/b24/events")
@@ -364,6 +361,6 @@ def test_install_after_uninstall_gets_a_new_application_token(sandbox, fake_app)
     assert again["application_token"] == p["application_token"]  # same installation
     sandbox.uninstall_app(p["member_id"])
     fresh = sandbox.install_app(p["member_id"])
-    assert fresh["install_finished"] and fresh["application_token"] != p["application_token"]
+    assert fresh["install_pending"] and fresh["application_token"] != p["application_token"]
     form = dict(parse_qsl(fake_app.paths("/install")[-1].body.decode()))
     assert form["APPLICATION_TOKEN"] == fresh["application_token"]
