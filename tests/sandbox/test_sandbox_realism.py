@@ -38,15 +38,16 @@ def test_a_sandbox_started_in_code_answers_with_realistic_latency():
         assert control.settings()["latency"] == "realistic"
         portal = control.create_portal()
 
-        def one(_: int) -> float:
+        def one(_: int) -> tuple[float, float]:
             started = time.perf_counter()
-            httpx.post(portal["client_endpoint"] + "profile",
-                       json={"auth": portal["access_token"]}, timeout=5).raise_for_status()
-            return time.perf_counter() - started
+            resp = httpx.post(portal["client_endpoint"] + "profile",
+                              json={"auth": portal["access_token"]}, timeout=5)
+            return time.perf_counter() - started, resp.json()["time"]["processing"]
 
-        with ThreadPoolExecutor(12) as pool:
-            waits = list(pool.map(one, range(12)))
-        assert min(waits) >= 0.05 and max(waits) < 1.0
+        with ThreadPoolExecutor(8) as pool:
+            waits, processing = zip(*pool.map(one, range(8)), strict=True)
+        assert min(waits) >= 0.05 and min(processing) >= 0.05
+        assert max(processing) < 0.9  # 600 ms at most, plus scheduling on a busy machine
         control.reset()  # a reset keeps the server's own default
         assert control.settings()["latency"] == "realistic"
 
