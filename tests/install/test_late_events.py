@@ -119,3 +119,25 @@ def test_install_and_setup_complete_with_realistic_latency_and_late_events(sandb
     assert took < 30, f"install took {took:.1f}s"
     print(f"install with realistic latency and a late ONAPPINSTALL: {took:.1f}s, "
           f"{sandbox.counters(portal['member_id'])['rest_requests']} REST requests")
+
+
+
+def test_a_reinstall_that_meets_operation_time_limit_changes_nothing(sandbox, live_app):
+    """What the app does today when the portal blocks a method (protocol §6.2): the installer's
+    ``user.admin`` answers 429, which the app reads as "not an administrator" (reported: the
+    admin is told the wrong reason, and the settings page hides the admin's sections).
+    """
+    sandbox.settings(latency="realistic")
+    portal = _install(sandbox, live_app, iframe_form="full")
+    mid = portal["member_id"]
+    before = portal_row(mid)
+    sandbox.set_operating_limit(0.01, member_id=mid)  # every method it used is over it now
+    again = sandbox.install_app(mid, live_app.url)
+    assert again["status"] == 403 and "only a portal administrator" in again["body"]
+    assert sandbox.counters(mid)["operation_time_limit"] >= 1
+    row = portal_row(mid)
+    assert (row.status, row.status_reason, row.refresh_token) == ("active", None,
+                                                                  before.refresh_token)
+    page = sandbox.open_placement(mid)  # the installing admin opens the app
+    assert page["status"] == 200 and 'data-status="active"' in page["body"]
+    assert 'id="inbox-counts"' not in page["body"]  # shown as a non-admin
