@@ -13,7 +13,8 @@ An event name a test holds (``hold``) waits until ``release`` and steps out of t
 meanwhile: what comes after it is delivered first (a late ONAPPINSTALL, protocol §2.4).
 The body is built when the POST leaves (``ts`` is the send time, §3.3). Every delivery is
 logged per portal with its state: ``queued``, ``held``, ``sending``, ``done``,
-``suppressed`` (the app was uninstalled or the portal deleted while it waited).
+``suppressed`` (the app was uninstalled, its subscription lapsed or the portal was deleted
+while it waited).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ async def _run(cloud: Any, p: Portal, record: dict[str, Any], build: Callable[[]
                force: bool, done: asyncio.Future) -> None:
     try:
         await _wait_turn(delay, after, gate)
-        if p.deleted or not (p.install_finished or force):
+        if p.deleted or not p.subscription_active or not (p.install_finished or force):
             record["state"] = "suppressed"
             p.bump("events_suppressed")
             return
