@@ -1,5 +1,9 @@
 """`python -m sandbox --port N [--app-url URL] [--portals K] [--https]`: run the fake cloud until
 SIGINT/SIGTERM.
+
+Unlike the pytest plugin's server it behaves like Bitrix24 out of the box: 50-600 ms a
+request (``--latency``), events 0.5-3 s late and in no guaranteed order (``--event-delay``,
+``--event-order``).
 """
 
 from __future__ import annotations
@@ -9,8 +13,12 @@ import json
 import signal
 import threading
 
+from . import latency
 from .client import SandboxControl
 from .server import SandboxServer
+
+# Bitrix24's queue server delivers seconds later (protocol §3.2); the tests' default is 0.
+EVENT_DELAY = "500,3000"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +57,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(PROTOCOL=1, https endpoints); the CA file is printed: give it to the app as "
         "B24_CA_BUNDLE",
     )
+    ap.add_argument(
+        "--latency",
+        type=latency.parse_text,
+        default=latency.REALISTIC,
+        help="per-request latency in ms: N, LO,HI or realistic (default: realistic, 50-600 ms)",
+    )
+    ap.add_argument(
+        "--event-delay",
+        type=latency.parse_text,
+        default=EVENT_DELAY,
+        help=f"delay of each event delivery in ms: N, LO,HI or realistic (default {EVENT_DELAY})",
+    )
+    ap.add_argument(
+        "--event-order",
+        choices=["any", "queued"],
+        default="any",
+        help="any: each event waits only its own delay, later ones may overtake (default, as "
+        "Bitrix24); queued: one after another in queue order",
+    )
     ap.add_argument("--json", action="store_true", help="print portals as JSON lines")
     return ap.parse_args(argv)
 
@@ -56,7 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Start, print URLs, wait for a signal, stop."""
     args = parse_args(argv)
-    server = SandboxServer(port=args.port, tls=args.https).start()
+    server = SandboxServer(
+        port=args.port,
+        tls=args.https,
+        latency=args.latency,
+        event_delay=args.event_delay,
+        event_reorder=args.event_order == "any",
+    ).start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -106,9 +106,11 @@ def _saved(instance_dir: Path) -> dict[str, Any]:
     return json.loads((Path(instance_dir) / STATE_FILE).read_text())
 
 
-def sandbox_command(instance_dir: Path) -> list[str]:
-    """``python -m sandbox`` on the port :func:`sandbox_env` chose."""
-    return [sys.executable, "-m", "sandbox", "--port", str(_saved(instance_dir)["port"])]
+def sandbox_command(instance_dir: Path, latency: str | None = None) -> list[str]:
+    """``python -m sandbox`` on the port :func:`sandbox_env` chose; ``latency`` (ms: ``N``,
+    ``LO,HI`` or ``realistic``) replaces its realistic default."""
+    cmd = [sys.executable, "-m", "sandbox", "--port", str(_saved(instance_dir)["port"])]
+    return cmd + ["--latency", latency] if latency else cmd
 
 
 def wait_until_up(instance_dir: Path, proc: subprocess.Popen, timeout: float = 20.0) -> None:

@@ -84,9 +84,11 @@ class SandboxControl:
         )
 
     def set_latency(
-        self, member_id: str, ms: float | tuple[float, float] | list[float]
+        self, member_id: str, ms: float | tuple[float, float] | list[float] | str | None
     ) -> dict[str, Any]:
-        """Fixed latency in ms, or (min, max) for uniform random."""
+        """This portal's per-request latency: fixed ms, (min, max) uniform, "realistic"
+        (log-normal, 50-600 ms), or None for the cloud's ``settings(latency=...)``.
+        """
         return self._call(
             "POST",
             f"/portals/{member_id}/latency",
@@ -123,7 +125,9 @@ class SandboxControl:
 
     def settings(self, **values: Any) -> dict[str, Any]:
         """Read or change cloud settings (token_ttl, code_ttl, operating_limit, request_timeout,
-        hang_cap, ...).
+        hang_cap, latency, event_delay, event_reorder, ...).
+
+        ``latency`` and ``event_delay`` take ms: a number, [lo, hi] or "realistic".
         """
         return self._call("POST" if values else "GET", "/settings", values or None)
 
@@ -218,9 +222,10 @@ class SandboxControl:
         user_id: int | None = None,
         no_auth: bool = False,
         overrides: dict[str, Any] | None = None,
+        wait: bool = True,
     ) -> dict[str, Any]:
         """Deliver an event to every bound handler; returns `statuses` (what the app answered) and
-        details.
+        details. ``wait=False`` returns once it is queued (see ``wait_deliveries``).
         """
         spec = {
             "event": event,
@@ -228,6 +233,7 @@ class SandboxControl:
             "user_id": user_id,
             "no_auth": no_auth,
             "overrides": overrides,
+            "wait": wait,
         }
         return self._call("POST", f"/portals/{member_id}/events", spec)
 
@@ -235,7 +241,32 @@ class SandboxControl:
         """ONAPPUNINSTALL (no tokens), then drop bindings, placements and tokens."""
         return self._call("POST", f"/portals/{member_id}/uninstall", {"clean": clean})
 
+    def hold_events(self, member_id: str, *events: str) -> dict[str, Any]:
+        """Hold back deliveries of these events until ``release_events`` (others overtake)."""
+        return self._call("POST", f"/portals/{member_id}/hold_events", {"events": list(events)})
+
+    def release_events(self, member_id: str) -> dict[str, Any]:
+        """Let the held deliveries go."""
+        return self._call("POST", f"/portals/{member_id}/release_events")
+
     # ------------------------------------------------------------ observing
+    def deliveries(self, member_id: str) -> list[dict[str, Any]]:
+        """Every event delivery of the portal in queue order: seq, event, url, state, status,
+        queued_at, sent_at, answered_at.
+        """
+        return self._call("GET", f"/portals/{member_id}/deliveries")["deliveries"]
+
+    def wait_deliveries(self, member_id: str, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until every delivery of the portal was answered (held ones excepted); return
+        the log, or raise SandboxError if some were still on their way after ``timeout``.
+        """
+        out = self._call(
+            "GET", f"/portals/{member_id}/deliveries", params={"wait": timeout}
+        )
+        if out["unsettled"]:
+            raise SandboxError(f"{out['unsettled']} deliveries still unanswered after {timeout}s")
+        return out["deliveries"]
+
     def log(
         self, member_id: str, since: int | None = None, method: str | None = None
     ) -> list[dict[str, Any]]:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
-from . import methods_core, methods_crm, methods_telephony  # noqa: F401  (registers methods)
+from . import delivery, methods_core, methods_crm, methods_telephony  # noqa: F401  (registers)
 from .limits import PLANS
 from .phpquery import build_query
 from .rest import Ctx
@@ -40,13 +41,6 @@ def check_time_zone(value: Any) -> str:
     return str(value)
 
 
-def sent_tokens(body: str) -> dict[str, str]:
-    """The access/refresh tokens an event body carried (for tests that follow a chain)."""
-    sent = dict(parse_qsl(body))
-    return {k: sent[f"auth[{k}]"] for k in ("access_token", "refresh_token")
-            if f"auth[{k}]" in sent}
-
-
 # The token endpoint's answer to a chain of an uninstalled app (issue #11 point 4 reading).
 NOT_INSTALLED = {"error": "NOT_INSTALLED", "error_description": "Application not installed"}
 # The token endpoint's and REST's answer while the app's subscription has lapsed (§1.7, §4.3).
@@ -66,8 +60,10 @@ class ControlError(Exception):
 class Cloud:
     """All state and behaviour; the aiohttp layer only translates HTTP to these calls."""
 
-    def __init__(self) -> None:
-        self.settings = Settings()
+    def __init__(self, defaults: dict[str, Any] | None = None) -> None:
+        # What `reset` restores: Settings' defaults with the server's own on top.
+        self.defaults = dict(defaults or {})
+        self.settings = Settings(**self.defaults)
         self.tokens = TokenStore(self.settings)
         self.portals: dict[str, Portal] = {}
         self.ports: dict[int, Portal] = {}
@@ -230,13 +226,16 @@ class Cloud:
 
     async def reset(self) -> None:
         """Forget every portal and restore default settings."""
+        for p in self.portals.values():
+            p.deleted = True  # what is still queued for it is dropped, held or not
+            delivery.release(p)
         for port in list(self.ports):
             if self.close_port:
                 await self.close_port(port)
         self.ports.clear()
         self.portals.clear()
         self.sessions.clear()
-        fresh = Settings()
+        fresh = Settings(**self.defaults)
         for key, value in vars(fresh).items():
             setattr(self.settings, key, value)
         self.tokens.access.clear()
@@ -561,8 +560,27 @@ class Cloud:
         force: bool = False,
         overrides: dict[str, Any] | None = None,
         fallback_url: str | None = None,
+        wait: bool = True,
     ) -> list[dict[str, Any]]:
-        """POST the event to every online handler bound for it; return what each answered."""
+        """Queue the event for every online handler bound for it (sandbox.delivery); with
+        ``wait``, return once each was answered (held ones are reported as they stand).
+        """
+        queued = self.queue_event(p, event, data, user_id, force, overrides, fallback_url)
+        if wait:
+            await asyncio.gather(*(done for record, done in queued if record["state"] != "held"))
+        return [delivery.public(record) for record, _ in queued]
+
+    def queue_event(
+        self,
+        p: Portal,
+        event: str,
+        data: Any,
+        user_id: int | None,
+        force: bool = False,
+        overrides: dict[str, Any] | None = None,
+        fallback_url: str | None = None,
+    ) -> list[tuple[dict[str, Any], asyncio.Future]]:
+        """Put one delivery per bound online handler into the portal's queue, now."""
         event = event.upper()
         lapsed = not p.subscription_active  # nothing is sent while unpaid (§3.3)
         if p.deleted or lapsed or not (p.install_finished or force):
@@ -574,19 +592,12 @@ class Cloud:
         if not targets and fallback_url:
             p.handler_seq += 1
             targets = [(p.handler_seq, fallback_url, 0)]
-        jobs, tokens = [], []
+        queued = []
         for handler_id, url, auth_type in targets:
             who = user_id if not auth_type or user_id is None else auth_type
-            body = self.event_body(p, event, handler_id, data, who, overrides)
-            jobs.append(self.post_form(url, body, self.settings.event_timeout))
-            tokens.append(sent_tokens(body))
-        results = list(await asyncio.gather(*jobs))
-        for r, sent in zip(results, tokens, strict=True):
-            r.pop("body", None)
-            if sent:
-                r["tokens"] = sent
-            p.bump("events_sent" if r.get("status") == 200 else "events_failed")
-        return results
+            build = functools.partial(self.event_body, p, event, handler_id, data, who, overrides)
+            queued.append(delivery.enqueue(self, p, event, url, build, force))
+        return queued
 
     def emit(self, p: Portal, event: str, data: Any, user_id: int | None) -> None:
         """Side-effect events from REST writes: offline queue now, online delivery in the
@@ -597,7 +608,7 @@ class Cloud:
         if methods_core.queue_offline(p, event, data, user_id):
             self._signal_offline(p)
         if any(b.event == event and not b.offline for b in p.bindings):
-            self.spawn(self.deliver(p, event, data, user_id))
+            self.queue_event(p, event, data, user_id)
 
     def _signal_offline(self, p: Portal) -> None:
         binding = next(
@@ -610,7 +621,7 @@ class Cloud:
         if now - p.offline_signal_at >= gap:
             p.offline_signal_at = now
             admin = next(iter(p.admins()), None)
-            self.spawn(self.deliver(p, "ONOFFLINEEVENT", {}, admin.id if admin else None))
+            self.queue_event(p, "ONOFFLINEEVENT", {}, admin.id if admin else None)
 
     def spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -629,7 +640,9 @@ class Cloud:
         queued = (
             methods_core.queue_offline(p, event, data, user_id) if p.install_finished else False
         )
-        results = await self.deliver(p, event, data, user_id, overrides=spec.get("overrides"))
+        results = await self.deliver(
+            p, event, data, user_id, overrides=spec.get("overrides"), wait=spec.get("wait", True)
+        )
         return {
             "event": event,
             "data": data,

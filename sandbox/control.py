@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from . import frame
+from . import delivery, frame
 from .cloud import Cloud, ControlError, check_iframe_form
+from .latency import SpecError
+from .latency import parse as latency_spec
 from .state import Fault
 
 FAULTS = {
@@ -30,6 +34,15 @@ FAULTS = {
     "operation_time_limit",
 }
 Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SPEC_SETTINGS = ("latency", "event_delay")  # sandbox.latency specs, not plain values
+
+
+def _spec(value: Any) -> Any:
+    """A latency/delay spec, or a 400 control error."""
+    try:
+        return latency_spec(value)
+    except SpecError as err:
+        raise ControlError(400, str(err)) from None
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -108,15 +121,10 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
 
     async def latency(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
-        body = await _body(request)
-        ms = body.get("ms", 0)
-        lo, hi = (
-            (float(ms[0]), float(ms[1]))
-            if isinstance(ms, (list, tuple))
-            else (float(ms), float(ms))
-        )
-        p.latency = (lo, hi)
-        return {"latency_ms": [lo, hi]}
+        ms = (await _body(request)).get("ms", 0)
+        p.latency = None if ms is None else _spec(ms)
+        return {"latency_ms": p.latency, "effective": cloud.settings.latency
+                if p.latency is None else p.latency}
 
     async def faults(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
@@ -146,7 +154,11 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
                     raise ControlError(400, f"unknown setting {key}")
                 if key == "iframe_form":
                     check_iframe_form(value)
-                setattr(cloud.settings, key, type(getattr(cloud.settings, key))(value))
+                if key in SPEC_SETTINGS:
+                    value = _spec(value)
+                else:
+                    value = type(getattr(cloud.settings, key))(value)
+                setattr(cloud.settings, key, value)
         return vars(cloud.settings)
 
     async def operating_limit(request: web.Request) -> Any:
@@ -210,6 +222,23 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
 
     async def events(request: web.Request) -> Any:
         return await cloud.trigger(cloud.portal(request.match_info["mid"]), await _body(request))
+
+    async def deliveries(request: web.Request) -> Any:
+        """The portal's delivery log; ``?wait=<s>`` first waits until nothing is in flight or
+        queued but what is held."""
+        p = cloud.portal(request.match_info["mid"])
+        deadline = time.monotonic() + float(request.query.get("wait", 0) or 0)
+        while delivery.unsettled(p) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return {"deliveries": [delivery.public(r) for r in p.deliveries],
+                "unsettled": delivery.unsettled(p), "held_events": sorted(p.held_events)}
+
+    async def hold(request: web.Request) -> Any:
+        p = cloud.portal(request.match_info["mid"])
+        return {"held_events": delivery.hold(p, list((await _body(request))["events"]))}
+
+    async def release(request: web.Request) -> Any:
+        return {"released": delivery.release(cloud.portal(request.match_info["mid"]))}
 
     async def uninstall(request: web.Request) -> Any:
         body = await _body(request)
@@ -302,6 +331,9 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
     add("GET", "/portals/{mid}/frame", frame_page)
     add("POST", "/portals/{mid}/events", events)
     add("POST", "/portals/{mid}/uninstall", uninstall)
+    add("GET", "/portals/{mid}/deliveries", deliveries)
+    add("POST", "/portals/{mid}/hold_events", hold)
+    add("POST", "/portals/{mid}/release_events", release)
     add("GET", "/portals/{mid}/log", log)
     add("GET", "/portals/{mid}/counters", counters)
     add("GET", "/portals/{mid}/bindings", bindings)

@@ -16,9 +16,11 @@ It is a small supervisor, not a production launcher:
   does the embedded Redis it started (``app/embedded.py``).
 
 Launcher variables it reads itself: ``APP_PUBLIC_URL``, ``BIND`` (host:port to listen
-on), ``B24_SANDBOX_PORT`` (the sandbox's port, when free) and, passed on to the app,
-everything else. With ``B24_CLIENT_ID`` set but no ``REDIS_URL``/``DATABASE_URL`` it runs
-one host on the embedded parts and sets ``B24RELAY_SINGLE_HOST=1`` for its children.
+on), ``B24_SANDBOX_PORT`` (the sandbox's port, when free), ``B24_SANDBOX_LATENCY`` (the
+sandbox's per-request latency in ms, ``N``, ``LO,HI`` or the default ``realistic``) and,
+passed on to the app, everything else. With ``B24_CLIENT_ID`` set but no
+``REDIS_URL``/``DATABASE_URL`` it runs one host on the embedded parts and sets
+``B24RELAY_SINGLE_HOST=1`` for its children.
 """
 
 from __future__ import annotations
@@ -263,7 +265,8 @@ def _run(instance: Path, env: dict[str, str], sock: socket.socket, bind: str,
     info = None
     if sandbox is not None:
         with (instance / "sandbox.log").open("ab") as log:
-            portal = Child("sandbox portal", sandbox.sandbox_command(instance), env,
+            command = sandbox.sandbox_command(instance, env.get("B24_SANDBOX_LATENCY"))
+            portal = Child("sandbox portal", command, env,
                            restart=False, stdout=log)
             portal.start()
         children.append(portal)

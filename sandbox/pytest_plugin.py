@@ -14,8 +14,12 @@ from .server import SandboxServer
 
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[SandboxServer]:
-    """One sandbox cloud for the whole session, on a free loopback port."""
-    server = SandboxServer().start()
+    """One sandbox cloud for the whole session, on a free loopback port.
+
+    Tests ask for zero latency explicitly (the sandbox's own default is realistic, 50-600 ms
+    a request); events keep the test-friendly default: no delay, in order.
+    """
+    server = SandboxServer(latency=0).start()
     yield server
     server.stop()
 

@@ -19,6 +19,8 @@ from aiohttp import web
 
 from . import control, frame
 from .cloud import Cloud, loopback_socket
+from .latency import draw as draw_latency
+from .latency import parse as parse_latency
 from .methods_telephony import store_upload
 from .phpquery import parse_pairs
 from .rest import ApiError, Ctx, full_time, run_batch, run_method, success_body, time_block
@@ -177,8 +179,7 @@ class Front:
         except ApiError as err:
             return self.count(p, error_response(err))
         params.pop("auth", None)
-        lo, hi = p.latency
-        latency = (random.uniform(lo, hi) if hi > lo else lo) / 1000.0
+        latency = draw_latency(self.cloud.settings.latency if p.latency is None else p.latency)
         task = asyncio.ensure_future(self.execute(ctx, name, params, latency))
         done, _ = await asyncio.wait({task}, timeout=self.cloud.settings.request_timeout)
         if not done:
@@ -324,13 +325,19 @@ class SandboxServer:
 
     ``tls=True`` is the https mode: every port (cloud and portals) speaks TLS with a
     certificate from a CA made at start; ``ca_file`` is that CA's PEM while the server runs.
+    Other keyword arguments are default settings (``latency=0``, ``event_delay=[100, 900]``,
+    ...): they apply from the start and a control ``reset`` restores them.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: bool = False) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, tls: bool = False,
+                 **settings: Any) -> None:
         if host not in ("127.0.0.1", "localhost"):
             raise ValueError("the sandbox listens on loopback only")
         self.host, self.port = "127.0.0.1", port
-        self.cloud = Cloud()
+        for key in ("latency", "event_delay"):
+            if key in settings:
+                settings[key] = parse_latency(settings[key])
+        self.cloud = Cloud(settings)
         self.cloud.scheme = "https" if tls else "http"
         self.ca_file: str | None = None
         self._ssl: ssl.SSLContext | None = None

@@ -13,11 +13,13 @@ from datetime import timedelta, timezone, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .latency import REALISTIC
 from .limits import PLANS, LeakyBucket, OperatingClock
 
 DEFAULT_SCOPE = "crm,telephony,placement,user_basic"
 LOG_LIMIT = 100_000
 DAY = 86_400
+DELIVERY_LOG_LIMIT = 10_000
 # The iframe POST forms (protocol §2.3): "short" is what the portal's own iframe template and
 # install POSTs captured in 2023-2024 carry; "full" adds SERVER_ENDPOINT, APPLICATION_TOKEN and
 # APPLICATION_SCOPE, as the REST docs rewritten in 2026 list them.
@@ -58,6 +60,13 @@ class Settings:
     reuse_revokes_chain: bool = True
     log_limit: int = LOG_LIMIT
     iframe_form: str = "full"  # the default for portals created without their own
+    # Per-request latency of every portal without its own (sandbox.latency spec, ms). The
+    # pytest plugin starts its server with 0; `python -m sandbox` and benchmarks keep this.
+    latency: Any = REALISTIC
+    # Event delivery (protocol §3.2, §3.8: a queue server, seconds of delay, no order).
+    # The default suits tests: no delay, each portal's events one after another in order.
+    event_delay: Any = 0.0  # a sandbox.latency spec in ms, drawn per delivery
+    event_reorder: bool = False  # True: every delivery waits only its own delay
 
 
 @dataclass
@@ -233,7 +242,7 @@ class Portal:
     bucket: LeakyBucket = field(default_factory=lambda: LeakyBucket(2.0, 50.0))
     operating: OperatingClock = field(default_factory=OperatingClock)
     operating_limit: float | None = None
-    latency: tuple[float, float] = (0.0, 0.0)
+    latency: Any = None  # a sandbox.latency spec; None: the cloud's Settings.latency
     faults: list[Fault] = field(default_factory=list)
     bindings: list[Binding] = field(default_factory=list)
     placements: list[PlacementBinding] = field(default_factory=list)
@@ -261,6 +270,15 @@ class Portal:
     event_tokens: dict[int, Any] = field(default_factory=dict)
     time_zone: str = DEFAULT_TIME_ZONE
     missing_placements: list[str] = field(default_factory=list)  # codes this portal lacks
+    # The event delivery queue (sandbox.delivery): its log, the last in-order delivery, and
+    # the events held back until released (with the gate their deliveries wait on).
+    deliveries: collections.deque = field(
+        default_factory=lambda: collections.deque(maxlen=DELIVERY_LOG_LIMIT)
+    )
+    delivery_seq: int = 0
+    delivery_tail: Any = None
+    held_events: set[str] = field(default_factory=set)
+    hold_gate: Any = None
 
     @property
     def tz(self) -> tzinfo:

@@ -168,7 +168,7 @@ def test_more_than_50_commands_are_refused_before_sending(portal, sandbox):
 
 
 def test_https_portal_is_trusted_through_the_ca_bundle_only():
-    server = SandboxServer(tls=True).start()
+    server = SandboxServer(tls=True, latency=0).start()
     control = SandboxControl(server.url, ca_file=server.ca_file)
     try:
         portal = control.create_portal()

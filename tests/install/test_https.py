@@ -26,7 +26,7 @@ from tests.install.conftest import iframe_form, portal_count, portal_row
 @pytest.fixture(scope="module")
 def sandbox_server() -> Iterator[SandboxServer]:
     """This module's sandbox, in the https mode (it replaces the session's http one here)."""
-    server = SandboxServer(tls=True).start()
+    server = SandboxServer(tls=True, latency=0).start()
     yield server
     server.stop()
 

@@ -28,7 +28,7 @@ VERIFY_FAILED = "CERTIFICATE_VERIFY_FAILED"
 @pytest.fixture(scope="module")
 def sandbox_server() -> Iterator[SandboxServer]:
     """This module's sandbox, in the https mode."""
-    server = SandboxServer(tls=True).start()
+    server = SandboxServer(tls=True, latency=0).start()
     yield server
     server.stop()
 
@@ -132,7 +132,7 @@ def test_an_https_app_whose_certificate_is_not_trusted_gets_nothing(sandbox, tmp
 
 
 def test_the_ca_file_exists_while_the_server_runs():
-    with SandboxServer(tls=True) as server:
+    with SandboxServer(tls=True, latency=0) as server:
         assert server.ca_file and os.path.exists(server.ca_file)
         ca = ssl.create_default_context(cafile=server.ca_file)
         assert [c["subject"] for c in ca.get_ca_certs()]  # a CA certificate, loadable
