@@ -124,7 +124,8 @@ def test_the_operating_clock_keeps_ten_one_minute_buckets():
 def events_portal(sandbox, fake_app, http):
     """An installed portal whose ONCRMDEALUPDATE and ONCRMLEADADD go to the fake app."""
     portal = sandbox.create_portal(app_url=fake_app.url)
-    assert sandbox.install_app(portal["member_id"])["install_finished"]
+    sandbox.install_app(portal["member_id"])
+    assert sandbox.finish_install(portal["member_id"])["install_finished"]
     for event in ("ONCRMDEALUPDATE", "ONCRMLEADADD"):
         call(http, portal, "event.bind", event=event, handler=fake_app.url + "/b24/events")
     return portal
