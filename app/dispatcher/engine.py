@@ -42,7 +42,7 @@ from app.dispatcher import metrics, nudge, outcomes, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket
 from app.dispatcher.credentials import CredentialStore, Snapshot
 from app.dispatcher.ledger import AsyncOperatingLedger
-from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack
+from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack_round
 from app.dispatcher.policy import Verdict
 from app.extensions import db
 from app.tenants.models import utcnow
@@ -77,6 +77,7 @@ class Settings:
     owner_ttl: float
     db_threads: int
     max_connections: int
+    bucket_scale: float = 1.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> Settings:
@@ -89,7 +90,13 @@ class Settings:
                    lease_margin=float(cfg.get("DISPATCH_LEASE_MARGIN", 15.0)),
                    owner_ttl=float(cfg.get("DISPATCH_OWNER_TTL", 10.0)),
                    db_threads=int(cfg.get("DISPATCH_DB_THREADS", 4)),
-                   max_connections=int(cfg.get("DISPATCH_MAX_CONNECTIONS", 1000)))
+                   max_connections=int(cfg.get("DISPATCH_MAX_CONNECTIONS", 1000)),
+                   bucket_scale=float(cfg.get("DISPATCH_BUCKET_SCALE", 1.0)))
+
+    def plans(self) -> dict[str, tuple[float, int]]:
+        """The rate bucket's plans, scaled by ``DISPATCH_BUCKET_SCALE``."""
+        scale = self.bucket_scale
+        return {name: (drain * scale, int(burst * scale)) for name, (drain, burst) in PLANS.items()}
 
     def slots(self, plan: str) -> int:
         """K for a portal on ``plan``: the setting, else half the plan's burst."""
@@ -156,9 +163,10 @@ class Engine:
         self.client = AsyncRestClient(
             timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
             max_connections=self.settings.max_connections)
-        self.bucket = AsyncRateBucket(self.redis)
+        self.bucket = AsyncRateBucket(self.redis, plans=self.settings.plans())
         self.ledger = AsyncOperatingLedger(self.redis)
         self.credentials = CredentialStore(self.app, self.executor)
+        self.recorder = GroupWriter(self)
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(nudge.CHANNEL)
         tasks = [asyncio.create_task(self._listen(pubsub)),
@@ -300,7 +308,7 @@ class Driver:
             while not self.retiring and not self.held and not self.snap.held:
                 self._poked = False
                 self._wakeup.clear()
-                if len(self.inflight) < self.slots and await self._send_next():
+                if len(self.inflight) < self.slots and await self._send_round():
                     continue
                 if not self.inflight and not self._poked:
                     break
@@ -313,32 +321,45 @@ class Driver:
             await self.engine.retire(self)
 
     # ------------------------------------------------------------------ packing
-    async def _send_next(self) -> bool:
-        """Pack, take a token, lease and launch one batch; False when nothing can go now."""
-        packed = await self._pack()
-        if not packed.commands:
+    async def _send_round(self) -> bool:
+        """Pack a batch for each free slot from one fetch, take their tokens, lease them in
+        one transaction and launch them; False when nothing can go now."""
+        free = self.slots - len(self.inflight)
+        batches = await self._pack_round(free)
+        if not batches:
             return False
-        if len(packed.commands) < MAX_BATCH and self.engine.settings.linger > 0:
+        if (len(batches) == 1 and len(batches[0].commands) < MAX_BATCH
+                and self.engine.settings.linger > 0):
             await asyncio.sleep(self.engine.settings.linger)
-            packed = await self._pack()
+            batches = await self._pack_round(free)
         if await self._token() > 0:
-            packed = await self._pack()  # the wait let more arrive (maybe real-time ones)
-        if not packed.commands:
-            return False
-        return await self._launch(packed)
+            batches = await self._pack_round(free)  # the wait let more arrive (maybe real-time)
+        batches = batches[:1 + await self._spare_tokens(len(batches) - 1)]
+        return bool(batches) and await self._launch(batches)
 
-    async def _pack(self) -> Packed:
+    async def _spare_tokens(self, wanted: int) -> int:
+        """Take up to ``wanted`` more tokens that are free now (no waiting)."""
+        assert self.snap is not None
+        got = 0
+        while got < wanted and await self.engine.bucket.take(self.member_id, self.snap.plan) == 0:
+            got += 1
+        return got
+
+    async def _pack_round(self, free: int) -> list[Packed]:
         eng = self.engine
-        ready = await eng.run_db(store.fetch_ready, eng.db, self.portal_id, utcnow(), FETCH)
+        ready = await eng.run_db(store.fetch_ready, eng.db, self.portal_id, utcnow(),
+                                 max(FETCH, (free + 1) * MAX_BATCH))
         paused = await self._paused({c.method.lower() for c in ready.candidates})
-        realtime_only = self.slots > 1 and len(self.inflight) == self.slots - 1
-        packed = pack(ready.candidates, ready.blockers, ready.deps, realtime_only=realtime_only,
-                      paused=paused, complete=ready.complete)
-        if packed.doomed:
-            await eng.run_db(store.mark_doomed, eng.db, packed.doomed, utcnow())
-            metrics.dead(self.member_id, len(packed.doomed))
+        last_slot = self.slots - 1 - len(self.inflight) if self.slots > 1 else free
+        batches = pack_round(ready.candidates, ready.blockers, ready.deps, batches=free,
+                             realtime_only_from=last_slot, paused=paused,
+                             complete=ready.complete)
+        doomed = {i: r for b in batches for i, r in b.doomed.items()}
+        if doomed:
+            await eng.run_db(store.mark_doomed, eng.db, doomed, utcnow())
+            metrics.dead(self.member_id, len(doomed))
         self._deps = ready.deps
-        return packed
+        return [b for b in batches if b.commands]
 
     async def _paused(self, methods: set[str]) -> frozenset[str]:
         key = self.member_id
@@ -362,20 +383,22 @@ class Driver:
             waited += wait
         return waited
 
-    async def _launch(self, packed: Packed) -> bool:
+    async def _launch(self, batches: list[Packed]) -> bool:
         eng, now = self.engine, utcnow()
-        batch_id = uuid.uuid4().hex[:16]
-        leased = await eng.run_db(store.lease, eng.db, [c.id for c in packed.commands],
-                                  owner=eng.owner, batch_id=batch_id, now=now,
-                                  until=now + eng.lease_length())
-        commands = [c for c in packed.commands if c.id in leased]
-        if not commands:
-            return False
-        wire = Packed(commands).wire(self._deps)
-        task = asyncio.create_task(self._flight(commands, wire))
-        self.inflight.add(task)
-        task.add_done_callback(self._landed)
-        return True
+        ids = [(uuid.uuid4().hex[:16], b) for b in batches]
+        leased = await eng.run_db(store.lease_round, eng.db,
+                                  [(bid, [c.id for c in b.commands]) for bid, b in ids],
+                                  owner=eng.owner, now=now, until=now + eng.lease_length())
+        launched = False
+        for batch_id, packed in ids:
+            commands = [c for c in packed.commands if c.id in leased[batch_id]]
+            if commands:
+                wire = Packed(commands).wire(self._deps)
+                task = asyncio.create_task(self._flight(commands, wire))
+                self.inflight.add(task)
+                task.add_done_callback(self._landed)
+                launched = True
+        return launched
 
     def _landed(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
@@ -430,7 +453,7 @@ class Driver:
         eng, now = self.engine, utcnow()
         rows, effects = outcomes.decide(commands, answer, now,
                                         outcomes.Rules(eng.settings.horizon))
-        await eng.run_db(store.record, eng.db, eng.owner, rows)
+        await eng.recorder.write(rows)
         metrics.settled(self.member_id, commands, rows, now)
         await self._apply(effects)
 
@@ -460,6 +483,42 @@ class Driver:
         self.held = True
         log.warning("portal %s: holding its commands (%s)", self.portal_id, error)
         self.poke()
+
+
+class GroupWriter:
+    """Writes batches' outcomes, every batch that came back meanwhile in one commit.
+
+    A batch's rows go into the write that starts next: while one write runs, the answers
+    that arrive wait for it (never longer) and then share one transaction, so a burst of
+    answers costs one commit, not one each.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.pending: list[tuple[list[dict[str, Any]], asyncio.Future[None]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def write(self, rows: list[dict[str, Any]]) -> None:
+        """Return once ``rows`` are committed (raises what the write raised)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append((rows, done))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain())
+        await done
+
+    async def _drain(self) -> None:
+        eng = self.engine
+        while self.pending:
+            group, self.pending = self.pending, []
+            try:
+                await eng.run_db(store.record, eng.db, eng.owner,
+                                 [row for rows, _ in group for row in rows])
+            except Exception as exc:  # every waiter hears it; its lease expires as before
+                for _, done in group:
+                    done.set_exception(exc)
+            else:
+                for _, done in group:
+                    done.set_result(None)
 
 
 def apply_status(app: Flask, portal_id: int, error: errors.ApiError) -> None:

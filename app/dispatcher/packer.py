@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from app.dispatcher.models import CommandStatus, Priority
@@ -47,10 +48,14 @@ class Candidate:
         """Its key inside the batch request (never numeric: PHP would turn them into lists)."""
         return f"c{self.id}"
 
-    def depends_on(self) -> set[int]:
+    def depends_on(self) -> frozenset[int]:
         """The commands whose completion (and result) this one waits for."""
+        return self._depends_on
+
+    @cached_property
+    def _depends_on(self) -> frozenset[int]:  # params never change: walk them once
         deps = references(self.params)
-        return deps | {self.after_id} if self.after_id is not None else deps
+        return frozenset(deps | {self.after_id} if self.after_id is not None else deps)
 
 
 @dataclass(frozen=True)
@@ -74,15 +79,54 @@ class Packed:
         return {c.batch_key: (c.method, resolve(c.params, inside, deps)) for c in self.commands}
 
 
+def pack_round(candidates: Iterable[Candidate], blockers: Mapping[str, int],
+               deps: Mapping[int, Dependency], *, batches: int, realtime_only_from: int,
+               paused: frozenset[str] = frozenset(), complete: bool = True) -> list[Packed]:
+    """Up to ``batches`` batches from one fetch, to be sent side by side.
+
+    Batches in flight together run in any order, so a later batch treats the commands of
+    the earlier ones as unfinished: a key's next command or a reference's target waits
+    for the next round. Batches from index ``realtime_only_from`` on take real-time work
+    only (the portal's last slot). A batch may carry commands that can never run
+    (``doomed``); the last one may carry only those.
+    """
+    left = list(candidates)
+    block, known = dict(blockers), dict(deps)
+    open_end = None if complete or not left else max(c.id for c in left)
+    out: list[Packed] = []
+    for index in range(batches):
+        packed = pack(left, block, known, realtime_only=index >= realtime_only_from,
+                      paused=paused, complete=complete, open_end=open_end)
+        if not packed.commands:
+            if index == 0 and packed.doomed:
+                out.append(packed)
+            break
+        out.append(packed)
+        _taken(packed, left, block, known)
+    return out
+
+
+def _taken(packed: Packed, left: list[Candidate], block: dict[str, int],
+           known: dict[int, Dependency]) -> None:
+    """What a later batch of the round must see: these commands are in flight."""
+    gone = {c.id for c in packed.commands} | set(packed.doomed)
+    left[:] = [c for c in left if c.id not in gone]
+    for c in packed.commands:
+        known[c.id] = Dependency(CommandStatus.INFLIGHT.value)
+        if c.key is not None:
+            block[c.key] = min(block.get(c.key, c.id), c.id)
+
+
 def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
          deps: Mapping[int, Dependency], *, limit: int = MAX_BATCH, realtime_only: bool = False,
-         paused: frozenset[str] = frozenset(), complete: bool = True) -> Packed:
+         paused: frozenset[str] = frozenset(), complete: bool = True,
+         open_end: int | None = None) -> Packed:
     """Choose up to ``limit`` candidates (given in priority, id order) for one batch.
 
     ``blockers``: per ordering key, the lowest id of an unfinished command of that key that
     is not among the candidates. ``deps``: the state of the commands candidates depend on.
     ``complete``: the candidates are every due command (else a key chain reaching the last
-    candidate may go on beyond them).
+    candidate, ``open_end`` or the highest id, may go on beyond them).
     """
     ordered = list(candidates)
     by_key: dict[str, list[int]] = defaultdict(list)
@@ -90,7 +134,10 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
         if c.key is not None:
             by_key[c.key].append(c.id)
     out, chosen = Packed(), set()
-    open_end = None if complete or not ordered else max(c.id for c in ordered)
+    if complete or not ordered:
+        open_end = None
+    elif open_end is None:
+        open_end = max(c.id for c in ordered)
     for c in ordered:
         if len(out.commands) >= limit:
             break

@@ -98,13 +98,26 @@ def has_ready(engine: Engine, portal_id: int, now: datetime) -> bool:
 def lease(engine: Engine, ids: Sequence[int], *, owner: str, batch_id: str, now: datetime,
           until: datetime) -> set[int]:
     """Take queued commands into flight; returns the ids actually leased."""
-    stmt = (update(T).where(T.c.id.in_(list(ids)), T.c.status == QUEUED)
-            .values(status=INFLIGHT, lease_until=until, lease_owner=owner, batch_id=batch_id,
-                    attempts=T.c.attempts + 1,
-                    first_sent_at=func.coalesce(T.c.first_sent_at, now))
-            .returning(T.c.id))
+    return lease_round(engine, [(batch_id, ids)], owner=owner, now=now, until=until)[batch_id]
+
+
+def lease_round(engine: Engine, batches: Sequence[tuple[str, Sequence[int]]], *, owner: str,
+                now: datetime, until: datetime) -> dict[str, set[int]]:
+    """Lease several batches (``(batch_id, ids)``) in one transaction: one commit a round.
+
+    Returns, per batch id, the ids actually leased (a command another engine leased
+    first, or recovered meanwhile, is not).
+    """
+    out: dict[str, set[int]] = {}
     with engine.begin() as conn:
-        return {row.id for row in conn.execute(stmt)}
+        for batch_id, ids in batches:
+            stmt = (update(T).where(T.c.id.in_(list(ids)), T.c.status == QUEUED)
+                    .values(status=INFLIGHT, lease_until=until, lease_owner=owner,
+                            batch_id=batch_id, attempts=T.c.attempts + 1,
+                            first_sent_at=func.coalesce(T.c.first_sent_at, now))
+                    .returning(T.c.id))
+            out[batch_id] = {row.id for row in conn.execute(stmt)}
+    return out
 
 
 # Every outcome row carries every column below, so one executemany writes a whole batch.

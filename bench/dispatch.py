@@ -1,0 +1,264 @@
+"""Dispatcher benchmarks (issue #12): card latency, throughput, isolation, overhead.
+
+    .venv/bin/python -m bench.dispatch                    # every scenario, PostgreSQL
+    .venv/bin/python -m bench.dispatch --quick            # shorter runs, a smoke check
+    .venv/bin/python -m bench.dispatch overhead --db both # one scenario, SQLite and PostgreSQL
+
+Each scenario builds a fresh rig (bench/dispatch_rig.py): a private Redis, a fresh
+database, the sandbox portal in its own process, and the engine as production runs it
+(``flask dispatcher run``, its own process). This process submits through
+``app.dispatcher.submit`` and reads the outbox rows back: latency is a row's
+``completed_at - submitted_at``. Tables are printed and written to
+``bench/out/dispatch-<time>.json`` and ``.txt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.dispatch_rig import OUT, Rig, cpu_seconds, quantile
+
+HUGE_BUCKET = (1e6, 1e9)  # sandbox drain/s, burst: no rate limit
+
+
+def _register(portal: Any, n: int, tag: str, priority: str = "realtime") -> int:
+    from app.dispatcher import submit
+
+    if tag.startswith("ovh"):  # the cheapest command for the sandbox to run
+        return submit(portal, "profile", {}, key=f"{tag}-{n}", priority=priority)
+    if tag.startswith("thr"):  # bulk work; the sandbox's register scans every call so far
+        return submit(portal, "crm.deal.add", {"fields": {"TITLE": f"{tag}-{n}"}},
+                      priority=priority)
+    return submit(portal, "telephony.externalcall.register",
+                  {"USER_ID": 1, "PHONE_NUMBER": f"+4930{n:07d}", "TYPE": 2,
+                   "EXTERNAL_CALL_ID": f"{tag}-{n}", "SHOW": 0},
+                  key=f"{tag}-{n}", priority=priority)
+
+
+def _submit_backlog(portal: Any, count: int, tag: str, priority: str = "realtime",
+                    chunk: int = 2000) -> None:
+    from app.extensions import db
+
+    for start in range(0, count, chunk):
+        for n in range(start, min(count, start + chunk)):
+            _register(portal, n, tag, priority)
+        db.session.commit()
+
+
+def _drain(rig: Rig, portal_id: int, count: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while rig.count_final(portal_id) < count:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    return time.monotonic()
+
+
+# ---------------------------------------------------------------- overhead
+
+def _profile_env(args: argparse.Namespace) -> dict[str, str]:
+    return {"B24RELAY_BENCH_PROFILE": args.profile} if args.profile else {}
+
+
+def overhead(database: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Zero latency, no rate limit: commands/s of one engine process over a backlog."""
+    count = 6000 if args.quick else 30000
+    rig = Rig(database, args.pg).start()
+    try:
+        portal, _member = rig.portal(bucket=HUGE_BUCKET)
+        pid = portal.id
+        # before the engine starts: it measures the engine alone
+        _submit_backlog(portal, count, "ovh")
+        engine = rig.engine(DISPATCH_MAX_INFLIGHT=args.inflight or 0, DISPATCH_BUCKET_SCALE=1e6,
+                            **_profile_env(args))
+        cpu0 = cpu_seconds(engine.pid), cpu_seconds(rig.sandbox.pid)
+        rig.nudge(pid)
+        _drain(rig, pid, count, timeout=120)
+        cpu = [round(cpu_seconds(p.pid) - c, 2)
+               for p, c in zip((engine, rig.sandbox), cpu0, strict=True)]
+        times = rig.times(pid)
+        rig.stop(engine)
+    finally:
+        rig.close()
+    sent = [t[2] for t in times if t[2] is not None]
+    done = [t[3] for t in times if t[3] is not None]
+    wall = max(done) - min(sent)
+    return {"scenario": "overhead", "db": database, "commands": count,
+            "done": sum(t[0] == "done" for t in times), "wall_s": round(wall, 2),
+            "per_s": round(count / wall, 1), "engine_cpu_s": cpu[0], "sandbox_cpu_s": cpu[1]}
+
+
+# ---------------------------------------------------------------- open-loop offer
+
+def _offer(portals: list[Any], rate: float, seconds: float, tag: str) -> float:
+    """Submit register commands (one commit each, a key per call) round-robin over
+    ``portals`` at ``rate`` each per second, on a fixed schedule; returns the worst lag."""
+    from app.extensions import db
+
+    t0, lag, total = time.monotonic(), 0.0, int(rate * seconds)
+    for i in range(total):
+        due = t0 + i / rate
+        if (ahead := due - time.monotonic()) > 0:
+            time.sleep(ahead)
+        lag = max(lag, time.monotonic() - due)
+        for portal in portals:
+            _register(portal, i, f"{tag}-{portal.id}")
+        db.session.commit()
+    return lag
+
+
+def _latencies(rig: Rig, portal_id: int) -> tuple[list[float], int]:
+    times = rig.times(portal_id)
+    done = [t[3] - t[1] for t in times if t[0] == "done" and t[3] is not None]
+    return done, len(times) - len(done)
+
+
+def _summary(lat: list[float], left: int) -> dict[str, Any]:
+    return {"completed": len(lat), "not_done": left, "p50_s": round(quantile(lat, 0.5), 3),
+            "p99_s": round(quantile(lat, 0.99), 3), "max_s": round(max(lat, default=0.0), 3)}
+
+
+# ---------------------------------------------------------------- card latency
+
+def card_latency(database: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """70 commands/s for 60 s at 2 s and 10 s per request, parallel and sequential."""
+    seconds, out = (15.0 if args.quick else 60.0), []
+    rig = Rig(database, args.pg).start()
+    try:
+        for latency in (2.0, 10.0):
+            for mode in ("parallel", "sequential"):
+                portal, _ = rig.portal(latency_ms=latency * 1000)
+                engine = rig.engine(f"card-{mode}-{latency:g}", DISPATCH_MODE=mode)
+                lag = _offer([portal], 70.0, seconds, "card")
+                left_at_end = rig_backlog(rig, portal.id)
+                _drain(rig, portal.id, int(70 * seconds),
+                       timeout=2 * latency + 5 if mode == "parallel" else latency + 1)
+                lat, left = _latencies(rig, portal.id)
+                rig.stop(engine, timeout=latency + 10)
+                budget = (1.3 if latency <= 2 else 1.1) * latency
+                out.append({"scenario": "card_latency", "db": database, "mode": mode,
+                            "latency_s": latency, "offered": int(70 * seconds),
+                            "seconds": seconds, "submit_lag_s": round(lag, 3),
+                            "backlog_at_end": left_at_end, **_summary(lat, left),
+                            "budget_p99_s": budget,
+                            "meets": mode == "sequential" or quantile(lat, 0.99) <= budget})
+    finally:
+        rig.close()
+    return out
+
+
+def rig_backlog(rig: Rig, portal_id: int) -> int:
+    """Commands of the portal not done yet."""
+    return sum(t[0] != "done" for t in rig.times(portal_id))
+
+
+# ---------------------------------------------------------------- throughput
+
+CEILINGS = {"standard": (2.0, 50), "enterprise": (5.0, 250)}
+
+
+def ceiling_seconds(plan: str, commands: int, rtt: float) -> float:
+    """The burst of batches at once, then the drain rate, plus one round trip."""
+    drain, burst = CEILINGS[plan]
+    batches = -(-commands // 50)
+    return max(0, batches - burst) / drain + rtt
+
+
+def throughput(database: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """A backlog to one portal (standard, enterprise) drained at 1 s per request."""
+    rtt, out = 1.0, []
+    runs = [("standard", 3000 if args.quick else 10000),
+            ("enterprise", 15000 if args.quick else 30000)]
+    rig = Rig(database, args.pg).start()
+    try:
+        for plan, count in runs:
+            portal, member = rig.portal(plan=plan, latency_ms=rtt * 1000)
+            _submit_backlog(portal, count, f"thr-{plan}", priority="bulk")
+            engine = rig.engine(f"thr-{plan}")
+            started = time.monotonic()
+            rig.nudge(portal.id)
+            finished = _drain(rig, portal.id, count, timeout=ceiling_seconds(plan, count, rtt) * 2)
+            counters = rig.control.counters(member)
+            rig.stop(engine)
+            wall, ceiling = finished - started, ceiling_seconds(plan, count, rtt)
+            done = sum(t[0] == "done" for t in rig.times(portal.id))
+            requests = counters.get("rest_requests", 0)
+            out.append({"scenario": "throughput", "db": database, "plan": plan,
+                        "commands": count, "rtt_s": rtt, "wall_s": round(wall, 2),
+                        "ceiling_s": round(ceiling, 2), "ratio": round(ceiling / wall, 3),
+                        "requests": requests, "status_503": counters.get("status_503", 0),
+                        "done": done, "lost": count - done,
+                        "executed": counters.get("commands", 0)})
+    finally:
+        rig.close()
+    return out
+
+
+# ---------------------------------------------------------------- isolation
+
+def isolation(database: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """B (0.2 s) alone, then beside A (30 s), both offered 20 commands/s."""
+    seconds, rate, out = (20.0 if args.quick else 60.0), 20.0, []
+    rig = Rig(database, args.pg).start()
+    try:
+        b_alone, _ = rig.portal(latency_ms=200)
+        engine = rig.engine("iso-alone")
+        _offer([b_alone], rate, seconds, "iso")
+        _drain(rig, b_alone.id, int(rate * seconds), timeout=10)
+        rig.stop(engine)
+        a, _ = rig.portal(latency_ms=30000)
+        b, _ = rig.portal(latency_ms=200)
+        engine = rig.engine("iso-both")
+        _offer([a, b], rate, seconds, "iso")
+        _drain(rig, b.id, int(rate * seconds), timeout=10)
+        rows = {"B alone": _latencies(rig, b_alone.id), "B beside A": _latencies(rig, b.id),
+                "A (30 s)": _latencies(rig, a.id)}
+        rig.stop(engine, timeout=40)
+        for name, (lat, left) in rows.items():
+            out.append({"scenario": "isolation", "db": database, "portal": name,
+                        "offered": int(rate * seconds), **_summary(lat, left)})
+        base, beside = out[0]["p99_s"], out[1]["p99_s"]
+        out[1]["vs_alone"] = round(beside / base, 3) if base else None
+    finally:
+        rig.close()
+    return out
+
+
+SCENARIOS = {"overhead": overhead, "card_latency": card_latency, "throughput": throughput,
+             "isolation": isolation}
+
+
+def main() -> None:
+    """Parse options, run the scenarios, print and write the tables."""
+    ap = argparse.ArgumentParser(prog="python -m bench.dispatch")
+    ap.add_argument("scenarios", nargs="*", default=list(SCENARIOS))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--db", choices=["sqlite", "pg", "both"], default="pg")
+    ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--inflight", type=int, default=0)
+    ap.add_argument("--profile", default="", help="overhead: write the engine's yappi profile here")
+    args = ap.parse_args()
+    dbs = ["sqlite", "pg"] if args.db == "both" else [args.db]
+    results = []
+    for name in args.scenarios:
+        for database in dbs:
+            result = SCENARIOS[name](database, args)
+            for row in result if isinstance(result, list) else [result]:
+                print(json.dumps(row), flush=True)
+                results.append(row)
+    _write(results)
+
+
+def _write(results: list[dict[str, Any]]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    Path(OUT / f"dispatch-{stamp}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
