@@ -12,26 +12,18 @@ from flask.cli import AppGroup
 
 from app.dispatcher import outbox
 from app.extensions import db
+from app.tenants.cli import portal_id_filter
 from app.tenants.models import Portal
 
 outbox_cli = AppGroup("outbox", help="Outgoing REST commands: depth, dead letters, replay.")
 dispatcher_cli = AppGroup("dispatcher", help="The outgoing dispatcher.")
 
 
-def _portal_id(member_id: str | None) -> int | None:
-    if member_id is None:
-        return None
-    portal = Portal.by_member_id(member_id)
-    if portal is None:
-        raise click.ClickException(f"no portal with member_id {member_id!r}")
-    return portal.id
-
-
 @outbox_cli.command("show")
 @click.option("--member-id", help="only this portal's")
 def show(member_id: str | None) -> None:
     """Commands per portal, status and priority."""
-    rows = outbox.depths(_portal_id(member_id))
+    rows = outbox.depths(portal_id_filter(member_id))
     if not rows:
         click.echo("the outbox is empty")
     names = dict(db.session.execute(db.select(Portal.id, Portal.member_id)).all())
@@ -46,7 +38,7 @@ def show(member_id: str | None) -> None:
 @click.option("--limit", default=50, show_default=True)
 def dead(member_id: str | None, limit: int) -> None:
     """The newest dead commands: id, portal, method, attempts, reason."""
-    rows = outbox.dead_letters(_portal_id(member_id), limit)
+    rows = outbox.dead_letters(portal_id_filter(member_id), limit)
     if not rows:
         click.echo("no dead commands")
     for c in rows:
@@ -61,7 +53,7 @@ def replay(command_ids: tuple[int, ...], member_id: str | None, everything: bool
     """Queue dead commands again with fresh attempts and a fresh retry horizon."""
     if not command_ids and not everything:
         raise click.UsageError("give command ids, or --all [--member-id ...]")
-    replayed = outbox.replay_dead(command_ids, _portal_id(member_id))
+    replayed = outbox.replay_dead(command_ids, portal_id_filter(member_id))
     db.session.commit()
     click.echo(f"replayed {len(replayed)} command(s)"
                + (f": {' '.join(map(str, replayed))}" if replayed else ""))

@@ -8,6 +8,7 @@ from flask.cli import AppGroup
 
 from app.ingress import inbox
 from app.ingress.auth import issue_api_key
+from app.tenants.cli import portal_id_filter
 from app.tenants.models import Portal
 
 inbox_cli = AppGroup("inbox", help="Events that failed for good: list them, replay them.")
@@ -26,21 +27,12 @@ def api_key_command(member_id: str) -> None:
                "again; any previous key no longer works.", err=True)
 
 
-def _portal_id(member_id: str | None) -> int | None:
-    if member_id is None:
-        return None
-    portal = Portal.by_member_id(member_id)
-    if portal is None:
-        raise click.ClickException(f"no portal with member_id {member_id!r}")
-    return portal.id
-
-
 @inbox_cli.command("dead")
 @click.option("--member-id", help="only this portal's")
 @click.option("--limit", default=50, show_default=True)
 def list_dead(member_id: str | None, limit: int) -> None:
     """The newest dead-lettered events: id, received, source and type, attempts, reason."""
-    rows = inbox.dead_letters(_portal_id(member_id), limit)
+    rows = inbox.dead_letters(portal_id_filter(member_id), limit)
     if not rows:
         click.echo("no dead events")
         return
@@ -56,7 +48,7 @@ def replay(row_ids: tuple[int, ...], member_id: str | None) -> None:
     """Queue dead events again with fresh attempts, once their cause is fixed."""
     if not row_ids and member_id is None:
         raise click.UsageError("give inbox ids, or --member-id for all of a portal's")
-    replayed = inbox.replay_dead(row_ids, _portal_id(member_id))
+    replayed = inbox.replay_dead(row_ids, portal_id_filter(member_id))
     click.echo(f"replayed {len(replayed)} event(s)" + (f": {' '.join(map(str, replayed))}"
                                                         if replayed else ""))
     skipped = sorted(set(row_ids) - set(replayed))

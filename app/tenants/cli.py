@@ -18,6 +18,16 @@ from app.tenants.status import PortalUnavailable, set_status
 portals_cli = AppGroup("portals", help="Inspect and operate the installed portals.")
 
 
+def portal_id_filter(member_id: str | None) -> int | None:
+    """A ``--member-id`` option turned into a portal id (None: every portal); unknown ids fail."""
+    if member_id is None:
+        return None
+    portal = Portal.by_member_id(member_id)
+    if portal is None:
+        raise click.ClickException(f"no portal with member_id {member_id!r}")
+    return portal.id
+
+
 def _when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
 
