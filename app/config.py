@@ -155,8 +155,9 @@ def dispatch_settings() -> dict[str, Any]:
         # Threads the engine uses for database work, and the HTTP connection pool's size.
         "DISPATCH_DB_THREADS": env_int("DISPATCH_DB_THREADS", 4),
         "DISPATCH_MAX_CONNECTIONS": env_int("DISPATCH_MAX_CONNECTIONS", 1000),
-        # Multiplies the plans' drain and burst in our rate bucket. Only for benchmarks against
-        # a sandbox portal without a rate limit (bench.dispatch overhead); 1 in production.
+        # Multiplies the plans' drain and burst in our rate bucket (the dispatcher's and the
+        # direct calls'). Only for benchmarks and tests against a sandbox portal whose own
+        # bucket is set far above its plan (bench.dispatch overhead); 1 in production.
         "DISPATCH_BUCKET_SCALE": env_float("DISPATCH_BUCKET_SCALE", 1.0),
     }
 

@@ -34,6 +34,12 @@ import redis
 import redis.asyncio
 
 PLANS: dict[str, tuple[float, int]] = {"standard": (2.0, 50), "enterprise": (5.0, 250)}
+
+
+def scaled_plans(scale: float) -> dict[str, tuple[float, int]]:
+    """PLANS with drain and burst multiplied by ``scale`` (``DISPATCH_BUCKET_SCALE``: only for
+    benchmarks and tests whose portal's own bucket is set far above its plan)."""
+    return {name: (drain * scale, int(burst * scale)) for name, (drain, burst) in PLANS.items()}
 DRAIN_SHARE = 0.99
 MIN_HEADROOM = 2
 

@@ -24,7 +24,7 @@ from sqlalchemy import func, or_, select
 
 from app.bitrix import BatchResult, RestClient, errors, tls
 from app.config import DEFAULT_IDLE_REFRESH_DAYS
-from app.dispatcher.bucket import RateBucket
+from app.dispatcher.bucket import RateBucket, scaled_plans
 from app.extensions import db, redis_ext
 from app.tenants import status as portal_status
 from app.tenants import tokens
@@ -116,7 +116,8 @@ def _rate_bucket() -> RateBucket:
     """The app's view of the per-portal buckets the dispatcher uses too."""
     ext = current_app.extensions
     if "rate_bucket" not in ext:
-        ext["rate_bucket"] = RateBucket(redis_ext.client)
+        scale = float(current_app.config.get("DISPATCH_BUCKET_SCALE") or 1.0)
+        ext["rate_bucket"] = RateBucket(redis_ext.client, plans=scaled_plans(scale))
     return ext["rate_bucket"]
 
 
