@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## the app on the embedded default (+ sandbox portal without B24 credentials)
 	$(BIN)/python -m sandbox.devrun
 
-test: $(STAMP)  ## the whole suite
-	$(BIN)/python -m pytest
+test: $(STAMP)  ## the whole suite, on both cores (pytest-xdist; -n 0 in PYTEST_ARGS for one)
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks (not tests): print tables, write bench/out/
 	$(BIN)/python -m bench
