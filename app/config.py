@@ -208,6 +208,11 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "FIRST_CONTACT_PER_ADDRESS_PER_MINUTE": env_int("FIRST_CONTACT_PER_ADDRESS_PER_MINUTE",
                                                         30),
         "FIRST_CONTACT_PER_MINUTE": env_int("FIRST_CONTACT_PER_MINUTE", 300),
+        # Events for a portal still waiting for its application_token (ONAPPINSTALL late) are
+        # kept unprocessed this many seconds at most, and at most this many per portal in
+        # that time (429 beyond): app/ingress/provisional.py.
+        "PROVISIONAL_EVENT_MAX_AGE": env_float("PROVISIONAL_EVENT_MAX_AGE", 600.0),
+        "PROVISIONAL_EVENTS_PER_PORTAL": env_int("PROVISIONAL_EVENTS_PER_PORTAL", 1000),
         # Auth servers whose app.info we trust when an iframe POST names its own
         # SERVER_ENDPOINT: comma-separated hosts (https) or scheme://host URLs. An iframe
         # POST without SERVER_ENDPOINT (the short form real portals send, protocol §2.3)

@@ -20,6 +20,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from app.extensions import db, retry_if_connection_died
+from app.ingress import provisional
 from app.ingress.models import PortalApiKey
 from app.tenants.models import Portal, PortalStatus
 from app.tenants.verify import application_token_matches
@@ -58,10 +59,16 @@ class KnownPortal:
 
 @dataclass(frozen=True)
 class Sender:
-    """The portal an event is from (None on a first-contact ONAPPINSTALL) and its trust."""
+    """The portal an event is from (None on a first-contact ONAPPINSTALL) and its trust.
+
+    ``unverified``: a first-contact ONAPPINSTALL, its handler checks it with ``app.info``.
+    ``provisional``: the portal awaits its application_token; the event is kept unprocessed
+    until that token arrives and matches (app/ingress/provisional.py).
+    """
 
     portal: KnownPortal | None
     unverified: bool = False
+    provisional: bool = False
 
 
 def _cache() -> dict[str, tuple[float, KnownPortal]]:
@@ -97,7 +104,11 @@ def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
 
 
 def verify_b24(member_id: str, token: str | None, event_name: str) -> Sender:
-    """Check ``auth[application_token]`` against the stored one, in constant time."""
+    """Check ``auth[application_token]`` against the stored one, in constant time.
+
+    Without a stored one to compare: a first-contact ONAPPINSTALL is accepted unverified,
+    any other event of a portal awaiting its token provisionally; the rest is refused.
+    """
     if not token:
         raise Rejected(401, "missing_token", "auth[application_token] is required")
     portal = lookup_portal(member_id)
@@ -110,6 +121,9 @@ def verify_b24(member_id: str, token: str | None, event_name: str) -> Sender:
     if event_name == INSTALL_EVENT and first_contact:
         # Nothing to compare with yet: the install handler verifies it via app.info.
         return Sender(portal, unverified=True)
+    if portal is not None and provisional.awaiting_token(portal):
+        # Installed from the short form, its ONAPPINSTALL late: kept, checked when it comes.
+        return Sender(portal, provisional=True)
     # An unknown member_id is answered (and counted: /metrics is public) like a forged
     # token, or the answer would tell anyone which portals have the app installed.
     raise Rejected(401, "forged_token", "application_token does not match",

@@ -12,6 +12,14 @@ any member_id; each is stored for the worker to check with the auth server's
   to unknown and uninstalled portals (:func:`rationed`), not to one an admin just
   installed that waits for its token.
 
+Provisional events (any event for a portal an admin installed whose application_token
+is still missing, app/ingress/provisional.py) have one ceiling of their own: at most
+``PROVISIONAL_EVENTS_PER_PORTAL`` (1000) per portal in ``PROVISIONAL_EVENT_MAX_AGE``
+(600 s), the time such a row may be kept; beyond it the answer is 429 and nothing is
+stored (:func:`admit_provisional`). So a forger fills at most that many rows per
+waiting portal, and each goes within twice that time. Real events beyond it are lost:
+a portal's burst in the seconds before its ONAPPINSTALL arrives stays far below it.
+
 The trade-off: Bitrix24 never resends, so a real ONAPPINSTALL refused by a ceiling
 is lost (the installer POST, which the app treats as primary, still installs the
 portal). The ceilings are far above real install rates, and a single attacker
@@ -58,6 +66,15 @@ return 0
 """
 
 
+# One key, one ceiling: count, and say whether this one is over it.
+_COUNT_ONE = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if n > tonumber(ARGV[1]) then return 1 end
+return 0
+"""
+
+
 def pruned(event: dict[str, Any]) -> dict[str, Any]:
     """What verification and the install handler need of a first-contact event, nothing else."""
     data = event.get("data") if isinstance(event.get("data"), dict) else {}
@@ -76,14 +93,29 @@ def pruned(event: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def _counter() -> Any:
-    """The counting script, registered once per process (EVALSHA, not the source, per call)."""
+def _counter(name: str = "first_contact_count") -> Any:
+    """A counting script, registered once per process (EVALSHA, not the source, per call)."""
     ext = current_app.extensions
     if "first_contact_count" not in ext:
         client = inbox.fast_redis(current_app.config["REDIS_URL"])
         ext["first_contact_count"] = client.register_script(_COUNT)
+        ext["provisional_count"] = client.register_script(_COUNT_ONE)
         ext["first_contact_redis_down_until"] = 0.0
-    return ext["first_contact_count"]
+    return ext[name]
+
+
+def _count(name: str, keys: list[str], args: list[Any]) -> int:
+    """Run a counting script; 0 (under every ceiling) when Redis cannot be asked (fail open)."""
+    ext = current_app.extensions
+    count = _counter(name)
+    if time.monotonic() < ext["first_contact_redis_down_until"]:
+        return 0
+    try:
+        return int(count(keys=keys, args=args))
+    except redis.RedisError as exc:
+        ext["first_contact_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
+        log.warning("intake ceiling not applied, Redis unavailable: %s", exc)
+        return 0
 
 
 def rationed(portal: KnownPortal | None) -> bool:
@@ -102,21 +134,25 @@ def admit(address: str | None, portal: KnownPortal | None = None) -> None:
     """Count a first contact from ``address``; 429 beyond a ceiling (none if Redis is out)."""
     if not rationed(portal):
         return
-    cfg, ext = current_app.config, current_app.extensions
-    count = _counter()
-    if time.monotonic() < ext["first_contact_redis_down_until"]:
-        return
+    cfg = current_app.config
     prefix = f"b24relay:first-contact:{int(time.time() // WINDOW_SECONDS)}"
-    try:
-        over = count(keys=[f"{prefix}:addr:{address or 'unknown'}", f"{prefix}:all"],
-                     args=[cfg["FIRST_CONTACT_PER_ADDRESS_PER_MINUTE"],
-                           cfg["FIRST_CONTACT_PER_MINUTE"], 2 * WINDOW_SECONDS])
-    except redis.RedisError as exc:
-        ext["first_contact_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
-        log.warning("first-contact ceiling not applied, Redis unavailable: %s", exc)
-        return
+    over = _count("first_contact_count",
+                  [f"{prefix}:addr:{address or 'unknown'}", f"{prefix}:all"],
+                  [cfg["FIRST_CONTACT_PER_ADDRESS_PER_MINUTE"], cfg["FIRST_CONTACT_PER_MINUTE"],
+                   2 * WINDOW_SECONDS])
     if over:
         scope = "from this address" if over == 1 else "in total"
         raise Rejected(429, "first_contact_limit",
                        f"too many install events from unknown portals {scope}; retry later",
                        detail=f"first-contact ceiling {scope} reached by {address}")
+
+
+def admit_provisional(portal: KnownPortal) -> None:
+    """Count a provisional event for ``portal``; 429 beyond its ceiling (none if Redis is out)."""
+    cfg = current_app.config
+    window = max(1, int(cfg["PROVISIONAL_EVENT_MAX_AGE"]))
+    if _count("provisional_count", [f"b24relay:provisional:{portal.id}"],
+              [cfg["PROVISIONAL_EVENTS_PER_PORTAL"], window]):
+        raise Rejected(429, "provisional_limit",
+                       "too many events before the install event; retry later",
+                       detail=f"provisional ceiling reached for portal {portal.member_id}")

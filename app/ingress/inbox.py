@@ -55,6 +55,7 @@ class NewEvent:
     dedupe_key: str
     portal_id: int | None = None
     unverified: bool = False
+    status: str = InboxStatus.QUEUED.value  # or provisional: kept, not queued
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _insert(events: list[NewEvent]) -> list[Stored]:
             values = {"portal_id": ev.portal_id, "member_id": ev.member_id, "source": ev.source,
                       "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
                       "payload": ev.payload, "unverified": ev.unverified,
-                      "status": InboxStatus.QUEUED.value, "received_at": now}
+                      "status": ev.status, "received_at": now}
             row_id = conn.execute(_INSERT, values).scalar()
             out.append(Stored(row_id, True) if row_id is not None else
                        Stored(conn.execute(_EXISTING, values).scalar_one(), False))
@@ -161,7 +162,7 @@ def _insert_one_fast(ev: NewEvent) -> Stored | None:
                     "portal_id": ev.portal_id, "member_id": ev.member_id, "source": ev.source,
                     "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
                     "payload": Json(ev.payload), "unverified": ev.unverified,
-                    "status": InboxStatus.QUEUED.value, "received_at": utcnow()}, prepare=True)
+                    "status": ev.status, "received_at": utcnow()}, prepare=True)
                 row = cur.fetchone()
             conn.autocommit = False
         except psycopg.Error as exc:

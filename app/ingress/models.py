@@ -40,6 +40,8 @@ class InboxStatus(enum.StrEnum):
     UNHANDLED = "unhandled"    # parked: no handler for this event type (yet)
     HELD = "held"              # parked: the portal's status holds its calls (PortalUnavailable)
     DEAD = "dead"              # failed for good; last_error says why
+    # Kept, not processed: its portal awaits its application_token (app/ingress/provisional.py).
+    PROVISIONAL = "provisional"
     # Written by earlier versions for rows without a handler; the sweeper treats such
     # rows like unhandled ones, so those events are not lost either.
     LEGACY_SKIPPED = "skipped"

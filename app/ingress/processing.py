@@ -33,7 +33,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.bitrix import errors as bitrix_errors
 from app.extensions import db
-from app.ingress import inbox, metrics, sealed
+from app.ingress import inbox, metrics, provisional, sealed
 from app.ingress.models import PENDING, InboxEvent, InboxStatus
 from app.ingress.registry import handler_for, registered
 from app.tenants.models import Portal, utcnow
@@ -182,7 +182,11 @@ def process(row_id: int) -> str:
         log.exception("handler for inbox row %s failed for good", row_id)
         _finish(row, attempt, InboxStatus.DEAD, _describe(exc))
         return InboxStatus.DEAD.value
-    return InboxStatus.DONE.value if _finish(row, attempt, InboxStatus.DONE) else "lost_claim"
+    event_type, member_id = row.event_type, row.member_id
+    if not _finish(row, attempt, InboxStatus.DONE):
+        return "lost_claim"
+    provisional.after_handled(event_type, member_id)  # kept while its token was missing
+    return InboxStatus.DONE.value
 
 
 def sweep() -> int:
@@ -196,4 +200,4 @@ def sweep() -> int:
         handled={source: registered(source) for source in ("b24", "pbx")}))
     if requeued:
         log.info("sweeper queued %d stuck inbox rows again", requeued)
-    return requeued
+    return requeued + provisional.sweep()

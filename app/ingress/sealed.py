@@ -9,6 +9,12 @@ keep the chain and the application_token), so for those two the three values are
 kept encrypted (the same Fernet keys as the portal's token columns) in one payload
 field. Processing unseals them into the event a handler gets, in memory only, and a
 finished row drops the field.
+
+A *provisional* event (its portal still waits for its application_token, see
+app/ingress/provisional.py) could not be checked yet: the application_token it
+claims is sealed the same way, whatever the event, so that it can be compared once
+the portal's own arrives (:func:`claimed_token`); a released row keeps it no longer
+than its event needs (:func:`unclaimed`).
 """
 
 from __future__ import annotations
@@ -29,15 +35,35 @@ TOKEN_EVENTS = frozenset({"ONAPPINSTALL", "ONAPPUPDATE"})
 SEALED_FIELD = "sealed_auth"  # top level of the stored payload; only intake writes it
 
 
-def strip(event: dict[str, Any], event_type: str) -> None:
-    """Take the tokens out of a parsed, verified event (in place); seal those handlers need."""
+def strip(event: dict[str, Any], event_type: str, claim: bool = False) -> None:
+    """Take the tokens out of a parsed event (in place); seal those handlers need.
+
+    ``claim``: the event is provisional, so its application_token is sealed too, for the
+    check that could not be made yet.
+    """
     event.pop(SEALED_FIELD, None)  # a sender's own field of that name is never trusted
     auth = event.get("auth")
     if not isinstance(auth, dict):
         return
     tokens = {key: auth.pop(key) for key in SECRET_AUTH_KEYS if key in auth}
-    if tokens and event_type in TOKEN_EVENTS:
+    if event_type not in TOKEN_EVENTS:
+        tokens = {k: v for k, v in tokens.items() if claim and k == "application_token"}
+    if tokens:
         event[SEALED_FIELD] = cipher().encrypt(json.dumps(tokens).encode()).decode()
+
+
+def claimed_token(payload: dict[str, Any]) -> str | None:
+    """The application_token a stored provisional event claimed (None: none, or unreadable)."""
+    auth = unsealed(payload).get("auth")
+    token = auth.get("application_token") if isinstance(auth, dict) else None
+    return token if isinstance(token, str) and token else None
+
+
+def unclaimed(payload: dict[str, Any], event_type: str) -> dict[str, Any]:
+    """A released provisional payload: only ONAPPINSTALL / ONAPPUPDATE keep sealed tokens."""
+    if event_type in TOKEN_EVENTS or SEALED_FIELD not in payload:
+        return payload
+    return {k: v for k, v in payload.items() if k != SEALED_FIELD}
 
 
 def unsealed(payload: dict[str, Any]) -> dict[str, Any]:

@@ -18,9 +18,10 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.ingress import auth, first_contact, inbox, metrics, pbx, sealed
+from app.ingress import auth, first_contact, inbox, metrics, pbx, provisional, sealed
 from app.ingress.auth import Rejected
 from app.ingress.formparse import MalformedBody, clip, parse_form
+from app.ingress.models import InboxStatus
 
 bp = Blueprint("ingress", __name__)
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ def _store_and_queue(source: str, events: list[inbox.NewEvent]) -> list[inbox.St
         log.error("inbox unavailable, %d %s event(s) refused: %s", len(events), source,
                   _first_line(exc))
         raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc
-    fresh = [s.id for s in stored if s.created]
+    fresh = [s.id for s, ev in zip(stored, events, strict=True)
+             if s.created and ev.status == InboxStatus.QUEUED.value]  # not provisional ones
     if fresh:
         inbox.enqueue(fresh, source)
     return stored
@@ -98,17 +100,34 @@ def _b24_event(body: bytes) -> inbox.NewEvent:
     if not isinstance(member_id, str) or not MEMBER_ID.fullmatch(member_id):
         raise Rejected(400, "malformed", "auth[member_id] is required (up to 64 letters/digits)")
     token = auth_block.get("application_token")
+    token = token if isinstance(token, str) else None
     event_type = name.strip().upper()
-    sender = auth.verify_b24(member_id, token if isinstance(token, str) else None, event_type)
+    sender = auth.verify_b24(member_id, token, event_type)
     dedupe_key = inbox.b24_dedupe_key(event)
-    sealed.strip(event, event_type)  # checked, and no row keeps a token in clear
+    # Checked (or, provisional, sealed to be checked later): no row keeps a token in clear.
+    sealed.strip(event, event_type, claim=sender.provisional)
     if sender.unverified:  # anyone can send one: keep it small, and count it
         event = first_contact.pruned(event)
         first_contact.admit(request.remote_addr, sender.portal)
+    if sender.provisional:
+        dedupe_key = _kept_for_later(event, sender, token or "", dedupe_key)
     return inbox.NewEvent(
         member_id=member_id, source="b24", event_type=event_type,
         payload=event, dedupe_key=dedupe_key,
-        portal_id=sender.portal.id if sender.portal else None, unverified=sender.unverified)
+        portal_id=sender.portal.id if sender.portal else None,
+        unverified=sender.unverified or sender.provisional,
+        status=provisional.STATUS if sender.provisional else InboxStatus.QUEUED.value)
+
+
+def _kept_for_later(event: dict[str, Any], sender: auth.Sender, token: str,
+                    dedupe_key: str) -> str:
+    """Admit a provisional event (size, the portal's ceiling); its dedupe key."""
+    assert sender.portal is not None  # only a known portal awaits its token
+    if len(json.dumps(event)) > provisional.MAX_STORED_BYTES:
+        raise Rejected(413, "too_large", f"an event kept before the install event must be "
+                                         f"under {provisional.MAX_STORED_BYTES} bytes")
+    first_contact.admit_provisional(sender.portal)
+    return provisional.dedupe_key(dedupe_key, token)
 
 
 @bp.post("/b24/events")
@@ -119,6 +138,8 @@ def b24_events() -> tuple[Response, int]:
     try:
         event = _b24_event(_body())
         stored = _store_and_queue("b24", [event])
+        if stored[0].created and event.status == provisional.STATUS:
+            provisional.OUTCOMES.labels("kept").inc()
     except Rejected as exc:
         return _refuse("b24", started, exc)
     except SQLAlchemyError as exc:  # the portal lookup itself failed

@@ -556,7 +556,7 @@ def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSess
             and not application_token_matches(portal, auth.application_token)):
         raise TokenRejected("APPLICATION_TOKEN does not match this portal's installation", 403)
     session = IframeSession(portal, auth, int_or_none(info.get("user_id")),
-                            user_is_admin(portal.client_endpoint, auth.access_token))
+                            user_is_admin(portal.client_endpoint, auth.access_token, portal))
     if session.is_admin and PortalStatus(portal.status) in CLEARED_BY_NEW_CHAIN:
         adopt_chain(portal, TokenSet.from_response({
             "access_token": auth.access_token, "refresh_token": auth.refresh_token,

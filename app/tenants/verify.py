@@ -8,7 +8,10 @@ Split out of :mod:`app.tenants.install` (which re-exports the names its callers 
 * :func:`verify_token` asks a *trusted* auth server (``B24_AUTH_SERVERS``) whose
   token it is: our ``client_id``, the given ``member_id``, and the portal's address
   (:func:`portal_endpoint`, from ``app.info`` only) matching the posted domain (§7.4).
-* :func:`user_is_admin` asks the portal (``user.admin``) with the user's own token.
+* :func:`user_is_admin` asks the portal (``user.admin``) with the user's own token. Only a
+  yes or a refusal about the user is a verdict: a limit or an outage is "the portal is busy"
+  (:class:`PortalBusy`), and ``PAYMENT_REQUIRED``, ``NOT_INSTALLED`` or ``PORTAL_DELETED``
+  describe the portal, so they move it through the status machine (:class:`PortalHeld`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,11 @@ from urllib.parse import urlsplit
 
 from flask import current_app
 
-from app.bitrix import OAuthClient
+from app.bitrix import OAuthClient, errors
 from app.bitrix.errors import ApiError, BitrixError
 from app.config import DEFAULT_AUTH_SERVERS
 from app.tenants import service, tokens
+from app.tenants import status as portal_status
 from app.tenants.models import Portal
 
 log = logging.getLogger(__name__)
@@ -57,6 +61,24 @@ class TokenRejected(InstallError):
     """The auth server did not accept the token, or it belongs elsewhere (401/403)."""
 
     status = 401
+
+
+class PortalBusy(InstallError):
+    """The portal answered with a limit (or an outage): no verdict about the user (503)."""
+
+    status = 503
+
+
+class PortalHeld(InstallError):
+    """Bitrix24 answered with the portal's state (unpaid, uninstalled, deleted), not about
+    the user; ``portal`` (when known) has been moved to ``portal_status`` (403)."""
+
+    status = 403
+
+    def __init__(self, message: str, portal_status: str, portal: Portal | None) -> None:
+        super().__init__(message)
+        self.portal_status = portal_status
+        self.portal = portal
 
 
 @dataclass(frozen=True)
@@ -283,18 +305,49 @@ def application_token_matches(portal: HasApplicationToken, token: str | None) ->
     return bool(stored) and hmac.compare_digest(stored.encode(), (token or "").encode())
 
 
-def user_is_admin(client_endpoint: str, access_token: str) -> bool:
+def user_is_admin(client_endpoint: str, access_token: str, portal: Portal | None = None) -> bool:
     """``user.admin`` with the viewing user's own token: may they manage the app?
 
-    Uses the process's shared REST client (one connection pool), not a new one per open.
+    Raises :class:`PortalBusy` (limits), :class:`PortalHeld` (the portal's state; ``portal``
+    is moved to it) or :class:`InstallError` 502 (no answer) rather than say "no" for the
+    portal. Uses the process's shared REST client (one connection pool), not a new one per open.
     """
     try:
         body = service.rest_client().call(client_endpoint, "user.admin", {}, access_token)
     except ApiError as exc:
-        if (exc.http_status or 0) >= 500:
-            raise InstallError(f"the portal did not answer ({exc.code}); try again", 502) from exc
+        _raise_unless_about_the_user(exc, portal)
         log.warning("user.admin refused at %s: %s", client_endpoint, exc)
         return False
     except BitrixError as exc:
         raise InstallError(f"the portal did not answer ({exc}); try again", 502) from exc
     return body.get("result") is True
+
+
+# What user.admin may answer that says nothing about the user.
+PORTAL_STATES = (errors.PaymentRequired, errors.NotInstalled, errors.PortalDeleted)
+LIMITS = (errors.QueryLimitExceeded, errors.OperationTimeLimit, errors.OverloadLimit)
+
+
+def _raise_unless_about_the_user(exc: ApiError, portal: Portal | None) -> None:
+    """Raise for a refusal about the portal (its state, a limit, an outage); return otherwise."""
+    if isinstance(exc, PORTAL_STATES):
+        raise _held(exc, portal) from exc
+    if isinstance(exc, LIMITS) or exc.http_status == 429:
+        # QUERY_LIMIT_EXCEEDED came as 429 before Dec 2024, OPERATION_TIME_LIMIT still does.
+        raise PortalBusy(f"the portal is busy ({exc.code}); try again in a minute") from exc
+    if (exc.http_status or 0) >= 500:
+        raise InstallError(f"the portal did not answer ({exc.code}); try again", 502) from exc
+
+
+def _held(exc: ApiError, portal: Portal | None) -> PortalHeld:
+    """An error naming the portal's state, the portal (when known) moved to it first.
+
+    The status machine's move (what ``status.apply_error`` does for any call): the
+    settings page and the CLI then show the same reason, and the portal's calls are held.
+    """
+    target = portal_status.transition_for(exc)
+    assert target is not None  # each of PORTAL_STATES has a transition
+    reason = portal_status.reason_for(target, f"{exc.code} {exc.description}".strip()) or exc.code
+    if portal is not None:
+        portal_status.record(portal, target, reason)
+    return PortalHeld(reason, target.value, portal)

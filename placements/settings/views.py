@@ -4,6 +4,9 @@
 (§7.4); an administrator gets a form carrying a signed, short-lived, single-use
 token (:mod:`placements.settings.form_token`), so saving needs no cookie inside
 the cross-site iframe.
+
+When Bitrix24 answers the admin check with the portal's state (unpaid, uninstalled,
+deleted) the page still opens, read-only, with that state and what to do about it.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from flask import Blueprint, Response, make_response, render_template, request
 
 from app.extensions import db
 from app.framing import framed_by
-from app.ingress import inbox
+from app.ingress import inbox, provisional
 from app.ingress.retention import Retention
 from app.queue import enqueue
 from app.tenants import install
 from app.tenants.models import Portal, PortalSettings
 from app.tenants.users import extension_map
-from placements.common import advice, error_page, verified
+from app.tenants.verify import PortalHeld
+from placements.common import advice, error_page
 from placements.settings import form_token
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,8 @@ bp = Blueprint("settings", __name__, template_folder="templates")
 EVENT_MODES = ("online", "offline")
 MAX_LINES = 40
 DEAD_LETTERS_SHOWN = 10
+AWAITING_TOKEN = ("Waiting for Bitrix24's install event; events are kept and checked when it "
+                  "arrives.")
 
 
 def _settings(portal: Portal) -> PortalSettings:
@@ -43,14 +49,25 @@ def render(portal: Portal, *, is_admin: bool, user_id: int | None, notice: str =
     """The settings page for ``portal``; an admin's carries a fresh single-use form token."""
     settings = _settings(portal)
     return render_template(
-        "settings/settings.html", portal=portal, settings=settings, advice=advice(portal),
-        inbox_counts=inbox.depth(portal.id) if is_admin else {},
+        "settings/settings.html", portal=portal, settings=settings, advice=_advice(portal),
+        inbox_counts=_inbox_counts(portal) if is_admin else {},
         dead=inbox.dead_letters(portal.id, DEAD_LETTERS_SHOWN) if is_admin else [],
         dead_days=int(Retention.from_config().dead_days),
         is_admin=is_admin, token=form_token.issue(portal, user_id) if is_admin else "",
         lines_text=_lines_text(settings) if lines_text is None else lines_text,
         extensions=sorted(extension_map(portal).items()), notice=notice, error=error,
         recovered=recovered, modes=EVENT_MODES)
+
+
+def _advice(portal: Portal) -> str:
+    """The status line's advice; "connected" only once events can be verified."""
+    if provisional.awaiting_token(portal):
+        return AWAITING_TOKEN
+    return advice(portal)
+
+
+def _inbox_counts(portal: Portal) -> dict[str, int]:
+    return {**inbox.depth(portal.id), provisional.STATUS: provisional.kept(portal.id)}
 
 
 @bp.get("/placements/settings")
@@ -67,12 +84,24 @@ def settings_post() -> Response:
     return _show()
 
 
-@verified
-def _show(session: install.IframeSession) -> Response:
+def _show() -> Response:
+    """Verify the iframe POST (as ``placements.common.verified``) and show the page."""
+    try:
+        session = install.open_iframe(request.args, request.form)
+    except PortalHeld as exc:
+        if exc.portal is None:
+            return error_page(exc.message, exc.status)
+        # Not about the user: the portal is unpaid, uninstalled or gone. Say so, read-only.
+        db.session.commit()
+        return framed_by(make_response(render(exc.portal, is_admin=False, user_id=None)),
+                         exc.portal.origin)
+    except install.InstallError as exc:
+        return error_page(exc.message, exc.status)
+    db.session.commit()  # the open is the unit of work (a recovered chain is kept)
     notice = "The app is connected again." if session.recovered else ""
-    return make_response(render(session.portal, is_admin=session.is_admin,
-                                user_id=session.user_id, notice=notice,
-                                recovered=session.recovered))
+    body = render(session.portal, is_admin=session.is_admin, user_id=session.user_id,
+                  notice=notice, recovered=session.recovered)
+    return framed_by(make_response(body), session.auth.origin)
 
 
 def _lines_text(settings: PortalSettings) -> str:

@@ -7,15 +7,31 @@ seconds later, in no guaranteed order, never twice.
 
 from __future__ import annotations
 
+import re
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlencode
 
-from sqlalchemy import select
+import httpx
+from prometheus_client import REGISTRY
+from sqlalchemy import select, update
 
 from app.extensions import db
+from app.ingress import processing
 from app.ingress.models import InboxEvent
 from app.tenants.users import PortalUser
-from tests.install.conftest import CLIENT_ID, CLIENT_SECRET, portal_row, process_queued
+from tests.install.conftest import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    USERS,
+    portal_row,
+    process_queued,
+)
+
+AWAITING = "Waiting for Bitrix24&#39;s install event; events are kept and checked when it arrives."
+CONNECTED = "Connected: calls and events flow."
+MADE_UP = "e" * 32
 
 BURST = range(2, 22)  # users 2..21 are added on the portal, each an ONUSERADD
 
@@ -71,9 +87,33 @@ def test_a_late_unordered_burst_is_stored_once_and_each_event_takes_effect_once(
     assert {u: extensions.get(u) for u in BURST} == {u: str(200 + u) for u in BURST}
 
 
-def test_a_late_onappinstall_leaves_the_portal_active_and_then_completes(sandbox, make_portal,
-                                                                         live_app, form_kind):
-    portal = make_portal()
+def _statuses(event_type: str) -> list[tuple[str, str]]:
+    return [(row.payload["data"]["FIELDS"]["ID"], row.status) for row in _inbox(event_type)]
+
+
+def _asked_about(sandbox: Any, member_id: str) -> list[str]:
+    """The users the app read one by one (``user.get`` with an ID: an ONUSERADD handled)."""
+    return [str(e["params"]["ID"]) for e in sandbox.log(member_id, method="user.get")
+            if "ID" in (e["params"] or {})]
+
+
+def _forge(live_app: Any, portal: dict[str, Any], user_id: str) -> httpx.Response:
+    """An ONUSERADD for ``portal`` from someone who does not know its application token."""
+    body = urlencode({"event": "ONUSERADD", "event_handler_id": "5", "ts": str(int(time.time())),
+                      "data[FIELDS][ID]": user_id, "auth[domain]": portal["domain"],
+                      "auth[member_id]": portal["member_id"], "auth[application_token]": MADE_UP})
+    with live_app.http() as http:
+        return http.post("/b24/events", content=body,
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+
+
+def _provisional(outcome: str) -> float:
+    return REGISTRY.get_sample_value("b24relay_provisional_events_total",
+                                     {"outcome": outcome}) or 0.0
+
+
+def _installed_with_onappinstall_held(sandbox: Any, live_app: Any,
+                                      portal: dict[str, Any]) -> None:
     mid = portal["member_id"]
     sandbox.hold_events(mid, "ONAPPINSTALL")  # the queue server is slow with it
     assert sandbox.install_app(mid, live_app.url)["status"] == 200
@@ -81,19 +121,32 @@ def test_a_late_onappinstall_leaves_the_portal_active_and_then_completes(sandbox
     assert finished["install_finished"]
     assert [d["state"] for d in finished["onappinstall"]] == ["held"]
 
-    # Meanwhile: the installer POST alone made the portal active; the short form carried no
-    # application token, so the settings page says "active" while events cannot be verified.
+
+def test_events_before_a_late_onappinstall_are_kept_and_handled_once_it_arrives(
+        sandbox, make_portal, live_app, form_kind):
+    portal = make_portal()
+    mid = portal["member_id"]
+    _installed_with_onappinstall_held(sandbox, live_app, portal)
+    # The installer POST alone made the portal active; the short form carried no token.
+    short = form_kind == "short"
     row = portal_row(mid)
     assert row.status == "active"
-    short = form_kind == "short"
     assert row.application_token == (None if short else portal["application_token"])
-    page = sandbox.open_placement(mid)
-    assert page["status"] == 200 and 'data-status="active"' in page["body"]
+    page = sandbox.open_placement(mid)["body"]
+    assert 'data-status="active"' in page
+    assert (AWAITING in page, CONNECTED in page) == (short, not short)
 
-    # An event that overtakes ONAPPINSTALL: refused (401) when the token is still unknown,
-    # and Bitrix24 never sends it again; stored when the installer form carried the token.
-    early = sandbox.trigger_event(mid, "ONUSERADD", {"FIELDS": {"ID": "2"}})
-    assert early["statuses"] == ([401] if short else [200])
+    # An event that overtakes ONAPPINSTALL is stored (Bitrix24 never sends it again). A
+    # forged one in the same window: refused once the token is known; without it, stored
+    # too and answered alike, but neither is handled before ONAPPINSTALL's token checks them.
+    forged_before = _provisional("forged")
+    assert sandbox.trigger_event(mid, "ONUSERADD", {"FIELDS": {"ID": "2"}})["statuses"] == [200]
+    assert _forge(live_app, portal, "3").status_code == (200 if short else 401)
+    if short:
+        assert process_queued("ONUSERADD") == []
+        assert _statuses("ONUSERADD") == [("2", "provisional"), ("3", "provisional")]
+        admin_page = sandbox.open_placement(mid)["body"]
+        assert re.search(r'data-count="provisional">\s*2<', admin_page)
 
     assert sandbox.release_events(mid) == {"released": 1}
     [install_event] = [d for d in sandbox.wait_deliveries(mid, timeout=10)
@@ -103,10 +156,40 @@ def test_a_late_onappinstall_leaves_the_portal_active_and_then_completes(sandbox
     row = portal_row(mid)
     assert row.application_token == portal["application_token"] and row.status == "active"
 
+    # The real event is handled; the forged one was dropped, never handled, and counted.
+    assert process_queued("ONUSERADD") == ["done"]
+    assert _statuses("ONUSERADD") == [("2", "done")]
+    assert _asked_about(sandbox, mid) == ["2"]
+    assert _provisional("forged") == forged_before + (1 if short else 0)
+    assert CONNECTED in sandbox.open_placement(mid)["body"]
+
     late = sandbox.trigger_event(mid, "ONUSERADD", {"FIELDS": {"ID": "3"}})
     assert late["statuses"] == [200]
-    assert set(process_queued("ONUSERADD")) == {"done"}
-    assert _user_ids(_inbox("ONUSERADD")) == (["3"] if short else ["2", "3"])
+    assert process_queued("ONUSERADD") == ["done"]
+    assert _asked_about(sandbox, mid) == ["2", "3"]
+
+
+def test_a_kept_event_too_old_to_verify_is_dropped_unhandled(sandbox, live_app):
+    portal = sandbox.create_portal(users=USERS, client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
+                                   app_url=live_app.url, iframe_form="short")
+    mid = portal["member_id"]
+    _installed_with_onappinstall_held(sandbox, live_app, portal)
+    expired_before = _provisional("expired")
+    assert sandbox.trigger_event(mid, "ONUSERADD", {"FIELDS": {"ID": "2"}})["statuses"] == [200]
+    # It waited longer than PROVISIONAL_EVENT_MAX_AGE: the sweeper drops it unverified.
+    max_age = live_app.app.config["PROVISIONAL_EVENT_MAX_AGE"]
+    db.session.execute(update(InboxEvent).values(
+        received_at=datetime.now(UTC) - timedelta(seconds=max_age + 1)))
+    db.session.commit()
+    processing.sweep()
+    assert _statuses("ONUSERADD") == []
+    assert _provisional("expired") == expired_before + 1
+
+    sandbox.release_events(mid)  # ONAPPINSTALL comes, too late for it
+    sandbox.wait_deliveries(mid, timeout=10)
+    assert set(process_queued("ONAPPINSTALL")) == {"done"}
+    assert portal_row(mid).application_token == portal["application_token"]
+    assert process_queued("ONUSERADD") == [] and _asked_about(sandbox, mid) == []
 
 
 def test_install_and_setup_complete_with_realistic_latency_and_late_events(sandbox, live_app):
@@ -125,10 +208,11 @@ def test_install_and_setup_complete_with_realistic_latency_and_late_events(sandb
 
 
 
-def test_a_reinstall_that_meets_operation_time_limit_changes_nothing(sandbox, live_app):
-    """What the app does today when the portal blocks a method (protocol §6.2): the installer's
-    ``user.admin`` answers 429, which the app reads as "not an administrator" (reported: the
-    admin is told the wrong reason, and the settings page hides the admin's sections).
+def test_a_reinstall_that_meets_operation_time_limit_is_told_the_portal_is_busy(sandbox,
+                                                                               live_app):
+    """The portal blocks a method (protocol §6.2): ``user.admin`` answers 429. That says
+    nothing about the user: the admin is told to try again (503), not that only an
+    administrator may install, and nothing changes.
     """
     sandbox.settings(latency="realistic")
     portal = _install(sandbox, live_app, iframe_form="full")
@@ -136,11 +220,12 @@ def test_a_reinstall_that_meets_operation_time_limit_changes_nothing(sandbox, li
     before = portal_row(mid)
     sandbox.set_operating_limit(0.01, member_id=mid)  # every method it used is over it now
     again = sandbox.install_app(mid, live_app.url)
-    assert again["status"] == 403 and "only a portal administrator" in again["body"]
+    assert again["status"] == 503 and "the portal is busy (OPERATION_TIME_LIMIT)" in again["body"]
+    assert "only a portal administrator" not in again["body"]
     assert sandbox.counters(mid)["operation_time_limit"] >= 1
     row = portal_row(mid)
     assert (row.status, row.status_reason, row.refresh_token) == ("active", None,
                                                                   before.refresh_token)
     page = sandbox.open_placement(mid)  # the installing admin opens the app
-    assert page["status"] == 200 and 'data-status="active"' in page["body"]
-    assert 'id="inbox-counts"' not in page["body"]  # shown as a non-admin
+    assert page["status"] == 503 and "the portal is busy" in page["body"]
+    assert "Only a portal administrator" not in page["body"]  # not shown as a non-admin

@@ -100,11 +100,15 @@ def test_a_placement_form_cannot_set_the_application_token(sandbox, make_portal,
     assert resp.status_code == 200  # their AUTH_ID is real: the page opens, read-only
     assert 'name="form_token"' not in resp.text
     assert portal_row(member_id).application_token is None
-    assert _post_event(live_app, portal, "ONCRMDEALUPDATE", MADE_UP).status_code == 401
+    # An event carrying it is only kept (the token is still missing), never processed.
+    assert _post_event(live_app, portal, "ONCRMDEALUPDATE", MADE_UP).status_code == 200
+    assert _rows("ONCRMDEALUPDATE", "provisional") == 1
 
-    # The verified ONAPPINSTALL still brings the real one.
+    # The verified ONAPPINSTALL still brings the real one, and the kept event is dropped.
     assert process_queued("ONAPPINSTALL") == ["done"]
     assert portal_row(member_id).application_token == portal["application_token"]
+    assert _rows("ONCRMDEALUPDATE") == 0
+    assert _post_event(live_app, portal, "ONCRMDEALUPDATE", MADE_UP).status_code == 401
 
 
 def test_the_configured_auth_server_verifies_a_post_that_names_none(app):
