@@ -21,8 +21,13 @@ The flow (protocol §2.2–2.4); steps 1–2 live in :mod:`app.tenants.verify`
    with the application token (the short form's only source of it).
 
 Transactions: these functions add and flush; the caller that owns the unit of
-work commits once (the ``/install`` view, the install actors, the placement
-decorator; inbox processing for the event handlers). The one side transaction is
+work commits once (the ``/install`` view, the placement decorator; inbox processing
+for the event handlers).
+
+:func:`setup_portal` calls Bitrix24 directly: the ``/install`` request runs it while the
+admin waits. Setup nobody waits on (ONAPPUPDATE, the settings page) goes through the
+dispatcher instead (app.tenants.upkeep), reusing :data:`READ_COMMANDS`,
+:func:`apply_plan` and :func:`missing_bindings`. The one side transaction is
 :func:`_end_transaction`, before each slow Bitrix24 call. ``store_new_chain``
 (app/tenants/tokens.py) still commits on its own.
 """
