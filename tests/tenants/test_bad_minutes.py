@@ -123,7 +123,7 @@ def test_a_slow_portal_does_not_delay_another_portals_events(
         client, portal_with_users, worker, sandbox):
     slow, slow_info = portal_with_users(4)
     fast, _ = portal_with_users(1)
-    sandbox.set_latency(slow_info["member_id"], 3000)
+    sandbox.set_latency(slow_info["member_id"], 4000)
     worker(threads=2)
     _deliver_user_added(client, slow, [1, 2, 3, 4])
     time.sleep(0.3)  # the slow portal's events are being handled
@@ -131,6 +131,7 @@ def test_a_slow_portal_does_not_delay_another_portals_events(
     _deliver_user_added(client, fast, [1])
     wait_for(lambda: _synced(fast.id) == {1}, timeout=20, interval=0.02)
     delay = time.monotonic() - sent
-    assert delay < 1.5, f"the fast portal's event took {delay:.1f} s behind a 3 s portal"
+    # Before this change it waited for a worker thread the slow portal held: 4 s or more.
+    assert delay < 2.0, f"the fast portal's event took {delay:.1f} s beside a 4 s portal"
     wait_for(lambda: len(_synced(slow.id)) == 4, timeout=20)
     assert _dead() == {"inbox": 0, "outbox": 0}
