@@ -104,9 +104,11 @@ def _instance_secret(instance: Path, name: str, make: Any) -> str:
 def worker_settings() -> dict[str, Any]:
     """Inbox retry, sweeper, retention and periodic-job settings (workers read them)."""
     return {
-        # The one retry budget of an inbox row: attempts (claims) before it is dead-lettered.
+        # The retry budget of an inbox row is time, not attempts: a transiently failing row is
+        # retried (with backoff) until this many hours after it arrived, then dead-lettered.
+        # Bitrix24's bad minutes (a 503 storm, a short outage) then cost delay, not events.
         # The actor retries only when processing asks it to (workers/ingress.py).
-        "INBOX_MAX_ATTEMPTS": env_int("INBOX_MAX_ATTEMPTS", 5),
+        "INBOX_RETRY_HORIZON_HOURS": env_float("INBOX_RETRY_HORIZON_HOURS", 6.0),
         # Wait before retry n: INBOX_RETRY_BACKOFF * 2**(n-1) seconds, at most ..._MAX.
         "INBOX_RETRY_BACKOFF": env_float("INBOX_RETRY_BACKOFF", 1.0),
         "INBOX_RETRY_BACKOFF_MAX": env_float("INBOX_RETRY_BACKOFF_MAX", 30.0),

@@ -19,7 +19,9 @@ class DispatcherMiddleware(Middleware):
         self.app = app
         self.engine: Any = None
 
-    def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+    def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # Before the worker threads start: a message handled at once (an event that submits
+        # commands) must find the engine listening, or its nudge waits for the next sweep.
         if not self.app.config.get("DISPATCH_ENABLED", True):
             return
         from app.dispatcher.engine import Engine

@@ -1,11 +1,15 @@
-"""Install actors: re-run a portal's idempotent setup, keep the extension map current."""
+"""Install actors: re-run a portal's idempotent setup, keep the extension map current.
+
+Both only submit commands (app.tenants.upkeep); the dispatcher sends them and the
+follow-ups (workers/followups.py) finish the work, so no worker thread waits on Bitrix24.
+"""
 
 from __future__ import annotations
 
 import dramatiq
 
 from app.extensions import db
-from app.tenants import install
+from app.tenants import install, upkeep
 from app.tenants.models import Portal, PortalStatus
 from workers.scheduler import periodic
 
@@ -24,7 +28,7 @@ def setup_portal(portal_id: int) -> None:
     """Bind whatever is missing on the portal (lines added on the settings page, ...)."""
     portal = _active(portal_id)
     if portal is not None:
-        install.setup_portal(portal)
+        upkeep.submit_setup(portal)
         db.session.commit()
 
 
@@ -33,7 +37,7 @@ def sync_portal_users(portal_id: int) -> None:
     """Read one portal's users and their extensions again."""
     portal = _active(portal_id)
     if portal is not None:
-        install.resync_users(portal)
+        upkeep.submit_user_sync(portal)
         db.session.commit()
 
 

@@ -15,8 +15,10 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import redis
 from sqlalchemy import Select, select
 
+from app import queue
 from app.extensions import db, redis_ext
 from app.ingress import inbox
 from app.ingress.registry import on
@@ -29,6 +31,7 @@ BATCH = 50
 MAX_BATCHES_PER_PULL = 20
 LOCK_SECONDS = 120
 PENDING_SECONDS = 30 * 24 * 3600  # Bitrix24 keeps a reserved batch this long
+PULL_ACTOR = "pull_offline_portal"  # workers/ingress.py
 
 
 def _offline_portals(*columns: Any) -> Select[Any]:
@@ -154,6 +157,17 @@ def pull_portal(portal_id: int) -> int:
 
 @on("ONOFFLINEEVENT")
 def pull_on_signal(portal: Portal | None, event: dict[str, Any]) -> None:
-    """Bitrix24 says the offline queue has something: pull now rather than at the next tick."""
-    if portal is not None:
-        pull_portal(portal.id)
+    """Bitrix24 says the offline queue has something: pull now rather than at the next tick.
+
+    The pull runs in its own actor, not in this event's processing: an event calls no
+    Bitrix24 while it is handled, so a slow or failing portal holds no inbox worker and
+    spends no event's retry horizon. A signal lost here costs nothing: the periodic pull
+    (``OFFLINE_PULL_INTERVAL``) reads the same queue.
+    """
+    if portal is None:
+        return
+    try:
+        queue.enqueue(PULL_ACTOR, portal.id)
+    except redis.RedisError as exc:
+        log.warning("offline pull of %s not queued (%s); the periodic pull reads it",
+                    portal.member_id, exc)

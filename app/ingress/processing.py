@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from datetime import timedelta
 from typing import Any
 
 from flask import current_app
@@ -36,7 +37,7 @@ from app.extensions import db
 from app.ingress import inbox, metrics, provisional, sealed
 from app.ingress.models import PENDING, InboxEvent, InboxStatus
 from app.ingress.registry import handler_for, registered
-from app.tenants.models import Portal, utcnow
+from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import PortalUnavailable
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ class TransientError(Exception):
 
 
 class RetryLater(Exception):  # noqa: N818 - an instruction to the caller, not a failure kind
-    """Raised by :func:`process` when the row has attempts left: deliver it again in ``delay``
-    seconds. The row's attempts (``INBOX_MAX_ATTEMPTS``) are the only retry budget."""
+    """Raised by :func:`process` while the row is within its retry horizon: deliver it again in
+    ``delay`` seconds. Time (``INBOX_RETRY_HORIZON_HOURS`` since the row arrived) is the only
+    retry budget, not a count of attempts: a Bitrix24 outage of minutes must not turn events
+    into dead letters."""
 
     def __init__(self, delay: float, cause: str) -> None:
         super().__init__(cause)
@@ -75,6 +78,13 @@ def retry_delay(attempt: int) -> float:
     """Seconds to wait after failed attempt ``attempt`` (1, 2, ...): doubling, capped."""
     first, cap = _setting("INBOX_RETRY_BACKOFF"), _setting("INBOX_RETRY_BACKOFF_MAX")
     return min(cap, first * 2 ** (attempt - 1))
+
+
+def past_horizon(row: InboxEvent) -> bool:
+    """Whether the row has been retried for ``INBOX_RETRY_HORIZON_HOURS`` since it arrived."""
+    horizon = timedelta(hours=_setting("INBOX_RETRY_HORIZON_HOURS"))
+    arrived = aware(row.received_at) or utcnow()
+    return utcnow() - arrived >= horizon
 
 
 def _claim(row_id: int) -> int | None:
@@ -144,9 +154,9 @@ def _describe(exc: BaseException) -> str:
 def process(row_id: int) -> str:
     """Claim, handle and finish one row; return the outcome.
 
-    Raises :class:`RetryLater` when a transient failure leaves the row attempts: deliver it
-    again then. A database error from the claim itself propagates; no attempt was spent, and
-    the sweeper queues the row again.
+    Raises :class:`RetryLater` when a transient failure happens within the row's retry
+    horizon: deliver it again then. A database error from the claim itself propagates; no
+    attempt was spent, and the sweeper queues the row again.
     """
     attempt = _claim(row_id)
     if attempt is None:
@@ -171,8 +181,10 @@ def process(row_id: int) -> str:
     except TRANSIENT_ERRORS as exc:
         db.session.rollback()
         why = _describe(exc)
-        if attempt >= _setting("INBOX_MAX_ATTEMPTS"):
-            _finish(row, attempt, InboxStatus.DEAD, f"gave up after {attempt} attempts: {why}")
+        if past_horizon(row):
+            hours = _setting("INBOX_RETRY_HORIZON_HOURS")
+            _finish(row, attempt, InboxStatus.DEAD,
+                    f"gave up after {hours:g} h ({attempt} attempts): {why}")
             return InboxStatus.DEAD.value
         _release(row_id, attempt, why)
         metrics.PROCESSED.labels(row.source, row.event_type, "retry").inc()

@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 from app.bitrix import errors
 from app.extensions import db
-from app.tenants import install, service, tokens
+from app.tenants import install, service, tokens, upkeep
 from app.tenants.models import Portal, PortalSettings, PortalStatus
-from app.tenants.status import PortalUnavailable, is_held
+from app.tenants.status import PortalUnavailable, ensure_callable, is_held
 from app.tenants.tokens import Credentials
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,12 @@ def on_app_install(portal: Portal | None, event: dict[str, Any]) -> None:
 
 
 def on_app_update(portal: Portal | None, event: dict[str, Any]) -> None:
-    """Re-run the idempotent setup; take a new application_token or chain from an admin only."""
+    """Re-run the idempotent setup; take a new application_token or chain from an admin only.
+
+    The checks of the event's own tokens (app.info, user.admin) are direct: they use the
+    event's chain, not the portal's. The setup itself goes through the dispatcher
+    (app.tenants.upkeep), submitted with this row's outcome.
+    """
     if portal is None:
         return
     auth = _auth(event)
@@ -134,7 +139,8 @@ def on_app_update(portal: Portal | None, event: dict[str, Any]) -> None:
             return
         install.record_application_token(portal, token)
         _store_chain(portal, auth, info)
-    install.setup_portal(portal)
+    ensure_callable(portal)  # a held portal parks the event (held), as a direct call would
+    upkeep.submit_setup(portal, inbox_event_id=event.get("inbox_id"))
 
 
 def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
@@ -244,11 +250,16 @@ def _user_id(event: dict[str, Any]) -> int | None:
 
 
 def on_user_add(portal: Portal | None, event: dict[str, Any]) -> None:
-    """Read the new user's extension into the map."""
+    """Read the new user's extension into the map: ``user.get`` through the dispatcher.
+
+    The handler calls no Bitrix24: it submits the command with this row's outcome, and
+    app.tenants.upkeep.user_fetched upserts the user once the answer is in.
+    """
     user_id = _user_id(event)
     if portal is None or user_id is None:
         return
-    install.refresh_user(portal, user_id)
+    ensure_callable(portal)
+    upkeep.submit_user_fetch(portal, user_id, inbox_event_id=event.get("inbox_id"))
 
 
 # Registered with the ingress registry by the app factory (app/__init__.py).

@@ -21,8 +21,13 @@ The flow (protocol §2.2–2.4); steps 1–2 live in :mod:`app.tenants.verify`
    with the application token (the short form's only source of it).
 
 Transactions: these functions add and flush; the caller that owns the unit of
-work commits once (the ``/install`` view, the install actors, the placement
-decorator; inbox processing for the event handlers). The one side transaction is
+work commits once (the ``/install`` view, the placement decorator; inbox processing
+for the event handlers).
+
+:func:`setup_portal` calls Bitrix24 directly: the ``/install`` request runs it while the
+admin waits. Setup nobody waits on (ONAPPUPDATE, the settings page) goes through the
+dispatcher instead (app.tenants.upkeep), reusing :data:`READ_COMMANDS`,
+:func:`apply_plan` and :func:`missing_bindings`. The one side transaction is
 :func:`_end_transaction`, before each slow Bitrix24 call. ``store_new_chain``
 (app/tenants/tokens.py) still commits on its own.
 """
@@ -45,7 +50,7 @@ from app.extensions import db
 from app.tenants import service
 from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
 from app.tenants.status import CLEARED_BY_NEW_CHAIN, is_held, reason_for
-from app.tenants.users import PortalUser, sync_users, upsert_user
+from app.tenants.users import sync_users, upsert_user
 
 # Verification lives in app.tenants.verify; the names callers reach through here stay importable.
 from app.tenants.verify import (  # noqa: F401
@@ -222,8 +227,8 @@ def setup_portal(portal: Portal, installer_id: int | None = None) -> SetupReport
     """Bind what is missing (events, placements, lines) and refresh the extension map."""
     state = _run_batch(portal, READ_COMMANDS)
     report = SetupReport()
-    _apply_plan(portal, state["app"], report)
-    writes, kinds = _missing_bindings(portal, state)
+    apply_plan(portal, state["app"], report)
+    writes, kinds = missing_bindings(portal, state)
     for chunk in _chunks(list(writes.items()), BATCH_MAX):
         _apply_writes(portal, dict(chunk), kinds, report)  # commits the plan first (_batch)
     _sync_all_users(portal, state["users"], installer_id, report)
@@ -287,13 +292,15 @@ def _error_in_result(value: Any) -> Any:
     return value
 
 
-def _apply_plan(portal: Portal, app: Mapping[str, Any], report: SetupReport) -> None:
+def apply_plan(portal: Portal, app: Mapping[str, Any], report: SetupReport) -> None:
+    """Take the portal's plan from its ``app.info`` (LICENSE_FAMILY ``ent``: enterprise)."""
     family = str((app or {}).get("LICENSE_FAMILY") or "").lower()
     portal.set_plan(Plan.ENTERPRISE if family == "ent" else Plan.STANDARD)
     report.plan = portal.plan
 
 
-def _as_list(value: Any) -> list[Any]:
+def as_list(value: Any) -> list[Any]:
+    """A list answer as a list (Bitrix24 sends some lists as ``{"0": ..., "1": ...}``)."""
     if isinstance(value, dict):
         return list(value.values())
     return list(value or [])
@@ -352,12 +359,12 @@ def wanted_placements() -> dict[str, tuple[str, str]]:
     return {code: (public_url(path), title) for code, (path, title) in PLACEMENTS.items()}
 
 
-def _missing_bindings(portal: Portal, state: Mapping[str, Any]
+def missing_bindings(portal: Portal, state: Mapping[str, Any]
                       ) -> tuple[dict[str, tuple[str, dict[str, Any]]], dict[str, tuple[str, str]]]:
     """Commands for whatever is not bound yet, and what each one is (kind, name)."""
-    writes, kinds = _event_commands(portal, _as_list(state["events"]))
+    writes, kinds = _event_commands(portal, as_list(state["events"]))
     placed = {(str(b.get("placement", "")).upper(), b.get("handler"))
-              for b in _as_list(state["placements"]) if isinstance(b, Mapping)}
+              for b in as_list(state["placements"]) if isinstance(b, Mapping)}
     for i, (code, handler) in enumerate(sorted(_stale_placements(placed))):
         writes[f"pu{i}"] = ("placement.unbind", {"PLACEMENT": code, "HANDLER": handler})
         kinds[f"pu{i}"] = ("unplace", code)
@@ -384,7 +391,7 @@ def _stale_placements(placed: set[tuple[str, Any]]) -> set[tuple[str, Any]]:
 
 
 def _missing_lines(portal: Portal, existing: Any) -> list[dict[str, Any]]:
-    have = {str(line.get("NUMBER")) for line in _as_list(existing) if isinstance(line, dict)}
+    have = {str(line.get("NUMBER")) for line in as_list(existing) if isinstance(line, dict)}
     settings = portal.settings
     crm = "Y" if settings is None or settings.crm_create else "N"
     out = []
@@ -423,11 +430,11 @@ def _already_done(error: ApiError) -> bool:
 
 def _sync_all_users(portal: Portal, first_page: Any, installer_id: int | None,
                     report: SetupReport) -> None:
-    records = _as_list(first_page)
+    records = as_list(first_page)
     page = records
     while len(page) >= USER_PAGE:
         _end_transaction()
-        page = _as_list(service.call_method(portal, "user.get", {"start": len(records)}))
+        page = as_list(service.call_method(portal, "user.get", {"start": len(records)}))
         records.extend(page)
     report.users = sync_users(portal, records)
     db.session.flush()
@@ -436,30 +443,11 @@ def _sync_all_users(portal: Portal, first_page: Any, installer_id: int | None,
                                  {"ID": installer_id}), is_admin=True)
 
 
-def resync_users(portal: Portal) -> int:
-    """Read every user's extension again (no user-update event exists); returns the count."""
-    report = SetupReport()
-    _sync_all_users(portal, service.call_method(portal, "user.get", {}), None, report)
-    db.session.flush()
-    return report.users
-
-
 def portals_with_live_tokens(margin_seconds: int = 120) -> list[int]:
     """Active portals whose access token is still valid: a user sync will not refresh them."""
     horizon = datetime.now(UTC) + timedelta(seconds=margin_seconds)
     return list(db.session.scalars(select(Portal.id).where(
         Portal.status == PortalStatus.ACTIVE.value, Portal.expires_at > horizon)))
-
-
-def refresh_user(portal: Portal, user_id: int) -> PortalUser | None:
-    """Re-read one user's extension from the portal (ONUSERADD)."""
-    records = _as_list(service.call_method(portal, "user.get", {"ID": user_id}))
-    record = next((r for r in records if str(r.get("ID")) == str(user_id)), None)
-    if record is None:
-        return None
-    row = upsert_user(portal, record)
-    db.session.flush()
-    return row
 
 
 # ---------------------------------------------------------------- uninstall

@@ -7,9 +7,10 @@ from urllib.parse import urlencode
 import pytest
 from sqlalchemy import delete, func, select
 
+from app.dispatcher import nudge
 from app.extensions import db
 from app.ingress.models import InboxEvent
-from app.tenants import events, install
+from app.tenants import events, install, upkeep
 from app.tenants.models import PortalSettings
 from app.tenants.users import PortalUser
 from tests.conftest import wait_for
@@ -24,9 +25,18 @@ def _handled(event_type: str, count: int = 1) -> bool:
 
 
 @pytest.fixture
-def worker(start_worker, live_app):
-    """One real worker process, configured for the sandbox like the web app."""
-    return start_worker(threads=2, **live_app.worker_env())
+def worker(start_worker, live_app, redis_client):
+    """One real worker process, configured for the sandbox like the web app, its dispatcher
+    engine listening (a nudge sent before that waits for the periodic sweep)."""
+    started = start_worker(threads=2, **live_app.worker_env())
+    wait_for(lambda: engines_listening(redis_client), timeout=30)
+    return started
+
+
+def engines_listening(redis_client) -> int:
+    """How many dispatcher engines are subscribed to the nudge channel."""
+    [(_, count)] = redis_client.pubsub_numsub(nudge.CHANNEL)
+    return int(count)
 
 
 def test_onappinstall_first_contact_stores_the_application_token(sandbox, make_portal,
@@ -106,10 +116,15 @@ def test_onuseradd_reads_the_new_users_extension(sandbox, installed, worker):
     out = sandbox.trigger_event(member_id, "ONUSERADD", {"ID": "2", "NAME": "Bob"})
     assert out["statuses"] == [200]
     wait_for(lambda: _handled("ONUSERADD"), timeout=30)
-    row = portal_row(member_id)
-    user = db.session.scalars(select(PortalUser).where(PortalUser.portal_id == row.id,
-                                                       PortalUser.user_id == 2)).one()
+    # The handler submitted user.get; the dispatcher's answer fills the map just after.
+    user = wait_for(lambda: _user(member_id, 2), timeout=30)
     assert user.extension == "102"
+
+
+def _user(member_id: str, user_id: int) -> PortalUser | None:
+    row = portal_row(member_id)
+    return db.session.scalars(select(PortalUser).where(PortalUser.portal_id == row.id,
+                                                       PortalUser.user_id == user_id)).first()
 
 
 def test_handlers_are_idempotent(sandbox, installed, app):
@@ -138,25 +153,34 @@ def test_onappupdate_binds_what_went_missing_and_keeps_the_new_chain(sandbox, in
                                 {"VERSION": "2", "PREVIOUS_VERSION": "1", "LANGUAGE_ID": "en"})
     assert out["statuses"] == [200]
     wait_for(lambda: _handled("ONAPPUPDATE"), timeout=30)
-    bound = {b["event"] for b in sandbox.bindings(member_id)["events"]}
-    # Also ONAPPINSTALL: the update dropped its binding (protocol §2.4) and setup restored it.
-    assert bound == set(install.EVENTS)
+    # Also ONAPPINSTALL: the update dropped its binding (protocol §2.4) and setup restored it
+    # (through the dispatcher: the reads, then the bindings still missing).
+    wait_for(lambda: {b["event"] for b in sandbox.bindings(member_id)["events"]}
+             == set(install.EVENTS), timeout=30)
     assert portal_row(member_id).token_version > version
 
 
-def test_user_resync_reads_extensions_without_refreshing(installed, app):
+def test_user_resync_reads_extensions_without_refreshing(installed, app, worker):
     from datetime import UTC, datetime, timedelta
 
     row = portal_row(installed["member_id"])
     assert install.portals_with_live_tokens() == [row.id]
+    version = row.token_version
     db.session.execute(delete(PortalUser))
     db.session.commit()
-    assert install.resync_users(portal_row(installed["member_id"])) == 3
-    assert db.session.scalar(select(func.count(PortalUser.id))) == 3
+    upkeep.submit_user_sync(portal_row(installed["member_id"]))
+    db.session.commit()
+    wait_for(lambda: _user_count() == 3, timeout=30)
+    assert portal_row(installed["member_id"]).token_version == version
     row = portal_row(installed["member_id"])
     row.expires_at = datetime.now(UTC) - timedelta(minutes=1)
     db.session.commit()
     assert install.portals_with_live_tokens() == []
+
+
+def _user_count() -> int:
+    db.session.remove()  # a new transaction: see what the worker committed since
+    return int(db.session.scalar(select(func.count(PortalUser.id))) or 0)
 
 
 def _onappinstall(portal: dict, tokens: dict, **auth: str) -> str:
