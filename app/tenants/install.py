@@ -45,7 +45,7 @@ from flask import current_app
 from sqlalchemy import delete, select
 
 from app.bitrix import TokenSet
-from app.bitrix.errors import ApiError, BitrixError, from_body
+from app.bitrix.errors import ApiError, BitrixError
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
@@ -279,17 +279,8 @@ def _outcome(result: Any, key: str) -> Any:
     if key in result.errors:
         return result.errors[key]
     if key in result.results:
-        return _error_in_result(result.results[key])
+        return result.results[key]
     return ApiError("NOT_EXECUTED", "command absent from the batch answer")
-
-
-def _error_in_result(value: Any) -> Any:
-    """A failure answered with HTTP 200 (placement.bind does so) is the command's *result*
-    inside a batch: ``{"error", "error_description"}`` among the results is still an error.
-    """
-    if isinstance(value, Mapping) and "error" in value:
-        return from_body(dict(value), 200)
-    return value
 
 
 def apply_plan(portal: Portal, app: Mapping[str, Any], report: SetupReport) -> None:
