@@ -172,6 +172,15 @@ def classify(code: str, description: str = "", http_status: int | None = None,
     return cls(code, description, http_status)
 
 
+# A bind refused because the binding exists: what the command asked for is already so.
+ALREADY_EXISTS = frozenset({"ERROR_HANDLER_ALREADY_EXIST", "ERROR_PLACEMENT_HANDLER_EXISTS"})
+
+
+def already_done(error: ApiError) -> bool:
+    """The command failed only because what it would create exists (a repeated bind)."""
+    return error.code in ALREADY_EXISTS or "already exists" in (error.description or "").lower()
+
+
 def from_body(body: dict[str, Any], http_status: int | None = None) -> ApiError:
     """The error carried by a decoded ``{"error": ...}`` body."""
     timing = body.get("time") if isinstance(body.get("time"), dict) else {}

@@ -85,6 +85,8 @@ def classify(error: BaseException | None) -> Verdict:
 
 
 def _api(error: errors.ApiError) -> Verdict:
+    if errors.already_done(error):  # a repeated bind (a resend, two set-ups racing)
+        return Verdict.DONE
     if isinstance(error, (errors.ServerError, errors.BatchLengthExceeded)):
         return Verdict.RETRY
     return Verdict.RETRY if (error.http_status or 0) >= 500 else Verdict.PERMANENT

@@ -45,7 +45,7 @@ from flask import current_app
 from sqlalchemy import delete, select
 
 from app.bitrix import TokenSet
-from app.bitrix.errors import ApiError, BitrixError
+from app.bitrix.errors import ApiError, BitrixError, already_done
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
@@ -84,7 +84,6 @@ PLACEMENTS = {
     "TELEPHONY_ANALYTICS_MENU": ("/placements/dashboard", "b24relay: calls"),
     "CALL_CARD": ("/placements/call-card", "b24relay"),
 }
-ALREADY_DONE = frozenset({"ERROR_HANDLER_ALREADY_EXIST", "ERROR_PLACEMENT_HANDLER_EXISTS"})
 USER_PAGE = 50
 BATCH_MAX = 50
 IN_WORKERS_HANDS = "processing"  # an inbox row claimed by a worker (app.ingress.processing)
@@ -402,7 +401,7 @@ def _apply_writes(portal: Portal, writes: dict[str, tuple[str, dict[str, Any]]],
         kind, name = kinds[key]
         if kind == "placement" and value is False:  # "the handler was not registered"
             value = ApiError("NOT_BOUND", "placement.bind answered false")
-        if isinstance(value, ApiError) and not _already_done(value):
+        if isinstance(value, ApiError) and not already_done(value):
             failures.append(f"{writes[key][0]} {name}: {value.code} {value.description}")
             continue
         {"event": report.events_bound, "unbind": report.events_unbound,
@@ -410,10 +409,6 @@ def _apply_writes(portal: Portal, writes: dict[str, tuple[str, dict[str, Any]]],
          "line": report.lines_added}[kind].append(name)
     if failures:
         raise SetupFailed("; ".join(failures))
-
-
-def _already_done(error: ApiError) -> bool:
-    return error.code in ALREADY_DONE or "already exists" in (error.description or "").lower()
 
 
 # ---------------------------------------------------------------- users

@@ -58,6 +58,27 @@ def test_a_504_after_the_command_ran_is_an_unknown_outcome(portal, sandbox):
     assert classify(failure(portal, "crm.contact.add")) is V.UNKNOWN
 
 
+def test_a_repeated_bind_is_done_not_a_dead_letter(portal):
+    """A resent or raced event.bind/placement.bind finds its binding there: that is success."""
+    handler = "https://app.example.com/b24/events"
+
+    async def main() -> Any:
+        rest = AsyncRestClient()
+        try:
+            return await rest.batch(portal["client_endpoint"], {
+                f"{kind}{n}": (method, params) for n in (1, 2) for kind, method, params in (
+                    ("event", "event.bind", {"event": "ONCRMDEALADD", "handler": handler}),
+                    ("widget", "placement.bind", {"PLACEMENT": "CALL_CARD", "HANDLER": handler}))
+            }, portal["access_token"])
+        finally:
+            await rest.aclose()
+
+    result = asyncio.run(main())
+    assert set(result.results) == {"event1", "widget1"}
+    assert {key: classify(err) for key, err in result.errors.items()} == {
+        "event2": Verdict.DONE, "widget2": Verdict.DONE}
+
+
 def test_per_command_errors_of_a_real_batch(portal, sandbox):
     sandbox.set_operating_limit(0.01, member_id=portal["member_id"])
     sandbox.set_latency(portal["member_id"], 20)  # latency counts as processing
