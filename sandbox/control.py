@@ -19,6 +19,7 @@ FAULTS = {
     "html_504",
     "reset",
     "hang",
+    "executed_504",
     "query_limit",
     "portal_deleted",
     "payment_required",

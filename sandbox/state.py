@@ -186,6 +186,7 @@ def new_counters() -> dict[str, Any]:
         "query_limit_exceeded": 0,
         "operation_time_limit": 0,
         "faults_injected": 0,
+        "executed_504": 0,
         "in_flight": 0,
         "max_in_flight": 0,
         "events_sent": 0,
