@@ -175,6 +175,7 @@ class Stack:
                          expires_at=datetime.fromtimestamp(info["expires"], UTC),
                          token_version=1, status=PortalStatus.ACTIVE.value,
                          installed_at=utcnow())
+            row.set_plan(plan)
             db.session.add(row)
             db.session.commit()
             return row.id, info["member_id"]
