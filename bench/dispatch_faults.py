@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         stack.start_workers(1, **SETTINGS)
         t0 = time.monotonic()
         ids = stack.submit(portal_id, commands)
-        tags = {i: tag_of({"method": m, "params": p}) for i, (m, p) in zip(ids, commands)}
+        tags = {i: tag_of({"method": m, "params": p})
+                for i, (m, p) in zip(ids, commands, strict=True)}
         end = stack.wait_settled(len(ids), args.timeout, portal_id)
         stack.sandbox.clear_faults(member)
         verdict = judge(stack, portal_id, member, ids, tags)

@@ -153,8 +153,8 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
         f"Requests received by the {args.portals - args.busy} idle portals while measured: "
         f"{r['idle_requests']} (before that, at worker boot, the periodic user sync of "
         f"workers/install.py, not the dispatcher, read each portal's users once: "
-        f"{r['boot_requests']} requests). Outbox: {dict(r['statuses'])}. The sweep's one query over "
-        f"{args.portals} portals: {r['sweep_ms']:.1f} ms.",
+        f"{r['boot_requests']} requests). Outbox: {dict(r['statuses'])}. The sweep's one "
+        f"query over {args.portals} portals: {r['sweep_ms']:.1f} ms.",
     ]
     return "\n".join(lines)
 

@@ -205,7 +205,7 @@ class Stack:
                       ) -> list[subprocess.Popen[bytes]]:
         """``count`` dramatiq worker processes (each runs a dispatcher engine and the sweep)."""
         started = []
-        for n in range(count):
+        for _ in range(count):
             log = (self.workdir / f"worker-{len(self.workers)}.log").open("ab")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "dramatiq", "--processes", "1", "--threads", str(threads),
