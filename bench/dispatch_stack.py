@@ -47,12 +47,14 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
 class Stack:
     """Everything one dispatcher benchmark needs; use as a context manager."""
 
-    def __init__(self, *, token_ttl: int | None = None, request_timeout: float = 60.0) -> None:
+    def __init__(self, *, token_ttl: int | None = None, request_timeout: float = 60.0,
+                 tls: bool = False) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="b24relay-dbench-"))
         self.db_name = f"b24relay_dbench_{secrets.token_hex(4)}"
         self.pg_admin = PG.rsplit("/", 1)[0] + "/postgres"
         self.db_url = PG.rsplit("/", 1)[0] + "/" + self.db_name
-        self.token_ttl, self.request_timeout = token_ttl, request_timeout
+        self.token_ttl, self.request_timeout, self.tls = token_ttl, request_timeout, tls
+        self.ca_file: str | None = None
         self.procs: list[subprocess.Popen[bytes]] = []
         self.workers: list[subprocess.Popen[bytes]] = []
         self.env: dict[str, str] = {}
@@ -103,13 +105,17 @@ class Stack:
 
     def _sandbox(self) -> None:
         port = free_port()
-        log = (self.workdir / "sandbox.log").open("wb")
+        path = self.workdir / "sandbox.log"
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "sandbox", "--port", str(port), "--client-id", CLIENT_ID,
-             "--client-secret", CLIENT_SECRET], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        self.sandbox_url = f"http://127.0.0.1:{port}"
-        self.sandbox = SandboxControl(self.sandbox_url)
-        _wait(lambda: self.sandbox.portals() is not None, 20, "sandbox")
+             "--client-secret", CLIENT_SECRET, *(["--https"] if self.tls else [])],
+            cwd=ROOT, stdout=path.open("wb"), stderr=subprocess.STDOUT, start_new_session=True))
+        self.sandbox_url = f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
+        _wait(lambda: "sandbox cloud:" in path.read_text(), 20, "sandbox")
+        if self.tls:
+            line = [x for x in path.read_text().splitlines() if "B24_CA_BUNDLE" in x][0]
+            self.ca_file = line.split(": ", 1)[1].strip()
+        self.sandbox = SandboxControl(self.sandbox_url, ca_file=self.ca_file)
         settings: dict[str, Any] = {"request_timeout": self.request_timeout}
         if self.token_ttl:
             settings["token_ttl"] = self.token_ttl
@@ -132,6 +138,8 @@ class Stack:
                     "APP_PUBLIC_URL": "http://127.0.0.1:5000", "PYTHONPATH": str(ROOT),
                     "DRAMATIQ_NAMESPACE": "b24relay-dbench", "LOG_LEVEL": "WARNING"}
         self.env.pop("BROKER_URL", None)
+        if self.ca_file:
+            self.env["B24_CA_BUNDLE"] = self.ca_file
         config = {"SQLALCHEMY_DATABASE_URI": self.db_url, "REDIS_URL": self.redis_url,
                   "SECRET_KEY": self.env["SECRET_KEY"], "INSTANCE_PATH": str(instance),
                   "TOKEN_ENCRYPTION_KEY": self.env["TOKEN_ENCRYPTION_KEY"],
