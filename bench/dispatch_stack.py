@@ -139,7 +139,9 @@ class Stack:
                     "DRAMATIQ_NAMESPACE": "b24relay-dbench", "LOG_LEVEL": "WARNING"}
         self.env.pop("BROKER_URL", None)
         if self.ca_file:
-            self.env["B24_CA_BUNDLE"] = self.ca_file
+            # SSL_CERT_FILE as well: the engine's client ignores B24_CA_BUNDLE for now
+            # (tests/dispatcher/test_https_engine.py); httpx's default context reads it.
+            self.env.update(B24_CA_BUNDLE=self.ca_file, SSL_CERT_FILE=self.ca_file)
         config = {"SQLALCHEMY_DATABASE_URI": self.db_url, "REDIS_URL": self.redis_url,
                   "SECRET_KEY": self.env["SECRET_KEY"], "INSTANCE_PATH": str(instance),
                   "TOKEN_ENCRYPTION_KEY": self.env["TOKEN_ENCRYPTION_KEY"],
