@@ -20,6 +20,7 @@ test: $(STAMP)  ## the whole suite
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)  ## benchmarks (not tests): print tables, write bench/out/
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 lint: $(STAMP)
