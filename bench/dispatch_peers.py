@@ -19,8 +19,11 @@ at 1 s per request; at 10 s; at 1 s with 5 % gateway errors (HTML 502) and 2 % r
   refresh goes to a fixed host (oauth.bitrix24.tech), unreachable on loopback; tokens
   here live an hour, so it never needs one.
 
-Each peer runs in its own process, stopped at ``--cap`` seconds. Lost = commands that
-never ran at the sandbox (its command log), whatever the client believes.
+The latency is waiting, not the method's processing (``set_latency(..., operating=False)``):
+100 batches of one method at 10 s of processing would pass its operating-time limit
+(480 s in 10 minutes), a ceiling of its own. Each peer runs in its own process, stopped
+at ``--cap`` seconds. Lost = commands that never ran at the sandbox (its command log),
+whatever the client believes.
 """
 
 from __future__ import annotations
@@ -134,7 +137,8 @@ def one(stack: Stack, client: str, scenario: str, args: argparse.Namespace) -> d
     """One client on one scenario, on a fresh portal."""
     assert stack.sandbox is not None
     latency_ms, faults = SCENARIOS[scenario]
-    portal_id, member = stack.portal(plan="standard", latency_ms=latency_ms)
+    portal_id, member = stack.portal(plan="standard", latency_ms=latency_ms,
+                                     latency_operating=False)
     for kind, rate in faults.items():
         stack.sandbox.set_fault(member, kind, rate=rate)
     tag = f"{client}-{portal_id}"

@@ -167,7 +167,7 @@ class Stack:
 
     # ------------------------------------------------------------------ portals
     def portal(self, plan: str = "standard", latency_ms: float = 0.0,
-               **create: Any) -> tuple[int, str]:
+               latency_operating: bool = True, **create: Any) -> tuple[int, str]:
         """A sandbox portal for our app and its Portal row; (portal id, member_id)."""
         from app.extensions import db
         from app.tenants.models import Portal, PortalStatus, utcnow
@@ -176,7 +176,7 @@ class Stack:
         info = self.sandbox.create_portal(plan=plan, client_id=CLIENT_ID,
                                           client_secret=CLIENT_SECRET, **create)
         if latency_ms:
-            self.sandbox.set_latency(info["member_id"], latency_ms)
+            self.sandbox.set_latency(info["member_id"], latency_ms, operating=latency_operating)
         with self.app.app_context():
             row = Portal(member_id=info["member_id"], domain=info["domain"],
                          client_endpoint=info["client_endpoint"],

@@ -84,13 +84,15 @@ class SandboxControl:
         )
 
     def set_latency(
-        self, member_id: str, ms: float | tuple[float, float] | list[float]
+        self, member_id: str, ms: float | tuple[float, float] | list[float],
+        operating: bool = True,
     ) -> dict[str, Any]:
-        """Fixed latency in ms, or (min, max) for uniform random."""
+        """Fixed latency in ms, or (min, max) for uniform random; ``operating=False``: the
+        delay is waiting, not processing (no operating time, not in ``processing``)."""
         return self._call(
             "POST",
             f"/portals/{member_id}/latency",
-            {"ms": list(ms) if isinstance(ms, (tuple, list)) else ms},
+            {"ms": list(ms) if isinstance(ms, (tuple, list)) else ms, "operating": operating},
         )
 
     def set_fault(

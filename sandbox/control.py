@@ -169,7 +169,8 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
             else (float(ms), float(ms))
         )
         p.latency = (lo, hi)
-        return {"latency_ms": [lo, hi]}
+        p.latency_operating = bool(body.get("operating", True))
+        return {"latency_ms": [lo, hi], "operating": p.latency_operating}
 
     async def faults(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])

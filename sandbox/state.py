@@ -235,6 +235,7 @@ class Portal:
     operating: OperatingClock = field(default_factory=OperatingClock)
     operating_limit: float | None = None
     latency: tuple[float, float] = (0.0, 0.0)
+    latency_operating: bool = True  # False: the delay is a queue, not the method's processing
     faults: list[Fault] = field(default_factory=list)
     bindings: list[Binding] = field(default_factory=list)
     placements: list[PlacementBinding] = field(default_factory=list)
