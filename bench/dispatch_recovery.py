@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.dispatch_stack import Stack, quantile, save
 
-SETTINGS = {"DISPATCH_SWEEP_INTERVAL": "1"}
+SETTINGS = {"DISPATCH_SWEEP_INTERVAL": "1"}  # plus DISPATCH_MAX_INFLIGHT from --max-inflight
 DRAIN, BURST = 2.0, 50  # the standard plan (protocol §6.1)
 
 
@@ -62,7 +62,8 @@ def one_run(args: argparse.Namespace, latency_ms: float) -> dict[str, Any]:
         portal_id, member = stack.portal(plan="standard", latency_ms=latency_ms,
                                          latency_operating=False)
         stack.set_status(portal_id, "disabled")
-        stack.start_workers(1, **SETTINGS)
+        k = {"DISPATCH_MAX_INFLIGHT": str(args.max_inflight)} if args.max_inflight else {}
+        stack.start_workers(1, **SETTINGS, **k)
         stack.submit(portal_id, bulk(args.backlog), priority="bulk")
         time.sleep(2)  # held: nothing may leave
         assert stack.statuses(portal_id)["done"] == 0
@@ -107,7 +108,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     """The recovery table."""
     lines = [
         f"Recovery: {args.backlog} bulk commands queued on one standard portal during an "
-        f"outage, then released; call registrations arrive at {args.call_rate:g}/s meanwhile",
+        f"outage, then released; call registrations arrive at {args.call_rate:g}/s meanwhile; "
+        f"K = {args.max_inflight or 'the default (25)'}",
         "",
         "| round trip | drain | ceiling | drain / ceiling rate | calls | call p50 | call p99 "
         "| call max | 503s | dead | lost |",
@@ -130,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-ms", type=float, nargs="+", default=[2000.0, 10000.0])
     ap.add_argument("--call-rate", type=float, default=1.0)
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--max-inflight", type=int, default=0,
+                    help="DISPATCH_MAX_INFLIGHT for the worker (default: the engine's, burst/2)")
     args = ap.parse_args(argv)
     runs = [one_run(args, ms) for ms in args.latency_ms]
     save("dispatch-recovery", report(args, runs))
