@@ -48,6 +48,6 @@ def test_engine_sends_to_an_https_portal_trusted_through_the_ca_bundle(
     start_engine(DISPATCH_LINGER_MS="0")
     command = submit(portal, "crm.contact.list", {"filter": {"ID": 1}})
     db.session.commit()
-    (row,) = settled(portal.id, 1, timeout=10)
+    (row,) = settled(portal.id, 1, timeout=5)
     assert row.id == command and row.status == "done", row.error
     assert len(sandbox.log(info["member_id"])) == 1
