@@ -37,7 +37,7 @@ import sys
 import time
 from typing import Any
 
-from bench.dispatch_stack import CLIENT_ID, CLIENT_SECRET, ROOT, Stack, save
+from bench.dispatch_stack import CLIENT_ID, CLIENT_SECRET, ROOT, Stack, _wait, save
 
 CLIENTS = ("b24relay", "fast_bitrix24", "b24pysdk")
 SCENARIOS = {"1 s": (1000.0, {}), "10 s": (10000.0, {}),
@@ -149,6 +149,8 @@ def one(stack: Stack, client: str, scenario: str, args: argparse.Namespace) -> d
         outcome = run_peer(stack, client, portal_tokens(stack, portal_id), items, args.cap,
                            latency_ms / 1000)
     stack.sandbox.clear_faults(member)
+    _wait(lambda: stack.sandbox.counters(member)["in_flight"] == 0, latency_ms / 1000 + 30,
+          "requests a stopped client left in flight")  # they may still run: count them
     ran = {e["params"].get("EXTERNAL_CALL_ID") for e in stack.sandbox.log(member, method=METHOD)
            if e.get("status") == 200}
     counters = stack.sandbox.counters(member)
