@@ -71,6 +71,8 @@ def run_fast_bitrix24(cfg: dict[str, Any]) -> None:
                 "grant_type": "refresh_token", "client_id": CLIENT_ID,
                 "client_secret": CLIENT_SECRET, "refresh_token": state["refresh"]})
         body = resp.json()
+        if "refresh_token" not in body:
+            raise RuntimeError(f"the auth server refused a refresh: {body}")
         state["refresh"] = body["refresh_token"]
         return str(body["access_token"])
 
