@@ -20,6 +20,7 @@ test: $(STAMP)  ## the whole suite, on both cores (pytest-xdist; -n 0 in PYTEST_
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks (not tests): print tables, write bench/out/
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench
 
 lint: $(STAMP)

@@ -5,7 +5,12 @@
    and ``bench.chart`` drawing its latency against the offered rate as an SVG;
 2. ``sandbox.loadtest`` — the sandbox portal's rate limit at 300 requests/s for 60 s;
 3. ``bench.slow_clients`` — real events' latency while 0, 16 and 200 slow connections
-   stall mid-request, for our gunicorn worker and stock gthread side by side.
+   stall mid-request, for our gunicorn worker and stock gthread side by side;
+4. the dispatcher under trouble (issue #12): ``bench.dispatch_faults`` (5xx, resets,
+   504s after execution, 30 s tokens), ``bench.dispatch_crash`` (SIGKILL with 5,000 in
+   flight), ``bench.dispatch_recovery`` (15,000 queued after an outage, calls meanwhile),
+   ``bench.dispatch_scale`` (1,000 portals, 50 busy), ``bench.dispatch_peers``
+   (fast_bitrix24 and b24pysdk on the same workload; the ``bench`` extra).
 
 Run one alone with ``python -m bench.ingest …`` or ``python -m sandbox.loadtest …``.
 """
@@ -21,6 +26,12 @@ RUNS = [
     ("sandbox rate limit (sandbox.loadtest)",
      [sys.executable, "-m", "sandbox.loadtest", "--rate", "300", "--seconds", "60"]),
     ("slow clients (bench.slow_clients)", [sys.executable, "-m", "bench.slow_clients"]),
+    ("dispatcher faults (bench.dispatch_faults)", [sys.executable, "-m", "bench.dispatch_faults"]),
+    ("dispatcher crash (bench.dispatch_crash)", [sys.executable, "-m", "bench.dispatch_crash"]),
+    ("dispatcher recovery (bench.dispatch_recovery)",
+     [sys.executable, "-m", "bench.dispatch_recovery"]),
+    ("dispatcher scale (bench.dispatch_scale)", [sys.executable, "-m", "bench.dispatch_scale"]),
+    ("dispatcher peers (bench.dispatch_peers)", [sys.executable, "-m", "bench.dispatch_peers"]),
 ]
 
 

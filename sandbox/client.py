@@ -84,15 +84,18 @@ class SandboxControl:
         )
 
     def set_latency(
-        self, member_id: str, ms: float | tuple[float, float] | list[float] | str | None
+        self, member_id: str, ms: float | tuple[float, float] | list[float] | str | None,
+        operating: bool = True,
     ) -> dict[str, Any]:
         """This portal's per-request latency: fixed ms, (min, max) uniform, "realistic"
-        (log-normal, 50-600 ms), or None for the cloud's ``settings(latency=...)``.
+        (log-normal, 50-600 ms), or None for the cloud's ``settings(latency=...)``;
+        ``operating=False``: the delay is waiting, not processing (no operating time, not in
+        ``processing``).
         """
         return self._call(
             "POST",
             f"/portals/{member_id}/latency",
-            {"ms": list(ms) if isinstance(ms, (tuple, list)) else ms},
+            {"ms": list(ms) if isinstance(ms, (tuple, list)) else ms, "operating": operating},
         )
 
     def set_fault(

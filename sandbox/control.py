@@ -23,6 +23,7 @@ FAULTS = {
     "html_504",
     "reset",
     "hang",
+    "executed_504",
     "query_limit",
     "portal_deleted",
     "payment_required",
@@ -121,10 +122,12 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
 
     async def latency(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
-        ms = (await _body(request)).get("ms", 0)
+        body = await _body(request)
+        ms = body.get("ms", 0)
         p.latency = None if ms is None else _spec(ms)
-        return {"latency_ms": p.latency, "effective": cloud.settings.latency
-                if p.latency is None else p.latency}
+        p.latency_operating = bool(body.get("operating", True))
+        return {"latency_ms": p.latency, "operating": p.latency_operating,
+                "effective": cloud.settings.latency if p.latency is None else p.latency}
 
     async def faults(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])

@@ -137,6 +137,7 @@ async def run_method(
     t0 = time.perf_counter()
     status: Any = 200
     result: Any
+    waited = 0.0  # latency that is waiting, not processing
     ctx.note = {}
     try:
         meth = METHODS.get(name.lower())
@@ -157,12 +158,13 @@ async def run_method(
             raise ApiError("ACCESS_DENIED", "Access denied! Admin permissions required", 403)
         if latency > 0:
             await asyncio.sleep(latency)
+            waited = 0.0 if portal.latency_operating else latency
         out = meth.func(ctx, params)
         result = await out if inspect.isawaitable(out) else out
     except ApiError as err:
         result, status = err, err.status
-    processing = time.perf_counter() - t0
-    finish = start + processing
+    finish = start + time.perf_counter() - t0
+    processing = max(0.0, finish - start - waited)
     if name.lower() in METHODS and not (
         isinstance(result, ApiError) and result.code == "OPERATION_TIME_LIMIT"
     ):

@@ -48,7 +48,10 @@ JSON_FAULTS = {
         "Method is blocked due to operation time limit.",
     ),
 }
-FAULT_KINDS = set(JSON_FAULTS) | {"html_502", "html_503", "html_504", "reset", "hang"}
+# ``executed_504``: the request runs (side effects happen), then the gateway answers an HTML
+# 504 instead of the result, as when Bitrix24's front end gives up on a request that went on.
+FAULT_KINDS = set(JSON_FAULTS) | {"html_502", "html_503", "html_504", "reset", "hang",
+                                  "executed_504"}
 
 
 def dumps(data: Any) -> str:
@@ -163,7 +166,17 @@ class Front:
         fault = self.pick_fault(p)
         if fault:
             p.bump("faults_injected")
+        if fault and fault != "executed_504":
             return await self.apply_fault(request, p, fault)
+        resp = await self.run_request(request, p, name)
+        if fault and resp.status == 200:
+            p.bump("executed_504")
+            return self.count(p, html_error(504))
+        return resp
+
+    async def run_request(self, request: web.Request, p: Any, name: str) -> web.StreamResponse:
+        """Deletion, bucket, auth, then the method or batch (the request kill after
+        ``request_timeout``)."""
         if p.deleted:
             return self.count(
                 p, error_response(ApiError(*JSON_FAULTS["portal_deleted"][1:], status=500))

@@ -195,6 +195,7 @@ def new_counters() -> dict[str, Any]:
         "query_limit_exceeded": 0,
         "operation_time_limit": 0,
         "faults_injected": 0,
+        "executed_504": 0,
         "in_flight": 0,
         "max_in_flight": 0,
         "events_sent": 0,
@@ -243,6 +244,7 @@ class Portal:
     operating: OperatingClock = field(default_factory=OperatingClock)
     operating_limit: float | None = None
     latency: Any = None  # a sandbox.latency spec; None: the cloud's Settings.latency
+    latency_operating: bool = True  # False: the delay is a queue, not the method's processing
     faults: list[Fault] = field(default_factory=list)
     bindings: list[Binding] = field(default_factory=list)
     placements: list[PlacementBinding] = field(default_factory=list)

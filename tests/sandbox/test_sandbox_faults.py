@@ -92,3 +92,14 @@ def test_deleted_portal(sandbox, portal, http):
     resp = call(http, portal, "profile")
     assert resp.status_code == 500 and resp.json()["error"] == "PORTAL_DELETED"
     assert refresh(http, sandbox, portal["refresh_token"]).json()["error"] == "invalid_grant"
+
+
+def test_executed_then_504_runs_the_command_but_answers_a_gateway_page(sandbox, portal, http):
+    member = portal["member_id"]
+    sandbox.set_fault(member, "executed_504", count=1)
+    resp = call(http, portal, "batch", cmd={"a": "crm.deal.add?fields[TITLE]=lost answer"})
+    assert resp.status_code == 504 and resp.headers["content-type"].startswith("text/html")
+    ran = sandbox.log(member, method="crm.deal.add")
+    assert [e["params"]["fields"]["TITLE"] for e in ran] == ["lost answer"]
+    assert sandbox.counters(member)["executed_504"] == 1
+    assert call(http, portal, "profile").status_code == 200  # count exhausted

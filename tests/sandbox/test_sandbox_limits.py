@@ -72,6 +72,17 @@ def test_operating_time_blocks_the_method_only(sandbox, portal, http):
     assert sandbox.counters(portal["member_id"])["status_429"] == 1
 
 
+def test_latency_that_is_waiting_costs_no_operating_time(sandbox, portal, http):
+    sandbox.set_operating_limit(0.2, member_id=portal["member_id"])
+    sandbox.set_latency(portal["member_id"], 120, operating=False)
+    for _ in range(4):  # 0.48 s of latency, over the 0.2 s limit were it processing
+        answer = call(http, portal, "user.admin").json()
+        assert answer["time"]["duration"] >= 0.12 and answer["time"]["processing"] < 0.05
+    assert answer["time"]["operating"] < 0.2
+    batch = call(http, portal, "batch", cmd={"a": "user.admin"}).json()["result"]
+    assert batch["result_time"]["a"]["processing"] < 0.05 and "a" in batch["result"]
+
+
 def test_request_killed_after_timeout_but_command_ran(sandbox, portal, http):
     sandbox.settings(request_timeout=0.3)
     sandbox.set_latency(portal["member_id"], 600)

@@ -1,0 +1,53 @@
+"""The dispatcher against an https portal whose CA the app trusts through ``B24_CA_BUNDLE``
+(the sandbox's TLS mode), as the direct calls in app/tenants/service.py already do."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from flask import Flask
+
+from app.dispatcher import submit
+from app.extensions import db
+from sandbox import SandboxControl, SandboxServer
+from tests.dispatcher.conftest import settled
+
+
+@pytest.fixture(scope="module")
+def sandbox_server() -> Iterator[SandboxServer]:
+    """This module's sandbox, in the https mode (it replaces the session's http one here)."""
+    server = SandboxServer(tls=True).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxControl]:
+    """The control client, trusting the sandbox's CA; every portal is removed afterwards."""
+    control = SandboxControl(sandbox_server.url, ca_file=sandbox_server.ca_file)
+    yield control
+    control.reset()
+    control.close()
+
+
+@pytest.fixture
+def app(app: Flask, sandbox_server: SandboxServer) -> Flask:
+    """The test app, trusting the sandbox's CA for every outgoing call."""
+    app.config["B24_CA_BUNDLE"] = sandbox_server.ca_file
+    return app
+
+
+@pytest.mark.xfail(strict=True, reason="engine.py builds its AsyncRestClient without "
+                   "B24_CA_BUNDLE: the certificate check fails and the command is retried "
+                   "for hours (found by bench.dispatch_peers; the one-line fix is d3's)")
+def test_engine_sends_to_an_https_portal_trusted_through_the_ca_bundle(
+        make_portal, sandbox, start_engine):
+    portal, info = make_portal()
+    assert portal.client_endpoint.startswith("https://")
+    start_engine(DISPATCH_LINGER_MS="0")
+    command = submit(portal, "crm.contact.list", {"filter": {"ID": 1}})
+    db.session.commit()
+    (row,) = settled(portal.id, 1, timeout=5)
+    assert row.id == command and row.status == "done", row.error
+    assert len(sandbox.log(info["member_id"])) == 1
