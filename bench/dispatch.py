@@ -172,14 +172,15 @@ def ceiling_seconds(plan: str, commands: int, rtt: float) -> float:
 def throughput(database: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """A backlog to one portal (standard, enterprise) drained at 1 s per request."""
     rtt, out = 1.0, []
-    runs = [("standard", 3000 if args.quick else 10000),
-            ("enterprise", 15000 if args.quick else 30000)]
+    runs = [(plan, count) for plan, count in (("standard", 3000 if args.quick else 10000),
+                                              ("enterprise", 15000 if args.quick else 30000))
+            if plan in args.plans]
     rig = Rig(database, args.pg).start()
     try:
         for plan, count in runs:
             portal, member = rig.portal(plan=plan, latency_ms=rtt * 1000)
             _submit_backlog(portal, count, f"thr-{plan}", priority="bulk")
-            engine = rig.engine(f"thr-{plan}")
+            engine = rig.engine(f"thr-{plan}", **_profile_env(args))
             started = time.monotonic()
             rig.nudge(portal.id)
             finished = _drain(rig, portal.id, count, timeout=ceiling_seconds(plan, count, rtt) * 2)
@@ -241,6 +242,8 @@ def main() -> None:
     ap.add_argument("--db", choices=["sqlite", "pg", "both"], default="pg")
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
     ap.add_argument("--inflight", type=int, default=0)
+    ap.add_argument("--plans", nargs="+", default=["standard", "enterprise"],
+                    help="throughput: the plans to drain a backlog for")
     ap.add_argument("--profile", default="", help="overhead: write the engine's yappi profile here")
     args = ap.parse_args()
     dbs = ["sqlite", "pg"] if args.db == "both" else [args.db]

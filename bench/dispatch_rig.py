@@ -44,6 +44,7 @@ class Rig:
     def __init__(self, database: str, pg: str) -> None:
         self.database = database
         self.workdir = Path(tempfile.mkdtemp(prefix="b24relay-dispatch-"))
+        print(f"rig: logs in {self.workdir}", flush=True)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pg_admin = pg.rsplit("/", 1)[0] + "/postgres"
         self.db_name = f"b24relay_bench_{secrets.token_hex(4)}" if database == "pg" else None
@@ -137,6 +138,7 @@ class Rig:
                      access_token=info["access_token"], refresh_token=info["refresh_token"],
                      expires_at=datetime.fromtimestamp(info["expires"], UTC), token_version=1,
                      status="active", installed_at=datetime.now(UTC))
+        row.set_plan(plan)  # the engine's K and bucket follow the row, as the sandbox's do
         db.session.add(row)
         db.session.commit()
         return row, member
