@@ -74,6 +74,7 @@ class Settings:
     horizon: timedelta
     request_timeout: float
     lease_margin: float
+    pace: float
     owner_ttl: float
     db_threads: int
     max_connections: int
@@ -88,6 +89,7 @@ class Settings:
                    horizon=timedelta(hours=float(cfg.get("DISPATCH_RETRY_HORIZON_HOURS", 6))),
                    request_timeout=float(cfg.get("DISPATCH_REQUEST_TIMEOUT", 65.0)),
                    lease_margin=float(cfg.get("DISPATCH_LEASE_MARGIN", 15.0)),
+                   pace=float(cfg.get("DISPATCH_PACE_MS", 300.0)) / 1000,
                    owner_ttl=float(cfg.get("DISPATCH_OWNER_TTL", 10.0)),
                    db_threads=int(cfg.get("DISPATCH_DB_THREADS", 4)),
                    max_connections=int(cfg.get("DISPATCH_MAX_CONNECTIONS", 1000)),
@@ -99,10 +101,14 @@ class Settings:
         return {name: (drain * scale, int(burst * scale)) for name, (drain, burst) in PLANS.items()}
 
     def slots(self, plan: str) -> int:
-        """K for a portal on ``plan``: the setting, else half the plan's burst."""
+        """K for a portal on ``plan``: the setting, else the plan's burst.
+
+        The bucket never lets more than a burst of requests leave at once, and pacing keeps
+        about round trip / gap batches in flight (33 at 10 s and 0.3 s): fewer slots than
+        the burst would cap a slow portal's rate below its bucket's."""
         if self.sequential:
             return 1
-        return self.max_inflight or max(1, PLANS.get(plan, PLANS["standard"])[1] // 2)
+        return self.max_inflight or max(1, PLANS.get(plan, PLANS["standard"])[1])
 
 
 class Engine:
@@ -290,6 +296,7 @@ class Driver:
         self.snap: Snapshot | None = None
         self._wakeup = asyncio.Event()
         self._poked = False
+        self.last_launch = -1e9  # monotonic time of the last launch (pacing)
 
     def poke(self) -> None:
         """New commands may be ready, or a slot is free: look again."""
@@ -322,26 +329,74 @@ class Driver:
 
     # ------------------------------------------------------------------ packing
     async def _send_round(self) -> bool:
-        """Pack a batch for each free slot from one fetch, take their tokens, lease them in
-        one transaction and launch them; False when nothing can go now."""
+        """Pack a batch for each free slot the bucket can pay for from one fetch, take their
+        tokens, lease them in one transaction and launch them; False when nothing can go now.
+
+        Full batches leave at once. A partial batch leaves no sooner than ``linger`` after
+        it was found and ``pace`` after the previous launch (see ``_gap``)."""
         free = self.slots - len(self.inflight)
-        batches = await self._pack_round(free)
+        level, capacity = await self._bucket_level()
+        want = max(1, min(free, int(capacity - level)))
+        batches = await self._pack_round(want)
         if not batches:
             return False
-        if (len(batches) == 1 and len(batches[0].commands) < MAX_BATCH
-                and self.engine.settings.linger > 0):
-            await asyncio.sleep(self.engine.settings.linger)
-            batches = await self._pack_round(free)
+        hold = self._hold_back(batches, level, capacity)
+        if hold > 0:
+            await asyncio.sleep(hold)
+            batches = await self._pack_round(want)
+            if not batches:
+                return False
         if await self._token() > 0:
-            batches = await self._pack_round(free)  # the wait let more arrive (maybe real-time)
+            batches = await self._pack_round(want)  # the wait let more arrive (maybe real-time)
+        if not self._paced_out(level, capacity):
+            batches = [b for b in batches if len(b.commands) >= MAX_BATCH] or batches[:1]
         batches = batches[:1 + await self._spare_tokens(len(batches) - 1)]
         return bool(batches) and await self._launch(batches)
 
+    def _hold_back(self, batches: list[Packed], level: float, capacity: float) -> float:
+        """Seconds a round of only partial batches waits for more commands (0: go now)."""
+        settings = self.engine.settings
+        if any(len(b.commands) >= MAX_BATCH for b in batches):
+            return 0.0
+        if settings.sequential:
+            return settings.linger
+        due = self.last_launch + self._gap(level, capacity) - time.monotonic()
+        return max(settings.linger, due)
+
+    def _paced_out(self, level: float, capacity: float) -> bool:
+        """Whether a partial batch may leave now (the pacing gap since the last launch)."""
+        return (self.engine.settings.sequential
+                or time.monotonic() >= self.last_launch + self._gap(level, capacity) - 1e-3)
+
+    def _gap(self, level: float, capacity: float) -> float:
+        """The least time between partial batches: from ``pace`` at an empty bucket up to
+        one drain interval at a full one.
+
+        Commands arriving at r/s must leave at no more than the drain rate, so in the long
+        run a batch carries r / drain commands and a command waits up to 1 / drain for its
+        batch. The burst is spent on waiting less (``pace``) while the bucket is empty, and
+        never on tiny batches: as the bucket fills the gap stretches to the drain interval,
+        where partial batches alone never fill the bucket.
+        """
+        drain, _ = self.engine.bucket.limits(self.plan)
+        interval = 1.0 / drain
+        floor = min(self.engine.settings.pace, interval)
+        return floor + (interval - floor) * min(1.0, level / capacity)
+
+    async def _bucket_level(self) -> tuple[float, float]:
+        """The portal's bucket: (requests in it now, our capacity)."""
+        _, capacity = self.engine.bucket.limits(self.plan)
+        return await self.engine.bucket.level(self.member_id, self.plan), capacity
+
+    @property
+    def plan(self) -> str:
+        """The portal's plan (its bucket and K)."""
+        return self.snap.plan if self.snap else "standard"
+
     async def _spare_tokens(self, wanted: int) -> int:
         """Take up to ``wanted`` more tokens that are free now (no waiting)."""
-        assert self.snap is not None
         got = 0
-        while got < wanted and await self.engine.bucket.take(self.member_id, self.snap.plan) == 0:
+        while got < wanted and await self.engine.bucket.take(self.member_id, self.plan) == 0:
             got += 1
         return got
 
@@ -385,6 +440,7 @@ class Driver:
 
     async def _launch(self, batches: list[Packed]) -> bool:
         eng, now = self.engine, utcnow()
+        self.last_launch = time.monotonic()
         ids = [(uuid.uuid4().hex[:16], b) for b in batches]
         leased = await eng.run_db(store.lease_round, eng.db,
                                   [(bid, [c.id for c in b.commands]) for bid, b in ids],
