@@ -161,6 +161,9 @@ def dispatch_settings() -> dict[str, Any]:
         # Multiplies the plans' drain and burst in our rate bucket. Only for benchmarks against
         # a sandbox portal without a rate limit (bench.dispatch overhead); 1 in production.
         "DISPATCH_BUCKET_SCALE": env_float("DISPATCH_BUCKET_SCALE", 1.0),
+        # Seconds of operating time per method per 10 minutes the ledger budgets (Bitrix24's
+        # 480); benchmarks that raise the sandbox portal's limit raise this with it.
+        "DISPATCH_OPERATING_LIMIT": env_float("DISPATCH_OPERATING_LIMIT", 480.0),
     }
 
 

@@ -5,7 +5,8 @@
    and ``bench.chart`` drawing its latency against the offered rate as an SVG;
 2. ``sandbox.loadtest`` — the sandbox portal's rate limit at 300 requests/s for 60 s;
 3. ``bench.slow_clients`` — real events' latency while 0, 16 and 200 slow connections
-   stall mid-request, for our gunicorn worker and stock gthread side by side.
+   stall mid-request, for our gunicorn worker and stock gthread side by side;
+4. ``bench.dispatch`` — the dispatcher: overhead, card latency, throughput, isolation.
 
 Run one alone with ``python -m bench.ingest …`` or ``python -m sandbox.loadtest …``.
 """
@@ -21,6 +22,10 @@ RUNS = [
     ("sandbox rate limit (sandbox.loadtest)",
      [sys.executable, "-m", "sandbox.loadtest", "--rate", "300", "--seconds", "60"]),
     ("slow clients (bench.slow_clients)", [sys.executable, "-m", "bench.slow_clients"]),
+    ("dispatcher overhead (bench.dispatch)",
+     [sys.executable, "-m", "bench.dispatch", "overhead", "--db", "both"]),
+    ("dispatcher card latency, throughput, isolation (bench.dispatch)",
+     [sys.executable, "-m", "bench.dispatch", "card_latency", "throughput", "isolation"]),
 ]
 
 

@@ -41,7 +41,7 @@ from app.bitrix import AsyncRestClient, errors
 from app.dispatcher import metrics, nudge, outcomes, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket
 from app.dispatcher.credentials import CredentialStore, Snapshot
-from app.dispatcher.ledger import AsyncOperatingLedger
+from app.dispatcher.ledger import LIMIT, AsyncOperatingLedger
 from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack_round
 from app.dispatcher.policy import Verdict
 from app.extensions import db
@@ -79,6 +79,7 @@ class Settings:
     db_threads: int
     max_connections: int
     bucket_scale: float = 1.0
+    operating_limit: float = LIMIT
 
     @classmethod
     def from_config(cls, cfg: Any) -> Settings:
@@ -93,7 +94,8 @@ class Settings:
                    owner_ttl=float(cfg.get("DISPATCH_OWNER_TTL", 10.0)),
                    db_threads=int(cfg.get("DISPATCH_DB_THREADS", 4)),
                    max_connections=int(cfg.get("DISPATCH_MAX_CONNECTIONS", 1000)),
-                   bucket_scale=float(cfg.get("DISPATCH_BUCKET_SCALE", 1.0)))
+                   bucket_scale=float(cfg.get("DISPATCH_BUCKET_SCALE", 1.0)),
+                   operating_limit=float(cfg.get("DISPATCH_OPERATING_LIMIT", LIMIT)))
 
     def plans(self) -> dict[str, tuple[float, int]]:
         """The rate bucket's plans, scaled by ``DISPATCH_BUCKET_SCALE``."""
@@ -170,7 +172,7 @@ class Engine:
             timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
             max_connections=self.settings.max_connections)
         self.bucket = AsyncRateBucket(self.redis, plans=self.settings.plans())
-        self.ledger = AsyncOperatingLedger(self.redis)
+        self.ledger = AsyncOperatingLedger(self.redis, limit=self.settings.operating_limit)
         self.credentials = CredentialStore(self.app, self.executor)
         self.recorder = GroupWriter(self)
         pubsub = self.redis.pubsub()
