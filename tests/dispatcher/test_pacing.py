@@ -33,16 +33,16 @@ def test_a_slow_portal_keeps_more_than_half_its_burst_in_flight(make_portal, san
                                                                 start_engine):
     portal, info = make_portal()
     sandbox.set_latency(info["member_id"], 1000)
-    for n in range(40 * 50):
+    for n in range(30 * 50):
         submit(portal, "crm.deal.add", {"fields": {"TITLE": str(n)}}, priority="bulk")
     db.session.commit()  # the backlog is waiting when the engine starts
     engine = start_engine(DISPATCH_LINGER_MS=0)
     engine.wake(portal.id)
-    done = settled(portal.id, 40 * 50)
+    done = settled(portal.id, 30 * 50)
     assert {r.status for r in done} == {"done"}
     start = min(r.first_sent_at for r in done)
     first_second = {r.batch_id for r in done
                     if (r.first_sent_at - start).total_seconds() < 0.5}
     # K was half the burst (25, bulk 24): the burst of 48 tokens waited a round trip
-    assert len(first_second) >= 39, f"{len(first_second)} batches left at once"
+    assert len(first_second) >= 29, f"{len(first_second)} batches left at once"
     assert sandbox.counters(info["member_id"]).get("status_503", 0) == 0
