@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 OWNER_PREFIX = "b24relay:dispatch:owner:"
 FETCH = 2 * MAX_BATCH  # candidates read per packing: room for key chains that cannot go yet
+PACE_MEMORY = 5.0      # seconds a retired driver's last launch is remembered
+REDIS_CONNECTIONS = 64  # the engine's Redis pool; more callers wait for a free connection
 MAX_RESENDS = 3        # refreshes and renames before a batch's answer counts as a failure
 # Renew every key still ours; return the ids that are not ours any more.
 _RENEW = """
@@ -126,6 +128,7 @@ class Engine:
         self.drivers: dict[int, Driver] = {}
         self._claiming: set[int] = set()
         self._rewake: set[int] = set()
+        self._launched: dict[int, float] = {}  # retired drivers' last launch (pacing)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
@@ -167,7 +170,10 @@ class Engine:
         self._stopping = asyncio.Event()
         self.executor = concurrent.futures.ThreadPoolExecutor(
             self.settings.db_threads, thread_name_prefix="b24relay-dispatch-db")
-        self.redis = aioredis.Redis.from_url(self.redis_url)
+        # Many batches land at once (250 for an enterprise portal) and each then talks to
+        # Redis: they queue for a connection instead of failing past the pool's size.
+        self.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=REDIS_CONNECTIONS, timeout=30))
         self.client = AsyncRestClient(
             timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
             max_connections=self.settings.max_connections)
@@ -255,6 +261,7 @@ class Engine:
         """A driver ran out of work: forget it and give its portal up."""
         if self.drivers.get(driver.portal_id) is driver:
             del self.drivers[driver.portal_id]
+        self._remember_launch(driver.portal_id, driver.last_launch)
         self._claiming.add(driver.portal_id)  # a nudge meanwhile waits for the release
         try:
             await self.redis.eval(_RELEASE, 1, OWNER_PREFIX + str(driver.portal_id), self.owner)
@@ -263,6 +270,20 @@ class Engine:
         finally:
             self._claiming.discard(driver.portal_id)
         self._retry_rewake(driver.portal_id)
+
+    def _remember_launch(self, portal_id: int, when: float) -> None:
+        """Keep a retiring driver's last launch for the next one: a command arriving just
+        after a driver ran dry must still wait out the pacing gap. Only recent launches
+        are kept (a gap is at most a second), so idle portals leave nothing behind."""
+        now = time.monotonic()
+        for pid in [p for p, t in self._launched.items() if now - t > PACE_MEMORY]:
+            del self._launched[pid]
+        if now - when <= PACE_MEMORY:
+            self._launched[portal_id] = when
+
+    def last_launch(self, portal_id: int) -> float:
+        """A recently retired driver's last launch for ``portal_id`` (monotonic), else never."""
+        return self._launched.pop(portal_id, -1e9)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -298,7 +319,7 @@ class Driver:
         self.snap: Snapshot | None = None
         self._wakeup = asyncio.Event()
         self._poked = False
-        self.last_launch = -1e9  # monotonic time of the last launch (pacing)
+        self.last_launch = engine.last_launch(portal_id)  # monotonic, for pacing
 
     def poke(self) -> None:
         """New commands may be ready, or a slot is free: look again."""

@@ -46,3 +46,4 @@ def test_a_slow_portal_keeps_more_than_half_its_burst_in_flight(make_portal, san
     # K was half the burst (25, bulk 24): the burst of 48 tokens waited a round trip
     assert len(first_second) >= 29, f"{len(first_second)} batches left at once"
     assert sandbox.counters(info["member_id"]).get("status_503", 0) == 0
+
