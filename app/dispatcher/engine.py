@@ -52,7 +52,7 @@ T = TypeVar("T")
 OWNER_PREFIX = "b24relay:dispatch:owner:"
 FETCH = 2 * MAX_BATCH  # candidates read per packing: room for key chains that cannot go yet
 PACE_MEMORY = 5.0      # seconds a retired driver's last launch is remembered
-REDIS_CONNECTIONS = 64  # the engine's Redis pool; more callers wait for a free connection
+REDIS_CONNECTIONS = 2048  # the engine's Redis pool: above the batches that may land at once
 MAX_RESENDS = 3        # refreshes and renames before a batch's answer counts as a failure
 # Renew every key still ours; return the ids that are not ours any more.
 _RENEW = """
@@ -171,9 +171,8 @@ class Engine:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             self.settings.db_threads, thread_name_prefix="b24relay-dispatch-db")
         # Many batches land at once (250 for an enterprise portal) and each then talks to
-        # Redis: they queue for a connection instead of failing past the pool's size.
-        self.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
-            self.redis_url, max_connections=REDIS_CONNECTIONS, timeout=30))
+        # Redis: the default pool (100) raised past that and stranded their leases.
+        self.redis = aioredis.Redis.from_url(self.redis_url, max_connections=REDIS_CONNECTIONS)
         self.client = AsyncRestClient(
             timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
             max_connections=self.settings.max_connections)
