@@ -139,10 +139,13 @@ def dispatch_settings() -> dict[str, Any]:
         # parallel: up to K batches in flight per portal; sequential: K=1 and the next batch
         # leaves only after the previous one came back (the benchmark baseline).
         "DISPATCH_MODE": env_str("DISPATCH_MODE", "parallel"),
-        # K, batches in flight per portal; 0 derives it from the plan (half the burst).
+        # K, batches in flight per portal; 0 derives it from the plan (its burst).
         "DISPATCH_MAX_INFLIGHT": env_int("DISPATCH_MAX_INFLIGHT", 0),
         # When fewer than 50 commands are ready, wait this long for more before sending.
         "DISPATCH_LINGER_MS": env_float("DISPATCH_LINGER_MS", 25.0),
+        # A partial batch leaves at least this long after the previous launch while the
+        # portal's bucket is empty, stretching to one drain interval as it fills.
+        "DISPATCH_PACE_MS": env_float("DISPATCH_PACE_MS", 300.0),
         # A failing command is retried with backoff until this many hours after it first left.
         "DISPATCH_RETRY_HORIZON_HOURS": env_float("DISPATCH_RETRY_HORIZON_HOURS", 6.0),
         # Seconds a batch request may take before its outcome counts as unknown (a cloud
@@ -161,6 +164,9 @@ def dispatch_settings() -> dict[str, Any]:
         # direct calls'). Only for benchmarks and tests against a sandbox portal whose own
         # bucket is set far above its plan (bench.dispatch overhead); 1 in production.
         "DISPATCH_BUCKET_SCALE": env_float("DISPATCH_BUCKET_SCALE", 1.0),
+        # Seconds of operating time per method per 10 minutes the ledger budgets (Bitrix24's
+        # 480); benchmarks that raise the sandbox portal's limit raise this with it.
+        "DISPATCH_OPERATING_LIMIT": env_float("DISPATCH_OPERATING_LIMIT", 480.0),
     }
 
 

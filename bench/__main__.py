@@ -6,7 +6,8 @@
 2. ``sandbox.loadtest`` — the sandbox portal's rate limit at 300 requests/s for 60 s;
 3. ``bench.slow_clients`` — real events' latency while 0, 16 and 200 slow connections
    stall mid-request, for our gunicorn worker and stock gthread side by side;
-4. the dispatcher under trouble (issue #12): ``bench.dispatch_faults`` (5xx, resets,
+4. ``bench.dispatch`` — the dispatcher: overhead, card latency, throughput, isolation.
+5. the dispatcher under trouble (issue #12): ``bench.dispatch_faults`` (5xx, resets,
    504s after execution, 30 s tokens), ``bench.dispatch_crash`` (SIGKILL with 5,000 in
    flight), ``bench.dispatch_recovery`` (15,000 queued after an outage, calls meanwhile),
    ``bench.dispatch_scale`` (1,000 portals, 50 busy), ``bench.dispatch_peers``
@@ -26,6 +27,10 @@ RUNS = [
     ("sandbox rate limit (sandbox.loadtest)",
      [sys.executable, "-m", "sandbox.loadtest", "--rate", "300", "--seconds", "60"]),
     ("slow clients (bench.slow_clients)", [sys.executable, "-m", "bench.slow_clients"]),
+    ("dispatcher overhead (bench.dispatch)",
+     [sys.executable, "-m", "bench.dispatch", "overhead", "--db", "both"]),
+    ("dispatcher card latency, throughput, isolation (bench.dispatch)",
+     [sys.executable, "-m", "bench.dispatch", "card_latency", "throughput", "isolation"]),
     ("dispatcher faults (bench.dispatch_faults)", [sys.executable, "-m", "bench.dispatch_faults"]),
     ("dispatcher crash (bench.dispatch_crash)", [sys.executable, "-m", "bench.dispatch_crash"]),
     ("dispatcher recovery (bench.dispatch_recovery)",

@@ -112,15 +112,19 @@ def _offer(portals: list[Any], rate: float, seconds: float, tag: str) -> float:
     return lag
 
 
-def _latencies(rig: Rig, portal_id: int) -> tuple[list[float], int]:
+def _latencies(rig: Rig, portal_id: int) -> tuple[list[float], int, list[float]]:
+    """Submit-to-complete seconds of the done commands, how many are not done, and each
+    done command's wait for its batch to leave (submit to first sent)."""
     times = rig.times(portal_id)
-    done = [t[3] - t[1] for t in times if t[0] == "done" and t[3] is not None]
-    return done, len(times) - len(done)
+    done = [t for t in times if t[0] == "done" and t[3] is not None]
+    waits = [t[2] - t[1] for t in done if t[2] is not None]
+    return [t[3] - t[1] for t in done], len(times) - len(done), waits
 
 
-def _summary(lat: list[float], left: int) -> dict[str, Any]:
+def _summary(lat: list[float], left: int, waits: list[float]) -> dict[str, Any]:
     return {"completed": len(lat), "not_done": left, "p50_s": round(quantile(lat, 0.5), 3),
-            "p99_s": round(quantile(lat, 0.99), 3), "max_s": round(max(lat, default=0.0), 3)}
+            "p99_s": round(quantile(lat, 0.99), 3), "max_s": round(max(lat, default=0.0), 3),
+            "wait_p99_s": round(quantile(waits, 0.99), 3)}
 
 
 # ---------------------------------------------------------------- card latency
@@ -138,15 +142,18 @@ def card_latency(database: str, args: argparse.Namespace) -> list[dict[str, Any]
                 left_at_end = rig_backlog(rig, portal.id)
                 _drain(rig, portal.id, int(70 * seconds),
                        timeout=2 * latency + 5 if mode == "parallel" else latency + 1)
-                lat, left = _latencies(rig, portal.id)
+                lat, left, waits = _latencies(rig, portal.id)
                 rig.stop(engine, timeout=latency + 10)
                 budget = (1.3 if latency <= 2 else 1.1) * latency
                 out.append({"scenario": "card_latency", "db": database, "mode": mode,
                             "latency_s": latency, "offered": int(70 * seconds),
                             "seconds": seconds, "submit_lag_s": round(lag, 3),
-                            "backlog_at_end": left_at_end, **_summary(lat, left),
+                            "backlog_at_end": left_at_end, **_summary(lat, left, waits),
                             "budget_p99_s": budget,
                             "meets": mode == "sequential" or quantile(lat, 0.99) <= budget})
+            parallel, sequential = out[-2], out[-1]
+            if sequential["p99_s"]:
+                parallel["vs_seq_p99"] = round(parallel["p99_s"] / sequential["p99_s"], 3)
     finally:
         rig.close()
     return out
@@ -172,14 +179,15 @@ def ceiling_seconds(plan: str, commands: int, rtt: float) -> float:
 def throughput(database: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """A backlog to one portal (standard, enterprise) drained at 1 s per request."""
     rtt, out = 1.0, []
-    runs = [("standard", 3000 if args.quick else 10000),
-            ("enterprise", 15000 if args.quick else 30000)]
+    runs = [(plan, count) for plan, count in (("standard", 3000 if args.quick else 10000),
+                                              ("enterprise", 15000 if args.quick else 30000))
+            if plan in args.plans]
     rig = Rig(database, args.pg).start()
     try:
         for plan, count in runs:
             portal, member = rig.portal(plan=plan, latency_ms=rtt * 1000)
             _submit_backlog(portal, count, f"thr-{plan}", priority="bulk")
-            engine = rig.engine(f"thr-{plan}")
+            engine = rig.engine(f"thr-{plan}", **_profile_env(args))
             started = time.monotonic()
             rig.nudge(portal.id)
             finished = _drain(rig, portal.id, count, timeout=ceiling_seconds(plan, count, rtt) * 2)
@@ -219,9 +227,9 @@ def isolation(database: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         rows = {"B alone": _latencies(rig, b_alone.id), "B beside A": _latencies(rig, b.id),
                 "A (30 s)": _latencies(rig, a.id)}
         rig.stop(engine, timeout=40)
-        for name, (lat, left) in rows.items():
+        for name, (lat, left, waits) in rows.items():
             out.append({"scenario": "isolation", "db": database, "portal": name,
-                        "offered": int(rate * seconds), **_summary(lat, left)})
+                        "offered": int(rate * seconds), **_summary(lat, left, waits)})
         base, beside = out[0]["p99_s"], out[1]["p99_s"]
         out[1]["vs_alone"] = round(beside / base, 3) if base else None
     finally:
@@ -241,6 +249,8 @@ def main() -> None:
     ap.add_argument("--db", choices=["sqlite", "pg", "both"], default="pg")
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
     ap.add_argument("--inflight", type=int, default=0)
+    ap.add_argument("--plans", nargs="+", default=["standard", "enterprise"],
+                    help="throughput: the plans to drain a backlog for")
     ap.add_argument("--profile", default="", help="overhead: write the engine's yappi profile here")
     args = ap.parse_args()
     dbs = ["sqlite", "pg"] if args.db == "both" else [args.db]
@@ -254,10 +264,47 @@ def main() -> None:
     _write(results)
 
 
+TABLES = {  # scenario -> the columns its table shows
+    "overhead": ("db", "commands", "wall_s", "per_s", "engine_cpu_s", "sandbox_cpu_s"),
+    "card_latency": ("db", "latency_s", "mode", "offered", "completed", "not_done",
+                     "backlog_at_end", "p50_s", "p99_s", "max_s", "wait_p99_s", "budget_p99_s",
+                     "vs_seq_p99"),
+    "throughput": ("db", "plan", "commands", "wall_s", "ceiling_s", "ratio", "requests",
+                   "status_503", "lost"),
+    "isolation": ("db", "portal", "offered", "completed", "not_done", "p50_s", "p99_s",
+                  "max_s", "wait_p99_s", "vs_alone"),
+}
+
+
+def tables(results: list[dict[str, Any]]) -> str:
+    """Plain-text tables, one per scenario that ran."""
+    out = []
+    for scenario, columns in TABLES.items():
+        rows = [r for r in results if r["scenario"] == scenario]
+        if not rows:
+            continue
+        cells = [list(columns)] + [[_cell(r.get(c)) for c in columns] for r in rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+        out.append(scenario)
+        out.extend("  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True))
+                   for row in cells)
+        out.append("")
+    return "\n".join(out)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
 def _write(results: list[dict[str, Any]]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     Path(OUT / f"dispatch-{stamp}.json").write_text(json.dumps(results, indent=1))
+    text = tables(results)
+    Path(OUT / f"dispatch-{stamp}.txt").write_text(text)
+    print("\n" + text, flush=True)
 
 
 if __name__ == "__main__":

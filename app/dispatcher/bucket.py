@@ -68,6 +68,17 @@ return string.format('%.6f', wait)
 """
 
 
+# KEYS[1] bucket; ARGV[1] drain/s. The level now, without taking anything.
+_PEEK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'level', 'stamp')
+local level = tonumber(state[1]) or 0
+local stamp = tonumber(state[2]) or now
+return string.format('%.6f', math.max(0, level - math.max(0, now - stamp) * tonumber(ARGV[1])))
+"""
+
+
 def limits(drain: float, burst: int) -> tuple[float, float]:
     """Our (drain per second, capacity) for a portal's bucket: the same, less the headroom."""
     headroom = max(MIN_HEADROOM, min(math.ceil(drain), burst // 5))
@@ -80,6 +91,10 @@ class _Bucket:
     def __init__(self, prefix: str, plans: Mapping[str, tuple[float, int]] | None) -> None:
         self.prefix = prefix
         self.plans = dict(plans or PLANS)
+
+    def limits(self, plan: str) -> tuple[float, float]:
+        """Our (drain per second, capacity) for a portal on ``plan``."""
+        return limits(*(self.plans.get(plan) or PLANS["standard"]))
 
     def _args(self, portal_key: str, plan: str, fill: bool) -> tuple[list[str], list[float]]:
         drain, burst = self.plans.get(plan) or PLANS["standard"]
@@ -113,6 +128,12 @@ class AsyncRateBucket(_Bucket):
                  plans: Mapping[str, tuple[float, int]] | None = None) -> None:
         super().__init__(prefix, plans)
         self.script = client.register_script(_SCRIPT)
+        self.peek = client.register_script(_PEEK)
+
+    async def level(self, portal_key: str, plan: str) -> float:
+        """How many requests the bucket holds now (0 empty .. ``limits(plan)[1]`` full)."""
+        drain, _capacity = self.limits(plan)
+        return float(await self.peek(keys=[self.prefix + portal_key], args=[drain]))
 
     async def take(self, portal_key: str, plan: str) -> float:
         """0.0: a token was taken now; else nothing was taken: wait that long, then retry."""

@@ -41,7 +41,7 @@ from app.bitrix import AsyncRestClient, errors
 from app.dispatcher import metrics, nudge, outcomes, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket
 from app.dispatcher.credentials import CredentialStore, Snapshot
-from app.dispatcher.ledger import AsyncOperatingLedger
+from app.dispatcher.ledger import LIMIT, AsyncOperatingLedger
 from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack_round
 from app.dispatcher.policy import Verdict
 from app.extensions import db
@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 OWNER_PREFIX = "b24relay:dispatch:owner:"
 FETCH = 2 * MAX_BATCH  # candidates read per packing: room for key chains that cannot go yet
+PACE_MEMORY = 5.0      # seconds a retired driver's last launch is remembered
+REDIS_CONNECTIONS = 2048  # the engine's Redis pool: above the batches that may land at once
 MAX_RESENDS = 3        # refreshes and renames before a batch's answer counts as a failure
 # Renew every key still ours; return the ids that are not ours any more.
 _RENEW = """
@@ -74,10 +76,12 @@ class Settings:
     horizon: timedelta
     request_timeout: float
     lease_margin: float
+    pace: float
     owner_ttl: float
     db_threads: int
     max_connections: int
     bucket_scale: float = 1.0
+    operating_limit: float = LIMIT
 
     @classmethod
     def from_config(cls, cfg: Any) -> Settings:
@@ -88,10 +92,12 @@ class Settings:
                    horizon=timedelta(hours=float(cfg.get("DISPATCH_RETRY_HORIZON_HOURS", 6))),
                    request_timeout=float(cfg.get("DISPATCH_REQUEST_TIMEOUT", 65.0)),
                    lease_margin=float(cfg.get("DISPATCH_LEASE_MARGIN", 15.0)),
+                   pace=float(cfg.get("DISPATCH_PACE_MS", 300.0)) / 1000,
                    owner_ttl=float(cfg.get("DISPATCH_OWNER_TTL", 10.0)),
                    db_threads=int(cfg.get("DISPATCH_DB_THREADS", 4)),
                    max_connections=int(cfg.get("DISPATCH_MAX_CONNECTIONS", 1000)),
-                   bucket_scale=float(cfg.get("DISPATCH_BUCKET_SCALE", 1.0)))
+                   bucket_scale=float(cfg.get("DISPATCH_BUCKET_SCALE", 1.0)),
+                   operating_limit=float(cfg.get("DISPATCH_OPERATING_LIMIT", LIMIT)))
 
     def plans(self) -> dict[str, tuple[float, int]]:
         """The rate bucket's plans, scaled by ``DISPATCH_BUCKET_SCALE``."""
@@ -99,10 +105,14 @@ class Settings:
         return {name: (drain * scale, int(burst * scale)) for name, (drain, burst) in PLANS.items()}
 
     def slots(self, plan: str) -> int:
-        """K for a portal on ``plan``: the setting, else half the plan's burst."""
+        """K for a portal on ``plan``: the setting, else the plan's burst.
+
+        The bucket never lets more than a burst of requests leave at once, and pacing keeps
+        about round trip / gap batches in flight (33 at 10 s and 0.3 s): fewer slots than
+        the burst would cap a slow portal's rate below its bucket's."""
         if self.sequential:
             return 1
-        return self.max_inflight or max(1, PLANS.get(plan, PLANS["standard"])[1] // 2)
+        return self.max_inflight or max(1, PLANS.get(plan, PLANS["standard"])[1])
 
 
 class Engine:
@@ -118,6 +128,7 @@ class Engine:
         self.drivers: dict[int, Driver] = {}
         self._claiming: set[int] = set()
         self._rewake: set[int] = set()
+        self._launched: dict[int, float] = {}  # retired drivers' last launch (pacing)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
@@ -159,12 +170,14 @@ class Engine:
         self._stopping = asyncio.Event()
         self.executor = concurrent.futures.ThreadPoolExecutor(
             self.settings.db_threads, thread_name_prefix="b24relay-dispatch-db")
-        self.redis = aioredis.Redis.from_url(self.redis_url)
+        # Many batches land at once (250 for an enterprise portal) and each then talks to
+        # Redis: the default pool (100) raised past that and stranded their leases.
+        self.redis = aioredis.Redis.from_url(self.redis_url, max_connections=REDIS_CONNECTIONS)
         self.client = AsyncRestClient(
             timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
             max_connections=self.settings.max_connections)
         self.bucket = AsyncRateBucket(self.redis, plans=self.settings.plans())
-        self.ledger = AsyncOperatingLedger(self.redis)
+        self.ledger = AsyncOperatingLedger(self.redis, limit=self.settings.operating_limit)
         self.credentials = CredentialStore(self.app, self.executor)
         self.recorder = GroupWriter(self)
         pubsub = self.redis.pubsub()
@@ -247,6 +260,7 @@ class Engine:
         """A driver ran out of work: forget it and give its portal up."""
         if self.drivers.get(driver.portal_id) is driver:
             del self.drivers[driver.portal_id]
+        self._remember_launch(driver.portal_id, driver.last_launch)
         self._claiming.add(driver.portal_id)  # a nudge meanwhile waits for the release
         try:
             await self.redis.eval(_RELEASE, 1, OWNER_PREFIX + str(driver.portal_id), self.owner)
@@ -255,6 +269,20 @@ class Engine:
         finally:
             self._claiming.discard(driver.portal_id)
         self._retry_rewake(driver.portal_id)
+
+    def _remember_launch(self, portal_id: int, when: float) -> None:
+        """Keep a retiring driver's last launch for the next one: a command arriving just
+        after a driver ran dry must still wait out the pacing gap. Only recent launches
+        are kept (a gap is at most a second), so idle portals leave nothing behind."""
+        now = time.monotonic()
+        for pid in [p for p, t in self._launched.items() if now - t > PACE_MEMORY]:
+            del self._launched[pid]
+        if now - when <= PACE_MEMORY:
+            self._launched[portal_id] = when
+
+    def last_launch(self, portal_id: int) -> float:
+        """A recently retired driver's last launch for ``portal_id`` (monotonic), else never."""
+        return self._launched.pop(portal_id, -1e9)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -290,6 +318,7 @@ class Driver:
         self.snap: Snapshot | None = None
         self._wakeup = asyncio.Event()
         self._poked = False
+        self.last_launch = engine.last_launch(portal_id)  # monotonic, for pacing
 
     def poke(self) -> None:
         """New commands may be ready, or a slot is free: look again."""
@@ -322,26 +351,74 @@ class Driver:
 
     # ------------------------------------------------------------------ packing
     async def _send_round(self) -> bool:
-        """Pack a batch for each free slot from one fetch, take their tokens, lease them in
-        one transaction and launch them; False when nothing can go now."""
+        """Pack a batch for each free slot the bucket can pay for from one fetch, take their
+        tokens, lease them in one transaction and launch them; False when nothing can go now.
+
+        Full batches leave at once. A partial batch leaves no sooner than ``linger`` after
+        it was found and ``pace`` after the previous launch (see ``_gap``)."""
         free = self.slots - len(self.inflight)
-        batches = await self._pack_round(free)
+        level, capacity = await self._bucket_level()
+        want = max(1, min(free, int(capacity - level)))
+        batches = await self._pack_round(want)
         if not batches:
             return False
-        if (len(batches) == 1 and len(batches[0].commands) < MAX_BATCH
-                and self.engine.settings.linger > 0):
-            await asyncio.sleep(self.engine.settings.linger)
-            batches = await self._pack_round(free)
+        hold = self._hold_back(batches, level, capacity)
+        if hold > 0:
+            await asyncio.sleep(hold)
+            batches = await self._pack_round(want)
+            if not batches:
+                return False
         if await self._token() > 0:
-            batches = await self._pack_round(free)  # the wait let more arrive (maybe real-time)
+            batches = await self._pack_round(want)  # the wait let more arrive (maybe real-time)
+        if not self._paced_out(level, capacity):
+            batches = [b for b in batches if len(b.commands) >= MAX_BATCH] or batches[:1]
         batches = batches[:1 + await self._spare_tokens(len(batches) - 1)]
         return bool(batches) and await self._launch(batches)
 
+    def _hold_back(self, batches: list[Packed], level: float, capacity: float) -> float:
+        """Seconds a round of only partial batches waits for more commands (0: go now)."""
+        settings = self.engine.settings
+        if any(len(b.commands) >= MAX_BATCH for b in batches):
+            return 0.0
+        if settings.sequential:
+            return settings.linger
+        due = self.last_launch + self._gap(level, capacity) - time.monotonic()
+        return max(settings.linger, due)
+
+    def _paced_out(self, level: float, capacity: float) -> bool:
+        """Whether a partial batch may leave now (the pacing gap since the last launch)."""
+        return (self.engine.settings.sequential
+                or time.monotonic() >= self.last_launch + self._gap(level, capacity) - 1e-3)
+
+    def _gap(self, level: float, capacity: float) -> float:
+        """The least time between partial batches: from ``pace`` at an empty bucket up to
+        one drain interval at a full one.
+
+        Commands arriving at r/s must leave at no more than the drain rate, so in the long
+        run a batch carries r / drain commands and a command waits up to 1 / drain for its
+        batch. The burst is spent on waiting less (``pace``) while the bucket is empty, and
+        never on tiny batches: as the bucket fills the gap stretches to the drain interval,
+        where partial batches alone never fill the bucket.
+        """
+        drain, _ = self.engine.bucket.limits(self.plan)
+        interval = 1.0 / drain
+        floor = min(self.engine.settings.pace, interval)
+        return floor + (interval - floor) * min(1.0, level / capacity)
+
+    async def _bucket_level(self) -> tuple[float, float]:
+        """The portal's bucket: (requests in it now, our capacity)."""
+        _, capacity = self.engine.bucket.limits(self.plan)
+        return await self.engine.bucket.level(self.member_id, self.plan), capacity
+
+    @property
+    def plan(self) -> str:
+        """The portal's plan (its bucket and K)."""
+        return self.snap.plan if self.snap else "standard"
+
     async def _spare_tokens(self, wanted: int) -> int:
         """Take up to ``wanted`` more tokens that are free now (no waiting)."""
-        assert self.snap is not None
         got = 0
-        while got < wanted and await self.engine.bucket.take(self.member_id, self.snap.plan) == 0:
+        while got < wanted and await self.engine.bucket.take(self.member_id, self.plan) == 0:
             got += 1
         return got
 
@@ -385,6 +462,7 @@ class Driver:
 
     async def _launch(self, batches: list[Packed]) -> bool:
         eng, now = self.engine, utcnow()
+        self.last_launch = time.monotonic()
         ids = [(uuid.uuid4().hex[:16], b) for b in batches]
         leased = await eng.run_db(store.lease_round, eng.db,
                                   [(bid, [c.id for c in b.commands]) for bid, b in ids],
