@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 run: $(STAMP)  ## the app on the embedded default (+ sandbox portal without B24 credentials)
 	$(BIN)/python -m sandbox.devrun
 
-test: $(STAMP)  ## the whole suite, on both cores (pytest-xdist; -n 0 in PYTEST_ARGS for one)
-	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+test: $(STAMP)  ## the whole suite: on both cores (pytest-xdist), then the latency-bound tests alone
+	$(BIN)/python -m pytest -n 2 -m "not serial" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks (not tests): print tables, write bench/out/
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'

@@ -39,7 +39,7 @@ from flask import Flask
 
 from app.bitrix import AsyncRestClient, errors
 from app.dispatcher import metrics, nudge, outcomes, store
-from app.dispatcher.bucket import PLANS, AsyncRateBucket
+from app.dispatcher.bucket import PLANS, AsyncRateBucket, scaled_plans
 from app.dispatcher.credentials import CredentialStore, Snapshot
 from app.dispatcher.ledger import LIMIT, AsyncOperatingLedger
 from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack_round
@@ -101,8 +101,7 @@ class Settings:
 
     def plans(self) -> dict[str, tuple[float, int]]:
         """The rate bucket's plans, scaled by ``DISPATCH_BUCKET_SCALE``."""
-        scale = self.bucket_scale
-        return {name: (drain * scale, int(burst * scale)) for name, (drain, burst) in PLANS.items()}
+        return scaled_plans(self.bucket_scale)
 
     def slots(self, plan: str) -> int:
         """K for a portal on ``plan``: the setting, else the plan's burst.
@@ -175,7 +174,8 @@ class Engine:
         self.redis = aioredis.Redis.from_url(self.redis_url, max_connections=REDIS_CONNECTIONS)
         self.client = AsyncRestClient(
             timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
-            max_connections=self.settings.max_connections)
+            max_connections=self.settings.max_connections,
+            verify=self.app.config.get("B24_CA_BUNDLE") or True)
         self.bucket = AsyncRateBucket(self.redis, plans=self.settings.plans())
         self.ledger = AsyncOperatingLedger(self.redis, limit=self.settings.operating_limit)
         self.credentials = CredentialStore(self.app, self.executor)

@@ -38,9 +38,6 @@ def app(app: Flask, sandbox_server: SandboxServer) -> Flask:
     return app
 
 
-@pytest.mark.xfail(strict=True, reason="engine.py builds its AsyncRestClient without "
-                   "B24_CA_BUNDLE: the certificate check fails and the command is retried "
-                   "for hours (found by bench.dispatch_peers; the one-line fix is d3's)")
 def test_engine_sends_to_an_https_portal_trusted_through_the_ca_bundle(
         make_portal, sandbox, start_engine):
     portal, info = make_portal()
