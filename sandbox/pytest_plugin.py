@@ -1,5 +1,6 @@
 """pytest fixtures: `sandbox_server` (session) and `sandbox` (a SandboxControl; state reset after
-each test).
+each test). A module that overrides `sandbox_server` with an https-mode server gets a `sandbox`
+that trusts its CA.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def sandbox_server() -> Iterator[SandboxServer]:
 @pytest.fixture
 def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxControl]:
     """A control client; every portal and setting is wiped after the test."""
-    control = SandboxControl(sandbox_server.url)
+    control = SandboxControl(sandbox_server.url, ca_file=sandbox_server.ca_file)
     yield control
     control.reset()
     control.close()

@@ -10,7 +10,7 @@ from flask import Flask
 
 from app.dispatcher import submit
 from app.extensions import db
-from sandbox import SandboxControl, SandboxServer
+from sandbox import SandboxServer
 from tests.dispatcher.conftest import settled
 
 
@@ -21,14 +21,6 @@ def sandbox_server() -> Iterator[SandboxServer]:
     yield server
     server.stop()
 
-
-@pytest.fixture
-def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxControl]:
-    """The control client, trusting the sandbox's CA; every portal is removed afterwards."""
-    control = SandboxControl(sandbox_server.url, ca_file=sandbox_server.ca_file)
-    yield control
-    control.reset()
-    control.close()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from flask import Flask
 from app.bitrix import errors
 from app.config import ConfigError
 from app.tenants import service
-from sandbox import SandboxControl, SandboxServer
+from sandbox import SandboxServer
 from tests.install.conftest import iframe_form, portal_count, portal_row
 
 
@@ -30,14 +30,6 @@ def sandbox_server() -> Iterator[SandboxServer]:
     yield server
     server.stop()
 
-
-@pytest.fixture
-def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxControl]:
-    """The control client, trusting the sandbox's CA; every portal is removed afterwards."""
-    control = SandboxControl(sandbox_server.url, ca_file=sandbox_server.ca_file)
-    yield control
-    control.reset()
-    control.close()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 import pytest
 
-from sandbox import SandboxControl, SandboxServer
+from sandbox import SandboxServer
 from sandbox.tls import client_context, make_certificates, server_context
 from tests.conftest import StubHandler
 
@@ -32,14 +32,6 @@ def sandbox_server() -> Iterator[SandboxServer]:
     yield server
     server.stop()
 
-
-@pytest.fixture
-def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxControl]:
-    """A control client that trusts the sandbox's CA; every portal is removed afterwards."""
-    control = SandboxControl(sandbox_server.url, ca_file=sandbox_server.ca_file)
-    yield control
-    control.reset()
-    control.close()
 
 
 @pytest.fixture
