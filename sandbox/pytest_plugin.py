@@ -25,6 +25,15 @@ def sandbox_server() -> Iterator[SandboxServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def https_sandbox_server() -> Iterator[SandboxServer]:
+    """A module's own sandbox in the https mode, without latency; a module that tests the https
+    path returns it from its own ``sandbox_server`` override."""
+    server = SandboxServer(tls=True, latency=0).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxControl]:
     """A control client; every portal and setting is wiped after the test."""

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from flask import Flask
 
@@ -15,11 +13,9 @@ from tests.dispatcher.conftest import settled
 
 
 @pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[SandboxServer]:
+def sandbox_server(https_sandbox_server: SandboxServer) -> SandboxServer:
     """This module's sandbox, in the https mode (it replaces the session's http one here)."""
-    server = SandboxServer(tls=True).start()
-    yield server
-    server.stop()
+    return https_sandbox_server
 
 
 

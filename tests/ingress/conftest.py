@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from app.extensions import db
 from app.ingress import auth
 from app.ingress.formparse import encode_form
 from app.ingress.models import InboxEvent
-from app.tenants.models import Portal, PortalSettings, PortalStatus
+from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
+from app.tenants.service import call_method
 from tests.conftest import ROOT, WorkerProcess, child_env, wait_for
 
 
@@ -205,3 +207,23 @@ def gunicorn(app: Any) -> Iterator[Gunicorn]:
     server = Gunicorn(app.config)
     yield server
     server.stop()
+
+
+def make_offline_portal(app: Any, sandbox: Any, event: str, client: tuple[str, str],
+                   **portal_spec: Any) -> Any:
+    """A sandbox portal, installed and finished, in offline mode, bound offline to ``event``."""
+    client_id, client_secret = client
+    app.config.update(B24_CLIENT_ID=client_id, B24_CLIENT_SECRET=client_secret)
+    info = sandbox.create_portal(client_id=client_id, client_secret=client_secret, **portal_spec)
+    sandbox.finish_install(info["member_id"])
+    portal = Portal(member_id=info["member_id"], domain=info["domain"],
+                    client_endpoint=info["client_endpoint"],
+                    server_endpoint=info["server_endpoint"], access_token=info["access_token"],
+                    refresh_token=info["refresh_token"],
+                    expires_at=datetime.fromtimestamp(info["expires"], UTC), token_version=1,
+                    status=PortalStatus.ACTIVE.value, installed_at=utcnow())
+    portal.settings = PortalSettings(event_mode="offline")
+    db.session.add(portal)
+    db.session.commit()
+    call_method(portal, "event.bind", {"event": event, "event_type": "offline"})
+    return portal

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from app.extensions import db, redis_ext
 from app.ingress import offline
-from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
-from app.tenants.service import call_method
+from app.tenants.models import Portal
 from tests.conftest import wait_for
-from tests.ingress.conftest import inbox_rows, statuses
+from tests.ingress.conftest import inbox_rows, make_offline_portal, statuses
 
 CLIENT_ID, CLIENT_SECRET = "app.ingtest", "ing-secret"
 
@@ -20,20 +18,7 @@ CLIENT_ID, CLIENT_SECRET = "app.ingtest", "ing-secret"
 @pytest.fixture
 def offline_portal(app: Any, sandbox: Any) -> Portal:
     """A sandbox portal, installed and finished, in offline mode, bound to ONCRMDEALUPDATE."""
-    app.config.update(B24_CLIENT_ID=CLIENT_ID, B24_CLIENT_SECRET=CLIENT_SECRET)
-    info = sandbox.create_portal(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
-    sandbox.finish_install(info["member_id"])
-    portal = Portal(member_id=info["member_id"], domain=info["domain"],
-                    client_endpoint=info["client_endpoint"],
-                    server_endpoint=info["server_endpoint"], access_token=info["access_token"],
-                    refresh_token=info["refresh_token"],
-                    expires_at=datetime.fromtimestamp(info["expires"], UTC), token_version=1,
-                    status=PortalStatus.ACTIVE.value, installed_at=utcnow())
-    portal.settings = PortalSettings(event_mode="offline")
-    db.session.add(portal)
-    db.session.commit()
-    call_method(portal, "event.bind", {"event": "ONCRMDEALUPDATE", "event_type": "offline"})
-    return portal
+    return make_offline_portal(app, sandbox, "ONCRMDEALUPDATE", (CLIENT_ID, CLIENT_SECRET))
 
 
 def _deal_updates(sandbox: Any, portal: Portal, ids: list[int]) -> None:

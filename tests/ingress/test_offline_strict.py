@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 
-from app.extensions import db
 from app.ingress import offline
-from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
+from app.tenants.models import Portal
 from app.tenants.service import call_method
-from tests.ingress.conftest import inbox_rows
+from tests.ingress.conftest import inbox_rows, make_offline_portal
 
 CLIENT_ID, CLIENT_SECRET = "app.ingtest", "ing-secret"
 
@@ -23,21 +22,8 @@ CLIENT_ID, CLIENT_SECRET = "app.ingtest", "ing-secret"
 @pytest.fixture
 def moscow_portal(app: Any, sandbox: Any) -> Portal:
     """An offline-mode portal three hours east of UTC, bound to ONCRMDEALADD offline."""
-    app.config.update(B24_CLIENT_ID=CLIENT_ID, B24_CLIENT_SECRET=CLIENT_SECRET)
-    info = sandbox.create_portal(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-                                 time_zone="+03:00")
-    sandbox.finish_install(info["member_id"])
-    portal = Portal(member_id=info["member_id"], domain=info["domain"],
-                    client_endpoint=info["client_endpoint"],
-                    server_endpoint=info["server_endpoint"], access_token=info["access_token"],
-                    refresh_token=info["refresh_token"],
-                    expires_at=datetime.fromtimestamp(info["expires"], UTC), token_version=1,
-                    status=PortalStatus.ACTIVE.value, installed_at=utcnow())
-    portal.settings = PortalSettings(event_mode="offline")
-    db.session.add(portal)
-    db.session.commit()
-    call_method(portal, "event.bind", {"event": "ONCRMDEALADD", "event_type": "offline"})
-    return portal
+    return make_offline_portal(app, sandbox, "ONCRMDEALADD", (CLIENT_ID, CLIENT_SECRET),
+                          time_zone="+03:00")
 
 
 def _add_deals(portal: Portal, count: int) -> None:

@@ -8,7 +8,6 @@ store may come from those servers. Each test runs with both iframe forms (confte
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -24,11 +23,9 @@ from tests.install.conftest import iframe_form, portal_count, portal_row
 
 
 @pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[SandboxServer]:
+def sandbox_server(https_sandbox_server: SandboxServer) -> SandboxServer:
     """This module's sandbox, in the https mode (it replaces the session's http one here)."""
-    server = SandboxServer(tls=True, latency=0).start()
-    yield server
-    server.stop()
+    return https_sandbox_server
 
 
 

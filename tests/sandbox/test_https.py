@@ -26,11 +26,9 @@ VERIFY_FAILED = "CERTIFICATE_VERIFY_FAILED"
 
 
 @pytest.fixture(scope="module")
-def sandbox_server() -> Iterator[SandboxServer]:
+def sandbox_server(https_sandbox_server: SandboxServer) -> SandboxServer:
     """This module's sandbox, in the https mode."""
-    server = SandboxServer(tls=True, latency=0).start()
-    yield server
-    server.stop()
+    return https_sandbox_server
 
 
 
