@@ -200,7 +200,13 @@ def make_call(portal: Portal, spec: CallSpec) -> dict[str, Any]:
         "CREATED": [],
     }
     portal.calls[call["CALL_ID"]] = call
+    portal.calls_by_party.setdefault((spec.user_id, spec.phone), []).append(call["CALL_ID"])
     return call
+
+
+def _party_calls(portal: Portal, user_id: int, phone: str) -> list[dict[str, Any]]:
+    """The active calls of one user and number, in registration order."""
+    return [portal.calls[c] for c in portal.calls_by_party.get((user_id, phone), ())]
 
 
 def find_active(portal: Portal, spec: CallSpec, now: float) -> dict[str, Any] | None:
@@ -210,11 +216,9 @@ def find_active(portal: Portal, spec: CallSpec, now: float) -> dict[str, Any] | 
     resolved user, number and TYPE; LINE_NUMBER and EXTERNAL_CALL_ID count when passed (the
     rest module's register builds its duplicate filter that way).
     """
-    for call in portal.calls.values():
+    for call in _party_calls(portal, spec.user_id, spec.phone):
         if (
-            call["USER_ID"] == spec.user_id
-            and call["PHONE_NUMBER"] == spec.phone
-            and call["TYPE"] == spec.call_type
+            call["TYPE"] == spec.call_type
             and call["START"] > now - DEDUP_WINDOW
             and (not spec.line or call["LINE_NUMBER"] == spec.line)
             and (spec.external is None or call["EXTERNAL_CALL_ID"] == spec.external)
@@ -244,11 +248,9 @@ def _check_click_to_call(portal: Portal, spec: CallSpec) -> None:
     """A new register for a click-to-call the portal already registered is a violation."""
     if spec.click_to_call:
         return
-    for c in portal.calls.values():
+    for c in _party_calls(portal, spec.user_id, spec.phone):
         if (
             c["CLICK_TO_CALL"]
-            and c["USER_ID"] == spec.user_id
-            and c["PHONE_NUMBER"] == spec.phone
             and time.time() - c["REGISTERED_AT"] < DEDUP_WINDOW
         ):
             portal.violation("register_for_click_to_call")
@@ -438,6 +440,10 @@ def call_finish(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     if status not in STATUS_CODES:
         status = "OTHER"
     del portal.calls[call_id]
+    party = portal.calls_by_party[(call["USER_ID"], call["PHONE_NUMBER"])]
+    party.remove(call_id)
+    if not party:
+        del portal.calls_by_party[(call["USER_ID"], call["PHONE_NUMBER"])]
     portal.stat_seq += 1
     stat = {
         "ID": portal.stat_seq,

@@ -263,6 +263,9 @@ class Portal:
     lines: dict[str, dict[str, Any]] = field(default_factory=dict)
     line_seq: int = 0
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # active CALL_IDs by (USER_ID, PHONE_NUMBER), in registration order: the dedup and
+    # click-to-call checks look a party up instead of scanning every active call
+    calls_by_party: dict[tuple[int, str], list[str]] = field(default_factory=dict)
     finished_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     stat_seq: int = 0
     file_seq: int = 9000

@@ -13,6 +13,17 @@ full bucket, with a little headroom:
   their side. A 10,000-command backlog to a standard portal then needs (200 - 48) / 1.98 =
   76.8 s for the 75 s of the ceiling (50 at once, then 2/s): 97.7 %.
 
+**A reserve for real-time work.** A portal that sent real-time work (a call card) in the last
+``REALTIME_WINDOW`` seconds keeps ``reserve(drain)`` tokens (1 s of drain, at least one: 2
+standard, 5 enterprise) out of reach of bulk work: a bulk take succeeds only while the bucket
+is that far below capacity, a real-time take up to capacity. So a call that arrives while a
+user sync drains the bucket finds a token at once instead of waiting a drain interval behind
+the bulk batches; bulk still drains at the full rate (it is only ever the reserve's size
+behind). A portal without real-time traffic keeps no reserve, so a bulk-only backlog loses
+nothing. Each real-time take marks the portal (``<bucket key>:rt``, expiring after the
+window) inside the same script, so every process sees the same reserve. Direct calls a person
+waits on count as real time.
+
 ``take`` is atomic (one Lua script, ``redis.call('TIME')`` as the clock, so hosts need no
 synchronised clocks) and returns 0.0 when it took a token, else the seconds until one is
 free: it took *nothing* then, and the caller waits that long and calls ``take`` again.
@@ -42,24 +53,33 @@ def scaled_plans(scale: float) -> dict[str, tuple[float, int]]:
     return {name: (drain * scale, int(burst * scale)) for name, (drain, burst) in PLANS.items()}
 DRAIN_SHARE = 0.99
 MIN_HEADROOM = 2
+REALTIME_WINDOW = 600.0  # seconds a real-time take keeps the portal's reserve
 
-# KEYS[1] bucket; ARGV: drain/s, capacity, fill level (-1: take a token instead).
+# KEYS[1] bucket, KEYS[2] its real-time mark; ARGV: drain/s, capacity, fill level (-1: take
+# a token instead), reserve (0: a real-time take, which marks the portal for ARGV[5] ms; else
+# the tokens a bulk take leaves free while the portal is marked).
 # Returns the seconds to wait as a string ("0" when a token was taken).
 _SCRIPT = """
 local drain, capacity, fill = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local reserve, window = tonumber(ARGV[4]), tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'level', 'stamp')
 local level = tonumber(state[1]) or 0
 local stamp = tonumber(state[2]) or now
 level = math.max(0, level - math.max(0, now - stamp) * drain)
+local limit = capacity
+if fill < 0 and reserve > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  limit = math.max(1, capacity - reserve)
+end
 local wait = 0
 if fill >= 0 then
   level = math.max(level, fill)
-elseif level + 1 <= capacity + 1e-9 then
+elseif level + 1 <= limit + 1e-9 then
   level = level + 1
+  if reserve == 0 then redis.call('SET', KEYS[2], '1', 'PX', window) end
 else
-  wait = (level + 1 - capacity) / drain
+  wait = (level + 1 - limit) / drain
 end
 redis.call('HSET', KEYS[1], 'level', string.format('%.6f', level),
            'stamp', string.format('%.6f', now))
@@ -85,6 +105,11 @@ def limits(drain: float, burst: int) -> tuple[float, float]:
     return drain * DRAIN_SHARE, float(max(1, burst - headroom))
 
 
+def reserve(drain: float) -> int:
+    """Tokens bulk work leaves to real-time work on a portal with real-time traffic."""
+    return max(1, math.ceil(drain))
+
+
 class _Bucket:
     """What both buckets share: the key, the limits and the script's arguments."""
 
@@ -96,10 +121,14 @@ class _Bucket:
         """Our (drain per second, capacity) for a portal on ``plan``."""
         return limits(*(self.plans.get(plan) or PLANS["standard"]))
 
-    def _args(self, portal_key: str, plan: str, fill: bool) -> tuple[list[str], list[float]]:
+    def _args(self, portal_key: str, plan: str, fill: bool,
+              realtime: bool = True) -> tuple[list[str], list[float]]:
         drain, burst = self.plans.get(plan) or PLANS["standard"]
         ours, capacity = limits(drain, burst)
-        return [self.prefix + portal_key], [ours, capacity, float(burst) if fill else -1.0]
+        key = self.prefix + portal_key
+        kept = 0 if realtime else reserve(drain)
+        return [key, key + ":rt"], [ours, capacity, float(burst) if fill else -1.0, kept,
+                                    int(REALTIME_WINDOW * 1000)]
 
 
 class RateBucket(_Bucket):
@@ -110,9 +139,10 @@ class RateBucket(_Bucket):
         super().__init__(prefix, plans)
         self.script = client.register_script(_SCRIPT)
 
-    def take(self, portal_key: str, plan: str) -> float:
-        """0.0: a token was taken now; else nothing was taken: wait that long, then retry."""
-        keys, args = self._args(portal_key, plan, fill=False)
+    def take(self, portal_key: str, plan: str, *, realtime: bool = True) -> float:
+        """0.0: a token was taken now; else nothing was taken: wait that long, then retry.
+        A bulk take (``realtime=False``) leaves the real-time reserve alone."""
+        keys, args = self._args(portal_key, plan, fill=False, realtime=realtime)
         return float(self.script(keys=keys, args=args))
 
     def fill(self, portal_key: str, plan: str) -> None:
@@ -135,9 +165,10 @@ class AsyncRateBucket(_Bucket):
         drain, _capacity = self.limits(plan)
         return float(await self.peek(keys=[self.prefix + portal_key], args=[drain]))
 
-    async def take(self, portal_key: str, plan: str) -> float:
-        """0.0: a token was taken now; else nothing was taken: wait that long, then retry."""
-        keys, args = self._args(portal_key, plan, fill=False)
+    async def take(self, portal_key: str, plan: str, *, realtime: bool = True) -> float:
+        """0.0: a token was taken now; else nothing was taken: wait that long, then retry.
+        A bulk take (``realtime=False``) leaves the real-time reserve alone."""
+        keys, args = self._args(portal_key, plan, fill=False, realtime=realtime)
         return float(await self.script(keys=keys, args=args))
 
     async def fill(self, portal_key: str, plan: str) -> None:

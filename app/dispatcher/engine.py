@@ -39,7 +39,7 @@ from flask import Flask
 
 from app.bitrix import AsyncRestClient, errors
 from app.dispatcher import metrics, nudge, outcomes, store
-from app.dispatcher.bucket import PLANS, AsyncRateBucket, scaled_plans
+from app.dispatcher.bucket import PLANS, AsyncRateBucket, reserve, scaled_plans
 from app.dispatcher.credentials import CredentialStore, Snapshot
 from app.dispatcher.ledger import LIMIT, AsyncOperatingLedger
 from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack_round
@@ -128,6 +128,7 @@ class Engine:
         self._claiming: set[int] = set()
         self._rewake: set[int] = set()
         self._launched: dict[int, float] = {}  # retired drivers' last launch (pacing)
+        self._timers: dict[int, asyncio.TimerHandle] = {}  # portals waiting out a pause
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
@@ -197,6 +198,8 @@ class Engine:
         drivers = [d.task for d in self.drivers.values() if d.task is not None]
         if drivers:
             await asyncio.wait(drivers, timeout=self.settings.request_timeout)
+        for timer in self._timers.values():
+            timer.cancel()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -261,6 +264,8 @@ class Engine:
         if self.drivers.get(driver.portal_id) is driver:
             del self.drivers[driver.portal_id]
         self._remember_launch(driver.portal_id, driver.last_launch)
+        if driver.resume_at is not None and not driver.retiring:
+            self._wake_later(driver.portal_id, driver.resume_at)
         self._claiming.add(driver.portal_id)  # a nudge meanwhile waits for the release
         try:
             await self.redis.eval(_RELEASE, 1, OWNER_PREFIX + str(driver.portal_id), self.owner)
@@ -269,6 +274,19 @@ class Engine:
         finally:
             self._claiming.discard(driver.portal_id)
         self._retry_rewake(driver.portal_id)
+
+    def _wake_later(self, portal_id: int, epoch: float) -> None:
+        """Wake ``portal_id`` when its paused method may go again (one timer per portal,
+        only while it waits: not the sweep's interval later)."""
+        if portal_id in self._timers or self._stopping.is_set():
+            return
+        delay = max(0.0, epoch - time.time()) + 0.05
+
+        def fire() -> None:
+            self._timers.pop(portal_id, None)
+            asyncio.ensure_future(self._wake(portal_id))
+
+        self._timers[portal_id] = asyncio.get_running_loop().call_later(delay, fire)
 
     def _remember_launch(self, portal_id: int, when: float) -> None:
         """Keep a retiring driver's last launch for the next one: a command arriving just
@@ -318,11 +336,14 @@ class Driver:
         self.snap: Snapshot | None = None
         self._wakeup = asyncio.Event()
         self._poked = False
+        self._pokes = 0  # pokes so far: a nap that starts late still sees an earlier one
         self.last_launch = engine.last_launch(portal_id)  # monotonic, for pacing
+        self.resume_at: float | None = None  # epoch a paused method may go again
 
     def poke(self) -> None:
         """New commands may be ready, or a slot is free: look again."""
         self._poked = True
+        self._pokes += 1
         self._wakeup.set()
 
     @property
@@ -351,11 +372,14 @@ class Driver:
 
     # ------------------------------------------------------------------ packing
     async def _send_round(self) -> bool:
-        """Pack a batch for each free slot the bucket can pay for from one fetch, take their
-        tokens, lease them in one transaction and launch them; False when nothing can go now.
+        """Pack a batch for each free slot the bucket can pay for from one fetch, lease them
+        in one transaction and launch them; False when nothing can go now.
 
         Full batches leave at once. A partial batch leaves no sooner than ``linger`` after
-        it was found and ``pace`` after the previous launch (see ``_gap``)."""
+        it was found and ``pace`` after the previous launch (see ``_gap``). The first batch's
+        token is taken before the lease (waiting for it, and packing again when new work
+        arrives meanwhile); every other batch takes its own just before it is sent, so the
+        bucket counts a request when it leaves, not when a large round started leasing."""
         free = self.slots - len(self.inflight)
         level, capacity = await self._bucket_level()
         want = max(1, min(free, int(capacity - level)))
@@ -368,12 +392,35 @@ class Driver:
             batches = await self._pack_round(want)
             if not batches:
                 return False
-        if await self._token() > 0:
-            batches = await self._pack_round(want)  # the wait let more arrive (maybe real-time)
+        batches = await self._first_token(batches, want)
         if not self._paced_out(level, capacity):
             batches = [b for b in batches if len(b.commands) >= MAX_BATCH] or batches[:1]
-        batches = batches[:1 + await self._spare_tokens(len(batches) - 1)]
+        batches = batches[:1 + await self._room(len(batches) - 1)]
         return bool(batches) and await self._launch(batches)
+
+    async def _first_token(self, batches: list[Packed], want: int) -> list[Packed]:
+        """Take a token for the round's first batch, waiting for one; a poke while waiting
+        (a call arrived, a batch landed) packs again, so real-time work that arrives during
+        the wait goes first and may use the bucket's reserve. [] when nothing is left."""
+        while batches:
+            seen = self._pokes
+            wait = await self.engine.bucket.take(self.member_id, self.plan,
+                                                 realtime=batches[0].realtime)
+            if wait == 0:
+                return batches
+            await self._nap(wait, seen)
+            batches = await self._pack_round(want)
+        return batches
+
+    async def _nap(self, seconds: float, seen: int) -> None:
+        """Sleep up to ``seconds``, less if poked since the ``seen``-th poke (at once if that
+        happened already); ``_poked`` stays as it was."""
+        while self._pokes == seen:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), seconds)
+            except TimeoutError:
+                return
 
     def _hold_back(self, batches: list[Packed], level: float, capacity: float) -> float:
         """Seconds a round of only partial batches waits for more commands (0: go now)."""
@@ -415,12 +462,14 @@ class Driver:
         """The portal's plan (its bucket and K)."""
         return self.snap.plan if self.snap else "standard"
 
-    async def _spare_tokens(self, wanted: int) -> int:
-        """Take up to ``wanted`` more tokens that are free now (no waiting)."""
-        got = 0
-        while got < wanted and await self.engine.bucket.take(self.member_id, self.plan) == 0:
-            got += 1
-        return got
+    async def _room(self, wanted: int) -> int:
+        """How many of ``wanted`` more batches the bucket can pay for now (none taken: each
+        batch takes its own token as it leaves)."""
+        if wanted <= 0:
+            return 0
+        level, capacity = await self._bucket_level()
+        drain, _ = self.engine.bucket.limits(self.plan)
+        return max(0, min(wanted, int(capacity - reserve(drain) - level)))
 
     async def _pack_round(self, free: int) -> list[Packed]:
         eng = self.engine
@@ -439,11 +488,15 @@ class Driver:
         return [b for b in batches if b.commands]
 
     async def _paused(self, methods: set[str]) -> frozenset[str]:
+        """The methods the ledger pauses now; the earliest end of a pause is kept in
+        ``resume_at`` (epoch), so a driver that retires with only paused work is woken then."""
         key = self.member_id
-        paused = set()
+        paused, self.resume_at = set(), None
         for method in methods:
-            if await self.engine.ledger.pause_until(key, method):
+            until = await self.engine.ledger.pause_until(key, method)
+            if until:
                 paused.add(method)
+                self.resume_at = min(until, self.resume_at or until)
         return frozenset(paused)
 
     @property
@@ -451,14 +504,11 @@ class Driver:
         """The portal's key in the shared bucket, the ledger and the metrics."""
         return self.snap.member_id if self.snap else str(self.portal_id)
 
-    async def _token(self) -> float:
-        """Wait until the portal's bucket gives a token; returns the seconds waited."""
-        assert self.snap is not None
-        waited = 0.0
-        while (wait := await self.engine.bucket.take(self.member_id, self.snap.plan)) > 0:
+    async def _token(self, realtime: bool) -> None:
+        """Wait until the portal's bucket gives a token."""
+        while (wait := await self.engine.bucket.take(self.member_id, self.plan,
+                                                     realtime=realtime)) > 0:
             await asyncio.sleep(wait)
-            waited += wait
-        return waited
 
     async def _launch(self, batches: list[Packed]) -> bool:
         eng, now = self.engine, utcnow()
@@ -468,11 +518,12 @@ class Driver:
                                   [(bid, [c.id for c in b.commands]) for bid, b in ids],
                                   owner=eng.owner, now=now, until=now + eng.lease_length())
         launched = False
-        for batch_id, packed in ids:
+        for n, (batch_id, packed) in enumerate(ids):
             commands = [c for c in packed.commands if c.id in leased[batch_id]]
             if commands:
                 wire = Packed(commands).wire(self._deps)
-                task = asyncio.create_task(self._flight(commands, wire))
+                task = asyncio.create_task(
+                    self._flight(commands, wire, realtime=packed.realtime, paid=n == 0))
                 self.inflight.add(task)
                 task.add_done_callback(self._landed)
                 launched = True
@@ -483,11 +534,14 @@ class Driver:
         self.poke()
 
     # ------------------------------------------------------------------ one batch
-    async def _flight(self, commands: list[Candidate], wire: dict[str, Any]) -> None:
-        started = time.monotonic()
+    async def _flight(self, commands: list[Candidate], wire: dict[str, Any], *,
+                      realtime: bool, paid: bool) -> None:
         metrics.inflight(self.member_id, +1)
         try:
-            answer = await self._exchange(wire)
+            if not paid:
+                await self._token(realtime)
+            started = time.monotonic()
+            answer = await self._exchange(wire, realtime)
             metrics.round_trip(self.member_id, time.monotonic() - started)
             await self._settle(commands, answer)
         except Exception:
@@ -496,7 +550,7 @@ class Driver:
         finally:
             metrics.inflight(self.member_id, -1)
 
-    async def _exchange(self, wire: dict[str, Any]) -> Any:
+    async def _exchange(self, wire: dict[str, Any], realtime: bool) -> Any:
         """Send the batch; refresh or follow a rename and send again (each with a token)."""
         eng = self.engine
         for _ in range(MAX_RESENDS + 1):
@@ -516,7 +570,7 @@ class Driver:
                     return exc
                 metrics.refreshed(self.member_id)
                 self.snap = await eng.credentials.refreshed(snap)
-            await self._token()
+            await self._token(realtime)
         return errors.TransportError("gave up after repeated refreshes and renames")
 
     async def _usable(self) -> Snapshot:

@@ -73,6 +73,11 @@ class Packed:
     commands: list[Candidate] = field(default_factory=list)
     doomed: dict[int, str] = field(default_factory=dict)  # id -> dead reason
 
+    @property
+    def realtime(self) -> bool:
+        """Whether the batch carries real-time work (it may use the bucket's reserve)."""
+        return any(c.priority == Priority.REALTIME for c in self.commands)
+
     def wire(self, deps: Mapping[int, Dependency]) -> dict[str, tuple[str, dict[str, Any]]]:
         """The ``{key: (method, params)}`` map for ``batch``, references resolved."""
         inside = {c.id for c in self.commands}

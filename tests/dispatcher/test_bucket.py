@@ -14,7 +14,7 @@ import pytest
 import redis.asyncio
 
 from app.bitrix import RestClient, errors
-from app.dispatcher.bucket import AsyncRateBucket, RateBucket, limits
+from app.dispatcher.bucket import REALTIME_WINDOW, AsyncRateBucket, RateBucket, limits, reserve
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import Portal, PortalStatus
@@ -108,20 +108,44 @@ def test_query_limit_fills_the_bucket_for_everyone(sandbox, redis_client):
         rest.close()
 
 
+SLOW = {"enterprise": (0.05, 250)}  # a burst of 250 and so slow a drain that timing is moot
+
+
 def test_async_and_sync_buckets_share_one_budget(redis_url, redis_client):
+    _drain, capacity = limits(*SLOW["enterprise"])
+
     async def drain_it() -> list[float]:
         client = redis.asyncio.Redis.from_url(redis_url)
-        bucket = AsyncRateBucket(client)
+        bucket = AsyncRateBucket(client, plans=SLOW)
         try:
-            return [await bucket.take("m1", "enterprise") for _ in range(246)]
+            return [await bucket.take("m1", "enterprise") for _ in range(int(capacity) + 1)]
         finally:
             await client.aclose()
 
     waits = asyncio.run(drain_it())
-    assert waits[:245] == [0.0] * 245 and waits[245] > 0.0  # capacity 245 of 250
-    sync = RateBucket(redis_client)
+    assert waits[:-1] == [0.0] * int(capacity) and waits[-1] > 0.0
+    sync = RateBucket(redis_client, plans=SLOW)
     assert sync.take("m1", "enterprise") > 0.0
     assert sync.take("m2", "enterprise") == 0.0  # another portal has its own bucket
+
+
+def test_bulk_leaves_a_reserve_to_real_time_work_once_a_portal_has_some(redis_client):
+    bucket = RateBucket(redis_client, plans=SLOW)
+    drain, capacity = limits(*SLOW["enterprise"])
+    kept = reserve(drain)
+    # a bulk-only portal: bulk may fill the whole bucket
+    assert [bucket.take("bulky", "enterprise", realtime=False)
+            for _ in range(int(capacity))] == [0.0] * int(capacity)
+    assert not redis_client.exists("b24relay:bucket:bulky:rt")
+    # a portal with calls: one real-time take marks it, and bulk stops short of the reserve
+    assert bucket.take("calls", "enterprise") == 0.0
+    ttl = redis_client.pttl("b24relay:bucket:calls:rt")
+    assert 0 < ttl <= REALTIME_WINDOW * 1000
+    bulk = [bucket.take("calls", "enterprise", realtime=False) for _ in range(int(capacity))]
+    assert bulk.count(0.0) == int(capacity) - kept - 1 and bulk[-1] > 0.0
+    # ... so a call that arrives now leaves at once, up to the capacity
+    assert [bucket.take("calls", "enterprise") for _ in range(kept)] == [0.0] * kept
+    assert bucket.take("calls", "enterprise") > 0.0
 
 
 def test_an_idle_portal_leaves_nothing_behind(redis_client):

@@ -22,8 +22,11 @@ def test_commands_trickling_in_share_a_few_batches_and_a_lone_one_leaves_at_once
     done = settled(portal.id, 60)
     assert {r.status for r in done} == {"done"}
     batches = {r.batch_id for r in done}
-    # 0.3 s apart while the bucket is empty: ~5 batches (25 ms linger alone made ~25)
-    assert len(batches) <= 8, f"{len(batches)} batches for 60 commands over 1.2 s"
+    # 0.3 s apart while the bucket is empty: ~5 batches over 1.2 s (25 ms linger alone made
+    # ~25); a loaded machine stretches the submitting, so the bound follows its real span
+    span = (done[-1].submitted_at - done[0].submitted_at).total_seconds()
+    assert len(batches) <= span / 0.3 + 3, f"{len(batches)} batches for 60 commands over " \
+        f"{span:.2f} s"
     first = done[0]
     assert (first.first_sent_at - first.submitted_at).total_seconds() < 0.25, \
         "the first command waited although nothing had left before it"
