@@ -1,4 +1,5 @@
-"""The dispatcher in the workers: an engine per worker process, and the periodic sweep."""
+"""The dispatcher in the workers: an engine per worker process, the periodic sweep and the
+outbox's retention."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dramatiq
 from dramatiq.middleware import Middleware
 from flask import Flask
 
-from app.dispatcher import sweep
+from app.dispatcher import retention, sweep
 from workers.scheduler import periodic
 
 
@@ -38,3 +39,10 @@ class DispatcherMiddleware(Middleware):
 def sweep_outbox() -> None:
     """Recover expired leases, nudge portals with due commands, resend missed on_done."""
     sweep.sweep()
+
+
+@periodic("OUTBOX_PRUNE_INTERVAL")
+@dramatiq.actor(queue_name="default", max_retries=0)
+def prune_outbox() -> None:
+    """Delete done and dead commands past their retention (app/dispatcher/retention.py)."""
+    retention.prune(retention.Retention.from_config())
