@@ -1,5 +1,5 @@
-"""The dispatcher in the workers: an engine per worker process, the periodic sweep and the
-outbox's retention."""
+"""The dispatcher in the workers: an engine per worker process, the periodic sweep, the
+outbox's retention, and the probe that resumes a portal once its REST block is lifted."""
 
 from __future__ import annotations
 
@@ -10,6 +10,9 @@ from dramatiq.middleware import Middleware
 from flask import Flask
 
 from app.dispatcher import retention, sweep
+from app.extensions import db
+from app.tenants import blocked
+from app.tenants.models import Portal
 from workers.scheduler import periodic
 
 
@@ -46,3 +49,19 @@ def sweep_outbox() -> None:
 def prune_outbox() -> None:
     """Delete done and dead commands past their retention (app/dispatcher/retention.py)."""
     retention.prune(retention.Retention.from_config())
+
+
+@periodic(60)
+@dramatiq.actor(queue_name="default", max_retries=0)
+def probe_blocked_portals() -> None:
+    """Queue a probe for each blocked portal whose last probe is OVERLOAD_PROBE_MINUTES old."""
+    for portal_id in blocked.due_for_probe():
+        probe_blocked_portal.send(portal_id)
+
+
+@dramatiq.actor(queue_name="default", max_retries=0)
+def probe_blocked_portal(portal_id: int) -> None:
+    """One app.info to a blocked portal; it resumes when the portal answers."""
+    portal = db.session.get(Portal, portal_id)
+    if portal is not None:
+        blocked.probe(portal)
