@@ -167,6 +167,16 @@ def dispatch_settings() -> dict[str, Any]:
         # Seconds of operating time per method per 10 minutes the ledger budgets (Bitrix24's
         # 480); benchmarks that raise the sandbox portal's limit raise this with it.
         "DISPATCH_OPERATING_LIMIT": env_float("DISPATCH_OPERATING_LIMIT", 480.0),
+        # Outbox retention (app.dispatcher.retention), in days: done commands are deleted this
+        # long after they completed, dead ones this long after they died; and the seconds
+        # between retention passes (one worker runs each).
+        "OUTBOX_KEEP_DONE_DAYS": env_float("OUTBOX_KEEP_DONE_DAYS", 7.0),
+        "OUTBOX_KEEP_DEAD_DAYS": env_float("OUTBOX_KEEP_DEAD_DAYS", 30.0),
+        "OUTBOX_PRUNE_INTERVAL": env_float("OUTBOX_PRUNE_INTERVAL", 3600.0),
+        # A portal blocked by Bitrix24 support (OVERLOAD_LIMIT) gets one app.info this many
+        # minutes after it was (last found) blocked, and resumes when it answers
+        # (app/tenants/blocked.py); 0: never probed, an operator resumes it.
+        "OVERLOAD_PROBE_MINUTES": env_float("OVERLOAD_PROBE_MINUTES", 15.0),
     }
 
 

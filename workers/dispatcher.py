@@ -1,4 +1,5 @@
-"""The dispatcher in the workers: an engine per worker process, and the periodic sweep."""
+"""The dispatcher in the workers: an engine per worker process, the periodic sweep, the
+outbox's retention, and the probe that resumes a portal once its REST block is lifted."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import dramatiq
 from dramatiq.middleware import Middleware
 from flask import Flask
 
-from app.dispatcher import sweep
+from app.dispatcher import retention, sweep
+from app.extensions import db
+from app.tenants import blocked
+from app.tenants.models import Portal
 from workers.scheduler import periodic
 
 
@@ -38,3 +42,26 @@ class DispatcherMiddleware(Middleware):
 def sweep_outbox() -> None:
     """Recover expired leases, nudge portals with due commands, resend missed on_done."""
     sweep.sweep()
+
+
+@periodic("OUTBOX_PRUNE_INTERVAL")
+@dramatiq.actor(queue_name="default", max_retries=0)
+def prune_outbox() -> None:
+    """Delete done and dead commands past their retention (app/dispatcher/retention.py)."""
+    retention.prune(retention.Retention.from_config())
+
+
+@periodic(60)
+@dramatiq.actor(queue_name="default", max_retries=0)
+def probe_blocked_portals() -> None:
+    """Queue a probe for each blocked portal whose last probe is OVERLOAD_PROBE_MINUTES old."""
+    for portal_id in blocked.due_for_probe():
+        probe_blocked_portal.send(portal_id)
+
+
+@dramatiq.actor(queue_name="default", max_retries=0)
+def probe_blocked_portal(portal_id: int) -> None:
+    """One app.info to a blocked portal; it resumes when the portal answers."""
+    portal = db.session.get(Portal, portal_id)
+    if portal is not None:
+        blocked.probe(portal)

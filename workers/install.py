@@ -6,14 +6,18 @@ follow-ups (workers/followups.py) finish the work, so no worker thread waits on 
 
 from __future__ import annotations
 
+import hashlib
+from datetime import timedelta
+
 import dramatiq
 
 from app.extensions import db
 from app.tenants import install, upkeep
-from app.tenants.models import Portal, PortalStatus
+from app.tenants.models import Portal, PortalStatus, aware, utcnow
 from workers.scheduler import periodic
 
 USER_SYNC_SECONDS = 6 * 3600
+LIVE_MARGIN = timedelta(seconds=120)  # as install.portals_with_live_tokens
 
 
 def _active(portal_id: int) -> Portal | None:
@@ -33,12 +37,27 @@ def setup_portal(portal_id: int) -> None:
 
 
 @dramatiq.actor(queue_name="default", max_retries=3, min_backoff=5_000, max_backoff=60_000)
-def sync_portal_users(portal_id: int) -> None:
-    """Read one portal's users and their extensions again."""
+def sync_portal_users(portal_id: int, live_only: bool = False) -> None:
+    """Read one portal's users and their extensions again (``live_only``: unless its access
+    token has expired meanwhile, so a scheduled sync never causes a refresh)."""
     portal = _active(portal_id)
-    if portal is not None:
-        upkeep.submit_user_sync(portal)
-        db.session.commit()
+    if portal is None or (live_only and not _token_live(portal)):
+        return
+    upkeep.submit_user_sync(portal)
+    db.session.commit()
+
+
+def _token_live(portal: Portal) -> bool:
+    expires = aware(portal.expires_at)
+    return expires is not None and expires > utcnow() + LIVE_MARGIN
+
+
+def sync_delay_ms(portal_id: int, interval_seconds: float = USER_SYNC_SECONDS) -> int:
+    """The portal's fixed place in the sync interval, in ms: a hash of its id spreads the
+    portals evenly over the interval, and each keeps its place from one interval to the next
+    (so its syncs stay one interval apart)."""
+    digest = hashlib.blake2b(str(portal_id).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % max(1, int(interval_seconds * 1000))
 
 
 @periodic(USER_SYNC_SECONDS)
@@ -46,8 +65,12 @@ def sync_portal_users(portal_id: int) -> None:
 def sync_users_of_busy_portals() -> None:
     """Bitrix24 sends no user-update event: re-read extensions where the token is live anyway.
 
-    Portals whose access token has expired are skipped, so this job never causes
-    a token refresh (refreshing on a timer is what Bitrix24 warns against).
+    Each portal is enqueued once per interval, delayed to its own place in the interval
+    (``sync_delay_ms``): 1,000 live portals make a flat load, not 1,000 syncs at the tick (or
+    at a worker's boot). Portals whose access token has expired, now or by their turn, are
+    skipped, so this job never causes a token refresh (refreshing on a timer is what
+    Bitrix24 warns against).
     """
     for portal_id in install.portals_with_live_tokens():
-        sync_portal_users.send(portal_id)
+        sync_portal_users.send_with_options(args=(portal_id,), kwargs={"live_only": True},
+                                            delay=sync_delay_ms(portal_id))

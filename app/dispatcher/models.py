@@ -58,6 +58,8 @@ class OutboxCommand(db.Model):
         Index("ix_outbox_commands_portal_key", "portal_id", "key", "id"),
         # on_done notifications still to send (true from the start when there is none).
         Index("ix_outbox_commands_on_done_sent_status", "on_done_sent", "status"),
+        # Retention: finished commands oldest first (app/dispatcher/retention.py).
+        Index("ix_outbox_commands_status_completed_at", "status", "completed_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

@@ -36,6 +36,7 @@ class PortalStatus(enum.StrEnum):
     PORTAL_DELETED = "portal_deleted"
     UNINSTALLED = "uninstalled"
     DISABLED = "disabled"              # switched off by an operator
+    BLOCKED = "blocked"                # OVERLOAD_LIMIT: Bitrix24 support blocked its REST access
 
 
 class Plan(enum.StrEnum):

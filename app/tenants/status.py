@@ -11,17 +11,28 @@ ACCESS_DENIED,         access_denied               grant the scope/rights, admin
 insufficient_scope                                 the app
 NOT_INSTALLED,         uninstalled                 install the app again
 ERROR_OAUTH, ...
+OVERLOAD_LIMIT         blocked                     automatic: a probe (one app.info)
+                                                   every OVERLOAD_PROBE_MINUTES; an admin
+                                                   opening the app; ``flask portals
+                                                   resume`` (probe now) or ``enable``
 operator               disabled                    ``flask portals enable``
 =====================  ==========================  =====================================
 
 Every state but ``active`` and ``installing`` holds the portal's calls: nothing
 is sent (``PortalUnavailable``), and queued commands stay queued.
+
+``blocked`` is Bitrix24 support's manual block of the portal's REST access (protocol
+§4.3: "stop, alert a human"). Each move into it is logged at error and counted in
+``b24relay_portal_blocked_total`` (the first block, then every probe that finds it still
+there), so an alert on that counter's increase holds exactly while a portal is blocked.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from prometheus_client import Counter
 from sqlalchemy import update
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -29,12 +40,20 @@ from app.bitrix import errors
 from app.extensions import db
 from app.tenants.models import Portal, PortalStatus, utcnow
 
+log = logging.getLogger(__name__)
+
+BLOCKED = Counter("b24relay_portal_blocked_total",
+                  "OVERLOAD_LIMIT answers that left a portal blocked (Bitrix24 support's manual "
+                  "REST block): the first one, then each probe that finds it still there. A "
+                  "human must contact Bitrix24 support.")
+
 HELD = frozenset({PortalStatus.AUTH_FAILED, PortalStatus.PAYMENT_REQUIRED,
                   PortalStatus.ACCESS_DENIED, PortalStatus.PORTAL_DELETED,
-                  PortalStatus.UNINSTALLED, PortalStatus.DISABLED})
-# A fresh chain from an admin's iframe open shows the app works again for these.
+                  PortalStatus.UNINSTALLED, PortalStatus.DISABLED, PortalStatus.BLOCKED})
+# A fresh chain from an admin's iframe open shows the app works again for these (a chain is
+# kept only after user.admin answered on the portal's REST, so a REST block is over too).
 CLEARED_BY_NEW_CHAIN = frozenset({PortalStatus.AUTH_FAILED, PortalStatus.PAYMENT_REQUIRED,
-                                  PortalStatus.ACCESS_DENIED})
+                                  PortalStatus.ACCESS_DENIED, PortalStatus.BLOCKED})
 REOPEN = "Open the app in Bitrix24 once as an administrator to reconnect it."
 
 REASONS: dict[PortalStatus, str] = {
@@ -48,6 +67,10 @@ REASONS: dict[PortalStatus, str] = {
     PortalStatus.UNINSTALLED: "The app is not installed on this portal any more. "
     "Install it again from Bitrix24 Market to resume.",
     PortalStatus.DISABLED: "Switched off by an operator; `flask portals enable` switches it on.",
+    PortalStatus.BLOCKED: "Bitrix24 support has blocked the app's REST access on this portal "
+    "(OVERLOAD_LIMIT). Nothing is sent and nothing is lost: calls and events wait. The app "
+    "checks regularly whether the block was lifted and then resumes by itself; ask Bitrix24 "
+    "support to lift it.",
 }
 INTERRUPTED = ("A token refresh was interrupted (the process stopped after the request left) "
                "and Bitrix24 had already rotated the tokens, so the stored refresh token is "
@@ -87,6 +110,8 @@ def transition_for(error: errors.ApiError) -> PortalStatus | None:
         return PortalStatus.PAYMENT_REQUIRED
     if isinstance(error, errors.NotInstalled):
         return PortalStatus.UNINSTALLED
+    if isinstance(error, errors.OverloadLimit):
+        return PortalStatus.BLOCKED
     if error.code.upper() in _ACCESS_CODES:
         return PortalStatus.ACCESS_DENIED
     return None
@@ -137,7 +162,12 @@ def apply_error(portal: Portal, error: errors.ApiError) -> None:
     target = transition_for(error)
     if target is None:
         return
+    was = portal.status
     record(portal, target, reason_for(target, f"{error.code} {error.description}".strip()))
+    if target is PortalStatus.BLOCKED and was != target.value:  # once, not per batch in flight
+        BLOCKED.inc()
+        log.error("portal %s: Bitrix24 blocked its REST access (OVERLOAD_LIMIT); its calls are "
+                  "held. A human must ask Bitrix24 support to lift the block", portal.member_id)
     raise PortalUnavailable(portal.member_id, target.value, portal.status_reason) from error
 
 
@@ -148,3 +178,18 @@ def set_status(portal: Portal, status: str | PortalStatus, reason: str | None = 
     portal.status_reason = reason or reason_for(value)
     portal.status_changed_at = utcnow()
     db.session.commit()
+
+
+def swap(portal: Portal, expected: PortalStatus, status: PortalStatus,
+         reason: str | None) -> bool:
+    """Move the portal from ``expected`` to ``status`` in its own transaction, only if it is
+    still ``expected`` (another process may have moved it meanwhile); True when it moved."""
+    values: dict[str, Any] = {"status": status.value, "status_reason": reason,
+                              "status_changed_at": utcnow()}
+    with db.engine.begin() as conn:
+        moved = conn.execute(update(Portal).where(Portal.id == portal.id,
+                                                  Portal.status == expected.value)
+                             .values(**values)).rowcount == 1
+    if moved:
+        sync(portal, values)
+    return moved

@@ -324,8 +324,9 @@ def user_is_admin(client_endpoint: str, access_token: str, portal: Portal | None
 
 
 # What user.admin may answer that says nothing about the user.
-PORTAL_STATES = (errors.PaymentRequired, errors.NotInstalled, errors.PortalDeleted)
-LIMITS = (errors.QueryLimitExceeded, errors.OperationTimeLimit, errors.OverloadLimit)
+PORTAL_STATES = (errors.PaymentRequired, errors.NotInstalled, errors.PortalDeleted,
+                 errors.OverloadLimit)  # OVERLOAD_LIMIT: support's block, not a busy minute
+LIMITS = (errors.QueryLimitExceeded, errors.OperationTimeLimit)
 
 
 def _raise_unless_about_the_user(exc: ApiError, portal: Portal | None) -> None:

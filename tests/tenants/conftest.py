@@ -49,6 +49,7 @@ def make_portal(oauth_app: Any, sandbox: Any) -> Any:
                   "token_version": 1, "status": PortalStatus.ACTIVE.value,
                   "installed_at": utcnow(), **columns}
         portal = Portal(**fields)
+        portal.set_plan(plan)  # the row's plan and rate limit, as the sandbox portal's
         db.session.add(portal)
         db.session.commit()
         return portal, info
