@@ -168,6 +168,8 @@ def event_bind(ctx: Ctx, params: dict[str, Any]) -> bool:
     auth_type = int(arg(params, "auth_type", "AUTH_TYPE", default=0) or 0)
     if (offline or auth_type not in (0, ctx.user.id)) and not ctx.user.admin:
         raise ApiError("ACCESS_DENIED", "Access denied!", 403)
+    if not ctx.user.admin:
+        auth_type = ctx.user.id  # a non-admin's handler is always his own
     handler = "" if offline else str(arg(params, "handler", "HANDLER", default=""))
     if not offline:
         if not handler:
@@ -209,6 +211,8 @@ def event_unbind(ctx: Ctx, params: dict[str, Any]) -> dict[str, int]:
     offline = str(arg(params, "event_type", "EVENT_TYPE", default="online")).lower() == "offline"
     handler = str(arg(params, "handler", "HANDLER", default=""))
     auth_type = int(arg(params, "auth_type", "AUTH_TYPE", default=0) or 0)
+    if not ctx.user.admin:  # ... and removes only those
+        auth_type = ctx.user.id
     keep, count = [], 0
     for b in ctx.portal.bindings:
         hit = (
@@ -227,8 +231,8 @@ def event_unbind(ctx: Ctx, params: dict[str, Any]) -> dict[str, int]:
 @method("event.get")
 def event_get(ctx: Ctx, params: dict[str, Any]) -> list[dict[str, Any]]:
     rows = ctx.portal.bindings
-    if not ctx.user.admin:
-        rows = [b for b in rows if b.auth_type in (0, ctx.user.id)]
+    if not ctx.user.admin:  # a non-admin sees only handlers bound as himself
+        rows = [b for b in rows if b.auth_type == ctx.user.id]
     return [b.as_rest() for b in rows]
 
 

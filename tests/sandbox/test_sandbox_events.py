@@ -364,3 +364,21 @@ def test_install_after_uninstall_gets_a_new_application_token(sandbox, fake_app)
     assert fresh["install_pending"] and fresh["application_token"] != p["application_token"]
     form = dict(parse_qsl(fake_app.paths("/install")[-1].body.decode()))
     assert form["APPLICATION_TOKEN"] == fresh["application_token"]
+
+
+def test_an_employee_neither_sees_nor_removes_the_apps_handlers(sandbox, fake_app, http):
+    p = installed(sandbox, fake_app)
+    handler = fake_app.url + "/b24/events?k=only-the-app-knows"
+    assert call(http, p, "event.bind", event="ONCRMDEALUPDATE", handler=handler).json()["result"]
+    bob = sandbox.issue_tokens(p["member_id"], user_id=15)["access_token"]
+    assert call(http, p, "event.get", bob).json()["result"] == []
+    # his own handler is bound as him, whatever auth_type he asks for
+    mine = fake_app.url + "/b24/events?mine"
+    assert call(http, p, "event.bind", bob, event="ONCRMDEALUPDATE", handler=mine,
+                auth_type=0).json()["result"] is True
+    seen = call(http, p, "event.get", bob).json()["result"]
+    assert [(h["handler"], h["auth_type"]) for h in seen] == [(mine, "15")]
+    gone = call(http, p, "event.unbind", bob, event="ONCRMDEALUPDATE", handler=handler)
+    assert gone.json()["result"] == {"count": 0}
+    admin = call(http, p, "event.get").json()["result"]
+    assert {(h["handler"], h["auth_type"]) for h in admin} == {(handler, "0"), (mine, "15")}
