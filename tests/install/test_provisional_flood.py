@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from app.extensions import db
 from app.ingress.models import InboxEvent
-from app.tenants import install
+from app.tenants import install, service
 from tests.install.conftest import CLIENT_ID, CLIENT_SECRET, portal_row, process_queued
 from tests.install.test_late_events import _asked_about, _statuses
 
@@ -131,14 +131,11 @@ def test_the_handler_key_is_in_every_binding_and_an_old_binding_is_replaced(sand
 
     # A portal bound before handler keys existed: the next setup binds the keyed URL and
     # unbinds the old one (each binding delivers: left alone, every event came twice).
-    with live_app.app.app_context():
-        from app.tenants import service
-        from app.tenants.models import Portal
-        row = Portal.by_member_id(mid)
-        for name in install.EVENTS:
-            service.call_method(row, "event.unbind", {"event": name, "handler": url})
-            service.call_method(row, "event.bind", {"event": name,
-                                                    "handler": f"{live_app.url}/b24/events"})
+    row = portal_row(mid)
+    for name in install.EVENTS:
+        service.call_method(row, "event.unbind", {"event": name, "handler": url})
+        service.call_method(row, "event.bind", {"event": name,
+                                                "handler": f"{live_app.url}/b24/events"})
     assert sandbox.install_app(mid, live_app.url)["status"] == 200
     assert {(b["event"], b["handler"]) for b in sandbox.bindings(mid)["events"]} == {
         (name, url) for name in install.EVENTS}
