@@ -231,6 +231,13 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # that time (429 beyond): app/ingress/provisional.py.
         "PROVISIONAL_EVENT_MAX_AGE": env_float("PROVISIONAL_EVENT_MAX_AGE", 600.0),
         "PROVISIONAL_EVENTS_PER_PORTAL": env_int("PROVISIONAL_EVENTS_PER_PORTAL", 1000),
+        # ... of which one source address (IPv4, or an IPv6 /64) may take this many.
+        "PROVISIONAL_EVENTS_PER_ADDRESS": env_int("PROVISIONAL_EVENTS_PER_ADDRESS", 100),
+        # Events that carry the portal's handler key (they come through the bindings the app
+        # made, app/ingress/handler_key.py) have a ration of their own, this large, so that
+        # a forger's flood cannot leave Bitrix24's own events refused.
+        "PROVISIONAL_KEYED_EVENTS_PER_PORTAL": env_int("PROVISIONAL_KEYED_EVENTS_PER_PORTAL",
+                                                       10000),
         # Auth servers whose app.info we trust when an iframe POST names its own
         # SERVER_ENDPOINT: comma-separated hosts (https) or scheme://host URLs. An iframe
         # POST without SERVER_ENDPOINT (the short form real portals send, protocol §2.3)

@@ -9,16 +9,28 @@ any member_id; each is stored for the worker to check with the auth server's
 - a per-minute ceiling per source address and one for all addresses together
   (``FIRST_CONTACT_PER_ADDRESS_PER_MINUTE``, 30; ``FIRST_CONTACT_PER_MINUTE``, 300),
   counted in Redis; beyond them the answer is 429 and nothing is stored. It applies
-  to unknown and uninstalled portals (:func:`rationed`), not to one an admin just
-  installed that waits for its token.
+  to unknown and uninstalled portals (:func:`rationed`), and to a portal an admin just
+  installed that waits for its token unless the event carries its handler key (its
+  real ONAPPINSTALL, bound by the installer, does).
 
 Provisional events (any event for a portal an admin installed whose application_token
-is still missing, app/ingress/provisional.py) have one ceiling of their own: at most
-``PROVISIONAL_EVENTS_PER_PORTAL`` (1000) per portal in ``PROVISIONAL_EVENT_MAX_AGE``
-(600 s), the time such a row may be kept; beyond it the answer is 429 and nothing is
-stored (:func:`admit_provisional`). So a forger fills at most that many rows per
-waiting portal, and each goes within twice that time. Real events beyond it are lost:
-a portal's burst in the seconds before its ONAPPINSTALL arrives stays far below it.
+is still missing, app/ingress/provisional.py) are rationed per portal in
+``PROVISIONAL_EVENT_MAX_AGE`` (600 s), the time such a row may be kept; beyond a
+ration the answer is 429 and nothing is stored (:func:`admit_provisional`). Anyone who
+knows a member_id (every employee: it is in their iframe form) can send them, so
+Bitrix24's own deliveries must not share a ration with him. They need not: they come
+through the handlers the app bound, whose URL carries the portal's handler key
+(app/ingress/handler_key.py), which employees cannot read. So there are two rations:
+
+- events with the key: ``PROVISIONAL_KEYED_EVENTS_PER_PORTAL`` (10,000), far above a
+  portal's burst before its ONAPPINSTALL arrives; only Bitrix24 (or an admin) fills it;
+- events without it: ``PROVISIONAL_EVENTS_PER_PORTAL`` (1000), of which one source
+  address (IPv4, or an IPv6 /64) may take ``PROVISIONAL_EVENTS_PER_ADDRESS`` (100). Only
+  a portal bound before handler keys existed sends real events here (its next setup
+  re-binds it with the key).
+
+A forger without the key fills at most the second ration per waiting portal, and each
+row goes within twice that time; the key never makes a row verified (its token decides).
 
 The trade-off: Bitrix24 never resends, so a real ONAPPINSTALL refused by a ceiling
 is lost (the installer POST, which the app treats as primary, still installs the
@@ -31,6 +43,7 @@ the event is stored.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import time
@@ -39,7 +52,7 @@ from typing import Any
 import redis
 from flask import current_app
 
-from app.ingress import inbox
+from app.ingress import handler_key, inbox, provisional
 from app.ingress.auth import KnownPortal, Rejected
 from app.ingress.sealed import SEALED_FIELD
 from app.tenants.models import PortalStatus
@@ -118,26 +131,46 @@ def _count(name: str, keys: list[str], args: list[Any]) -> int:
         return 0
 
 
-def rationed(portal: KnownPortal | None) -> bool:
+def source(address: str | None) -> str:
+    """What one sender is counted as: an IPv4 address, or the /64 an IPv6 address is in
+    (one host or subscriber is commonly handed a whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return "unknown"
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+def rationed(portal: KnownPortal | None, key: str | None = None) -> bool:
     """Whether a first contact for ``portal`` counts against the ceilings.
 
     Unknown and uninstalled portals do. A portal a verified admin installed through
-    ``/install`` that still waits for its application_token does not: on portals that
-    send the short iframe form (protocol §2.3) its ONAPPINSTALL is the only source of
-    that token, so refusing it would leave the portal deaf to every later event. Its
-    forgeries are still pruned and checked with ``app.info`` before anything is kept.
+    ``/install`` that still waits for its application_token does only for events
+    without its handler key (``key``, the ``k`` query parameter): on portals that send
+    the short iframe form (protocol §2.3) its ONAPPINSTALL is the only source of that
+    token, so refusing it would leave the portal deaf to every later event; the
+    installer binds it with the key, and forgeries without it must not flood the inbox
+    (nor the auth server with ``app.info`` checks). Whatever is kept is still pruned
+    and checked with ``app.info``.
     """
-    return portal is None or portal.status == PortalStatus.UNINSTALLED.value
+    if portal is None or portal.status == PortalStatus.UNINSTALLED.value:
+        return True
+    return provisional.awaiting_token(portal) and not handler_key.matches(portal.member_id, key)
 
 
-def admit(address: str | None, portal: KnownPortal | None = None) -> None:
+def admit(address: str | None, portal: KnownPortal | None = None,
+          key: str | None = None) -> None:
     """Count a first contact from ``address``; 429 beyond a ceiling (none if Redis is out)."""
-    if not rationed(portal):
+    if not rationed(portal, key):
         return
     cfg = current_app.config
     prefix = f"b24relay:first-contact:{int(time.time() // WINDOW_SECONDS)}"
     over = _count("first_contact_count",
-                  [f"{prefix}:addr:{address or 'unknown'}", f"{prefix}:all"],
+                  [f"{prefix}:addr:{source(address)}", f"{prefix}:all"],
                   [cfg["FIRST_CONTACT_PER_ADDRESS_PER_MINUTE"], cfg["FIRST_CONTACT_PER_MINUTE"],
                    2 * WINDOW_SECONDS])
     if over:
@@ -147,12 +180,25 @@ def admit(address: str | None, portal: KnownPortal | None = None) -> None:
                        detail=f"first-contact ceiling {scope} reached by {address}")
 
 
-def admit_provisional(portal: KnownPortal) -> None:
-    """Count a provisional event for ``portal``; 429 beyond its ceiling (none if Redis is out)."""
+def admit_provisional(portal: KnownPortal, address: str | None = None,
+                      key: str | None = None) -> None:
+    """Count a provisional event for ``portal`` in its ration (the keyed one if ``key`` is
+    the portal's handler key); 429 beyond it (none if Redis is out)."""
     cfg = current_app.config
+    keyed = handler_key.matches(portal.member_id, key)
     window = max(1, int(cfg["PROVISIONAL_EVENT_MAX_AGE"]))
-    if _count("provisional_count", [f"b24relay:provisional:{portal.id}"],
-              [cfg["PROVISIONAL_EVENTS_PER_PORTAL"], window]):
+    prefix = f"b24relay:provisional:{portal.id}"
+    if keyed:
+        over = _count("provisional_count", [f"{prefix}:keyed"],
+                      [cfg["PROVISIONAL_KEYED_EVENTS_PER_PORTAL"], window])
+    else:  # the first contacts' script: the address's share first, then the portal's
+        over = _count("first_contact_count", [f"{prefix}:addr:{source(address)}", prefix],
+                      [cfg["PROVISIONAL_EVENTS_PER_ADDRESS"],
+                       cfg["PROVISIONAL_EVENTS_PER_PORTAL"], window])
+    if over:
+        scope = "with its handler key" if keyed else (
+            f"from {source(address)}" if over == 1 else "without its handler key")
         raise Rejected(429, "provisional_limit",
                        "too many events before the install event; retry later",
-                       detail=f"provisional ceiling reached for portal {portal.member_id}")
+                       detail=f"provisional ceiling {scope} reached for portal "
+                              f"{portal.member_id}")

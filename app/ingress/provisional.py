@@ -7,7 +7,9 @@ between loses it. Instead, an event for a portal that *awaits its token*
 (:func:`awaiting_token`) is stored ``provisional``:
 
 - intake seals the application_token it claims (app/ingress/sealed.py), rations it
-  per portal (``first_contact.admit_provisional``) and answers 200: it is stored;
+  per portal (``first_contact.admit_provisional``: events that carry the portal's
+  handler key, app/ingress/handler_key.py, have a ration of their own that forgers
+  cannot reach) and answers 200: it is stored;
 - nothing processes a provisional row: it is never queued, and neither the sweeper nor
   a stray message can claim it (claims take ``received``/``queued`` rows only);
 - once the portal has its token (ONAPPINSTALL's, checked with ``app.info`` and

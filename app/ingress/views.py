@@ -108,7 +108,7 @@ def _b24_event(body: bytes) -> inbox.NewEvent:
     sealed.strip(event, event_type, claim=sender.provisional)
     if sender.unverified:  # anyone can send one: keep it small, and count it
         event = first_contact.pruned(event)
-        first_contact.admit(request.remote_addr, sender.portal)
+        first_contact.admit(request.remote_addr, sender.portal, request.args.get("k"))
     if sender.provisional:
         dedupe_key = _kept_for_later(event, sender, token or "", dedupe_key)
     return inbox.NewEvent(
@@ -126,7 +126,7 @@ def _kept_for_later(event: dict[str, Any], sender: auth.Sender, token: str,
     if len(json.dumps(event)) > provisional.MAX_STORED_BYTES:
         raise Rejected(413, "too_large", f"an event kept before the install event must be "
                                          f"under {provisional.MAX_STORED_BYTES} bytes")
-    first_contact.admit_provisional(sender.portal)
+    first_contact.admit_provisional(sender.portal, request.remote_addr, request.args.get("k"))
     return provisional.dedupe_key(dedupe_key, token)
 
 

@@ -47,6 +47,7 @@ from sqlalchemy import delete, select
 from app.bitrix import TokenSet
 from app.bitrix.errors import ApiError, BitrixError, already_done
 from app.extensions import db
+from app.ingress import handler_key
 from app.tenants import service
 from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
 from app.tenants.status import CLEARED_BY_NEW_CHAIN, is_held, reason_for
@@ -296,9 +297,18 @@ def as_list(value: Any) -> list[Any]:
     return list(value or [])
 
 
-def wanted_events() -> dict[str, str]:
-    """Event name → handler URL the app binds (online mode)."""
-    handler = public_url(EVENT_PATH)
+def event_handler_url(member_id: str) -> str:
+    """The portal's ``/b24/events`` URL with its handler key (app.ingress.handler_key).
+
+    Bitrix24 calls a handler URL as bound, query string included, so each event it
+    delivers through our bindings names the key; a forger does not know it.
+    """
+    return f"{public_url(EVENT_PATH)}?{handler_key.PARAM}={handler_key.for_member(member_id)}"
+
+
+def wanted_events(member_id: str) -> dict[str, str]:
+    """Event name → handler URL the app binds for this portal (online mode)."""
+    handler = event_handler_url(member_id)
     return {name: handler for name in EVENTS}
 
 
@@ -326,7 +336,11 @@ def _event_commands(portal: Portal, bindings: list[Any]
               for b in rows if not _is_offline(b)}
     offline = {str(b.get("event", "")).upper() for b in rows if _is_offline(b)}
     queue = offline_mode(portal)
-    for i, (name, handler) in enumerate(wanted_events().items()):
+    wanted = wanted_events(portal.member_id)
+    for i, (name, handler) in enumerate(sorted(_stale_handlers(rows, wanted))):
+        writes[f"us{i}"] = ("event.unbind", {"event": name, "handler": handler})
+        kinds[f"us{i}"] = ("unbind", name)
+    for i, (name, handler) in enumerate(wanted.items()):
         if queue and name not in ALWAYS_ONLINE:
             if name not in offline:
                 writes[f"ev{i}"] = ("event.bind", {"event": name, "event_type": "offline"})
@@ -342,6 +356,20 @@ def _event_commands(portal: Portal, bindings: list[Any]
             writes[f"un{i}"] = ("event.unbind", {"event": name, "event_type": "offline"})
             kinds[f"un{i}"] = ("unbind", name)
     return writes, kinds
+
+
+def _stale_handlers(rows: list[Mapping[str, Any]], wanted: Mapping[str, str]
+                    ) -> set[tuple[str, str]]:
+    """Our online handlers bound to a URL we no longer use (no handler key, APP_PUBLIC_URL moved).
+
+    Each binding delivers (§3.8): left bound, an old one sends every event twice, the
+    copy without the key. Only the app's own bindings (``auth_type`` 0, made with the
+    admin's token) are unbound; a handler a user bound with their own id is theirs.
+    """
+    return {(name, str(b.get("handler"))) for b in rows
+            if not _is_offline(b) and str(b.get("auth_type") or "0") == "0"
+            and (name := str(b.get("event", "")).upper()) in wanted
+            and b.get("handler") and b.get("handler") != wanted[name]}
 
 
 def wanted_placements() -> dict[str, tuple[str, str]]:

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from app.ingress import handler_key
 from app.ingress.formparse import encode_form
 from app.ingress.sealed import SEALED_FIELD
 from app.tenants.models import PortalStatus
@@ -35,9 +36,8 @@ def _install(member_id: str | None = None, data: dict | None = None, **auth: obj
         "auth": {**AUTH, "member_id": member_id or uuid.uuid4().hex, **auth}})
 
 
-def _post(client, body: str, address: str = "203.0.113.7"):
-    return client.post("/b24/events", data=body, headers=FORM,
-                       environ_base={"REMOTE_ADDR": address})
+def _post(client, body: str, address: str = "203.0.113.7", path: str = "/b24/events"):
+    return client.post(path, data=body, headers=FORM, environ_base={"REMOTE_ADDR": address})
 
 
 def _same_minute() -> None:
@@ -93,15 +93,24 @@ def test_first_contacts_are_rationed_per_address_and_in_total(make_app, redis_cl
 def test_a_portal_installed_by_its_admin_is_not_rationed_while_it_waits_for_its_token(
         app, make_app, redis_client):
     # The short iframe form carries no APPLICATION_TOKEN: /install stores the portal
-    # without one, and only its ONAPPINSTALL brings it. Refusing that would be final.
-    web = make_app(FIRST_CONTACT_PER_ADDRESS_PER_MINUTE=1, FIRST_CONTACT_PER_MINUTE=1)
+    # without one, and only its ONAPPINSTALL brings it. Refusing that would be final. It
+    # comes through the binding the installer made, whose URL carries the handler key.
+    web = make_app(FIRST_CONTACT_PER_ADDRESS_PER_MINUTE=1, FIRST_CONTACT_PER_MINUTE=2)
     client = web.test_client()
     waiting = make_portal(application_token=None, status=PortalStatus.ACTIVE.value)
+    with web.app_context():
+        key = handler_key.for_member(waiting.member_id)
     _same_minute()
-    statuses = [_post(client, _install(waiting.member_id, data={"VERSION": str(v)})).status_code
-                for v in range(3)]
+    statuses = [_post(client, _install(waiting.member_id, data={"VERSION": str(v)}),
+                      path=f"/b24/events?k={key}").status_code for v in range(3)]
     assert statuses == [200, 200, 200]
     assert [row.unverified for row in inbox_rows()] == [True, True, True]
+    # Without the key (an employee's forgeries, with or without a made-up one) it is
+    # rationed like an unknown portal's: nobody floods the inbox and the auth server.
+    forged = [_post(client, _install(waiting.member_id, data={"VERSION": str(v)}), "203.0.113.8",
+                    path=f"/b24/events?k={'A' * len(key)}" if v else "/b24/events").status_code
+              for v in range(3, 5)]
+    assert forged == [200, 429] and inbox_count() == 4
     # An uninstalled portal is rationed like an unknown one.
     gone = make_portal(status=PortalStatus.UNINSTALLED.value)
     assert [_post(client, _install(gone.member_id, data={"VERSION": str(v)}),

@@ -147,7 +147,8 @@ def test_onappupdate_binds_what_went_missing_and_keeps_the_new_chain(sandbox, in
     from app.tenants import service
 
     service.call_method(portal_row(member_id), "event.unbind",
-                        {"event": "ONEXTERNALCALLSTART", "handler": live_app.url + "/b24/events"})
+                        {"event": "ONEXTERNALCALLSTART",
+                         "handler": install.event_handler_url(member_id)})
     version = portal_row(member_id).token_version
     out = sandbox.trigger_event(member_id, "ONAPPUPDATE",
                                 {"VERSION": "2", "PREVIOUS_VERSION": "1", "LANGUAGE_ID": "en"})

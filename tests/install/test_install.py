@@ -29,7 +29,7 @@ def test_install_binds_events_and_placements_and_finishes(sandbox, installed, li
     assert f'src="{live_app.app.config["B24_JS_SDK_URL"]}"' in result["body"]
 
     bound = sandbox.bindings(member_id)
-    handler = live_app.url + "/b24/events"
+    handler = install.event_handler_url(member_id)  # /b24/events?k=<its handler key>
     assert _events(bound) == {(e, handler) for e in install.EVENTS}
     placements = {(p["placement"], p["handler"]) for p in bound["placements"]}
     assert placements == {("TELEPHONY_ANALYTICS_MENU", live_app.url + "/placements/dashboard"),
@@ -94,7 +94,7 @@ def test_reinstall_after_partial_unbind_binds_only_what_is_missing(sandbox, inst
     from app.tenants import service
 
     service.call_method(portal, "event.unbind", {"event": "ONAPPUPDATE",
-                                                 "handler": live_app.url + "/b24/events"})
+                                                 "handler": install.event_handler_url(member_id)})
     seen = len(sandbox.log(member_id, method="event.bind"))
     assert sandbox.install_app(member_id, live_app.url)["status"] == 200
     new = sandbox.log(member_id, method="event.bind")[seen:]
@@ -256,7 +256,7 @@ def test_setup_holds_no_lock_while_it_waits_for_the_portal(sandbox, installed, l
     portal_id = portal_row(member_id).id
     sandbox.set_plan(member_id, "enterprise")  # setup will change the portal row (plan)
     service.call_method(portal_row(member_id), "event.unbind",
-                        {"event": "ONUSERADD", "handler": live_app.url + "/b24/events"})
+                        {"event": "ONUSERADD", "handler": install.event_handler_url(member_id)})
     sandbox.set_latency(member_id, 1500)
     sent = sandbox.counters(member_id)["rest_requests"]
     outcome: dict = {}

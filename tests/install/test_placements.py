@@ -127,7 +127,7 @@ def test_switching_to_offline_mode_binds_offline_events(sandbox, installed, live
 
     member_id = installed["member_id"]
     start_worker(threads=2, **live_app.worker_env())
-    handler = live_app.url + "/b24/events"
+    handler = install.event_handler_url(member_id)
     queued = {e for e in install.EVENTS if e not in install.ALWAYS_ONLINE}
 
     def save(mode: str) -> None:
