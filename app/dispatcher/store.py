@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -65,8 +66,23 @@ def _due(now: datetime) -> Any:
     return or_(T.c.not_before.is_(None), T.c.not_before <= now)
 
 
-def _postgres(conn: Connection) -> bool:
+def _postgres(conn: Connection | Engine) -> bool:
     return conn.dialect.name == "postgresql"
+
+
+def _statements(engine: Engine) -> AbstractContextManager[Connection]:
+    """A connection for one unit of work: on PostgreSQL each statement commits by itself,
+    on SQLite one transaction.
+
+    Every write on PostgreSQL here is one statement, which is atomic and durable at its own
+    commit: BEGIN and COMMIT around it would be two more round trips. A read of several
+    statements loses nothing either: under READ COMMITTED each statement takes its own
+    snapshot inside a transaction too. SQLite's lease runs a statement per batch, so it keeps
+    the transaction (which a read never opens there).
+    """
+    if _postgres(engine):
+        return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    return engine.begin()
 
 
 def _among(conn: Connection, column: Any, values: Iterable[Any], item: Any) -> Any:
@@ -82,7 +98,7 @@ def _array(name: str, values: list[Any], item: Any) -> Any:
 
 def fetch_ready(engine: Engine, portal_id: int, now: datetime, limit: int) -> Ready:
     """Up to ``limit`` due queued commands (real-time first, then by id), blockers and deps."""
-    with engine.connect() as conn:
+    with _statements(engine) as conn:
         rows = conn.execute(select(*_CANDIDATE_COLUMNS)
                             .where(T.c.portal_id == portal_id, T.c.status == QUEUED, _due(now))
                             .order_by(T.c.priority, T.c.id).limit(limit)).all()
@@ -136,7 +152,7 @@ def _dependencies(conn: Connection, portal_id: int,
 
 def has_ready(engine: Engine, portal_id: int, now: datetime) -> bool:
     """Whether the portal has any due queued command."""
-    with engine.connect() as conn:
+    with _statements(engine) as conn:
         return conn.execute(select(T.c.id).where(T.c.portal_id == portal_id,
                                                  T.c.status == QUEUED, _due(now))
                             .limit(1)).first() is not None
@@ -155,7 +171,7 @@ def lease_round(engine: Engine, batches: Sequence[tuple[str, Sequence[int]]], *,
     Returns, per batch id, the ids actually leased (a command another engine leased
     first, or recovered meanwhile, is not).
     """
-    with engine.begin() as conn:
+    with _statements(engine) as conn:
         if _postgres(conn):
             return _lease_unnest(conn, batches, owner, now, until)
         out: dict[str, set[int]] = {}
@@ -210,7 +226,7 @@ def record(engine: Engine, owner: str, outcomes: Iterable[dict[str, Any]]) -> No
     rows = list(outcomes)
     if not rows:
         return
-    with engine.begin() as conn:
+    with _statements(engine) as conn:
         if _postgres(conn):
             conn.execute(_record_json(owner, rows))
         else:
@@ -261,7 +277,7 @@ def mark_doomed(engine: Engine, doomed: dict[int, str], now: datetime) -> None:
 def mark_notified(engine: Engine, ids: Sequence[int]) -> None:
     """Record that the on_done actors of these done commands were enqueued."""
     if ids:
-        with engine.begin() as conn:
+        with _statements(engine) as conn:
             conn.execute(update(T).where(_among(conn, T.c.id, ids, BigInteger))
                          .values(on_done_sent=True))
 
