@@ -118,7 +118,7 @@ def _candidate(row: Any) -> Candidate:
 def _blockers(conn: Connection, portal_id: int, candidates: list[Candidate], now: datetime,
               full: bool) -> dict[str, int]:
     """Per key, the lowest unfinished id that is not a candidate (in flight, not yet due,
-    or beyond the fetched window), if it is below the key's highest candidate: only an
+    or beyond the fetched window), if it is below the highest keyed candidate: only an
     earlier command blocks one (the packer compares ids), and the bound lets the server
     read the few rows outside the candidates instead of probing every key."""
     keys = sorted({c.key for c in candidates if c.key is not None})
