@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -65,6 +66,42 @@ def _profile_env(args: argparse.Namespace) -> dict[str, str]:
     return {"B24RELAY_BENCH_PROFILE": args.profile} if args.profile else {}
 
 
+def _left(portal_id: int) -> bool:
+    """Whether any of the portal's commands is still queued or in flight: one index probe,
+    where counting the finished ones would scan them all, ten times a second, on the cores
+    the engine is measured on."""
+    from sqlalchemy import select
+
+    from app.dispatcher.models import OutboxCommand as O
+    from app.extensions import db
+
+    with db.engine.connect() as conn:
+        return conn.execute(select(O.id).where(O.portal_id == portal_id,
+                                               O.status.in_(("queued", "inflight")))
+                            .limit(1)).first() is not None
+
+
+def _wait_done(portal_id: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _left(portal_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _db_cpu(rig: Rig) -> float:
+    """CPU seconds the PostgreSQL backends of the rig's database have used so far (0 on
+    SQLite, which runs inside the engine)."""
+    if not rig.db_name:
+        return 0.0
+    from sqlalchemy import text
+
+    from app.extensions import db
+
+    with db.engine.connect() as conn:
+        pids = conn.execute(text("SELECT pid FROM pg_stat_activity WHERE datname = :name"),
+                            {"name": rig.db_name}).scalars().all()
+    return sum(cpu_seconds(pid) for pid in pids)
+
+
 def overhead(database: str, args: argparse.Namespace) -> dict[str, Any]:
     """Zero latency, no rate limit: commands/s of one engine process over a backlog."""
     count = 6000 if args.quick else 30000
@@ -76,11 +113,12 @@ def overhead(database: str, args: argparse.Namespace) -> dict[str, Any]:
         _submit_backlog(portal, count, "ovh")
         engine = rig.engine(DISPATCH_MAX_INFLIGHT=args.inflight or 0, DISPATCH_BUCKET_SCALE=1e6,
                             **_profile_env(args))
-        cpu0 = cpu_seconds(engine.pid), cpu_seconds(rig.sandbox.pid)
+        cpu0 = cpu_seconds(engine.pid), cpu_seconds(rig.sandbox.pid), _db_cpu(rig)
         rig.nudge(pid)
-        _drain(rig, pid, count, timeout=120)
+        _wait_done(pid, timeout=120)
         cpu = [round(cpu_seconds(p.pid) - c, 2)
-               for p, c in zip((engine, rig.sandbox), cpu0, strict=True)]
+               for p, c in zip((engine, rig.sandbox), cpu0[:2], strict=True)]
+        db_cpu = round(_db_cpu(rig) - cpu0[2], 2) if rig.db_name else None
         times = rig.times(pid)
         rig.stop(engine)
     finally:
@@ -90,7 +128,8 @@ def overhead(database: str, args: argparse.Namespace) -> dict[str, Any]:
     wall = max(done) - min(sent)
     return {"scenario": "overhead", "db": database, "commands": count,
             "done": sum(t[0] == "done" for t in times), "wall_s": round(wall, 2),
-            "per_s": round(count / wall, 1), "engine_cpu_s": cpu[0], "sandbox_cpu_s": cpu[1]}
+            "per_s": round(count / wall, 1), "engine_cpu_s": cpu[0], "sandbox_cpu_s": cpu[1],
+            "db_cpu_s": db_cpu, "load": round(os.getloadavg()[0], 2)}
 
 
 # ---------------------------------------------------------------- open-loop offer
@@ -265,7 +304,8 @@ def main() -> None:
 
 
 TABLES = {  # scenario -> the columns its table shows
-    "overhead": ("db", "commands", "wall_s", "per_s", "engine_cpu_s", "sandbox_cpu_s"),
+    "overhead": ("db", "commands", "wall_s", "per_s", "engine_cpu_s", "sandbox_cpu_s",
+                 "db_cpu_s", "load"),
     "card_latency": ("db", "latency_s", "mode", "offered", "completed", "not_done",
                      "backlog_at_end", "p50_s", "p99_s", "max_s", "wait_p99_s", "budget_p99_s",
                      "vs_seq_p99"),

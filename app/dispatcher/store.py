@@ -3,16 +3,42 @@
 Nothing here needs a Flask app context or an ORM session: the engine passes the
 SQLAlchemy engine in, and rows come back as plain values, so no ORM object is ever
 shared between coroutines.
+
+On PostgreSQL a round's leases and a group's outcomes are each one statement (``UPDATE ...
+FROM unnest(arrays)``, ``UPDATE ... FROM json_to_recordset(document)``) and id and key lists
+are one array parameter (``= ANY(...)``): a statement per batch costs a round trip, and a
+placeholder per value a parse on both ends. SQLite runs in-process, where statements are
+cheap: it keeps plain statements.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    ARRAY,
+    JSON,
+    BigInteger,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    cast,
+    column,
+    func,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import Connection, Engine
 
 from app.dispatcher.models import CommandStatus, OutboxCommand
@@ -40,9 +66,39 @@ def _due(now: datetime) -> Any:
     return or_(T.c.not_before.is_(None), T.c.not_before <= now)
 
 
+def _postgres(conn: Connection | Engine) -> bool:
+    return conn.dialect.name == "postgresql"
+
+
+def _statements(engine: Engine) -> AbstractContextManager[Connection]:
+    """A connection for one unit of work: on PostgreSQL each statement commits by itself,
+    on SQLite one transaction.
+
+    Every write on PostgreSQL here is one statement, which is atomic and durable at its own
+    commit: BEGIN and COMMIT around it would be two more round trips. A read of several
+    statements loses nothing either: under READ COMMITTED each statement takes its own
+    snapshot inside a transaction too. SQLite's lease runs a statement per batch, so it keeps
+    the transaction (which a read never opens there).
+    """
+    if _postgres(engine):
+        return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    return engine.begin()
+
+
+def _among(conn: Connection, column: Any, values: Iterable[Any], item: Any) -> Any:
+    """``column IN values``: on PostgreSQL ``= ANY(array)``, one parameter however many."""
+    if _postgres(conn):
+        return column == any_(bindparam(None, list(values), type_=ARRAY(item)))
+    return column.in_(list(values))
+
+
+def _array(name: str, values: list[Any], item: Any) -> Any:
+    return bindparam(name, values, type_=ARRAY(item))
+
+
 def fetch_ready(engine: Engine, portal_id: int, now: datetime, limit: int) -> Ready:
     """Up to ``limit`` due queued commands (real-time first, then by id), blockers and deps."""
-    with engine.connect() as conn:
+    with _statements(engine) as conn:
         rows = conn.execute(select(*_CANDIDATE_COLUMNS)
                             .where(T.c.portal_id == portal_id, T.c.status == QUEUED, _due(now))
                             .order_by(T.c.priority, T.c.id).limit(limit)).all()
@@ -53,17 +109,22 @@ def fetch_ready(engine: Engine, portal_id: int, now: datetime, limit: int) -> Re
 
 
 def _candidate(row: Any) -> Candidate:
-    return Candidate(row.id, row.method, row.params or {}, row.key, row.after_id, row.priority,
-                     row.attempts, aware(row.first_sent_at), aware(row.submitted_at), row.on_done)
+    # unpacked by position: a Row's attribute lookups cost more than the rest of this
+    id_, method, params, key, after_id, priority, attempts, first_sent, submitted, on_done = row
+    return Candidate(id_, method, params or {}, key, after_id, priority, attempts,
+                     aware(first_sent), aware(submitted), on_done)
 
 
 def _blockers(conn: Connection, portal_id: int, candidates: list[Candidate], now: datetime,
               full: bool) -> dict[str, int]:
     """Per key, the lowest unfinished id that is not a candidate (in flight, not yet due,
-    or beyond the fetched window)."""
+    or beyond the fetched window), if it is below the highest keyed candidate: only an
+    earlier command blocks one (the packer compares ids), and the bound lets the server
+    read the few rows outside the candidates instead of probing every key."""
     keys = sorted({c.key for c in candidates if c.key is not None})
     if not keys:
         return {}
+    highest = max(c.id for c in candidates if c.key is not None)
     outside = [T.c.status == INFLIGHT, and_(T.c.status == QUEUED, ~_due(now))]
     if full:
         last = candidates[-1]
@@ -71,7 +132,8 @@ def _blockers(conn: Connection, portal_id: int, candidates: list[Candidate], now
             T.c.priority > last.priority,
             and_(T.c.priority == last.priority, T.c.id > last.id))))
     query = (select(T.c.key, func.min(T.c.id))
-             .where(T.c.portal_id == portal_id, T.c.key.in_(keys), or_(*outside))
+             .where(T.c.portal_id == portal_id, _among(conn, T.c.key, keys, String),
+                    T.c.id < highest, or_(*outside))
              .group_by(T.c.key))
     return {key: low for key, low in conn.execute(query)}
 
@@ -82,14 +144,15 @@ def _dependencies(conn: Connection, portal_id: int,
     if not wanted:
         return {}
     rows = conn.execute(select(T.c.id, T.c.status, T.c.result)
-                        .where(T.c.portal_id == portal_id, T.c.id.in_(wanted))).all()
+                        .where(T.c.portal_id == portal_id,
+                               _among(conn, T.c.id, wanted, BigInteger))).all()
     found = {row.id: Dependency(row.status, row.result) for row in rows}
     return {dep: found.get(dep, Dependency(MISSING)) for dep in wanted}
 
 
 def has_ready(engine: Engine, portal_id: int, now: datetime) -> bool:
     """Whether the portal has any due queued command."""
-    with engine.connect() as conn:
+    with _statements(engine) as conn:
         return conn.execute(select(T.c.id).where(T.c.portal_id == portal_id,
                                                  T.c.status == QUEUED, _due(now))
                             .limit(1)).first() is not None
@@ -108,10 +171,14 @@ def lease_round(engine: Engine, batches: Sequence[tuple[str, Sequence[int]]], *,
     Returns, per batch id, the ids actually leased (a command another engine leased
     first, or recovered meanwhile, is not).
     """
-    out: dict[str, set[int]] = {}
-    with engine.begin() as conn:
+    with _statements(engine) as conn:
+        if _postgres(conn):
+            return _lease_unnest(conn, batches, owner, now, until)
+        out: dict[str, set[int]] = {}
         for batch_id, ids in batches:
-            stmt = (update(T).where(T.c.id.in_(list(ids)), T.c.status == QUEUED)
+            # ``status || ''``: SQLite would otherwise walk the status index over the whole
+            # backlog instead of looking the ids up by primary key.
+            stmt = (update(T).where(T.c.id.in_(list(ids)), T.c.status + "" == QUEUED)
                     .values(status=INFLIGHT, lease_until=until, lease_owner=owner,
                             batch_id=batch_id, attempts=T.c.attempts + 1,
                             first_sent_at=func.coalesce(T.c.first_sent_at, now))
@@ -120,7 +187,25 @@ def lease_round(engine: Engine, batches: Sequence[tuple[str, Sequence[int]]], *,
     return out
 
 
-# Every outcome row carries every column below, so one executemany writes a whole batch.
+def _lease_unnest(conn: Connection, batches: Sequence[tuple[str, Sequence[int]]], owner: str,
+                  now: datetime, until: datetime) -> dict[str, set[int]]:
+    """The round's leases as one ``UPDATE ... FROM unnest(ids, batch ids)``."""
+    pairs = [(i, batch_id) for batch_id, ids in batches for i in ids]
+    v = func.unnest(_array("ids", [i for i, _ in pairs], BigInteger),
+                    _array("batches", [b for _, b in pairs], String)
+                    ).table_valued("id", "batch_id").render_derived()
+    stmt = (update(T).where(T.c.id == v.c.id, T.c.status == QUEUED)
+            .values(status=INFLIGHT, lease_until=until, lease_owner=owner,
+                    batch_id=v.c.batch_id, attempts=T.c.attempts + 1,
+                    first_sent_at=func.coalesce(T.c.first_sent_at, now))
+            .returning(T.c.id, T.c.batch_id))
+    out: dict[str, set[int]] = {batch_id: set() for batch_id, _ in batches}
+    for row in conn.execute(stmt):
+        out[row.batch_id].add(row.id)
+    return out
+
+
+# Every outcome row carries every column below, so one statement writes a whole group.
 OUTCOME_COLUMNS = ("status", "attempts_delta", "not_before", "result", "error", "dead_reason",
                    "completed_at")
 _RECORD = (update(T).where(T.c.id == bindparam("b_id"), T.c.status == INFLIGHT,
@@ -133,16 +218,51 @@ _RECORD = (update(T).where(T.c.id == bindparam("b_id"), T.c.status == INFLIGHT,
 
 
 def record(engine: Engine, owner: str, outcomes: Iterable[dict[str, Any]]) -> None:
-    """Write each command's outcome (``id`` plus OUTCOME_COLUMNS) in one executemany.
+    """Write each command's outcome (``id`` plus OUTCOME_COLUMNS) in one statement.
 
     Only rows this owner still leases are written: a lease the sweep already recovered
     belongs to someone else now.
     """
-    params = [{"b_id": o["id"], "b_owner": owner, **{f"b_{k}": o[k] for k in OUTCOME_COLUMNS}}
-              for o in outcomes]
-    if params:
-        with engine.begin() as conn:
-            conn.execute(_RECORD, params)
+    rows = list(outcomes)
+    if not rows:
+        return
+    with _statements(engine) as conn:
+        if _postgres(conn):
+            conn.execute(_record_json(owner, rows))
+        else:
+            conn.execute(_RECORD, [{"b_id": o["id"], "b_owner": owner,
+                                    **{f"b_{k}": o[k] for k in OUTCOME_COLUMNS}}
+                                   for o in rows])
+
+
+# The outcome document's columns and their types; JSON null comes back as SQL NULL, so
+# result and error fall back to JSON null, as the JSON columns store Python's None.
+_OUTCOME_RECORD = (column("id", BigInteger), column("status", String),
+                   column("attempts_delta", Integer), column("not_before", DateTime(True)),
+                   column("result", JSON), column("error", JSON), column("dead_reason", Text),
+                   column("completed_at", DateTime(True)))
+_JSON_NULL = literal_column("'null'::json", JSON)
+
+
+def _record_json(owner: str, rows: list[dict[str, Any]]) -> Any:
+    """Every outcome as one ``UPDATE ... FROM json_to_recordset(:outcomes)``.
+
+    One JSON document is a single parameter, encoded in one C call; arrays of JSON text
+    cost psycopg a Python escape per element."""
+    doc = json.dumps([{**{k: o[k] for k in OUTCOME_COLUMNS}, "id": o["id"],
+                       "not_before": _iso(o["not_before"]),
+                       "completed_at": _iso(o["completed_at"])} for o in rows])
+    v = (func.json_to_recordset(cast(bindparam("outcomes", doc, type_=Text), JSON))
+         .table_valued(*_OUTCOME_RECORD).render_derived(with_types=True))
+    return (update(T).where(T.c.id == v.c.id, T.c.status == INFLIGHT, T.c.lease_owner == owner)
+            .values(status=v.c.status, attempts=T.c.attempts + v.c.attempts_delta,
+                    not_before=v.c.not_before, result=func.coalesce(v.c.result, _JSON_NULL),
+                    error=func.coalesce(v.c.error, _JSON_NULL), dead_reason=v.c.dead_reason,
+                    completed_at=v.c.completed_at, lease_until=None))
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
 
 
 def mark_doomed(engine: Engine, doomed: dict[int, str], now: datetime) -> None:
@@ -157,8 +277,9 @@ def mark_doomed(engine: Engine, doomed: dict[int, str], now: datetime) -> None:
 def mark_notified(engine: Engine, ids: Sequence[int]) -> None:
     """Record that the on_done actors of these done commands were enqueued."""
     if ids:
-        with engine.begin() as conn:
-            conn.execute(update(T).where(T.c.id.in_(list(ids))).values(on_done_sent=True))
+        with _statements(engine) as conn:
+            conn.execute(update(T).where(_among(conn, T.c.id, ids, BigInteger))
+                         .values(on_done_sent=True))
 
 
 def lease_seconds(request_timeout: float, margin: float) -> timedelta:
