@@ -182,7 +182,7 @@ class Engine:
         self.credentials = CredentialStore(self.app, self.executor)
         self.recorder = GroupWriter(self)
         pubsub = self.redis.pubsub()
-        await pubsub.subscribe(nudge.CHANNEL)
+        await pubsub.subscribe(nudge.channel(self.redis))
         tasks = [asyncio.create_task(self._listen(pubsub)),
                  asyncio.create_task(self._heartbeat())]
         self._started.set()

@@ -11,10 +11,18 @@ import logging
 from collections.abc import Iterable
 
 import redis
+import redis.asyncio
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "b24relay:dispatch:nudge"
+
+
+def channel(client: redis.Redis | redis.asyncio.Redis) -> str:
+    """The nudge channel of ``client``'s database: Redis pub/sub ignores database numbers,
+    so deployments (or test workers) sharing one server on different databases would
+    otherwise wake each other's engines for portals that are not theirs."""
+    return f"{CHANNEL}:{client.connection_pool.connection_kwargs.get('db', 0) or 0}"
 
 
 def encode(portal_ids: Iterable[int]) -> str:
@@ -34,6 +42,6 @@ def publish(client: redis.Redis, portal_ids: Iterable[int]) -> None:
     if not ids:
         return
     try:
-        client.publish(CHANNEL, ids)
+        client.publish(channel(client), ids)
     except redis.RedisError as exc:
         log.warning("dispatch nudge for %s lost (the sweep will find it): %s", ids, exc)

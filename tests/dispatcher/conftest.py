@@ -39,7 +39,7 @@ def settled(portal_id: int, count: int, timeout: float = 20.0) -> list[OutboxCom
 def nudges(redis_client: Any) -> Iterator[Any]:
     """A subscription to the nudge channel; ``read()`` returns the portal ids heard so far."""
     pubsub = redis_client.pubsub()
-    pubsub.subscribe(nudge.CHANNEL)
+    pubsub.subscribe(nudge.channel(redis_client))
     wait_for(lambda: pubsub.get_message(timeout=0.1))  # the subscribe confirmation
 
     class Heard:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import redis
 
-from app.dispatcher import ref, submit
+from app.dispatcher import nudge, ref, submit
 from app.extensions import db
 from app.ingress.models import InboxEvent, InboxStatus
 from tests.dispatcher.conftest import rows
@@ -50,3 +51,22 @@ def test_submit_refuses_what_the_outbox_cannot_send(make_portal, method, priorit
     portal, _ = make_portal()
     with pytest.raises(ValueError):
         submit(portal, method, {}, priority=priority)
+
+
+def test_nudges_stay_inside_their_redis_database(redis_url):
+    """Pub/sub ignores database numbers: two deployments (or two test workers) on one Redis
+    server must not wake each other's engines for a portal id that is not theirs."""
+    ours = redis.Redis.from_url(redis_url)
+    db_number = ours.connection_pool.connection_kwargs.get("db", 0) or 0
+    theirs = redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=ours.connection_pool.connection_class,
+        **{**ours.connection_pool.connection_kwargs, "db": (db_number + 1) % 16}))
+    listener = theirs.pubsub()
+    listener.subscribe(nudge.channel(theirs))
+    listener.get_message(timeout=1)  # the subscribe confirmation
+    nudge.publish(ours, [10])
+    assert listener.get_message(timeout=0.5) is None
+    nudge.publish(theirs, [11])
+    heard = listener.get_message(timeout=2)
+    assert heard is not None and nudge.decode(heard["data"]) == [11]
+    listener.close()

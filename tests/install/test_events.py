@@ -35,7 +35,7 @@ def worker(start_worker, live_app, redis_client):
 
 def engines_listening(redis_client) -> int:
     """How many dispatcher engines are subscribed to the nudge channel."""
-    [(_, count)] = redis_client.pubsub_numsub(nudge.CHANNEL)
+    [(_, count)] = redis_client.pubsub_numsub(nudge.channel(redis_client))
     return int(count)
 
 

@@ -66,7 +66,8 @@ def worker(start_worker: Any, redis_client: Any) -> Any:
     def start(threads: int = 2, **env: str) -> Any:
         started = start_worker(threads=threads, periodic=True, DISPATCH_SWEEP_INTERVAL="1",
                                INBOX_SWEEP_INTERVAL="1", **env)
-        wait_for(lambda: redis_client.pubsub_numsub(nudge.CHANNEL)[0][1] >= 1, timeout=30)
+        channel = nudge.channel(redis_client)
+        wait_for(lambda: redis_client.pubsub_numsub(channel)[0][1] >= 1, timeout=30)
         return started
 
     return start
