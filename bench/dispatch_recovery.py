@@ -91,9 +91,12 @@ def measure(stack: Stack, portal_id: int, member: str, released: datetime, rtt: 
     assert stack.sandbox is not None
     last = stack.sql("SELECT max(completed_at) FROM outbox_commands WHERE portal_id = :p "
                      "AND priority = 1", p=portal_id)[0][0]
-    lat = [float(r[0]) for r in stack.sql(
-        "SELECT EXTRACT(EPOCH FROM completed_at - submitted_at) FROM outbox_commands "
-        "WHERE portal_id = :p AND priority = 0 AND status = 'done'", p=portal_id)]
+    calls = [(float(r[0]), float(r[1]), float(r[2])) for r in stack.sql(
+        "SELECT EXTRACT(EPOCH FROM completed_at - submitted_at), "
+        "EXTRACT(EPOCH FROM submitted_at - :r), EXTRACT(EPOCH FROM first_sent_at - submitted_at) "
+        "FROM outbox_commands WHERE portal_id = :p AND priority = 0 AND status = 'done'",
+        p=portal_id, r=released)]
+    lat = [c[0] for c in calls]
     drain = (last - released).total_seconds()
     counters = stack.sandbox.counters(member)
     s = stack.statuses(portal_id)
@@ -101,6 +104,7 @@ def measure(stack: Stack, portal_id: int, member: str, released: datetime, rtt: 
             "calls": len(lat), "p50": quantile(lat, 0.5), "p99": quantile(lat, 0.99),
             "max": max(lat, default=float("nan")), "503": counters["status_503"],
             "batches": counters["batches"], "dead": s["dead"],
+            "slowest": sorted(calls, reverse=True)[:3],
             "lost": sum(n for k, n in s.items() if k not in ("done", "dead"))}
 
 
@@ -109,7 +113,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     lines = [
         f"Recovery: {args.backlog} bulk commands queued on one standard portal during an "
         f"outage, then released; call registrations arrive at {args.call_rate:g}/s meanwhile; "
-        f"K = {args.max_inflight or 'the default (25)'}",
+        f"K = {args.max_inflight or 'the default (the burst, 50)'}",
         "",
         "| round trip | drain | ceiling | drain / ceiling rate | calls | call p50 | call p99 "
         "| call max | 503s | dead | lost |",
@@ -122,6 +126,11 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
             f"{r['ceiling'] / r['drain']:.1%} | {r['calls']} | {r['p50'] / rtt:.2f} x | "
             f"{r['p99'] / rtt:.2f} x | {r['max'] / rtt:.2f} x | {r['503']} | {r['dead']} | "
             f"{r['lost']} |")
+    lines.append("")
+    for r in runs:
+        slow = "; ".join(f"{lat:.2f} s (submitted {at:+.1f} s after the release, waited "
+                         f"{wait:.2f} s to leave)" for lat, at, wait in r["slowest"])
+        lines.append(f"slowest calls at {r['rtt']:g} s: {slow}")
     return "\n".join(lines)
 
 
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--call-rate", type=float, default=1.0)
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--max-inflight", type=int, default=0,
-                    help="DISPATCH_MAX_INFLIGHT for the worker (default: the engine's, burst/2)")
+                    help="DISPATCH_MAX_INFLIGHT for the worker (default: the engine's, the burst)")
     args = ap.parse_args(argv)
     runs = [one_run(args, ms) for ms in args.latency_ms]
     save("dispatch-recovery", report(args, runs))

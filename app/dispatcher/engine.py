@@ -104,14 +104,27 @@ class Settings:
         return scaled_plans(self.bucket_scale)
 
     def slots(self, plan: str) -> int:
-        """K for a portal on ``plan``: the setting, else the plan's burst.
+        """K for a portal on ``plan``: the setting, else the plan's burst plus its real-time
+        slots (``realtime_slots``).
 
         The bucket never lets more than a burst of requests leave at once, and pacing keeps
         about round trip / gap batches in flight (33 at 10 s and 0.3 s): fewer slots than
         the burst would cap a slow portal's rate below its bucket's."""
         if self.sequential:
             return 1
-        return self.max_inflight or max(1, PLANS.get(plan, PLANS["standard"])[1])
+        burst = PLANS.get(plan, PLANS["standard"])[1]
+        return self.max_inflight or max(1, burst) + self.realtime_slots(plan)
+
+    def realtime_slots(self, plan: str) -> int:
+        """The slots bulk work never takes: a fifth of the burst on top of it by default (10
+        standard, 50 enterprise), the last one when K is set. A backlog's first round fills
+        the burst's slots for a whole round trip (10 s or more on a slow day); the calls that
+        arrive meanwhile, one batch each, must still find a slot."""
+        if self.sequential:
+            return 0
+        if self.max_inflight:
+            return 1 if self.max_inflight > 1 else 0
+        return max(1, PLANS.get(plan, PLANS["standard"])[1] // 5)
 
 
 class Engine:
@@ -476,7 +489,8 @@ class Driver:
         ready = await eng.run_db(store.fetch_ready, eng.db, self.portal_id, utcnow(),
                                  max(FETCH, (free + 1) * MAX_BATCH))
         paused = await self._paused({c.method.lower() for c in ready.candidates})
-        last_slot = self.slots - 1 - len(self.inflight) if self.slots > 1 else free
+        settings = self.engine.settings
+        last_slot = max(0, self.slots - settings.realtime_slots(self.plan) - len(self.inflight))
         batches = pack_round(ready.candidates, ready.blockers, ready.deps, batches=free,
                              realtime_only_from=last_slot, paused=paused,
                              complete=ready.complete)

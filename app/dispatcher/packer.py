@@ -91,9 +91,10 @@ def pack_round(candidates: Iterable[Candidate], blockers: Mapping[str, int],
 
     Batches in flight together run in any order, so a later batch treats the commands of
     the earlier ones as unfinished: a key's next command or a reference's target waits
-    for the next round. Batches from index ``realtime_only_from`` on take real-time work
-    only (the portal's last slot). A batch may carry commands that can never run
-    (``doomed``); the last one may carry only those.
+    for the next round. Batches from index ``realtime_only_from`` on (the slots kept for
+    real-time work) leave only with real-time work in them, filled up with whatever else
+    fits: a call's batch costs a token like any other, so it carries what it can. A batch
+    may carry commands that can never run (``doomed``); the last one may carry only those.
     """
     left = list(candidates)
     block, known = dict(blockers), dict(deps)
@@ -131,7 +132,8 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
     ``blockers``: per ordering key, the lowest id of an unfinished command of that key that
     is not among the candidates. ``deps``: the state of the commands candidates depend on.
     ``complete``: the candidates are every due command (else a key chain reaching the last
-    candidate, ``open_end`` or the highest id, may go on beyond them).
+    candidate, ``open_end`` or the highest id, may go on beyond them). ``realtime_only``:
+    the batch is empty unless real-time work fits (candidates come real-time first).
     """
     ordered = list(candidates)
     by_key: dict[str, list[int]] = defaultdict(list)
@@ -146,10 +148,12 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
     for c in ordered:
         if len(out.commands) >= limit:
             break
+        if realtime_only and not out.commands and c.priority != Priority.REALTIME.value:
+            break  # no real-time work fits: the slot stays free
         reason = _doomed(c, deps)
         if reason:
             out.doomed[c.id] = reason
-        elif (_fits(c, chosen, by_key, blockers, deps, realtime_only, paused)
+        elif (_fits(c, chosen, by_key, blockers, deps, paused)
               and not _splits_chain(c, chosen, by_key, limit - len(out.commands), open_end)):
             out.commands.append(c)
             chosen.add(c.id)
@@ -168,10 +172,8 @@ def _doomed(c: Candidate, deps: Mapping[int, Dependency]) -> str | None:
 
 
 def _fits(c: Candidate, chosen: set[int], by_key: Mapping[str, list[int]],
-          blockers: Mapping[str, int], deps: Mapping[int, Dependency], realtime_only: bool,
+          blockers: Mapping[str, int], deps: Mapping[int, Dependency],
           paused: frozenset[str]) -> bool:
-    if realtime_only and c.priority != Priority.REALTIME.value:
-        return False
     if c.method.lower() in paused:
         return False
     if c.key is not None:

@@ -10,7 +10,8 @@ from sqlalchemy import func, select
 
 from app.dispatcher import submit
 from app.dispatcher.ledger import OperatingLedger
-from app.dispatcher.models import OutboxCommand
+from app.dispatcher.models import OutboxCommand, Priority
+from app.dispatcher.packer import Candidate, pack_round
 from app.extensions import db
 from tests.conftest import wait_for
 from tests.dispatcher.conftest import rows, settled
@@ -83,3 +84,16 @@ def test_a_portal_whose_only_work_is_paused_is_woken_when_the_pause_ends(make_po
     assert done.status == "done" and done.id == command
     sent = done.first_sent_at.timestamp()
     assert until <= sent < until + 1.0, f"sent {sent - until:+.2f} s from the pause's end"
+
+
+def test_a_slot_kept_for_real_time_work_leaves_with_it_and_is_filled_with_bulk():
+    bulk = [Candidate(i, "crm.deal.add", {}, None, None, Priority.BULK.value)
+            for i in range(1, 121)]
+    call = Candidate(200, "telephony.externalcall.register", {}, "call-1", None,
+                     Priority.REALTIME.value)
+    assert pack_round(bulk, {}, {}, batches=3, realtime_only_from=0) == []
+    [only] = pack_round([call, *bulk], {}, {}, batches=3, realtime_only_from=0)
+    assert only.realtime and len(only.commands) == 50  # the call and 49 bulk commands
+    assert [c.id for c in only.commands] == [*range(1, 50), 200]
+    first, second = pack_round([call, *bulk], {}, {}, batches=3, realtime_only_from=2)
+    assert first.realtime and not second.realtime and len(second.commands) == 50
