@@ -192,11 +192,14 @@ class _Publisher:
         self.channel = channel
         self.client = redis.Redis.from_url(url, socket_connect_timeout=1,
                                            socket_timeout=ACK_SECONDS + 1)
+        self.down_until = 0.0
 
     def publish(self, members: Iterable[str] = (), ids: Iterable[int] = ()) -> None:
         """Tell every process, and wait until each has dropped its entries."""
         ack = f"{self.channel}:ack:{secrets.token_hex(8)}"
         change = {"members": sorted(set(members)), "ids": sorted(set(ids)), "ack": ack}
+        if time.monotonic() < self.down_until:
+            return  # Redis is down: so are the listeners' subscriptions, they trust nothing
         try:
             listeners = self.client.publish(self.channel, json.dumps(change))
             deadline = time.monotonic() + ACK_SECONDS
@@ -207,6 +210,7 @@ class _Publisher:
                 confirmed += 1
             self.client.delete(ack)
         except redis.RedisError as exc:  # the listeners lost Redis too: they stop trusting
+            self.down_until = time.monotonic() + 1.0
             log.warning("portal cache: change of %s not published: %s", change["members"], exc)
             return
         if confirmed < listeners:
