@@ -1,7 +1,17 @@
 """Event intake under load: gunicorn as in production, PostgreSQL + Redis, an open-loop client.
 
-    .venv/bin/python -m bench.ingest                # 500 ev/s for 60 s, then the peak search
-    .venv/bin/python -m bench.ingest --quick        # 10 s runs, for a smoke check
+    .venv/bin/python -m bench.ingest                # throughput comparison, 500 ev/s for 60 s,
+                                                    # then the peak search
+    .venv/bin/python -m bench.ingest --only throughput   # the closed-loop comparison alone
+    .venv/bin/python -m bench.ingest --quick        # 8-10 s runs, for a smoke check
+
+The throughput comparison (issue #13) comes first: closed loop (``--connections`` 32, each
+sending its next event when its answer arrives), ``--rounds`` interleaved rounds of
+(a) the app with one portal, (b) bench/naive_intake.py, the naive durable handler (Flask,
+the form, a token dict, one committed INSERT … ON CONFLICT DO NOTHING, one LPUSH) on the
+same portal, and (c) the app with events spread round robin over ``--portals`` (10,000)
+installed portals, after a warm-up pass over all of them; printed with the ratios a/b
+and c/a per round. Every run's inbox must hold exactly what was acknowledged.
 
 What it does:
 1. a fresh PostgreSQL database (``--pg``, default the local server) migrated with the

@@ -134,9 +134,12 @@ def verify_b24(member_id: str, token: str | None, event_name: str) -> Sender:
     if not token:
         raise Rejected(401, "missing_token", "auth[application_token] is required")
     portal = lookup_portal(member_id)
-    if portal is not None and not portal.token_matches(token):
+    matched = portal is not None and portal.token_matches(token)
+    if portal is not None and not matched:
         portal = lookup_portal(member_id, fresh=True)  # never refuse on a stale cache
-    if portal is not None and portal.token_matches(token):
+        matched = portal is not None and portal.token_matches(token)
+    if matched:
+        assert portal is not None
         return Sender(portal)
     first_contact = (portal is None or portal.token_hash is None
                      or portal.status == PortalStatus.UNINSTALLED.value)
