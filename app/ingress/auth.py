@@ -23,7 +23,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from app.extensions import db, retry_if_connection_died
-from app.ingress import portal_cache, provisional, token_hash
+from app.ingress import metrics, portal_cache, provisional, token_hash
 from app.ingress.models import PortalApiKey
 from app.tenants.models import Portal, PortalStatus
 
@@ -97,7 +97,9 @@ def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
     cache = portal_cache.cache()
     hit = None if fresh else cache.get(member_id)
     if hit is not None:
+        metrics.PORTAL_CACHE_HIT.inc()
         return hit
+    metrics.PORTAL_CACHE_MISS.inc()
     epoch = cache.epoch()
     query = (select(Portal.id, Portal.member_id, Portal.application_token_hash, Portal.status,
                     token_hash.RAW_TOKEN.label("ciphertext"))
