@@ -411,7 +411,12 @@ def _throughput_row(target: str, round_no: int, s: dict[str, Any]) -> str:
         inbox += "  (ran out of requests: raise CLOSED_MAX_RATE)"
     return (f"{target:<24} {round_no:>5} {s['events_per_second']:>9.0f} {s['ok']:>7} "
             f"{s['errors']:>6} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} "
-            f"{s.get('web_cpu_ms_per_request', float('nan')):>13.3f} {inbox:>7}")
+            f"{s.get('web_cpu_ms_per_request', float('nan')):>13.3f} "
+            f"{_pct(s.get('cache_hit_pct')):>10} {inbox:>7}")
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} %"
 
 
 def _cache_counts(base: str) -> dict[str, float]:
@@ -487,6 +492,15 @@ def _throughput(stack: Stack, args: argparse.Namespace, app: tuple[Any, str],
     if many:
         ratios[f"app {len(many):,} portals / app 1 portal"] = [
             a / b for a, b in zip(rate[names[2]], rate[names[0]], strict=True)]
+    # The same ratios from the web tier's CPU per event (its inverse): on a shared machine
+    # the events/s of one run move with the neighbours' load, the CPU an event costs less.
+    cpu = {name: [r.get("web_cpu_ms_per_request") or float("nan") for r in rs]
+           for name, rs in runs.items()}
+    ratios["app / naive, by web CPU per event"] = [
+        b / a for a, b in zip(cpu[names[0]], cpu[names[1]], strict=True)]
+    if many:
+        ratios[f"app {len(many):,} / app 1 portal, by web CPU"] = [
+            b / a for a, b in zip(cpu[names[2]], cpu[names[0]], strict=True)]
     lines += ["", f"{'ratio (same round)':<40} {'per round':<24} {'median':>6}"]
     for name, values in ratios.items():
         lines.append(f"{name:<40} {' '.join(f'{v:.2f}' for v in values):<24} "
