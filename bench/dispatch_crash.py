@@ -90,10 +90,17 @@ def run(args: argparse.Namespace) -> int:
         total = 2 * half
         t0 = time.monotonic()
         stack.start_workers(2, **SETTINGS)
-        _wait(lambda: (s := stack.statuses())["inflight"] >= total * args.kill_at
-              or s["done"] > 0, 120, "in flight")  # before the first batch comes back
+        def open_requests() -> int:
+            assert stack.sandbox is not None
+            return sum(stack.sandbox.counters(m)["in_flight"] for _, m in portals)
+
+        # every command leased and its batch's request open at the sandbox (a batch takes
+        # its rate token as it leaves, a moment after the lease), before the first comes back
+        _wait(lambda: (s := stack.statuses())["done"] > 0
+              or (s["inflight"] >= total * args.kill_at
+                  and open_requests() >= 0.95 * s["inflight"] / 50), 120, "in flight")
         in_flight = stack.statuses()["inflight"]
-        at_sandbox = sum(stack.sandbox.counters(m)["in_flight"] for _, m in portals)
+        at_sandbox = open_requests()
         stack.kill_workers()
         killed_at = time.monotonic()
         stack.start_workers(2, **SETTINGS)
