@@ -146,6 +146,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
         self._failure: BaseException | None = None
+        self._stop_timeout = 10.0  # seconds stop() lets batches in flight finish
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, timeout: float = 10.0) -> Engine:
@@ -162,6 +163,7 @@ class Engine:
         loop, thread = self._loop, self._thread
         if loop is None or thread is None:
             return
+        self._stop_timeout = timeout
         loop.call_soon_threadsafe(self._stopping.set)
         thread.join(timeout + 5)
 
@@ -210,7 +212,11 @@ class Engine:
             driver.poke()
         drivers = [d.task for d in self.drivers.values() if d.task is not None]
         if drivers:
-            await asyncio.wait(drivers, timeout=self.settings.request_timeout)
+            _, late = await asyncio.wait(drivers, timeout=min(self._stop_timeout,
+                                                              self.settings.request_timeout))
+            for task in late:  # their leases lapse and the sweep recovers them, as after a crash
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         for timer in self._timers.values():
             timer.cancel()
         for task in tasks:
