@@ -13,8 +13,10 @@ def test_expired_token_under_400_concurrent_callers_refreshes_exactly_once(
     # enterprise plan with a bucket large enough that rate limiting cannot fail a call
     portal, info = make_portal(plan="enterprise", bucket={"drain": 1000, "burst": 100000})
     sandbox.expire_tokens(portal.member_id)
-    # ... and our own view of that bucket scaled to match, so no caller waits for the rate
-    unpaced = {"CALLER_CONFIG": '{"DISPATCH_BUCKET_SCALE": 1000}'}
+    # ... and our own view of that bucket scaled to match, so no caller waits for the rate;
+    # 399 callers wait for one refresh on SQLite: give them longer than the default 15 s, so
+    # a slow machine cannot turn the wait into failures (the test is about refreshing once)
+    unpaced = {"CALLER_CONFIG": '{"DISPATCH_BUCKET_SCALE": 1000, "B24_REFRESH_LOCK_WAIT": 45}'}
     procs = [spawn_callers(portal.member_id, THREADS, **unpaced) for _ in range(PROCESSES)]
     for proc in procs:
         proc.wait_ready()
