@@ -28,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -54,6 +54,7 @@ FETCH = 2 * MAX_BATCH  # candidates read per packing: room for key chains that c
 PACE_MEMORY = 5.0      # seconds a retired driver's last launch is remembered
 REDIS_CONNECTIONS = 2048  # the engine's Redis pool: above the batches that may land at once
 MAX_RESENDS = 3        # refreshes and renames before a batch's answer counts as a failure
+SHUTDOWN_GRACE = 2.0  # seconds stop() waits for a cancelled task (see _cancel)
 # Renew every key still ours; return the ids that are not ours any more.
 _RENEW = """
 local lost = {}
@@ -142,6 +143,7 @@ class Engine:
         self._rewake: set[int] = set()
         self._launched: dict[int, float] = {}  # retired drivers' last launch (pacing)
         self._timers: dict[int, asyncio.TimerHandle] = {}  # portals waiting out a pause
+        self._tasks: list[asyncio.Task[Any]] = []  # the engine's own: listener, heartbeat
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = threading.Event()
@@ -161,7 +163,7 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking work, let batches in flight finish (up to ``timeout``), release portals."""
         loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
+        if loop is None or thread is None or not thread.is_alive():
             return
         self._stop_timeout = timeout
         loop.call_soon_threadsafe(self._stopping.set)
@@ -198,13 +200,13 @@ class Engine:
         self.recorder = GroupWriter(self)
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(nudge.channel(self.redis))
-        tasks = [asyncio.create_task(self._listen(pubsub)),
-                 asyncio.create_task(self._heartbeat())]
+        self._tasks = [asyncio.create_task(self._listen(pubsub), name="nudge-listener"),
+                       asyncio.create_task(self._heartbeat(), name="heartbeat")]
         self._started.set()
         try:
             await self._stopping.wait()
         finally:
-            await self._shutdown(tasks, pubsub)
+            await self._shutdown(self._tasks, pubsub)
 
     async def _shutdown(self, tasks: list[asyncio.Task[Any]], pubsub: Any) -> None:
         for driver in list(self.drivers.values()):
@@ -214,14 +216,11 @@ class Engine:
         if drivers:
             _, late = await asyncio.wait(drivers, timeout=min(self._stop_timeout,
                                                               self.settings.request_timeout))
-            for task in late:  # their leases lapse and the sweep recovers them, as after a crash
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            # their leases lapse and the sweep recovers them, as after a crash
+            await _cancel(late, grace=SHUTDOWN_GRACE)
         for timer in self._timers.values():
             timer.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel(tasks, grace=SHUTDOWN_GRACE)
         await pubsub.aclose()
         await self.client.aclose()
         await self.redis.aclose()
@@ -239,7 +238,7 @@ class Engine:
 
     # ------------------------------------------------------------------ ownership
     async def _listen(self, pubsub: Any) -> None:
-        while True:
+        while not self._stopping.is_set():  # a cancel alone may be lost (see _cancel)
             try:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             except (aioredis.RedisError, OSError) as exc:
@@ -671,6 +670,27 @@ class GroupWriter:
             else:
                 for _, done in group:
                     done.set_result(None)
+
+
+async def _cancel(tasks: Iterable[asyncio.Task[Any]], *, grace: float) -> None:
+    """Cancel ``tasks`` and wait up to ``grace`` seconds for them to end.
+
+    A cancel can be lost inside a library: the nudge listener, waiting in redis-py's
+    pub/sub read, was seen to go on reading after its cancel when 200 portals had just
+    been nudged, and stop() then never returned. So a task still running is cancelled
+    again until it ends or ``grace`` runs out; one that outlives it is named in a
+    warning and left behind."""
+    pending = {t for t in tasks if not t.done()}
+    deadline = asyncio.get_running_loop().time() + grace
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            log.warning("%d dispatcher task(s) ignored their cancel: %s", len(pending),
+                        ", ".join(sorted(t.get_name() for t in pending)))
+            return
+        _, pending = await asyncio.wait(pending, timeout=min(0.2, left))
 
 
 def apply_status(app: Flask, portal_id: int, error: errors.ApiError) -> None:

@@ -3,6 +3,10 @@ expired, a held portal, and idle portals that cost nothing."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+
 import pytest
 from sqlalchemy import select
 
@@ -88,9 +92,6 @@ def test_a_held_portal_keeps_its_commands_and_resumes_when_active(make_portal, s
     assert [(r.id, r.status) for r in done] == [(i, "done") for i in ids]
 
 
-@pytest.mark.skip(reason="known bug, open: after 200 portals are nudged at once the engine's "
-                  "stop() can hang (its listener outlives the test); seen on the previous "
-                  "stop's code too. The test stays to be re-enabled with the fix.")
 @pytest.mark.parametrize("count", [200])
 def test_idle_portals_hold_no_driver_no_lease_and_no_bucket(oauth_app, start_engine,
                                                             redis_client, count):
@@ -106,3 +107,29 @@ def test_idle_portals_hold_no_driver_no_lease_and_no_bucket(oauth_app, start_eng
     nudge.publish(redis_ext.client, ids)  # as if every portal had been nudged by mistake
     wait_for(lambda: not engine.drivers and not redis_client.keys("b24relay:dispatch:*")
              and not redis_client.keys("b24relay:bucket:*"), timeout=10)
+
+
+def test_stop_ends_even_when_a_task_swallows_its_cancel(oauth_app, start_engine):
+    """The nudge listener was seen to carry on after its cancel (inside redis-py's pub/sub
+    read) and stop() never returned; a task that swallows one cancel must not hang stop."""
+    engine = start_engine()
+    swallowed = threading.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.set()  # as the library did: go on as if nothing happened
+        await asyncio.sleep(3600)
+
+    asyncio.run_coroutine_threadsafe(_adopt(engine, stubborn), engine._loop).result(5)
+    started = time.monotonic()
+    engine.stop(timeout=1)
+    assert swallowed.is_set() and not engine._thread.is_alive()
+    assert time.monotonic() - started < 5
+
+
+async def _adopt(engine, factory) -> None:
+    """Run ``factory()`` as one of the engine's own long-lived tasks (like the listener)."""
+    task = asyncio.create_task(factory(), name="stubborn")
+    engine._tasks.append(task)
