@@ -55,8 +55,10 @@ def rss_mb(pids: list[int]) -> float:
 
 def dispatch_keys(stack: Stack) -> dict[str, int]:
     """The dispatcher's per-portal keys in Redis now."""
+    buckets = stack.redis.keys("b24relay:bucket:*")
+    marks = sum(k.endswith(b":rt") for k in buckets)  # a real-time take's 10-minute reserve
     return {"owner leases": len(stack.redis.keys("b24relay:dispatch:owner:*")),
-            "buckets": len(stack.redis.keys("b24relay:bucket:*")),
+            "buckets": len(buckets) - marks, "marks": marks,
             "ledger": len(stack.redis.keys("b24relay:operating:*"))}
 
 
@@ -145,16 +147,17 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> str:
         f"Scale: {args.portals} installed portals, {args.busy} with traffic "
         f"({args.rate:g} commands/s each for {args.seconds:g} s, 0.2 s a request), one worker",
         "",
-        "| phase | worker CPU | worker RSS | owner leases | buckets | ledger keys |",
-        "|---|---|---|---|---|---|",
+        "| phase | worker CPU | worker RSS | owner leases | buckets | real-time marks "
+        "| ledger keys |",
+        "|---|---|---|---|---|---|---|",
         f"| idle ({args.idle:g} s, nothing queued) | {r['idle_cpu']:.1%} | "
         f"{r['idle_rss']:.0f} MiB | {k[0]['owner leases']} | {k[0]['buckets']} | "
-        f"{k[0]['ledger']} |",
+        f"{k[0]['marks']} | {k[0]['ledger']} |",
         f"| busy ({r['sent']} commands in {r['busy_wall']:.0f} s) | {r['busy_cpu']:.1%} | "
         f"{r['busy_rss']:.0f} MiB | {k[1]['owner leases']} | {k[1]['buckets']} | "
-        f"{k[1]['ledger']} |",
+        f"{k[1]['marks']} | {k[1]['ledger']} |",
         f"| after (work done) | - | - | {k[2]['owner leases']} | {k[2]['buckets']} | "
-        f"{k[2]['ledger']} |",
+        f"{k[2]['marks']} | {k[2]['ledger']} |",
         "",
         f"Requests received by the {args.portals - args.busy} idle portals while measured: "
         f"{r['idle_requests']} (at worker boot, before the measurement: "
