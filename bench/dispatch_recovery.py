@@ -113,7 +113,7 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]]) -> str:
     lines = [
         f"Recovery: {args.backlog} bulk commands queued on one standard portal during an "
         f"outage, then released; call registrations arrive at {args.call_rate:g}/s meanwhile; "
-        f"K = {args.max_inflight or 'the default (the burst, 50)'}",
+        f"K = {args.max_inflight or 'the default (the burst plus a fifth for real-time work: 60)'}",
         "",
         "| round trip | drain | ceiling | drain / ceiling rate | calls | call p50 | call p99 "
         "| call max | 503s | dead | lost |",
