@@ -89,10 +89,11 @@ def test_a_probe_while_still_blocked_sends_one_request_and_keeps_the_block(
     bucket.fill(portal.member_id, portal.plan)
     sent = _requests(sandbox, portal.member_id)
     stop = threading.Event()
+    portal_id = portal.id  # read here: in the thread an expired attribute needs an app context
 
     def nudge() -> None:  # the portal is active during the probe; engines are told so
         while not stop.wait(0.02):
-            engine.wake(portal.id)
+            engine.wake(portal_id)
 
     nudger = threading.Thread(target=nudge)
     nudger.start()
