@@ -18,7 +18,16 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from app.ingress import auth, first_contact, inbox, metrics, pbx, provisional, sealed
+from app.ingress import (
+    auth,
+    first_contact,
+    inbox,
+    metrics,
+    pbx,
+    portal_cache,
+    provisional,
+    sealed,
+)
 from app.ingress.auth import Rejected
 from app.ingress.formparse import MalformedBody, clip, parse_form
 from app.ingress.models import InboxStatus
@@ -186,5 +195,6 @@ def pbx_call_events() -> tuple[Response, int]:
 
 
 @bp.record_once
-def _expose_inbox_depth(state: Any) -> None:
-    metrics.init_app(state.app)
+def _init_intake(state: Any) -> None:
+    metrics.init_app(state.app)  # the inbox depth on /metrics
+    portal_cache.init_app(state.app)
