@@ -221,10 +221,6 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "REQUEST_DEADLINE": env_int("REQUEST_DEADLINE_SECONDS", 10),
         "REQUEST_HEADER_BYTES": env_int("REQUEST_HEADER_BYTES", 64 * 1024),
         "DB_CONNECT_TIMEOUT": env_int("DB_CONNECT_TIMEOUT", 5),
-        # Intake caches what it knows of a portal until the portal changes (every change is
-        # published to every process, app/ingress/portal_cache.py); this bound only matters
-        # for changes made outside the app (SQL by hand).
-        "INTAKE_PORTAL_CACHE_SECONDS": env_float("INTAKE_PORTAL_CACHE_SECONDS", 600.0),
         # Unverified first contacts (ONAPPINSTALL from an unknown portal) per minute, per
         # source address and in total: 429 beyond (app/ingress/first_contact.py).
         "FIRST_CONTACT_PER_ADDRESS_PER_MINUTE": env_int("FIRST_CONTACT_PER_ADDRESS_PER_MINUTE",

@@ -399,8 +399,7 @@ def _count(values: Any) -> dict[str, int]:
 
 
 THROUGHPUT_HEADER = (f"{'target':<24} {'round':>5} {'events/s':>9} {'2xx':>7} {'errors':>6} "
-                     f"{'p50 ms':>7} {'p99 ms':>7} {'web cpu ms/ev':>13} {'cache hits':>10} "
-                     f"{'inbox':>7}")
+                     f"{'p50 ms':>7} {'p99 ms':>7} {'web cpu ms/ev':>13} {'inbox':>7}")
 
 
 def _throughput_row(target: str, round_no: int, s: dict[str, Any]) -> str:
@@ -411,27 +410,7 @@ def _throughput_row(target: str, round_no: int, s: dict[str, Any]) -> str:
         inbox += "  (ran out of requests: raise CLOSED_MAX_RATE)"
     return (f"{target:<24} {round_no:>5} {s['events_per_second']:>9.0f} {s['ok']:>7} "
             f"{s['errors']:>6} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} "
-            f"{s.get('web_cpu_ms_per_request', float('nan')):>13.3f} "
-            f"{_pct(s.get('cache_hit_pct')):>10} {inbox:>7}")
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} %"
-
-
-def _cache_counts(base: str) -> dict[str, float]:
-    """The app's portal-cache hits and misses so far (its /metrics; {} for the naive one)."""
-    try:
-        with urllib.request.urlopen(base + "/metrics", timeout=5) as answer:
-            text = answer.read().decode()
-    except Exception:  # noqa: BLE001 - the naive handler has no /metrics
-        return {}
-    counts: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("b24relay_intake_portal_cache_total{"):
-            result = line.split('result="', 1)[1].split('"', 1)[0]
-            counts[result] = counts.get(result, 0.0) + float(line.rsplit(" ", 1)[1])
-    return counts
+            f"{s.get('web_cpu_ms_per_request', float('nan')):>13.3f} {inbox:>7}")
 
 
 def _median(values: list[float]) -> float:
@@ -449,14 +428,12 @@ def _throughput(stack: Stack, args: argparse.Namespace, app: tuple[Any, str],
     one_file.write_text(json.dumps(one))
     many_file.write_text(json.dumps(many))
     app_proc, base = app
-    # Warm-up: connections, statement caches, and every process's portal cache for every
-    # portal (the steady state of a SaaS install: each portal's events keep coming).
+    # Warm-up: connections, prepared statements, and every portal's rows in PostgreSQL's
+    # buffers (the steady state of a SaaS install: each portal's events keep coming).
     _run_closed(base, args.connections, 3, one_file, stack.workdir)
     _run_closed(naive, args.connections, 3, one_file, stack.workdir)
     if many:
-        for _ in range(2):
-            _run_closed(base, args.connections, 600, many_file, stack.workdir,
-                        count=len(many) * 2)
+        _run_closed(base, args.connections, 600, many_file, stack.workdir, count=len(many))
     stack.reset_inbox()
     stack.reset_inbox("naive_inbox")
     targets = [("app, 1 portal", base, app_proc.pid, one_file, "inbox_events"),
@@ -472,14 +449,8 @@ def _throughput(stack: Stack, args: argparse.Namespace, app: tuple[Any, str],
     runs: dict[str, list[dict[str, Any]]] = {t[0]: [] for t in targets}
     for round_no in range(1, args.rounds + 1):
         for name, url, pgid, portals, table in targets:
-            before = _cache_counts(url)
             summary = _run_closed(url, args.connections, args.throughput_seconds, portals,
                                   stack.workdir, pgid)
-            after = _cache_counts(url)
-            looked_up = sum(after.values()) - sum(before.values())
-            if looked_up:
-                summary["cache_hit_pct"] = round(
-                    100 * (after.get("hit", 0) - before.get("hit", 0)) / looked_up, 1)
             _check_inbox(stack, summary, table)
             summary.pop("acked_ids", None)
             runs[name].append(summary)

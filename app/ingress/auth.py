@@ -2,10 +2,10 @@
 
 The application_token check runs on every event. It compares a keyed hash of the
 event's token with the one stored beside the encrypted token (app/ingress/token_hash.py),
-so no token is decrypted on the way; what intake knows of a portal is cached per process
-until the portal changes (app/ingress/portal_cache.py: invalidated on every change, in
-every process, before the change's commit returns). A token that does not match the
-cached hash is always checked again against the database before the event is refused.
+so no token is decrypted on the way. The common case (the hash matches, the event is
+new) is checked inside the statement that stores the event (``inbox.store_verified``);
+everything else comes here, and reads the portal's committed row: nothing is cached, so
+a changed or cleared token counts in every process from its commit on.
 
 PBX keys are cached the same way, by key hash, for ``CACHE_SECONDS``: a rotated
 key is dropped at once in the process that rotated it, and keeps working in the
@@ -23,7 +23,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from app.extensions import db, retry_if_connection_died
-from app.ingress import metrics, portal_cache, provisional, token_hash
+from app.ingress import provisional, token_hash
 from app.ingress.models import PortalApiKey
 from app.tenants.models import Portal, PortalStatus
 
@@ -92,29 +92,19 @@ def _forget_keys_of(portal_id: int) -> None:
         cache.pop(key_hash, None)
 
 
-def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
-    """The portal with this member_id; from the cache unless ``fresh``."""
-    cache = portal_cache.cache()
-    hit = None if fresh else cache.get(member_id)
-    if hit is not None:
-        metrics.PORTAL_CACHE_HIT.inc()
-        return hit
-    metrics.PORTAL_CACHE_MISS.inc()
-    epoch = cache.epoch()
+def lookup_portal(member_id: str) -> KnownPortal | None:
+    """The portal with this member_id, as committed now."""
     query = (select(Portal.id, Portal.member_id, Portal.application_token_hash, Portal.status,
                     token_hash.RAW_TOKEN.label("ciphertext"))
              .where(Portal.member_id == member_id))
     row = retry_if_connection_died(lambda: db.session.execute(query).first(),
                                    reset=db.session.rollback)
     if row is None:
-        cache.forget(member_id)
         return None
     hashed = row.application_token_hash
     if row.ciphertext is not None and not token_hash.current(hashed):
         hashed = _fill_hash(row.id, row.ciphertext)
-    known = KnownPortal(row.id, row.member_id, hashed if row.ciphertext else None, row.status)
-    cache.put(member_id, known, epoch)
-    return known
+    return KnownPortal(row.id, row.member_id, hashed if row.ciphertext else None, row.status)
 
 
 def _fill_hash(portal_id: int, ciphertext: str) -> str | None:
@@ -136,12 +126,7 @@ def verify_b24(member_id: str, token: str | None, event_name: str) -> Sender:
     if not token:
         raise Rejected(401, "missing_token", "auth[application_token] is required")
     portal = lookup_portal(member_id)
-    matched = portal is not None and portal.token_matches(token)
-    if portal is not None and not matched:
-        portal = lookup_portal(member_id, fresh=True)  # never refuse on a stale cache
-        matched = portal is not None and portal.token_matches(token)
-    if matched:
-        assert portal is not None
+    if portal is not None and portal.token_matches(token):
         return Sender(portal)
     first_contact = (portal is None or portal.token_hash is None
                      or portal.status == PortalStatus.UNINSTALLED.value)

@@ -62,11 +62,6 @@ PROCESSED = ByEventType(Counter(
     "Worker passes over inbox rows by outcome: done and dead (final), retry, and unhandled "
     "(no handler yet) or held (portal paused), both parked until the sweeper queues them "
     "again; type as for b24relay_events_stored_total.", ["source", "type", "outcome"]))
-PORTAL_CACHE = Counter("b24relay_intake_portal_cache_total",
-                       "Portal lookups at intake: answered from the process's cache (hit) or "
-                       "by the database (miss).", ["result"])
-PORTAL_CACHE_HIT = PORTAL_CACHE.labels("hit")
-PORTAL_CACHE_MISS = PORTAL_CACHE.labels("miss")
 ACK_LATENCY = Histogram("b24relay_event_ack_seconds",
                         "Time from request start to the answer of an intake endpoint.",
                         ["source"],
