@@ -128,23 +128,30 @@ _PG_INSERT = (
     " %(payload)s, %(unverified)s, %(status)s, 0, %(received_at)s)"
     " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id")
 
-# A Bitrix24 event stored only if its portal's stored token hash is the event's: the check
-# and the write are one statement against the committed portal row, so from the moment a
-# change of the token commits, no process accepts the old one (no cache to keep right), and
-# one portal or 10,000 cost the same index probe.
-_VERIFIED = (
+# Bitrix24 events stored only where their portal's stored token hash is the event's: the
+# check and the write are one statement against the committed portal rows, so from the
+# moment a change of a token commits, no process accepts the old one (no cache to keep
+# right), and one portal or 10,000 cost the same index probe. PostgreSQL takes a whole
+# group of events as arrays (one statement, one commit, whatever the group's size).
+_PG_VERIFIED = (
     "INSERT INTO inbox_events (portal_id, member_id, source, event_type, dedupe_key, payload,"
     " unverified, status, attempts, received_at)"
-    " SELECT id, member_id, {source}, {event_type}, {dedupe_key}, {payload}, {unverified},"
-    " {status}, 0, {received_at} FROM portals"
-    " WHERE member_id = {member_id} AND application_token_hash = {token_hash}"
-    " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id")
-_NAMES = ("source", "event_type", "dedupe_key", "payload", "unverified", "status",
-          "received_at", "member_id", "token_hash")
-_PG_VERIFIED = _VERIFIED.format(**{n: f"%({n})s" for n in _NAMES})
-_SQL_VERIFIED = text(_VERIFIED.format(**{n: f":{n}" for n in _NAMES})).bindparams(
-    bindparam("payload", type_=JSON), bindparam("unverified", type_=Boolean),
-    bindparam("received_at", type_=DateTime(timezone=True)))
+    " SELECT p.id, p.member_id, %(source)s, e.event_type, e.dedupe_key, e.payload, FALSE,"
+    " %(status)s, 0, e.received_at"
+    " FROM unnest(%(member_id)s::text[], %(token_hash)s::text[], %(event_type)s::text[],"
+    " %(dedupe_key)s::text[], %(payload)s::json[], %(received_at)s::timestamptz[])"
+    " AS e(member_id, token_hash, event_type, dedupe_key, payload, received_at)"
+    " JOIN portals p ON p.member_id = e.member_id AND p.application_token_hash = e.token_hash"
+    " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id, member_id, dedupe_key")
+_SQL_VERIFIED = text(
+    "INSERT INTO inbox_events (portal_id, member_id, source, event_type, dedupe_key, payload,"
+    " unverified, status, attempts, received_at)"
+    " SELECT id, member_id, :source, :event_type, :dedupe_key, :payload, FALSE, :status, 0,"
+    " :received_at FROM portals"
+    " WHERE member_id = :member_id AND application_token_hash = :token_hash"
+    " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id"
+).bindparams(bindparam("payload", type_=JSON),
+             bindparam("received_at", type_=DateTime(timezone=True)))
 
 
 def _values(ev: NewEvent) -> dict[str, Any]:
@@ -155,18 +162,16 @@ def _values(ev: NewEvent) -> dict[str, Any]:
             "received_at": utcnow()}
 
 
-def _pg_insert(sql: str, values: dict[str, Any]) -> int | None:
-    """One INSERT … RETURNING id on PostgreSQL, on a pooled connection's psycopg directly.
+def _pg_insert(sql: str, values: dict[str, Any]) -> list[tuple[Any, ...]] | None:
+    """One INSERT … RETURNING on PostgreSQL, on a pooled connection's psycopg directly.
 
-    The single-event INSERT is the whole cost of intake beyond HTTP, and SQLAlchemy's
-    execution layer was half of it (0.26 vs 0.13 ms of CPU per event, bench/README):
-    here it runs as a prepared statement in autocommit on the pool's own connection.
-    Returns the new row's id, or None when this path cannot say (no row inserted, any
-    driver error): the caller then takes the general SQLAlchemy path, which looks a
-    duplicate up, and on a dead connection invalidates the pool and retries.
+    The INSERT is the whole cost of intake beyond HTTP, and SQLAlchemy's execution layer
+    was half of it (0.26 vs 0.13 ms of CPU per event, bench/README): here it runs as a
+    prepared statement in autocommit on the pool's own connection. Returns the rows, or
+    None on any driver error: the caller then takes the general SQLAlchemy path, which
+    on a dead connection invalidates the pool and retries.
     """
     import psycopg
-    from psycopg.types.json import Json
 
     try:
         raw = db.engine.raw_connection()  # a failed connect raises psycopg's own error here
@@ -178,8 +183,8 @@ def _pg_insert(sql: str, values: dict[str, Any]) -> int | None:
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute(sql, {**values, "payload": Json(values["payload"])}, prepare=True)
-                row = cur.fetchone()
+                cur.execute(sql, values, prepare=True)
+                rows = cur.fetchall()
             conn.autocommit = False
         except psycopg.Error as exc:
             try:  # autocommit: a failed statement leaves no transaction open
@@ -196,42 +201,68 @@ def _pg_insert(sql: str, values: dict[str, Any]) -> int | None:
             raise
     finally:
         raw.close()  # back to the pool (or away, if invalidated)
-    return row[0] if row is not None else None
+    return rows
 
 
 def _on_psycopg() -> bool:
     return db.engine.dialect.driver == "psycopg"
 
 
-def store_verified(ev: NewEvent, token_hash: str) -> Stored | None:
-    """Store a Bitrix24 event if its portal's stored token hash is ``token_hash``.
+def store_verified(group: list[tuple[NewEvent, str]]) -> list[Stored | None]:
+    """Store each (Bitrix24 event, its token's hash) whose portal's stored hash matches.
 
-    None when nothing was stored: the token does not match (or the hash is not a current
-    one yet), the event is a duplicate, or PostgreSQL's fast path failed. The caller then
-    takes the checked path, which tells these apart; a database that is down raises there.
+    One commit for the whole group. None for an event not stored: the token does not
+    match (or the stored hash is not a current one yet), the event is a duplicate, or
+    PostgreSQL's fast path failed. Its caller then takes the checked path, which tells
+    these apart; a database that is down raises there.
     """
-    values = {**_values(ev), "token_hash": token_hash}
     if _on_psycopg():
-        row_id = _pg_insert(_PG_VERIFIED, values)
+        out = _pg_store_verified(group)
     else:
-        row_id = retry_if_connection_died(lambda: _autocommit_scalar(_SQL_VERIFIED, values))
-    if row_id is None:
-        return None
-    metrics.STORED.labels(ev.source, ev.event_type).inc()
-    return Stored(row_id, True)
+        out = retry_if_connection_died(lambda: _sql_store_verified(group))
+    for (ev, _), stored in zip(group, out, strict=True):
+        if stored is not None:
+            metrics.STORED.labels(ev.source, ev.event_type).inc()
+    return out
 
 
-def _autocommit_scalar(statement: Any, values: dict[str, Any]) -> Any:
-    with _transaction(single=True) as conn:
-        return conn.execute(statement, values).scalar()
+def _pg_store_verified(group: list[tuple[NewEvent, str]]) -> list[Stored | None]:
+    from psycopg.types.json import Json
+
+    values = [_values(ev) for ev, _ in group]
+    rows = _pg_insert(_PG_VERIFIED, {
+        "source": "b24", "status": InboxStatus.QUEUED.value,
+        "member_id": [v["member_id"] for v in values],
+        "token_hash": [token_hash for _, token_hash in group],
+        "event_type": [v["event_type"] for v in values],
+        "dedupe_key": [v["dedupe_key"] for v in values],
+        "payload": [Json(v["payload"]) for v in values],
+        "received_at": [v["received_at"] for v in values]})
+    created = {(member_id, key): row_id for row_id, member_id, key in rows or ()}
+    # A key twice in one group (a duplicate delivered twice at once) is stored once: the
+    # first event gets the row, the second goes the checked path and is told it is one.
+    return [Stored(row_id, True) if (row_id := created.pop((ev.member_id, ev.dedupe_key), None))
+            is not None else None for ev, _ in group]
+
+
+def _sql_store_verified(group: list[tuple[NewEvent, str]]) -> list[Stored | None]:
+    out: list[Stored | None] = []
+    with _transaction(single=len(group) == 1) as conn:
+        for ev, token_hash in group:
+            row_id = conn.execute(_SQL_VERIFIED, {**_values(ev), "token_hash": token_hash}).scalar()
+            out.append(Stored(row_id, True) if row_id is not None else None)
+    return out
 
 
 def store(events: list[NewEvent]) -> list[Stored]:
     """Write the events in one transaction; a duplicate returns the existing row's id."""
     fast = None
     if len(events) == 1 and _on_psycopg():
-        row_id = _pg_insert(_PG_INSERT, _values(events[0]))
-        fast = Stored(row_id, True) if row_id is not None else None
+        from psycopg.types.json import Json
+
+        values = _values(events[0])
+        rows = _pg_insert(_PG_INSERT, {**values, "payload": Json(values["payload"])})
+        fast = Stored(rows[0][0], True) if rows else None
     # The insert is idempotent by dedupe_key, so a retry on a fresh connection is safe.
     out = [fast] if fast is not None else retry_if_connection_died(lambda: _insert(events))
     for ev, stored in zip(events, out, strict=True):

@@ -22,6 +22,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from app.ingress import (
     auth,
     first_contact,
+    group_commit,
     inbox,
     metrics,
     pbx,
@@ -125,8 +126,9 @@ def _parse_b24(body: bytes) -> _Delivery:
 
 
 def _stored_if_token_matches(delivery: _Delivery) -> inbox.Stored | None:
-    """The common case, one statement: the portal's stored token hash matches, the event
-    is new. None sends the delivery down the checked path (it may still be accepted)."""
+    """The common case: the portal's stored token hash matches, the event is new; stored
+    (and queued) with the process's concurrent events. None sends the delivery down the
+    checked path (it may still be accepted)."""
     if delivery.token is None:
         return None
     event = {**delivery.event, "auth": dict(delivery.event["auth"])}  # the checked path
@@ -135,7 +137,7 @@ def _stored_if_token_matches(delivery: _Delivery) -> inbox.Stored | None:
                          event_type=delivery.event_type, payload=event,
                          dedupe_key=inbox.b24_dedupe_key(event))
     try:
-        stored = inbox.store_verified(new, token_hash.of(delivery.token) or "")
+        stored = group_commit.store(new, token_hash.of(delivery.token) or "")
     except SQLAlchemyError as exc:
         log.error("inbox unavailable, a b24 event refused: %s", _first_line(exc))
         raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc

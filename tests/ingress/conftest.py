@@ -172,8 +172,8 @@ class Gunicorn:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        env = child_env(config, BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1", WEB_THREADS="2",
-                        **extra_env)
+        env = child_env(config, **{"BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1",
+                                   "WEB_THREADS": "2", **extra_env})
         self.log = Path(config["INSTANCE_PATH"]) / f"gunicorn-{port}.log"
         self._log_fh = self.log.open("wb")
         self.proc = subprocess.Popen(

@@ -1,0 +1,107 @@
+"""Group commit: concurrent events of one web process stored by one statement and commit.
+
+What a sender must see is unchanged: a 200 only for an event committed in the inbox, each
+event stored and queued once however often and however concurrently it is delivered, a
+forged token refused with nothing stored, and a database that is down answered 503 by
+every request of a group (none left waiting).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from app.extensions import db
+from app.ingress.models import InboxEvent
+from tests.ingress.conftest import (
+    FORM,
+    Gunicorn,
+    b24_body,
+    inbox_count,
+    make_portal,
+    queued_messages,
+)
+
+SENDERS, EVENTS = 12, 20
+
+
+def _burst(url: str, bodies: list[str]) -> list[httpx.Response]:
+    """Post every body at once from SENDERS connections; the answers in body order."""
+    local, opened = threading.local(), []
+
+    def post(body: str) -> httpx.Response:
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(base_url=url, timeout=20)
+            opened.append(local.client)
+        return local.client.post("/b24/events", content=body, headers=FORM)
+
+    try:
+        with ThreadPoolExecutor(SENDERS) as pool:
+            return list(pool.map(post, bodies))
+    finally:
+        for client in opened:
+            client.close()
+
+
+def test_a_concurrent_burst_is_stored_and_queued_once_each_duplicates_and_forgeries_too(
+        app, redis_client):
+    portals = [make_portal() for _ in range(3)]
+    events = [(portals[i % 3], str(i)) for i in range(SENDERS * EVENTS // 2)]
+    bodies = [b24_body(p.member_id, p.application_token, data={"FIELDS": {"ID": deal}})
+              for p, deal in events] * 2  # each event delivered twice, concurrently
+    forged = [b24_body(p.member_id, secrets.token_hex(16), data={"FIELDS": {"ID": "f"}})
+              for p in portals]
+    server = Gunicorn(app.config, WEB_THREADS="8")
+    try:
+        answers = _burst(server.url, bodies + forged)
+    finally:
+        server.stop()
+
+    assert [a.status_code for a in answers[len(bodies):]] == [401] * len(forged)
+    accepted = answers[:len(bodies)]
+    assert all(a.status_code == 200 for a in accepted), {a.status_code for a in accepted}
+    first, second = accepted[:len(events)], accepted[len(events):]
+    for one, other in zip(first, second, strict=True):  # both deliveries name the same row
+        assert one.json()["id"] == other.json()["id"]
+        assert sorted([one.json()["duplicate"], other.json()["duplicate"]]) == [False, True]
+    stored = {row.id: (row.member_id, row.payload["data"]["FIELDS"]["ID"])
+              for row in db.session.execute(select(InboxEvent.id, InboxEvent.member_id,
+                                                   InboxEvent.payload))}
+    assert {one.json()["id"]: (p.member_id, deal)
+            for one, (p, deal) in zip(first, events, strict=True)} == stored
+    assert queued_messages(redis_client, app) == len(events)
+
+
+def test_every_request_of_a_group_gets_503_when_the_database_is_down(make_app, redis_client):
+    down = make_app(SQLALCHEMY_DATABASE_URI="postgresql+psycopg://nobody@127.0.0.1:9/none")
+    client_for: Callable[[], Any] = down.test_client
+    body = b24_body("d" * 32, "tok")
+
+    def post(i: int) -> int:
+        return client_for().post("/b24/events", data=body.replace("759", str(i)),
+                                 headers=FORM).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(post, range(32)))
+    assert codes == [503] * 32
+    assert queued_messages(redis_client, down) == 0
+
+
+def test_events_stored_together_keep_their_own_portal_and_content(app, client):
+    portals = [make_portal() for _ in range(4)]
+    for i, portal in enumerate(portals):
+        body = b24_body(portal.member_id, portal.application_token,
+                        data={"FIELDS": {"ID": f"deal-{i}"}})
+        assert client.post("/b24/events", data=body, headers=FORM).status_code == 200
+    rows = db.session.execute(select(InboxEvent.portal_id, InboxEvent.payload)
+                              .order_by(InboxEvent.id)).all()
+    assert [(r.portal_id, r.payload["data"]["FIELDS"]["ID"]) for r in rows] == \
+        [(p.id, f"deal-{i}") for i, p in enumerate(portals)]
+    assert all("application_token" not in r.payload["auth"] for r in rows)
+    assert inbox_count() == len(portals)
