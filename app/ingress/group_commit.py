@@ -5,8 +5,8 @@ paid its own INSERT round trip and its own commit, and on a small host those per
 costs, not the work, set the ceiling. Here the first request to arrive leads: it takes
 every event waiting at that moment and stores them all with one statement, checked
 against their portals' token hashes (``inbox.store_verified``); the others sleep
-meanwhile. Once that commit returns, the leader hands over to a request that arrived in
-the meantime, if any, and each request queues its own row and answers.
+meanwhile. Once that commit returns they answer, the leader hands over to a request that
+arrived in the meantime, if any, and queues the group's rows with one message.
 
 Every event is still acknowledged only after the commit that holds it. An event the group
 did not store (its token does not match, a duplicate, a database error) goes down the
@@ -64,6 +64,9 @@ class GroupCommit:
             for waiting in group:
                 waiting.done.set()  # None sends a follower the checked way
             self._hand_over()
+        stored = [w.stored.id for w in group if w.stored is not None]
+        if stored:
+            inbox.enqueue(stored, "b24", together=True)
 
     @staticmethod
     def _store(group: list[_Waiting]) -> None:

@@ -39,6 +39,7 @@ from app.tenants.status import HELD
 log = logging.getLogger(__name__)
 
 ACTOR = "process_inbox_event"
+ACTOR_GROUP = "process_inbox_events"  # a group commit's rows, split by the worker
 QUEUE = "events"
 ENQUEUE_TIMEOUT_SECONDS = 0.25
 REDIS_BACKOFF_SECONDS = 1.0
@@ -295,7 +296,18 @@ def _intake_broker() -> dramatiq.Broker:
     return ext["ingress_broker"]
 
 
-def enqueue(row_ids: list[int], source: str, via: str = "intake") -> list[int]:
+def _messages(row_ids: list[int], together: bool) -> list[tuple[list[int], dramatiq.Message]]:
+    """One message per row; with ``together``, one for them all (the worker splits it into
+    one per row, so claims and retries stay per row): one broker round trip for a group."""
+    if together and len(row_ids) > 1:
+        return [(row_ids, dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR_GROUP,
+                                           args=(row_ids,), kwargs={}, options={}))]
+    return [([row_id], dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR, args=(row_id,),
+                                        kwargs={}, options={})) for row_id in row_ids]
+
+
+def enqueue(row_ids: list[int], source: str, via: str = "intake",
+            together: bool = False) -> list[int]:
     """Hand freshly stored rows to the broker; return the ids that made it.
 
     Rows are stored as ``queued`` (one commit on the happy path). A broker failure
@@ -308,10 +320,9 @@ def enqueue(row_ids: list[int], source: str, via: str = "intake") -> list[int]:
     sent: list[int] = []
     if time.monotonic() >= ext["ingress_redis_down_until"]:
         try:
-            for row_id in row_ids:
-                broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR,
-                                                args=(row_id,), kwargs={}, options={}))
-                sent.append(row_id)
+            for ids, message in _messages(row_ids, together):
+                broker.enqueue(message)
+                sent.extend(ids)
         except Exception as exc:  # noqa: BLE001 - any broker failure: the sweeper recovers
             ext["ingress_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
             log.warning("broker unavailable, %d inbox rows left for the sweeper: %s",

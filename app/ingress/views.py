@@ -137,13 +137,10 @@ def _stored_if_token_matches(delivery: _Delivery) -> inbox.Stored | None:
                          event_type=delivery.event_type, payload=event,
                          dedupe_key=inbox.b24_dedupe_key(event))
     try:
-        stored = group_commit.store(new, token_hash.of(delivery.token) or "")
+        return group_commit.store(new, token_hash.of(delivery.token) or "")
     except SQLAlchemyError as exc:
         log.error("inbox unavailable, a b24 event refused: %s", _first_line(exc))
         raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc
-    if stored is not None:
-        inbox.enqueue([stored.id], "b24")
-    return stored
 
 
 def _b24_event(delivery: _Delivery) -> inbox.NewEvent:

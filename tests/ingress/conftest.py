@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import secrets
 import signal
@@ -122,6 +123,17 @@ def queued_messages(redis_client: Any, app: Any, queue: str = "events") -> int:
     """Messages waiting in the Dramatiq Redis queue (nobody is consuming in these tests)."""
     ns = app.config["DRAMATIQ_NAMESPACE"]
     return redis_client.llen(f"{ns}:{queue}")
+
+
+def queued_rows(redis_client: Any, app: Any) -> list[int]:
+    """The inbox rows the waiting event messages name (a group commit's message names several)."""
+    ns = app.config["DRAMATIQ_NAMESPACE"]
+    ids = redis_client.lrange(f"{ns}:events", 0, -1)
+    rows: list[int] = []
+    for raw in redis_client.hmget(f"{ns}:events.msgs", ids) if ids else []:
+        named = json.loads(raw)["args"][0]
+        rows.extend(named if isinstance(named, list) else [named])
+    return sorted(rows)
 
 
 EFFECTS_DDL = "CREATE TABLE ingress_test_effects (inbox_id INTEGER NOT NULL, pid INTEGER NOT NULL)"

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.ingress.models import InboxEvent
+from tests.conftest import wait_for
 from tests.ingress.conftest import (
     FORM,
     Gunicorn,
@@ -26,6 +27,8 @@ from tests.ingress.conftest import (
     inbox_count,
     make_portal,
     queued_messages,
+    queued_rows,
+    statuses,
 )
 
 SENDERS, EVENTS = 12, 20
@@ -75,7 +78,7 @@ def test_a_concurrent_burst_is_stored_and_queued_once_each_duplicates_and_forger
                                                    InboxEvent.payload))}
     assert {one.json()["id"]: (p.member_id, deal)
             for one, (p, deal) in zip(first, events, strict=True)} == stored
-    assert queued_messages(redis_client, app) == len(events)
+    assert queued_rows(redis_client, app) == sorted(stored)  # each row queued once
 
 
 def test_every_request_of_a_group_gets_503_when_the_database_is_down(make_app, redis_client):
@@ -105,3 +108,20 @@ def test_events_stored_together_keep_their_own_portal_and_content(app, client):
         [(p.id, f"deal-{i}") for i, p in enumerate(portals)]
     assert all("application_token" not in r.payload["auth"] for r in rows)
     assert inbox_count() == len(portals)
+
+
+def test_a_groups_one_message_gets_each_of_its_events_processed_once(
+        app, effects, start_handler_worker):
+    portal = make_portal()
+    bodies = [b24_body(portal.member_id, portal.application_token, event="TESTEFFECT",
+                       data={"FIELDS": {"ID": str(i)}}) for i in range(SENDERS * 4)]
+    server = Gunicorn(app.config, WEB_THREADS="8")
+    try:
+        answers = _burst(server.url, bodies)
+    finally:
+        server.stop()
+    acked = sorted(a.json()["id"] for a in answers if a.status_code == 200)
+    assert len(acked) == len(bodies)
+    start_handler_worker(threads=4)
+    wait_for(lambda: statuses() == {"done": len(bodies)}, timeout=60)
+    assert effects() == dict.fromkeys(acked, 1)
