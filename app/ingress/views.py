@@ -108,6 +108,7 @@ class _Delivery:
 
 
 def _parse_b24(body: bytes) -> _Delivery:
+    """The body as a Bitrix24 event, or 400 (checked before any token is)."""
     if request.mimetype != FORM_TYPE:
         raise Rejected(400, "malformed", f"Content-Type must be {FORM_TYPE}")
     try:
@@ -131,8 +132,9 @@ def _stored_if_token_matches(delivery: _Delivery) -> inbox.Stored | None:
     checked path (it may still be accepted)."""
     if delivery.token is None:
         return None
-    event = {**delivery.event, "auth": dict(delivery.event["auth"])}  # the checked path
-    sealed.strip(event, delivery.event_type)  # may still need the tokens
+    # Stripped on a copy: should the group not store it, the checked path needs the tokens.
+    event = {**delivery.event, "auth": dict(delivery.event["auth"])}
+    sealed.strip(event, delivery.event_type)
     new = inbox.NewEvent(member_id=delivery.member_id, source="b24",
                          event_type=delivery.event_type, payload=event,
                          dedupe_key=inbox.b24_dedupe_key(event))
