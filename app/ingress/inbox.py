@@ -129,30 +129,22 @@ _PG_INSERT = (
     " %(payload)s, %(unverified)s, %(status)s, 0, %(received_at)s)"
     " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id")
 
-# Bitrix24 events stored only where their portal's stored token hash is the event's: the
-# check and the write are one statement against the committed portal rows, so from the
-# moment a change of a token commits, no process accepts the old one (no cache to keep
-# right), and one portal or 10,000 cost the same index probe. PostgreSQL takes a whole
-# group of events as one JSON document (one parameter to encode: arrays of JSON cost more
-# to send than the INSERT itself), one statement, one commit.
-_PG_VERIFIED = (
+# A Bitrix24 event stored only if its portal's stored token hash is the event's: the check
+# and the write are one statement against the committed portal row, so from the moment a
+# change of the token commits, no process accepts the old one (no cache to keep right), and
+# one portal or 10,000 cost the same index probe.
+_VERIFIED = (
     "INSERT INTO inbox_events (portal_id, member_id, source, event_type, dedupe_key, payload,"
     " unverified, status, attempts, received_at)"
-    " SELECT p.id, p.member_id, %(source)s, e.event_type, e.dedupe_key, e.payload, FALSE,"
-    " %(status)s, 0, %(received_at)s"
-    " FROM json_to_recordset(%(events)s) AS e(member_id text, token_hash text,"
-    " event_type text, dedupe_key text, payload json)"
-    " JOIN portals p ON p.member_id = e.member_id AND p.application_token_hash = e.token_hash"
-    " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id, member_id, dedupe_key")
-_SQL_VERIFIED = text(
-    "INSERT INTO inbox_events (portal_id, member_id, source, event_type, dedupe_key, payload,"
-    " unverified, status, attempts, received_at)"
-    " SELECT id, member_id, :source, :event_type, :dedupe_key, :payload, FALSE, :status, 0,"
-    " :received_at FROM portals"
-    " WHERE member_id = :member_id AND application_token_hash = :token_hash"
-    " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id"
-).bindparams(bindparam("payload", type_=JSON),
-             bindparam("received_at", type_=DateTime(timezone=True)))
+    " SELECT id, member_id, {source}, {event_type}, {dedupe_key}, {payload}, FALSE,"
+    " {status}, 0, {received_at} FROM portals"
+    " WHERE member_id = {member_id} AND application_token_hash = {token_hash}"
+    " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id")
+_NAMES = ("source", "event_type", "dedupe_key", "payload", "status", "received_at",
+          "member_id", "token_hash")
+_PG_VERIFIED = _VERIFIED.format(**{n: f"%({n})s" for n in _NAMES})
+_SQL_VERIFIED = text(_VERIFIED.format(**{n: f":{n}" for n in _NAMES})).bindparams(
+    bindparam("payload", type_=JSON), bindparam("received_at", type_=DateTime(timezone=True)))
 
 
 def _values(ev: NewEvent) -> dict[str, Any]:
@@ -209,46 +201,31 @@ def _on_psycopg() -> bool:
     return db.engine.dialect.driver == "psycopg"
 
 
-def store_verified(group: list[tuple[NewEvent, str]]) -> list[Stored | None]:
-    """Store each (Bitrix24 event, its token's hash) whose portal's stored hash matches.
+def store_verified(ev: NewEvent, token_hash: str) -> Stored | None:
+    """Store a Bitrix24 event if its portal's stored token hash is ``token_hash``.
 
-    One commit for the whole group. None for an event not stored: the token does not
-    match (or the stored hash is not a current one yet), the event is a duplicate, or
-    PostgreSQL's fast path failed. Its caller then takes the checked path, which tells
-    these apart; a database that is down raises there.
+    None when nothing was stored: the token does not match (or the stored hash is not a
+    current one yet), the event is a duplicate, or PostgreSQL's fast path failed. The
+    caller then takes the checked path, which tells these apart; a database that is down
+    raises there.
     """
+    values = {**_values(ev), "token_hash": token_hash}
     if _on_psycopg():
-        out = _pg_store_verified(group)
+        from psycopg.types.json import Json
+
+        rows = _pg_insert(_PG_VERIFIED, {**values, "payload": Json(values["payload"])})
+        row_id = rows[0][0] if rows else None
     else:
-        out = retry_if_connection_died(lambda: _sql_store_verified(group))
-    for (ev, _), stored in zip(group, out, strict=True):
-        if stored is not None:
-            metrics.STORED.labels(ev.source, ev.event_type).inc()
-    return out
+        row_id = retry_if_connection_died(lambda: _autocommit_scalar(_SQL_VERIFIED, values))
+    if row_id is None:
+        return None
+    metrics.STORED.labels(ev.source, ev.event_type).inc()
+    return Stored(row_id, True)
 
 
-def _pg_store_verified(group: list[tuple[NewEvent, str]]) -> list[Stored | None]:
-    from psycopg.types.json import Json
-
-    events = [{"member_id": ev.member_id, "token_hash": token_hash,
-               "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
-               "payload": ev.payload} for ev, token_hash in group]
-    rows = _pg_insert(_PG_VERIFIED, {"source": "b24", "status": InboxStatus.QUEUED.value,
-                                     "received_at": utcnow(), "events": Json(events)})
-    created = {(member_id, key): row_id for row_id, member_id, key in rows or ()}
-    # A key twice in one group (a duplicate delivered twice at once) is stored once: the
-    # first event gets the row, the second goes the checked path and is told it is one.
-    return [Stored(row_id, True) if (row_id := created.pop((ev.member_id, ev.dedupe_key), None))
-            is not None else None for ev, _ in group]
-
-
-def _sql_store_verified(group: list[tuple[NewEvent, str]]) -> list[Stored | None]:
-    out: list[Stored | None] = []
-    with _transaction(single=len(group) == 1) as conn:
-        for ev, token_hash in group:
-            row_id = conn.execute(_SQL_VERIFIED, {**_values(ev), "token_hash": token_hash}).scalar()
-            out.append(Stored(row_id, True) if row_id is not None else None)
-    return out
+def _autocommit_scalar(statement: Any, values: dict[str, Any]) -> Any:
+    with _transaction(single=True) as conn:
+        return conn.execute(statement, values).scalar()
 
 
 def store(events: list[NewEvent]) -> list[Stored]:

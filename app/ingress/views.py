@@ -21,8 +21,8 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.ingress import (
     auth,
+    enqueuer,
     first_contact,
-    group_commit,
     inbox,
     metrics,
     pbx,
@@ -127,9 +127,8 @@ def _parse_b24(body: bytes) -> _Delivery:
 
 
 def _stored_if_token_matches(delivery: _Delivery) -> inbox.Stored | None:
-    """The common case: the portal's stored token hash matches, the event is new; stored
-    (and queued) with the process's concurrent events. None sends the delivery down the
-    checked path (it may still be accepted)."""
+    """The common case, one statement: the portal's stored token hash matches, the event
+    is new. None sends the delivery down the checked path (it may still be accepted)."""
     if delivery.token is None:
         return None
     # Stripped on a copy: should the group not store it, the checked path needs the tokens.
@@ -139,10 +138,13 @@ def _stored_if_token_matches(delivery: _Delivery) -> inbox.Stored | None:
                          event_type=delivery.event_type, payload=event,
                          dedupe_key=inbox.b24_dedupe_key(event))
     try:
-        return group_commit.store(new, token_hash.of(delivery.token) or "")
+        stored = inbox.store_verified(new, token_hash.of(delivery.token) or "")
     except SQLAlchemyError as exc:
         log.error("inbox unavailable, a b24 event refused: %s", _first_line(exc))
         raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc
+    if stored is not None:
+        enqueuer.put(stored.id)  # sent by the process's enqueuer thread, with its neighbours
+    return stored
 
 
 def _b24_event(delivery: _Delivery) -> inbox.NewEvent:

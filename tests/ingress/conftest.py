@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import func, insert, select, text
 
 from app.extensions import db
-from app.ingress import auth
+from app.ingress import auth, enqueuer
 from app.ingress.formparse import encode_form
 from app.ingress.models import InboxEvent
 from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
@@ -120,13 +120,16 @@ def inbox_rows() -> list[InboxEvent]:
 
 
 def queued_messages(redis_client: Any, app: Any, queue: str = "events") -> int:
-    """Messages waiting in the Dramatiq Redis queue (nobody is consuming in these tests)."""
+    """Messages waiting in the Dramatiq Redis queue (nobody is consuming in these tests),
+    once intake's enqueuer has sent what it holds."""
+    assert enqueuer.drain(app)
     ns = app.config["DRAMATIQ_NAMESPACE"]
     return redis_client.llen(f"{ns}:{queue}")
 
 
 def queued_rows(redis_client: Any, app: Any) -> list[int]:
-    """The inbox rows the waiting event messages name (a group commit's message names several)."""
+    """The inbox rows the waiting event messages name (one message may name several)."""
+    assert enqueuer.drain(app)
     ns = app.config["DRAMATIQ_NAMESPACE"]
     ids = redis_client.lrange(f"{ns}:events", 0, -1)
     rows: list[int] = []

@@ -1,9 +1,10 @@
-"""Group commit: concurrent events of one web process stored by one statement and commit.
+"""Intake under concurrency: each event checked in the statement that stores it, queued
+off the request path, several rows to a message.
 
-What a sender must see is unchanged: a 200 only for an event committed in the inbox, each
-event stored and queued once however often and however concurrently it is delivered, a
-forged token refused with nothing stored, and a database that is down answered 503 by
-every request of a group (none left waiting).
+What a sender must see: a 200 only for an event committed in the inbox, each event stored
+and queued once however often and however concurrently it is delivered, a forged token
+refused with nothing stored, a database that is down answered 503 by every request; and
+a worker processes each row of a many-row message once.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import httpx
 from sqlalchemy import select
 
 from app.extensions import db
+from app.ingress import inbox
 from app.ingress.models import InboxEvent
 from tests.conftest import wait_for
 from tests.ingress.conftest import (
     FORM,
     Gunicorn,
+    add_inbox_row,
     b24_body,
     inbox_count,
     make_portal,
@@ -81,7 +84,7 @@ def test_a_concurrent_burst_is_stored_and_queued_once_each_duplicates_and_forger
     assert queued_rows(redis_client, app) == sorted(stored)  # each row queued once
 
 
-def test_every_request_of_a_group_gets_503_when_the_database_is_down(make_app, redis_client):
+def test_every_concurrent_request_gets_503_when_the_database_is_down(make_app, redis_client):
     down = make_app(SQLALCHEMY_DATABASE_URI="postgresql+psycopg://nobody@127.0.0.1:9/none")
     client_for: Callable[[], Any] = down.test_client
     body = b24_body("d" * 32, "tok")
@@ -96,7 +99,7 @@ def test_every_request_of_a_group_gets_503_when_the_database_is_down(make_app, r
     assert queued_messages(redis_client, down) == 0
 
 
-def test_events_stored_together_keep_their_own_portal_and_content(app, client):
+def test_events_of_several_portals_keep_their_own_portal_and_content(app, client):
     portals = [make_portal() for _ in range(4)]
     for i, portal in enumerate(portals):
         body = b24_body(portal.member_id, portal.application_token,
@@ -110,7 +113,7 @@ def test_events_stored_together_keep_their_own_portal_and_content(app, client):
     assert inbox_count() == len(portals)
 
 
-def test_a_groups_one_message_gets_each_of_its_events_processed_once(
+def test_rows_queued_several_to_a_message_are_each_processed_once(
         app, effects, start_handler_worker):
     portal = make_portal()
     bodies = [b24_body(portal.member_id, portal.application_token, event="TESTEFFECT",
@@ -125,3 +128,13 @@ def test_a_groups_one_message_gets_each_of_its_events_processed_once(
     start_handler_worker(threads=4)
     wait_for(lambda: statuses() == {"done": len(bodies)}, timeout=60)
     assert effects() == dict.fromkeys(acked, 1)
+
+
+def test_a_message_naming_several_rows_gets_each_processed_once(app, effects,
+                                                                 start_handler_worker):
+    portal = make_portal()
+    rows = [add_inbox_row("queued", portal) for _ in range(5)]
+    assert inbox.enqueue(rows, "b24", together=True) == rows
+    start_handler_worker(threads=2)
+    wait_for(lambda: statuses() == {"done": len(rows)}, timeout=60)
+    assert effects() == dict.fromkeys(rows, 1)
