@@ -27,3 +27,13 @@ worker_class = "app.serving.BufferingWorker"
 threads = int(os.environ.get("WEB_THREADS") or 4)
 accesslog = os.environ.get("ACCESS_LOG") or None
 keepalive = 5
+
+
+def worker_exit(server, worker):  # noqa: ANN001, ARG001 - gunicorn's hook signature
+    """Before a worker process ends, send the stored rows intake still holds for the broker
+    (app/ingress/enqueuer.py); without this they would wait for the sweeper."""
+    from app.ingress import enqueuer
+
+    app = getattr(worker, "wsgi", None)
+    if hasattr(app, "extensions"):
+        enqueuer.drain(app)

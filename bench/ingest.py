@@ -1,7 +1,17 @@
 """Event intake under load: gunicorn as in production, PostgreSQL + Redis, an open-loop client.
 
-    .venv/bin/python -m bench.ingest                # 500 ev/s for 60 s, then the peak search
-    .venv/bin/python -m bench.ingest --quick        # 10 s runs, for a smoke check
+    .venv/bin/python -m bench.ingest                # throughput comparison, 500 ev/s for 60 s,
+                                                    # then the peak search
+    .venv/bin/python -m bench.ingest --only throughput   # the closed-loop comparison alone
+    .venv/bin/python -m bench.ingest --quick        # 8-10 s runs, for a smoke check
+
+The throughput comparison (issue #13) comes first: closed loop (``--connections`` 32, each
+sending its next event when its answer arrives), ``--rounds`` interleaved rounds of
+(a) the app with one portal, (b) bench/naive_intake.py, the naive durable handler (Flask,
+the form, a token dict, one committed INSERT … ON CONFLICT DO NOTHING, one LPUSH) on the
+same portal, and (c) the app with events spread round robin over ``--portals`` (10,000)
+installed portals, after a warm-up pass over all of them; printed with the ratios a/b
+and c/a per round. Every run's inbox must hold exactly what was acknowledged.
 
 What it does:
 1. a fresh PostgreSQL database (``--pg``, default the local server) migrated with the
@@ -43,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 P99_BUDGET_MS = 25.0
 PATH = "/b24/events"
+CLOSED_MAX_RATE = 6000  # requests rendered per second of a closed-loop run
 
 
 # ---------------------------------------------------------------- load generator (child)
@@ -71,6 +82,17 @@ async def _generate(url: str, rate: float, seconds: float, member_id: str, token
     return await generate(url, requests, rate)
 
 
+async def _generate_closed(url: str, connections: int, seconds: float, portals_file: str,
+                           tag: str, count: int) -> dict[str, Any]:
+    """Closed loop: events spread evenly over the portals in ``portals_file`` (round robin)."""
+    from bench.loadgen import generate_closed, render_requests
+
+    portals = list(json.loads(Path(portals_file).read_text()).items())
+    bodies = [_body(*portals[i % len(portals)], i, tag) for i in range(count)]
+    requests = render_requests(url, bodies, "application/x-www-form-urlencoded")
+    return await generate_closed(url, requests, connections, seconds)
+
+
 def _generator_main(args: argparse.Namespace) -> None:
     # The client's own garbage collector must not pause the schedule: tens of thousands of
     # pending tasks and result tuples make a full collection take 50-150 ms, which the open
@@ -78,8 +100,12 @@ def _generator_main(args: argparse.Namespace) -> None:
     gc.collect()
     gc.freeze()
     gc.disable()
-    out = asyncio.run(_generate(args.url, args.rate, args.seconds, args.member_id, args.token,
-                                args.tag))
+    if args.closed:
+        out = asyncio.run(_generate_closed(args.url, args.closed, args.seconds,
+                                           args.portals_file, args.tag, args.count))
+    else:
+        out = asyncio.run(_generate(args.url, args.rate, args.seconds, args.member_id,
+                                    args.token, args.tag))
     Path(args.result).write_text(json.dumps(out))
 
 
@@ -176,6 +202,36 @@ class Stack:
                        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return member_id, token
 
+    def seed_many(self, count: int) -> dict[str, str]:
+        """``count`` more installed portals (the SaaS case); member_id -> application_token."""
+        portals = {secrets.token_hex(16): secrets.token_hex(16) for _ in range(count)}
+        path = self.workdir / f"seed-{count}.json"
+        path.write_text(json.dumps(portals))
+        code = (
+            "import json, sys\n"
+            "from app import create_app\n"
+            "from app.extensions import db\n"
+            "from app.tenants.models import Portal\n"
+            "app = create_app()\n"
+            "with app.app_context():\n"
+            "    for m, t in json.load(open(sys.argv[1])).items():\n"
+            "        db.session.add(Portal(member_id=m, domain=m[:8] + '.bitrix24.test',\n"
+            "            client_endpoint='https://' + m[:8] + '.bitrix24.test/rest/',\n"
+            "            application_token=t, status='active'))\n"
+            "    db.session.commit()\n")
+        subprocess.run([sys.executable, "-c", code, str(path)], env=self.env, cwd=ROOT,
+                       check=True, stdout=subprocess.DEVNULL)
+        return portals
+
+    def naive_table(self, tokens: dict[str, str]) -> None:
+        """The naive handler's table and its token file (bench/naive_intake.py)."""
+        from bench.naive_intake import TABLE_DDL
+
+        self._sql(TABLE_DDL)
+        path = self.workdir / "naive-tokens.json"
+        path.write_text(json.dumps(tokens))
+        self.env["NAIVE_TOKENS"] = str(path)
+
     def gunicorn(self, module: str) -> tuple[subprocess.Popen[bytes], str]:
         """The Procfile's web line serving ``module`` on a spare loopback port."""
         port = free_port()
@@ -219,11 +275,11 @@ class Stack:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)'))
         admin.dispose()
 
-    def inbox_ids(self) -> list[int]:
-        return [int(x) for x in self._sql("SELECT id FROM inbox_events").split()]
+    def inbox_ids(self, table: str = "inbox_events") -> list[int]:
+        return [int(x) for x in self._sql(f"SELECT id FROM {table}").split()]
 
-    def reset_inbox(self) -> None:
-        self._sql("TRUNCATE inbox_events")
+    def reset_inbox(self, table: str = "inbox_events") -> None:
+        self._sql(f"TRUNCATE {table}")
 
     def _sql(self, query: str) -> str:
         from sqlalchemy import create_engine, text
@@ -288,6 +344,29 @@ def _run_load(base: str, rate: float, seconds: float, member_id: str, token: str
     return summary
 
 
+def _run_closed(base: str, connections: int, seconds: float, portals_file: Path,
+                workdir: Path, web_pgid: int | None = None, count: int = 0) -> dict[str, Any]:
+    """A closed-loop run (bench/loadgen.generate_closed) over the portals in ``portals_file``."""
+    result_file = workdir / f"closed-{time.monotonic_ns()}.json"
+    count = count or int(seconds * CLOSED_MAX_RATE)
+    cpu_before = _group_cpu_seconds(web_pgid) if web_pgid else 0.0
+    subprocess.run(["nice", "-n", "-10", sys.executable, "-m", "bench.ingest", "--generate",
+                    "--url", base + PATH, "--closed", str(connections), "--seconds", str(seconds),
+                    "--portals-file", str(portals_file), "--count", str(count),
+                    "--tag", str(time.time_ns()), "--result", str(result_file)],
+                   cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                   stderr=subprocess.DEVNULL)
+    raw = json.loads(result_file.read_text())
+    result_file.unlink()
+    summary = _summarise(0, raw)
+    summary["events_per_second"] = round(summary["ok"] / raw["elapsed"], 1)
+    summary["ran_out"] = summary["sent"] >= count
+    if web_pgid and summary["sent"]:
+        summary["web_cpu_ms_per_request"] = round(
+            (_group_cpu_seconds(web_pgid) - cpu_before) * 1000 / summary["sent"], 3)
+    return summary
+
+
 def _quantile(sorted_values: list[float], q: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -319,6 +398,89 @@ def _count(values: Any) -> dict[str, int]:
     return out
 
 
+THROUGHPUT_HEADER = (f"{'target':<24} {'round':>5} {'events/s':>9} {'2xx':>7} {'errors':>6} "
+                     f"{'p50 ms':>7} {'p99 ms':>7} {'web cpu ms/ev':>13} {'inbox':>7}")
+
+
+def _throughput_row(target: str, round_no: int, s: dict[str, Any]) -> str:
+    inbox = s.get("inbox", "")
+    if s["errors"]:
+        inbox += f"  errors: {s['statuses']} {s['failures']}"
+    if s.get("ran_out"):
+        inbox += "  (ran out of requests: raise CLOSED_MAX_RATE)"
+    return (f"{target:<24} {round_no:>5} {s['events_per_second']:>9.0f} {s['ok']:>7} "
+            f"{s['errors']:>6} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} "
+            f"{s.get('web_cpu_ms_per_request', float('nan')):>13.3f} {inbox:>7}")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _throughput(stack: Stack, args: argparse.Namespace, app: tuple[Any, str],
+                one: dict[str, str], many: dict[str, str], lines: list[str]) -> dict[str, Any]:
+    """Closed-loop throughput, rounds interleaved: the app and the naive durable handler on
+    one portal, and the app with events spread over ``--portals`` portals (issue #13)."""
+    naive_proc, naive = stack.gunicorn("bench.naive_intake:app")
+    one_file, many_file = stack.workdir / "one.json", stack.workdir / "many.json"
+    one_file.write_text(json.dumps(one))
+    many_file.write_text(json.dumps(many))
+    app_proc, base = app
+    # Warm-up: connections, prepared statements, and every portal's rows in PostgreSQL's
+    # buffers (the steady state of a SaaS install: each portal's events keep coming).
+    _run_closed(base, args.connections, 3, one_file, stack.workdir)
+    _run_closed(naive, args.connections, 3, one_file, stack.workdir)
+    if many:
+        _run_closed(base, args.connections, 600, many_file, stack.workdir, count=len(many))
+    stack.reset_inbox()
+    stack.reset_inbox("naive_inbox")
+    targets = [("app, 1 portal", base, app_proc.pid, one_file, "inbox_events"),
+               ("naive, 1 portal", naive, naive_proc.pid, one_file, "naive_inbox")]
+    if many:
+        targets.append((f"app, {len(many):,} portals", base, app_proc.pid, many_file,
+                        "inbox_events"))
+    head = (f"closed loop: {args.connections} connections, {args.throughput_seconds:.0f} s a run, "
+            f"{args.rounds} interleaved rounds; loadavg "
+            f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    lines += ["", head, THROUGHPUT_HEADER]
+    print("\n".join(lines[-3:]), flush=True)
+    runs: dict[str, list[dict[str, Any]]] = {t[0]: [] for t in targets}
+    for round_no in range(1, args.rounds + 1):
+        for name, url, pgid, portals, table in targets:
+            summary = _run_closed(url, args.connections, args.throughput_seconds, portals,
+                                  stack.workdir, pgid)
+            _check_inbox(stack, summary, table)
+            summary.pop("acked_ids", None)
+            runs[name].append(summary)
+            lines.append(_throughput_row(name, round_no, summary))
+            print(lines[-1], flush=True)
+    stack.stop(naive_proc)
+    rate = {name: [r["events_per_second"] for r in rs] for name, rs in runs.items()}
+    names = list(rate)
+    ratios = {"app / naive": [a / b for a, b in zip(rate[names[0]], rate[names[1]], strict=True)]}
+    if many:
+        ratios[f"app {len(many):,} portals / app 1 portal"] = [
+            a / b for a, b in zip(rate[names[2]], rate[names[0]], strict=True)]
+    # The same ratios from the web tier's CPU per event (its inverse): on a shared machine
+    # the events/s of one run move with the neighbours' load, the CPU an event costs less.
+    cpu = {name: [r.get("web_cpu_ms_per_request") or float("nan") for r in rs]
+           for name, rs in runs.items()}
+    ratios["app / naive, by web CPU per event"] = [
+        b / a for a, b in zip(cpu[names[0]], cpu[names[1]], strict=True)]
+    if many:
+        ratios[f"app {len(many):,} / app 1 portal, by web CPU"] = [
+            b / a for a, b in zip(cpu[names[2]], cpu[names[0]], strict=True)]
+    lines += ["", f"{'ratio (same round)':<40} {'per round':<24} {'median':>6}"]
+    for name, values in ratios.items():
+        lines.append(f"{name:<40} {' '.join(f'{v:.2f}' for v in values):<24} "
+                     f"{_median(values):>6.2f}")
+    print("\n".join(lines[-1 - len(ratios):]), flush=True)
+    return {"runs": runs, "ratios": ratios, "connections": args.connections,
+            "seconds": args.throughput_seconds}
+
+
 def _passes(summary: dict[str, Any]) -> bool:
     return summary["errors"] == 0 and summary["p99_ms"] <= P99_BUDGET_MS
 
@@ -338,12 +500,12 @@ def _row(target: str, s: dict[str, Any]) -> str:
             f"{s.get('web_cpu_ms_per_request', float('nan')):>14.2f} {inbox:>7}")
 
 
-def _check_inbox(stack: Stack, summary: dict[str, Any]) -> None:
+def _check_inbox(stack: Stack, summary: dict[str, Any], table: str = "inbox_events") -> None:
     time.sleep(0.5)
-    stored = sorted(stack.inbox_ids())
+    stored = sorted(stack.inbox_ids(table))
     summary["inbox"] = "exact" if stored == summary["acked_ids"] else \
         f"MISMATCH stored={len(stored)} acked={len(summary['acked_ids'])}"
-    stack.reset_inbox()
+    stack.reset_inbox(table)
 
 
 def _peak(run: Any, rates: list[float], lines: list[str], target: str
@@ -380,6 +542,19 @@ def main() -> None:
     parser.add_argument("--generate", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--url"), parser.add_argument("--member-id"), parser.add_argument("--token")
     parser.add_argument("--tag"), parser.add_argument("--result")
+    parser.add_argument("--closed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--portals-file", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--connections", type=int, default=32,
+                        help="closed-loop connections for the throughput comparison (32)")
+    parser.add_argument("--throughput-seconds", type=float, default=15.0)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds of the throughput comparison (2)")
+    parser.add_argument("--portals", type=int, default=10_000,
+                        help="installed portals for the spread-traffic run (10,000; 0: skip)")
+    parser.add_argument("--only", choices=["throughput", "latency"],
+                        help="run one half: the closed-loop comparison, or the open-loop "
+                             "500/s run and peak search")
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--step-seconds", type=float, default=15.0)
@@ -396,7 +571,7 @@ def main() -> None:
         _generator_main(args)
         return
     if args.quick:
-        args.seconds, args.step_seconds = 10.0, 5.0
+        args.seconds, args.step_seconds, args.throughput_seconds = 10.0, 5.0, 8.0
     rates = [float(r) for r in args.steps.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
     load_before, probe_before = os.getloadavg(), cpu_probe_ms()
@@ -420,11 +595,22 @@ def main() -> None:
 def _bench(stack: Stack, args: argparse.Namespace, rates: list[float]) -> dict[str, Any]:
     stack.start_backends()
     member_id, token = stack.seed()
+    many = stack.seed_many(args.portals) if args.portals and args.only != "latency" else {}
+    stack.naive_table({member_id: token, **many})
     lines = [f"gunicorn: {_procfile_web()}", f"cpus: {os.cpu_count()}  busy-loop neighbours: "
              f"{args.cpu_hog}  "
-             f"loadavg before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", HEADER]
+             f"loadavg before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}"]
     print("\n".join(lines), flush=True)
     app_proc, base = stack.gunicorn("wsgi:app")
+    throughput = None
+    if args.only != "latency":
+        throughput = _throughput(stack, args, (app_proc, base), {member_id: token}, many, lines)
+    if args.only == "throughput":
+        stack.stop(app_proc)
+        return {"throughput": throughput, "table": lines, "gunicorn": _procfile_web(),
+                "workers_running": False}
+    lines += ["", HEADER]
+    print("\n".join(lines[-2:]), flush=True)
 
     def run_app(rate: float, seconds: float | None = None) -> dict[str, Any]:
         summary = _run_load(base, rate, seconds or args.step_seconds, member_id, token,
@@ -467,7 +653,7 @@ def _bench(stack: Stack, args: argparse.Namespace, rates: list[float]) -> dict[s
     return {"main": main_run, "app_steps": app_steps, "bare_steps": bare_steps,
             "peak_app": peak_app, "peak_bare": peak_bare, "ratio": ratio, "table": lines,
             "peak_app_is_lower_bound": app_capped, "peak_bare_is_lower_bound": bare_capped,
-            "gunicorn": _procfile_web(), "workers_running": False}
+            "gunicorn": _procfile_web(), "workers_running": False, "throughput": throughput}
 
 
 def _write(report: dict[str, Any]) -> None:

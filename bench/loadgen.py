@@ -191,3 +191,84 @@ async def generate(url: str, requests: Sequence[bytes], rate: float) -> dict[str
         conn._drop()
     return {"results": run.results, "elapsed": elapsed, "generator_lag_max_ms": lag_max * 1000,
             "failures": run.failures}
+
+
+# ---------------------------------------------------------------- closed loop
+
+@dataclass
+class _Closed:
+    """A closed-loop run: each connection sends its next request when its answer arrives."""
+
+    loop: asyncio.AbstractEventLoop
+    requests: Sequence[bytes]
+    deadline: float
+    next_index: int = 0
+    open: int = 0
+    results: list[tuple[int, float, int | None]] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def take(self) -> bytes | None:
+        if self.next_index >= len(self.requests) or self.loop.time() >= self.deadline:
+            return None
+        self.next_index += 1
+        return self.requests[self.next_index - 1]
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self.open <= 0:
+            self.done.set()
+
+
+class _LoopConnection(_Connection):
+    """A keep-alive connection that sends again as soon as it has its answer (closed loop)."""
+
+    def __init__(self, closed: _Closed) -> None:
+        self.closed_run = closed
+        super().__init__(_Run(loop=closed.loop, expected=1 << 62))
+        self.run.record = self._record  # type: ignore[method-assign]
+
+    def _record(self, status: int, due: float, ident: int | None, failure: str | None) -> None:
+        run = self.closed_run
+        run.results.append((status, (run.loop.time() - due) * 1000.0, ident))
+        if failure:
+            run.failures[failure] = run.failures.get(failure, 0) + 1
+        if status < 0:
+            return  # the connection is gone; connection_lost ends this loop
+        request = run.take()
+        if request is None:
+            self._drop()
+        else:
+            self.run.loop.call_soon(self._send_now, request)
+
+    def _send_now(self, request: bytes) -> None:
+        if not self.closing:
+            self.send(request, self.run.loop.time())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.closed_run.closed()
+
+
+async def generate_closed(url: str, requests: Sequence[bytes], connections: int,
+                          seconds: float) -> dict[str, Any]:
+    """``connections`` keep-alive connections, each sending its next request when the previous
+    answer arrives, for ``seconds`` (or until ``requests`` run out): the server's throughput.
+    Latencies count from each request's send."""
+    loop = asyncio.get_running_loop()
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    t0 = loop.time()
+    run = _Closed(loop=loop, requests=requests, deadline=t0 + seconds)
+    for _ in range(connections):
+        request = run.take()
+        if request is None:
+            break
+        _, conn = await loop.create_connection(lambda: _LoopConnection(run), host, port)
+        run.open += 1
+        conn.send(request, loop.time())
+    if run.open:
+        await asyncio.wait_for(run.done.wait(), seconds + TIMEOUT_SECONDS)
+    elapsed = loop.time() - t0
+    return {"results": run.results, "elapsed": elapsed, "generator_lag_max_ms": 0.0,
+            "failures": run.failures}

@@ -27,6 +27,7 @@ from sqlalchemy import create_engine, text
 
 from app import create_app, embedded
 from app.extensions import db
+from app.ingress import enqueuer
 
 # The sandbox portal's fixtures: sandbox_server (session) and sandbox (a SandboxControl).
 pytest_plugins = ["sandbox.pytest_plugin"]
@@ -155,6 +156,7 @@ def make_app(base_config: dict[str, Any], _schema: None) -> Iterator[Any]:
 
     yield make
     for application in made:
+        enqueuer.drain(application)  # nothing sent into the next test's Redis
         with application.app_context():
             db.session.remove()
             for engine in db.engines.values():
@@ -174,6 +176,7 @@ def app(base_config: dict[str, Any], _schema: None, redis_client: Any) -> Iterat
     application = create_app(dict(base_config))
     with application.app_context():
         yield application
+        enqueuer.drain(application)  # nothing sent into the next test's Redis
         db.session.remove()
         _empty_tables()
         db.engine.dispose()

@@ -26,6 +26,14 @@ def process_inbox_event(row_id: int) -> None:
         raise dramatiq.Retry(str(exc), delay=int(exc.delay * 1000)) from exc
 
 
+@dramatiq.actor(queue_name="events", max_retries=5, min_backoff=200)
+def process_inbox_events(row_ids: list[int]) -> None:
+    """Rows intake stored with one commit and queued with one message: one message each,
+    so that every row is claimed and retried on its own (sending twice is harmless)."""
+    for row_id in row_ids:
+        process_inbox_event.send(row_id)
+
+
 @periodic("INBOX_SWEEP_INTERVAL")
 @dramatiq.actor(queue_name="default", max_retries=0)
 def sweep_inbox() -> None:

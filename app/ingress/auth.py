@@ -1,8 +1,11 @@
 """Who sent this: Bitrix24's application_token per portal, the PBX's API key per portal.
 
-The application_token check runs on every event, so the decrypted token is kept
-per process for a few seconds; a token that does not match the cached one is
-always checked again against the database before the event is refused.
+The application_token check runs on every event. It compares a keyed hash of the
+event's token with the one stored beside the encrypted token (app/ingress/token_hash.py),
+so no token is decrypted on the way. The common case (the hash matches, the event is
+new) is checked inside the statement that stores the event (``inbox.store_verified``);
+everything else comes here, and reads the portal's committed row: nothing is cached, so
+a changed or cleared token counts in every process from its commit on.
 
 PBX keys are cached the same way, by key hash, for ``CACHE_SECONDS``: a rotated
 key is dropped at once in the process that rotated it, and keeps working in the
@@ -20,10 +23,9 @@ from flask import current_app
 from sqlalchemy import select
 
 from app.extensions import db, retry_if_connection_died
-from app.ingress import provisional
+from app.ingress import provisional, token_hash
 from app.ingress.models import PortalApiKey
 from app.tenants.models import Portal, PortalStatus
-from app.tenants.verify import application_token_matches
 
 CACHE_SECONDS = 5.0
 INSTALL_EVENT = "ONAPPINSTALL"
@@ -49,12 +51,21 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class KnownPortal:
-    """What intake needs to know about a portal."""
+    """What intake needs to know about a portal (never its token: a keyed hash of it)."""
 
     id: int
     member_id: str
-    application_token: str | None
+    token_hash: str | None
     status: str
+
+    @property
+    def application_token(self) -> str | None:
+        """Whether a token is stored (its hash; what ``provisional.awaiting_token`` asks)."""
+        return self.token_hash
+
+    def token_matches(self, token: str | None) -> bool:
+        """Constant-time check of an event's token against the stored one."""
+        return token_hash.matches(self.token_hash, token)
 
 
 @dataclass(frozen=True)
@@ -71,10 +82,6 @@ class Sender:
     provisional: bool = False
 
 
-def _cache() -> dict[str, tuple[float, KnownPortal]]:
-    return current_app.extensions.setdefault("ingress_portal_cache", {})
-
-
 def _key_cache() -> dict[str, tuple[float, KnownPortal]]:
     return current_app.extensions.setdefault("ingress_api_key_cache", {})
 
@@ -85,22 +92,29 @@ def _forget_keys_of(portal_id: int) -> None:
         cache.pop(key_hash, None)
 
 
-def lookup_portal(member_id: str, fresh: bool = False) -> KnownPortal | None:
-    """The portal with this member_id; from the short cache unless ``fresh``."""
-    cache = _cache()
-    hit = cache.get(member_id)
-    if hit is not None and not fresh and hit[0] > time.monotonic():
-        return hit[1]
-    query = (select(Portal.id, Portal.member_id, Portal.application_token, Portal.status)
+def lookup_portal(member_id: str) -> KnownPortal | None:
+    """The portal with this member_id, as committed now."""
+    query = (select(Portal.id, Portal.member_id, Portal.application_token_hash, Portal.status,
+                    token_hash.RAW_TOKEN.label("ciphertext"))
              .where(Portal.member_id == member_id))
     row = retry_if_connection_died(lambda: db.session.execute(query).first(),
                                    reset=db.session.rollback)
     if row is None:
-        cache.pop(member_id, None)
         return None
-    known = KnownPortal(row.id, row.member_id, row.application_token, row.status)
-    cache[member_id] = (time.monotonic() + CACHE_SECONDS, known)
-    return known
+    hashed = row.application_token_hash
+    if row.ciphertext is not None and not token_hash.current(hashed):
+        hashed = _fill_hash(row.id, row.ciphertext)
+    return KnownPortal(row.id, row.member_id, hashed if row.ciphertext else None, row.status)
+
+
+def _fill_hash(portal_id: int, ciphertext: str) -> str | None:
+    """A row without a current hash (older than the column, or another SECRET_KEY): decrypt
+    once, store the hash if the token is still the one read, and use it."""
+    token = db.session.scalar(select(Portal.application_token).where(Portal.id == portal_id))
+    hashed = token_hash.of(token)
+    with db.engine.begin() as conn:
+        token_hash.fill(conn, portal_id, ciphertext, hashed)
+    return hashed
 
 
 def verify_b24(member_id: str, token: str | None, event_name: str) -> Sender:
@@ -112,11 +126,9 @@ def verify_b24(member_id: str, token: str | None, event_name: str) -> Sender:
     if not token:
         raise Rejected(401, "missing_token", "auth[application_token] is required")
     portal = lookup_portal(member_id)
-    if portal is not None and not application_token_matches(portal, token):
-        portal = lookup_portal(member_id, fresh=True)  # never refuse on a stale cache
-    if portal is not None and application_token_matches(portal, token):
+    if portal is not None and portal.token_matches(token):
         return Sender(portal)
-    first_contact = (portal is None or portal.application_token is None
+    first_contact = (portal is None or portal.token_hash is None
                      or portal.status == PortalStatus.UNINSTALLED.value)
     if event_name == INSTALL_EVENT and first_contact:
         # Nothing to compare with yet: the install handler verifies it via app.info.

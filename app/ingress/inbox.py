@@ -39,6 +39,7 @@ from app.tenants.status import HELD
 log = logging.getLogger(__name__)
 
 ACTOR = "process_inbox_event"
+ACTOR_GROUP = "process_inbox_events"  # a group commit's rows, split by the worker
 QUEUE = "events"
 ENQUEUE_TIMEOUT_SECONDS = 0.25
 REDIS_BACKOFF_SECONDS = 1.0
@@ -111,20 +112,16 @@ def _transaction(single: bool) -> Iterator[Connection]:
 
 def _insert(events: list[NewEvent]) -> list[Stored]:
     out: list[Stored] = []
-    now = utcnow()
     with _transaction(single=len(events) == 1) as conn:  # committed before anything is queued
         for ev in events:
-            values = {"portal_id": ev.portal_id, "member_id": ev.member_id, "source": ev.source,
-                      "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
-                      "payload": ev.payload, "unverified": ev.unverified,
-                      "status": ev.status, "received_at": now}
+            values = _values(ev)
             row_id = conn.execute(_INSERT, values).scalar()
             out.append(Stored(row_id, True) if row_id is not None else
                        Stored(conn.execute(_EXISTING, values).scalar_one(), False))
     return out
 
 
-# The same INSERT for psycopg itself (PostgreSQL's hot path, see _insert_one_fast).
+# The same INSERT for psycopg itself (PostgreSQL's hot path, see _pg_insert).
 _PG_INSERT = (
     "INSERT INTO inbox_events (portal_id, member_id, source, event_type, dedupe_key, payload,"
     " unverified, status, attempts, received_at)"
@@ -132,21 +129,42 @@ _PG_INSERT = (
     " %(payload)s, %(unverified)s, %(status)s, 0, %(received_at)s)"
     " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id")
 
+# A Bitrix24 event stored only if its portal's stored token hash is the event's: the check
+# and the write are one statement against the committed portal row, so from the moment a
+# change of the token commits, no process accepts the old one (no cache to keep right), and
+# one portal or 10,000 cost the same index probe.
+_VERIFIED = (
+    "INSERT INTO inbox_events (portal_id, member_id, source, event_type, dedupe_key, payload,"
+    " unverified, status, attempts, received_at)"
+    " SELECT id, member_id, {source}, {event_type}, {dedupe_key}, {payload}, FALSE,"
+    " {status}, 0, {received_at} FROM portals"
+    " WHERE member_id = {member_id} AND application_token_hash = {token_hash}"
+    " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id")
+_NAMES = ("source", "event_type", "dedupe_key", "payload", "status", "received_at",
+          "member_id", "token_hash")
+_PG_VERIFIED = _VERIFIED.format(**{n: f"%({n})s" for n in _NAMES})
+_SQL_VERIFIED = text(_VERIFIED.format(**{n: f":{n}" for n in _NAMES})).bindparams(
+    bindparam("payload", type_=JSON), bindparam("received_at", type_=DateTime(timezone=True)))
 
-def _insert_one_fast(ev: NewEvent) -> Stored | None:
-    """One new event on PostgreSQL, on a pooled connection's psycopg driver directly.
 
-    The single-event INSERT is the whole cost of intake beyond HTTP, and SQLAlchemy's
-    execution layer was half of it (0.26 vs 0.13 ms of CPU per event, bench/README):
-    here it runs as a prepared statement in autocommit on the pool's own connection.
-    Returns None when this path cannot say (a duplicate, any driver error, another
-    driver): the caller then takes the general SQLAlchemy path, which looks the
-    duplicate up, and on a dead connection invalidates the pool and retries.
+def _values(ev: NewEvent) -> dict[str, Any]:
+    """An event's column values, for the INSERT statements."""
+    return {"portal_id": ev.portal_id, "member_id": ev.member_id, "source": ev.source,
+            "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
+            "payload": ev.payload, "unverified": ev.unverified, "status": ev.status,
+            "received_at": utcnow()}
+
+
+def _pg_insert(sql: str, values: dict[str, Any]) -> list[tuple[Any, ...]] | None:
+    """One INSERT … RETURNING on PostgreSQL, on a pooled connection's psycopg directly.
+
+    The INSERT is the whole cost of intake beyond HTTP, and SQLAlchemy's execution layer
+    was half of it (0.26 vs 0.13 ms of CPU per event, bench/README): here it runs as a
+    prepared statement in autocommit on the pool's own connection. Returns the rows, or
+    None on any driver error: the caller then takes the general SQLAlchemy path, which
+    on a dead connection invalidates the pool and retries.
     """
-    if db.engine.dialect.driver != "psycopg":
-        return None
     import psycopg
-    from psycopg.types.json import Json
 
     try:
         raw = db.engine.raw_connection()  # a failed connect raises psycopg's own error here
@@ -158,12 +176,8 @@ def _insert_one_fast(ev: NewEvent) -> Stored | None:
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
-                cur.execute(_PG_INSERT, {
-                    "portal_id": ev.portal_id, "member_id": ev.member_id, "source": ev.source,
-                    "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
-                    "payload": Json(ev.payload), "unverified": ev.unverified,
-                    "status": ev.status, "received_at": utcnow()}, prepare=True)
-                row = cur.fetchone()
+                cur.execute(sql, values, prepare=True)
+                rows = cur.fetchall()
             conn.autocommit = False
         except psycopg.Error as exc:
             try:  # autocommit: a failed statement leaves no transaction open
@@ -180,12 +194,49 @@ def _insert_one_fast(ev: NewEvent) -> Stored | None:
             raise
     finally:
         raw.close()  # back to the pool (or away, if invalidated)
-    return Stored(row[0], True) if row is not None else None
+    return rows
+
+
+def _on_psycopg() -> bool:
+    return db.engine.dialect.driver == "psycopg"
+
+
+def store_verified(ev: NewEvent, token_hash: str) -> Stored | None:
+    """Store a Bitrix24 event if its portal's stored token hash is ``token_hash``.
+
+    None when nothing was stored: the token does not match (or the stored hash is not a
+    current one yet), the event is a duplicate, or PostgreSQL's fast path failed. The
+    caller then takes the checked path, which tells these apart; a database that is down
+    raises there.
+    """
+    values = {**_values(ev), "token_hash": token_hash}
+    if _on_psycopg():
+        from psycopg.types.json import Json
+
+        rows = _pg_insert(_PG_VERIFIED, {**values, "payload": Json(values["payload"])})
+        row_id = rows[0][0] if rows else None
+    else:
+        row_id = retry_if_connection_died(lambda: _autocommit_scalar(_SQL_VERIFIED, values))
+    if row_id is None:
+        return None
+    metrics.STORED.labels(ev.source, ev.event_type).inc()
+    return Stored(row_id, True)
+
+
+def _autocommit_scalar(statement: Any, values: dict[str, Any]) -> Any:
+    with _transaction(single=True) as conn:
+        return conn.execute(statement, values).scalar()
 
 
 def store(events: list[NewEvent]) -> list[Stored]:
     """Write the events in one transaction; a duplicate returns the existing row's id."""
-    fast = _insert_one_fast(events[0]) if len(events) == 1 else None
+    fast = None
+    if len(events) == 1 and _on_psycopg():
+        from psycopg.types.json import Json
+
+        values = _values(events[0])
+        rows = _pg_insert(_PG_INSERT, {**values, "payload": Json(values["payload"])})
+        fast = Stored(rows[0][0], True) if rows else None
     # The insert is idempotent by dedupe_key, so a retry on a fresh connection is safe.
     out = [fast] if fast is not None else retry_if_connection_died(lambda: _insert(events))
     for ev, stored in zip(events, out, strict=True):
@@ -222,7 +273,18 @@ def _intake_broker() -> dramatiq.Broker:
     return ext["ingress_broker"]
 
 
-def enqueue(row_ids: list[int], source: str, via: str = "intake") -> list[int]:
+def _messages(row_ids: list[int], together: bool) -> list[tuple[list[int], dramatiq.Message]]:
+    """One message per row; with ``together``, one for them all (the worker splits it into
+    one per row, so claims and retries stay per row): one broker round trip for a group."""
+    if together and len(row_ids) > 1:
+        return [(row_ids, dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR_GROUP,
+                                           args=(row_ids,), kwargs={}, options={}))]
+    return [([row_id], dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR, args=(row_id,),
+                                        kwargs={}, options={})) for row_id in row_ids]
+
+
+def enqueue(row_ids: list[int], source: str, via: str = "intake",
+            together: bool = False) -> list[int]:
     """Hand freshly stored rows to the broker; return the ids that made it.
 
     Rows are stored as ``queued`` (one commit on the happy path). A broker failure
@@ -235,10 +297,9 @@ def enqueue(row_ids: list[int], source: str, via: str = "intake") -> list[int]:
     sent: list[int] = []
     if time.monotonic() >= ext["ingress_redis_down_until"]:
         try:
-            for row_id in row_ids:
-                broker.enqueue(dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR,
-                                                args=(row_id,), kwargs={}, options={}))
-                sent.append(row_id)
+            for ids, message in _messages(row_ids, together):
+                broker.enqueue(message)
+                sent.extend(ids)
         except Exception as exc:  # noqa: BLE001 - any broker failure: the sweeper recovers
             ext["ingress_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
             log.warning("broker unavailable, %d inbox rows left for the sweeper: %s",

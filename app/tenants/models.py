@@ -67,6 +67,9 @@ class Portal(db.Model):
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     token_version: Mapped[int] = mapped_column(Integer, default=0)
     application_token: Mapped[str | None] = mapped_column(EncryptedString(1024))
+    # A keyed hash of application_token, set with it (app/ingress/token_hash.py): intake
+    # checks events against it without decrypting the token.
+    application_token_hash: Mapped[str | None] = mapped_column(String(80))
     scope: Mapped[str | None] = mapped_column(String(512))
     app_status: Mapped[str | None] = mapped_column(String(4))
     plan: Mapped[str] = mapped_column(String(16), default=Plan.STANDARD.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import secrets
 import signal
@@ -20,7 +21,7 @@ import pytest
 from sqlalchemy import func, insert, select, text
 
 from app.extensions import db
-from app.ingress import auth
+from app.ingress import auth, enqueuer
 from app.ingress.formparse import encode_form
 from app.ingress.models import InboxEvent
 from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
@@ -119,9 +120,23 @@ def inbox_rows() -> list[InboxEvent]:
 
 
 def queued_messages(redis_client: Any, app: Any, queue: str = "events") -> int:
-    """Messages waiting in the Dramatiq Redis queue (nobody is consuming in these tests)."""
+    """Messages waiting in the Dramatiq Redis queue (nobody is consuming in these tests),
+    once intake's enqueuer has sent what it holds."""
+    assert enqueuer.drain(app)
     ns = app.config["DRAMATIQ_NAMESPACE"]
     return redis_client.llen(f"{ns}:{queue}")
+
+
+def queued_rows(redis_client: Any, app: Any) -> list[int]:
+    """The inbox rows the waiting event messages name (one message may name several)."""
+    assert enqueuer.drain(app)
+    ns = app.config["DRAMATIQ_NAMESPACE"]
+    ids = redis_client.lrange(f"{ns}:events", 0, -1)
+    rows: list[int] = []
+    for raw in redis_client.hmget(f"{ns}:events.msgs", ids) if ids else []:
+        named = json.loads(raw)["args"][0]
+        rows.extend(named if isinstance(named, list) else [named])
+    return sorted(rows)
 
 
 EFFECTS_DDL = "CREATE TABLE ingress_test_effects (inbox_id INTEGER NOT NULL, pid INTEGER NOT NULL)"
@@ -172,8 +187,8 @@ class Gunicorn:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        env = child_env(config, BIND=f"127.0.0.1:{port}", WEB_CONCURRENCY="1", WEB_THREADS="2",
-                        **extra_env)
+        env = child_env(config, **{"BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1",
+                                   "WEB_THREADS": "2", **extra_env})
         self.log = Path(config["INSTANCE_PATH"]) / f"gunicorn-{port}.log"
         self._log_fh = self.log.open("wb")
         self.proc = subprocess.Popen(

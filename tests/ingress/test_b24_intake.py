@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from prometheus_client import REGISTRY
@@ -171,10 +172,12 @@ def test_install_event_for_a_portal_without_a_token_is_provisional(deliver):
     assert inbox_count() == 1
 
 
-def test_a_token_changed_in_the_database_is_honoured_despite_the_cache(portal, deliver):
-    assert deliver.b24(portal, data={"FIELDS": {"ID": "1"}}).status_code == 200  # cached now
+def test_a_token_changed_in_the_database_counts_for_the_next_event(portal, deliver):
+    old = portal.application_token
+    assert deliver.b24(portal, data={"FIELDS": {"ID": "1"}}).status_code == 200
     portal.application_token = "rotated-token"
     db.session.commit()
+    assert deliver.b24(portal, token=old, data={"FIELDS": {"ID": "3"}}).status_code == 401
     assert deliver.b24(portal, token="rotated-token",
                        data={"FIELDS": {"ID": "2"}}).status_code == 200
     assert inbox_count() == 2
@@ -216,7 +219,7 @@ def test_a_database_that_never_answers_costs_a_bounded_wait_then_503(make_app, r
 
 def test_database_unreachable_mid_traffic_answers_503(app, portal, deliver, database_url,
                                                        redis_client):
-    """The portal is cached and the pool warm; then the database refuses every connection
+    """The pool is warm; then the database refuses every connection
     (restarting, or gone): each event gets 503, never a 200 and never a bare 500."""
     if not database_url.startswith("postgresql"):
         pytest.skip("needs PostgreSQL (ALLOW_CONNECTIONS)")
@@ -230,7 +233,10 @@ def test_database_unreachable_mid_traffic_answers_503(app, portal, deliver, data
                           "WHERE datname = :name AND pid <> pg_backend_pid()"), {"name": name})
     try:
         before = _rejected("db_unavailable")
-        answers = [deliver.b24(portal, data={"FIELDS": {"ID": str(i)}}) for i in range(2, 5)]
+        # the requests share the test's session, whose failed reads expire ``portal``
+        sender = SimpleNamespace(member_id=portal.member_id,
+                                 application_token=portal.application_token)
+        answers = [deliver.b24(sender, data={"FIELDS": {"ID": str(i)}}) for i in range(2, 5)]
         assert [(r.status_code, r.json["error"]) for r in answers] == \
             [(503, "db_unavailable")] * 3
         assert _rejected("db_unavailable") == before + 3
@@ -281,7 +287,7 @@ def test_invented_event_names_share_one_metric_series(app, portal, deliver):
 
 def test_an_inbox_that_cannot_be_written_answers_503_and_queues_nothing(app, portal, deliver,
                                                                        redis_client):
-    assert deliver.b24(portal, data={"FIELDS": {"ID": "1"}}).status_code == 200  # portal cached
+    assert deliver.b24(portal, data={"FIELDS": {"ID": "1"}}).status_code == 200  # pool warm
     db.session.remove()
     with db.engine.begin() as conn:
         conn.execute(text("ALTER TABLE inbox_events RENAME TO inbox_events_away"))

@@ -17,6 +17,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from app.extensions import db
+from app.ingress import enqueuer
 from app.ingress.inbox import ENQUEUE_TIMEOUT_SECONDS, REDIS_BACKOFF_SECONDS
 from sandbox.appsetup import free_port
 from tests.conftest import wait_for
@@ -76,12 +77,14 @@ def test_redis_stopped_during_a_burst_loses_nothing(make_app, portal, own_redis,
     web = make_app(REDIS_URL=own_redis.url)
     client = web.test_client()
     acked = [_post(client, portal.member_id, portal.application_token, i) for i in range(20)]
+    assert enqueuer.drain(web)  # the first 20 reached the broker
     own_redis.stop()
     for i in range(20, 60):
         started = time.perf_counter()
         acked.append(_post(client, portal.member_id, portal.application_token, i))
         assert time.perf_counter() - started < 1.0, "intake must not wait on a dead Redis"
     assert [r.status_code for r in acked] == [200] * 60
+    assert enqueuer.drain(web)  # its attempts failed, its rows marked for the sweeper
     assert statuses() == {"queued": 20, "received": 40}, "stored even with the broker down"
     own_redis.start()  # an empty Redis: the 20 queued messages are gone too
     acked += [_post(client, portal.member_id, portal.application_token, i) for i in range(60, 80)]
@@ -96,6 +99,7 @@ def test_a_hung_redis_costs_one_short_timeout_not_a_hang(make_app, portal, own_r
     web = make_app(REDIS_URL=own_redis.url)
     client = web.test_client()
     assert _post(client, portal.member_id, portal.application_token, 0).status_code == 200
+    assert enqueuer.drain(web)
     os.kill(own_redis.proc.pid, signal.SIGSTOP)
     try:
         timings = []
@@ -103,11 +107,13 @@ def test_a_hung_redis_costs_one_short_timeout_not_a_hang(make_app, portal, own_r
             started = time.perf_counter()
             assert _post(client, portal.member_id, portal.application_token, i).status_code == 200
             timings.append(time.perf_counter() - started)
+        # The enqueuer pays one short timeout per backoff window, then marks the rest.
+        assert enqueuer.drain(web, timeout=10)
     finally:
         os.kill(own_redis.proc.pid, signal.SIGCONT)
-    # One request per backoff window pays the enqueue timeout; the rest skip Redis. (A
-    # threshold on the second-slowest request failed once on a busy CI machine: 0.14 s
-    # for a request that never touched Redis.)
+    # Requests do not touch Redis (the enqueuer thread does), so at most one per backoff
+    # window could have waited on it. (A threshold on the second-slowest request failed once
+    # on a busy CI machine: 0.14 s for a request that never touched Redis.)
     paid = [t for t in timings if t >= 0.9 * ENQUEUE_TIMEOUT_SECONDS]
     windows = 1 + int(sum(timings) // REDIS_BACKOFF_SECONDS)
     assert max(timings) < 1.0 and len(paid) <= windows, timings
