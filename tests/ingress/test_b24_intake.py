@@ -13,7 +13,7 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.pool import NullPool
 
 from app.extensions import db
-from app.ingress import processing
+from app.ingress import enqueuer, processing
 from app.ingress.models import InboxStatus
 from tests.ingress.conftest import (
     FORM,
@@ -251,9 +251,10 @@ def test_database_unreachable_mid_traffic_answers_503(app, portal, deliver, data
     assert inbox_count() == 2 and queued_messages(redis_client, app) == 2
 
 
-def test_metrics_show_intake_counts_depth_and_latency(portal, deliver, client):
+def test_metrics_show_intake_counts_depth_and_latency(app, portal, deliver, client):
     deliver.b24(portal)
     deliver.b24(portal, token="bad")
+    assert enqueuer.drain(app)  # the row is queued by the process's enqueuer thread
     text = client.get("/metrics").get_data(as_text=True)
     assert 'b24relay_events_received_total{source="b24"}' in text
     assert 'b24relay_events_rejected_total{reason="forged_token",source="b24"}' in text
