@@ -1,15 +1,16 @@
 """A keyed hash of each portal's application_token, stored beside the encrypted token.
 
 Intake compares an event's token with this hash (HMAC-SHA256 under a key derived from
-``SECRET_KEY``) instead of decrypting the stored token: a cache miss costs one small
-read, no Fernet. The hash is written whenever the token is (an attribute listener on
+``SECRET_KEY``) instead of decrypting the stored token: the check is part of the INSERT
+that stores the event (``inbox.store_verified``), no Fernet and no cache. The hash is written whenever the token is (an attribute listener on
 ``Portal.application_token``, so every writer sets it). Rows written before the column
 existed, or under another ``SECRET_KEY``, are filled lazily: intake then decrypts once,
 compares, and stores the hash only if the encrypted token is still the one it read.
 
 A stored hash reads ``<key id>:<hex>``; the key id tells whether it was made with the
-current key. The hash is no more useful to an attacker than the token itself, which
-every employee of the customer can see anyway; without the key it does not reveal it.
+current key. The hash is no more useful to an attacker than the token itself (which
+may reach an employee's browser in the iframe form); without the key it reveals nothing,
+and because it is keyed, comparing it in SQL leaks nothing useful by timing.
 """
 
 from __future__ import annotations
