@@ -1,11 +1,12 @@
 """A keyed hash of each portal's application_token, stored beside the encrypted token.
 
 Intake compares an event's token with this hash (HMAC-SHA256 under a key derived from
-``SECRET_KEY``) instead of decrypting the stored token: the check is part of the INSERT
-that stores the event (``inbox.store_verified``), no Fernet and no cache. The hash is
-written whenever the token is (an attribute listener on ``Portal.application_token``, so
-every writer sets it). Rows written before the column existed, or under another ``SECRET_KEY``, are filled lazily: intake then decrypts once,
-compares, and stores the hash only if the encrypted token is still the one it read.
+``SECRET_KEY``) instead of decrypting the stored token: the check is part of the INSERT that
+stores the event (``inbox.store_verified``), no Fernet and no cache. The hash is written
+whenever the token is (an attribute listener on ``Portal.application_token``, so every
+writer sets it). Rows written before the column existed, or under another ``SECRET_KEY``,
+are filled lazily: intake then decrypts once, compares, and stores the hash only if the
+encrypted token is still the one it read.
 
 A stored hash reads ``<key id>:<hex>``; the key id tells whether it was made with the
 current key. The hash is no more useful to an attacker than the token itself (which
