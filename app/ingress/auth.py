@@ -7,7 +7,7 @@ new) is checked inside the statement that stores the event (``inbox.store_verifi
 everything else comes here, and reads the portal's committed row: nothing is cached, so
 a changed or cleared token counts in every process from its commit on.
 
-PBX keys are cached the same way, by key hash, for ``CACHE_SECONDS``: a rotated
+PBX keys, unlike that, are cached per process by key hash for ``CACHE_SECONDS``: a rotated
 key is dropped at once in the process that rotated it, and keeps working in the
 other processes for at most ``CACHE_SECONDS`` (5 s). Unknown keys are not cached.
 """
