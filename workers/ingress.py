@@ -28,7 +28,7 @@ def process_inbox_event(row_id: int) -> None:
 
 @dramatiq.actor(queue_name="events", max_retries=5, min_backoff=200)
 def process_inbox_events(row_ids: list[int]) -> None:
-    """Rows intake stored with one commit and queued with one message: one message each,
+    """Rows intake queued together in one message (app/ingress/enqueuer.py): one message each,
     so that every row is claimed and retried on its own (sending twice is harmless)."""
     for row_id in row_ids:
         process_inbox_event.send(row_id)

@@ -39,7 +39,7 @@ from app.tenants.status import HELD
 log = logging.getLogger(__name__)
 
 ACTOR = "process_inbox_event"
-ACTOR_GROUP = "process_inbox_events"  # a group commit's rows, split by the worker
+ACTOR_GROUP = "process_inbox_events"  # rows queued together, split by the worker
 QUEUE = "events"
 ENQUEUE_TIMEOUT_SECONDS = 0.25
 REDIS_BACKOFF_SECONDS = 1.0
@@ -158,14 +158,16 @@ def _values(ev: NewEvent) -> dict[str, Any]:
 def _pg_insert(sql: str, values: dict[str, Any]) -> list[tuple[Any, ...]] | None:
     """One INSERT … RETURNING on PostgreSQL, on a pooled connection's psycopg directly.
 
-    The INSERT is the whole cost of intake beyond HTTP, and SQLAlchemy's execution layer
-    was half of it (0.26 vs 0.13 ms of CPU per event, bench/README): here it runs as a
-    prepared statement in autocommit on the pool's own connection. Returns the rows, or
-    None on any driver error: the caller then takes the general SQLAlchemy path, which
-    on a dead connection invalidates the pool and retries.
+    The INSERT is the whole cost of intake beyond HTTP, and SQLAlchemy's execution layer was
+    half of it (0.26 vs 0.13 ms of CPU per event, bench/README): here it runs as a prepared
+    statement in autocommit on the pool's own connection (``values["payload"]`` goes as
+    JSON). Returns the rows, or None on any driver error: the caller then takes the general
+    SQLAlchemy path, which on a dead connection invalidates the pool and retries.
     """
     import psycopg
+    from psycopg.types.json import Json
 
+    values = {**values, "payload": Json(values["payload"])}
     try:
         raw = db.engine.raw_connection()  # a failed connect raises psycopg's own error here
     except psycopg.Error as exc:
@@ -211,9 +213,7 @@ def store_verified(ev: NewEvent, token_hash: str) -> Stored | None:
     """
     values = {**_values(ev), "token_hash": token_hash}
     if _on_psycopg():
-        from psycopg.types.json import Json
-
-        rows = _pg_insert(_PG_VERIFIED, {**values, "payload": Json(values["payload"])})
+        rows = _pg_insert(_PG_VERIFIED, values)
         row_id = rows[0][0] if rows else None
     else:
         row_id = retry_if_connection_died(lambda: _autocommit_scalar(_SQL_VERIFIED, values))
@@ -232,10 +232,7 @@ def store(events: list[NewEvent]) -> list[Stored]:
     """Write the events in one transaction; a duplicate returns the existing row's id."""
     fast = None
     if len(events) == 1 and _on_psycopg():
-        from psycopg.types.json import Json
-
-        values = _values(events[0])
-        rows = _pg_insert(_PG_INSERT, {**values, "payload": Json(values["payload"])})
+        rows = _pg_insert(_PG_INSERT, _values(events[0]))
         fast = Stored(rows[0][0], True) if rows else None
     # The insert is idempotent by dedupe_key, so a retry on a fresh connection is safe.
     out = [fast] if fast is not None else retry_if_connection_died(lambda: _insert(events))
@@ -275,7 +272,7 @@ def _intake_broker() -> dramatiq.Broker:
 
 def _messages(row_ids: list[int], together: bool) -> list[tuple[list[int], dramatiq.Message]]:
     """One message per row; with ``together``, one for them all (the worker splits it into
-    one per row, so claims and retries stay per row): one broker round trip for a group."""
+    one per row, so claims and retries stay per row): one broker round trip for them all."""
     if together and len(row_ids) > 1:
         return [(row_ids, dramatiq.Message(queue_name=QUEUE, actor_name=ACTOR_GROUP,
                                            args=(row_ids,), kwargs={}, options={}))]

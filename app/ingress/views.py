@@ -131,7 +131,7 @@ def _stored_if_token_matches(delivery: _Delivery) -> inbox.Stored | None:
     is new. None sends the delivery down the checked path (it may still be accepted)."""
     if delivery.token is None:
         return None
-    # Stripped on a copy: should the group not store it, the checked path needs the tokens.
+    # Stripped on a copy: should this statement not store it, the checked path needs the tokens.
     event = {**delivery.event, "auth": dict(delivery.event["auth"])}
     sealed.strip(event, delivery.event_type)
     new = inbox.NewEvent(member_id=delivery.member_id, source="b24",
