@@ -82,14 +82,17 @@ def _register_event_handlers() -> None:
 
 
 def _register_blueprints(app: Flask) -> None:
-    """Health and metrics, intake, install/OAuth, and the pages shown inside the portal."""
+    """Health and metrics, intake (and its lane), install/OAuth, and the pages shown inside the
+    portal."""
     import placements
     from app.health import bp as health_bp
+    from app.ingress import lane as intake_lane
     from app.ingress.views import bp as ingress_bp
     from app.tenants.views import bp as tenants_bp
 
     app.register_blueprint(health_bp)
     app.register_blueprint(ingress_bp)
+    intake_lane.init_app(app)  # outermost WSGI layer: the common event, answered without Flask
     app.register_blueprint(tenants_bp)
     placements.init_app(app)
 
