@@ -11,7 +11,8 @@ sending its next event when its answer arrives), ``--rounds`` interleaved rounds
 the form, a token dict, one committed INSERT … ON CONFLICT DO NOTHING, one LPUSH) on the
 same portal, and (c) the app with events spread round robin over ``--portals`` (10,000)
 installed portals, after a warm-up pass over all of them; printed with the ratios a/b
-and c/a per round. Every run's inbox must hold exactly what was acknowledged.
+and c/a per round, by events/s and by CPU per event (the web tier's, and with PostgreSQL's
+and Redis's added). Every run's inbox must hold exactly what was acknowledged.
 
 What it does:
 1. a fresh PostgreSQL database (``--pg``, default the local server) migrated with the
@@ -292,19 +293,26 @@ class Stack:
         return " ".join(str(r[0]) for r in rows)
 
 
-def _group_cpu_seconds(pgid: int) -> float:
-    """CPU time used so far by every process of a process group (gunicorn and its workers)."""
+def _cpu_seconds(pgid: int | None = None, name: str | None = None) -> float:
+    """CPU time used so far by every process of a process group (gunicorn and its workers),
+    or by every process whose name starts with ``name`` (``postgres``: the server and its
+    backends; ``redis-server``)."""
     total = 0.0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            head, _, tail = (entry / "stat").read_text().rpartition(")")
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # field 5 of stat: the process group
+        fields = tail.split()
+        comm = head.partition("(")[2]
+        if (pgid is not None and int(fields[2]) == pgid) or (name and comm.startswith(name)):
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+SERVERS = ("postgres", "redis-server")  # their CPU per event, beside the web tier's
 
 
 def _sqlalchemy_url(url: str) -> str:
@@ -319,7 +327,7 @@ def _run_load(base: str, rate: float, seconds: float, member_id: str, token: str
               workdir: Path, web_pgid: int | None = None) -> dict[str, Any]:
     result_file = workdir / f"load-{rate}-{time.monotonic_ns()}.json"
     tag = str(time.time_ns())
-    cpu_before = _group_cpu_seconds(web_pgid) if web_pgid else 0.0
+    cpu_before = _cpu_seconds(pgid=web_pgid) if web_pgid else 0.0
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     # The client stands in for traffic from other hosts: on this shared box it gets scheduling
     # priority so that its own starvation is not measured as server latency (its remaining
@@ -340,7 +348,7 @@ def _run_load(base: str, rate: float, seconds: float, member_id: str, token: str
              - children_before.ru_stime) * 1000 / summary["sent"], 3)
     if web_pgid and summary["sent"]:
         summary["web_cpu_ms_per_request"] = round(
-            (_group_cpu_seconds(web_pgid) - cpu_before) * 1000 / summary["sent"], 3)
+            (_cpu_seconds(pgid=web_pgid) - cpu_before) * 1000 / summary["sent"], 3)
     return summary
 
 
@@ -349,7 +357,8 @@ def _run_closed(base: str, connections: int, seconds: float, portals_file: Path,
     """A closed-loop run (bench/loadgen.generate_closed) over the portals in ``portals_file``."""
     result_file = workdir / f"closed-{time.monotonic_ns()}.json"
     count = count or int(seconds * CLOSED_MAX_RATE)
-    cpu_before = _group_cpu_seconds(web_pgid) if web_pgid else 0.0
+    cpu_before = _cpu_seconds(pgid=web_pgid) if web_pgid else 0.0
+    servers_before = {name: _cpu_seconds(name=name) for name in SERVERS}
     subprocess.run(["nice", "-n", "-10", sys.executable, "-m", "bench.ingest", "--generate",
                     "--url", base + PATH, "--closed", str(connections), "--seconds", str(seconds),
                     "--portals-file", str(portals_file), "--count", str(count),
@@ -363,7 +372,10 @@ def _run_closed(base: str, connections: int, seconds: float, portals_file: Path,
     summary["ran_out"] = summary["sent"] >= count
     if web_pgid and summary["sent"]:
         summary["web_cpu_ms_per_request"] = round(
-            (_group_cpu_seconds(web_pgid) - cpu_before) * 1000 / summary["sent"], 3)
+            (_cpu_seconds(pgid=web_pgid) - cpu_before) * 1000 / summary["sent"], 3)
+        for name, before in servers_before.items():
+            summary[f"{name}_cpu_ms_per_request"] = round(
+                (_cpu_seconds(name=name) - before) * 1000 / summary["sent"], 3)
     return summary
 
 
@@ -399,7 +411,8 @@ def _count(values: Any) -> dict[str, int]:
 
 
 THROUGHPUT_HEADER = (f"{'target':<24} {'round':>5} {'events/s':>9} {'2xx':>7} {'errors':>6} "
-                     f"{'p50 ms':>7} {'p99 ms':>7} {'web cpu ms/ev':>13} {'inbox':>7}")
+                     f"{'p50 ms':>7} {'p99 ms':>7} {'web cpu ms/ev':>13} {'pg':>6} {'redis':>6} "
+                     f"{'inbox':>7}")
 
 
 def _throughput_row(target: str, round_no: int, s: dict[str, Any]) -> str:
@@ -410,7 +423,9 @@ def _throughput_row(target: str, round_no: int, s: dict[str, Any]) -> str:
         inbox += "  (ran out of requests: raise CLOSED_MAX_RATE)"
     return (f"{target:<24} {round_no:>5} {s['events_per_second']:>9.0f} {s['ok']:>7} "
             f"{s['errors']:>6} {s['p50_ms']:>7.2f} {s['p99_ms']:>7.2f} "
-            f"{s.get('web_cpu_ms_per_request', float('nan')):>13.3f} {inbox:>7}")
+            f"{s.get('web_cpu_ms_per_request', float('nan')):>13.3f} "
+            f"{s.get('postgres_cpu_ms_per_request', float('nan')):>6.3f} "
+            f"{s.get('redis-server_cpu_ms_per_request', float('nan')):>6.3f} {inbox:>7}")
 
 
 def _median(values: list[float]) -> float:
@@ -472,6 +487,13 @@ def _throughput(stack: Stack, args: argparse.Namespace, app: tuple[Any, str],
     if many:
         ratios[f"app {len(many):,} / app 1 portal, by web CPU"] = [
             b / a for a, b in zip(cpu[names[2]], cpu[names[0]], strict=True)]
+    # And from all the servers' CPU per event (web, PostgreSQL, Redis): what the machine
+    # spends on an event besides the load client, which costs both targets the same.
+    servers = {name: [sum(r.get(f"{k}_cpu_ms_per_request") or float("nan")
+                          for k in ("web", *SERVERS)) for r in rs]
+               for name, rs in runs.items()}
+    ratios["app / naive, by servers' CPU per event"] = [
+        b / a for a, b in zip(servers[names[0]], servers[names[1]], strict=True)]
     lines += ["", f"{'ratio (same round)':<40} {'per round':<24} {'median':>6}"]
     for name, values in ratios.items():
         lines.append(f"{name:<40} {' '.join(f'{v:.2f}' for v in values):<24} "

@@ -5,9 +5,8 @@ broker is not part of that promise (a row the broker never got is queued again b
 sweeper). So intake puts the row's id on a per-process queue and answers, and one thread
 per process sends whatever has gathered meanwhile (waiting ``LINGER_SECONDS`` for it) as
 one message (``inbox.enqueue`` with ``together``: a worker splits it into one message per
-row). Under load that is one broker
-round trip for many events, and none on any request's way; an idle process's thread ends
-and the next event starts another.
+row). Under load that is one broker round trip for many events, and none on any request's
+way; an idle process's thread ends and the next event starts another.
 
 The cost: a process killed between an answer and the send leaves those rows ``queued``
 until the sweeper's ``INBOX_REQUEUE_AFTER`` (120 s); none is lost. gunicorn's worker exit
