@@ -1,7 +1,7 @@
 """The common Bitrix24 event, stored and answered before Flask builds a request for it.
 
 Almost every POST to ``/b24/events`` is a new event from an installed portal whose
-application token matches: one statement stores it (``views.stored_if_token_matches``,
+application token matches: one statement stores it (``delivery.stored_if_token_matches``,
 the token checked inside the INSERT) and the answer is ``{"id": …, "duplicate": false}``.
 For that case Flask's request context, routing and response machinery cost more of the
 web tier's CPU than parsing and storing the event (bench/ingest: 0.60-0.65 against
@@ -26,7 +26,7 @@ from typing import Any
 
 from flask import Flask
 
-from app.ingress import metrics, views
+from app.ingress import delivery, metrics
 from app.ingress.auth import Rejected
 
 PATH = "/b24/events"
@@ -49,17 +49,17 @@ class IntakeLane:
         started = time.perf_counter()
         body = environ["wsgi.input"].read(length)
         environ["wsgi.input"] = io.BytesIO(body)  # for Flask, should the lane not answer
-        environ[views.LANE_STARTED] = started
+        environ[delivery.LANE_STARTED] = started
         if len(body) != length:  # the client went away mid-body: Flask answers it
             return self.inner(environ, start_response)
         with self.app.app_context():
             try:
-                stored = views.stored_if_token_matches(views.parse_b24_form(body))
+                stored = delivery.stored_if_token_matches(delivery.parse_b24_form(body))
             except Rejected:  # malformed, or the database failed: the view says which
                 stored = None
             if stored is not None:
                 metrics.RECEIVED.labels("b24").inc()
-                answer = views.ack_body(stored.id, duplicate=False)
+                answer = delivery.ack_body(stored.id, duplicate=False)
                 metrics.ACK_LATENCY.labels("b24").observe(time.perf_counter() - started)
         if stored is None:
             return self.inner(environ, start_response)
@@ -72,7 +72,7 @@ class IntakeLane:
         if environ.get("PATH_INFO") != PATH or environ.get("REQUEST_METHOD") != "POST":
             return None
         mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
-        if mimetype != views.FORM_TYPE:
+        if mimetype != delivery.FORM_TYPE:
             return None
         raw = environ.get("CONTENT_LENGTH") or ""
         limit = self.app.config.get("MAX_CONTENT_LENGTH")

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -21,27 +19,28 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.ingress import (
     auth,
-    enqueuer,
     first_contact,
     inbox,
     metrics,
     pbx,
     provisional,
     sealed,
-    token_hash,
 )
 from app.ingress.auth import Rejected
-from app.ingress.formparse import MalformedBody, clip, parse_form
+from app.ingress.delivery import (
+    FORM_TYPE,
+    LANE_STARTED,
+    Delivery,
+    ack_body,
+    first_line,
+    parse_b24_form,
+    stored_if_token_matches,
+)
 from app.ingress.models import InboxStatus
 
 bp = Blueprint("ingress", __name__)
 log = logging.getLogger(__name__)
 
-FORM_TYPE = "application/x-www-form-urlencoded"
-MEMBER_ID = re.compile(r"[0-9A-Za-z_.-]{1,64}")
-# Set in the WSGI environ by the intake lane (app/ingress/lane.py) when it tried the fast
-# store and left the request to the view: when the request began.
-LANE_STARTED = "b24relay.intake_lane.started"
 
 
 def _body() -> bytes:
@@ -67,11 +66,6 @@ def _body() -> bytes:
     return body
 
 
-def ack_body(row_id: int, duplicate: bool) -> bytes:
-    """The answer to a stored Bitrix24 event (here and in the intake lane)."""
-    return json.dumps({"id": row_id, "duplicate": duplicate}, separators=(",", ":")).encode()
-
-
 def _answer(source: str, started: float, status: int,
             body: dict[str, Any] | bytes) -> tuple[Response, int]:
     metrics.ACK_LATENCY.labels(source).observe(time.perf_counter() - started)
@@ -87,18 +81,12 @@ def _refuse(source: str, started: float, exc: Rejected) -> tuple[Response, int]:
                    {"error": exc.reason, "message": exc.message, **exc.extra})
 
 
-def _first_line(exc: Exception) -> str:
-    """A database error without the SQL and parameters SQLAlchemy appends: those would put
-    the sender's event, however large, into the log."""
-    return clip(str(exc).partition("\n")[0], 200)
-
-
 def _store_and_queue(source: str, events: list[inbox.NewEvent]) -> list[inbox.Stored]:
     try:
         stored = inbox.store(events)
     except SQLAlchemyError as exc:
         log.error("inbox unavailable, %d %s event(s) refused: %s", len(events), source,
-                  _first_line(exc))
+                  first_line(exc))
         raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc
     fresh = [s.id for s, ev in zip(stored, events, strict=True)
              if s.created and ev.status == InboxStatus.QUEUED.value]  # not provisional ones
@@ -107,62 +95,14 @@ def _store_and_queue(source: str, events: list[inbox.NewEvent]) -> list[inbox.St
     return stored
 
 
-@dataclass(frozen=True)
-class _Delivery:
-    """A well-formed Bitrix24 event POST, its sender not checked yet."""
-
-    event: dict[str, Any]
-    event_type: str
-    member_id: str
-    token: str | None
-
-
-def _parse_b24(body: bytes) -> _Delivery:
+def _parse_b24(body: bytes) -> Delivery:
     """The body as a Bitrix24 event, or 400 (checked before any token is)."""
     if request.mimetype != FORM_TYPE:
         raise Rejected(400, "malformed", f"Content-Type must be {FORM_TYPE}")
     return parse_b24_form(body)
 
 
-def parse_b24_form(body: bytes) -> _Delivery:
-    """A form body as a Bitrix24 event, or 400."""
-    try:
-        event = parse_form(body)
-    except MalformedBody as exc:
-        raise Rejected(400, "malformed", str(exc)) from exc
-    name, auth_block = event.get("event"), event.get("auth")
-    if not isinstance(name, str) or not name.strip():
-        raise Rejected(400, "malformed", "event is required")
-    member_id = auth_block.get("member_id") if isinstance(auth_block, dict) else None
-    if not isinstance(member_id, str) or not MEMBER_ID.fullmatch(member_id):
-        raise Rejected(400, "malformed", "auth[member_id] is required (up to 64 letters/digits)")
-    token = auth_block.get("application_token")
-    return _Delivery(event, name.strip().upper(), member_id,
-                     token if isinstance(token, str) and token else None)
-
-
-def stored_if_token_matches(delivery: _Delivery) -> inbox.Stored | None:
-    """The common case, one statement: the portal's stored token hash matches, the event
-    is new. None sends the delivery down the checked path (it may still be accepted)."""
-    if delivery.token is None:
-        return None
-    # Stripped on a copy: should this statement not store it, the checked path needs the tokens.
-    event = {**delivery.event, "auth": dict(delivery.event["auth"])}
-    sealed.strip(event, delivery.event_type)
-    new = inbox.NewEvent(member_id=delivery.member_id, source="b24",
-                         event_type=delivery.event_type, payload=event,
-                         dedupe_key=inbox.b24_dedupe_key(event))
-    try:
-        stored = inbox.store_verified(new, token_hash.of(delivery.token) or "")
-    except SQLAlchemyError as exc:
-        log.error("inbox unavailable, a b24 event refused: %s", _first_line(exc))
-        raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc
-    if stored is not None:
-        enqueuer.put(stored.id)  # sent by the process's enqueuer thread, with its neighbours
-    return stored
-
-
-def _b24_event(delivery: _Delivery) -> inbox.NewEvent:
+def _b24_event(delivery: Delivery) -> inbox.NewEvent:
     """The checked path: who sent it (first contact, provisional, forged), then the row."""
     event, event_type, member_id = delivery.event, delivery.event_type, delivery.member_id
     token = delivery.token
@@ -217,7 +157,7 @@ def b24_events() -> tuple[Response, int]:
     except Rejected as exc:
         return _refuse("b24", started, exc)
     except SQLAlchemyError as exc:  # the portal lookup itself failed
-        log.error("portal lookup failed: %s", _first_line(exc))
+        log.error("portal lookup failed: %s", first_line(exc))
         return _refuse("b24", started, Rejected(503, "db_unavailable", "retry later"))
     return _answer("b24", started, 200, ack_body(stored[0].id, duplicate=not stored[0].created))
 
@@ -252,7 +192,7 @@ def pbx_call_events() -> tuple[Response, int]:
     except Rejected as exc:
         return _refuse("pbx", started, exc)
     except SQLAlchemyError as exc:
-        log.error("API key lookup failed: %s", _first_line(exc))
+        log.error("API key lookup failed: %s", first_line(exc))
         return _refuse("pbx", started, Rejected(503, "db_unavailable", "retry later"))
     return _answer("pbx", started, 202, {
         "ids": [s.id for s in stored],

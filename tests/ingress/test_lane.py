@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from flask import request_started
+from flask import request, request_started
 from prometheus_client import REGISTRY
 
 from app.ingress.models import InboxStatus
@@ -29,8 +29,6 @@ def flask_requests(app: Any) -> Iterator[list[str]]:
     seen: list[str] = []
 
     def record(sender: Any, **_: Any) -> None:
-        from flask import request
-
         seen.append(request.path)
 
     request_started.connect(record, app)
