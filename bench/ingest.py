@@ -489,7 +489,7 @@ def _throughput(stack: Stack, args: argparse.Namespace, app: tuple[Any, str],
             b / a for a, b in zip(cpu[names[2]], cpu[names[0]], strict=True)]
     # And from all the servers' CPU per event (web, PostgreSQL, Redis): what the machine
     # spends on an event besides the load client, which costs both targets the same.
-    servers = {name: [sum(r.get(f"{k}_cpu_ms_per_request") or float("nan")
+    servers = {name: [sum(r.get(f"{k}_cpu_ms_per_request", float("nan"))
                           for k in ("web", *SERVERS)) for r in rs]
                for name, rs in runs.items()}
     ratios["app / naive, by servers' CPU per event"] = [
