@@ -1,8 +1,9 @@
 """A Bitrix24 event delivery: its form parsed, and the common case stored in one statement.
 
-Shared by the ``/b24/events`` view and the intake lane in front of Flask
-(app/ingress/lane.py): a new event whose application token matches its portal's is
-stored by the INSERT that checks the token, and answered with :func:`ack_body`.
+The intake lane in front of Flask (app/ingress/lane.py) stores a new event whose
+application token matches its portal's with the INSERT that checks the token
+(:func:`stored_if_token_matches`); the ``/b24/events`` view, which gets everything else,
+shares the parse and the answer (:func:`ack_body`).
 """
 
 from __future__ import annotations

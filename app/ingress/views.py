@@ -34,7 +34,6 @@ from app.ingress.delivery import (
     ack_body,
     first_line,
     parse_b24_form,
-    stored_if_token_matches,
 )
 from app.ingress.models import InboxStatus
 
@@ -138,18 +137,14 @@ def _kept_for_later(event: dict[str, Any], sender: auth.Sender, token: str,
 def b24_events() -> tuple[Response, int]:
     """Bitrix24's event POST: 200 once stored (a duplicate delivery is stored once).
 
-    The common case (a new event whose token matches) is usually answered by the intake
-    lane before Flask sees it (app/ingress/lane.py); when the lane tried, it is not
-    tried again here.
+    The common case (a new event whose token matches) is answered by the intake lane
+    before Flask sees it (app/ingress/lane.py); what reaches this view takes the checked
+    path.
     """
-    lane_started = request.environ.get(LANE_STARTED)
-    started = time.perf_counter() if lane_started is None else lane_started
+    started = request.environ.get(LANE_STARTED) or time.perf_counter()
     metrics.RECEIVED.labels("b24").inc()
     try:
         delivery = _parse_b24(_body())
-        fast = stored_if_token_matches(delivery) if lane_started is None else None
-        if fast is not None:
-            return _answer("b24", started, 200, ack_body(fast.id, duplicate=False))
         event = _b24_event(delivery)
         stored = _store_and_queue("b24", [event])
         if stored[0].created and event.status == provisional.STATUS:
