@@ -38,7 +38,7 @@ import hmac
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from flask import current_app
@@ -46,10 +46,11 @@ from sqlalchemy import delete, select
 
 from app.bitrix import TokenSet
 from app.bitrix.errors import ApiError, BitrixError, already_done
+from app.dispatcher import direct
 from app.extensions import db
 from app.ingress import handler_key
 from app.tenants import service
-from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus
+from app.tenants.models import Plan, Portal, PortalSettings, PortalStatus, utcnow
 from app.tenants.status import CLEARED_BY_NEW_CHAIN, is_held, reason_for
 from app.tenants.users import sync_users, upsert_user
 
@@ -172,14 +173,14 @@ def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any], client_endpoint: s
 def mark_installed(portal: Portal) -> None:
     """Setup is done: the portal is active (flushed)."""
     if portal.installed_at is None or portal.status != PortalStatus.ACTIVE.value:
-        portal.installed_at = datetime.now(UTC)
+        portal.installed_at = utcnow()
     _set_status(portal, PortalStatus.ACTIVE)
 
 
 def _set_status(portal: Portal, status: PortalStatus) -> None:
     """Move the portal to ``status`` in the caller's unit of work (status.set_status commits)."""
     portal.status, portal.status_reason = status.value, reason_for(status)
-    portal.status_changed_at = datetime.now(UTC)
+    portal.status_changed_at = utcnow()
     db.session.flush()
 
 
@@ -256,7 +257,7 @@ def _batch(portal: Portal, commands: dict[str, tuple[str, dict[str, Any]]]
     """``{key: result | ApiError}`` for a batch sent with the portal's chain."""
     _end_transaction()
     try:
-        result = service.call_batch(portal, commands)
+        result = direct.call_batch(portal, commands)
     except ApiError as exc:
         raise SetupFailed(f"batch: {exc.code} {exc.description}") from exc
     except (BitrixError, service.PortalUnavailable) as exc:
@@ -448,7 +449,7 @@ def _sync_all_users(portal: Portal, first_page: Any, installer_id: int | None,
     page = records
     while len(page) >= USER_PAGE:
         _end_transaction()
-        page = as_list(service.call_method(portal, "user.get", {"start": len(records)}))
+        page = as_list(direct.call_method(portal, "user.get", {"start": len(records)}))
         records.extend(page)
     report.users = sync_users(portal, records)
     db.session.flush()
@@ -459,7 +460,7 @@ def _sync_all_users(portal: Portal, first_page: Any, installer_id: int | None,
 
 def portals_with_live_tokens(margin_seconds: int = 120) -> list[int]:
     """Active portals whose access token is still valid: a user sync will not refresh them."""
-    horizon = datetime.now(UTC) + timedelta(seconds=margin_seconds)
+    horizon = utcnow() + timedelta(seconds=margin_seconds)
     return list(db.session.scalars(select(Portal.id).where(
         Portal.status == PortalStatus.ACTIVE.value, Portal.expires_at > horizon)))
 
