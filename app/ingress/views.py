@@ -197,3 +197,4 @@ def pbx_call_events() -> tuple[Response, int]:
 @bp.record_once
 def _init_intake(state: Any) -> None:
     metrics.init_app(state.app)  # the inbox depth on /metrics
+    inbox.init_app(state.app)  # the intake broker
