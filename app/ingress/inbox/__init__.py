@@ -3,7 +3,7 @@
 Four parts, one module each: storing (``storing``: the one INSERT), handing rows to the
 broker (``enqueueing``), queueing again what got stuck (``sweeping``), and what operators
 see and do (``admin``: depth, dead letters, replay). Handling a row is
-app/ingress/processing.py.
+app/ingress/processing.py; the order of a key's rows is app/ingress/ordering.py.
 
 The names below are the inbox's interface, so callers write ``inbox.store(...)`` without
 knowing which part holds what.

@@ -6,6 +6,14 @@ offline pull, provisional events) and the verified fast path (``store_verified``
 token check is part of the statement), each on SQLAlchemy (SQLite, and PostgreSQL's
 general path) and on psycopg directly (PostgreSQL's hot path). A duplicate (same
 ``(member_id, source, dedupe_key)``) inserts nothing.
+
+A row with an ordering key (a PBX call's events, see app/ingress/ordering.py) is handed
+out only after the earlier rows of its key, by id. On PostgreSQL, ids come from a
+sequence before the commit, so two requests can commit a call's rows out of id order, and
+a worker could then see row 6 before row 5 exists for it. A keyed insert therefore takes a
+transaction lock on its (portal, key) first: a key's ids are drawn and committed in the
+same order, and a row that is visible has its key's earlier rows visible too. SQLite
+needs no lock: one writer at a time, ids drawn inside its write transaction.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ class NewEvent:
     portal_id: int | None = None
     unverified: bool = False
     status: str = InboxStatus.QUEUED.value  # or provisional: kept, not queued
+    order_key: str | None = None  # rows of one (portal, key) are handled in id order
 
 
 @dataclass(frozen=True)
@@ -72,12 +81,12 @@ def b24_dedupe_key(event: dict[str, Any]) -> str:
 # 10,000 cost the same index probe.
 _INSERT = (
     "INSERT INTO inbox_events (portal_id, member_id, source, event_type, dedupe_key, payload,"
-    " unverified, status, attempts, received_at)"
+    " unverified, status, order_key, attempts, received_at)"
     " SELECT {portal_id}, {member_id}, {source}, {event_type}, {dedupe_key}, {payload},"
-    " {unverified}, {status}, 0, {received_at} {rows}"
+    " {unverified}, {status}, {order_key}, 0, {received_at} {rows}"
     " ON CONFLICT (member_id, source, dedupe_key) DO NOTHING RETURNING id")
 _NAMES = ("portal_id", "member_id", "source", "event_type", "dedupe_key", "payload",
-          "unverified", "status", "received_at")
+          "unverified", "status", "order_key", "received_at")
 
 
 def _render(placeholder: Callable[[str], str], verified: bool) -> str:
@@ -109,18 +118,35 @@ _PG_VERIFIED = _render(_pyformat, verified=True)
 _EXISTING = text("SELECT id FROM inbox_events"
                  " WHERE member_id = :member_id AND source = :source AND dedupe_key = :dedupe_key")
 
+# PostgreSQL: a transaction lock per (portal, ordering key), taken in one order (so two
+# requests naming the same keys cannot deadlock) and held until the rows commit.
+_LOCK_KEYS = text(
+    "SELECT pg_advisory_xact_lock(:portal_id, h) FROM (SELECT DISTINCT hashtext(k) AS h"
+    " FROM unnest(CAST(:keys AS text[])) AS k ORDER BY h) AS ordered")
+
 
 def _values(ev: NewEvent) -> dict[str, Any]:
     """An event's column values, for the INSERT statement."""
     return {"portal_id": ev.portal_id, "member_id": ev.member_id, "source": ev.source,
             "event_type": ev.event_type[:64], "dedupe_key": ev.dedupe_key,
             "payload": ev.payload, "unverified": ev.unverified, "status": ev.status,
-            "received_at": utcnow()}
+            "order_key": ev.order_key, "received_at": utcnow()}
+
+
+def _keys_to_lock(events: list[NewEvent]) -> dict[int, list[str]]:
+    """portal id -> the ordering keys the events name (PostgreSQL only; see the docstring)."""
+    if db.engine.dialect.name != "postgresql":
+        return {}
+    keys: dict[int, set[str]] = {}
+    for ev in events:
+        if ev.order_key is not None and ev.portal_id is not None:
+            keys.setdefault(ev.portal_id, set()).add(ev.order_key)
+    return {portal_id: sorted(found) for portal_id, found in sorted(keys.items())}
 
 
 @contextmanager
 def _transaction(single: bool) -> Iterator[Connection]:
-    """A transaction for several rows; one statement alone runs in autocommit.
+    """A transaction for several statements; one statement alone runs in autocommit.
 
     One INSERT in autocommit is just as atomic and durable, and saves the BEGIN and
     COMMIT round trips on the hot path (one event per request).
@@ -135,7 +161,10 @@ def _transaction(single: bool) -> Iterator[Connection]:
 
 def _insert(events: list[NewEvent]) -> list[Stored]:
     out: list[Stored] = []
-    with _transaction(single=len(events) == 1) as conn:  # committed before anything is queued
+    locks = _keys_to_lock(events)
+    with _transaction(single=len(events) == 1 and not locks) as conn:  # committed before queued
+        for portal_id, keys in locks.items():
+            conn.execute(_LOCK_KEYS, {"portal_id": portal_id, "keys": keys})
         for ev in events:
             values = _values(ev)
             row_id = conn.execute(_SQL_INSERT, values).scalar()
@@ -198,7 +227,7 @@ def store_verified(ev: NewEvent, token_hash: str) -> Stored | None:
     None when nothing was stored: the token does not match (or the stored hash is not a
     current one yet), the event is a duplicate, or PostgreSQL's fast path failed. The
     caller then takes the checked path, which tells these apart; a database that is down
-    raises there.
+    raises there. The event has no ordering key (Bitrix24 events have none).
     """
     values = {**_values(ev), "token_hash": token_hash}
     if _on_psycopg():
@@ -220,7 +249,7 @@ def _autocommit_scalar(statement: Any, values: dict[str, Any]) -> Any:
 def store(events: list[NewEvent]) -> list[Stored]:
     """Write the events in one transaction; a duplicate returns the existing row's id."""
     fast = None
-    if len(events) == 1 and _on_psycopg():
+    if len(events) == 1 and events[0].order_key is None and _on_psycopg():
         rows = _pg_insert(_PG_INSERT, _values(events[0]))
         fast = Stored(rows[0][0], True) if rows else None
     # The insert is idempotent by dedupe_key, so a retry on a fresh connection is safe.

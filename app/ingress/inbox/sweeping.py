@@ -5,6 +5,9 @@ between its answer and the send), its worker died while processing, or it is par
 and can go on now (a handler was registered, its portal is callable again). The
 sweeper (workers/ingress.py, every ``INBOX_SWEEP_INTERVAL``) finds them by status and
 age and sends them again; an extra message is harmless (the claim takes a row once).
+A row that waits for an earlier row of its ordering key (app/ingress/ordering.py) is
+queued again like any other, and its claim waits again: the sweeper is the backstop
+for the wake-up its predecessor's finisher sends.
 """
 
 from __future__ import annotations
