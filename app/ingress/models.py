@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -59,6 +60,11 @@ class InboxEvent(db.Model):
     __table_args__ = (
         UniqueConstraint("member_id", "source", "dedupe_key", name="uq_inbox_events_dedupe"),
         Index("ix_inbox_events_status_received_at", "status", "received_at"),
+        # The claim's check for an earlier unfinished row of the key (app/ingress/ordering.py);
+        # only keyed rows are in it.
+        Index("ix_inbox_events_order_key", "portal_id", "order_key", "id",
+              postgresql_where=text("order_key IS NOT NULL"),
+              sqlite_where=text("order_key IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -76,6 +82,8 @@ class InboxEvent(db.Model):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Rows of one (portal, key) are handled one at a time, in id order (a PBX call's call_id).
+    order_key: Mapped[str | None] = mapped_column(String(256))
 
     def __repr__(self) -> str:
         return f"<InboxEvent {self.id} {self.source}:{self.event_type} {self.status}>"
