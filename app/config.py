@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Defaults that modules reading app.config also fall back on when a setting is empty.
 DEFAULT_AUTH_SERVERS = "oauth.bitrix.info,oauth.bitrix24.tech"
 DEFAULT_JS_SDK_URL = "//api.bitrix24.com/api/v1/"
+# The address the app answers at when APP_PUBLIC_URL is unset (make run's default bind too).
+DEFAULT_APP_PUBLIC_URL = "http://127.0.0.1:8000"
 # A refresh token dies 180 days after its issue (protocol §1.5); a chain nobody used that long
 # is lost. The idle keep-alive (hourly) refreshes a portal quiet for IDLE_REFRESH_DAYS: 30
 # leaves 150 days for a stopped worker or an auth-server outage and costs one refresh a month
@@ -212,7 +214,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "B24_CLIENT_ID": env_str("B24_CLIENT_ID"),
         "B24_CLIENT_SECRET": env_str("B24_CLIENT_SECRET"),
         "B24_OAUTH_TOKEN_URL": env_str("B24_OAUTH_TOKEN_URL"),
-        "APP_PUBLIC_URL": (env_str("APP_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/"),
+        "APP_PUBLIC_URL": (env_str("APP_PUBLIC_URL") or DEFAULT_APP_PUBLIC_URL).rstrip("/"),
         "SECRET_KEY": env_str("SECRET_KEY"),
         "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
         "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
@@ -253,7 +255,15 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # A portal with neither a refresh nor a call for this many days gets one refresh from
         # the hourly keep-alive (why 30, and why at most 150: DEFAULT_IDLE_REFRESH_DAYS above).
         "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", DEFAULT_IDLE_REFRESH_DAYS),
+        # The single-flight token refresh (app/tenants/tokens.py): seconds a portal's refresh
+        # lock lives unless renewed (more than the refresh request's worst case, 8 s retried
+        # once, plus two commits), and seconds a caller waits for another process's refresh
+        # of the same portal before giving up on this call.
+        "B24_REFRESH_LOCK_TTL": env_float("B24_REFRESH_LOCK_TTL", 30.0),
+        "B24_REFRESH_LOCK_WAIT": env_float("B24_REFRESH_LOCK_WAIT", 15.0),
         "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
+        # The root logger's level for the app's and the workers' processes.
+        "LOG_LEVEL": env_str("LOG_LEVEL", "INFO"),
         "PRODUCTION": production,
         # One host runs everything, so the embedded Redis and SQLite are allowed in production.
         "SINGLE_HOST": env_bool("B24RELAY_SINGLE_HOST", False),
