@@ -42,7 +42,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config_mod.from_environment(instance))
     app.config.update(config or {})
     config_mod.validate(app.config)
-    logging.basicConfig(level=app.config.get("LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=app.config["LOG_LEVEL"],
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # httpx logs full URLs at INFO; token requests carry client_secret and refresh_token there.
     for name in ("httpx", "httpcore"):

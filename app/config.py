@@ -290,7 +290,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
 
 def validate(cfg: dict[str, Any]) -> None:
     """Fail early, naming the setting, when a value cannot work."""
-    keys = [k.strip() for k in str(cfg.get("TOKEN_ENCRYPTION_KEY") or "").split(",") if k.strip()]
+    keys = [k.strip() for k in str(cfg["TOKEN_ENCRYPTION_KEY"] or "").split(",") if k.strip()]
     if not keys:
         raise ConfigError("TOKEN_ENCRYPTION_KEY is empty")
     for key in keys:
@@ -302,15 +302,15 @@ def validate(cfg: dict[str, Any]) -> None:
                 "(generate one with: python -c 'from cryptography.fernet import Fernet; "
                 "print(Fernet.generate_key().decode())')"
             ) from exc
-    _check_ca_bundle(cfg.get("B24_CA_BUNDLE"))
-    idle_days = cfg.get("IDLE_REFRESH_DAYS")
-    if idle_days is not None and not 1 <= int(idle_days) <= MAX_IDLE_REFRESH_DAYS:
+    _check_ca_bundle(cfg["B24_CA_BUNDLE"])
+    idle_days = cfg["IDLE_REFRESH_DAYS"]
+    if idle_days is None or not 1 <= int(idle_days) <= MAX_IDLE_REFRESH_DAYS:
         raise ConfigError(f"IDLE_REFRESH_DAYS must be 1..{MAX_IDLE_REFRESH_DAYS} (refresh tokens "
                           f"die {REFRESH_TOKEN_DAYS} days after issue), got {idle_days!r}")
-    mode = cfg.get("DISPATCH_MODE", "parallel")
+    mode = cfg["DISPATCH_MODE"]
     if mode not in {"parallel", "sequential"}:
         raise ConfigError(f"DISPATCH_MODE must be parallel or sequential, got {mode!r}")
-    broker = cfg.get("BROKER_URL")
+    broker = cfg["BROKER_URL"]
     if broker and not broker.startswith(("amqp://", "amqps://", "redis://", "rediss://", "unix://")):
         raise ConfigError(f"BROKER_URL must be amqp:// or redis://, got {broker!r}")
 

@@ -37,7 +37,7 @@ def configure_database(app: Flask) -> None:
         # invalidated by SQLAlchemy; intake retries once on it (retry_if_connection_died below),
         # workers retry the message, pages answer one error after a database restart.
         app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {
-            "connect_timeout": int(app.config.get("DB_CONNECT_TIMEOUT") or 5)}})
+            "connect_timeout": int(app.config["DB_CONNECT_TIMEOUT"])}})
         return
     if not uri.startswith("sqlite"):
         return
@@ -67,7 +67,7 @@ class RedisExtension:
 
     def init_app(self, app: Flask) -> None:
         """Resolve the URL (starting the embedded server if needed) and build the client."""
-        url = app.config.get("REDIS_URL")
+        url = app.config["REDIS_URL"]
         if not url:
             url = embedded.ensure_running(Path(app.config["INSTANCE_PATH"]))
             app.config["REDIS_URL"] = url

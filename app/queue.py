@@ -17,8 +17,8 @@ from flask import Flask, current_app
 
 def build_broker(config: dict[str, Any]) -> dramatiq.Broker:
     """A broker from the settings: RabbitMQ for amqp:// BROKER_URL, Redis otherwise."""
-    url = config.get("BROKER_URL") or config["REDIS_URL"]
-    namespace = config.get("DRAMATIQ_NAMESPACE", "b24relay")
+    url = config["BROKER_URL"] or config["REDIS_URL"]
+    namespace = config["DRAMATIQ_NAMESPACE"]
     if url.startswith(("amqp://", "amqps://")):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
