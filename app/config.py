@@ -103,6 +103,17 @@ def _instance_secret(instance: Path, name: str, make: Any) -> str:
     return value
 
 
+def request_settings() -> dict[str, Any]:
+    """The web tier's request limits (app/serving.py reads them for any app it serves)."""
+    return {
+        "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
+        # app/serving.py: a request must arrive whole within this many seconds (else 408),
+        # its headers within this many bytes (else 431); no thread waits for it meanwhile.
+        "REQUEST_DEADLINE": env_int("REQUEST_DEADLINE_SECONDS", 10),
+        "REQUEST_HEADER_BYTES": env_int("REQUEST_HEADER_BYTES", 64 * 1024),
+    }
+
+
 def worker_settings() -> dict[str, Any]:
     """Inbox retry, sweeper, retention and periodic-job settings (workers read them)."""
     return {
@@ -217,11 +228,6 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "APP_PUBLIC_URL": (env_str("APP_PUBLIC_URL") or DEFAULT_APP_PUBLIC_URL).rstrip("/"),
         "SECRET_KEY": env_str("SECRET_KEY"),
         "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
-        "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
-        # app/serving.py: a request must arrive whole within this many seconds (else 408),
-        # its headers within this many bytes (else 431); no thread waits for it meanwhile.
-        "REQUEST_DEADLINE": env_int("REQUEST_DEADLINE_SECONDS", 10),
-        "REQUEST_HEADER_BYTES": env_int("REQUEST_HEADER_BYTES", 64 * 1024),
         "DB_CONNECT_TIMEOUT": env_int("DB_CONNECT_TIMEOUT", 5),
         # Unverified first contacts (ONAPPINSTALL from an unknown portal) per minute, per
         # source address and in total: 429 beyond (app/ingress/first_contact.py).
@@ -269,6 +275,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "SINGLE_HOST": env_bool("B24RELAY_SINGLE_HOST", False),
         # Set for gunicorn (make run, the Procfile launcher): /metrics merges all processes.
         "PROMETHEUS_MULTIPROC_DIR": env_str("PROMETHEUS_MULTIPROC_DIR"),
+        **request_settings(),
         **worker_settings(),
         **dispatch_settings(),
     }
