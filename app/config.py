@@ -314,6 +314,9 @@ def validate(cfg: dict[str, Any]) -> None:
     if idle_days is None or not 1 <= int(idle_days) <= MAX_IDLE_REFRESH_DAYS:
         raise ConfigError(f"IDLE_REFRESH_DAYS must be 1..{MAX_IDLE_REFRESH_DAYS} (refresh tokens "
                           f"die {REFRESH_TOKEN_DAYS} days after issue), got {idle_days!r}")
+    if not [entry for entry in str(cfg["B24_AUTH_SERVERS"] or "").split(",") if entry.strip()]:
+        raise ConfigError("B24_AUTH_SERVERS must name at least one auth server, got "
+                          f"{cfg['B24_AUTH_SERVERS']!r}")
     mode = cfg["DISPATCH_MODE"]
     if mode not in {"parallel", "sequential"}:
         raise ConfigError(f"DISPATCH_MODE must be parallel or sequential, got {mode!r}")

@@ -62,6 +62,8 @@ def test_malformed_values_name_the_setting(base_config: dict, monkeypatch: pytes
         create_app({**base_config, "TOKEN_ENCRYPTION_KEY": "not-a-fernet-key"})
     with pytest.raises(cfg.ConfigError, match="BROKER_URL"):
         create_app({**base_config, "BROKER_URL": "kafka://x"})
+    with pytest.raises(cfg.ConfigError, match="B24_AUTH_SERVERS"):
+        create_app({**base_config, "B24_AUTH_SERVERS": " , "})
     monkeypatch.setenv("MAX_BODY_BYTES", "lots")
     with pytest.raises(cfg.ConfigError, match="MAX_BODY_BYTES"):
         cfg.from_environment(Path(base_config["INSTANCE_PATH"]))

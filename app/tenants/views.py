@@ -20,7 +20,6 @@ from flask import (
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select
 
-from app.config import DEFAULT_JS_SDK_URL
 from app.extensions import db
 from app.framing import frameable, framed_by
 from app.tenants import install
@@ -65,7 +64,7 @@ def _unframed_unless_said(response: Response) -> Response:
 
 def sdk_url() -> str:
     """Where the BX24 JS library is loaded from (``B24_JS_SDK_URL``)."""
-    return install.setting("B24_JS_SDK_URL", DEFAULT_JS_SDK_URL) or ""
+    return str(current_app.config["B24_JS_SDK_URL"])
 
 
 # ---------------------------------------------------------------- install
