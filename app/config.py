@@ -25,7 +25,7 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parent.parent
-# Defaults that modules reading app.config also fall back on when a setting is empty.
+# Defaults of settings declared below, named where a comment or a launcher refers to them.
 DEFAULT_AUTH_SERVERS = "oauth.bitrix.info,oauth.bitrix24.tech"
 DEFAULT_JS_SDK_URL = "//api.bitrix24.com/api/v1/"
 # The address the app answers at when APP_PUBLIC_URL is unset (make run's default bind too).

@@ -23,7 +23,6 @@ from flask import current_app
 from sqlalchemy import func, or_, select
 
 from app.bitrix import BatchResult, RestClient, errors, tls
-from app.config import DEFAULT_IDLE_REFRESH_DAYS
 from app.dispatcher.bucket import RateBucket, scaled_plans
 from app.extensions import db, redis_ext
 from app.tenants import status as portal_status
@@ -116,7 +115,7 @@ def _rate_bucket() -> RateBucket:
     """The app's view of the per-portal buckets the dispatcher uses too."""
     ext = current_app.extensions
     if "rate_bucket" not in ext:
-        scale = float(current_app.config.get("DISPATCH_BUCKET_SCALE") or 1.0)
+        scale = float(current_app.config["DISPATCH_BUCKET_SCALE"])
         ext["rate_bucket"] = RateBucket(redis_ext.client, plans=scaled_plans(scale))
     return ext["rate_bucket"]
 
@@ -185,7 +184,7 @@ def refresh_now(portal: Portal) -> Credentials:
 def idle_portals(days: int | None = None) -> list[Portal]:
     """Active portals with neither a refresh nor activity in the last ``days`` days."""
     if days is None:
-        days = int(current_app.config.get("IDLE_REFRESH_DAYS") or DEFAULT_IDLE_REFRESH_DAYS)
+        days = int(current_app.config["IDLE_REFRESH_DAYS"])
     cutoff = utcnow() - timedelta(days=days)
     renewed = func.coalesce(Portal.last_refresh_at, Portal.installed_at, Portal.created_at)
     query = select(Portal).where(
