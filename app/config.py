@@ -317,6 +317,11 @@ def validate(cfg: dict[str, Any]) -> None:
     if not [entry for entry in str(cfg["B24_AUTH_SERVERS"] or "").split(",") if entry.strip()]:
         raise ConfigError("B24_AUTH_SERVERS must name at least one auth server, got "
                           f"{cfg['B24_AUTH_SERVERS']!r}")
+    scale = cfg["DISPATCH_BUCKET_SCALE"]
+    if cfg["PRODUCTION"] and float(scale) != 1:
+        raise ConfigError(f"DISPATCH_BUCKET_SCALE must be 1 in production (B24_CLIENT_ID set, "
+                          f"B24_SANDBOX not), got {scale!r}: it multiplies the plans' rate "
+                          "limits, a knob for benchmarks against a sandbox portal only")
     mode = cfg["DISPATCH_MODE"]
     if mode not in {"parallel", "sequential"}:
         raise ConfigError(f"DISPATCH_MODE must be parallel or sequential, got {mode!r}")
