@@ -39,6 +39,6 @@ def broker() -> dramatiq.Broker:
 def enqueue(actor_name: str, *args: Any, queue_name: str = "default",
             delay_ms: int | None = None, **options: Any) -> dramatiq.Message:
     """Send a message to the actor called ``actor_name`` on ``queue_name``."""
-    message = dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=args,
-                               kwargs={}, options=options)
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=queue_name, actor_name=actor_name, args=args, kwargs={}, options=options)
     return broker().enqueue(message, delay=delay_ms)
