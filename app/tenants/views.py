@@ -19,6 +19,7 @@ from flask import (
 )
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select
+from werkzeug.wrappers import Response as BaseResponse
 
 from app.extensions import db
 from app.framing import frameable, framed_by
@@ -109,7 +110,7 @@ def _portal_for_start() -> Portal | None:
 
 
 @bp.get("/oauth/start")
-def oauth_start() -> Response:
+def oauth_start() -> BaseResponse:  # flask.redirect is typed as werkzeug's Response
     """Send the user to the portal's authorize page with a signed, short-lived state."""
     portal = _portal_for_start()
     if portal is None:
