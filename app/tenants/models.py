@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from typing import overload
 from urllib.parse import urlsplit
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, select
@@ -18,6 +19,10 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+@overload
+def aware(moment: datetime) -> datetime: ...
+@overload
+def aware(moment: None) -> None: ...
 def aware(moment: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every stored time is UTC."""
     if moment is not None and moment.tzinfo is None:
