@@ -17,7 +17,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 def init_app(app: Flask) -> None:
     """Pick the registry /metrics exposes."""
-    directory = app.config.get("PROMETHEUS_MULTIPROC_DIR")
+    directory = app.config["PROMETHEUS_MULTIPROC_DIR"]
     if directory:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from app import embedded
-from app.config import ROOT, instance_dir
+from app.config import DEFAULT_APP_PUBLIC_URL, ROOT, instance_dir
 
 MAX_BACKOFF = 30.0  # seconds before restarting a child that keeps dying
 STABLE_AFTER = 60.0  # a child up this long has its backoff reset
@@ -216,7 +216,7 @@ def main() -> int:
     env = dict(os.environ)
     env.setdefault("ACCESS_LOG", "-")  # gunicorn's access log on stdout while developing
     _single_host(env)
-    public = (env.get("APP_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/")
+    public = (env.get("APP_PUBLIC_URL") or DEFAULT_APP_PUBLIC_URL).rstrip("/")
     env["APP_PUBLIC_URL"] = public
     bind = env.get("BIND") or f"127.0.0.1:{urlsplit(public).port or 8000}"
     sock = listen(bind)

@@ -26,7 +26,7 @@ class DispatcherMiddleware(Middleware):
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         # Before the worker threads start: a message handled at once (an event that submits
         # commands) must find the engine listening, or its nudge waits for the next sweep.
-        if not self.app.config.get("DISPATCH_ENABLED", True):
+        if not self.app.config["DISPATCH_ENABLED"]:
             return
         from app.dispatcher.engine import Engine
 
@@ -34,7 +34,7 @@ class DispatcherMiddleware(Middleware):
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.engine is not None:
-            self.engine.stop(timeout=float(self.app.config.get("DISPATCH_REQUEST_TIMEOUT", 65)))
+            self.engine.stop(timeout=float(self.app.config["DISPATCH_REQUEST_TIMEOUT"]))
 
 
 @periodic("DISPATCH_SWEEP_INTERVAL")

@@ -3,13 +3,16 @@ is in app.tenants.upkeep, which reads the command's stored result)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import dramatiq
 
 from app.extensions import db
 from app.tenants import upkeep
 
 # Per-message retries cover a database hiccup; the command's result stays on its row.
-RETRIES = {"queue_name": "default", "max_retries": 20, "min_backoff": 500, "max_backoff": 60_000}
+RETRIES: dict[str, Any] = {"queue_name": "default", "max_retries": 20, "min_backoff": 500,
+                           "max_backoff": 60_000}
 
 
 @dramatiq.actor(actor_name=upkeep.SETUP_READ, **RETRIES)

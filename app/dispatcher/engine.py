@@ -77,18 +77,18 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: Any) -> Settings:
         """Read the DISPATCH_* settings."""
-        return cls(sequential=cfg.get("DISPATCH_MODE", "parallel") == "sequential",
-                   max_inflight=int(cfg.get("DISPATCH_MAX_INFLIGHT") or 0),
-                   linger=float(cfg.get("DISPATCH_LINGER_MS", 25.0)) / 1000,
-                   horizon=timedelta(hours=float(cfg.get("DISPATCH_RETRY_HORIZON_HOURS", 6))),
-                   request_timeout=float(cfg.get("DISPATCH_REQUEST_TIMEOUT", 65.0)),
-                   lease_margin=float(cfg.get("DISPATCH_LEASE_MARGIN", 15.0)),
-                   pace=float(cfg.get("DISPATCH_PACE_MS", 300.0)) / 1000,
-                   owner_ttl=float(cfg.get("DISPATCH_OWNER_TTL", 10.0)),
-                   db_threads=int(cfg.get("DISPATCH_DB_THREADS", 4)),
-                   max_connections=int(cfg.get("DISPATCH_MAX_CONNECTIONS", 1000)),
-                   bucket_scale=float(cfg.get("DISPATCH_BUCKET_SCALE", 1.0)),
-                   operating_limit=float(cfg.get("DISPATCH_OPERATING_LIMIT", LIMIT)))
+        return cls(sequential=cfg["DISPATCH_MODE"] == "sequential",
+                   max_inflight=int(cfg["DISPATCH_MAX_INFLIGHT"]),
+                   linger=float(cfg["DISPATCH_LINGER_MS"]) / 1000,
+                   horizon=timedelta(hours=float(cfg["DISPATCH_RETRY_HORIZON_HOURS"])),
+                   request_timeout=float(cfg["DISPATCH_REQUEST_TIMEOUT"]),
+                   lease_margin=float(cfg["DISPATCH_LEASE_MARGIN"]),
+                   pace=float(cfg["DISPATCH_PACE_MS"]) / 1000,
+                   owner_ttl=float(cfg["DISPATCH_OWNER_TTL"]),
+                   db_threads=int(cfg["DISPATCH_DB_THREADS"]),
+                   max_connections=int(cfg["DISPATCH_MAX_CONNECTIONS"]),
+                   bucket_scale=float(cfg["DISPATCH_BUCKET_SCALE"]),
+                   operating_limit=float(cfg["DISPATCH_OPERATING_LIMIT"]))
 
     def plans(self) -> dict[str, tuple[float, int]]:
         """The rate bucket's plans, scaled by ``DISPATCH_BUCKET_SCALE``."""
@@ -183,7 +183,7 @@ class Engine:
         self.client = AsyncRestClient(
             timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
             max_connections=self.settings.max_connections,
-            verify=self.app.config.get("B24_CA_BUNDLE") or True)
+            verify=self.app.config["B24_CA_BUNDLE"] or True)
         self.bucket = AsyncRateBucket(self.redis, plans=self.settings.plans())
         self.ledger = AsyncOperatingLedger(self.redis, limit=self.settings.operating_limit)
         self.credentials = CredentialStore(self.app, self.executor)

@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
+from app.extensions import Model
 from app.tenants.models import utcnow
 
 # BIGINT on PostgreSQL; SQLite autoincrements only an INTEGER PRIMARY KEY.
@@ -43,7 +43,7 @@ class Priority(enum.IntEnum):
     BULK = 1
 
 
-class OutboxCommand(db.Model):
+class OutboxCommand(Model):
     """One REST command for one portal."""
 
     __tablename__ = "outbox_commands"

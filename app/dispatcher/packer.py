@@ -140,7 +140,7 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
     for c in sorted(ordered, key=lambda c: c.id):
         if c.key is not None:
             by_key[c.key].append(c.id)
-    out, chosen = Packed(), set()
+    out, chosen = Packed(), set[int]()
     if complete or not ordered:
         open_end = None
     elif open_end is None:

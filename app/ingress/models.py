@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
+from app.extensions import Model
 from app.tenants.models import utcnow
 
 
@@ -53,7 +53,7 @@ PARKED = (InboxStatus.UNHANDLED.value, InboxStatus.HELD.value)
 FINAL = (InboxStatus.DONE.value, InboxStatus.DEAD.value)
 
 
-class InboxEvent(db.Model):
+class InboxEvent(Model):
     """One incoming event, stored before it is acknowledged."""
 
     __tablename__ = "inbox_events"
@@ -89,7 +89,7 @@ class InboxEvent(db.Model):
         return f"<InboxEvent {self.id} {self.source}:{self.event_type} {self.status}>"
 
 
-class PortalApiKey(db.Model):
+class PortalApiKey(Model):
     """The PBX's key for one portal, stored as a SHA-256 digest (the key is random)."""
 
     __tablename__ = "portal_api_keys"

@@ -28,10 +28,10 @@ from __future__ import annotations
 import copy
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from flask import current_app
-from sqlalchemy import update
+from sqlalchemy import CursorResult, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -111,12 +111,12 @@ def _update_if_ours(row_id: int, attempt: int, **values: Any) -> int:
     Ours means still processing under our attempt number: the sweeper requeueing the row
     changes its status, another worker claiming it since changes the attempt.
     """
-    return db.session.execute(
+    return cast(CursorResult, db.session.execute(  # a DML statement's result
         update(InboxEvent)
         .where(InboxEvent.id == row_id, InboxEvent.status == InboxStatus.PROCESSING.value,
                InboxEvent.attempts == attempt)
         .values(**values)
-        .execution_options(synchronize_session=False)).rowcount
+        .execution_options(synchronize_session=False))).rowcount
 
 
 def _finish(row: InboxEvent, attempt: int, status: InboxStatus, error: str | None = None) -> bool:

@@ -246,7 +246,7 @@ def _ask_by_refresh(portal: Portal, creds: Credentials) -> str | None:
 
 def _user_id(event: dict[str, Any]) -> int | None:
     data = _data(event)
-    fields = data.get("FIELDS") if isinstance(data.get("FIELDS"), dict) else data
+    fields = named if isinstance(named := data.get("FIELDS"), dict) else data
     return install.int_or_none(fields.get("ID"))
 
 

@@ -39,10 +39,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from flask import current_app
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 
 from app.bitrix import TokenSet
 from app.bitrix.errors import ApiError, BitrixError, already_done
@@ -492,7 +492,7 @@ def delete_portal_data(portal: Portal) -> int:
             stmt = delete(table).where(table.c.portal_id == portal.id)
             if "status" in table.c:
                 stmt = stmt.where(table.c.status != IN_WORKERS_HANDS)
-            deleted += db.session.execute(stmt).rowcount or 0
+            deleted += cast(CursorResult, db.session.execute(stmt)).rowcount or 0  # DML
     db.session.flush()
     db.session.expire(portal)
     return deleted

@@ -10,7 +10,7 @@ from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Tex
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.crypto import EncryptedString
-from app.extensions import db
+from app.extensions import Model, db
 from app.tenants.clock import aware, utcnow
 
 __all__ = ["Plan", "Portal", "PortalSettings", "PortalStatus", "aware", "utcnow"]
@@ -43,7 +43,7 @@ PLAN_LIMITS: dict[str, tuple[float, int]] = {
 }
 
 
-class Portal(db.Model):
+class Portal(Model):
     """One installation of the app into one Bitrix24 portal."""
 
     __tablename__ = "portals"
@@ -106,7 +106,7 @@ class Portal(db.Model):
         return f"<Portal {self.member_id} {self.domain} {self.status}>"
 
 
-class PortalSettings(db.Model):
+class PortalSettings(Model):
     """What the portal admin chooses on the settings page."""
 
     __tablename__ = "portal_settings"

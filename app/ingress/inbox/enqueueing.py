@@ -46,14 +46,14 @@ def init_app(app: Flask) -> None:
     """Build the app's intake broker, whose Redis client gives up fast (the shared one waits
     seconds); no connection opens before the first send."""
     cfg = app.config
-    url = cfg.get("BROKER_URL") or cfg["REDIS_URL"]
+    url = cfg["BROKER_URL"] or cfg["REDIS_URL"]
     if url.startswith(("amqp://", "amqps://")):
         broker = app.extensions["broker"]  # the app's own (app/queue.py)
     else:
         # No middleware: enqueue hooks do nothing a message needs (retries, time and
         # age limits act in the worker, with the worker broker's own middleware).
         broker = RedisBroker(client=fast_redis(url),
-                             namespace=cfg.get("DRAMATIQ_NAMESPACE", "b24relay"), middleware=[])
+                             namespace=cfg["DRAMATIQ_NAMESPACE"], middleware=[])
     app.extensions["ingress_broker"] = broker
     app.extensions["ingress_redis_down_until"] = 0.0
 

@@ -193,6 +193,8 @@ def _pg_insert(sql: str, values: dict[str, Any]) -> list[tuple[Any, ...]] | None
         return None
     try:
         conn = raw.driver_connection
+        if conn is None:  # only a connection already closed has none; not one checked out now
+            return None
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
