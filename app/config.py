@@ -38,6 +38,8 @@ DEFAULT_APP_PUBLIC_URL = "http://127.0.0.1:8000"
 REFRESH_TOKEN_DAYS = 180
 DEFAULT_IDLE_REFRESH_DAYS = 30
 MAX_IDLE_REFRESH_DAYS = 150
+# The shortest METRICS_TOKEN accepted: /metrics is reachable by anyone who can reach the app.
+MIN_METRICS_TOKEN = 16
 
 
 def instance_dir() -> Path:
@@ -275,6 +277,12 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "SINGLE_HOST": env_bool("B24RELAY_SINGLE_HOST", False),
         # Set for gunicorn (make run, the Procfile launcher): /metrics merges all processes.
         "PROMETHEUS_MULTIPROC_DIR": env_str("PROMETHEUS_MULTIPROC_DIR"),
+        # The bearer token /metrics asks for ("Authorization: Bearer <token>", else 401): its
+        # figures describe the customers, so only the operator's Prometheus may read them.
+        # Unset in production: /metrics is not served at all (404) until one is chosen; in
+        # development one is generated once into instance/.metrics_token. At least
+        # MIN_METRICS_TOKEN characters.
+        "METRICS_TOKEN": env_str("METRICS_TOKEN"),
         **request_settings(),
         **worker_settings(),
         **dispatch_settings(),
@@ -289,6 +297,9 @@ def from_environment(instance: Path) -> dict[str, Any]:
         cfg["TOKEN_ENCRYPTION_KEY"] = _instance_secret(
             instance, "TOKEN_ENCRYPTION_KEY", lambda: Fernet.generate_key().decode()
         )
+    if cfg["METRICS_TOKEN"] is None and not production:
+        cfg["METRICS_TOKEN"] = _instance_secret(instance, "METRICS_TOKEN",
+                                                lambda: secrets.token_urlsafe(32))
     if production and not cfg["B24_CLIENT_SECRET"]:
         raise ConfigError("B24_CLIENT_SECRET must be set when B24_CLIENT_ID is set")
     require_shared_services(cfg, shared_database)
@@ -310,6 +321,11 @@ def validate(cfg: dict[str, Any]) -> None:
                 "print(Fernet.generate_key().decode())')"
             ) from exc
     _check_ca_bundle(cfg["B24_CA_BUNDLE"])
+    token = cfg["METRICS_TOKEN"]
+    if token is not None and len(str(token)) < MIN_METRICS_TOKEN:
+        raise ConfigError(f"METRICS_TOKEN must be at least {MIN_METRICS_TOKEN} characters "
+                          "(generate one with: python -c 'import secrets; "
+                          "print(secrets.token_urlsafe(32))')")
     idle_days = cfg["IDLE_REFRESH_DAYS"]
     if idle_days is None or not 1 <= int(idle_days) <= MAX_IDLE_REFRESH_DAYS:
         raise ConfigError(f"IDLE_REFRESH_DAYS must be 1..{MAX_IDLE_REFRESH_DAYS} (refresh tokens "

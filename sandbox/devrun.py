@@ -176,6 +176,8 @@ def _banner(public: str, local: str, sandbox: dict | None) -> str:
         "",
         "b24relay is running",
         f"  web (gunicorn)          {local}   health: {local}/healthz   metrics: {local}/metrics",
+        "                           (/metrics wants Authorization: Bearer $METRICS_TOKEN, by "
+        "default the token in instance/.metrics_token)",
         "",
         "Give Bitrix24 these URLs (developer console, your app's card):",
         f"  Application URL         {public}/placements/settings",
