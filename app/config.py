@@ -47,6 +47,45 @@ def instance_dir() -> Path:
     return Path(os.environ.get("B24RELAY_INSTANCE") or ROOT / "instance")
 
 
+# The instance folder holds customer data (the SQLite database and its WAL, the embedded
+# Redis's AOF with queued events) and the dev secrets: only the user running the app may
+# read it, whatever the umask (gunicorn's own default is 0).
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` as a folder only this user may enter (0700), tightening one we own."""
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    return _tighten(path, PRIVATE_DIR)
+
+
+def private_file(path: Path, create: bool = True) -> Path:
+    """Create ``path`` empty and 0600 unless it exists (``create``); tighten one we own."""
+    if create:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE))
+    return _tighten(path, PRIVATE_FILE) if path.exists() else path
+
+
+def private_sqlite(path: Path, instance: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does (its WAL and SHM files then take the
+    same mode), tighten them if they exist, and the instance folder when it holds them; a
+    folder elsewhere is only created 0700, never changed (it may be shared)."""
+    if path.parent.resolve() == instance.resolve():
+        private_dir(instance)
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    private_file(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        private_file(path.with_name(path.name + suffix), create=False)
+
+
+def _tighten(path: Path, mode: int) -> Path:
+    """``path`` with ``mode`` if it is ours and wider; never a sticky folder such as /tmp."""
+    st = path.stat()
+    if st.st_uid == os.getuid() and not st.st_mode & 0o1000 and st.st_mode & 0o777 & ~mode:
+        path.chmod(mode)
+    return path
+
+
 class ConfigError(RuntimeError):
     """A setting is missing or malformed; the message names it."""
 
@@ -98,7 +137,7 @@ def _instance_secret(instance: Path, name: str, make: Any) -> str:
     path = instance / f".{name.lower()}"
     if path.exists():
         return path.read_text().strip()
-    instance.mkdir(parents=True, exist_ok=True)
+    private_dir(instance)
     value = make()
     path.write_text(value)
     path.chmod(0o600)

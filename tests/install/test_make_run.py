@@ -149,6 +149,15 @@ def test_make_run_installs_a_short_form_portal(make_run):
     assert make_run.proc.poll() is None, make_run.output()
 
 
+def test_make_run_keeps_the_customer_data_it_wrote_private(make_run):
+    make_run.banner(INSTALL_DEADLINE_SECONDS)  # the install wrote the portal and its events
+    modes = {name: oct((make_run.instance / name).stat().st_mode & 0o777)
+             for name in ("b24relay.db", "b24relay.db-wal", "b24relay.db-shm", "redis.aof",
+                          ".metrics_token", ".secret_key")}
+    assert modes == dict.fromkeys(modes, "0o600")
+    assert oct(make_run.instance.stat().st_mode & 0o777) == "0o700"
+
+
 def _statuses(instance: Path, event: str) -> list[str]:
     """The inbox statuses of this event's rows, read from make run's SQLite file."""
     with sqlite3.connect(instance / "b24relay.db", timeout=10) as conn:
