@@ -49,7 +49,7 @@ def instance_dir() -> Path:
 
 # The instance folder holds customer data (the SQLite database and its WAL, the embedded
 # Redis's AOF with queued events) and the dev secrets: only the user running the app may
-# read it, whatever the umask (gunicorn's own default is 0).
+# read it, whatever the umask (022 on most hosts: 0644 files, 0755 folders).
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 

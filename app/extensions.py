@@ -54,7 +54,8 @@ def configure_database(app: Flask) -> None:
     if not uri.startswith("sqlite"):
         return
     if uri.startswith("sqlite:///") and ":memory:" not in uri:  # customer data: 0600, 0700
-        private_sqlite(Path(uri[len("sqlite:///"):]), Path(app.config["INSTANCE_PATH"]))
+        private_sqlite(Path(uri[len("sqlite:///"):].split("?", 1)[0]),
+                       Path(app.config["INSTANCE_PATH"]))
     app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
 
 

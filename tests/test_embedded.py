@@ -134,7 +134,7 @@ def test_the_database_and_the_redis_files_are_readable_by_their_owner_only(tmp_p
     instance = tmp_path / "instance"
     instance.mkdir(mode=0o755)
     instance.chmod(0o755)  # as an earlier version left it
-    # The umask most hosts have (gunicorn's default is 0): the app must not rely on it.
+    # The umask most hosts have (0644 files, 0755 folders): the app must not rely on it.
     upgraded = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
                               cwd=ROOT, env=_env(instance), capture_output=True, text=True,
                               timeout=90, umask=0o022)
