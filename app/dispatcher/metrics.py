@@ -20,12 +20,14 @@ from prometheus_client.registry import Collector
 
 from app.tenants.models import Plan, aware
 
+PLANS = frozenset(p.value for p in Plan)
 OTHER_PLAN = "other"
 
 
 def plan_label(plan: str | None) -> str:
     """A plan as a metric label, from the bounded set of Plan values (else ``other``)."""
-    return plan if plan in Plan._value2member_map_ else OTHER_PLAN
+    return plan if plan in PLANS else OTHER_PLAN
+
 
 INFLIGHT = Gauge("b24relay_dispatch_batches_in_flight", "Batches on the wire, per plan.",
                  ["plan"], multiprocess_mode="livesum")
