@@ -194,6 +194,37 @@ def test_a_sigkilled_web_server_is_restarted_on_the_same_port(make_run):
     assert make_run.pids()["web (gunicorn)"] != web and not group_alive(web)
 
 
+def _portal_names(instance: Path) -> list[str]:
+    """Every member_id and domain in make run's database."""
+    with sqlite3.connect(instance / "b24relay.db", timeout=10) as conn:
+        return [name for row in conn.execute("SELECT member_id, domain FROM portals")
+                for name in row]
+
+
+def test_make_run_metrics_answer_only_the_token_and_name_no_portal(make_run):
+    banner = make_run.banner(INSTALL_DEADLINE_SECONDS)
+    token = (make_run.instance / ".metrics_token").read_text().strip()
+    with SandboxControl(banner["sandbox"]) as control:  # work for the worker's dispatcher
+        sent = control.trigger_event(banner["member_id"], "ONUSERADD",
+                                     data={"FIELDS": {"ID": "3"}})
+    assert sent["statuses"] == [200]
+    scrape = f"{make_run.url}/metrics"
+    assert httpx.get(scrape, timeout=10).status_code == 401
+    assert httpx.get(scrape, headers={"Authorization": "Bearer " + "x" * len(token)},
+                     timeout=10).status_code == 401
+
+    def dispatched() -> str | None:  # merged from the worker processes' files
+        resp = httpx.get(scrape, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert resp.status_code == 200
+        return resp.text if 'b24relay_dispatch_commands_total{outcome="done"' in resp.text \
+            else None
+
+    text = wait_for(dispatched, timeout=30, interval=0.5)
+    names = _portal_names(make_run.instance)
+    assert len(names) >= 2  # every portal make run's tests installed
+    assert not [line for line in text.splitlines() for name in names if name in line]
+
+
 def test_a_port_another_process_holds_is_a_clear_error(tmp_path):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
