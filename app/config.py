@@ -38,11 +38,52 @@ DEFAULT_APP_PUBLIC_URL = "http://127.0.0.1:8000"
 REFRESH_TOKEN_DAYS = 180
 DEFAULT_IDLE_REFRESH_DAYS = 30
 MAX_IDLE_REFRESH_DAYS = 150
+# The shortest METRICS_TOKEN accepted: /metrics is reachable by anyone who can reach the app.
+MIN_METRICS_TOKEN = 16
 
 
 def instance_dir() -> Path:
     """Where local state lives: ``B24RELAY_INSTANCE`` or ``./instance``."""
     return Path(os.environ.get("B24RELAY_INSTANCE") or ROOT / "instance")
+
+
+# The instance folder holds customer data (the SQLite database and its WAL, the embedded
+# Redis's AOF with queued events) and the dev secrets: only the user running the app may
+# read it, whatever the umask (022 on most hosts: 0644 files, 0755 folders).
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` as a folder only this user may enter (0700), tightening one we own."""
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    return _tighten(path, PRIVATE_DIR)
+
+
+def private_file(path: Path, create: bool = True) -> Path:
+    """Create ``path`` empty and 0600 unless it exists (``create``); tighten one we own."""
+    if create:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE))
+    return _tighten(path, PRIVATE_FILE) if path.exists() else path
+
+
+def private_sqlite(path: Path, instance: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does (its WAL and SHM files then take the
+    same mode), tighten them if they exist, and the instance folder when it holds them; a
+    folder elsewhere is only created 0700, never changed (it may be shared)."""
+    if path.parent.resolve() == instance.resolve():
+        private_dir(instance)
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    private_file(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        private_file(path.with_name(path.name + suffix), create=False)
+
+
+def _tighten(path: Path, mode: int) -> Path:
+    """``path`` with ``mode`` if it is ours and wider; never a sticky folder such as /tmp."""
+    st = path.stat()
+    if st.st_uid == os.getuid() and not st.st_mode & 0o1000 and st.st_mode & 0o777 & ~mode:
+        path.chmod(mode)
+    return path
 
 
 class ConfigError(RuntimeError):
@@ -96,7 +137,7 @@ def _instance_secret(instance: Path, name: str, make: Any) -> str:
     path = instance / f".{name.lower()}"
     if path.exists():
         return path.read_text().strip()
-    instance.mkdir(parents=True, exist_ok=True)
+    private_dir(instance)
     value = make()
     path.write_text(value)
     path.chmod(0o600)
@@ -275,6 +316,12 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "SINGLE_HOST": env_bool("B24RELAY_SINGLE_HOST", False),
         # Set for gunicorn (make run, the Procfile launcher): /metrics merges all processes.
         "PROMETHEUS_MULTIPROC_DIR": env_str("PROMETHEUS_MULTIPROC_DIR"),
+        # The bearer token /metrics asks for ("Authorization: Bearer <token>", else 401): its
+        # figures describe the customers, so only the operator's Prometheus may read them.
+        # Unset in production: /metrics is not served at all (404) until one is chosen; in
+        # development one is generated once into instance/.metrics_token. At least
+        # MIN_METRICS_TOKEN characters.
+        "METRICS_TOKEN": env_str("METRICS_TOKEN"),
         **request_settings(),
         **worker_settings(),
         **dispatch_settings(),
@@ -289,6 +336,9 @@ def from_environment(instance: Path) -> dict[str, Any]:
         cfg["TOKEN_ENCRYPTION_KEY"] = _instance_secret(
             instance, "TOKEN_ENCRYPTION_KEY", lambda: Fernet.generate_key().decode()
         )
+    if cfg["METRICS_TOKEN"] is None and not production:
+        cfg["METRICS_TOKEN"] = _instance_secret(instance, "METRICS_TOKEN",
+                                                lambda: secrets.token_urlsafe(32))
     if production and not cfg["B24_CLIENT_SECRET"]:
         raise ConfigError("B24_CLIENT_SECRET must be set when B24_CLIENT_ID is set")
     require_shared_services(cfg, shared_database)
@@ -310,6 +360,11 @@ def validate(cfg: dict[str, Any]) -> None:
                 "print(Fernet.generate_key().decode())')"
             ) from exc
     _check_ca_bundle(cfg["B24_CA_BUNDLE"])
+    token = cfg["METRICS_TOKEN"]
+    if token is not None and len(str(token)) < MIN_METRICS_TOKEN:
+        raise ConfigError(f"METRICS_TOKEN must be at least {MIN_METRICS_TOKEN} characters "
+                          "(generate one with: python -c 'import secrets; "
+                          "print(secrets.token_urlsafe(32))')")
     idle_days = cfg["IDLE_REFRESH_DAYS"]
     if idle_days is None or not 1 <= int(idle_days) <= MAX_IDLE_REFRESH_DAYS:
         raise ConfigError(f"IDLE_REFRESH_DAYS must be 1..{MAX_IDLE_REFRESH_DAYS} (refresh tokens "

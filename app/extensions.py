@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
 from app import embedded
+from app.config import private_sqlite
 
 
 class Base(DeclarativeBase):
@@ -52,8 +53,9 @@ def configure_database(app: Flask) -> None:
         return
     if not uri.startswith("sqlite"):
         return
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:  # customer data: 0600, 0700
+        private_sqlite(Path(uri[len("sqlite:///"):].split("?", 1)[0]),
+                       Path(app.config["INSTANCE_PATH"]))
     app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
 
 

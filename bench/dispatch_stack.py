@@ -134,7 +134,7 @@ class Stack:
                     "TOKEN_ENCRYPTION_KEY": Fernet.generate_key().decode(),
                     "B24RELAY_INSTANCE": str(instance), "B24_CLIENT_ID": CLIENT_ID,
                     "B24_CLIENT_SECRET": CLIENT_SECRET,
-                    "B24_AUTH_SERVERS": self.sandbox_url.split("//", 1)[1],
+                    "B24_AUTH_SERVERS": self.sandbox_url,  # with its scheme (http or https)
                     "APP_PUBLIC_URL": "http://127.0.0.1:5000", "PYTHONPATH": str(ROOT),
                     "DRAMATIQ_NAMESPACE": "b24relay-dbench", "LOG_LEVEL": "WARNING"}
         self.env.pop("BROKER_URL", None)

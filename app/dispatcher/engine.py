@@ -492,7 +492,7 @@ class Driver:
         doomed = {i: r for b in batches for i, r in b.doomed.items()}
         if doomed:
             await eng.run_db(store.mark_doomed, eng.db, doomed, utcnow())
-            metrics.dead(self.member_id, len(doomed))
+            metrics.dead(self.plan, len(doomed))
         self._deps = ready.deps
         return [b for b in batches if b.commands]
 
@@ -510,7 +510,7 @@ class Driver:
 
     @property
     def member_id(self) -> str:
-        """The portal's key in the shared bucket, the ledger and the metrics."""
+        """The portal's key in the shared bucket and the ledger (never a metric label)."""
         return self.snap.member_id if self.snap else str(self.portal_id)
 
     async def _token(self, realtime: bool) -> None:
@@ -545,19 +545,20 @@ class Driver:
     # ------------------------------------------------------------------ one batch
     async def _flight(self, commands: list[Candidate], wire: dict[str, Any], *,
                       realtime: bool, paid: bool) -> None:
-        metrics.inflight(self.member_id, +1)
+        plan = self.plan  # the gauge goes down on the label it went up on
+        metrics.inflight(plan, +1)
         try:
             if not paid:
                 await self._token(realtime)
             started = time.monotonic()
             answer = await self._exchange(wire, realtime)
-            metrics.round_trip(self.member_id, time.monotonic() - started)
+            metrics.round_trip(self.plan, time.monotonic() - started)
             await self._settle(commands, answer)
         except Exception:
             log.exception("portal %s: a batch's outcome was not recorded; its lease will "
                           "expire and the sweep recovers it", self.portal_id)
         finally:
-            metrics.inflight(self.member_id, -1)
+            metrics.inflight(plan, -1)
 
     async def _exchange(self, wire: dict[str, Any], realtime: bool) -> Any:
         """Send the batch; refresh or follow a rename and send again (each with a token)."""
@@ -577,7 +578,7 @@ class Driver:
             except errors.BitrixError as exc:
                 if outcomes.verdict_of(exc) is not Verdict.REFRESH:
                     return exc
-                metrics.refreshed(self.member_id)
+                metrics.refreshed(self.plan)
                 self.snap = await eng.credentials.refreshed(snap)
             await self._token(realtime)
         return errors.TransportError("gave up after repeated refreshes and renames")
@@ -586,7 +587,7 @@ class Driver:
         snap = self.snap
         assert snap is not None
         if not snap.held and snap.expires_at is not None and snap.expires_at <= utcnow():
-            metrics.refreshed(self.member_id)
+            metrics.refreshed(self.plan)
             self.snap = snap = await self.engine.credentials.refreshed(snap)
         return snap
 
@@ -595,20 +596,20 @@ class Driver:
         rows, effects = outcomes.decide(commands, answer, now,
                                         outcomes.Rules(eng.settings.horizon))
         await eng.recorder.write(rows)
-        metrics.settled(self.member_id, commands, rows, now)
+        metrics.settled(self.plan, commands, rows, now)
         await self._apply(effects)
 
     async def _apply(self, effects: outcomes.Effects) -> None:
         eng, key = self.engine, self.member_id
         if effects.fill_bucket:
-            metrics.rate_limited(key)
+            metrics.rate_limited(self.plan)
             await eng.bucket.fill(key, self.snap.plan if self.snap else "standard")
         if effects.processing:
             await eng.ledger.add_batch(key, effects.processing)
         for method, until in effects.operating.items():
             await eng.ledger.hold(key, method, until)
         if effects.refresh and self.snap is not None:
-            metrics.refreshed(key)
+            metrics.refreshed(self.plan)
             self.snap = await eng.credentials.refreshed(self.snap)
         if effects.hold is not None:
             await self._hold(effects.hold)
