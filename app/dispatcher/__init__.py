@@ -5,6 +5,7 @@ earlier one's result); the engine (``app.dispatcher.engine``) sends them in para
 batches per portal.
 """
 
-from app.dispatcher.outbox import ref, submit
+from app.dispatcher.outbox import submit
+from app.dispatcher.refs import ref
 
 __all__ = ["ref", "submit"]

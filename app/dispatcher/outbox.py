@@ -6,15 +6,15 @@ then are the dispatchers nudged (one Redis message per commit, from the session'
 submits while it processes an inbox row therefore sends its commands exactly when the
 row is marked done, never twice for a retried event.
 
-``ref(command_id, *path)`` is a placeholder for an earlier command's result inside a
-later command's params; the packer turns it into ``$result[c<id>][...]`` when both share
-a batch, or into the stored value when the earlier command completed before. A command
-that references another (or names it with ``after``) waits until it is done.
+``ref(command_id, *path)`` (app/dispatcher/refs.py) is a placeholder for an earlier
+command's result inside a later command's params; the packer turns it into
+``$result[c<id>][...]`` when both share a batch, or into the stored value when the earlier
+command completed before. A command that references another (or names it with ``after``)
+waits until it is done.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,28 +24,12 @@ from sqlalchemy.orm import Session
 
 from app.dispatcher import nudge
 from app.dispatcher.models import CommandStatus, OutboxCommand, Priority
+from app.dispatcher.refs import references
 from app.extensions import db, redis_ext
 from app.tenants.models import Portal
 
 _PENDING_NUDGES = "b24relay_dispatch_nudge"
-REF_RE = re.compile(r"\$ref\[(\d+)\]((?:\[[^\[\]]*\])*)")
 PRIORITIES = {"realtime": Priority.REALTIME, "bulk": Priority.BULK}
-
-
-def ref(command_id: int, *path: str | int) -> str:
-    """A reference to command ``command_id``'s result (``path`` walks into it)."""
-    return f"$ref[{int(command_id)}]" + "".join(f"[{part}]" for part in path)
-
-
-def references(value: Any) -> set[int]:
-    """The command ids that ``ref`` placeholders anywhere in ``value`` point at."""
-    if isinstance(value, str):
-        return {int(m.group(1)) for m in REF_RE.finditer(value)} if "$ref[" in value else set()
-    if isinstance(value, Mapping):
-        return set().union(*(references(v) for v in value.values())) if value else set()
-    if isinstance(value, (list, tuple)):
-        return set().union(*(references(v) for v in value)) if value else set()
-    return set()
 
 
 def submit(portal: Portal, method: str, params: Mapping[str, Any] | None = None, *,

@@ -21,7 +21,7 @@ from functools import cached_property
 from typing import Any
 
 from app.dispatcher.models import CommandStatus, Priority
-from app.dispatcher.outbox import REF_RE, references
+from app.dispatcher.refs import REF_RE, references
 
 MAX_BATCH = 50
 MISSING = "missing"  # a dependency that is not a command of the portal

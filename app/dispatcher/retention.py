@@ -37,7 +37,7 @@ from sqlalchemy import delete, select, true, tuple_
 from sqlalchemy.engine import Connection, Engine
 
 from app.dispatcher.models import CommandStatus, OutboxCommand
-from app.dispatcher.outbox import references
+from app.dispatcher.refs import references
 from app.extensions import db
 from app.tenants.models import utcnow
 
