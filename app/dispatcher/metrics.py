@@ -80,7 +80,7 @@ class OutboxDepthCollector(Collector):
     def _family() -> GaugeMetricFamily:
         return GaugeMetricFamily("b24relay_outbox_depth",
                                  "Outbox commands not done: queued, in flight and dead, per "
-                                 "portal and priority (realtime, bulk).",
+                                 "portal and priority (realtime, normal, bulk).",
                                  labels=["portal", "status", "priority"])
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
