@@ -31,9 +31,9 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 
 from app import queue
 from app.dispatcher.models import CommandStatus, OutboxCommand
@@ -121,9 +121,9 @@ def settle(command_id: int) -> bool:
     """Run a finished command's handler and mark it settled, in one commit (the caller's
     app context; rolled back and re-raised when the handler raises). False when there was
     nothing to settle: not finished yet, settled already, or gone."""
-    claimed = db.session.execute(update(T).where(
+    claimed = cast(CursorResult, db.session.execute(update(T).where(  # a DML statement's result
         T.c.id == command_id, T.c.settled.is_(False), T.c.status.in_(FINISHED))
-        .values(settled=True)).rowcount
+        .values(settled=True))).rowcount
     if not claimed:  # on PostgreSQL a concurrent settle waits on the row lock, then sees 0
         db.session.rollback()
         return False
