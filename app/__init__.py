@@ -77,11 +77,15 @@ def _import_models() -> None:
 
 
 def _register_event_handlers() -> None:
-    """The tenants' lifecycle and user event handlers, into the ingress handler registry."""
+    """The tenants' lifecycle and user event handlers, into the ingress handler registry;
+    their outcome handlers, into the dispatcher's."""
+    from app.dispatcher import register_outcome_handlers
     from app.ingress import registry
     from app.tenants.events import HANDLERS
+    from app.tenants.upkeep import OUTCOME_HANDLERS
 
     registry.register(HANDLERS)
+    register_outcome_handlers(OUTCOME_HANDLERS)
 
 
 def _register_blueprints(app: Flask) -> None:

@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from flask import Flask
 
 from app.bitrix import AsyncRestClient, errors
-from app.dispatcher import metrics, nudge, outcomes, store
+from app.dispatcher import metrics, nudge, outcomes, results, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket, reserve, scaled_plans
 from app.dispatcher.credentials import CredentialStore, Snapshot
 from app.dispatcher.lease import OWNER_PREFIX, RELEASE, RENEW
@@ -493,6 +493,9 @@ class Driver:
         if doomed:
             await eng.run_db(store.mark_doomed, eng.db, doomed, utcnow())
             metrics.dead(self.plan, len(doomed))
+            handled = [c.id for c in ready.candidates if c.id in doomed and c.handler]
+            if handled:
+                await eng.run_db(notify, eng.app, handled)
         self._deps = ready.deps
         return [b for b in batches if b.commands]
 
@@ -613,9 +616,8 @@ class Driver:
             self.snap = await eng.credentials.refreshed(self.snap)
         if effects.hold is not None:
             await self._hold(effects.hold)
-        if effects.notify:
-            await eng.run_db(notify, eng.app, effects.notify)
-            await eng.run_db(store.mark_notified, eng.db, [i for i, _ in effects.notify])
+        if effects.settle:
+            await eng.run_db(notify, eng.app, effects.settle)
 
     async def _hold(self, error: BaseException) -> None:
         """Let the portal status machine judge; stop driving (the sweep resumes the portal)."""
@@ -700,10 +702,7 @@ def apply_status(app: Flask, portal_id: int, error: errors.ApiError) -> None:
             db.session.remove()
 
 
-def notify(app: Flask, done: list[tuple[int, str]]) -> None:
-    """Enqueue each done command's on_done actor with its id (in a worker thread)."""
-    from app.dispatcher.sweep import send_on_done
-
+def notify(app: Flask, finished: list[int]) -> None:
+    """Enqueue the settling of these finished commands' outcomes (in a worker thread)."""
     with app.app_context():
-        for command_id, actor in done:
-            send_on_done(actor, command_id)
+        results.send_settle(finished)

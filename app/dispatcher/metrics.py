@@ -92,7 +92,7 @@ class OutboxDepthCollector(Collector):
     def _family() -> GaugeMetricFamily:
         return GaugeMetricFamily("b24relay_outbox_depth",
                                  "Outbox commands not done: queued, in flight and dead, per "
-                                 "plan and priority (realtime, bulk).",
+                                 "plan and priority (realtime, normal, bulk).",
                                  labels=["plan", "status", "priority"])
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
