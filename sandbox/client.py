@@ -309,7 +309,7 @@ class SandboxControl:
         return self._call("DELETE", f"/portals/{member_id}/offline_events")["events"]
 
     def calls(self, member_id: str) -> dict[str, Any]:
-        """Telephony state: active calls, finished calls (statistics) and lines."""
+        """Telephony state: active calls, finished calls (statistics), lines, missed calls."""
         return self._call("GET", f"/portals/{member_id}/calls")
 
     def call_history(

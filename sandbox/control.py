@@ -303,6 +303,7 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
             "active": list(p.calls.values()),
             "finished": list(p.finished_calls.values()),
             "lines": list(p.lines.values()),
+            "missed": list(p.missed),
         }
 
     async def call_history(request: web.Request) -> Any:
