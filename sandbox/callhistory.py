@@ -32,7 +32,8 @@ def _blank(key: str) -> dict[str, Any]:
         "finisher": None,
         "status_code": None,
         "duration": None,
-        "call_start_date": None,
+        "call_start_date": None,  # as the first register set it, in the portal's zone
+        "call_start": None,  # the same, unix seconds with the fraction
         "shown_users": [],
         "open_at_finish": [],  # shown, not hidden before the finish, not the finisher
         "after_finish": [],  # show/hide commands executed after the first finish
@@ -58,7 +59,8 @@ def _register(row: dict[str, Any], e: dict[str, Any], by_call: dict[str, str], k
     if e["call_id"] not in row["call_ids"]:
         row["call_ids"].append(e["call_id"])
     row["registered"] += 1 if e["created"] else 0
-    row["call_start_date"] = row["call_start_date"] or e.get("call_start_date")
+    if row["call_start_date"] is None:
+        row["call_start_date"], row["call_start"] = e.get("call_start_date"), e.get("call_start")
     row["registers"].append({"seq": e["seq"], "at": e["finish"], "call_id": e["call_id"],
                              "created": e["created"], "owner": e.get("owner"),
                              "shown": e.get("shown", [])})
@@ -107,9 +109,17 @@ def _users_shown(row: dict[str, Any]) -> list[int]:
     return sorted(shown)
 
 
-def history(entries: list[dict[str, Any]], external_call_id: str | None = None) -> dict[str, Any]:
+def _problem(row: dict[str, Any]) -> bool:
+    """Not registered once and finished once, or a card left open or touched after the finish."""
+    return (row["registered"] != 1 or row["finished"] != 1 or bool(row["open_at_finish"])
+            or bool(row["after_finish"]))
+
+
+def history(entries: list[dict[str, Any]], external_call_id: str | None = None,
+            problems: bool = False) -> dict[str, Any]:
     """Every call of the log (or one) keyed by EXTERNAL_CALL_ID, plus the totals a test asserts
-    on and the CALL_IDs returned for more than one EXTERNAL_CALL_ID (collisions)."""
+    on and the CALL_IDs returned for more than one EXTERNAL_CALL_ID (collisions). ``problems``
+    keeps only the calls that break the day-of-calls rules (the totals still count all)."""
     rows: dict[str, dict[str, Any]] = {}
     by_call: dict[str, str] = {}
     for e in sorted(entries, key=lambda x: x["seq"]):
@@ -126,9 +136,12 @@ def history(entries: list[dict[str, Any]], external_call_id: str | None = None) 
             owners.setdefault(call_id, set()).add(key)
     if external_call_id is not None:
         rows = {k: v for k, v in rows.items() if k == external_call_id}
+    totals = _totals(rows)
+    if problems:
+        rows = {k: v for k, v in rows.items() if _problem(v)}
     return {
         "calls": rows,
-        "totals": _totals(rows),
+        "totals": totals,
         "collisions": {c: sorted(k) for c, k in owners.items() if len(k) > 1},
         "first_seq": entries[0]["seq"] if entries else None,
     }

@@ -313,11 +313,15 @@ class SandboxControl:
         return self._call("GET", f"/portals/{member_id}/calls")
 
     def call_history(
-        self, member_id: str, external_call_id: str | None = None
+        self, member_id: str, external_call_id: str | None = None, problems: bool = False
     ) -> dict[str, Any]:
         """The log's telephony commands per EXTERNAL_CALL_ID: registers, finishes, who was shown
-        and hidden when, cards open at the finish, show/hide after it (sandbox.callhistory)."""
-        params = {} if external_call_id is None else {"external_call_id": external_call_id}
+        and hidden when, cards open at the finish, show/hide after it (sandbox.callhistory);
+        ``problems`` lists only the calls breaking those rules (a day's answer stays small)."""
+        params: dict[str, Any] = {} if external_call_id is None else {
+            "external_call_id": external_call_id}
+        if problems:
+            params["problems"] = "1"
         return self._call("GET", f"/portals/{member_id}/call_history", params=params)
 
     def add_crm(self, member_id: str, kind: str, fields: dict[str, Any]) -> dict[str, Any]:

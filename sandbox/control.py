@@ -309,7 +309,8 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
     async def call_history(request: web.Request) -> Any:
         """The telephony commands of the log grouped per EXTERNAL_CALL_ID (sandbox.callhistory)."""
         p = cloud.portal(request.match_info["mid"])
-        return callhistory.history(list(p.log), request.query.get("external_call_id"))
+        return callhistory.history(list(p.log), request.query.get("external_call_id"),
+                                   request.query.get("problems") in ("1", "true"))
 
     async def crm(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])

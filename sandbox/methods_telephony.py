@@ -274,7 +274,7 @@ def register_call(ctx: Ctx, spec: CallSpec) -> dict[str, Any]:
     ctx.note = {"call_id": call["CALL_ID"], "external_call_id": spec.external,
                 "created": created, "owner": spec.user_id,
                 "shown": [spec.user_id] if spec.show else [],
-                "call_start_date": iso(spec.start, portal.tz)}
+                "call_start_date": iso(spec.start, portal.tz), "call_start": spec.start}
     return call
 
 

@@ -303,6 +303,13 @@ def test_record_url_needs_an_audio_file_name_and_type(p8, http, fake_app):
         assert bad["error"] == "ERROR_CORE", extra
 
 
+def test_record_url_on_finish_attaches_nothing(sandbox, p8, http, fake_app):
+    """§8.5: finish's RECORD_URL is deprecated, left to a background agent; use attachRecord."""
+    cid = register(http, p8, SHOW=0)["result"]["CALL_ID"]
+    finish(http, p8, cid, DURATION=5, RECORD_URL=fake_app.url + "/r.mp3")
+    assert finished(sandbox, p8, cid)["RECORD"] is None and fake_app.paths("/r.mp3") == []
+
+
 def test_record_url_unreachable_or_not_200(sandbox, p8, http):
     cid = _done(http, p8)
     for url in ("http://192.168.10.5/rec.mp3", "http://127.0.0.1:9/rec.mp3"):
@@ -385,6 +392,34 @@ def test_inactive_or_unknown_users_are_refused_on_register_and_finish(sandbox, p
     assert active(sandbox, p8, by_inner["CALL_ID"])["USER_ID"] == 4  # USER_ID 0 -> the inner
     five = call(http, p8, REGISTER, **{**REG, "USER_ID": None, "USER_PHONE_INNER": "10401"})
     assert five.json()["error_description"] == "USER_ID or USER_PHONE_INNER should be set"
+
+
+@pytest.mark.parametrize("number", ["anonymous", "unknown", "", "Anonymous <sip:x@y>"])
+def test_an_anonymous_caller_cannot_be_registered(sandbox, p8, http, number):
+    out = register(http, p8, PHONE_NUMBER=number)
+    assert out["error_description"] == "Unsupported phone number format"
+    assert sandbox.calls(p8["member_id"])["active"] == []
+
+
+def test_numbers_are_stripped_of_letters_but_not_normalised(sandbox, p8, http):
+    """§8.3/§8.16 "Duplicate leads": a national format does not meet the CRM's E.164 number."""
+    sandbox.add_crm(p8["member_id"], "contact",
+                    {"NAME": "Ann", "PHONE": [{"VALUE": "+4930123456"}]})
+    spaced = register(http, p8, PHONE_NUMBER="tel: +49 (30) 123-456", CRM_CREATE=1)["result"]
+    assert active(sandbox, p8, spaced["CALL_ID"])["PHONE_NUMBER"] == "+4930123456"
+    assert spaced["CRM_ENTITY_TYPE"] == "CONTACT"
+    national = register(http, p8, PHONE_NUMBER="030123456", CRM_CREATE=1)["result"]
+    assert national["CALL_ID"] != spaced["CALL_ID"]  # another number for dedup
+    assert national["CRM_ENTITY_TYPE"] == "LEAD" and national["CRM_CREATED_LEAD"]  # a duplicate
+
+
+def test_a_second_click_on_the_same_number_brings_the_same_call_id(sandbox, p8, http):
+    """§8.8, §8.16 "Double click rings the agent twice": the portal dedups the click's call."""
+    data = {"PHONE_NUMBER": "+4930888", "USER_ID": "2"}
+    first = sandbox.trigger_event(p8["member_id"], "ONEXTERNALCALLSTART", data, user_id=2)
+    second = sandbox.trigger_event(p8["member_id"], "ONEXTERNALCALLSTART", data, user_id=2)
+    assert first["data"]["CALL_ID"] == second["data"]["CALL_ID"]
+    assert len(sandbox.calls(p8["member_id"])["active"]) == 1
 
 
 def test_search_crm_entities_is_filtered_by_the_callers_permissions(sandbox, p8, http):
@@ -494,3 +529,12 @@ def test_call_history_tells_who_saw_the_card_and_when(sandbox, p8, http):
                              "finished_once": 2, "finished_more": 0, "unfinished": 0,
                              "open_at_finish": 1, "after_finish": 1}
     assert out["collisions"] == {}
+    problems = sandbox.call_history(mid, problems=True)
+    assert list(problems["calls"]) == ["day-2"] and problems["totals"] == out["totals"]
+
+
+def test_call_history_keeps_the_start_date_to_the_fraction(sandbox, p8, http):
+    register(http, p8, EXTERNAL_CALL_ID="t", CALL_START_DATE="2026-03-07T10:20:30.750+03:00")
+    row = sandbox.call_history(p8["member_id"], "t")["calls"]["t"]
+    assert row["call_start_date"] == "2026-03-07T08:20:30+01:00"
+    assert row["call_start"] == datetime(2026, 3, 7, 7, 20, 30, 750000, tzinfo=UTC).timestamp()
