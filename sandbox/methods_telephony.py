@@ -36,8 +36,6 @@ def php_true(value: Any) -> bool:
     """PHP's (bool) cast: "", "0", 0, 0.0, false, null and [] are false; "N", "false" are true."""
     if isinstance(value, str):
         return value not in ("", "0")
-    if isinstance(value, (list, dict)):
-        return bool(value)
     return bool(value)
 
 
@@ -465,9 +463,10 @@ def _register_click(ctx: Ctx, data: dict[str, Any], line: dict[str, Any]) -> dic
 
 
 def _users(params: dict[str, Any], owner: int) -> list[int]:
-    """USER_ID as an int or int[] (unvalidated, §8.4); default: the call's owner."""
+    """USER_ID as an int or int[] (unvalidated, §8.4); absent: the call's owner; "" is set and
+    names nobody."""
     raw = params.get("USER_ID")
-    if raw is None or raw == "":
+    if raw is None:
         return [owner]
     if isinstance(raw, dict):  # USER_ID[0]=..&USER_ID[1]=.. parsed as a map
         raw = list(raw.values())

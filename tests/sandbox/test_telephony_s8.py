@@ -82,6 +82,14 @@ def test_hiding_the_others_before_finish_leaves_no_card_open(sandbox, p8, http):
     assert sandbox.counters(p8["member_id"])["cards_left_open"] == 0
 
 
+def test_show_without_user_id_goes_to_the_owner_and_an_empty_one_to_nobody(sandbox, p8, http):
+    cid = register(http, p8, SHOW=0, USER_ID=4)["result"]["CALL_ID"]
+    form(http, p8, "telephony.externalCall.show", CALL_ID=cid, USER_ID="")
+    assert active(sandbox, p8, cid)["SHOWN"] == []
+    form(http, p8, "telephony.externalCall.show", CALL_ID=cid)
+    assert active(sandbox, p8, cid)["SHOWN"] == [4]
+
+
 def test_show_and_hide_after_finish_answer_false_and_are_violations(sandbox, p8, http):
     cid = register(http, p8, SHOW=0, EXTERNAL_CALL_ID="late")["result"]["CALL_ID"]
     finish(http, p8, cid, DURATION=1)
