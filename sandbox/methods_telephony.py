@@ -362,13 +362,14 @@ def _line(portal: Portal, params: dict[str, Any]) -> str:
 @method("telephony.externalCall.register", scope="telephony")
 def call_register(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     """Register a call; an active duplicate (the platform's dedup rule) is returned instead."""
+    external = params.get("EXTERNAL_CALL_ID")
+    ctx.note = {"external_call_id": None if external is None else str(external)}  # if refused
     user = _resolve_user(ctx, params)
     if intval(params.get("TYPE")) not in TYPES:
         raise core("Unknown TYPE")
     phone = norm_phone(params.get("PHONE_NUMBER"))
     if not phone:
         raise core("Unsupported phone number format")
-    external = params.get("EXTERNAL_CALL_ID")
     spec = CallSpec(
         user_id=user.id,
         phone=phone,
@@ -549,12 +550,13 @@ def call_finish(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     call_id = params.get("CALL_ID")
     if not isinstance(call_id, str) or not call_id:
         raise ApiError("INVALID_ARGUMENT", "CALL_ID must be a string", 400)
-    user = _resolve_user(ctx, params)
     call = portal.calls.get(call_id)
+    done = portal.finished_calls.get(call_id)
+    external = (call or done or {}).get("EXTERNAL_CALL_ID")
+    ctx.note = {"call_id": call_id, "external_call_id": external}
+    user = _resolve_user(ctx, params)
+    ctx.note["finisher"] = user.id
     if call is None:
-        done = portal.finished_calls.get(call_id)
-        ctx.note = {"call_id": call_id, "finisher": user.id,
-                    "external_call_id": done["EXTERNAL_CALL_ID"] if done else None}
         portal.violation("double_finish" if done else "finish_before_register")
         raise core(CALL_NOT_FOUND)
     duration = max(intval(params.get("DURATION")), 0)

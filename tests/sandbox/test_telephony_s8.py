@@ -388,13 +388,17 @@ def test_an_older_build_merges_overlapping_calls_into_one_call_id(sandbox, p8, h
 
 
 def test_inactive_or_unknown_users_are_refused_on_register_and_finish(sandbox, p8, http):
-    refused = register(http, p8, USER_ID=3)
+    refused = register(http, p8, USER_ID=3, EXTERNAL_CALL_ID="inactive")
     assert refused["error_description"] == "User is not found or is not active"
+    hist = sandbox.call_history(p8["member_id"], "inactive")["calls"]["inactive"]
+    assert hist["registered"] == 0 and hist["registers"][0]["error"] == "ERROR_CORE"
     assert register(http, p8, USER_ID=99)["error_description"].startswith("User is not found")
     cid = register(http, p8, SHOW=0)["result"]["CALL_ID"]
     out = finish(http, p8, cid, USER_ID=3, DURATION=5)
     assert out["error_description"] == "User is not found or is not active"
     assert active(sandbox, p8, cid)  # still open: that finish did nothing
+    [tried] = sandbox.call_history(p8["member_id"])["calls"][f"CALL_ID:{cid}"]["finishes"]
+    assert tried["ok"] is False and tried["error"] == "ERROR_CORE"
     by_inner = call(http, p8, REGISTER, **{**REG, "USER_ID": 0, "USER_PHONE_INNER": "104",
                                            "EXTERNAL_CALL_ID": "inner"}).json()["result"]
     assert active(sandbox, p8, by_inner["CALL_ID"])["USER_ID"] == 4  # USER_ID 0 -> the inner
