@@ -133,6 +133,15 @@ def test_crm_create_is_php_truthy(p8, http, value, lead):
     assert bool(call(http, p8, "crm.lead.list").json()["result"]) is lead
 
 
+@pytest.mark.parametrize(("value", "messages"), [(None, 1), ("1", 1), ("N", 1), ("0", 0),
+                                                 ("", 0)])
+def test_finish_add_to_chat_is_php_truthy_and_on_by_default(sandbox, p8, http, value, messages):
+    """§8.5: one chat message per finished call unless ADD_TO_CHAT is off ("N" is on)."""
+    cid = register(http, p8, SHOW=0)["result"]["CALL_ID"]
+    finish(http, p8, cid, DURATION=3, **({} if value is None else {"ADD_TO_CHAT": value}))
+    assert sandbox.counters(p8["member_id"])["chat_messages"] == messages
+
+
 def test_empty_crm_entity_counts_as_set_and_skips_the_phone_match(sandbox, p8, http):
     sandbox.add_crm(p8["member_id"], "contact",
                     {"NAME": "Ann", "PHONE": [{"VALUE": REG["PHONE_NUMBER"]}]})
