@@ -29,6 +29,7 @@ _INT_RE = re.compile(r"\s*([+-]?\d+)")
 
 
 def core(text: str) -> ApiError:
+    """An ERROR_CORE answer (HTTP 400) with the platform's text."""
     return ApiError("ERROR_CORE", text, 400)
 
 
@@ -62,6 +63,7 @@ def norm_phone(raw: Any) -> str:
 
 
 def new_call_id() -> str:
+    """A CALL_ID shaped like the platform's."""
     return f"externalCall.{secrets.token_hex(16)}.{int(time.time())}"
 
 
@@ -500,11 +502,13 @@ def _card(ctx: Ctx, params: dict[str, Any], show: bool) -> bool:
 
 @method("telephony.externalCall.show", scope="telephony")
 def call_show(ctx: Ctx, params: dict[str, Any]) -> bool:
+    """Show the card to USER_ID (default the owner) while the call is active."""
     return _card(ctx, params, True)
 
 
 @method("telephony.externalCall.hide", scope="telephony")
 def call_hide(ctx: Ctx, params: dict[str, Any]) -> bool:
+    """Hide the card for USER_ID (default the owner) while the call is active."""
     return _card(ctx, params, False)
 
 
