@@ -28,8 +28,9 @@ db = SQLAlchemy(model_class=Base)
 
 
 def configure_database(app: Flask) -> None:
-    """Engine options: a bounded connect on PostgreSQL; WAL, a busy timeout and FK checks on
-    SQLite (shared by web and worker processes)."""
+    """Engine options: a bounded connect on PostgreSQL; WAL, a busy timeout, FK checks and
+    commits that sync the WAL outside the write lock on SQLite (shared by web and worker
+    processes; see :class:`SQLiteConnection`)."""
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("postgresql"):
         # A server that accepts but never answers (hung, or a half-open network path) would
