@@ -175,7 +175,7 @@ def dispatch_settings() -> dict[str, Any]:
         "OUTBOX_PRUNE_INTERVAL": env_float("OUTBOX_PRUNE_INTERVAL", 3600.0),
         # A portal blocked by Bitrix24 support (OVERLOAD_LIMIT) gets one app.info this many
         # minutes after it was (last found) blocked, and resumes when it answers
-        # (app/tenants/blocked.py); 0: never probed, an operator resumes it.
+        # (app/installation/blocked.py); 0: never probed, an operator resumes it.
         "OVERLOAD_PROBE_MINUTES": env_float("OVERLOAD_PROBE_MINUTES", 15.0),
     }
 
