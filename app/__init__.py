@@ -23,7 +23,7 @@ class NoCookieSession(SessionInterface):
     """The app keeps no cookie session: Bitrix24 and the PBX authenticate every request.
 
     Placement forms and the OAuth state carry signed tokens of their own (placements/,
-    tenants/views.py), so Flask's signed-cookie session is never read; skipping it
+    installation/views.py), so Flask's signed-cookie session is never read; skipping it
     saves building a signing serializer on every event (about 5% of intake's CPU).
     """
 

@@ -234,7 +234,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # ... of which one source address (IPv4, or an IPv6 /64) may take this many.
         "PROVISIONAL_EVENTS_PER_ADDRESS": env_int("PROVISIONAL_EVENTS_PER_ADDRESS", 100),
         # Events that carry the portal's handler key (they come through the bindings the app
-        # made, app/ingress/handler_key.py) have a ration of their own, this large, so that
+        # made, app/tenants/handler_key.py) have a ration of their own, this large, so that
         # a forger's flood cannot leave Bitrix24's own events refused.
         "PROVISIONAL_KEYED_EVENTS_PER_PORTAL": env_int("PROVISIONAL_KEYED_EVENTS_PER_PORTAL",
                                                        10000),

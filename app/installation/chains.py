@@ -11,13 +11,13 @@ import hmac
 from app.bitrix import TokenSet
 from app.bitrix.errors import ApiError, BitrixError
 from app.installation.verify import InstallError, TokenRejected, oauth_client, user_is_admin
-from app.tenants import service
+from app.tenants import tokens
 from app.tenants.models import Portal
 
 
 def adopt_chain(portal: Portal, token: TokenSet) -> None:
     """Keep a verified fresh chain (``store_new_chain`` also lifts ``auth_failed``)."""
-    service.store_new_chain(portal, access_token=token.access_token,
+    tokens.store_new_chain(portal, access_token=token.access_token,
                             refresh_token=token.refresh_token, expires_in=token.expires_in,
                             client_endpoint=token.client_endpoint,
                             server_endpoint=token.server_endpoint or portal.server_endpoint,

@@ -96,7 +96,7 @@ def _store_chain(portal: Portal, auth: dict[str, Any], info: dict[str, Any]) -> 
     """Keep the event's chain when it carries one (ONAPPINSTALL / ONAPPUPDATE: the installer)."""
     if not (auth.get("access_token") and auth.get("refresh_token")):
         return
-    service.store_new_chain(
+    tokens.store_new_chain(
         portal, access_token=str(auth["access_token"]), refresh_token=str(auth["refresh_token"]),
         expires_in=int(auth.get("expires_in") or 3600),
         client_endpoint=portal_endpoint(info),

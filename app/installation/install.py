@@ -38,7 +38,7 @@ from app.installation.verify import (
     user_is_admin,
     verify_iframe_token,
 )
-from app.tenants import service
+from app.tenants import tokens
 from app.tenants.models import Portal, PortalSettings, PortalStatus
 from app.tenants.status import is_held, reason_for
 
@@ -56,7 +56,7 @@ def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
     if not user_is_admin(client_endpoint, auth.access_token):
         raise TokenRejected("only a portal administrator can install b24relay", 403)
     portal = _upsert_portal(auth, info, client_endpoint)
-    service.store_new_chain(
+    tokens.store_new_chain(
         portal, access_token=auth.access_token, refresh_token=auth.refresh_token,
         expires_in=auth.expires_in, client_endpoint=client_endpoint,
         server_endpoint=auth.server_endpoint, scope=auth.scope or info.get("scope") or None,
