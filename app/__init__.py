@@ -13,6 +13,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as config_mod
 from app import metrics, queue
+from app.dispatcher import direct
 from app.dispatcher import metrics as dispatch_metrics
 from app.extensions import configure_database, db, migrate, redis_ext
 
@@ -57,6 +58,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     queue.init_app(app)
     metrics.init_app(app)
     dispatch_metrics.init_app(app)
+    direct.init_app(app)  # the REST clients of calls a person waits on
 
     _import_models()
     _register_event_handlers()

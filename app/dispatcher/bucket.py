@@ -32,7 +32,7 @@ waits until it has drained below our capacity. A key lives only while its bucket
 empty: an idle portal costs nothing.
 
 ``portal_key`` is the portal's ``member_id`` everywhere (the direct calls in
-``app.tenants.service`` and the dispatcher must name the same bucket). ``plan`` is a key of
+``app.dispatcher.direct`` and the engine must name the same bucket). ``plan`` is a key of
 the ``plans`` mapping (``PLANS`` by default); an unknown plan counts as ``standard``.
 """
 

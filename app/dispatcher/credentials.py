@@ -60,6 +60,19 @@ class Snapshot:
         """The stored expiry has passed: refresh before sending rather than after a 401."""
         return self.expires_at is not None and self.expires_at <= utcnow()
 
+    @classmethod
+    def of(cls, portal: Portal) -> Snapshot:
+        """From an in-memory portal row (a direct call's; no query unless it is expired)."""
+        return cls(portal.id, portal.member_id, portal.client_endpoint, portal.access_token,
+                   portal.token_version or 0, aware(portal.expires_at), portal.status,
+                   portal.plan or "standard")
+
+
+def endpoint_values(client_endpoint: str) -> dict[str, Any]:
+    """The columns a rename (302 to a new host) changes: the endpoint and its domain."""
+    domain = client_endpoint.split("://", 1)[-1].split("/", 1)[0]
+    return {"client_endpoint": client_endpoint, "domain": domain}
+
 
 _COLUMNS = (Portal.id, Portal.member_id, Portal.client_endpoint,
             type_coerce(Portal.access_token, String),  # ciphertext: we decrypt it ourselves
@@ -138,7 +151,6 @@ class CredentialStore:
         return dataclasses.replace(snap, client_endpoint=client_endpoint)
 
     def _store_endpoint(self, portal_id: int, client_endpoint: str) -> None:
-        domain = client_endpoint.split("://", 1)[-1].split("/", 1)[0]
-        values: dict[str, Any] = {"client_endpoint": client_endpoint, "domain": domain}
         with self.engine.begin() as conn:
-            conn.execute(update(Portal).where(Portal.id == portal_id).values(**values))
+            conn.execute(update(Portal).where(Portal.id == portal_id)
+                         .values(**endpoint_values(client_endpoint)))

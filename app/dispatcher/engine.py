@@ -41,6 +41,7 @@ from app.bitrix import AsyncRestClient, errors
 from app.dispatcher import metrics, nudge, outcomes, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket, reserve, scaled_plans
 from app.dispatcher.credentials import CredentialStore, Snapshot
+from app.dispatcher.lease import OWNER_PREFIX, RELEASE, RENEW
 from app.dispatcher.ledger import LIMIT, AsyncOperatingLedger
 from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack_round
 from app.dispatcher.policy import Verdict
@@ -49,22 +50,11 @@ from app.tenants.models import utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-OWNER_PREFIX = "b24relay:dispatch:owner:"
 FETCH = 2 * MAX_BATCH  # candidates read per packing: room for key chains that cannot go yet
 PACE_MEMORY = 5.0      # seconds a retired driver's last launch is remembered
 REDIS_CONNECTIONS = 2048  # the engine's Redis pool: above the batches that may land at once
 MAX_RESENDS = 3        # refreshes and renames before a batch's answer counts as a failure
 SHUTDOWN_GRACE = 2.0  # seconds stop() waits for a cancelled task (see _cancel)
-# Renew every key still ours; return the ids that are not ours any more.
-_RENEW = """
-local lost = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2])
-  else table.insert(lost, i) end
-end
-return lost
-"""
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
 
 
 @dataclass(frozen=True)
@@ -286,7 +276,7 @@ class Engine:
             self._wake_later(driver.portal_id, driver.resume_at)
         self._claiming.add(driver.portal_id)  # a nudge meanwhile waits for the release
         try:
-            await self.redis.eval(_RELEASE, 1, OWNER_PREFIX + str(driver.portal_id), self.owner)
+            await self.redis.eval(RELEASE, 1, OWNER_PREFIX + str(driver.portal_id), self.owner)
         except aioredis.RedisError as exc:
             log.warning("portal %s not released (its lease expires): %s", driver.portal_id, exc)
         finally:
@@ -328,7 +318,7 @@ class Engine:
                 continue
             try:
                 keys = [OWNER_PREFIX + str(i) for i in ids]
-                lost = await self.redis.eval(_RENEW, len(ids), *keys,
+                lost = await self.redis.eval(RENEW, len(ids), *keys,
                                              self.owner, int(self.settings.owner_ttl * 1000))
             except aioredis.RedisError as exc:
                 log.warning("dispatch ownership not renewed: %s", exc)

@@ -19,11 +19,11 @@ import redis
 from sqlalchemy import Select, select
 
 from app import queue
+from app.dispatcher.direct import call_method
 from app.extensions import db, redis_ext
 from app.ingress import inbox
 from app.ingress.registry import on
 from app.tenants.models import Portal, PortalSettings, PortalStatus
-from app.tenants.service import call_method
 
 log = logging.getLogger(__name__)
 

@@ -22,22 +22,18 @@ import logging
 import uuid
 from datetime import timedelta
 
-import redis
 from flask import current_app
 from sqlalchemy import select
 
 from app.bitrix import errors
-from app.dispatcher import nudge
-from app.dispatcher.engine import OWNER_PREFIX
+from app.dispatcher import direct, lease, nudge
 from app.extensions import db, redis_ext
-from app.tenants import service
 from app.tenants import status as portal_status
 from app.tenants.models import Portal, PortalStatus, utcnow
 
 log = logging.getLogger(__name__)
 PROBE_METHOD = "app.info"
 LEASE_SECONDS = 120  # above any one call's worst case (a refresh, then a 65 s request)
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end"
 
 # Outcomes of a probe.
 LIFTED = "lifted"        # the portal answered: active again
@@ -68,13 +64,13 @@ def probe(portal: Portal) -> str:
     """One ``app.info`` to a blocked portal; resume it when it answers. Returns the outcome."""
     if portal.status != PortalStatus.BLOCKED.value:
         return SKIPPED
-    key, me = OWNER_PREFIX + str(portal.id), f"probe:{uuid.uuid4().hex[:12]}"
-    if not redis_ext.client.set(key, me, nx=True, ex=LEASE_SECONDS):
+    me = f"probe:{uuid.uuid4().hex[:12]}"
+    if not lease.take(redis_ext.client, portal.id, me, LEASE_SECONDS):
         return SKIPPED  # an engine is still settling the batch that met the block
     try:
         outcome = _probe_leased(portal)
     finally:
-        _release(key, me)
+        lease.give_back(redis_ext.client, portal.id, me)
     if outcome == LIFTED:
         nudge.publish(redis_ext.client, [portal.id])  # the engines resume it now
     log.log(logging.WARNING if outcome == LIFTED else logging.INFO,
@@ -87,7 +83,7 @@ def _probe_leased(portal: Portal) -> str:
     if not portal_status.swap(portal, PortalStatus.BLOCKED, PortalStatus.ACTIVE, None):
         return SKIPPED
     try:
-        service.call_method(portal, PROBE_METHOD)
+        direct.call_method(portal, PROBE_METHOD)
     except portal_status.PortalUnavailable as exc:  # the answer moved it (again)
         return STILL_BLOCKED if exc.status == PortalStatus.BLOCKED.value else MOVED
     except errors.BitrixError as exc:
@@ -98,11 +94,3 @@ def _probe_leased(portal: Portal) -> str:
         portal_status.swap(portal, PortalStatus.ACTIVE, PortalStatus.BLOCKED, reason)
         raise
     return LIFTED
-
-
-def _release(key: str, me: str) -> None:
-    try:
-        redis_ext.client.eval(_RELEASE, 1, key, me)
-    except redis.RedisError as exc:  # it expires by itself
-        log.warning("probe lease %s not released: %s", key, exc)
-

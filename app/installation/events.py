@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from app.bitrix import errors
+from app.dispatcher import direct
 from app.extensions import db
 from app.installation import install
 from app.installation.plan import int_or_none
@@ -37,7 +38,7 @@ from app.installation.verify import (
     user_is_admin,
     verify_token,
 )
-from app.tenants import service, tokens, upkeep
+from app.tenants import tokens, upkeep
 from app.tenants.models import Portal, PortalSettings, PortalStatus
 from app.tenants.status import PortalUnavailable, ensure_callable, is_held
 from app.tenants.tokens import Credentials
@@ -212,9 +213,9 @@ def _ask_portal(creds: Credentials, trust_invalid_token: bool) -> str | None:
     that may have spent the chain, and then the token dies the same way.
     """
     endpoint = creds.client_endpoint
-    for _ in range(service.MAX_MOVES + 1):
+    for _ in range(direct.MAX_MOVES + 1):
         try:
-            service.rest_client().call(endpoint, "app.info", {}, creds.access_token or "")
+            direct.call_with_token(endpoint, creds.access_token or "", "app.info")
         except errors.PortalMoved as moved:
             endpoint = moved.new_client_endpoint  # renamed: ask it at its new address
             continue
@@ -235,7 +236,7 @@ def _ask_portal(creds: Credentials, trust_invalid_token: bool) -> str | None:
             log.warning("app.info refused at %s (%s): not a sign of an uninstall", endpoint, exc)
             return None
         return None  # the app's token works: it is installed
-    raise errors.TransportError(f"portal redirected more than {service.MAX_MOVES} times")
+    raise errors.TransportError(f"portal redirected more than {direct.MAX_MOVES} times")
 
 
 def _ask_by_refresh(portal: Portal, creds: Credentials) -> str | None:

@@ -22,7 +22,6 @@ once (the ``/install`` view; inbox processing for the uninstall event). ``store_
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete
@@ -39,7 +38,7 @@ from app.installation.verify import (
     verify_iframe_token,
 )
 from app.tenants import tokens
-from app.tenants.models import Portal, PortalSettings, PortalStatus
+from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
 from app.tenants.status import is_held, reason_for
 
 IN_WORKERS_HANDS = "processing"  # an inbox row claimed by a worker (app.ingress.processing)
@@ -103,14 +102,14 @@ def _upsert_portal(auth: IframeAuth, info: Mapping[str, Any], client_endpoint: s
 def mark_installed(portal: Portal) -> None:
     """Setup is done: the portal is active (flushed)."""
     if portal.installed_at is None or portal.status != PortalStatus.ACTIVE.value:
-        portal.installed_at = datetime.now(UTC)
+        portal.installed_at = utcnow()
     _set_status(portal, PortalStatus.ACTIVE)
 
 
 def _set_status(portal: Portal, status: PortalStatus) -> None:
     """Move the portal to ``status`` in the caller's unit of work (status.set_status commits)."""
     portal.status, portal.status_reason = status.value, reason_for(status)
-    portal.status_changed_at = datetime.now(UTC)
+    portal.status_changed_at = utcnow()
     db.session.flush()
 
 

@@ -19,12 +19,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from app.bitrix.errors import ApiError, BitrixError, already_done
+from app.dispatcher import direct
 from app.extensions import db
 from app.installation.plan import READ_COMMANDS, USER_PAGE, SetupReport, as_list, decide
 from app.installation.user_sync import sync_users, upsert_user
 from app.installation.verify import InstallError
-from app.tenants import service
 from app.tenants.models import Portal
+from app.tenants.status import PortalUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,10 @@ def _batch(portal: Portal, commands: dict[str, tuple[str, dict[str, Any]]]
     """``{key: result | ApiError}`` for a batch sent with the portal's chain."""
     _end_transaction()
     try:
-        result = service.call_batch(portal, commands)
+        result = direct.call_batch(portal, commands)
     except ApiError as exc:
         raise SetupFailed(f"batch: {exc.code} {exc.description}") from exc
-    except (BitrixError, service.PortalUnavailable) as exc:
+    except (BitrixError, PortalUnavailable) as exc:
         raise SetupFailed(f"the portal did not answer: {exc}") from exc
     return {key: _outcome(result, key) for key in commands}
 
@@ -120,7 +121,7 @@ def _sync_all_users(portal: Portal, first_page: Any, installer_id: int | None,
     page = records
     while len(page) >= USER_PAGE:
         _end_transaction()
-        page = as_list(service.call_method(portal, "user.get", {"start": len(records)}))
+        page = as_list(direct.call_method(portal, "user.get", {"start": len(records)}))
         records.extend(page)
     report.users = sync_users(portal, records)
     db.session.flush()

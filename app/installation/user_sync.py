@@ -9,13 +9,13 @@ never commit: the caller does.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
 
 from app.extensions import db
-from app.tenants.models import Portal, PortalStatus
+from app.tenants.models import Portal, PortalStatus, utcnow
 from app.tenants.users import PortalUser, find_user
 
 
@@ -63,6 +63,6 @@ def sync_users(portal: Portal, records: Iterable[dict[str, Any]]) -> int:
 
 def portals_with_live_tokens(margin_seconds: int = 120) -> list[int]:
     """Active portals whose access token is still valid: a user sync will not refresh them."""
-    horizon = datetime.now(UTC) + timedelta(seconds=margin_seconds)
+    horizon = utcnow() + timedelta(seconds=margin_seconds)
     return list(db.session.scalars(select(Portal.id).where(
         Portal.status == PortalStatus.ACTIVE.value, Portal.expires_at > horizon)))

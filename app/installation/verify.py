@@ -26,9 +26,10 @@ from flask import current_app
 from app.bitrix import OAuthClient, errors
 from app.bitrix.errors import ApiError, BitrixError
 from app.config import DEFAULT_AUTH_SERVERS
+from app.dispatcher import direct
 from app.framing import valid_host
-from app.tenants import service, tokens
 from app.tenants import status as portal_status
+from app.tenants import tokens
 from app.tenants.models import Portal
 
 log = logging.getLogger(__name__)
@@ -303,7 +304,7 @@ def user_is_admin(client_endpoint: str, access_token: str, portal: Portal | None
     portal. Uses the process's shared REST client (one connection pool), not a new one per open.
     """
     try:
-        body = service.rest_client().call(client_endpoint, "user.admin", {}, access_token)
+        body = direct.call_with_token(client_endpoint, access_token, "user.admin", {})
     except ApiError as exc:
         _raise_unless_about_the_user(exc, portal)
         log.warning("user.admin refused at %s: %s", client_endpoint, exc)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import datetime
 from urllib.parse import urlsplit
 
 from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, select
@@ -11,18 +11,9 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.crypto import EncryptedString
 from app.extensions import db
+from app.tenants.clock import aware, utcnow
 
-
-def utcnow() -> datetime:
-    """Timezone-aware now, the only clock models use."""
-    return datetime.now(UTC)
-
-
-def aware(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; every stored time is UTC."""
-    if moment is not None and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment
+__all__ = ["Plan", "Portal", "PortalSettings", "PortalStatus", "aware", "utcnow"]
 
 
 class PortalStatus(enum.StrEnum):

@@ -14,9 +14,9 @@ import pytest
 import redis.asyncio
 
 from app.bitrix import RestClient, errors
+from app.dispatcher import direct
 from app.dispatcher.bucket import REALTIME_WINDOW, AsyncRateBucket, RateBucket, limits, reserve
 from app.extensions import db
-from app.tenants import service
 from app.tenants.models import Portal, PortalStatus
 from tests.conftest import ROOT
 
@@ -185,7 +185,7 @@ def test_direct_calls_wait_for_the_budget_the_dispatcher_used(portal_row, sandbo
     sandbox.set_bucket(portal.member_id, drain=2, burst=50, level=48)
     started = time.monotonic()
     for _ in range(3):
-        assert service.call_method(portal, "user.current")["ID"] == "1"
+        assert direct.call_method(portal, "user.current")["ID"] == "1"
     assert sandbox.counters(portal.member_id)["query_limit_exceeded"] == 0
     assert time.monotonic() - started >= 2.5 / 1.98  # each waited for its token
 
@@ -194,5 +194,5 @@ def test_a_direct_call_that_meets_the_limit_fills_the_bucket(portal_row, sandbox
     portal, _ = portal_row
     sandbox.set_fault(portal.member_id, "query_limit", count=1)
     with pytest.raises(errors.QueryLimitExceeded):
-        service.call_method(portal, "user.current")
+        direct.call_method(portal, "user.current")
     assert RateBucket(redis_client).take(portal.member_id, "standard") > 1.0

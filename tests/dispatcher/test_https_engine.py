@@ -1,5 +1,5 @@
 """The dispatcher against an https portal whose CA the app trusts through ``B24_CA_BUNDLE``
-(the sandbox's TLS mode), as the direct calls in app/tenants/service.py already do."""
+(the sandbox's TLS mode), as the direct calls in app/dispatcher/direct.py already do."""
 
 from __future__ import annotations
 

@@ -20,12 +20,12 @@ import httpx
 import pytest
 from sqlalchemy import func, insert, select, text
 
+from app.dispatcher.direct import call_method
 from app.extensions import db
 from app.ingress import auth, enqueuer
 from app.ingress.formparse import encode_form
 from app.ingress.models import InboxEvent
 from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
-from app.tenants.service import call_method
 from tests.conftest import ROOT, WorkerProcess, child_env, wait_for
 
 

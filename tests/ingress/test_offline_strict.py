@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
+from app.dispatcher.direct import call_method
 from app.ingress import offline
 from app.tenants.models import Portal
-from app.tenants.service import call_method
 from tests.ingress.conftest import inbox_rows, make_offline_portal
 
 CLIENT_ID, CLIENT_SECRET = "app.ingtest", "ing-secret"

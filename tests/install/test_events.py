@@ -145,9 +145,9 @@ def test_handlers_are_idempotent(sandbox, installed, app):
 def test_onappupdate_binds_what_went_missing_and_keeps_the_new_chain(sandbox, installed,
                                                                      live_app, worker):
     member_id = installed["member_id"]
-    from app.tenants import service
+    from app.dispatcher import direct
 
-    service.call_method(portal_row(member_id), "event.unbind",
+    direct.call_method(portal_row(member_id), "event.unbind",
                         {"event": "ONEXTERNALCALLSTART",
                          "handler": plan.event_handler_url(member_id)})
     version = portal_row(member_id).token_version

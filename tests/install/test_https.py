@@ -17,7 +17,7 @@ from flask import Flask
 
 from app.bitrix import errors
 from app.config import ConfigError
-from app.tenants import service
+from app.dispatcher import direct
 from sandbox import SandboxServer
 from tests.install.conftest import iframe_form, portal_count, portal_row
 
@@ -53,7 +53,7 @@ def test_install_refresh_and_rest_over_https(sandbox, installed, live_app):
     before = sandbox.counters(member_id)["refreshes"]
     old_refresh = row.refresh_token
     sandbox.expire_tokens(member_id)
-    profile = service.call_method(row, "profile")  # refresh at the https auth server, then REST
+    profile = direct.call_method(row, "profile")  # refresh at the https auth server, then REST
     assert profile["ADMIN"] is True
     assert sandbox.counters(member_id)["refreshes"] == before + 1
     assert portal_row(member_id).refresh_token != old_refresh
@@ -86,7 +86,7 @@ def test_without_the_ca_bundle_no_refresh_is_spent(sandbox, installed, live_app)
     live_app.app.config["B24_CA_BUNDLE"] = None
     sandbox.expire_tokens(member_id)
     with pytest.raises(errors.TransportError, match="untrusted TLS certificate"):
-        service.call_method(before, "profile")
+        direct.call_method(before, "profile")
     after = portal_row(member_id)
     assert (after.refresh_token, after.token_version) == (before.refresh_token,
                                                          before.token_version)

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from app.dispatcher import direct
 from app.extensions import db
 from app.installation import plan, setup, verify
-from app.tenants import service
 from app.tenants.models import Portal
 from app.tenants.users import PortalUser, extension_map
 from tests.conftest import wait_for
@@ -92,9 +92,9 @@ def test_second_install_changes_nothing(sandbox, installed, live_app):
 def test_reinstall_after_partial_unbind_binds_only_what_is_missing(sandbox, installed, live_app):
     member_id = installed["member_id"]
     portal = portal_row(member_id)
-    from app.tenants import service
+    from app.dispatcher import direct
 
-    service.call_method(portal, "event.unbind", {"event": "ONAPPUPDATE",
+    direct.call_method(portal, "event.unbind", {"event": "ONAPPUPDATE",
                                                  "handler": plan.event_handler_url(member_id)})
     seen = len(sandbox.log(member_id, method="event.bind"))
     assert sandbox.install_app(member_id, live_app.url)["status"] == 200
@@ -256,7 +256,7 @@ def test_setup_holds_no_lock_while_it_waits_for_the_portal(sandbox, installed, l
     member_id = installed["member_id"]
     portal_id = portal_row(member_id).id
     sandbox.set_plan(member_id, "enterprise")  # setup will change the portal row (plan)
-    service.call_method(portal_row(member_id), "event.unbind",
+    direct.call_method(portal_row(member_id), "event.unbind",
                         {"event": "ONUSERADD", "handler": plan.event_handler_url(member_id)})
     sandbox.set_latency(member_id, 1500)
     sent = sandbox.counters(member_id)["rest_requests"]

@@ -19,10 +19,10 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from app.dispatcher import direct
 from app.extensions import db
 from app.ingress.auth import issue_api_key
 from app.ingress.models import InboxEvent, PortalApiKey
-from app.tenants import service
 from app.tenants.models import PortalSettings
 from app.tenants.users import PortalUser
 from tests.conftest import StubHandler, wait_for
@@ -116,7 +116,7 @@ def test_forged_onappuninstall_with_clean_changes_nothing(sandbox, with_data, li
     assert _tenant_data(row.id) == _plus_one_event(with_data)  # + the forged event
     assert _pbx(live_app, with_data["pbx_key"]) == 202
     # The stored chain still works, and Bitrix24 still delivers to the app.
-    bound = {b["event"] for b in service.call_method(row, "event.get")}
+    bound = {b["event"] for b in direct.call_method(row, "event.get")}
     assert "ONAPPUNINSTALL" in bound
     assert sandbox.install_state(member_id)["installed"] is True
     assert "Bitrix24 did not confirm the uninstall" in worker.output()
@@ -216,7 +216,7 @@ def test_sandbox_revokes_api_access_before_it_sends_onappuninstall(sandbox, inst
         "refresh_token": row.refresh_token, "client_id": cfg["B24_CLIENT_ID"],
         "client_secret": cfg["B24_CLIENT_SECRET"],
         "token_url": installed["server_endpoint"].replace("/rest/", "/oauth/token/")}
-    service.call_method(row, "event.bind", {"event": "ONAPPUNINSTALL",
+    direct.call_method(row, "event.bind", {"event": "ONAPPUNINSTALL",
                                             "handler": uninstall_probe.url})
     assert sandbox.uninstall_app(installed["member_id"])["statuses"] == [200, 200]
     assert uninstall_probe.seen["rest"]["error"] == "NOT_INSTALLED"
@@ -246,8 +246,8 @@ def test_a_non_admins_tokens_do_not_replace_the_chain(sandbox, installed, live_a
     assert (row.refresh_token, row.token_version, row.auth_user_id) == \
         (before.refresh_token, before.token_version, before.auth_user_id)
     # The app still acts as the admin: admin-only methods succeed with the stored chain.
-    assert service.call_method(row, "placement.get")
-    assert service.call_method(row, "event.get")
+    assert direct.call_method(row, "placement.get")
+    assert direct.call_method(row, "event.get")
     assert "who is not an administrator" in worker.output()
 
 

@@ -5,9 +5,9 @@ changes nothing.
 
 from __future__ import annotations
 
+from app.dispatcher import direct
 from app.extensions import db
 from app.installation import plan, setup
-from app.tenants import service
 from tests.install.conftest import portal_row
 
 OLD_HANDLER = "http://old-host.example.test/placements/call-card"
@@ -29,7 +29,7 @@ def test_a_placement_bind_error_with_http_200_fails_setup_and_says_why(sandbox, 
 
 def test_a_widget_left_on_an_old_address_is_moved_once(sandbox, installed, live_app):
     member_id = installed["member_id"]
-    service.call_method(portal_row(member_id), "placement.bind",
+    direct.call_method(portal_row(member_id), "placement.bind",
                         {"PLACEMENT": "CALL_CARD", "HANDLER": OLD_HANDLER, "TITLE": "old"})
     report = setup.setup_portal(portal_row(member_id))
     db.session.commit()

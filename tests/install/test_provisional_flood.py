@@ -18,10 +18,10 @@ import httpx
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 
+from app.dispatcher import direct
 from app.extensions import db
 from app.ingress.models import InboxEvent
 from app.installation import plan
-from app.tenants import service
 from tests.install.conftest import CLIENT_ID, CLIENT_SECRET, portal_row, process_queued
 from tests.install.test_late_events import _asked_about, _statuses
 
@@ -134,8 +134,8 @@ def test_the_handler_key_is_in_every_binding_and_an_old_binding_is_replaced(sand
     # unbinds the old one (each binding delivers: left alone, every event came twice).
     row = portal_row(mid)
     for name in plan.EVENTS:
-        service.call_method(row, "event.unbind", {"event": name, "handler": url})
-        service.call_method(row, "event.bind", {"event": name,
+        direct.call_method(row, "event.unbind", {"event": name, "handler": url})
+        direct.call_method(row, "event.bind", {"event": name,
                                                 "handler": f"{live_app.url}/b24/events"})
     assert sandbox.install_app(mid, live_app.url)["status"] == 200
     assert {(b["event"], b["handler"]) for b in sandbox.bindings(mid)["events"]} == {

@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from app.dispatcher import submit, sweep
 from app.dispatcher.bucket import RateBucket, scaled_plans
-from app.dispatcher.engine import OWNER_PREFIX
+from app.dispatcher.lease import OWNER_PREFIX
 from app.extensions import db, redis_ext
 from app.installation import blocked
 from app.tenants.models import Portal, PortalStatus, aware, utcnow

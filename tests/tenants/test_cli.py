@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.tenants import service
+from app.dispatcher import direct
 from app.tenants.models import PortalStatus
 from tests.tenants.conftest import reload_portal
 
@@ -31,7 +31,7 @@ def test_refresh_spends_the_chain_once(oauth_app, make_portal, sandbox):
     assert code == 0, out
     assert "token version 2" in out
     assert sandbox.counters(portal.member_id)["refreshes"] == 1
-    assert service.call_method(reload_portal(portal.member_id), "user.current")["ID"] == "1"
+    assert direct.call_method(reload_portal(portal.member_id), "user.current")["ID"] == "1"
 
 
 def test_disable_holds_calls_and_enable_resumes(oauth_app, make_portal, sandbox):
@@ -48,4 +48,4 @@ def test_disable_holds_calls_and_enable_resumes(oauth_app, make_portal, sandbox)
     assert _run(oauth_app, "enable", portal.member_id)[0] == 0
     stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.ACTIVE.value and stored.status_reason is None
-    assert service.call_method(stored, "user.current")["ID"] == "1"
+    assert direct.call_method(stored, "user.current")["ID"] == "1"

@@ -17,6 +17,7 @@ from werkzeug.serving import make_server
 
 from app.bitrix import errors
 from app.config import ConfigError
+from app.dispatcher import direct
 from app.tenants import service
 from app.tenants.models import PortalStatus, aware, utcnow
 from app.tenants.status import PortalUnavailable
@@ -69,7 +70,7 @@ def test_uninstalled_chain_marks_the_portal_uninstalled_once(oauth_app, make_por
     sandbox.uninstall_app(portal.member_id)  # its ONAPPUNINSTALL reached nobody
     before = refreshes("uninstalled")
     with pytest.raises(PortalUnavailable) as exc_info:
-        service.call_method(portal, "user.current")
+        direct.call_method(portal, "user.current")
     assert exc_info.value.status == PortalStatus.UNINSTALLED.value
     stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.UNINSTALLED.value
@@ -79,7 +80,7 @@ def test_uninstalled_chain_marks_the_portal_uninstalled_once(oauth_app, make_por
 
     for _ in range(3):  # held: later calls and the keep-alive send nothing, retry nothing
         with pytest.raises(PortalUnavailable):
-            service.call_method(stored, "user.current")
+            direct.call_method(stored, "user.current")
     assert service.refresh_idle_portals(days=0) == []
     assert refreshes("uninstalled") == before + 1
     assert sandbox.counters(portal.member_id)["rest_requests"] == 0
@@ -99,14 +100,14 @@ def test_payment_required_from_rest_holds_until_renewed_and_an_admin_opens_the_a
     sandbox.finish_install(member_id)
     sandbox.set_subscription(member_id, active=False)
     with pytest.raises(PortalUnavailable) as exc_info:
-        service.call_method(portal, "user.current")
+        direct.call_method(portal, "user.current")
     assert exc_info.value.status == PortalStatus.PAYMENT_REQUIRED.value
     stored = reload_portal(member_id)
     assert "Renew it in Bitrix24 Market" in stored.status_reason
     assert "PAYMENT_REQUIRED" in stored.status_reason
     sent = sandbox.counters(member_id)["rest_requests"]
     with pytest.raises(PortalUnavailable):
-        service.call_method(stored, "user.current")
+        direct.call_method(stored, "user.current")
     assert sandbox.counters(member_id)["rest_requests"] == sent
 
     page = open_app(sandbox, member_id, settings_page)  # still unpaid: told why, still held
@@ -118,7 +119,7 @@ def test_payment_required_from_rest_holds_until_renewed_and_an_admin_opens_the_a
     assert "The app is connected again." in page and 'data-status="active"' in page
     stored = reload_portal(member_id)
     assert stored.status == PortalStatus.ACTIVE.value and stored.status_reason is None
-    assert service.call_method(stored, "user.current")["ID"] == "1"
+    assert direct.call_method(stored, "user.current")["ID"] == "1"
 
 
 def test_payment_required_from_the_token_endpoint_keeps_the_chain(make_portal, sandbox):
@@ -126,7 +127,7 @@ def test_payment_required_from_the_token_endpoint_keeps_the_chain(make_portal, s
     sandbox.set_subscription(portal.member_id, active=False)
     before = refreshes("payment_required")
     with pytest.raises(PortalUnavailable) as exc_info:
-        service.call_method(portal, "user.current")
+        direct.call_method(portal, "user.current")
     assert exc_info.value.status == PortalStatus.PAYMENT_REQUIRED.value
     assert isinstance(exc_info.value.__cause__, errors.PaymentRequired)
     stored = reload_portal(portal.member_id)
@@ -138,7 +139,7 @@ def test_payment_required_from_the_token_endpoint_keeps_the_chain(make_portal, s
 
     sandbox.set_subscription(portal.member_id, active=True)
     service.set_status(stored, PortalStatus.ACTIVE)  # what an admin's open (above) also does
-    assert service.call_method(stored, "user.current")["ID"] == "1"  # the kept chain lives
+    assert direct.call_method(stored, "user.current")["ID"] == "1"  # the kept chain lives
     assert reload_portal(portal.member_id).token_version == 2
 
 
@@ -152,7 +153,7 @@ def test_wrong_client_is_our_misconfiguration_not_the_tenants(oauth_app, make_po
     before = refreshes("client_rejected")
     with caplog.at_level(logging.ERROR, logger="app.tenants.tokens"):
         with pytest.raises(errors.InvalidClient, match="wrong_client"):
-            service.call_method(portal, "user.current")
+            direct.call_method(portal, "user.current")
         assert service.refresh_idle_portals(days=0) == []  # the keep-alive is refused alike
     stored = reload_portal(portal.member_id)
     assert (stored.status, stored.status_reason) == (PortalStatus.ACTIVE.value, None)
@@ -164,7 +165,7 @@ def test_wrong_client_is_our_misconfiguration_not_the_tenants(oauth_app, make_po
     assert refreshes("client_rejected") == before + 2
 
     oauth_app.config["B24_CLIENT_ID"] = CLIENT_ID  # the operator fixes the setting
-    assert service.call_method(stored, "user.current")["ID"] == "1"
+    assert direct.call_method(stored, "user.current")["ID"] == "1"
     assert reload_portal(portal.member_id).token_version == 2
 
 
@@ -191,7 +192,7 @@ def test_keep_alive_renews_a_chain_idle_175_days_for_another_180(oauth_app, make
     assert utcnow() - aware(stored.last_refresh_at) < timedelta(minutes=1)
 
     sandbox.age_tokens(portal.member_id, 10)  # 185 days after the first chain's issue
-    assert service.call_method(stored, "user.current")["ID"] == "1"
+    assert direct.call_method(stored, "user.current")["ID"] == "1"
     assert reload_portal(portal.member_id).token_version == 3  # expired access, live refresh
     in_180_days = (utcnow() + timedelta(days=180)).strftime("%Y-%m-%d")
     assert in_180_days in cli(oauth_app, "show", portal.member_id)
@@ -207,7 +208,7 @@ def test_a_chain_idle_181_days_is_lost_and_the_admin_is_told_to_reconnect(make_p
     assert "invalid_grant Refresh token expired" in stored.status_reason
     assert refreshes("chain_lost") == before + 1
     with pytest.raises(PortalUnavailable):
-        service.call_method(stored, "user.current")
+        direct.call_method(stored, "user.current")
     assert sandbox.counters(portal.member_id)["rest_requests"] == 0
 
 

@@ -20,6 +20,7 @@ import signal
 
 import pytest
 
+from app.dispatcher import direct
 from app.extensions import redis_ext
 from app.tenants import service, tokens
 from app.tenants.models import PortalStatus
@@ -54,7 +55,7 @@ def test_killed_before_the_auth_server_saw_it_next_caller_refreshes(
     _kill_mid_refresh(portal, sandbox, spawn_callers, relay_factory(forward=False))
     assert sandbox.counters(portal.member_id)["refreshes"] == 0
 
-    assert service.call_method(service.get_portal(portal.member_id), "user.current")["ID"] == "1"
+    assert direct.call_method(service.get_portal(portal.member_id), "user.current")["ID"] == "1"
     row = reload_portal(portal.member_id)
     assert row.status == PortalStatus.ACTIVE.value
     assert row.token_version == 2 and row.refresh_started_at is None
@@ -70,7 +71,7 @@ def test_killed_after_rotation_holds_portal_with_reason_until_a_new_chain(
     assert sandbox.counters(portal.member_id)["refreshes"] == 1  # rotated; answer lost
 
     with pytest.raises(PortalUnavailable) as exc_info:
-        service.call_method(service.get_portal(portal.member_id), "user.current")
+        direct.call_method(service.get_portal(portal.member_id), "user.current")
     assert exc_info.value.status == PortalStatus.AUTH_FAILED.value
     row = reload_portal(portal.member_id)
     assert row.status == PortalStatus.AUTH_FAILED.value
@@ -79,11 +80,11 @@ def test_killed_after_rotation_holds_portal_with_reason_until_a_new_chain(
     # exactly one spend of the dead token was tried, and held calls send nothing more
     assert sandbox.counters(portal.member_id)["violations"]["refresh_token_reuse"] == 1
     with pytest.raises(PortalUnavailable):
-        service.call_method(row, "user.current")
+        direct.call_method(row, "user.current")
     assert sandbox.counters(portal.member_id)["violations"]["refresh_token_reuse"] == 1
 
     fresh = sandbox.issue_tokens(portal.member_id)  # the next admin iframe open
     service.store_new_chain(row, access_token=fresh["access_token"],
                             refresh_token=fresh["refresh_token"], expires_in=3600)
-    assert service.call_method(row, "user.current")["ID"] == "1"
+    assert direct.call_method(row, "user.current")["ID"] == "1"
     assert reload_portal(portal.member_id).status == PortalStatus.ACTIVE.value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+from app.dispatcher import direct
 from app.extensions import db
 from app.tenants import service, tokens
 from tests.tenants.conftest import reload_portal
@@ -31,7 +32,7 @@ def test_a_new_chain_stored_mid_refresh_wins_over_the_late_answer(
         with oauth_app.app_context():
             mine = service.get_portal(portal.member_id)
             try:
-                outcome["result"] = service.call_method(mine, "user.current")
+                outcome["result"] = direct.call_method(mine, "user.current")
             except Exception as exc:  # noqa: BLE001 - asserted below
                 outcome["error"] = exc
             db.session.remove()

@@ -6,6 +6,7 @@ import pytest
 from sqlalchemy import text
 
 from app.bitrix import errors
+from app.dispatcher import direct
 from app.extensions import db
 from app.tenants import service
 from app.tenants.models import PortalStatus
@@ -23,14 +24,14 @@ def test_error_moves_portal_and_holds_later_calls(make_portal, sandbox, fault, s
     portal, _ = make_portal()
     sandbox.set_fault(portal.member_id, fault, count=1)
     with pytest.raises(PortalUnavailable) as exc_info:
-        service.call_method(portal, "user.current")
+        direct.call_method(portal, "user.current")
     assert isinstance(exc_info.value.__cause__, errors.ApiError)
     stored = reload_portal(portal.member_id)
     assert stored.status == status.value
     assert hint in stored.status_reason
     sent = sandbox.counters(portal.member_id)["rest_requests"]
     with pytest.raises(PortalUnavailable):
-        service.call_method(stored, "user.current")
+        direct.call_method(stored, "user.current")
     assert sandbox.counters(portal.member_id)["rest_requests"] == sent  # held: nothing sent
 
 
@@ -38,14 +39,14 @@ def test_deleted_portal_becomes_portal_deleted(make_portal, sandbox):
     portal, _ = make_portal()
     sandbox.delete_portal(portal.member_id)
     with pytest.raises(PortalUnavailable):
-        service.call_batch(portal, {"me": ("user.current", {})})
+        direct.call_batch(portal, {"me": ("user.current", {})})
     assert reload_portal(portal.member_id).status == PortalStatus.PORTAL_DELETED.value
 
 
 def test_missing_scope_becomes_access_denied(make_portal):
     portal, _ = make_portal(scope="crm,user_basic")  # granted without telephony
     with pytest.raises(PortalUnavailable):
-        service.call_method(portal, "telephony.externalLine.get")
+        direct.call_method(portal, "telephony.externalLine.get")
     stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.ACCESS_DENIED.value
     assert "insufficient_scope" in stored.status_reason
@@ -53,7 +54,7 @@ def test_missing_scope_becomes_access_denied(make_portal):
 
 def test_batch_command_errors_do_not_change_status(make_portal):
     portal, _ = make_portal()
-    result = service.call_batch(portal, {"me": ("user.current", {}),
+    result = direct.call_batch(portal, {"me": ("user.current", {}),
                                          "bad": ("no.such.method", {"x": 1})})
     assert result.results["me"]["ID"] == "1"
     assert isinstance(result.errors["bad"], errors.MethodNotFound)
@@ -66,7 +67,7 @@ def test_invalid_grant_marks_auth_failed_and_a_new_chain_recovers(make_portal, s
     db.session.commit()
     sandbox.expire_tokens(portal.member_id)
     with pytest.raises(PortalUnavailable) as exc_info:
-        service.call_method(portal, "user.current")
+        direct.call_method(portal, "user.current")
     assert exc_info.value.status == PortalStatus.AUTH_FAILED.value
     stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.AUTH_FAILED.value
@@ -80,14 +81,14 @@ def test_invalid_grant_marks_auth_failed_and_a_new_chain_recovers(make_portal, s
     stored = reload_portal(portal.member_id)
     assert stored.status == PortalStatus.ACTIVE.value and stored.status_reason is None
     assert stored.auth_user_id == fresh["user_id"]
-    assert service.call_method(stored, "user.current")["ID"] == "1"
+    assert direct.call_method(stored, "user.current")["ID"] == "1"
 
 
 def test_rename_302_updates_endpoints_and_repeats_the_call(make_portal, sandbox):
     portal, info = make_portal()
     moved = sandbox.rename_portal(portal.member_id)
     assert moved["client_endpoint"] != info["client_endpoint"]
-    assert service.call_method(portal, "user.current")["ID"] == "1"
+    assert direct.call_method(portal, "user.current")["ID"] == "1"
     stored = reload_portal(portal.member_id)
     assert stored.client_endpoint == moved["client_endpoint"]
     assert stored.domain == moved["domain"]
@@ -99,7 +100,7 @@ def test_set_status_and_held_portal(make_portal, sandbox):
     portal, _ = make_portal()
     service.set_status(portal, PortalStatus.DISABLED, "maintenance")
     with pytest.raises(PortalUnavailable, match="maintenance"):
-        service.call_method(portal, "user.current")
+        direct.call_method(portal, "user.current")
     assert sandbox.counters(portal.member_id)["rest_requests"] == 0
 
 
