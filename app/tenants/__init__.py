@@ -1,10 +1,10 @@
 """Tenants, the floor: one Portal per Bitrix24 installation, keyed by member_id.
 
 What every other package stands on, and nothing more: the models (``models``: Portal,
-PortalSettings, the clock helpers ``utcnow``/``aware``; ``users``: PortalUser), the
+PortalSettings; ``users``: PortalUser), the clock (``clock``: ``utcnow``, ``aware``), the
 credentials (``tokens``: the stored chain and the single-flight refresh; ``metrics``), the
 status machine (``status``), the per-portal handler key (``handler_key``) and ``flask
-portals`` (``cli``). It imports no service (dispatcher, ingress) and no use case;
-``service`` and ``upkeep``, which still do, are leaving (issue 20: the dispatcher's direct
-path, and the setup's outbox executor in app/installation).
+portals`` (``cli``), and ``service``: look-ups and chain upkeep that send no REST. It
+imports no service (dispatcher, ingress) and no use case; ``upkeep``, which still does,
+moves to app/installation (issue 20).
 """
