@@ -24,8 +24,9 @@ bench: $(STAMP)  ## benchmarks (not tests): print tables, write bench/out/
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff over the code, tests and benchmarks; mypy over what the app runs
 	$(BIN)/ruff check app workers placements sandbox tests bench
+	$(BIN)/mypy app workers placements
 
 migrate: $(STAMP)
 	$(BIN)/flask --app wsgi db upgrade

@@ -12,7 +12,7 @@ from flask.sessions import SessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as config_mod
-from app import metrics, queue
+from app import crypto, metrics, queue
 from app.dispatcher import direct
 from app.dispatcher import metrics as dispatch_metrics
 from app.extensions import configure_database, db, migrate, redis_ext
@@ -43,7 +43,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config_mod.from_environment(instance))
     app.config.update(config or {})
     config_mod.validate(app.config)
-    logging.basicConfig(level=app.config.get("LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=app.config["LOG_LEVEL"],
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # httpx logs full URLs at INFO; token requests carry client_secret and refresh_token there.
     for name in ("httpx", "httpcore"):
@@ -55,6 +55,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     db.init_app(app)
     migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True)
     redis_ext.init_app(app)
+    crypto.init_app(app)
     queue.init_app(app)
     metrics.init_app(app)
     dispatch_metrics.init_app(app)
@@ -76,11 +77,15 @@ def _import_models() -> None:
 
 
 def _register_event_handlers() -> None:
-    """The installation's lifecycle and user event handlers, into the ingress handler registry."""
+    """The installation's lifecycle and user event handlers, into the ingress handler registry;
+    their outcome handlers, into the dispatcher's."""
+    from app.dispatcher import register_outcome_handlers
     from app.ingress import registry
     from app.installation.events import HANDLERS
+    from app.tenants.upkeep import OUTCOME_HANDLERS
 
     registry.register(HANDLERS)
+    register_outcome_handlers(OUTCOME_HANDLERS)
 
 
 def _register_blueprints(app: Flask) -> None:

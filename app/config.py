@@ -25,9 +25,11 @@ from typing import Any
 from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parent.parent
-# Defaults that modules reading app.config also fall back on when a setting is empty.
+# Defaults of settings declared below, named where a comment or a launcher refers to them.
 DEFAULT_AUTH_SERVERS = "oauth.bitrix.info,oauth.bitrix24.tech"
 DEFAULT_JS_SDK_URL = "//api.bitrix24.com/api/v1/"
+# The address the app answers at when APP_PUBLIC_URL is unset (make run's default bind too).
+DEFAULT_APP_PUBLIC_URL = "http://127.0.0.1:8000"
 # A refresh token dies 180 days after its issue (protocol §1.5); a chain nobody used that long
 # is lost. The idle keep-alive (hourly) refreshes a portal quiet for IDLE_REFRESH_DAYS: 30
 # leaves 150 days for a stopped worker or an auth-server outage and costs one refresh a month
@@ -36,11 +38,52 @@ DEFAULT_JS_SDK_URL = "//api.bitrix24.com/api/v1/"
 REFRESH_TOKEN_DAYS = 180
 DEFAULT_IDLE_REFRESH_DAYS = 30
 MAX_IDLE_REFRESH_DAYS = 150
+# The shortest METRICS_TOKEN accepted: /metrics is reachable by anyone who can reach the app.
+MIN_METRICS_TOKEN = 16
 
 
 def instance_dir() -> Path:
     """Where local state lives: ``B24RELAY_INSTANCE`` or ``./instance``."""
     return Path(os.environ.get("B24RELAY_INSTANCE") or ROOT / "instance")
+
+
+# The instance folder holds customer data (the SQLite database and its WAL, the embedded
+# Redis's AOF with queued events) and the dev secrets: only the user running the app may
+# read it, whatever the umask (022 on most hosts: 0644 files, 0755 folders).
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` as a folder only this user may enter (0700), tightening one we own."""
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    return _tighten(path, PRIVATE_DIR)
+
+
+def private_file(path: Path, create: bool = True) -> Path:
+    """Create ``path`` empty and 0600 unless it exists (``create``); tighten one we own."""
+    if create:
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, PRIVATE_FILE))
+    return _tighten(path, PRIVATE_FILE) if path.exists() else path
+
+
+def private_sqlite(path: Path, instance: Path) -> None:
+    """Create the SQLite file 0600 before SQLite does (its WAL and SHM files then take the
+    same mode), tighten them if they exist, and the instance folder when it holds them; a
+    folder elsewhere is only created 0700, never changed (it may be shared)."""
+    if path.parent.resolve() == instance.resolve():
+        private_dir(instance)
+    path.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    private_file(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        private_file(path.with_name(path.name + suffix), create=False)
+
+
+def _tighten(path: Path, mode: int) -> Path:
+    """``path`` with ``mode`` if it is ours and wider; never a sticky folder such as /tmp."""
+    st = path.stat()
+    if st.st_uid == os.getuid() and not st.st_mode & 0o1000 and st.st_mode & 0o777 & ~mode:
+        path.chmod(mode)
+    return path
 
 
 class ConfigError(RuntimeError):
@@ -94,11 +137,22 @@ def _instance_secret(instance: Path, name: str, make: Any) -> str:
     path = instance / f".{name.lower()}"
     if path.exists():
         return path.read_text().strip()
-    instance.mkdir(parents=True, exist_ok=True)
+    private_dir(instance)
     value = make()
     path.write_text(value)
     path.chmod(0o600)
     return value
+
+
+def request_settings() -> dict[str, Any]:
+    """The web tier's request limits (app/serving.py reads them for any app it serves)."""
+    return {
+        "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
+        # app/serving.py: a request must arrive whole within this many seconds (else 408),
+        # its headers within this many bytes (else 431); no thread waits for it meanwhile.
+        "REQUEST_DEADLINE": env_int("REQUEST_DEADLINE_SECONDS", 10),
+        "REQUEST_HEADER_BYTES": env_int("REQUEST_HEADER_BYTES", 64 * 1024),
+    }
 
 
 def worker_settings() -> dict[str, Any]:
@@ -212,14 +266,9 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "B24_CLIENT_ID": env_str("B24_CLIENT_ID"),
         "B24_CLIENT_SECRET": env_str("B24_CLIENT_SECRET"),
         "B24_OAUTH_TOKEN_URL": env_str("B24_OAUTH_TOKEN_URL"),
-        "APP_PUBLIC_URL": (env_str("APP_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/"),
+        "APP_PUBLIC_URL": (env_str("APP_PUBLIC_URL") or DEFAULT_APP_PUBLIC_URL).rstrip("/"),
         "SECRET_KEY": env_str("SECRET_KEY"),
         "TOKEN_ENCRYPTION_KEY": env_str("TOKEN_ENCRYPTION_KEY"),
-        "MAX_CONTENT_LENGTH": env_int("MAX_BODY_BYTES", 256 * 1024),
-        # app/serving.py: a request must arrive whole within this many seconds (else 408),
-        # its headers within this many bytes (else 431); no thread waits for it meanwhile.
-        "REQUEST_DEADLINE": env_int("REQUEST_DEADLINE_SECONDS", 10),
-        "REQUEST_HEADER_BYTES": env_int("REQUEST_HEADER_BYTES", 64 * 1024),
         "DB_CONNECT_TIMEOUT": env_int("DB_CONNECT_TIMEOUT", 5),
         # Unverified first contacts (ONAPPINSTALL from an unknown portal) per minute, per
         # source address and in total: 429 beyond (app/ingress/first_contact.py).
@@ -253,12 +302,27 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # A portal with neither a refresh nor a call for this many days gets one refresh from
         # the hourly keep-alive (why 30, and why at most 150: DEFAULT_IDLE_REFRESH_DAYS above).
         "IDLE_REFRESH_DAYS": env_int("IDLE_REFRESH_DAYS", DEFAULT_IDLE_REFRESH_DAYS),
+        # The single-flight token refresh (app/tenants/tokens.py): seconds a portal's refresh
+        # lock lives unless renewed (more than the refresh request's worst case, 8 s retried
+        # once, plus two commits), and seconds a caller waits for another process's refresh
+        # of the same portal before giving up on this call.
+        "B24_REFRESH_LOCK_TTL": env_float("B24_REFRESH_LOCK_TTL", 30.0),
+        "B24_REFRESH_LOCK_WAIT": env_float("B24_REFRESH_LOCK_WAIT", 15.0),
         "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
+        # The root logger's level for the app's and the workers' processes.
+        "LOG_LEVEL": env_str("LOG_LEVEL", "INFO"),
         "PRODUCTION": production,
         # One host runs everything, so the embedded Redis and SQLite are allowed in production.
         "SINGLE_HOST": env_bool("B24RELAY_SINGLE_HOST", False),
         # Set for gunicorn (make run, the Procfile launcher): /metrics merges all processes.
         "PROMETHEUS_MULTIPROC_DIR": env_str("PROMETHEUS_MULTIPROC_DIR"),
+        # The bearer token /metrics asks for ("Authorization: Bearer <token>", else 401): its
+        # figures describe the customers, so only the operator's Prometheus may read them.
+        # Unset in production: /metrics is not served at all (404) until one is chosen; in
+        # development one is generated once into instance/.metrics_token. At least
+        # MIN_METRICS_TOKEN characters.
+        "METRICS_TOKEN": env_str("METRICS_TOKEN"),
+        **request_settings(),
         **worker_settings(),
         **dispatch_settings(),
     }
@@ -272,6 +336,9 @@ def from_environment(instance: Path) -> dict[str, Any]:
         cfg["TOKEN_ENCRYPTION_KEY"] = _instance_secret(
             instance, "TOKEN_ENCRYPTION_KEY", lambda: Fernet.generate_key().decode()
         )
+    if cfg["METRICS_TOKEN"] is None and not production:
+        cfg["METRICS_TOKEN"] = _instance_secret(instance, "METRICS_TOKEN",
+                                                lambda: secrets.token_urlsafe(32))
     if production and not cfg["B24_CLIENT_SECRET"]:
         raise ConfigError("B24_CLIENT_SECRET must be set when B24_CLIENT_ID is set")
     require_shared_services(cfg, shared_database)
@@ -280,7 +347,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
 
 def validate(cfg: dict[str, Any]) -> None:
     """Fail early, naming the setting, when a value cannot work."""
-    keys = [k.strip() for k in str(cfg.get("TOKEN_ENCRYPTION_KEY") or "").split(",") if k.strip()]
+    keys = [k.strip() for k in str(cfg["TOKEN_ENCRYPTION_KEY"] or "").split(",") if k.strip()]
     if not keys:
         raise ConfigError("TOKEN_ENCRYPTION_KEY is empty")
     for key in keys:
@@ -292,15 +359,28 @@ def validate(cfg: dict[str, Any]) -> None:
                 "(generate one with: python -c 'from cryptography.fernet import Fernet; "
                 "print(Fernet.generate_key().decode())')"
             ) from exc
-    _check_ca_bundle(cfg.get("B24_CA_BUNDLE"))
-    idle_days = cfg.get("IDLE_REFRESH_DAYS")
-    if idle_days is not None and not 1 <= int(idle_days) <= MAX_IDLE_REFRESH_DAYS:
+    _check_ca_bundle(cfg["B24_CA_BUNDLE"])
+    token = cfg["METRICS_TOKEN"]
+    if token is not None and len(str(token)) < MIN_METRICS_TOKEN:
+        raise ConfigError(f"METRICS_TOKEN must be at least {MIN_METRICS_TOKEN} characters "
+                          "(generate one with: python -c 'import secrets; "
+                          "print(secrets.token_urlsafe(32))')")
+    idle_days = cfg["IDLE_REFRESH_DAYS"]
+    if idle_days is None or not 1 <= int(idle_days) <= MAX_IDLE_REFRESH_DAYS:
         raise ConfigError(f"IDLE_REFRESH_DAYS must be 1..{MAX_IDLE_REFRESH_DAYS} (refresh tokens "
                           f"die {REFRESH_TOKEN_DAYS} days after issue), got {idle_days!r}")
-    mode = cfg.get("DISPATCH_MODE", "parallel")
+    if not [entry for entry in str(cfg["B24_AUTH_SERVERS"] or "").split(",") if entry.strip()]:
+        raise ConfigError("B24_AUTH_SERVERS must name at least one auth server, got "
+                          f"{cfg['B24_AUTH_SERVERS']!r}")
+    scale = cfg["DISPATCH_BUCKET_SCALE"]
+    if cfg["PRODUCTION"] and float(scale) != 1:
+        raise ConfigError(f"DISPATCH_BUCKET_SCALE must be 1 in production (B24_CLIENT_ID set, "
+                          f"B24_SANDBOX not), got {scale!r}: it multiplies the plans' rate "
+                          "limits, a knob for benchmarks against a sandbox portal only")
+    mode = cfg["DISPATCH_MODE"]
     if mode not in {"parallel", "sequential"}:
         raise ConfigError(f"DISPATCH_MODE must be parallel or sequential, got {mode!r}")
-    broker = cfg.get("BROKER_URL")
+    broker = cfg["BROKER_URL"]
     if broker and not broker.startswith(("amqp://", "amqps://", "redis://", "rediss://", "unix://")):
         raise ConfigError(f"BROKER_URL must be amqp:// or redis://, got {broker!r}")
 

@@ -7,7 +7,7 @@ which lets an operator rotate keys without downtime.
 from __future__ import annotations
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
-from flask import current_app
+from flask import Flask, current_app
 from sqlalchemy import String, TypeDecorator
 
 
@@ -16,12 +16,14 @@ def fernet_from(keys: str) -> MultiFernet:
     return MultiFernet([Fernet(k.strip()) for k in keys.split(",") if k.strip()])
 
 
+def init_app(app: Flask) -> None:
+    """Build the app's cipher from ``TOKEN_ENCRYPTION_KEY`` (config.validate checked it)."""
+    app.extensions["token_cipher"] = fernet_from(app.config["TOKEN_ENCRYPTION_KEY"])
+
+
 def cipher() -> MultiFernet:
-    """The current app's cipher, built once per app."""
-    ext = current_app.extensions
-    if "token_cipher" not in ext:
-        ext["token_cipher"] = fernet_from(current_app.config["TOKEN_ENCRYPTION_KEY"])
-    return ext["token_cipher"]
+    """The current app's cipher (built by :func:`init_app`)."""
+    return current_app.extensions["token_cipher"]
 
 
 class DecryptionError(RuntimeError):

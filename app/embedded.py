@@ -27,7 +27,10 @@ from pathlib import Path
 
 import redis
 
+from app.config import private_dir, private_file
+
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+REDIS_FILES = ("redis.aof", "redis.rdb", "redis.log")  # as _command names them
 # The servers this process started (stopped at exit).
 _started: dict[Path, subprocess.Popen] = {}  # by instance folder
 
@@ -89,7 +92,7 @@ def _command(instance: Path) -> list[str]:
 
 def ensure_running(instance: Path, timeout: float = 10.0) -> str:
     """Use the instance's server if one answers, else start one owned by this process."""
-    instance.mkdir(parents=True, exist_ok=True)
+    private_dir(instance)  # the AOF holds queued events: customer data
     sock = socket_path(instance)
     if _alive(sock):
         return url_for(instance)
@@ -104,9 +107,12 @@ def ensure_running(instance: Path, timeout: float = 10.0) -> str:
 def _start(instance: Path, timeout: float) -> None:
     sock = socket_path(instance)
     sock.unlink(missing_ok=True)  # left by a server that was killed
+    for name in REDIS_FILES:  # written by an earlier server, perhaps before they were private
+        private_file(instance / name, create=False)
+    # umask 077: the AOF, the snapshot and the log it creates are 0600 (Redis sets no mode).
     proc = subprocess.Popen(_command(instance), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                            preexec_fn=die_with_parent(), start_new_session=True)
+                            preexec_fn=die_with_parent(), start_new_session=True, umask=0o077)
     if not _started:
         atexit.register(_at_exit, os.getpid())
     _started[instance] = proc

@@ -5,18 +5,19 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import redis
 from flask import Flask
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import event
+from sqlalchemy import Table, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
 
 from app import embedded
+from app.config import private_sqlite
 
 
 class Base(DeclarativeBase):
@@ -24,6 +25,17 @@ class Base(DeclarativeBase):
 
 
 db = SQLAlchemy(model_class=Base)
+
+if TYPE_CHECKING:
+    from flask_sqlalchemy.model import Model as _FlaskModel
+
+    class Model(_FlaskModel, Base):
+        """What ``db.Model`` is at run time, spelled so mypy accepts it as a base class: mypy
+        cannot subclass an attribute (python/mypy#8603)."""
+
+        __table__: ClassVar[Table]  # every model declares __tablename__: a Table, not a join
+else:
+    Model = db.Model
 
 
 def configure_database(app: Flask) -> None:
@@ -37,12 +49,13 @@ def configure_database(app: Flask) -> None:
         # invalidated by SQLAlchemy; intake retries once on it (retry_if_connection_died below),
         # workers retry the message, pages answer one error after a database restart.
         app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {
-            "connect_timeout": int(app.config.get("DB_CONNECT_TIMEOUT") or 5)}})
+            "connect_timeout": int(app.config["DB_CONNECT_TIMEOUT"])}})
         return
     if not uri.startswith("sqlite"):
         return
-    if uri.startswith("sqlite:///") and ":memory:" not in uri:
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if uri.startswith("sqlite:///") and ":memory:" not in uri:  # customer data: 0600, 0700
+        private_sqlite(Path(uri[len("sqlite:///"):].split("?", 1)[0]),
+                       Path(app.config["INSTANCE_PATH"]))
     app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
 
 
@@ -67,7 +80,7 @@ class RedisExtension:
 
     def init_app(self, app: Flask) -> None:
         """Resolve the URL (starting the embedded server if needed) and build the client."""
-        url = app.config.get("REDIS_URL")
+        url = app.config["REDIS_URL"]
         if not url:
             url = embedded.ensure_running(Path(app.config["INSTANCE_PATH"]))
             app.config["REDIS_URL"] = url

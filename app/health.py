@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, abort, current_app, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
 from app.extensions import db, redis_ext
+from app.metrics import scrape_refusal
 
 bp = Blueprint("health", __name__)
 
@@ -37,7 +38,15 @@ def readyz() -> tuple[Response, int]:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    """Prometheus exposition of this process's registry (multiprocess-aware)."""
+    """Prometheus exposition of this process's registry (multiprocess-aware), to the holder of
+    ``METRICS_TOKEN`` only (app/metrics.py)."""
+    refusal = scrape_refusal(current_app.config["METRICS_TOKEN"],
+                             request.headers.get("Authorization"))
+    if refusal == 401:
+        return Response("a bearer token is required\n", 401,
+                        {"WWW-Authenticate": 'Bearer realm="metrics"'}, mimetype="text/plain")
+    if refusal:
+        abort(refusal)  # not served: the same answer as any unknown path
     registry = current_app.extensions.get("metrics_registry")
     return Response(generate_latest(registry) if registry else generate_latest(),
                     mimetype=CONTENT_TYPE_LATEST)

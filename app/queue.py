@@ -17,8 +17,8 @@ from flask import Flask, current_app
 
 def build_broker(config: dict[str, Any]) -> dramatiq.Broker:
     """A broker from the settings: RabbitMQ for amqp:// BROKER_URL, Redis otherwise."""
-    url = config.get("BROKER_URL") or config["REDIS_URL"]
-    namespace = config.get("DRAMATIQ_NAMESPACE", "b24relay")
+    url = config["BROKER_URL"] or config["REDIS_URL"]
+    namespace = config["DRAMATIQ_NAMESPACE"]
     if url.startswith(("amqp://", "amqps://")):
         from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
@@ -39,6 +39,6 @@ def broker() -> dramatiq.Broker:
 def enqueue(actor_name: str, *args: Any, queue_name: str = "default",
             delay_ms: int | None = None, **options: Any) -> dramatiq.Message:
     """Send a message to the actor called ``actor_name`` on ``queue_name``."""
-    message = dramatiq.Message(queue_name=queue_name, actor_name=actor_name, args=args,
-                               kwargs={}, options=options)
+    message: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=queue_name, actor_name=actor_name, args=args, kwargs={}, options=options)
     return broker().enqueue(message, delay=delay_ms)

@@ -28,17 +28,18 @@ HUGE_BUCKET = (1e6, 1e9)  # sandbox drain/s, burst: no rate limit
 
 
 def _register(portal: Any, n: int, tag: str, priority: str = "realtime") -> int:
-    from app.dispatcher import submit
+    from app.dispatcher import Priority, submit
 
+    level = Priority[priority.upper()]
     if tag.startswith("ovh"):  # the cheapest command for the sandbox to run
-        return submit(portal, "profile", {}, key=f"{tag}-{n}", priority=priority)
+        return submit(portal.id, "profile", {}, key=f"{tag}-{n}", priority=level)
     if tag.startswith("thr"):  # bulk work; the sandbox's register scans every call so far
-        return submit(portal, "crm.deal.add", {"fields": {"TITLE": f"{tag}-{n}"}},
-                      priority=priority)
-    return submit(portal, "telephony.externalcall.register",
+        return submit(portal.id, "crm.deal.add", {"fields": {"TITLE": f"{tag}-{n}"}},
+                      priority=level)
+    return submit(portal.id, "telephony.externalcall.register",
                   {"USER_ID": 1, "PHONE_NUMBER": f"+4930{n:07d}", "TYPE": 2,
                    "EXTERNAL_CALL_ID": f"{tag}-{n}", "SHOW": 0},
-                  key=f"{tag}-{n}", priority=priority)
+                  key=f"{tag}-{n}", priority=level)
 
 
 def _submit_backlog(portal: Any, count: int, tag: str, priority: str = "realtime",

@@ -90,7 +90,7 @@ def measure(stack: Stack, portal_id: int, member: str, released: datetime, rtt: 
     """Drain time, call latencies, 503s and lost commands of one run."""
     assert stack.sandbox is not None
     last = stack.sql("SELECT max(completed_at) FROM outbox_commands WHERE portal_id = :p "
-                     "AND priority = 1", p=portal_id)[0][0]
+                     "AND priority = 2", p=portal_id)[0][0]
     calls = [(float(r[0]), float(r[1]), float(r[2])) for r in stack.sql(
         "SELECT EXTRACT(EPOCH FROM completed_at - submitted_at), "
         "EXTRACT(EPOCH FROM submitted_at - :r), EXTRACT(EPOCH FROM first_sent_at - submitted_at) "

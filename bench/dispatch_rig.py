@@ -66,6 +66,7 @@ class Rig:
                     "SECRET_KEY": secrets.token_hex(16),
                     "TOKEN_ENCRYPTION_KEY": Fernet.generate_key().decode(),
                     "B24_CLIENT_ID": CLIENT_ID, "B24_CLIENT_SECRET": CLIENT_SECRET,
+                    "B24_SANDBOX": "1",  # its portal is the sandbox's: DISPATCH_BUCKET_SCALE may
                     "B24RELAY_INSTANCE": str(self.workdir / "instance"),
                     "PROMETHEUS_MULTIPROC_DIR": str(self._mkdir("prom")),
                     "PYTHONPATH": str(ROOT), "LOG_LEVEL": "WARNING", "FLASK_APP": "wsgi",

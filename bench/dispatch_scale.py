@@ -85,7 +85,7 @@ def sweep_query_ms(stack: Stack) -> float:
 
 def load(stack: Stack, busy: list[int], rate: float, seconds: float) -> int:
     """Each busy portal gets ``rate`` register commands a second, one transaction a second."""
-    from app.dispatcher import submit
+    from app.dispatcher import Priority, submit
     from app.extensions import db
     from app.tenants.models import Portal
 
@@ -95,9 +95,10 @@ def load(stack: Stack, busy: list[int], rate: float, seconds: float) -> int:
         for second in range(int(seconds)):
             for p in portals:
                 for i in range(int(rate)):
-                    submit(p, "telephony.externalcall.register", {
+                    submit(p.id, "telephony.externalcall.register", {
                         "USER_ID": 1, "PHONE_NUMBER": "+493000000000", "TYPE": 2,
-                        "EXTERNAL_CALL_ID": f"s{p.id}-{second}-{i}", "SHOW": 0})
+                        "EXTERNAL_CALL_ID": f"s{p.id}-{second}-{i}", "SHOW": 0},
+                        priority=Priority.REALTIME)
                     sent += 1
             db.session.commit()
             time.sleep(max(0.0, start + second + 1 - time.monotonic()))

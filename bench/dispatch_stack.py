@@ -134,7 +134,7 @@ class Stack:
                     "TOKEN_ENCRYPTION_KEY": Fernet.generate_key().decode(),
                     "B24RELAY_INSTANCE": str(instance), "B24_CLIENT_ID": CLIENT_ID,
                     "B24_CLIENT_SECRET": CLIENT_SECRET,
-                    "B24_AUTH_SERVERS": self.sandbox_url.split("//", 1)[1],
+                    "B24_AUTH_SERVERS": self.sandbox_url,  # with its scheme (http or https)
                     "APP_PUBLIC_URL": "http://127.0.0.1:5000", "PYTHONPATH": str(ROOT),
                     "DRAMATIQ_NAMESPACE": "b24relay-dbench", "LOG_LEVEL": "WARNING"}
         self.env.pop("BROKER_URL", None)
@@ -193,16 +193,15 @@ class Stack:
     def submit(self, portal_id: int, commands: list[tuple[str, dict[str, Any]]],
                priority: str = "realtime", chunk: int = 1000) -> list[int]:
         """Submit commands (method, params) in transactions of ``chunk``; their ids."""
-        from app.dispatcher import submit
+        from app.dispatcher import Priority, submit
         from app.extensions import db
-        from app.tenants.models import Portal
 
         ids: list[int] = []
         with self.app.app_context():
-            portal = db.session.get(Portal, portal_id)
             for start in range(0, len(commands), chunk):
                 for method, params in commands[start:start + chunk]:
-                    ids.append(submit(portal, method, params, priority=priority))
+                    ids.append(submit(portal_id, method, params,
+                                      priority=Priority[priority.upper()]))
                 db.session.commit()
         return ids
 

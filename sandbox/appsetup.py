@@ -83,7 +83,9 @@ def sandbox_env(instance_dir: Path, port: int | None = None) -> dict[str, str]:
         "B24_CLIENT_SECRET": state["client_secret"],
         "B24_SANDBOX": "1",
         "B24_SANDBOX_URL": url,
-        "B24_AUTH_SERVERS": f"127.0.0.1:{state['port']}",
+        # With its scheme: a bare host means https, and the short iframe form (no
+        # SERVER_ENDPOINT) is verified at this first entry, so it must say plain http.
+        "B24_AUTH_SERVERS": url,
         "B24_JS_SDK_URL": f"{url}/bx24.js",
     }
 

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from app import embedded
-from app.config import ROOT, instance_dir
+from app.config import DEFAULT_APP_PUBLIC_URL, ROOT, instance_dir, private_dir
 
 MAX_BACKOFF = 30.0  # seconds before restarting a child that keeps dying
 STABLE_AFTER = 60.0  # a child up this long has its backoff reset
@@ -176,6 +176,8 @@ def _banner(public: str, local: str, sandbox: dict | None) -> str:
         "",
         "b24relay is running",
         f"  web (gunicorn)          {local}   health: {local}/healthz   metrics: {local}/metrics",
+        "                           (/metrics wants Authorization: Bearer $METRICS_TOKEN, by "
+        "default the token in instance/.metrics_token)",
         "",
         "Give Bitrix24 these URLs (developer console, your app's card):",
         f"  Application URL         {public}/placements/settings",
@@ -212,11 +214,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # also when started with SIGINT ignored (nohup, &)
     instance = instance_dir()
-    instance.mkdir(parents=True, exist_ok=True)
+    private_dir(instance)  # customer data lives here: 0700
     env = dict(os.environ)
     env.setdefault("ACCESS_LOG", "-")  # gunicorn's access log on stdout while developing
     _single_host(env)
-    public = (env.get("APP_PUBLIC_URL") or "http://127.0.0.1:8000").rstrip("/")
+    public = (env.get("APP_PUBLIC_URL") or DEFAULT_APP_PUBLIC_URL).rstrip("/")
     env["APP_PUBLIC_URL"] = public
     bind = env.get("BIND") or f"127.0.0.1:{urlsplit(public).port or 8000}"
     sock = listen(bind)

@@ -128,6 +128,8 @@ def child_env(config: dict[str, Any], **extra: str) -> dict[str, str]:
     for key in ("B24_CLIENT_ID", "B24_CLIENT_SECRET", "B24_OAUTH_TOKEN_URL", "BROKER_URL"):
         if config.get(key):
             env[key] = str(config[key])
+    if config.get("B24_CLIENT_ID"):
+        env["B24_SANDBOX"] = "1"  # the tests' portals are the sandbox's: not production
     env.update(extra)
     return env
 

@@ -62,6 +62,8 @@ def test_malformed_values_name_the_setting(base_config: dict, monkeypatch: pytes
         create_app({**base_config, "TOKEN_ENCRYPTION_KEY": "not-a-fernet-key"})
     with pytest.raises(cfg.ConfigError, match="BROKER_URL"):
         create_app({**base_config, "BROKER_URL": "kafka://x"})
+    with pytest.raises(cfg.ConfigError, match="B24_AUTH_SERVERS"):
+        create_app({**base_config, "B24_AUTH_SERVERS": " , "})
     monkeypatch.setenv("MAX_BODY_BYTES", "lots")
     with pytest.raises(cfg.ConfigError, match="MAX_BODY_BYTES"):
         cfg.from_environment(Path(base_config["INSTANCE_PATH"]))
@@ -90,6 +92,20 @@ def test_production_refuses_to_start_without_shared_redis_and_database(
         cfg.from_environment(tmp_path)
     monkeypatch.setenv("DATABASE_URL", "postgresql://u@db/x")
     assert cfg.from_environment(tmp_path)["PRODUCTION"] is True
+
+
+def test_production_refuses_a_scaled_rate_bucket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    _production_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("REDIS_URL", "redis://cache:6379/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u@db/x")
+    monkeypatch.setenv("DISPATCH_BUCKET_SCALE", "1000")
+    with pytest.raises(cfg.ConfigError, match=r"^DISPATCH_BUCKET_SCALE must be 1 in production"):
+        cfg.validate(cfg.from_environment(tmp_path))  # what create_app does before anything
+    monkeypatch.setenv("DISPATCH_BUCKET_SCALE", "1")
+    cfg.validate(cfg.from_environment(tmp_path))
+    monkeypatch.setenv("DISPATCH_BUCKET_SCALE", "1000")
+    monkeypatch.setenv("B24_SANDBOX", "1")  # a benchmark against the sandbox portal may scale it
+    cfg.validate(cfg.from_environment(tmp_path))
 
 
 def test_single_host_opt_in_and_the_sandbox_may_run_embedded(tmp_path: Path,

@@ -110,3 +110,49 @@ def test_concurrent_starters_share_one_server(tmp_path: Path):
             proc.wait()
             proc.stdout.close()
     wait_for(lambda: not servers_for(tmp_path), timeout=10)
+
+
+# Writes an event's worth of customer data through the app (a portal row in SQLite, a key in
+# the embedded Redis), says so, then holds its connection open (so the WAL is there) until
+# told to end.
+WRITER = ("import sys; from app import create_app; from app.extensions import db, redis_ext; "
+          "from app.tenants.models import Portal\n"
+          "app = create_app()\n"
+          "with app.app_context():\n"
+          "    db.session.add(Portal(member_id='m' * 32, domain='acme.bitrix24.com', "
+          "client_endpoint='https://acme.bitrix24.com/rest/', access_token='secret'))\n"
+          "    db.session.commit()\n"
+          "    redis_ext.client.set('b24relay:customer', 'data')\n"
+          "    print('written', flush=True); sys.stdin.readline()\n")
+
+
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+def test_the_database_and_the_redis_files_are_readable_by_their_owner_only(tmp_path: Path):
+    instance = tmp_path / "instance"
+    instance.mkdir(mode=0o755)
+    instance.chmod(0o755)  # as an earlier version left it
+    # The umask most hosts have (0644 files, 0755 folders): the app must not rely on it.
+    upgraded = subprocess.run([sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
+                              cwd=ROOT, env=_env(instance), capture_output=True, text=True,
+                              timeout=90, umask=0o022)
+    assert upgraded.returncode == 0, upgraded.stderr
+    writer = subprocess.Popen([sys.executable, "-c", WRITER], cwd=ROOT, env=_env(instance),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              umask=0o022)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "written\n"
+        files = {name: instance / name for name in
+                 ("b24relay.db", "b24relay.db-wal", "b24relay.db-shm", "redis.aof",
+                  "redis.log")}
+        assert all(path.exists() for path in files.values()), sorted(os.listdir(instance))
+        assert (b"acme" in files["b24relay.db-wal"].read_bytes()
+                and b"customer" in files["redis.aof"].read_bytes()), "they hold the data"
+        assert {name: oct(_mode(path)) for name, path in files.items()} == \
+            {name: "0o600" for name in files}
+        assert oct(_mode(instance)) == "0o700"
+    finally:
+        writer.communicate("\n", timeout=30)
+    wait_for(lambda: not servers_for(instance), timeout=10)

@@ -36,12 +36,13 @@ def _sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_metrics_count_what_the_intake_endpoints_did(client):
-    before = client.get("/metrics").get_data(as_text=True)
+def test_metrics_count_what_the_intake_endpoints_did(app, client):
+    scrape = {"Authorization": f"Bearer {app.config['METRICS_TOKEN']}"}
+    before = client.get("/metrics", headers=scrape).get_data(as_text=True)
     refused = client.post("/b24/events", data="event=ONAPPINSTALL",
                           headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert refused.status_code == 400
-    resp = client.get("/metrics")
+    resp = client.get("/metrics", headers=scrape)
     assert resp.status_code == 200 and resp.mimetype == "text/plain"
     after = resp.get_data(as_text=True)
     name = "b24relay_events_rejected_total"

@@ -1,19 +1,23 @@
-"""The dispatcher in the workers: an engine per worker process, the periodic sweep, the
-outbox's retention, and the probe that resumes a portal once its REST block is lifted."""
+"""The dispatcher in the workers: an engine per worker process, the one actor that settles
+outcomes, the periodic sweep, the outbox's retention, and the probe that resumes a portal
+once its REST block is lifted."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import dramatiq
 from dramatiq.middleware import Middleware
 from flask import Flask
 
-from app.dispatcher import retention, sweep
+from app.dispatcher import results, retention, sweep
 from app.extensions import db
 from app.installation import blocked
 from app.tenants.models import Portal
 from workers.scheduler import periodic
+
+log = logging.getLogger(__name__)
 
 
 class DispatcherMiddleware(Middleware):
@@ -26,7 +30,7 @@ class DispatcherMiddleware(Middleware):
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         # Before the worker threads start: a message handled at once (an event that submits
         # commands) must find the engine listening, or its nudge waits for the next sweep.
-        if not self.app.config.get("DISPATCH_ENABLED", True):
+        if not self.app.config["DISPATCH_ENABLED"]:
             return
         from app.dispatcher.engine import Engine
 
@@ -34,13 +38,32 @@ class DispatcherMiddleware(Middleware):
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if self.engine is not None:
-            self.engine.stop(timeout=float(self.app.config.get("DISPATCH_REQUEST_TIMEOUT", 65)))
+            self.engine.stop(timeout=float(self.app.config["DISPATCH_REQUEST_TIMEOUT"]))
+
+
+# Per-message retries cover a database hiccup and a handler's NotYet; the outcome stays on
+# its row until settled, and the sweep sends a settle again if these run out.
+@dramatiq.actor(actor_name=results.SETTLE_ACTOR, queue_name="default", max_retries=20,
+                min_backoff=500, max_backoff=60_000)
+def settle_outcomes(command_ids: list[int]) -> None:
+    """Hand each finished command's outcome to its handler (each settled in its own commit)."""
+    failed: BaseException | None = None
+    for command_id in command_ids:
+        try:
+            results.settle(command_id)
+        except results.NotYet as exc:
+            failed = failed or dramatiq.Retry(str(exc), delay=2_000)
+        except Exception as exc:  # the others still settle; this message is retried
+            log.warning("command %s: its outcome handler failed: %r", command_id, exc)
+            failed = exc
+    if failed is not None:
+        raise failed
 
 
 @periodic("DISPATCH_SWEEP_INTERVAL")
 @dramatiq.actor(queue_name="default", max_retries=0)
 def sweep_outbox() -> None:
-    """Recover expired leases, nudge portals with due commands, resend missed on_done."""
+    """Recover expired leases, nudge portals with due commands, resend missed settles."""
     sweep.sweep()
 
 

@@ -1,7 +1,7 @@
 """Install actors: re-run a portal's idempotent setup, keep the extension map current.
 
 Both only submit commands (app.tenants.upkeep); the dispatcher sends them and the
-follow-ups (workers/followups.py) finish the work, so no worker thread waits on Bitrix24.
+outcome handlers (app.tenants.upkeep) finish the work, so no worker thread waits on Bitrix24.
 """
 
 from __future__ import annotations

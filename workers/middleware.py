@@ -7,6 +7,7 @@ import threading
 from typing import Any
 
 import dramatiq
+from dramatiq.broker import MessageProxy
 from dramatiq.middleware import Middleware
 from flask import Flask
 
@@ -20,7 +21,7 @@ class AppContextMiddleware(Middleware):
         self.app = app
         self._local = threading.local()
 
-    def before_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def before_process_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         ctx = self.app.app_context()
         ctx.push()
         self._local.ctx = ctx
@@ -37,9 +38,9 @@ class AppContextMiddleware(Middleware):
             ctx.pop()
             self._local.ctx = None
 
-    def after_process_message(self, broker: dramatiq.Broker, message: dramatiq.Message, *,
+    def after_process_message(self, broker: dramatiq.Broker, message: MessageProxy, *,
                               result: Any = None, exception: BaseException | None = None) -> None:
         self._pop()
 
-    def after_skip_message(self, broker: dramatiq.Broker, message: dramatiq.Message) -> None:
+    def after_skip_message(self, broker: dramatiq.Broker, message: MessageProxy) -> None:
         self._pop()

@@ -114,7 +114,7 @@ def _answered_error(value: Any) -> bool:
 
 def parse_batch(body: dict[str, Any], keys: tuple[str, ...]) -> BatchResult:
     """Normalise a batch body into a BatchResult; an error answered as a result is an error."""
-    inner = body.get("result") if isinstance(body.get("result"), dict) else {}
+    inner = result if isinstance(result := body.get("result"), dict) else {}
     results = as_dict(inner.get("result"))
     failed = {
         key: errors.from_body(err if isinstance(err, dict) else {"error": str(err)})

@@ -93,4 +93,4 @@ def run() -> None:
         signal.signal(sig, lambda *_: stop.set())
     click.echo(f"dispatcher {engine.owner} running")
     stop.wait()
-    engine.stop(timeout=float(app.config.get("DISPATCH_REQUEST_TIMEOUT", 65)))
+    engine.stop(timeout=float(app.config["DISPATCH_REQUEST_TIMEOUT"]))

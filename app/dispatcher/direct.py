@@ -87,7 +87,7 @@ class Clients:
     def bucket(self) -> RateBucket:
         """The per-portal buckets the engine takes from too (same keys, same plans)."""
         if self._bucket is None:
-            scale = float(current_app.config.get("DISPATCH_BUCKET_SCALE") or 1.0)
+            scale = float(current_app.config["DISPATCH_BUCKET_SCALE"])
             self._bucket = RateBucket(redis_ext.client, plans=scaled_plans(scale))
         return self._bucket
 
@@ -103,7 +103,7 @@ def _clients() -> Clients:
 
 def rest_client() -> RestClient:
     """This process's REST client for the app's CA bundle (one connection pool)."""
-    return _clients().rest(current_app.config.get("B24_CA_BUNDLE") or "")
+    return _clients().rest(current_app.config["B24_CA_BUNDLE"] or "")
 
 
 def call_method(portal: Portal, method: str, params: Mapping[str, Any] | None = None) -> Any:

@@ -38,7 +38,7 @@ import redis.asyncio as aioredis
 from flask import Flask
 
 from app.bitrix import AsyncRestClient, errors
-from app.dispatcher import metrics, nudge, outcomes, store
+from app.dispatcher import metrics, nudge, outcomes, results, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket, reserve, scaled_plans
 from app.dispatcher.credentials import CredentialStore, Snapshot
 from app.dispatcher.lease import OWNER_PREFIX, RELEASE, RENEW
@@ -77,18 +77,18 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: Any) -> Settings:
         """Read the DISPATCH_* settings."""
-        return cls(sequential=cfg.get("DISPATCH_MODE", "parallel") == "sequential",
-                   max_inflight=int(cfg.get("DISPATCH_MAX_INFLIGHT") or 0),
-                   linger=float(cfg.get("DISPATCH_LINGER_MS", 25.0)) / 1000,
-                   horizon=timedelta(hours=float(cfg.get("DISPATCH_RETRY_HORIZON_HOURS", 6))),
-                   request_timeout=float(cfg.get("DISPATCH_REQUEST_TIMEOUT", 65.0)),
-                   lease_margin=float(cfg.get("DISPATCH_LEASE_MARGIN", 15.0)),
-                   pace=float(cfg.get("DISPATCH_PACE_MS", 300.0)) / 1000,
-                   owner_ttl=float(cfg.get("DISPATCH_OWNER_TTL", 10.0)),
-                   db_threads=int(cfg.get("DISPATCH_DB_THREADS", 4)),
-                   max_connections=int(cfg.get("DISPATCH_MAX_CONNECTIONS", 1000)),
-                   bucket_scale=float(cfg.get("DISPATCH_BUCKET_SCALE", 1.0)),
-                   operating_limit=float(cfg.get("DISPATCH_OPERATING_LIMIT", LIMIT)))
+        return cls(sequential=cfg["DISPATCH_MODE"] == "sequential",
+                   max_inflight=int(cfg["DISPATCH_MAX_INFLIGHT"]),
+                   linger=float(cfg["DISPATCH_LINGER_MS"]) / 1000,
+                   horizon=timedelta(hours=float(cfg["DISPATCH_RETRY_HORIZON_HOURS"])),
+                   request_timeout=float(cfg["DISPATCH_REQUEST_TIMEOUT"]),
+                   lease_margin=float(cfg["DISPATCH_LEASE_MARGIN"]),
+                   pace=float(cfg["DISPATCH_PACE_MS"]) / 1000,
+                   owner_ttl=float(cfg["DISPATCH_OWNER_TTL"]),
+                   db_threads=int(cfg["DISPATCH_DB_THREADS"]),
+                   max_connections=int(cfg["DISPATCH_MAX_CONNECTIONS"]),
+                   bucket_scale=float(cfg["DISPATCH_BUCKET_SCALE"]),
+                   operating_limit=float(cfg["DISPATCH_OPERATING_LIMIT"]))
 
     def plans(self) -> dict[str, tuple[float, int]]:
         """The rate bucket's plans, scaled by ``DISPATCH_BUCKET_SCALE``."""
@@ -183,7 +183,7 @@ class Engine:
         self.client = AsyncRestClient(
             timeout=httpx.Timeout(self.settings.request_timeout, connect=5.0),
             max_connections=self.settings.max_connections,
-            verify=self.app.config.get("B24_CA_BUNDLE") or True)
+            verify=self.app.config["B24_CA_BUNDLE"] or True)
         self.bucket = AsyncRateBucket(self.redis, plans=self.settings.plans())
         self.ledger = AsyncOperatingLedger(self.redis, limit=self.settings.operating_limit)
         self.credentials = CredentialStore(self.app, self.executor)
@@ -492,7 +492,10 @@ class Driver:
         doomed = {i: r for b in batches for i, r in b.doomed.items()}
         if doomed:
             await eng.run_db(store.mark_doomed, eng.db, doomed, utcnow())
-            metrics.dead(self.member_id, len(doomed))
+            metrics.dead(self.plan, len(doomed))
+            handled = [c.id for c in ready.candidates if c.id in doomed and c.handler]
+            if handled:
+                await eng.run_db(notify, eng.app, handled)
         self._deps = ready.deps
         return [b for b in batches if b.commands]
 
@@ -510,7 +513,7 @@ class Driver:
 
     @property
     def member_id(self) -> str:
-        """The portal's key in the shared bucket, the ledger and the metrics."""
+        """The portal's key in the shared bucket and the ledger (never a metric label)."""
         return self.snap.member_id if self.snap else str(self.portal_id)
 
     async def _token(self, realtime: bool) -> None:
@@ -545,19 +548,20 @@ class Driver:
     # ------------------------------------------------------------------ one batch
     async def _flight(self, commands: list[Candidate], wire: dict[str, Any], *,
                       realtime: bool, paid: bool) -> None:
-        metrics.inflight(self.member_id, +1)
+        plan = self.plan  # the gauge goes down on the label it went up on
+        metrics.inflight(plan, +1)
         try:
             if not paid:
                 await self._token(realtime)
             started = time.monotonic()
             answer = await self._exchange(wire, realtime)
-            metrics.round_trip(self.member_id, time.monotonic() - started)
+            metrics.round_trip(self.plan, time.monotonic() - started)
             await self._settle(commands, answer)
         except Exception:
             log.exception("portal %s: a batch's outcome was not recorded; its lease will "
                           "expire and the sweep recovers it", self.portal_id)
         finally:
-            metrics.inflight(self.member_id, -1)
+            metrics.inflight(plan, -1)
 
     async def _exchange(self, wire: dict[str, Any], realtime: bool) -> Any:
         """Send the batch; refresh or follow a rename and send again (each with a token)."""
@@ -577,7 +581,7 @@ class Driver:
             except errors.BitrixError as exc:
                 if outcomes.verdict_of(exc) is not Verdict.REFRESH:
                     return exc
-                metrics.refreshed(self.member_id)
+                metrics.refreshed(self.plan)
                 self.snap = await eng.credentials.refreshed(snap)
             await self._token(realtime)
         return errors.TransportError("gave up after repeated refreshes and renames")
@@ -586,7 +590,7 @@ class Driver:
         snap = self.snap
         assert snap is not None
         if not snap.held and snap.expires_at is not None and snap.expires_at <= utcnow():
-            metrics.refreshed(self.member_id)
+            metrics.refreshed(self.plan)
             self.snap = snap = await self.engine.credentials.refreshed(snap)
         return snap
 
@@ -595,26 +599,25 @@ class Driver:
         rows, effects = outcomes.decide(commands, answer, now,
                                         outcomes.Rules(eng.settings.horizon))
         await eng.recorder.write(rows)
-        metrics.settled(self.member_id, commands, rows, now)
+        metrics.settled(self.plan, commands, rows, now)
         await self._apply(effects)
 
     async def _apply(self, effects: outcomes.Effects) -> None:
         eng, key = self.engine, self.member_id
         if effects.fill_bucket:
-            metrics.rate_limited(key)
+            metrics.rate_limited(self.plan)
             await eng.bucket.fill(key, self.snap.plan if self.snap else "standard")
         if effects.processing:
             await eng.ledger.add_batch(key, effects.processing)
         for method, until in effects.operating.items():
             await eng.ledger.hold(key, method, until)
         if effects.refresh and self.snap is not None:
-            metrics.refreshed(key)
+            metrics.refreshed(self.plan)
             self.snap = await eng.credentials.refreshed(self.snap)
         if effects.hold is not None:
             await self._hold(effects.hold)
-        if effects.notify:
-            await eng.run_db(notify, eng.app, effects.notify)
-            await eng.run_db(store.mark_notified, eng.db, [i for i, _ in effects.notify])
+        if effects.settle:
+            await eng.run_db(notify, eng.app, effects.settle)
 
     async def _hold(self, error: BaseException) -> None:
         """Let the portal status machine judge; stop driving (the sweep resumes the portal)."""
@@ -699,10 +702,7 @@ def apply_status(app: Flask, portal_id: int, error: errors.ApiError) -> None:
             db.session.remove()
 
 
-def notify(app: Flask, done: list[tuple[int, str]]) -> None:
-    """Enqueue each done command's on_done actor with its id (in a worker thread)."""
-    from app.dispatcher.sweep import send_on_done
-
+def notify(app: Flask, finished: list[int]) -> None:
+    """Enqueue the settling of these finished commands' outcomes (in a worker thread)."""
     with app.app_context():
-        for command_id, actor in done:
-            send_on_done(actor, command_id)
+        results.send_settle(finished)

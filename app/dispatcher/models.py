@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
+from app.extensions import Model
 from app.tenants.models import utcnow
 
 # BIGINT on PostgreSQL; SQLite autoincrements only an INTEGER PRIMARY KEY.
@@ -33,17 +33,23 @@ class CommandStatus(enum.StrEnum):
     QUEUED = "queued"      # waiting for its portal's dispatcher (maybe until not_before)
     INFLIGHT = "inflight"  # leased by a dispatcher: in a batch on the wire
     DONE = "done"
-    DEAD = "dead"          # failed for good; dead_reason says why
+    DEAD = "dead"          # failed for good, or its outcome is unknown; dead_reason says why
 
 
 class Priority(enum.IntEnum):
-    """Real-time work (telephony) leaves before bulk work (user sync, exports)."""
+    """Which ready work leaves first (lower first); bulk never takes the real-time slots.
 
-    REALTIME = 0
-    BULK = 1
+    ``submit`` defaults to NORMAL. The portal's last slots (``Settings.realtime_slots``) and
+    its bucket's reserve are kept from BULK only: NORMAL work may use them as REALTIME does,
+    and only goes after the REALTIME work that is ready with it.
+    """
+
+    REALTIME = 0  # a person waits on it now: a call's register, show, hide
+    NORMAL = 1    # must not wait behind bulk work, nobody watches it land: a call's finish
+    BULK = 2      # nobody waits: upkeep, user sync, attachRecord
 
 
-class OutboxCommand(db.Model):
+class OutboxCommand(Model):
     """One REST command for one portal."""
 
     __tablename__ = "outbox_commands"
@@ -56,8 +62,8 @@ class OutboxCommand(db.Model):
         Index("ix_outbox_commands_status_lease_until", "status", "lease_until"),
         # Ordering keys: the earliest unfinished command of a key.
         Index("ix_outbox_commands_portal_key", "portal_id", "key", "id"),
-        # on_done notifications still to send (true from the start when there is none).
-        Index("ix_outbox_commands_on_done_sent_status", "on_done_sent", "status"),
+        # Outcomes still to settle (true from the start when there is no handler).
+        Index("ix_outbox_commands_settled_status", "settled", "status"),
         # Retention: finished commands oldest first (app/dispatcher/retention.py).
         Index("ix_outbox_commands_status_completed_at", "status", "completed_at", "id"),
     )
@@ -69,7 +75,7 @@ class OutboxCommand(db.Model):
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     key: Mapped[str | None] = mapped_column(String(128))
     after_id: Mapped[int | None] = mapped_column(BigId)
-    priority: Mapped[int] = mapped_column(SmallInteger, default=Priority.REALTIME.value)
+    priority: Mapped[int] = mapped_column(SmallInteger, default=Priority.NORMAL.value)
     status: Mapped[str] = mapped_column(String(16), default=CommandStatus.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -79,12 +85,16 @@ class OutboxCommand(db.Model):
     result: Mapped[Any | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # {"error", "error_description"}
     dead_reason: Mapped[str | None] = mapped_column(Text)
-    on_done: Mapped[str | None] = mapped_column(String(128))
-    on_done_sent: Mapped[bool] = mapped_column(Boolean, default=False)  # or nothing to send
+    # How it ended (app.dispatcher.results.OutcomeKind: done, dead, unknown); None until then.
+    outcome: Mapped[str | None] = mapped_column(String(8))
+    # The submitter's outcome handler (a tag it registered) and what it attached for it.
+    handler: Mapped[str | None] = mapped_column(String(128))
+    context: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    settled: Mapped[bool] = mapped_column(Boolean, default=False)  # handled, or no handler
+    settle_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     first_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    inbox_event_id: Mapped[int | None] = mapped_column(BigId)
 
     def __repr__(self) -> str:
         return f"<OutboxCommand {self.id} {self.method} {self.status}>"

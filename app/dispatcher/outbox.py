@@ -6,15 +6,14 @@ then are the dispatchers nudged (one Redis message per commit, from the session'
 submits while it processes an inbox row therefore sends its commands exactly when the
 row is marked done, never twice for a retried event.
 
-``ref(command_id, *path)`` is a placeholder for an earlier command's result inside a
-later command's params; the packer turns it into ``$result[c<id>][...]`` when both share
-a batch, or into the stored value when the earlier command completed before. A command
-that references another (or names it with ``after``) waits until it is done.
+``ref(command_id, *path)`` (app/dispatcher/refs.py) points a later command's params at an
+earlier command's result; a command that references another (or names it with ``after``)
+waits until it is done. ``handler`` and ``context`` ask for the command's outcome
+(app/dispatcher/results.py) once it finishes, done or not.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,47 +23,44 @@ from sqlalchemy.orm import Session
 
 from app.dispatcher import nudge
 from app.dispatcher.models import CommandStatus, OutboxCommand, Priority
+from app.dispatcher.refs import references
 from app.extensions import db, redis_ext
-from app.tenants.models import Portal
 
 _PENDING_NUDGES = "b24relay_dispatch_nudge"
-REF_RE = re.compile(r"\$ref\[(\d+)\]((?:\[[^\[\]]*\])*)")
-PRIORITIES = {"realtime": Priority.REALTIME, "bulk": Priority.BULK}
 
 
-def ref(command_id: int, *path: str | int) -> str:
-    """A reference to command ``command_id``'s result (``path`` walks into it)."""
-    return f"$ref[{int(command_id)}]" + "".join(f"[{part}]" for part in path)
+def submit(portal_id: int, method: str, params: Mapping[str, Any] | None = None, *,
+           key: str | None = None, after: int | None = None,
+           priority: Priority = Priority.NORMAL, handler: str | None = None,
+           context: Mapping[str, Any] | None = None) -> int:
+    """Add a command to a portal's outbox (flushed, not committed); return its id.
 
-
-def references(value: Any) -> set[int]:
-    """The command ids that ``ref`` placeholders anywhere in ``value`` point at."""
-    if isinstance(value, str):
-        return {int(m.group(1)) for m in REF_RE.finditer(value)} if "$ref[" in value else set()
-    if isinstance(value, Mapping):
-        return set().union(*(references(v) for v in value.values())) if value else set()
-    if isinstance(value, (list, tuple)):
-        return set().union(*(references(v) for v in value)) if value else set()
-    return set()
-
-
-def submit(portal: Portal, method: str, params: Mapping[str, Any] | None = None, *,
-           key: str | None = None, after: int | None = None, priority: str = "realtime",
-           on_done: str | None = None, inbox_event_id: int | None = None) -> int:
-    """Add a command to the portal's outbox (flushed, not committed); return its id."""
+    - ``portal_id``: the portal (``Portal.id``) whose outbox takes the command.
+    - ``method``, ``params``: the REST method and its parameters (JSON); a ``ref`` in the
+      params stands for an earlier command's result and makes this one wait for it.
+    - ``key``: an ordering key: commands of one key go out one after another, in id order.
+    - ``after``: the id of an earlier command of the same portal that must be done first.
+    - ``priority``: ``Priority.REALTIME`` (a person waits now), ``NORMAL`` (the default) or
+      ``BULK`` (nobody waits; never takes the slots kept for the other two).
+    - ``handler``: the tag of an outcome handler (``app.dispatcher.results``); it receives
+      the command's ``Outcome`` (done, dead or unknown) once the command finishes.
+    - ``context``: JSON the handler receives with the outcome (only with ``handler``).
+    """
     if not method or method.strip().lower() == "batch":
         raise ValueError(f"not a command for the outbox: {method!r}")
-    if priority not in PRIORITIES:
-        raise ValueError(f"priority must be realtime or bulk, got {priority!r}")
+    if context is not None and handler is None:
+        raise ValueError("a context is for a handler: give the handler's tag too")
     deps = references(params) | ({int(after)} if after is not None else set())
-    row = OutboxCommand(portal_id=portal.id, method=method.strip(), params=dict(params or {}),
-                        key=key, after_id=after if after is not None else max(deps, default=None),
-                        priority=PRIORITIES[priority].value, status=CommandStatus.QUEUED.value,
-                        attempts=0, on_done=on_done, on_done_sent=on_done is None,
-                        inbox_event_id=inbox_event_id)
+    row = OutboxCommand(portal_id=int(portal_id), method=method.strip(),
+                        params=dict(params or {}), key=key,
+                        after_id=after if after is not None else max(deps, default=None),
+                        priority=Priority(priority).value, status=CommandStatus.QUEUED.value,
+                        attempts=0, handler=handler,
+                        context=dict(context) if context is not None else None,
+                        settled=handler is None)
     db.session.add(row)
     db.session.flush()
-    nudge_after_commit(db.session(), [portal.id])
+    nudge_after_commit(db.session(), [row.portal_id])
     return row.id
 
 
@@ -128,7 +124,9 @@ def replay_dead(command_ids: Sequence[int], portal_id: int | None = None) -> lis
     db.session.execute(update(c).where(c.id.in_([r.id for r in rows]),
                                        c.status == CommandStatus.DEAD.value)
                        .values(status=CommandStatus.QUEUED.value, attempts=0, not_before=None,
-                               first_sent_at=None, dead_reason=None, error=None,
-                               lease_until=None, lease_owner=None, completed_at=None))
+                               first_sent_at=None, dead_reason=None, error=None, outcome=None,
+                               lease_until=None, lease_owner=None, completed_at=None,
+                               # its new outcome goes to its handler again
+                               settled=c.handler.is_(None), settle_sent_at=None))
     nudge_after_commit(db.session(), {r.portal_id for r in rows})
     return sorted(r.id for r in rows)

@@ -5,10 +5,10 @@ Per command, by ``policy.classify`` of its error (or of the whole request's erro
 =========  ===============================================================  =========
 verdict    the command                                                      attempt
 =========  ===============================================================  =========
-DONE       done, its result stored, its on_done actor notified              counted
+DONE       done, its result stored                                          counted
 RETRY      queued again after ``backoff``; dead once past the retry horizon counted
-UNKNOWN    as RETRY when its method is safe to repeat, else dead            counted
-           ("unknown outcome")
+UNKNOWN    as RETRY when its method is safe to repeat, else dead with       counted
+           outcome UNKNOWN ("unknown outcome")
 PERMANENT  dead, with Bitrix24's error as the reason                        counted
 RATE       queued again; the portal's bucket is filled                      not
 REFRESH    queued again; the tokens are refreshed                           not
@@ -18,6 +18,9 @@ HOLD       queued again (nothing is dropped); the portal status machine     not
            decides, and the portal is not driven until the sweep finds it
            callable again
 =========  ===============================================================  =========
+
+A command that finishes (done, or dead with outcome DEAD or UNKNOWN) and has an outcome
+handler is listed in ``Effects.settle``: the engine enqueues its settling.
 
 A command that failed after an earlier failure of its ordering key, or of a command it
 references, in the same batch, is queued again without counting: its failure may be
@@ -36,6 +39,7 @@ from app.dispatcher import policy
 from app.dispatcher.models import CommandStatus
 from app.dispatcher.packer import Candidate
 from app.dispatcher.policy import Verdict
+from app.dispatcher.results import OutcomeKind
 
 UNKNOWN_OUTCOME = "unknown outcome"
 OPERATING_FALLBACK = timedelta(minutes=1)  # OPERATION_TIME_LIMIT without operating_reset_at
@@ -56,7 +60,7 @@ class Effects:
     hold: BaseException | None = None
     operating: dict[str, float] = field(default_factory=dict)  # method -> reset (epoch s)
     processing: dict[str, float] = field(default_factory=dict)  # method -> seconds used
-    notify: list[tuple[int, str]] = field(default_factory=list)  # (command id, actor)
+    settle: list[int] = field(default_factory=list)  # finished commands with a handler
     verdicts: dict[Verdict, int] = field(default_factory=dict)
 
 
@@ -94,7 +98,9 @@ def decide(commands: Sequence[Candidate], answer: BatchResult | BaseException, n
         row = _row(c, result, error, now, rules, effects)
         if error is not None and _follows_failure(c, failed_keys, failed_ids):
             row.update(status=CommandStatus.QUEUED.value, attempts_delta=-1, not_before=None,
-                       dead_reason=None, completed_at=None)
+                       dead_reason=None, completed_at=None, outcome=None)
+        if c.handler and row["outcome"] is not None:
+            effects.settle.append(c.id)
         if error is not None:
             failed_ids.add(c.id)
             if c.key is not None:
@@ -126,11 +132,10 @@ def _row(c: Candidate, result: Any, error: BaseException | None, now: datetime, 
     row: dict[str, Any] = {"id": c.id, "status": CommandStatus.QUEUED.value, "attempts_delta": 0,
                            "not_before": None, "result": result,
                            "error": describe(error) if error is not None else None,
-                           "dead_reason": None, "completed_at": None}
+                           "dead_reason": None, "completed_at": None, "outcome": None}
     if verdict is Verdict.DONE:
-        row.update(status=CommandStatus.DONE.value, completed_at=now)
-        if c.on_done:
-            effects.notify.append((c.id, c.on_done))
+        row.update(status=CommandStatus.DONE.value, completed_at=now,
+                   outcome=OutcomeKind.DONE.value)
         return row
     assert error is not None
     if verdict in NOT_COUNTED:
@@ -138,7 +143,7 @@ def _row(c: Candidate, result: Any, error: BaseException | None, now: datetime, 
         _not_counted(c, verdict, error, now, row, effects)
         return row
     if verdict is Verdict.UNKNOWN and not policy.safe_to_repeat(c.method):
-        return _dead(row, now, f"{UNKNOWN_OUTCOME}: {_text(error)}")
+        return _dead(row, now, f"{UNKNOWN_OUTCOME}: {_text(error)}", OutcomeKind.UNKNOWN)
     if verdict is Verdict.PERMANENT:
         return _dead(row, now, _text(error))
     return _retry(c, error, now, rules, row)
@@ -168,8 +173,10 @@ def _retry(c: Candidate, error: BaseException, now: datetime, rules: Rules,
     return row
 
 
-def _dead(row: dict[str, Any], now: datetime, reason: str) -> dict[str, Any]:
-    row.update(status=CommandStatus.DEAD.value, dead_reason=reason, completed_at=now)
+def _dead(row: dict[str, Any], now: datetime, reason: str,
+          kind: OutcomeKind = OutcomeKind.DEAD) -> dict[str, Any]:
+    row.update(status=CommandStatus.DEAD.value, dead_reason=reason, completed_at=now,
+               outcome=kind.value)
     return row
 
 

@@ -5,7 +5,9 @@ A candidate goes into the batch when
   in the same batch runs first: a batch executes its commands in order);
 - every command it depends on (``after``, ``ref``) is done, or in this batch;
 - its method is not paused by the operating-time ledger;
-- and, on the portal's last free slot, it is real-time work (bulk keeps one slot free).
+- and, on the portal's last free slots, it is not bulk work (bulk keeps them free for
+  real-time work; normal work, ``finish``, may take them as real-time work does: it
+  closes a call a person sees).
 
 Commands that depend on a dead command cannot run: they are returned to be dead-lettered.
 """
@@ -21,7 +23,7 @@ from functools import cached_property
 from typing import Any
 
 from app.dispatcher.models import CommandStatus, Priority
-from app.dispatcher.outbox import REF_RE, references
+from app.dispatcher.refs import REF_RE, references
 
 MAX_BATCH = 50
 MISSING = "missing"  # a dependency that is not a command of the portal
@@ -41,7 +43,7 @@ class Candidate:
     attempts: int = 0
     first_sent_at: datetime | None = None
     submitted_at: datetime | None = None
-    on_done: str | None = None
+    handler: str | None = None  # its outcome handler's tag (settled once it finishes)
 
     @property
     def batch_key(self) -> str:
@@ -75,8 +77,8 @@ class Packed:
 
     @property
     def realtime(self) -> bool:
-        """Whether the batch carries real-time work (it may use the bucket's reserve)."""
-        return any(c.priority == Priority.REALTIME for c in self.commands)
+        """Whether the batch carries work that is not bulk (it may use the bucket's reserve)."""
+        return any(c.priority < Priority.BULK for c in self.commands)
 
     def wire(self, deps: Mapping[int, Dependency]) -> dict[str, tuple[str, dict[str, Any]]]:
         """The ``{key: (method, params)}`` map for ``batch``, references resolved."""
@@ -140,7 +142,7 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
     for c in sorted(ordered, key=lambda c: c.id):
         if c.key is not None:
             by_key[c.key].append(c.id)
-    out, chosen = Packed(), set()
+    out, chosen = Packed(), set[int]()
     if complete or not ordered:
         open_end = None
     elif open_end is None:
@@ -148,8 +150,8 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
     for c in ordered:
         if len(out.commands) >= limit:
             break
-        if realtime_only and not out.commands and c.priority != Priority.REALTIME.value:
-            break  # no real-time work fits: the slot stays free
+        if realtime_only and not out.commands and c.priority >= Priority.BULK.value:
+            break  # no real-time (or normal) work fits: the slot stays free
         reason = _doomed(c, deps)
         if reason:
             out.doomed[c.id] = reason

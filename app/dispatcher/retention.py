@@ -4,15 +4,15 @@ At 18,000 calls a day, several commands a call, and thousands of portals, the ou
 gains millions of rows a day; nothing else ever deletes one. The rules, each a setting:
 
 - ``done`` rows are deleted ``OUTBOX_KEEP_DONE_DAYS`` (7) after they completed: time
-  to look into a complaint, far past any follow-up (``on_done``) retry;
+  to look into a complaint, far past any settle retry;
 - ``dead`` rows are deleted ``OUTBOX_KEEP_DEAD_DAYS`` (30) after they died: a month to
   read the reason and replay them (``flask outbox dead|replay``).
 
-Never deleted: queued and in-flight rows; a done row whose ``on_done`` notification
-is not sent yet (its follow-up reads the stored result); and a done or dead row that an
-unfinished command of its portal depends on (``after``, or a ``ref`` in its params): the
-packer reads that row's status and result, and a missing one would dead-letter the
-dependant. Such rows are skipped in this pass and deleted by a later one.
+Never deleted: queued and in-flight rows; a done or dead row whose outcome is not
+settled yet (its handler has not run, and the outcome is built from the row); and a done
+or dead row that an unfinished command of its portal depends on (``after``, or a ``ref`` in
+its params): the packer reads that row's status and result, and a missing one would
+dead-letter the dependant. Such rows are skipped in this pass and deleted by a later one.
 
 Every command with a dependency has ``after_id`` set (``outbox.submit`` stores the
 highest dependency when ``after`` is not given), so only those are read to find the
@@ -33,11 +33,11 @@ from typing import Any
 
 from flask import current_app
 from prometheus_client import Counter
-from sqlalchemy import delete, select, true, tuple_
+from sqlalchemy import delete, select, tuple_
 from sqlalchemy.engine import Connection, Engine
 
 from app.dispatcher.models import CommandStatus, OutboxCommand
-from app.dispatcher.outbox import references
+from app.dispatcher.refs import references
 from app.extensions import db
 from app.tenants.models import utcnow
 
@@ -117,7 +117,7 @@ def _delete_older(run: _Pass, status: str, cutoff: datetime, batch: int) -> int:
             doomed = [r.id for r in rows if r.id not in kept]
             if doomed:
                 total += conn.execute(delete(T).where(
-                    T.c.id.in_(doomed), T.c.status == status, _notified(status))).rowcount
+                    T.c.id.in_(doomed), T.c.status == status, _settled())).rowcount
         if len(rows) < batch:
             return total
 
@@ -126,12 +126,12 @@ def _candidates(conn: Connection, status: str, cutoff: datetime,
                 after: tuple[datetime, int] | None, batch: int) -> list[Any]:
     """The next ``batch`` rows of ``status`` completed before ``cutoff``, past ``after``."""
     query = select(T.c.id, T.c.portal_id, T.c.completed_at).where(
-        T.c.status == status, T.c.completed_at < cutoff, _notified(status))
+        T.c.status == status, T.c.completed_at < cutoff, _settled())
     if after is not None:
         query = query.where(tuple_(T.c.completed_at, T.c.id) > tuple_(*after))
     return list(conn.execute(query.order_by(T.c.completed_at, T.c.id).limit(batch)))
 
 
-def _notified(status: str) -> Any:
-    """A done row goes only once its on_done notification was sent (or it had none)."""
-    return T.c.on_done_sent.is_(True) if status == DONE else true()
+def _settled() -> Any:
+    """A finished row goes only once its outcome was settled (or it had no handler)."""
+    return T.c.settled.is_(True)

@@ -43,13 +43,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from app.dispatcher.models import CommandStatus, OutboxCommand
 from app.dispatcher.packer import MISSING, Candidate, Dependency
+from app.dispatcher.results import OutcomeKind
 from app.tenants.models import aware
 
 T = OutboxCommand.__table__
 QUEUED, INFLIGHT = CommandStatus.QUEUED.value, CommandStatus.INFLIGHT.value
 DONE, DEAD = CommandStatus.DONE.value, CommandStatus.DEAD.value
 _CANDIDATE_COLUMNS = (T.c.id, T.c.method, T.c.params, T.c.key, T.c.after_id, T.c.priority,
-                      T.c.attempts, T.c.first_sent_at, T.c.submitted_at, T.c.on_done)
+                      T.c.attempts, T.c.first_sent_at, T.c.submitted_at, T.c.handler)
 
 
 @dataclass
@@ -110,9 +111,9 @@ def fetch_ready(engine: Engine, portal_id: int, now: datetime, limit: int) -> Re
 
 def _candidate(row: Any) -> Candidate:
     # unpacked by position: a Row's attribute lookups cost more than the rest of this
-    id_, method, params, key, after_id, priority, attempts, first_sent, submitted, on_done = row
+    id_, method, params, key, after_id, priority, attempts, first_sent, submitted, handler = row
     return Candidate(id_, method, params or {}, key, after_id, priority, attempts,
-                     aware(first_sent), aware(submitted), on_done)
+                     aware(first_sent), aware(submitted), handler)
 
 
 def _blockers(conn: Connection, portal_id: int, candidates: list[Candidate], now: datetime,
@@ -207,14 +208,15 @@ def _lease_unnest(conn: Connection, batches: Sequence[tuple[str, Sequence[int]]]
 
 # Every outcome row carries every column below, so one statement writes a whole group.
 OUTCOME_COLUMNS = ("status", "attempts_delta", "not_before", "result", "error", "dead_reason",
-                   "completed_at")
+                   "completed_at", "outcome")
 _RECORD = (update(T).where(T.c.id == bindparam("b_id"), T.c.status == INFLIGHT,
                            T.c.lease_owner == bindparam("b_owner"))
            .values(status=bindparam("b_status"),
                    attempts=T.c.attempts + bindparam("b_attempts_delta"),
                    not_before=bindparam("b_not_before"), result=bindparam("b_result"),
                    error=bindparam("b_error"), dead_reason=bindparam("b_dead_reason"),
-                   completed_at=bindparam("b_completed_at"), lease_until=None))
+                   completed_at=bindparam("b_completed_at"), outcome=bindparam("b_outcome"),
+                   lease_until=None))
 
 
 def record(engine: Engine, owner: str, outcomes: Iterable[dict[str, Any]]) -> None:
@@ -240,7 +242,7 @@ def record(engine: Engine, owner: str, outcomes: Iterable[dict[str, Any]]) -> No
 _OUTCOME_RECORD = (column("id", BigInteger), column("status", String),
                    column("attempts_delta", Integer), column("not_before", DateTime(True)),
                    column("result", JSON), column("error", JSON), column("dead_reason", Text),
-                   column("completed_at", DateTime(True)))
+                   column("completed_at", DateTime(True)), column("outcome", String))
 _JSON_NULL = literal_column("'null'::json", JSON)
 
 
@@ -258,7 +260,7 @@ def _record_json(owner: str, rows: list[dict[str, Any]]) -> Any:
             .values(status=v.c.status, attempts=T.c.attempts + v.c.attempts_delta,
                     not_before=v.c.not_before, result=func.coalesce(v.c.result, _JSON_NULL),
                     error=func.coalesce(v.c.error, _JSON_NULL), dead_reason=v.c.dead_reason,
-                    completed_at=v.c.completed_at, lease_until=None))
+                    completed_at=v.c.completed_at, outcome=v.c.outcome, lease_until=None))
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -268,18 +270,11 @@ def _iso(moment: datetime | None) -> str | None:
 def mark_doomed(engine: Engine, doomed: dict[int, str], now: datetime) -> None:
     """Dead-letter queued commands that can never run (their dependency is dead)."""
     stmt = (update(T).where(T.c.id == bindparam("b_id"), T.c.status == QUEUED)
-            .values(status=DEAD, dead_reason=bindparam("b_reason"), completed_at=now))
+            .values(status=DEAD, dead_reason=bindparam("b_reason"), completed_at=now,
+                    outcome=OutcomeKind.DEAD.value))
     if doomed:
         with engine.begin() as conn:
             conn.execute(stmt, [{"b_id": i, "b_reason": r} for i, r in doomed.items()])
-
-
-def mark_notified(engine: Engine, ids: Sequence[int]) -> None:
-    """Record that the on_done actors of these done commands were enqueued."""
-    if ids:
-        with _statements(engine) as conn:
-            conn.execute(update(T).where(_among(conn, T.c.id, ids, BigInteger))
-                         .values(on_done_sent=True))
 
 
 def lease_seconds(request_timeout: float, margin: float) -> timedelta:

@@ -5,7 +5,8 @@ portals that have due queued commands (retries whose ``not_before`` passed, port
 whose held status cleared, portals whose owner died) or expired leases. It recovers the
 expired leases (queued again when the method is safe to repeat, else dead as an unknown
 outcome: the worker stopped while the batch was in flight, so it may have run), nudges
-the portals, and enqueues on_done notifications a stopped worker never sent.
+the portals, and enqueues the settling of outcomes nobody settled: a stopped engine never
+sent it, or its settle message ran out of retries (a handler that kept failing).
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-import dramatiq
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Connection
 
-from app import queue
-from app.dispatcher import nudge, policy
+from app.dispatcher import nudge, policy, results
 from app.dispatcher.models import CommandStatus, OutboxCommand
 from app.dispatcher.outcomes import UNKNOWN_OUTCOME
 from app.extensions import db, redis_ext
@@ -29,7 +28,10 @@ from app.tenants.status import HELD
 log = logging.getLogger(__name__)
 T = OutboxCommand.__table__
 STOPPED_IN_FLIGHT = f"{UNKNOWN_OUTCOME}: the worker stopped while it was in flight"
-NOTIFY_GRACE = timedelta(seconds=30)  # an engine enqueues on_done itself right after the write
+NOTIFY_GRACE = timedelta(seconds=30)  # an engine enqueues settling itself right after the write
+# A settle sent this long ago and still not done is sent again: its message ran out of
+# retries (about 15 minutes of backoff) or was lost with its broker.
+RESEND_AFTER = timedelta(minutes=30)
 QUEUED, INFLIGHT = CommandStatus.QUEUED.value, CommandStatus.INFLIGHT.value
 
 
@@ -40,11 +42,12 @@ class Swept:
     nudged: list[int] = field(default_factory=list)
     requeued: list[int] = field(default_factory=list)
     dead: list[int] = field(default_factory=list)
-    notified: list[int] = field(default_factory=list)
+    notified: list[int] = field(default_factory=list)  # settles (re)sent
+    unknown_handled: list[int] = field(default_factory=list)  # recovered, with a handler
 
 
 def sweep(now: datetime | None = None) -> Swept:
-    """Recover expired leases, nudge portals with due work, resend missed on_done."""
+    """Recover expired leases, nudge portals with due work, resend missed settles."""
     now = now or utcnow()
     out = Swept()
     with db.engine.begin() as conn:
@@ -54,7 +57,8 @@ def sweep(now: datetime | None = None) -> Swept:
             _recover(conn, expired, now, out)
     out.nudged = sorted({pid for pid, _, held in portals if not held})
     nudge.publish(redis_ext.client, out.nudged)
-    out.notified = resend_on_done(now)
+    results.send_settle(out.unknown_handled)  # their outcome is known to be unknown now
+    out.notified = out.unknown_handled + resend_settle(now)
     if out.requeued or out.dead:
         log.warning("outbox sweep: %d command(s) queued again, %d dead after a stopped worker",
                     len(out.requeued), len(out.dead))
@@ -74,7 +78,7 @@ def _portals_with_work(conn: Connection, now: datetime) -> list[tuple[int, str, 
 
 
 def _recover(conn: Connection, portal_ids: list[int], now: datetime, out: Swept) -> None:
-    rows = conn.execute(select(T.c.id, T.c.method).where(
+    rows = conn.execute(select(T.c.id, T.c.method, T.c.handler).where(
         T.c.portal_id.in_(portal_ids), T.c.status == INFLIGHT, T.c.lease_until < now)).all()
     safe = [r.id for r in rows if policy.safe_to_repeat(r.method)]
     unsafe = [r.id for r in rows if not policy.safe_to_repeat(r.method)]
@@ -85,28 +89,18 @@ def _recover(conn: Connection, portal_ids: list[int], now: datetime, out: Swept)
     if unsafe:
         conn.execute(update(T).where(T.c.id.in_(unsafe), stale).values(
             status=CommandStatus.DEAD.value, lease_until=None, dead_reason=STOPPED_IN_FLIGHT,
-            completed_at=now))
+            outcome=results.OutcomeKind.UNKNOWN.value, completed_at=now))
     out.requeued, out.dead = safe, unsafe
+    out.unknown_handled = [r.id for r in rows if r.id in set(unsafe) and r.handler]
 
 
-def resend_on_done(now: datetime) -> list[int]:
-    """Enqueue on_done for done commands whose notification was never sent."""
-    query = (select(T.c.id, T.c.on_done)
-             .where(T.c.on_done_sent.is_(False), T.c.status == CommandStatus.DONE.value,
-                    T.c.completed_at < now - NOTIFY_GRACE).limit(1000))
-    rows = db.session.execute(query).all()
-    for row in rows:
-        send_on_done(row.on_done, row.id)
-    if rows:
-        db.session.execute(update(T).where(T.c.id.in_([r.id for r in rows]))
-                           .values(on_done_sent=True))
-        db.session.commit()
-    return [r.id for r in rows]
-
-
-def send_on_done(actor_name: str, command_id: int) -> None:
-    """Send ``command_id`` to the actor named ``actor_name`` (declared here, or by name)."""
-    try:
-        dramatiq.get_broker().get_actor(actor_name).send(command_id)
-    except dramatiq.errors.ActorNotFound:
-        queue.enqueue(actor_name, command_id)
+def resend_settle(now: datetime) -> list[int]:
+    """Enqueue settling for finished commands whose outcome nobody settled: never sent (the
+    engine stopped first) or sent long ago."""
+    never = and_(T.c.settle_sent_at.is_(None), T.c.completed_at < now - NOTIFY_GRACE)
+    query = (select(T.c.id)
+             .where(T.c.settled.is_(False), T.c.status.in_(results.FINISHED),
+                    or_(never, T.c.settle_sent_at < now - RESEND_AFTER)).limit(1000))
+    ids = list(db.session.scalars(query))
+    results.send_settle(ids)
+    return ids

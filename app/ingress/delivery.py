@@ -51,10 +51,11 @@ def parse_b24_form(body: bytes) -> Delivery:
         event = parse_form(body)
     except MalformedBody as exc:
         raise Rejected(400, "malformed", str(exc)) from exc
-    name, auth_block = event.get("event"), event.get("auth")
+    name, given = event.get("event"), event.get("auth")
+    auth_block = given if isinstance(given, dict) else {}
     if not isinstance(name, str) or not name.strip():
         raise Rejected(400, "malformed", "event is required")
-    member_id = auth_block.get("member_id") if isinstance(auth_block, dict) else None
+    member_id = auth_block.get("member_id")
     if not isinstance(member_id, str) or not MEMBER_ID.fullmatch(member_id):
         raise Rejected(400, "malformed", "auth[member_id] is required (up to 64 letters/digits)")
     token = auth_block.get("application_token")

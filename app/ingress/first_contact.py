@@ -91,8 +91,8 @@ return 0
 
 def pruned(event: dict[str, Any]) -> dict[str, Any]:
     """What verification and the install handler need of a first-contact event, nothing else."""
-    data = event.get("data") if isinstance(event.get("data"), dict) else {}
-    auth = event.get("auth") if isinstance(event.get("auth"), dict) else {}
+    data = given if isinstance(given := event.get("data"), dict) else {}
+    auth = signed if isinstance(signed := event.get("auth"), dict) else {}
     kept: dict[str, Any] = {
         "event": event.get("event"), "ts": event.get("ts"),
         "data": {k: v for k, v in data.items() if isinstance(v, str) and len(v) <= SMALL_SCALAR},

@@ -16,10 +16,11 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
+from app.extensions import Model
 from app.tenants.models import utcnow
 
 
@@ -52,13 +53,18 @@ PARKED = (InboxStatus.UNHANDLED.value, InboxStatus.HELD.value)
 FINAL = (InboxStatus.DONE.value, InboxStatus.DEAD.value)
 
 
-class InboxEvent(db.Model):
+class InboxEvent(Model):
     """One incoming event, stored before it is acknowledged."""
 
     __tablename__ = "inbox_events"
     __table_args__ = (
         UniqueConstraint("member_id", "source", "dedupe_key", name="uq_inbox_events_dedupe"),
         Index("ix_inbox_events_status_received_at", "status", "received_at"),
+        # The claim's check for an earlier unfinished row of the key (app/ingress/ordering.py);
+        # only keyed rows are in it.
+        Index("ix_inbox_events_order_key", "portal_id", "order_key", "id",
+              postgresql_where=text("order_key IS NOT NULL"),
+              sqlite_where=text("order_key IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -76,12 +82,14 @@ class InboxEvent(db.Model):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     processed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Rows of one (portal, key) are handled one at a time, in id order (a PBX call's call_id).
+    order_key: Mapped[str | None] = mapped_column(String(256))
 
     def __repr__(self) -> str:
         return f"<InboxEvent {self.id} {self.source}:{self.event_type} {self.status}>"
 
 
-class PortalApiKey(db.Model):
+class PortalApiKey(Model):
     """The PBX's key for one portal, stored as a SHA-256 digest (the key is random)."""
 
     __tablename__ = "portal_api_keys"

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import redis
 from sqlalchemy import Select, select
@@ -84,7 +84,9 @@ def _as_inbox_event(portal: Portal, record: dict[str, Any]) -> inbox.NewEvent | 
 
 def _take_batch(portal: Portal) -> tuple[str | None, list[dict[str, Any]]]:
     """The batch to store: the one left reserved by an earlier pull, else a new one."""
-    pending = redis_ext.client.get(_pending_key(portal))
+    # bytes: the shared client does not decode responses (app/extensions.py); redis-py's
+    # types cannot tell.
+    pending = cast(bytes | None, redis_ext.client.get(_pending_key(portal)))
     params: dict[str, Any] = {"clear": 0, "limit": BATCH}
     if pending:
         params["process_id"] = pending.decode()

@@ -114,7 +114,7 @@ def _timestamp(event: dict[str, Any], where: str) -> str:
         parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         parsed = None
-    if parsed is None or parsed.utcoffset() is None:
+    if not isinstance(value, str) or parsed is None or parsed.utcoffset() is None:
         raise InvalidEvent(_path(where, "at"), "must be an ISO 8601 time with an offset, "
                                           "e.g. 2026-11-22T16:40:00+03:00")
     return value

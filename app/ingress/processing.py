@@ -2,7 +2,10 @@
 
 A worker first *claims* the row (one atomic UPDATE from received/queued to
 processing, which bumps ``attempts``); a second message for the same row finds
-nothing to claim and does nothing. Writes a handler leaves uncommitted in the
+nothing to claim and does nothing. A row with an ordering key (a PBX call's events)
+is claimed only once the earlier rows of its key are finished, and its end lets the
+next one go (app/ingress/ordering.py): one key's rows are handled one at a time, in
+order of arrival. Writes a handler leaves uncommitted in the
 session are committed together with the final status, and only while the claim
 is still ours. Some handlers commit on their own (the install and lifecycle
 handlers store token chains at once, on purpose): they must be idempotent, since
@@ -25,16 +28,16 @@ from __future__ import annotations
 import copy
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 from flask import current_app
-from sqlalchemy import update
+from sqlalchemy import CursorResult, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.bitrix import errors as bitrix_errors
 from app.extensions import db
-from app.ingress import inbox, metrics, provisional, sealed
+from app.ingress import inbox, metrics, ordering, provisional, sealed
 from app.ingress.models import PENDING, InboxEvent, InboxStatus
 from app.ingress.registry import handler_for, registered
 from app.tenants.models import Portal, aware, utcnow
@@ -88,10 +91,12 @@ def past_horizon(row: InboxEvent) -> bool:
 
 
 def _claim(row_id: int) -> int | None:
-    """received/queued -> processing; the new attempt number, or None if not ours to take."""
+    """received/queued -> processing; the new attempt number, or None if not ours to take
+    (taken, finished, or waiting for an earlier row of its ordering key)."""
     attempt = db.session.execute(
         update(InboxEvent)
-        .where(InboxEvent.id == row_id, InboxEvent.status.in_(PENDING))
+        .where(InboxEvent.id == row_id, InboxEvent.status.in_(PENDING),
+               ordering.first_of_its_key())
         .values(status=InboxStatus.PROCESSING.value, attempts=InboxEvent.attempts + 1,
                 claimed_at=utcnow())
         .returning(InboxEvent.attempts)
@@ -106,12 +111,12 @@ def _update_if_ours(row_id: int, attempt: int, **values: Any) -> int:
     Ours means still processing under our attempt number: the sweeper requeueing the row
     changes its status, another worker claiming it since changes the attempt.
     """
-    return db.session.execute(
+    return cast(CursorResult, db.session.execute(  # a DML statement's result
         update(InboxEvent)
         .where(InboxEvent.id == row_id, InboxEvent.status == InboxStatus.PROCESSING.value,
                InboxEvent.attempts == attempt)
         .values(**values)
-        .execution_options(synchronize_session=False)).rowcount
+        .execution_options(synchronize_session=False))).rowcount
 
 
 def _finish(row: InboxEvent, attempt: int, status: InboxStatus, error: str | None = None) -> bool:
@@ -155,14 +160,24 @@ def process(row_id: int) -> str:
     """Claim, handle and finish one row; return the outcome.
 
     Raises :class:`RetryLater` when a transient failure happens within the row's retry
-    horizon: deliver it again then. A database error from the claim itself propagates; no
-    attempt was spent, and the sweeper queues the row again.
+    horizon: deliver it again then (the row still holds its ordering key's later rows back).
+    A database error from the claim itself propagates; no attempt was spent, and the sweeper
+    queues the row again.
     """
     attempt = _claim(row_id)
     if attempt is None:
         return "not_claimed"
     row = db.session.get(InboxEvent, row_id)
     assert row is not None  # we just claimed it
+    portal_id, order_key = row.portal_id, row.order_key
+    outcome = _handle(row, attempt)
+    ordering.wake_next(portal_id, order_key)  # finished or parked: the key's next row may go
+    return outcome
+
+
+def _handle(row: InboxEvent, attempt: int) -> str:
+    """Run a claimed row's handler and record the outcome (see :func:`process`)."""
+    row_id = row.id
     handler = handler_for(row.source, row.event_type)
     if handler is None:
         _park(row, attempt, InboxStatus.UNHANDLED, "no handler registered for this event yet")

@@ -38,11 +38,11 @@ import hmac
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from flask import current_app
 from prometheus_client import Counter
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 
 from app.extensions import db
 from app.ingress import inbox, sealed
@@ -121,11 +121,11 @@ def _queue(rows: list[Any], ids: list[int]) -> list[int]:
     """provisional -> queued (verified now) for ``ids``; the ids this call moved."""
     wanted, moved, now = set(ids), [], utcnow()
     for row in rows:
-        if row.id in wanted and db.session.execute(
+        if row.id in wanted and cast(CursorResult, db.session.execute(  # a DML's result
                 update(InboxEvent).where(InboxEvent.id == row.id, InboxEvent.status == STATUS)
                 .values(status=InboxStatus.QUEUED.value, unverified=False, claimed_at=now,
                         payload=sealed.unclaimed(row.payload, row.event_type))
-                .execution_options(synchronize_session=False)).rowcount:
+                .execution_options(synchronize_session=False))).rowcount:
             moved.append(row.id)
     return moved
 
@@ -191,10 +191,10 @@ def after_handled(event_type: str, member_id: str) -> None:
 
 def expire() -> int:
     """Delete provisional rows older than ``PROVISIONAL_EVENT_MAX_AGE`` (unverifiable)."""
-    count = db.session.execute(
+    count = cast(CursorResult, db.session.execute(  # a DML statement's result
         delete(InboxEvent).where(InboxEvent.status == STATUS,
                                  InboxEvent.received_at < utcnow() - _max_age())
-        .execution_options(synchronize_session=False)).rowcount or 0
+        .execution_options(synchronize_session=False))).rowcount or 0
     db.session.commit()
     if count:
         OUTCOMES.labels("expired").inc(count)
@@ -208,6 +208,7 @@ def sweep() -> int:
         select(InboxEvent.portal_id).distinct()
         .join(Portal, Portal.id == InboxEvent.portal_id)
         .where(InboxEvent.status == STATUS, Portal.application_token.is_not(None))).all()
-    released = sum(len(release(portal_id).released) for portal_id in portal_ids)
+    released = sum(len(release(portal_id).released) for portal_id in portal_ids
+                   if portal_id is not None)  # the join left none out; this tells mypy
     expire()
     return released

@@ -23,10 +23,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import cast
 
 from flask import current_app
 from prometheus_client import Counter
-from sqlalchemy import ColumnElement, Delete, Update, delete, func, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Delete,
+    Update,
+    delete,
+    func,
+    literal,
+    select,
+    update,
+)
 
 from app.extensions import db
 from app.ingress.models import PARKED, InboxEvent, InboxStatus
@@ -65,8 +76,9 @@ def _in_batches(statement: Update | Delete, condition: ColumnElement[bool], batc
     total = 0
     while True:
         ids = select(InboxEvent.id).where(condition).limit(batch).scalar_subquery()
-        count = db.session.execute(statement.where(InboxEvent.id.in_(ids), condition)
-                                   .execution_options(synchronize_session=False)).rowcount
+        count = cast(CursorResult, db.session.execute(  # a DML statement's result
+            statement.where(InboxEvent.id.in_(ids), condition)
+            .execution_options(synchronize_session=False))).rowcount
         db.session.commit()
         total += count
         if count < batch:

@@ -48,13 +48,17 @@ def of(token: str | None) -> str | None:
 
 def current(stored: str | None) -> bool:
     """Whether ``stored`` was made with the current key (else the token must be decrypted)."""
-    return bool(stored) and stored.partition(":")[0] == _key()[1]
+    if not stored:
+        return False
+    return stored.partition(":")[0] == _key()[1]
 
 
 def matches(stored: str | None, token: str | None) -> bool:
     """Constant-time check of ``token`` against a current stored hash."""
     candidate = of(token)
-    return bool(stored and candidate) and hmac.compare_digest(stored, candidate)
+    if not stored or not candidate:
+        return False
+    return hmac.compare_digest(stored, candidate)
 
 
 @event.listens_for(Portal.application_token, "set")

@@ -22,6 +22,7 @@ from app.ingress import (
     first_contact,
     inbox,
     metrics,
+    ordering,
     pbx,
     provisional,
     sealed,
@@ -171,7 +172,8 @@ def _pbx_events(body: bytes, portal: auth.KnownPortal) -> list[inbox.NewEvent]:
     except pbx.InvalidEvent as exc:
         raise Rejected(422, "invalid_event", exc.message, field=exc.field) from exc
     return [inbox.NewEvent(member_id=portal.member_id, source="pbx", event_type=ev["event"],
-                           payload=ev, dedupe_key=inbox.digest(ev), portal_id=portal.id)
+                           payload=ev, dedupe_key=inbox.digest(ev), portal_id=portal.id,
+                           order_key=ordering.pbx_key(ev))  # one call's events in order
             for ev in events]
 
 
@@ -197,3 +199,4 @@ def pbx_call_events() -> tuple[Response, int]:
 @bp.record_once
 def _init_intake(state: Any) -> None:
     metrics.init_app(state.app)  # the inbox depth on /metrics
+    inbox.init_app(state.app)  # the intake broker

@@ -45,7 +45,7 @@ SKIPPED = "skipped"      # not blocked any more, or an engine holds its lease ri
 
 def probe_interval() -> timedelta | None:
     """How long a blocked portal waits between probes (None: never probed)."""
-    minutes = float(current_app.config.get("OVERLOAD_PROBE_MINUTES") or 0)
+    minutes = float(current_app.config["OVERLOAD_PROBE_MINUTES"])
     return timedelta(minutes=minutes) if minutes > 0 else None
 
 

@@ -149,7 +149,7 @@ def on_app_update(portal: Portal | None, event: dict[str, Any]) -> None:
         install.record_application_token(portal, token)
         _store_chain(portal, auth, info)
     ensure_callable(portal)  # a held portal parks the event (held), as a direct call would
-    upkeep.submit_setup(portal, inbox_event_id=event.get("inbox_id"))
+    upkeep.submit_setup(portal)
 
 
 def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
@@ -254,7 +254,7 @@ def _ask_by_refresh(portal: Portal, creds: Credentials) -> str | None:
 
 def _user_id(event: dict[str, Any]) -> int | None:
     data = _data(event)
-    fields = data.get("FIELDS") if isinstance(data.get("FIELDS"), dict) else data
+    fields = named if isinstance(named := data.get("FIELDS"), dict) else data
     return int_or_none(fields.get("ID"))
 
 
@@ -268,7 +268,7 @@ def on_user_add(portal: Portal | None, event: dict[str, Any]) -> None:
     if portal is None or user_id is None:
         return
     ensure_callable(portal)
-    upkeep.submit_user_fetch(portal, user_id, inbox_event_id=event.get("inbox_id"))
+    upkeep.submit_user_fetch(portal, user_id)
 
 
 # Registered with the ingress registry by the app factory (app/__init__.py).

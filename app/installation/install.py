@@ -22,9 +22,9 @@ once (the ``/install`` view; inbox processing for the uninstall event). ``store_
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete
+from sqlalchemy import CursorResult, delete
 
 from app.extensions import db
 from app.installation.plan import SetupReport, int_or_none
@@ -146,7 +146,7 @@ def delete_portal_data(portal: Portal) -> int:
             stmt = delete(table).where(table.c.portal_id == portal.id)
             if "status" in table.c:
                 stmt = stmt.where(table.c.status != IN_WORKERS_HANDS)
-            deleted += db.session.execute(stmt).rowcount or 0
+            deleted += cast(CursorResult, db.session.execute(stmt)).rowcount or 0  # DML
     db.session.flush()
     db.session.expire(portal)
     return deleted

@@ -25,7 +25,6 @@ from flask import current_app
 
 from app.bitrix import OAuthClient, errors
 from app.bitrix.errors import ApiError, BitrixError
-from app.config import DEFAULT_AUTH_SERVERS
 from app.dispatcher import direct
 from app.framing import valid_host
 from app.tenants import status as portal_status
@@ -142,15 +141,15 @@ def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAut
     )
 
 
-def setting(name: str, default: str | None = None) -> str | None:
-    """A setting from the app config (app/config.py reads the environment), else ``default``."""
-    value = current_app.config.get(name)
-    return str(value) if value else default
+def setting(name: str) -> str | None:
+    """A setting from the app config (app/config.py declares it), None when it is empty."""
+    value = current_app.config[name]
+    return str(value) if value else None
 
 
 def _auth_server_entries() -> list[str]:
     """``B24_AUTH_SERVERS`` as a list: each entry a host (https) or a ``scheme://host`` URL."""
-    raw = setting("B24_AUTH_SERVERS", DEFAULT_AUTH_SERVERS) or ""
+    raw = setting("B24_AUTH_SERVERS") or ""
     return [entry.strip().lower() for entry in raw.split(",") if entry.strip()]
 
 
@@ -181,8 +180,7 @@ def default_auth_server() -> str:
     if override:
         parts = urlsplit(override)
         return f"{parts.scheme}://{parts.netloc}/rest/"
-    entries = _auth_server_entries() or [DEFAULT_AUTH_SERVERS.split(",")[0]]
-    scheme, host = _as_url(entries[0])
+    scheme, host = _as_url(_auth_server_entries()[0])  # config.validate: there is one
     return f"{scheme}://{host}/rest/"
 
 

@@ -19,8 +19,8 @@ from flask import (
 )
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select
+from werkzeug.wrappers import Response as BaseResponse
 
-from app.config import DEFAULT_JS_SDK_URL
 from app.extensions import db
 from app.framing import frameable, framed_by
 from app.installation import install
@@ -68,7 +68,7 @@ def _unframed_unless_said(response: Response) -> Response:
 
 def sdk_url() -> str:
     """Where the BX24 JS library is loaded from (``B24_JS_SDK_URL``)."""
-    return setting("B24_JS_SDK_URL", DEFAULT_JS_SDK_URL) or ""
+    return str(current_app.config["B24_JS_SDK_URL"])
 
 
 # ---------------------------------------------------------------- install
@@ -113,7 +113,7 @@ def _portal_for_start() -> Portal | None:
 
 
 @bp.get("/oauth/start")
-def oauth_start() -> Response:
+def oauth_start() -> BaseResponse:  # flask.redirect is typed as werkzeug's Response
     """Send the user to the portal's authorize page with a signed, short-lived state."""
     portal = _portal_for_start()
     if portal is None:

@@ -76,6 +76,8 @@ def show_portal(member_id: str) -> None:
         ("refresh token dies", _when(_dies(p.last_refresh_at))),
         ("refresh in flight since", _when(p.refresh_started_at)),
         ("last activity", _when(p.last_activity_at)), ("installed", _when(p.installed_at)),
+        ("users sync", f"{p.users_sync_status or '-'} {_when(p.users_sync_at)}"),
+        ("users sync error", p.users_sync_error or "-"),
     ]
     for label, value in rows:
         click.echo(f"{label + ':':25} {value}")

@@ -10,7 +10,7 @@ from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Tex
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.crypto import EncryptedString
-from app.extensions import db
+from app.extensions import Model, db
 from app.tenants.clock import aware, utcnow
 
 __all__ = ["Plan", "Portal", "PortalSettings", "PortalStatus", "aware", "utcnow"]
@@ -43,7 +43,7 @@ PLAN_LIMITS: dict[str, tuple[float, int]] = {
 }
 
 
-class Portal(db.Model):
+class Portal(Model):
     """One installation of the app into one Bitrix24 portal."""
 
     __tablename__ = "portals"
@@ -77,6 +77,11 @@ class Portal(db.Model):
     # still set afterwards means a refresher died mid-flight and the chain may be spent.
     refresh_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     auth_user_id: Mapped[int | None] = mapped_column(Integer)  # whose chain we hold
+    # The last user sync (app/tenants/upkeep.py): running, done or failed (with the reason);
+    # users_sync_at is when it got there.
+    users_sync_status: Mapped[str | None] = mapped_column(String(16))
+    users_sync_error: Mapped[str | None] = mapped_column(Text)
+    users_sync_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     status_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
@@ -106,7 +111,7 @@ class Portal(db.Model):
         return f"<Portal {self.member_id} {self.domain} {self.status}>"
 
 
-class PortalSettings(db.Model):
+class PortalSettings(Model):
     """What the portal admin chooses on the settings page."""
 
     __tablename__ = "portal_settings"

@@ -15,7 +15,6 @@ from flask import current_app
 from sqlalchemy import func, or_, select
 
 from app.bitrix import errors
-from app.config import DEFAULT_IDLE_REFRESH_DAYS
 from app.extensions import db
 from app.tenants import status as portal_status
 from app.tenants import tokens
@@ -45,7 +44,7 @@ def refresh_now(portal: Portal) -> Credentials:
 def idle_portals(days: int | None = None) -> list[Portal]:
     """Active portals with neither a refresh nor activity in the last ``days`` days."""
     if days is None:
-        days = int(current_app.config.get("IDLE_REFRESH_DAYS") or DEFAULT_IDLE_REFRESH_DAYS)
+        days = int(current_app.config["IDLE_REFRESH_DAYS"])
     cutoff = utcnow() - timedelta(days=days)
     renewed = func.coalesce(Portal.last_refresh_at, Portal.installed_at, Portal.created_at)
     query = select(Portal).where(

@@ -45,8 +45,6 @@ from app.tenants.models import Portal, PortalStatus, aware, utcnow
 
 log = logging.getLogger(__name__)
 
-LOCK_TTL = 30.0  # > the refresh request's worst case (8 s, retried once) plus two commits
-LOCK_WAIT = 15.0
 POLL = 0.05
 DEFAULT_SERVER_ENDPOINT = "https://oauth.bitrix.info/rest/"
 
@@ -61,8 +59,8 @@ def lock_key(member_id: str) -> str:
 
 
 def lock_ttl() -> float:
-    """Seconds a refresh lock lives unless renewed (``B24_REFRESH_LOCK_TTL``, else LOCK_TTL)."""
-    return float(current_app.config.get("B24_REFRESH_LOCK_TTL") or LOCK_TTL)
+    """Seconds a refresh lock lives unless renewed (``B24_REFRESH_LOCK_TTL``)."""
+    return float(current_app.config["B24_REFRESH_LOCK_TTL"])
 
 
 @dataclass(frozen=True)
@@ -109,16 +107,16 @@ def reload(portal: Portal) -> Credentials:
 def oauth_client() -> OAuthClient:
     """The app's OAuth client from its configuration."""
     cfg = current_app.config
-    return OAuthClient(cfg.get("B24_CLIENT_ID") or "", cfg.get("B24_CLIENT_SECRET") or "",
-                       token_url=cfg.get("B24_OAUTH_TOKEN_URL"),
-                       verify=tls.trust(cfg.get("B24_CA_BUNDLE")))
+    return OAuthClient(cfg["B24_CLIENT_ID"] or "", cfg["B24_CLIENT_SECRET"] or "",
+                       token_url=cfg["B24_OAUTH_TOKEN_URL"],
+                       verify=tls.trust(cfg["B24_CA_BUNDLE"]))
 
 
 def refresh(portal: Portal, seen_version: int) -> Credentials:
     """Single-flight refresh of the chain the caller saw at ``seen_version``; fresh credentials."""
     cfg = current_app.config
     lock = redis_ext.client.lock(lock_key(portal.member_id), timeout=lock_ttl())
-    deadline = time.monotonic() + float(cfg.get("B24_REFRESH_LOCK_WAIT") or LOCK_WAIT)
+    deadline = time.monotonic() + float(cfg["B24_REFRESH_LOCK_WAIT"])
     while True:
         if lock.acquire(blocking=False):
             try:

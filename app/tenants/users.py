@@ -13,11 +13,11 @@ from datetime import datetime
 from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import db
+from app.extensions import Model, db
 from app.tenants.models import Portal, utcnow
 
 
-class PortalUser(db.Model):
+class PortalUser(Model):
     """One Bitrix24 user of one portal, with the inner phone number they answer."""
 
     __tablename__ = "portal_users"

@@ -83,11 +83,11 @@ def call_commands(portal: Any, call: int) -> list[int]:
     from app.dispatcher import ref, submit
 
     key = f"call-{call}"
-    reg = submit(portal, "telephony.externalcall.register",
+    reg = submit(portal.id, "telephony.externalcall.register",
                  {"USER_ID": 1, "PHONE_NUMBER": f"+49301234{call:04d}", "TYPE": 2,
                   "EXTERNAL_CALL_ID": f"pbx-{call}", "SHOW": 0}, key=key)
-    show = submit(portal, "telephony.externalcall.show",
+    show = submit(portal.id, "telephony.externalcall.show",
                   {"CALL_ID": ref(reg, "CALL_ID"), "USER_ID": 1}, key=key)
-    fin = submit(portal, "telephony.externalcall.finish",
+    fin = submit(portal.id, "telephony.externalcall.finish",
                  {"CALL_ID": ref(reg, "CALL_ID"), "USER_ID": 1, "DURATION": 5}, key=key)
     return [reg, show, fin]

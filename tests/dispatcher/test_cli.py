@@ -12,7 +12,7 @@ from tests.dispatcher.conftest import rows
 
 def test_dead_commands_are_listed_and_replayed_with_a_nudge(oauth_app, make_portal, nudges):
     portal, info = make_portal()
-    first = submit(portal, "crm.deal.add", {"fields": {"TITLE": "x"}})
+    first = submit(portal.id, "crm.deal.add", {"fields": {"TITLE": "x"}})
     db.session.commit()
     nudges.read()
     db.session.execute(update(OutboxCommand).where(OutboxCommand.id == first)

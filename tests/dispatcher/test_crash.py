@@ -20,9 +20,9 @@ def test_sigkill_mid_flight_then_restart_completes_each_command_once_or_dead_as_
     portal, info = make_portal()
     member = info["member_id"]
     sandbox.set_latency(member, 1000)
-    unsafe = {submit(portal, "crm.deal.add", {"fields": {"TITLE": f"deal {n}"}}): f"deal {n}"
+    unsafe = {submit(portal.id, "crm.deal.add", {"fields": {"TITLE": f"deal {n}"}}): f"deal {n}"
               for n in range(150)}
-    safe = [submit(portal, "crm.contact.list", {"filter": {"ID": n}}) for n in range(50)]
+    safe = [submit(portal.id, "crm.contact.list", {"filter": {"ID": n}}) for n in range(50)]
     db.session.commit()
     first = start_worker(threads=1, periodic=True, **FAST, DISPATCH_MAX_INFLIGHT="2")
     wait_for(lambda: sandbox.counters(member)["in_flight"] >= 1, timeout=30)
@@ -42,4 +42,5 @@ def test_sigkill_mid_flight_then_restart_completes_each_command_once_or_dead_as_
             assert ran[title] == 1, f"{title} ran {ran[title]} times"
         else:
             assert row.dead_reason.startswith("unknown outcome: the worker stopped")
+            assert row.outcome == "unknown"
             assert ran[title] <= 1

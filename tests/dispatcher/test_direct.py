@@ -27,7 +27,7 @@ def test_an_engine_batch_waits_for_the_bucket_a_direct_call_filled(make_portal, 
     with pytest.raises(errors.QueryLimitExceeded):
         direct.call_method(portal, "user.current")
     filled = time.monotonic()
-    submit(portal, "user.current", {})
+    submit(portal.id, "user.current", {})
     db.session.commit()
     done = settled(portal.id, 1)
     waited = time.monotonic() - filled
@@ -41,7 +41,7 @@ def test_a_direct_call_waits_for_the_bucket_an_engine_batch_filled(make_portal, 
     portal, info = make_portal()
     start_engine(DISPATCH_LINGER_MS=0)
     sandbox.set_fault(info["member_id"], "query_limit", count=1)
-    submit(portal, "user.current", {})
+    submit(portal.id, "user.current", {})
     db.session.commit()
     key = f"b24relay:bucket:{info['member_id']}"  # the engine fills it after storing the answer
     wait_for(lambda: float(redis_client.hget(key, "level") or 0) > 48, interval=0.01)
@@ -58,7 +58,7 @@ def test_a_direct_call_and_an_engine_batch_meeting_expired_token_refresh_once(
     portal, info = make_portal()
     sandbox.expire_tokens(info["member_id"])
     start_engine(DISPATCH_LINGER_MS=0)
-    submit(portal, "user.current", {})
+    submit(portal.id, "user.current", {})
     db.session.commit()  # the engine meets expired_token while the direct call does too
     assert direct.call_method(portal, "user.current")["ID"] == "1"
     assert settled(portal.id, 1)[0].status == "done"

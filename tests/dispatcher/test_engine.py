@@ -6,7 +6,7 @@ import time
 
 from sqlalchemy import select
 
-from app.dispatcher import ref, submit
+from app.dispatcher import Priority, ref, submit
 from app.dispatcher.models import OutboxCommand
 from app.extensions import db
 from tests.conftest import wait_for
@@ -59,7 +59,7 @@ def test_a_reference_to_a_command_done_earlier_sends_its_stored_value(make_porta
     db.session.commit()
     first = settled(portal.id, 3)
     call_id = first[0].result["CALL_ID"]
-    later = submit(portal, "telephony.externalcall.attachrecord",
+    later = submit(portal.id, "telephony.externalcall.attachrecord",
                    {"CALL_ID": ref(reg, "CALL_ID"), "FILENAME": "a.mp3"})
     db.session.commit()
     assert settled(portal.id, 4)[-1].status == "done"
@@ -73,11 +73,12 @@ def test_a_realtime_command_overtakes_a_2000_command_bulk_backlog(make_portal, s
     sandbox.set_latency(info["member_id"], 2000)
     start_engine(DISPATCH_MAX_INFLIGHT=3)
     for n in range(2000):
-        submit(portal, "crm.deal.add", {"fields": {"TITLE": f"bulk {n}"}}, priority="bulk")
+        submit(portal.id, "crm.deal.add", {"fields": {"TITLE": f"bulk {n}"}},
+               priority=Priority.BULK)
     db.session.commit()
     wait_for(lambda: sandbox.counters(info["member_id"])["batches"] >= 2)
     submitted = time.monotonic()
-    card = submit(portal, "telephony.externalcall.register",
+    card = submit(portal.id, "telephony.externalcall.register",
                   {"USER_ID": 1, "PHONE_NUMBER": "+4930999", "TYPE": 2, "EXTERNAL_CALL_ID": "rt"})
     db.session.commit()
     wait_for(lambda: _status(card) == "done", interval=0.02)
@@ -93,7 +94,7 @@ def test_a_key_longer_than_a_batch_runs_in_submission_order(make_portal, sandbox
     sandbox.set_latency(info["member_id"], 300)
     start_engine(DISPATCH_LINGER_MS=0)
     for n in range(60):
-        submit(portal, "crm.deal.add", {"fields": {"TITLE": str(n)}}, key="one-chain")
+        submit(portal.id, "crm.deal.add", {"fields": {"TITLE": str(n)}}, key="one-chain")
     db.session.commit()
     assert {r.status for r in settled(portal.id, 60)} == {"done"}
     log = sorted(sandbox.log(info["member_id"]), key=lambda e: e["seq"])

@@ -34,12 +34,13 @@ def test_a_gateway_error_is_retried_and_a_permanent_error_dead_lettered(make_por
     portal, info = make_portal()
     sandbox.set_fault(info["member_id"], "html_502", count=1)
     start_engine(DISPATCH_LINGER_MS=0)
-    add = submit(portal, "crm.deal.add", {"fields": {"TITLE": "kept"}})
-    get = submit(portal, "crm.deal.get", {"id": 987654})
+    add = submit(portal.id, "crm.deal.add", {"fields": {"TITLE": "kept"}})
+    get = submit(portal.id, "crm.deal.get", {"id": 987654})
     db.session.commit()
     by_id = {r.id: r for r in _settle_with_sweeps(portal.id, 2)}
     assert (by_id[add].status, by_id[add].attempts) == ("done", 2)
     assert by_id[get].status == "dead" and by_id[get].dead_reason == "NOT_FOUND: Not found"
+    assert (by_id[add].outcome, by_id[get].outcome) == ("done", "dead")
     assert by_id[get].error == {"error": "NOT_FOUND", "error_description": "Not found"}
     assert len(sandbox.log(info["member_id"], method="crm.deal.add")) == 1
 
@@ -49,12 +50,13 @@ def test_an_unknown_outcome_is_resent_only_when_the_method_is_safe_to_repeat(
     portal, info = make_portal()
     sandbox.set_fault(info["member_id"], "html_504", count=1)
     start_engine(DISPATCH_LINGER_MS=0)
-    add = submit(portal, "crm.deal.add", {"fields": {"TITLE": "maybe"}})
-    get = submit(portal, "crm.contact.list", {})
+    add = submit(portal.id, "crm.deal.add", {"fields": {"TITLE": "maybe"}})
+    get = submit(portal.id, "crm.contact.list", {})
     db.session.commit()
     by_id = {r.id: r for r in _settle_with_sweeps(portal.id, 2)}
     assert by_id[add].status == "dead" and by_id[add].dead_reason.startswith("unknown outcome")
     assert by_id[get].status == "done"
+    assert (by_id[add].outcome, by_id[get].outcome) == ("unknown", "done"), "told apart by a column"
 
 
 def test_an_expired_token_costs_one_refresh_for_every_batch_in_flight(make_portal, sandbox,
@@ -64,7 +66,7 @@ def test_an_expired_token_costs_one_refresh_for_every_batch_in_flight(make_porta
     sandbox.expire_tokens(info["member_id"])
     start_engine(DISPATCH_LINGER_MS=0)
     for n in range(150):
-        submit(portal, "crm.deal.add", {"fields": {"TITLE": f"d{n}"}})
+        submit(portal.id, "crm.deal.add", {"fields": {"TITLE": f"d{n}"}})
     db.session.commit()
     done = _settle_with_sweeps(portal.id, 150)
     assert [r.status for r in done] == ["done"] * 150
@@ -78,7 +80,7 @@ def test_a_held_portal_keeps_its_commands_and_resumes_when_active(make_portal, s
     portal, info = make_portal()
     sandbox.set_fault(info["member_id"], "payment_required", count=1)
     start_engine(DISPATCH_LINGER_MS=0)
-    ids = [submit(portal, "crm.deal.add", {"fields": {"TITLE": f"d{n}"}}) for n in range(3)]
+    ids = [submit(portal.id, "crm.deal.add", {"fields": {"TITLE": f"d{n}"}}) for n in range(3)]
     db.session.commit()
     wait_for(lambda: db.session.scalar(select(Portal.status).where(Portal.id == portal.id)
                                        .execution_options(populate_existing=True))

@@ -31,7 +31,7 @@ def test_engine_sends_to_an_https_portal_trusted_through_the_ca_bundle(
     portal, info = make_portal()
     assert portal.client_endpoint.startswith("https://")
     start_engine(DISPATCH_LINGER_MS="0")
-    command = submit(portal, "crm.contact.list", {"filter": {"ID": 1}})
+    command = submit(portal.id, "crm.contact.list", {"filter": {"ID": 1}})
     db.session.commit()
     (row,) = settled(portal.id, 1, timeout=5)
     assert row.id == command and row.status == "done", row.error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis
 
-from app.dispatcher import nudge, ref, submit
+from app.dispatcher import Priority, nudge, ref, submit
 from app.extensions import db
 from app.ingress.models import InboxEvent, InboxStatus
 from tests.dispatcher.conftest import rows
@@ -23,22 +23,25 @@ def test_commands_commit_with_the_inbox_row_and_nudge_once_after_the_commit(make
                                                                               nudges):
     portal, _ = make_portal()
     event = _inbox_row(portal.id)
-    first = submit(portal, "crm.deal.add", {"fields": {"TITLE": "a"}}, inbox_event_id=event.id)
-    submit(portal, "crm.deal.update", {"id": ref(first, "ID")}, key="deal", after=first)
+    first = submit(portal.id, "crm.deal.add", {"fields": {"TITLE": "a"}},
+                   handler="tests.deal", context={"inbox_id": event.id})
+    submit(portal.id, "crm.deal.update", {"id": ref(first, "ID")}, key="deal", after=first)
     assert nudges.read(wait=0.2) == [], "nothing may be nudged before the commit"
     event.status = InboxStatus.DONE.value
     db.session.commit()
     assert nudges.read() == [[portal.id]]
     stored = rows(portal.id)
-    assert [(r.method, r.status, r.inbox_event_id) for r in stored] == [
-        ("crm.deal.add", "queued", event.id), ("crm.deal.update", "queued", None)]
+    assert [(r.method, r.status, r.handler, r.context, r.settled) for r in stored] == [
+        ("crm.deal.add", "queued", "tests.deal", {"inbox_id": event.id}, False),
+        ("crm.deal.update", "queued", None, None, True)]
+    assert [r.priority for r in stored] == [Priority.NORMAL, Priority.NORMAL], "the default"
     assert stored[1].after_id == first and stored[1].params == {"id": f"$ref[{first}][ID]"}
 
 
 def test_a_rolled_back_handler_leaves_no_command_and_no_nudge(make_portal, nudges):
     portal, _ = make_portal()
     event = _inbox_row(portal.id)
-    submit(portal, "crm.deal.add", {"fields": {"TITLE": "a"}}, inbox_event_id=event.id)
+    submit(portal.id, "crm.deal.add", {"fields": {"TITLE": "a"}})
     event.status = InboxStatus.DONE.value
     db.session.rollback()
     db.session.commit()  # a later, empty commit must not carry the forgotten nudge
@@ -46,11 +49,13 @@ def test_a_rolled_back_handler_leaves_no_command_and_no_nudge(make_portal, nudge
     assert rows(portal.id) == []
 
 
-@pytest.mark.parametrize("method, priority", [("batch", "realtime"), ("crm.deal.add", "urgent")])
-def test_submit_refuses_what_the_outbox_cannot_send(make_portal, method, priority):
+@pytest.mark.parametrize("method, options", [
+    ("batch", {"priority": Priority.REALTIME}), ("crm.deal.add", {"priority": 7}),
+    ("crm.deal.add", {"priority": "realtime"}), ("crm.deal.add", {"context": {"a": 1}})])
+def test_submit_refuses_what_the_outbox_cannot_send(make_portal, method, options):
     portal, _ = make_portal()
     with pytest.raises(ValueError):
-        submit(portal, method, {}, priority=priority)
+        submit(portal.id, method, {}, **options)
 
 
 def test_nudges_stay_inside_their_redis_database(redis_url):

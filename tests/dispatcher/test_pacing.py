@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from app.dispatcher import submit
+from app.dispatcher import Priority, submit
 from app.extensions import db
 from tests.dispatcher.conftest import settled
 
@@ -16,7 +16,7 @@ def test_commands_trickling_in_share_a_few_batches_and_a_lone_one_leaves_at_once
     sandbox.set_latency(info["member_id"], 0)
     start_engine()
     for n in range(60):  # 50 commands/s for 1.2 s, each in its own commit
-        submit(portal, "crm.deal.add", {"fields": {"TITLE": str(n)}}, key=f"call-{n}")
+        submit(portal.id, "crm.deal.add", {"fields": {"TITLE": str(n)}}, key=f"call-{n}")
         db.session.commit()
         time.sleep(0.02)
     done = settled(portal.id, 60)
@@ -37,7 +37,7 @@ def test_a_slow_portal_keeps_more_than_half_its_burst_in_flight(make_portal, san
     portal, info = make_portal()
     sandbox.set_latency(info["member_id"], 1000)
     for n in range(30 * 50):
-        submit(portal, "crm.deal.add", {"fields": {"TITLE": str(n)}}, priority="bulk")
+        submit(portal.id, "crm.deal.add", {"fields": {"TITLE": str(n)}}, priority=Priority.BULK)
     db.session.commit()  # the backlog is waiting when the engine starts
     engine = start_engine(DISPATCH_LINGER_MS=0)
     engine.wake(portal.id)

@@ -18,7 +18,7 @@ from tests.dispatcher.conftest import rows, settled
 
 
 def _register(portal, n: int) -> int:
-    return submit(portal, "telephony.externalcall.register",
+    return submit(portal.id, "telephony.externalcall.register",
                   {"USER_ID": 1, "PHONE_NUMBER": f"+49301{n:05d}", "TYPE": 2,
                    "EXTERNAL_CALL_ID": f"reserve-{n}", "SHOW": 0}, key=f"call-{n}")
 
@@ -48,7 +48,8 @@ def test_a_call_leaves_at_once_while_bulk_work_keeps_the_bucket_full(make_portal
     db.session.commit()
     wait_for(lambda: [r.status for r in rows(portal.id)] == ["done"])
     for n in range(4000):  # 80 batches: the bucket's 46-48, then ~17 s at 2/s
-        submit(portal, "crm.deal.add", {"fields": {"TITLE": f"bulk {n}"}}, priority="bulk")
+        submit(portal.id, "crm.deal.add", {"fields": {"TITLE": f"bulk {n}"}},
+               priority=Priority.BULK)
     db.session.commit()
     wait_for(lambda: sandbox.counters(info["member_id"])["batches"] >= 45)
     calls, rng = [], random.Random(7)
@@ -78,7 +79,7 @@ def test_a_portal_whose_only_work_is_paused_is_woken_when_the_pause_ends(make_po
     until = time.time() + 1.5
     ledger.hold(info["member_id"], "crm.deal.add", until)
     start_engine(DISPATCH_LINGER_MS=0)
-    command = submit(portal, "crm.deal.add", {"fields": {"TITLE": "after the pause"}})
+    command = submit(portal.id, "crm.deal.add", {"fields": {"TITLE": "after the pause"}})
     db.session.commit()
     done = settled(portal.id, 1, timeout=10)[0]
     assert done.status == "done" and done.id == command

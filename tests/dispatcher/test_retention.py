@@ -1,4 +1,4 @@
-"""Outbox retention: finished commands go in time; unfinished ones, unsent follow-ups and
+"""Outbox retention: finished commands go in time; unfinished ones, unsettled outcomes and
 the results a queued command still needs stay."""
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ DAY = timedelta(days=1)
 
 
 def _row(portal_id: int, status: str, age: timedelta | None, *, params: dict[str, Any] | None
-         = None, after_id: int | None = None, on_done_sent: bool = True,
+         = None, after_id: int | None = None, settled: bool = True,
          result: Any = None) -> int:
     """A command row that finished (or was submitted) ``age`` ago."""
     row = OutboxCommand(portal_id=portal_id, method="crm.deal.get", params=params or {},
-                        after_id=after_id, status=status, on_done_sent=on_done_sent,
-                        on_done=None if on_done_sent else "followup", result=result,
+                        after_id=after_id, status=status, settled=settled,
+                        handler=None if settled else "tests.followup", result=result,
                         submitted_at=utcnow() - (age or DAY) - DAY,
                         completed_at=None if age is None else utcnow() - age)
     db.session.add(row)
@@ -46,7 +46,8 @@ def test_each_kind_of_command_is_kept_for_its_own_time(app):
         "recently dead": _row(portal.id, "dead", 29 * DAY),
         "old queued": _row(portal.id, "queued", None),
         "old in flight": _row(portal.id, "inflight", None),
-        "old done, follow-up not sent": _row(portal.id, "done", 60 * DAY, on_done_sent=False),
+        "old done, outcome not settled": _row(portal.id, "done", 60 * DAY, settled=False),
+        "old dead, outcome not settled": _row(portal.id, "dead", 60 * DAY, settled=False),
     }
     gone = {
         "old done": _row(portal.id, "done", 8 * DAY),
@@ -59,10 +60,10 @@ def test_each_kind_of_command_is_kept_for_its_own_time(app):
     assert result == {"done_deleted": 2, "dead_deleted": 1}
     assert _ids() == set(keep.values())
     assert not _ids() & set(gone.values())
-    # The follow-up went out since: the row goes on the next pass.
-    db.session.execute(update(OutboxCommand).values(on_done_sent=True))
+    # The outcomes were settled since: the rows go on the next pass.
+    db.session.execute(update(OutboxCommand).values(settled=True))
     db.session.commit()
-    assert prune(Retention()) == {"done_deleted": 1, "dead_deleted": 0}
+    assert prune(Retention()) == {"done_deleted": 1, "dead_deleted": 1}
     assert prune(Retention(), now=utcnow() + 2 * DAY) == {"done_deleted": 1, "dead_deleted": 1}
 
 
@@ -109,16 +110,16 @@ def test_a_queued_command_still_gets_a_pruned_old_commands_result(
     CALL_ID, read from the stored row that retention had to leave in place."""
     portal, _ = make_portal()
     engine = start_engine()
-    reg = submit(portal, "telephony.externalcall.register",
+    reg = submit(portal.id, "telephony.externalcall.register",
                  {"USER_ID": 1, "PHONE_NUMBER": "+4930123456", "TYPE": 2,
                   "EXTERNAL_CALL_ID": "pbx-retention", "SHOW": 0}, key="call")
-    unrelated = submit(portal, "user.get", {"ID": 1})
+    unrelated = submit(portal.id, "user.get", {"ID": 1})
     db.session.commit()
     settled(portal.id, 2)
     call_id = next(r.result["CALL_ID"] for r in rows(portal.id) if r.id == reg)
     db.session.execute(update(OutboxCommand).values(completed_at=utcnow() - 10 * DAY))
     db.session.commit()
-    show = submit(portal, "telephony.externalcall.show",
+    show = submit(portal.id, "telephony.externalcall.show",
                   {"CALL_ID": ref(reg, "CALL_ID"), "USER_ID": 1}, key="call")
     db.session.execute(update(OutboxCommand).where(OutboxCommand.id == show)
                        .values(not_before=utcnow() + DAY))  # it waits, e.g. for a retry

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.dispatcher import submit
+from app.dispatcher import Priority, submit
 from app.extensions import db
 from tests.dispatcher.conftest import settled
 
@@ -12,9 +12,9 @@ def test_a_backlog_leaves_as_several_batches_leased_in_one_round(make_portal, sa
     portal, info = make_portal()
     sandbox.set_latency(info["member_id"], 500)
     for n in range(300):
-        submit(portal, "crm.deal.add", {"fields": {"TITLE": str(n)}}, priority="bulk")
+        submit(portal.id, "crm.deal.add", {"fields": {"TITLE": str(n)}}, priority=Priority.BULK)
     for n in range(3):  # a key chain must not be split over batches that run side by side
-        submit(portal, "crm.deal.add", {"fields": {"TITLE": f"k{n}"}}, key="chain")
+        submit(portal.id, "crm.deal.add", {"fields": {"TITLE": f"k{n}"}}, key="chain")
     db.session.commit()  # no engine listens yet: the backlog is waiting when it starts
     engine = start_engine(DISPATCH_LINGER_MS=0)
     engine.wake(portal.id)

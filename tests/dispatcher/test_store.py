@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import event, update
 
-from app.dispatcher import store, submit
+from app.dispatcher import Priority, store, submit
 from app.dispatcher.packer import pack_round
 from app.extensions import db
 from app.tenants.models import Portal, aware, utcnow
@@ -43,7 +43,7 @@ def statements(app: Any) -> Iterator[list[tuple[str, int]]]:
 
 
 def _queue(portal: Portal, count: int, **kwargs: Any) -> list[int]:
-    ids = [submit(portal, "profile", {}, **kwargs) for _ in range(count)]
+    ids = [submit(portal.id, "profile", {}, **kwargs) for _ in range(count)]
     db.session.commit()
     return ids
 
@@ -59,7 +59,8 @@ def _lease(ids: list[int], owner: str = "me", batch: str = "b0") -> set[int]:
 
 def _outcome(command_id: int, **columns: Any) -> dict[str, Any]:
     row = {"id": command_id, "status": "done", "attempts_delta": 0, "not_before": None,
-           "result": None, "error": None, "dead_reason": None, "completed_at": None}
+           "result": None, "error": None, "dead_reason": None, "completed_at": None,
+           "outcome": None}
     return {**row, **columns}
 
 
@@ -123,7 +124,7 @@ def test_outcomes_are_written_as_given_and_only_where_the_owner_still_holds_the_
 
 
 def test_only_earlier_unfinished_commands_outside_the_fetch_block_a_key(portal):
-    bulk_k = _queue(portal, 1, key="k", priority="bulk")[0]
+    bulk_k = _queue(portal, 1, key="k", priority=Priority.BULK)[0]
     inflight_j = _queue(portal, 1, key="j")[0]
     waiting_m = _queue(portal, 1, key="m")[0]
     _lease([inflight_j])
@@ -139,13 +140,6 @@ def test_only_earlier_unfinished_commands_outside_the_fetch_block_a_key(portal):
     batches = pack_round(ready.candidates, ready.blockers, ready.deps, batches=2,
                          realtime_only_from=1, complete=ready.complete)
     assert [[c.id for c in b.commands] for b in batches] == [[n]]
-
-
-def test_notified_commands_are_marked(portal):
-    ids = _queue(portal, 3, on_done="followups.noop")
-    store.mark_notified(db.engine, ids[:2])
-    found = _by_id()
-    assert [found[i].on_done_sent for i in ids] == [True, True, False]
 
 
 def _postgres() -> bool:
@@ -174,7 +168,7 @@ def test_a_fetch_sends_its_keys_as_one_parameter_on_postgresql(portal, statement
         pytest.skip("PostgreSQL's array parameters")
     _queue(portal, 1, key="first")
     for n in range(300):
-        submit(portal, "profile", {}, key=f"k{n}")
+        submit(portal.id, "profile", {}, key=f"k{n}")
     db.session.commit()
     statements.clear()
     ready = store.fetch_ready(db.engine, portal.id, utcnow(), 1000)

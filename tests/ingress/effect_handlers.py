@@ -76,3 +76,24 @@ if os.environ.get("INGRESS_TEST_PBX_HANDLER"):
     def pbx_answer(portal: Any, event: dict[str, Any]) -> None:
         """Record the effect of a PBX answer event."""
         _record(event)
+
+
+ORDER_TABLE = "ingress_test_order"
+
+
+def record_order(portal: Any, event: dict[str, Any]) -> None:
+    """Record when this call event's handling started and ended, around a little work."""
+    started = time.time()
+    time.sleep(0.01)
+    db.session.execute(text(f"INSERT INTO {ORDER_TABLE} (call_id, inbox_id, started, ended)"
+                            " VALUES (:call, :id, :started, :ended)"),
+                       {"call": event["call_id"], "id": event["inbox_id"], "started": started,
+                        "ended": time.time()})
+
+
+if os.environ.get("INGRESS_TEST_ORDER_HANDLER"):
+    # Only workers started with this variable have it: the test process's registry stays as is.
+    from app.ingress import pbx
+
+    for _kind in pbx.EVENTS:
+        on(_kind, source="pbx")(record_order)

@@ -255,7 +255,8 @@ def test_metrics_show_intake_counts_depth_and_latency(app, portal, deliver, clie
     deliver.b24(portal)
     deliver.b24(portal, token="bad")
     assert enqueuer.drain(app)  # the row is queued by the process's enqueuer thread
-    text = client.get("/metrics").get_data(as_text=True)
+    scrape = {"Authorization": f"Bearer {app.config['METRICS_TOKEN']}"}
+    text = client.get("/metrics", headers=scrape).get_data(as_text=True)
     assert 'b24relay_events_received_total{source="b24"}' in text
     assert 'b24relay_events_rejected_total{reason="forged_token",source="b24"}' in text
     assert 'b24relay_events_queued_total{source="b24",via="intake"}' in text

@@ -4,6 +4,7 @@ leaves nothing behind, even when it is SIGKILLed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -118,6 +119,45 @@ def test_make_run_installs_into_the_sandbox_within_60_seconds(make_run):
     print(f"make run: app installed in the sandbox {elapsed:.1f}s after start")
 
 
+def _portal(instance: Path, member_id: str) -> tuple[str, bool] | None:
+    """(status, holds an application token) of a portal row in make run's SQLite file."""
+    with sqlite3.connect(instance / "b24relay.db", timeout=10) as conn:
+        row = conn.execute("SELECT status, application_token_hash IS NOT NULL FROM portals "
+                           "WHERE member_id = ?", (member_id,)).fetchone()
+    return (row[0], bool(row[1])) if row else None
+
+
+def test_make_run_installs_a_short_form_portal(make_run):
+    # The short iframe form names no SERVER_ENDPOINT: the app asks the first trusted auth
+    # server, which make run must name as plain http (the sandbox has no TLS).
+    banner = make_run.banner(INSTALL_DEADLINE_SECONDS)
+    state = json.loads((make_run.instance / appsetup.STATE_FILE).read_text())
+    with SandboxControl(banner["sandbox"]) as control:
+        portal = control.create_portal(users=appsetup.DEMO_USERS, client_id=state["client_id"],
+                                       client_secret=state["client_secret"],
+                                       app_url=make_run.url, iframe_form="short")
+        member_id = portal["member_id"]
+        installed = control.install_app(member_id, make_run.url)
+        assert "SERVER_ENDPOINT" not in installed["form"], "the sandbox sent the short form"
+        assert installed["status"] == 200 and installed["install_pending"], installed["body"]
+        finished = control.finish_install(member_id)
+        assert [d["status"] for d in finished["onappinstall"]] == [200]
+        # The worker processes ONAPPINSTALL: the portal is active with its application token.
+        wait_for(lambda: _portal(make_run.instance, member_id) == ("active", True), timeout=30)
+        opened = control.open_placement(member_id, "DEFAULT", user_id=1)
+    assert opened["status"] == 200, opened["body"]
+    assert make_run.proc.poll() is None, make_run.output()
+
+
+def test_make_run_keeps_the_customer_data_it_wrote_private(make_run):
+    make_run.banner(INSTALL_DEADLINE_SECONDS)  # the install wrote the portal and its events
+    modes = {name: oct((make_run.instance / name).stat().st_mode & 0o777)
+             for name in ("b24relay.db", "b24relay.db-wal", "b24relay.db-shm", "redis.aof",
+                          ".metrics_token", ".secret_key")}
+    assert modes == dict.fromkeys(modes, "0o600")
+    assert oct(make_run.instance.stat().st_mode & 0o777) == "0o700"
+
+
 def _statuses(instance: Path, event: str) -> list[str]:
     """The inbox statuses of this event's rows, read from make run's SQLite file."""
     with sqlite3.connect(instance / "b24relay.db", timeout=10) as conn:
@@ -152,6 +192,37 @@ def test_a_sigkilled_web_server_is_restarted_on_the_same_port(make_run):
     # make run holds the port: requests wait in its backlog instead of being refused.
     assert httpx.get(f"{make_run.url}/healthz", timeout=30).status_code == 200
     assert make_run.pids()["web (gunicorn)"] != web and not group_alive(web)
+
+
+def _portal_names(instance: Path) -> list[str]:
+    """Every member_id and domain in make run's database."""
+    with sqlite3.connect(instance / "b24relay.db", timeout=10) as conn:
+        return [name for row in conn.execute("SELECT member_id, domain FROM portals")
+                for name in row]
+
+
+def test_make_run_metrics_answer_only_the_token_and_name_no_portal(make_run):
+    banner = make_run.banner(INSTALL_DEADLINE_SECONDS)
+    token = (make_run.instance / ".metrics_token").read_text().strip()
+    with SandboxControl(banner["sandbox"]) as control:  # work for the worker's dispatcher
+        sent = control.trigger_event(banner["member_id"], "ONUSERADD",
+                                     data={"FIELDS": {"ID": "3"}})
+    assert sent["statuses"] == [200]
+    scrape = f"{make_run.url}/metrics"
+    assert httpx.get(scrape, timeout=10).status_code == 401
+    assert httpx.get(scrape, headers={"Authorization": "Bearer " + "x" * len(token)},
+                     timeout=10).status_code == 401
+
+    def dispatched() -> str | None:  # merged from the worker processes' files
+        resp = httpx.get(scrape, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert resp.status_code == 200
+        return resp.text if 'b24relay_dispatch_commands_total{outcome="done"' in resp.text \
+            else None
+
+    text = wait_for(dispatched, timeout=30, interval=0.5)
+    names = _portal_names(make_run.instance)
+    assert len(names) >= 2  # every portal make run's tests installed
+    assert not [line for line in text.splitlines() for name in names if name in line]
 
 
 def test_a_port_another_process_holds_is_a_clear_error(tmp_path):
@@ -198,4 +269,6 @@ def test_sandbox_env_is_stable_across_runs(tmp_path):
     assert first["B24_CLIENT_SECRET"] == second["B24_CLIENT_SECRET"]
     assert first["B24_SANDBOX"] == "1"
     assert first["B24_JS_SDK_URL"].endswith("/bx24.js")
-    assert first["B24_AUTH_SERVERS"] == first["B24_SANDBOX_URL"].split("://", 1)[1]
+    # With its scheme: a bare host would mean https, which the sandbox does not speak.
+    assert first["B24_AUTH_SERVERS"] == first["B24_SANDBOX_URL"]
+    assert first["B24_AUTH_SERVERS"].startswith("http://127.0.0.1:")

@@ -3,7 +3,7 @@
 Each run delivers ONUSERADD events through the real intake (``/b24/events``) to a real
 worker process (its dispatcher engine included) and a sandbox portal over loopback. The
 handler submits ``user.get`` to the outbox; the dispatcher packs, paces and retries it;
-the on_done actor fills the extension map. Before this change each event called
+the outcome handler fills the extension map. Before this change each event called
 Bitrix24 inside its own processing: a burst overran the portal's bucket, a short
 outage used up the event's five attempts, and a slow portal held the worker threads.
 """

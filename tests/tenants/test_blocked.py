@@ -37,8 +37,8 @@ def _age_block(portal: Portal, minutes: float = 20) -> None:
 
 
 def _submit_three(portal: Portal) -> list[int]:
-    ids = [submit(portal, "user.get", {"ID": 1}), submit(portal, "crm.deal.list", {}),
-           submit(portal, "user.current", {})]
+    ids = [submit(portal.id, "user.get", {"ID": 1}), submit(portal.id, "crm.deal.list", {}),
+           submit(portal.id, "user.current", {})]
     db.session.commit()
     return ids
 
@@ -75,7 +75,7 @@ def test_overload_limit_blocks_the_portal_and_its_commands_wait(
     sent = _requests(sandbox, portal.member_id)
     for _ in range(3):
         assert portal.id not in sweep.sweep().nudged
-    submit(portal, "user.get", {"ID": 2})
+    submit(portal.id, "user.get", {"ID": 2})
     db.session.commit()
     wait_for(lambda: len(rows(portal.id)) == 4)
     assert _requests(sandbox, portal.member_id) == sent

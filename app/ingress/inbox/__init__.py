@@ -1,0 +1,39 @@
+"""The inbox: every accepted event, stored once, until a worker has handled it.
+
+Four parts, one module each: storing (``storing``: the one INSERT), handing rows to the
+broker (``enqueueing``), queueing again what got stuck (``sweeping``), and what operators
+see and do (``admin``: depth, dead letters, replay). Handling a row is
+app/ingress/processing.py; the order of a key's rows is app/ingress/ordering.py.
+
+The names below are the inbox's interface, so callers write ``inbox.store(...)`` without
+knowing which part holds what.
+"""
+
+from app.ingress.inbox.admin import DeadLetter, dead_letters, depth, replay_dead
+from app.ingress.inbox.enqueueing import (
+    ACTOR,
+    ACTOR_GROUP,
+    ENQUEUE_TIMEOUT_SECONDS,
+    QUEUE,
+    REDIS_BACKOFF_SECONDS,
+    enqueue,
+    fast_redis,
+    init_app,
+    mark_received,
+)
+from app.ingress.inbox.storing import (
+    NewEvent,
+    Stored,
+    b24_dedupe_key,
+    digest,
+    store,
+    store_verified,
+)
+from app.ingress.inbox.sweeping import SweepPolicy, requeue_stuck, stuck_rows
+
+__all__ = [
+    "ACTOR", "ACTOR_GROUP", "ENQUEUE_TIMEOUT_SECONDS", "QUEUE", "REDIS_BACKOFF_SECONDS",
+    "DeadLetter", "NewEvent", "Stored", "SweepPolicy", "b24_dedupe_key", "dead_letters",
+    "depth", "digest", "enqueue", "fast_redis", "init_app", "mark_received", "replay_dead",
+    "requeue_stuck", "store", "store_verified", "stuck_rows",
+]
