@@ -71,3 +71,45 @@ def test_only_app_config_reads_the_environment():
     found = [f"{path}:{line}" for path, tree in _modules("app", "workers", "placements")
              if path not in MAY_READ_ENVIRONMENT for line in _environment_reads(tree)]
     assert found == [], "declare the setting in app/config.py and read current_app.config"
+
+
+# The floors (issue 20; /work/shared/docs/architecture.md "Layout"): only the factory, workers/
+# and placements/ import a use case; the services (dispatcher, ingress) import none; the floor
+# (tenants) imports no service and no use case.
+USE_CASES = ("app.installation",)
+SERVICES = ("app.dispatcher", "app.ingress")
+MAY_IMPORT_USE_CASES = ("app/__init__.py", "workers/", "placements/")
+# Still in the floor until the outbox executor of the setup moves to app/installation (issue 20).
+NOT_YET_MOVED = {"app/tenants/upkeep.py"}
+
+
+def _under(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def _arrows(*packages: str) -> Iterator[tuple[str, str]]:
+    """``(path, imported module)`` for every import in the packages, NOT_YET_MOVED left out."""
+    for path, tree in _modules(*packages):
+        if path not in NOT_YET_MOVED:
+            yield from ((path, name) for name in _imported(tree))
+
+
+def _own_use_case(path: str) -> str:
+    """The use case whose package holds ``path`` ("" when none): it may import itself."""
+    return next((u for u in USE_CASES if path.startswith(u.replace(".", "/") + "/")), "")
+
+
+def test_only_the_factory_workers_and_placements_import_a_use_case():
+    arrows = list(_arrows("app", "workers", "placements"))
+    assert ("app/__init__.py", "app.installation.events") in arrows, "the scan is blind"
+    found = [f"{path}: {name}" for path, name in arrows
+             if _under(name, USE_CASES) and not path.startswith(MAY_IMPORT_USE_CASES)
+             and not _under(name, (_own_use_case(path),))]
+    assert found == [], "a use case is wired by the factory, workers/ or placements/ only"
+
+
+def test_the_floor_imports_no_service_and_no_use_case():
+    arrows = list(_arrows("app/tenants"))
+    assert ("app/tenants/tokens.py", "app.tenants.models") in arrows, "the scan is blind"
+    found = [f"{path}: {name}" for path, name in arrows if _under(name, SERVICES + USE_CASES)]
+    assert found == [], "app/tenants is the floor: move the code up, or invert the arrow"

@@ -38,10 +38,11 @@ from typing import Any
 
 from app.dispatcher import Outcome, Priority, earlier, submit
 from app.extensions import db
-from app.tenants import install
+from app.installation import plan as install  # the setup plan (was app.tenants.install)
+from app.installation.user_sync import sync_users, upsert_user
 from app.tenants.models import Portal, utcnow
 from app.tenants.status import is_held
-from app.tenants.users import PortalUser, sync_users, upsert_user
+from app.tenants.users import PortalUser
 
 log = logging.getLogger(__name__)
 
