@@ -82,7 +82,7 @@ def _register_event_handlers() -> None:
     from app.dispatcher import register_outcome_handlers
     from app.ingress import registry
     from app.installation.events import HANDLERS
-    from app.tenants.upkeep import OUTCOME_HANDLERS
+    from app.installation.upkeep import OUTCOME_HANDLERS
 
     registry.register(HANDLERS)
     register_outcome_handlers(OUTCOME_HANDLERS)

@@ -72,14 +72,6 @@ def test_no_module_imports_another_blueprints_views():
                             f"belongs in a module of its own (app/framing.py, ...): {offences}")
 
 
-def test_no_placement_imports_the_installation_views():
-    modules = _modules()
-    offenders = sorted(name for name, (path, tree) in modules.items()
-                       if name.startswith("placements")
-                       and "app.installation.views" in _imports(name, path, tree))
-    assert offenders == []
-
-
 def test_the_framing_helpers_are_defined_once_in_app_framing():
     homes: dict[str, list[str]] = {}
     for name, (_, tree) in _modules().items():

@@ -1,4 +1,6 @@
-"""Invariants of the layout: the app does not import the sandbox, and settings have one home."""
+"""Settings have one home: only app/config.py reads the process environment.
+
+The import rules (floors, the one way out, the sandbox) are in tests/test_import_rules.py."""
 
 from __future__ import annotations
 
@@ -24,14 +26,6 @@ def _modules(*packages: str) -> Iterator[tuple[str, ast.Module]]:
             yield path.relative_to(ROOT).as_posix(), ast.parse(path.read_text(), str(path))
 
 
-def _imported(tree: ast.Module) -> Iterator[str]:
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.module
-
-
 def _environment_reads(tree: ast.Module) -> Iterator[int]:
     """Lines that touch os.environ/os.getenv or call app.config's env_* readers."""
     from_os = {alias.asname or alias.name for node in ast.walk(tree)
@@ -47,12 +41,6 @@ def _environment_reads(tree: ast.Module) -> Iterator[int]:
                 yield node.lineno
         elif isinstance(node, ast.ImportFrom) and any(a.name in ENV_READERS for a in node.names):
             yield node.lineno
-
-
-def test_nothing_under_app_imports_the_sandbox():
-    found = [f"{path}: {name}" for path, tree in _modules("app") for name in _imported(tree)
-             if name == "sandbox" or name.startswith("sandbox.")]
-    assert found == [], "the app must run without the sandbox (move such code to sandbox/)"
 
 
 @pytest.mark.parametrize("source, reads", [
@@ -71,45 +59,3 @@ def test_only_app_config_reads_the_environment():
     found = [f"{path}:{line}" for path, tree in _modules("app", "workers", "placements")
              if path not in MAY_READ_ENVIRONMENT for line in _environment_reads(tree)]
     assert found == [], "declare the setting in app/config.py and read current_app.config"
-
-
-# The floors (issue 20; /work/shared/docs/architecture.md "Layout"): only the factory, workers/
-# and placements/ import a use case; the services (dispatcher, ingress) import none; the floor
-# (tenants) imports no service and no use case.
-USE_CASES = ("app.installation",)
-SERVICES = ("app.dispatcher", "app.ingress")
-MAY_IMPORT_USE_CASES = ("app/__init__.py", "workers/", "placements/")
-# Still in the floor until the outbox executor of the setup moves to app/installation (issue 20).
-NOT_YET_MOVED = {"app/tenants/upkeep.py"}
-
-
-def _under(name: str, packages: tuple[str, ...]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in packages)
-
-
-def _arrows(*packages: str) -> Iterator[tuple[str, str]]:
-    """``(path, imported module)`` for every import in the packages, NOT_YET_MOVED left out."""
-    for path, tree in _modules(*packages):
-        if path not in NOT_YET_MOVED:
-            yield from ((path, name) for name in _imported(tree))
-
-
-def _own_use_case(path: str) -> str:
-    """The use case whose package holds ``path`` ("" when none): it may import itself."""
-    return next((u for u in USE_CASES if path.startswith(u.replace(".", "/") + "/")), "")
-
-
-def test_only_the_factory_workers_and_placements_import_a_use_case():
-    arrows = list(_arrows("app", "workers", "placements"))
-    assert ("app/__init__.py", "app.installation.events") in arrows, "the scan is blind"
-    found = [f"{path}: {name}" for path, name in arrows
-             if _under(name, USE_CASES) and not path.startswith(MAY_IMPORT_USE_CASES)
-             and not _under(name, (_own_use_case(path),))]
-    assert found == [], "a use case is wired by the factory, workers/ or placements/ only"
-
-
-def test_the_floor_imports_no_service_and_no_use_case():
-    arrows = list(_arrows("app/tenants"))
-    assert ("app/tenants/tokens.py", "app.tenants.models") in arrows, "the scan is blind"
-    found = [f"{path}: {name}" for path, name in arrows if _under(name, SERVICES + USE_CASES)]
-    assert found == [], "app/tenants is the floor: move the code up, or invert the arrow"

@@ -1,7 +1,7 @@
 """Install actors: re-run a portal's idempotent setup, keep the extension map current.
 
-Both only submit commands (app.tenants.upkeep); the dispatcher sends them and the
-outcome handlers (app.tenants.upkeep) finish the work, so no worker thread waits on Bitrix24.
+Both only submit commands (app.installation.upkeep); the dispatcher sends them and the
+outcome handlers (app.installation.upkeep) finish the work, so no worker thread waits on Bitrix24.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from datetime import timedelta
 import dramatiq
 
 from app.extensions import db
+from app.installation import upkeep
 from app.installation.user_sync import portals_with_live_tokens
-from app.tenants import upkeep
 from app.tenants.models import Portal, PortalStatus, aware, utcnow
 from workers.scheduler import periodic
 

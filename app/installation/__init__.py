@@ -3,7 +3,7 @@
 Modules, one idea each: ``views`` (``/install`` and the OAuth code flow), ``verify`` (who is
 asking: the iframe POST, ``app.info``, ``user.admin``), ``install`` (the install and
 uninstall of a portal), ``plan`` (the setup plan), ``setup`` (its direct executor; the
-outbox one is app.tenants.upkeep until it moves here), ``user_sync`` (the extension map
+outbox one is ``upkeep``), ``user_sync`` (the extension map
 from ``user.get``), ``chains`` (an admin's fresh chain), ``iframe`` (placement iframe
 sessions), ``events`` (the lifecycle and user event handlers), ``blocked`` (the probe of a
 REST-blocked portal) and ``cli`` (``flask portals resume``).

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from app.bitrix import errors
 from app.dispatcher import direct
 from app.extensions import db
-from app.installation import install
+from app.installation import install, upkeep
 from app.installation.plan import int_or_none
 from app.installation.verify import (
     InstallError,
@@ -38,7 +38,7 @@ from app.installation.verify import (
     user_is_admin,
     verify_token,
 )
-from app.tenants import tokens, upkeep
+from app.tenants import tokens
 from app.tenants.models import Portal, PortalSettings, PortalStatus
 from app.tenants.status import PortalUnavailable, ensure_callable, is_held
 from app.tenants.tokens import Credentials
@@ -135,7 +135,7 @@ def on_app_update(portal: Portal | None, event: dict[str, Any]) -> None:
 
     The checks of the event's own tokens (app.info, user.admin) are direct: they use the
     event's chain, not the portal's. The setup itself goes through the dispatcher
-    (app.tenants.upkeep), submitted with this row's outcome.
+    (app.installation.upkeep), submitted with this row's outcome.
     """
     if portal is None:
         return
@@ -262,7 +262,7 @@ def on_user_add(portal: Portal | None, event: dict[str, Any]) -> None:
     """Read the new user's extension into the map: ``user.get`` through the dispatcher.
 
     The handler calls no Bitrix24: it submits the command with this row's outcome, and
-    app.tenants.upkeep.user_fetched upserts the user once the answer is in.
+    app.installation.upkeep.user_fetched upserts the user once the answer is in.
     """
     user_id = _user_id(event)
     if portal is None or user_id is None:

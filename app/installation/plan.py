@@ -6,7 +6,7 @@ sends the writes it returns:
 
 * directly, while the admin waits on ``/install`` (:mod:`app.installation.setup`);
 * through the dispatcher's outbox, for ONAPPUPDATE and the settings page
-  (app.tenants.upkeep), where nobody waits.
+  (app.installation.upkeep), where nobody waits.
 
 Nothing here calls Bitrix24 or commits. ONAPPINSTALL is among the events: each install or
 update drops its binding (§2.4), so every setup binds it again.

@@ -6,7 +6,7 @@ asks the plan what is missing (:func:`app.installation.plan.decide`) and binds i
 batches, so a re-install changes nothing; then it reads every user into the extension map.
 ONAPPINSTALL must be bound before the installer page calls ``installFinish``, which then
 sends it with the application token (the short form's only source of it): so this runs
-direct, not through the outbox (the outbox executor is app.tenants.upkeep).
+direct, not through the outbox (the outbox executor is app.installation.upkeep).
 
 Transactions: the caller owns the unit of work and commits. The one side transaction is
 :func:`_end_transaction`, before each slow Bitrix24 call.

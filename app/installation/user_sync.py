@@ -1,7 +1,7 @@
 """The user sync: ``user.get`` records into the extension map (app.tenants.users.PortalUser).
 
 Both executors of the setup read users (app/installation/setup.py directly at install,
-app.tenants.upkeep through the outbox); ONUSERADD and the periodic sync
+app.installation.upkeep through the outbox); ONUSERADD and the periodic sync
 (workers/install.py) keep the map current. These functions add rows and
 never commit: the caller does.
 """

@@ -10,8 +10,7 @@ from sqlalchemy import delete, func, select
 from app.dispatcher import nudge
 from app.extensions import db
 from app.ingress.models import InboxEvent
-from app.installation import events, plan, user_sync
-from app.tenants import upkeep
+from app.installation import events, plan, upkeep, user_sync
 from app.tenants.models import PortalSettings
 from app.tenants.users import PortalUser
 from tests.conftest import wait_for
