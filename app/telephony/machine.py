@@ -46,6 +46,7 @@ HIDE = "telephony.externalcall.hide"
 FINISH = "telephony.externalcall.finish"
 FAILED_REASONS = {"no_answer": "no answer", "busy": "busy", "cancelled": "caller hung up",
                   "failed": "failed"}
+MAX_DURATION = 2**31 - 1  # seconds: what the calls table (and Bitrix24's int) can hold
 OUTGOING_CODES = {"no_answer": "480", "busy": "486", "cancelled": "603-S", "failed": "503"}
 
 
@@ -291,7 +292,8 @@ def _end(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, li
     finisher = (call.handler or call.answerer or call.owner) if answered else call.owner
     others = [u for u in call.shown if u != finisher]
     after = _without(call, others)
-    duration = max(1, math.ceil(float(event.get("duration") or 0))) if answered else 0
+    talked = min(float(event.get("duration") or 0), MAX_DURATION)  # intake bounds it below only
+    duration = max(1, math.ceil(talked)) if answered else 0
     finish: dict[str, Any] = {
         "CALL_ID": CALL_ID,
         "USER_ID": finisher,

@@ -276,3 +276,8 @@ def test_a_missed_incoming_call_is_always_304_and_an_answered_one_200_and_at_lea
         assert finish["STATUS_CODE"] == "200" and finish["DURATION"] >= 1
     elif start["direction"] == "in":
         assert finish["STATUS_CODE"] == "304" and finish["DURATION"] == 0
+
+
+def test_an_absurd_duration_is_held_to_what_the_table_can_store():
+    _, commands = run([START, ev("end", 9, status="answered", duration=1e308)])
+    assert commands[-1].params["DURATION"] == 2**31 - 1
