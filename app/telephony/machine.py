@@ -126,7 +126,8 @@ def apply(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, l
 def ordered(events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Events by (``at``, rank of their kind, arrival)."""
     indexed = list(enumerate(events))
-    indexed.sort(key=lambda pair: (when(pair[1]), RANK.get(pair[1].get("event"), 9), pair[0]))
+    indexed.sort(key=lambda pair: (when(pair[1]), RANK.get(str(pair[1].get("event")), 9),
+                                   pair[0]))
     return [event for _, event in indexed]
 
 

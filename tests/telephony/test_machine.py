@@ -53,9 +53,9 @@ def test_start_registers_without_the_card_then_shows_it_to_every_ringing_user():
     call, commands = run([START])
     register, show = commands
     assert register.method == REGISTER and register.params == {
-        "USER_ID": 1, "PHONE_NUMBER": "+49301234567", "CALL_START_DATE": "2026-11-22T16:40:00+03:00",
-        "TYPE": 2, "LINE_NUMBER": "+4930555", "EXTERNAL_CALL_ID": "pbx-1", "CRM_CREATE": 1,
-        "CRM_SOURCE": "CALL", "SHOW": 0}
+        "USER_ID": 1, "PHONE_NUMBER": "+49301234567",
+        "CALL_START_DATE": "2026-11-22T16:40:00+03:00", "TYPE": 2, "LINE_NUMBER": "+4930555",
+        "EXTERNAL_CALL_ID": "pbx-1", "CRM_CREATE": 1, "CRM_SOURCE": "CALL", "SHOW": 0}
     assert show.params == {"CALL_ID": CALL_ID, "USER_ID": [1, 2, 3]}
     assert (call.state, call.owner, call.ringing, call.shown) == (State.RINGING, 1, (1, 2, 3),
                                                                    (1, 2, 3))
