@@ -4,6 +4,9 @@ the finish go; finish's outcome is kept."""
 
 from __future__ import annotations
 
+import threading
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -149,3 +152,46 @@ def test_a_held_portals_events_wait(portal):
     db.session.commit()
     with pytest.raises(PortalUnavailable):
         handlers.on_call_event(portal, pbx("c1", "start", 0, **START))
+
+
+def test_an_end_and_registers_outcome_at_the_same_moment_still_give_one_finish(app, portal):
+    """The end's handler and register's outcome handler each read the call, then write what
+    follows: whichever comes second must see the other's write (or the finish is lost)."""
+    call = feed(portal, pbx("c1", "start", 0, **START))
+    register = commands(call)[0]
+    same_portal = SimpleNamespace(id=portal.id)  # not the test thread's session's object
+    locked, go = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def end_handler() -> None:  # the end's part: the call locked, the finish put to wait
+        with app.app_context():
+            try:
+                row = handlers._load(same_portal, "c1")  # type: ignore[arg-type]
+                locked.set()
+                row.finish_params = {"CALL_ID": "$call", "USER_ID": 1, "DURATION": 5,
+                                     "STATUS_CODE": "200"}
+                go.wait(10)
+                db.session.commit()
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                locked.set()
+
+    def outcome_handler() -> None:
+        with app.app_context():
+            try:
+                settle(register, OutcomeKind.DONE, {"CALL_ID": "externalCall.race"})
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+    first = threading.Thread(target=end_handler)
+    first.start()
+    assert locked.wait(10)
+    second = threading.Thread(target=outcome_handler)
+    second.start()
+    time.sleep(0.5)  # the outcome handler is now waiting for the call's lock
+    go.set()
+    first.join(20)
+    second.join(20)
+    assert errors == []
+    finishes = [c for c in commands(call) if c.method == "telephony.externalcall.finish"]
+    assert len(finishes) == 1 and finishes[0].params["CALL_ID"] == "externalCall.race"
