@@ -24,7 +24,7 @@ class NoCookieSession(SessionInterface):
     """The app keeps no cookie session: Bitrix24 and the PBX authenticate every request.
 
     Placement forms and the OAuth state carry signed tokens of their own (placements/,
-    tenants/views.py), so Flask's signed-cookie session is never read; skipping it
+    installation/views.py), so Flask's signed-cookie session is never read; skipping it
     saves building a signing serializer on every event (about 5% of intake's CPU).
     """
 
@@ -78,12 +78,12 @@ def _import_models() -> None:
 
 
 def _register_event_handlers() -> None:
-    """The tenants' lifecycle and user event handlers, into the ingress handler registry;
+    """The installation's lifecycle and user event handlers, into the ingress handler registry;
     their outcome handlers, into the dispatcher's."""
     from app.dispatcher import register_outcome_handlers
     from app.ingress import registry
-    from app.tenants.events import HANDLERS
-    from app.tenants.upkeep import OUTCOME_HANDLERS
+    from app.installation.events import HANDLERS
+    from app.installation.upkeep import OUTCOME_HANDLERS
 
     registry.register(HANDLERS)
     register_outcome_handlers(OUTCOME_HANDLERS)
@@ -96,22 +96,24 @@ def _register_blueprints(app: Flask) -> None:
     from app.health import bp as health_bp
     from app.ingress import lane as intake_lane
     from app.ingress.views import bp as ingress_bp
-    from app.tenants.views import bp as tenants_bp
+    from app.installation.views import bp as installation_bp
 
     app.register_blueprint(health_bp)
     app.register_blueprint(ingress_bp)
     intake_lane.init_app(app)  # outermost WSGI layer: the common event, answered without Flask
-    app.register_blueprint(tenants_bp)
+    app.register_blueprint(installation_bp)
     placements.init_app(app)
 
 
 def _register_cli(app: Flask) -> None:
-    """``flask portals …`` (list, show, refresh, disable, enable, api-key), ``flask inbox …``,
-    ``flask outbox …`` (show, dead, replay), ``flask dispatcher run``."""
+    """``flask portals …`` (list, show, refresh, disable, enable, resume, api-key),
+    ``flask inbox …``, ``flask outbox …`` (show, dead, replay), ``flask dispatcher run``."""
     from app.dispatcher.cli import dispatcher_cli, outbox_cli
     from app.ingress.cli import api_key_command, inbox_cli
+    from app.installation.cli import resume_portal
     from app.tenants.cli import portals_cli
 
+    portals_cli.add_command(resume_portal)
     portals_cli.add_command(api_key_command)
     app.cli.add_command(portals_cli)
     app.cli.add_command(inbox_cli)

@@ -229,7 +229,7 @@ def dispatch_settings() -> dict[str, Any]:
         "OUTBOX_PRUNE_INTERVAL": env_float("OUTBOX_PRUNE_INTERVAL", 3600.0),
         # A portal blocked by Bitrix24 support (OVERLOAD_LIMIT) gets one app.info this many
         # minutes after it was (last found) blocked, and resumes when it answers
-        # (app/tenants/blocked.py); 0: never probed, an operator resumes it.
+        # (app/installation/blocked.py); 0: never probed, an operator resumes it.
         "OVERLOAD_PROBE_MINUTES": env_float("OVERLOAD_PROBE_MINUTES", 15.0),
     }
 
@@ -308,7 +308,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # ... of which one source address (IPv4, or an IPv6 /64) may take this many.
         "PROVISIONAL_EVENTS_PER_ADDRESS": env_int("PROVISIONAL_EVENTS_PER_ADDRESS", 100),
         # Events that carry the portal's handler key (they come through the bindings the app
-        # made, app/ingress/handler_key.py) have a ration of their own, this large, so that
+        # made, app/tenants/handler_key.py) have a ration of their own, this large, so that
         # a forger's flood cannot leave Bitrix24's own events refused.
         "PROVISIONAL_KEYED_EVENTS_PER_PORTAL": env_int("PROVISIONAL_KEYED_EVENTS_PER_PORTAL",
                                                        10000),

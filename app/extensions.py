@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import redis
 from flask import Flask
@@ -39,8 +40,9 @@ else:
 
 
 def configure_database(app: Flask) -> None:
-    """Engine options: a bounded connect on PostgreSQL; WAL, a busy timeout and FK checks on
-    SQLite (shared by web and worker processes)."""
+    """Engine options: a bounded connect on PostgreSQL; WAL, a busy timeout, FK checks and
+    commits that sync the WAL outside the write lock on SQLite (shared by web and worker
+    processes; see :class:`SQLiteConnection`)."""
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("postgresql"):
         # A server that accepts but never answers (hung, or a half-open network path) would
@@ -56,7 +58,76 @@ def configure_database(app: Flask) -> None:
     if uri.startswith("sqlite:///") and ":memory:" not in uri:  # customer data: 0600, 0700
         private_sqlite(Path(uri[len("sqlite:///"):].split("?", 1)[0]),
                        Path(app.config["INSTANCE_PATH"]))
-    app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {"timeout": 30}})
+    app.config.setdefault("SQLALCHEMY_ENGINE_OPTIONS", {"connect_args": {
+        "timeout": 30, "factory": SQLiteConnection}})
+
+
+# sqlite3's own descriptor, which the subclass below wraps (typeshed types the attribute as
+# its value, so it is read from the class's namespace).
+_SQLITE_ISOLATION: Any = vars(sqlite3.Connection)["isolation_level"]
+
+
+class SQLiteConnection(sqlite3.Connection):
+    """A SQLite connection whose commit flushes the WAL after the write lock is released.
+
+    SQLite has one write lock per database. With ``synchronous=FULL`` a commit fsyncs the WAL
+    while it holds that lock, and every other writer waits in SQLite's busy handler, which
+    sleeps 1, 2, 5, 10, 15, 20 ms... between tries and is not woken when the lock frees. On
+    ``make run``'s stack the worker commits twice per event (claim, finish), so an intake
+    INSERT found the lock taken by a worker's fsync and slept through those steps: 5 % of
+    the events took 20-56 ms (issue 20; README, *The embedded default*). So a transaction
+    commits with ``synchronous=NORMAL`` (no sync under the lock) and :meth:`commit` then
+    fdatasyncs the WAL itself before it returns: a caller still gets control back only once
+    its transaction is on disk, as with FULL; other connections may read it a moment sooner.
+    In autocommit (intake's single INSERT) no commit() follows a statement, so the connection
+    is switched to FULL there and SQLite syncs each statement itself, as before. Only in WAL
+    mode on a file; otherwise the connection keeps SQLite's FULL throughout.
+    """
+
+    wal: str | None = None  # the WAL file's path, set by _sqlite_pragmas in WAL mode
+    _dir_synced = False
+
+    @property  # type: ignore[override]
+    def isolation_level(self) -> str | None:
+        """sqlite3's own: None is autocommit."""
+        return _SQLITE_ISOLATION.__get__(self)  # type: ignore[no-any-return]
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        if self.in_transaction:  # sqlite3 would commit it too: with our flush
+            self.commit()
+        _SQLITE_ISOLATION.__set__(self, value)
+        self.sync_mode()
+
+    def sync_mode(self) -> None:
+        """FULL in autocommit (SQLite syncs each statement), NORMAL for transactions."""
+        if self.wal is not None:
+            level = "FULL" if self.isolation_level is None else "NORMAL"
+            self.execute(f"PRAGMA synchronous={level}")
+
+    def commit(self) -> None:
+        """Commit, then put the WAL on disk (outside the write lock) before returning."""
+        wrote = self.in_transaction
+        super().commit()
+        if wrote and self.wal is not None:
+            self._flush(self.wal)
+
+    def _flush(self, wal: str) -> None:
+        try:
+            fd = os.open(wal, os.O_RDONLY)
+        except FileNotFoundError:  # the journal mode was changed behind us: SQLite's own syncs
+            return
+        try:
+            os.fdatasync(fd)  # every frame written to the file so far, ours included
+        finally:
+            os.close(fd)
+        if not self._dir_synced:  # once per connection: the WAL file's own directory entry
+            folder = os.open(os.path.dirname(wal) or ".", os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+            self._dir_synced = True
 
 
 @event.listens_for(Engine, "connect")
@@ -64,9 +135,15 @@ def _sqlite_pragmas(dbapi_connection: object, connection_record: object) -> None
     if not isinstance(dbapi_connection, sqlite3.Connection):
         return
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    mode = cursor.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
+    if isinstance(dbapi_connection, SQLiteConnection) and str(mode).lower() == "wal":
+        path = next((row[2] for row in cursor.execute("PRAGMA database_list") if row[1] == "main"),
+                    "")
+        if path:
+            dbapi_connection.wal = f"{path}-wal"
+            dbapi_connection.sync_mode()
     cursor.close()
 migrate = Migrate()
 

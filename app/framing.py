@@ -19,15 +19,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Response, request
 from sqlalchemy import select
 
 from app.extensions import db
 from app.tenants.models import Portal
-from app.tenants.verify import valid_host
 
 NOBODY = "'none'"
+
+
+def valid_host(value: str) -> bool:
+    """Whether ``value`` is a bare ``host[:port]`` (what DOMAIN must be)."""
+    try:
+        parts = urlsplit(f"//{value}")
+        return bool(parts.hostname) and parts.netloc == value and not parts.path
+    except ValueError:
+        return False
 
 
 def framed_by(response: Response, origin: str | None) -> Response:

@@ -3,6 +3,8 @@
 1. ``bench.ingest`` — event intake under gunicorn + PostgreSQL + Redis, against a
    bare Flask endpoint in the same run (see its docstring for options);
    and ``bench.chart`` drawing its latency against the offered rate as an SVG;
+   ``bench.embedded``: ``make run``'s stack (SQLite, embedded Redis, a worker), 500 events
+   one at a time against ``/healthz`` at the same moments;
 2. ``sandbox.loadtest`` — the sandbox portal's rate limit at 300 requests/s for 60 s;
 3. ``bench.slow_clients`` — real events' latency while 0, 16 and 200 slow connections
    stall mid-request, for our gunicorn worker and stock gthread side by side;
@@ -24,6 +26,8 @@ import sys
 RUNS = [
     ("event intake (bench.ingest)", [sys.executable, "-m", "bench.ingest"]),
     ("its chart (bench.chart)", [sys.executable, "-m", "bench.chart"]),
+    ("the embedded default, one event at a time (bench.embedded)",
+     [sys.executable, "-m", "bench.embedded"]),
     ("sandbox rate limit (sandbox.loadtest)",
      [sys.executable, "-m", "sandbox.loadtest", "--rate", "300", "--seconds", "60"]),
     ("slow clients (bench.slow_clients)", [sys.executable, "-m", "bench.slow_clients"]),

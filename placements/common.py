@@ -10,7 +10,8 @@ from flask import Response, make_response, render_template, request
 
 from app.extensions import db
 from app.framing import framed_by, portal_origin_from_query
-from app.tenants import install
+from app.installation.iframe import open_iframe
+from app.installation.verify import InstallError
 from app.tenants.models import Portal, PortalStatus
 from app.tenants.status import reason_for
 
@@ -43,8 +44,8 @@ def verified(view: Callable[..., Response]) -> Callable[..., Response]:
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Response:
         try:
-            session = install.open_iframe(request.args, request.form)
-        except install.InstallError as exc:
+            session = open_iframe(request.args, request.form)
+        except InstallError as exc:
             return error_page(exc.message, exc.status)
         db.session.commit()  # the open is the unit of work (a recovered chain is kept)
         return framed_by(view(session, *args, **kwargs), session.auth.origin)

@@ -99,11 +99,19 @@ class SandboxControl:
         )
 
     def set_fault(
-        self, member_id: str, kind: str, rate: float = 1.0, count: int | None = None
+        self,
+        member_id: str,
+        kind: str,
+        rate: float = 1.0,
+        count: int | None = None,
+        methods: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Inject a fault on REST (rate 0 removes it)."""
+        """Inject a fault on REST (rate 0 removes it); ``methods`` limits it to requests calling
+        one of them (a batch containing one), and makes ``operation_time_limit`` per command."""
         return self._call(
-            "POST", f"/portals/{member_id}/faults", {"kind": kind, "rate": rate, "count": count}
+            "POST",
+            f"/portals/{member_id}/faults",
+            {"kind": kind, "rate": rate, "count": count, "methods": methods},
         )
 
     def clear_faults(self, member_id: str) -> dict[str, Any]:
@@ -117,14 +125,23 @@ class SandboxControl:
         return self._call("DELETE", f"/portals/{member_id}")
 
     def set_operating_limit(
-        self, seconds: float | None, member_id: str | None = None
+        self, seconds: float | None, member_id: str | None = None, method: str | None = None
     ) -> dict[str, Any]:
         """Per-method operating budget per 10 min: for one portal, or cloud-wide when member_id is
-        None.
+        None; with ``method``, that method's own budget on the portal (None drops it).
         """
         if member_id is None:
             return self.settings(operating_limit=seconds)
-        return self._call("POST", f"/portals/{member_id}/operating_limit", {"seconds": seconds})
+        body: dict[str, Any] = {"seconds": seconds}
+        if method:
+            body["method"] = method
+        return self._call("POST", f"/portals/{member_id}/operating_limit", body)
+
+    def set_method_cost(self, member_id: str, method: str, seconds: float) -> dict[str, Any]:
+        """Make every command of ``method`` take ``seconds`` more processing (operating time)."""
+        return self._call(
+            "POST", f"/portals/{member_id}/method_cost", {"method": method, "seconds": seconds}
+        )
 
     def settings(self, **values: Any) -> dict[str, Any]:
         """Read or change cloud settings (token_ttl, code_ttl, operating_limit, request_timeout,
@@ -292,8 +309,20 @@ class SandboxControl:
         return self._call("DELETE", f"/portals/{member_id}/offline_events")["events"]
 
     def calls(self, member_id: str) -> dict[str, Any]:
-        """Telephony state: active calls, finished calls (statistics) and lines."""
+        """Telephony state: active calls, finished calls (statistics), lines, missed calls."""
         return self._call("GET", f"/portals/{member_id}/calls")
+
+    def call_history(
+        self, member_id: str, external_call_id: str | None = None, problems: bool = False
+    ) -> dict[str, Any]:
+        """The log's telephony commands per EXTERNAL_CALL_ID: registers, finishes, who was shown
+        and hidden when, cards open at the finish, show/hide after it (sandbox.callhistory);
+        ``problems`` lists only the calls breaking those rules (a day's answer stays small)."""
+        params: dict[str, Any] = {} if external_call_id is None else {
+            "external_call_id": external_call_id}
+        if problems:
+            params["problems"] = "1"
+        return self._call("GET", f"/portals/{member_id}/call_history", params=params)
 
     def add_crm(self, member_id: str, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
         """Seed a CRM record (contact, deal, lead, company) without going through REST."""

@@ -12,7 +12,13 @@ from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
-from . import delivery, methods_core, methods_crm, methods_telephony  # noqa: F401  (registers)
+from . import (  # noqa: F401  (registers the methods)
+    delivery,
+    methods_core,
+    methods_crm,
+    methods_records,
+    methods_telephony,
+)
 from .limits import PLANS
 from .phpquery import build_query
 from .rest import Ctx
@@ -113,6 +119,7 @@ class Cloud:
                 str(u.get("extension") or ""),
                 bool(u.get("active", True)),
                 u.get("email", ""),
+                [str(n) for n in u.get("phones") or []],
             )
             for u in users_spec
         }
@@ -477,17 +484,19 @@ class Cloud:
         except aiohttp.ClientError as exc:
             return {"url": url, "status": None, "error": f"{type(exc).__name__}: {exc}"}
 
-    async def download(self, url: str) -> tuple[int, bytes]:
-        """Fetch a record file (loopback only: the sandbox has no real network)."""
+    async def download(self, url: str) -> tuple[int, bytes, dict[str, str]]:
+        """Fetch a record file: status (0 = unreachable), body, lower-case headers (loopback
+        only: the sandbox has no real network)."""
         host = urlsplit(url).hostname or ""
         if host not in ("127.0.0.1", "localhost", "::1"):
-            return 0, b""
+            return 0, b"", {}
         http = await self.session()
         try:
             async with http.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                return resp.status, await resp.read()
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+                return resp.status, await resp.read(), headers
         except (TimeoutError, aiohttp.ClientError):
-            return 0, b""
+            return 0, b"", {}
 
     # ------------------------------------------------------------ events
     def event_auth(self, p: Portal, user_id: int | None, with_refresh: bool) -> dict[str, str]:

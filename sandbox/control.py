@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import delivery, frame
+from . import callhistory, delivery, frame
 from .cloud import Cloud, ControlError, check_iframe_form
 from .latency import SpecError
 from .latency import parse as latency_spec
@@ -143,7 +143,9 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
             rate = float(body.get("rate", 1.0))
             if rate > 0:
                 count = body.get("count")
-                p.faults.append(Fault(kind, rate, None if count is None else int(count)))
+                methods = body.get("methods")
+                p.faults.append(Fault(kind, rate, None if count is None else int(count),
+                                      [str(m).lower() for m in methods] if methods else None))
         return {"faults": [vars(f) for f in p.faults]}
 
     async def rename(request: web.Request) -> Any:
@@ -167,8 +169,25 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
     async def operating_limit(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
         body = await _body(request)
-        p.operating_limit = None if body.get("seconds") is None else float(body["seconds"])
+        seconds = None if body.get("seconds") is None else float(body["seconds"])
+        if body.get("method"):
+            name = str(body["method"]).lower()
+            p.method_limits.pop(name, None)
+            if seconds is not None:
+                p.method_limits[name] = seconds
+            return {"method_limits": p.method_limits}
+        p.operating_limit = seconds
         return {"operating_limit": p.operating_limit}
+
+    async def method_cost(request: web.Request) -> Any:
+        """Extra processing seconds every command of a method takes (costs operating time)."""
+        p = cloud.portal(request.match_info["mid"])
+        body = await _body(request)
+        name, seconds = str(body["method"]).lower(), float(body.get("seconds") or 0)
+        p.method_costs.pop(name, None)
+        if seconds > 0:
+            p.method_costs[name] = seconds
+        return {"method_costs": p.method_costs}
 
     async def expire(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
@@ -284,7 +303,14 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
             "active": list(p.calls.values()),
             "finished": list(p.finished_calls.values()),
             "lines": list(p.lines.values()),
+            "missed": list(p.missed),
         }
+
+    async def call_history(request: web.Request) -> Any:
+        """The telephony commands of the log grouped per EXTERNAL_CALL_ID (sandbox.callhistory)."""
+        p = cloud.portal(request.match_info["mid"])
+        return callhistory.history(list(p.log), request.query.get("external_call_id"),
+                                   request.query.get("problems") in ("1", "true"))
 
     async def crm(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
@@ -342,6 +368,8 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
     add("GET", "/portals/{mid}/bindings", bindings)
     add("*", "/portals/{mid}/offline_events", offline)
     add("GET", "/portals/{mid}/calls", calls)
+    add("GET", "/portals/{mid}/call_history", call_history)
+    add("POST", "/portals/{mid}/method_cost", method_cost)
     add("*", "/portals/{mid}/crm/{kind}", crm)
     add("*", "/settings", settings)
     add("POST", "/reset", reset)

@@ -1,83 +1,101 @@
-"""telephony.externalLine.* and telephony.externalCall.* with the documented validation errors."""
+"""telephony.externalLine.* and telephony.externalCall.* as protocol §8 describes the platform's
+source: PHP-truthy flags, "" counts as set, the register dedup rule, finish hiding only its own
+user's card, 304 as the only missed call. attachRecord lives in sandbox.methods_records.
+"""
 
 from __future__ import annotations
 
-import base64
 import re
 import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from .methods_core import arg
 from .methods_crm import add_entity
 from .rest import ApiError, Ctx, iso, method
-from .state import Portal
+from .state import Portal, parse_time_zone
 
 DEDUP_WINDOW = 1800.0
-TYPES = {"1", "2", "3", "4", "5"}
-_PHONE_RE = re.compile(r"^\+?\d{3,20}$")
-STATUS_CODES = {
-    "200",
-    "304",
-    "603",
-    "603-S",
-    "403",
-    "404",
-    "486",
-    "484",
-    "503",
-    "480",
-    "402",
-    "423",
-    "OTHER",
-}
+TYPES = {1, 2, 3, 4, 5}
+INCOMING = ("2", "3")  # the TYPEs with missed-call logic (§8.3)
+# The source's text has no closing parenthesis (the docs add one): apps must match the prefix.
+CALL_NOT_FOUND = "Call is not found (call should be registered prior to finishing"
+BAD_DATE = "CALL_START_DATE should be in the ISO-8601 format"
+LOCAL_USER_LEAD = "Lead creation is disabled for local users"
+NO_ACTIVITY = "Could not find associated crm entity for the current call"
+_INT_RE = re.compile(r"\s*([+-]?\d+)")
 
 
 def core(text: str) -> ApiError:
+    """An ERROR_CORE answer (HTTP 400) with the platform's text."""
     return ApiError("ERROR_CORE", text, 400)
 
 
+def php_true(value: Any) -> bool:
+    """PHP's (bool) cast: "", "0", 0, 0.0, false, null and [] are false; "N", "false" are true."""
+    if isinstance(value, str):
+        return value not in ("", "0")
+    return bool(value)
+
+
+def flag(params: dict[str, Any], name: str, default: bool) -> bool:
+    """A flag per §8.1: absent (or JSON null, PHP's unset) takes the default, else PHP-truthy."""
+    if params.get(name) is None:
+        return default
+    return php_true(params[name])
+
+
+def intval(value: Any) -> int:
+    """PHP's intval: leading digits of a string ("12abc" -> 12), 0 when there are none."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _INT_RE.match(value) if isinstance(value, str) else None
+    return int(m.group(1)) if m else 0
+
+
 def norm_phone(raw: Any) -> str:
-    """Strip formatting from a phone number."""
-    return re.sub(r"[\s\-()./]", "", str(raw or ""))
+    """vi_phone stripLetters: keep digits and #*+,; only; no normalisation beyond that."""
+    return re.sub(r"[^0-9#*+,;]", "", str(raw or ""))
 
 
 def new_call_id() -> str:
+    """A CALL_ID shaped like the platform's."""
     return f"externalCall.{secrets.token_hex(16)}.{int(time.time())}"
 
 
 def _resolve_user(ctx: Ctx, params: dict[str, Any]) -> Any:
-    uid = arg(params, "USER_ID", default=None)
-    inner = arg(params, "USER_PHONE_INNER", default=None)
-    if uid is None and inner is None:
-        raise core("USER_ID or USER_PHONE_INNER should be set")
-    user = None
-    if uid is not None:
-        try:
-            user = ctx.portal.users.get(int(uid))
-        except (TypeError, ValueError):
-            user = None
+    """USER_ID (cast to int) when non-zero, else the user whose UF_PHONE_INNER matches (§8.3)."""
+    uid = intval(params.get("USER_ID"))
+    if uid:
+        user = ctx.portal.users.get(uid)
     else:
-        user = next((u for u in ctx.portal.users.values() if u.extension == str(inner)), None)
+        inner = str(params.get("USER_PHONE_INNER") or "")
+        user = next((u for u in ctx.portal.users.values() if inner and u.extension == inner), None)
+        if user is None:
+            raise core("USER_ID or USER_PHONE_INNER should be set")
     if user is None or not user.active:
         raise core("User is not found or is not active")
     return user
 
 
-def find_crm(portal: Portal, phone: str) -> list[dict[str, Any]]:
-    """CRM records whose PHONE matches, in Bitrix's priority order (contact, company, lead)."""
+def find_crm(portal: Portal, phone: str, user: Any = None) -> list[dict[str, Any]]:
+    """CRM records whose PHONE matches, grouped contact, lead, company (helper
+    searchCrmEntities); with ``user`` not an admin, only the records assigned to him (the search
+    is filtered by the caller's CRM permissions, §8.7)."""
     hits = []
-    for kind in ("contact", "company", "lead"):
+    for kind in ("contact", "lead", "company"):
         for rec in portal.crm[kind].values():
             phones = rec.get("PHONE") or []
             values = [
                 norm_phone(p.get("VALUE") if isinstance(p, dict) else p)
                 for p in (phones if isinstance(phones, list) else [phones])
             ]
-            if phone and phone in values:
+            mine = user is None or user.admin or str(rec.get("ASSIGNED_BY_ID", 1)) == str(user.id)
+            if phone and phone in values and mine:
                 hits.append((kind.upper(), rec))
     return [
         {
@@ -152,15 +170,20 @@ def line_delete(ctx: Ctx, params: dict[str, Any]) -> list[Any]:
 # ---------------------------------------------------------------- calls
 
 
-def _check_date(raw: Any) -> float:
-    if raw in (None, ""):
+def _start_date(ctx: Ctx, params: dict[str, Any]) -> float:
+    """CALL_START_DATE per §8.3: absent -> now; ISO-8601 with an offset, "Z" or fractional
+    seconds; without an offset read in the server's zone (a violation); "" or unparsable ->
+    the ISO-8601 error ("" counts as set, §8.1)."""
+    raw = params.get("CALL_START_DATE")
+    if raw is None:
         return time.time()
     try:
-        parsed = datetime.fromisoformat(str(raw))
+        parsed = datetime.fromisoformat(str(raw).strip())
     except ValueError:
-        raise core("CALL_START_DATE should be in the ISO-8601 format") from None
+        raise core(BAD_DATE) from None
     if parsed.tzinfo is None:
-        raise core("CALL_START_DATE should be in the ISO-8601 format")
+        ctx.portal.violation("start_date_without_offset")
+        parsed = parsed.replace(tzinfo=parse_time_zone(ctx.cloud.settings.server_time_zone))
     return parsed.timestamp()
 
 
@@ -175,14 +198,14 @@ class CallSpec:
     external: str | None  # None: not passed (then dedup ignores it, as Bitrix24 does)
     start: float
     crm_create: bool = False
-    crm_entity: tuple[str, int] | None = None
+    crm_entity: tuple[str, int] | None = None  # ("", 0): both keys sent empty, §8.3
     show: bool = True
     click_to_call: bool = False
 
 
 def make_call(portal: Portal, spec: CallSpec) -> dict[str, Any]:
     """Create an active (registered, unfinished) call."""
-    hits = find_crm(portal, spec.phone)
+    hits = [] if spec.crm_entity is not None else find_crm(portal, spec.phone)
     call = {
         "CALL_ID": new_call_id(),
         "USER_ID": spec.user_id,
@@ -191,13 +214,15 @@ def make_call(portal: Portal, spec: CallSpec) -> dict[str, Any]:
         "LINE_NUMBER": spec.line,
         "EXTERNAL_CALL_ID": spec.external,
         "START": spec.start,
-        "SHOWN": set(),
+        "SHOWN": set(),  # the users who see the card now
+        "EVER_SHOWN": set(),
         "CLICK_TO_CALL": spec.click_to_call,
         "REGISTERED_AT": time.time(),
         "CRM_ENTITY_TYPE": hits[0]["CRM_ENTITY_TYPE"] if hits else None,
         "CRM_ENTITY_ID": hits[0]["CRM_ENTITY_ID"] if hits else None,
         "CREATED_LEAD": None,
         "CREATED": [],
+        "LEAD_CREATION_ERROR": None,
     }
     portal.calls[call["CALL_ID"]] = call
     portal.calls_by_party.setdefault((spec.user_id, spec.phone), []).append(call["CALL_ID"])
@@ -209,19 +234,23 @@ def _party_calls(portal: Portal, user_id: int, phone: str) -> list[dict[str, Any
     return [portal.calls[c] for c in portal.calls_by_party.get((user_id, phone), ())]
 
 
-def find_active(portal: Portal, spec: CallSpec, now: float) -> dict[str, Any] | None:
+def find_active(
+    portal: Portal, spec: CallSpec, now: float, by_external: bool = True
+) -> dict[str, Any] | None:
     """The active call a register repeats, per the platform's dedup rule.
 
     Only calls not yet finished, whose CALL_START_DATE is under 30 minutes old, for the same
     resolved user, number and TYPE; LINE_NUMBER and EXTERNAL_CALL_ID count when passed (the
-    rest module's register builds its duplicate filter that way).
+    rest module's register builds its duplicate filter that way). ``by_external=False`` is an
+    older build that leaves EXTERNAL_CALL_ID out of the filter.
     """
     for call in _party_calls(portal, spec.user_id, spec.phone):
         if (
             call["TYPE"] == spec.call_type
             and call["START"] > now - DEDUP_WINDOW
             and (not spec.line or call["LINE_NUMBER"] == spec.line)
-            and (spec.external is None or call["EXTERNAL_CALL_ID"] == spec.external)
+            and (not by_external or spec.external is None
+                 or call["EXTERNAL_CALL_ID"] == spec.external)
         ):
             return call
     return None
@@ -230,17 +259,22 @@ def find_active(portal: Portal, spec: CallSpec, now: float) -> dict[str, Any] | 
 def register_call(ctx: Ctx, spec: CallSpec) -> dict[str, Any]:
     """Return the active duplicate or create the call (and its lead); note it in the log."""
     portal = ctx.portal
-    call = find_active(portal, spec, time.time())
+    call = find_active(portal, spec, time.time(), ctx.cloud.settings.call_dedup_external_id)
     created = call is None
     if call is None:
         _check_click_to_call(portal, spec)
         call = make_call(portal, spec)
         _count_external(portal, spec.external)
         _bind_crm(ctx, call, spec)
-    if spec.show:
+    if spec.show:  # a dedup hit with SHOW shows the card again (§8.3)
         call["SHOWN"].add(spec.user_id)
+        call["EVER_SHOWN"].add(spec.user_id)
+    if not spec.click_to_call:
+        portal.bump("robot_triggers")  # every register, duplicate or late, fires them again
     ctx.note = {"call_id": call["CALL_ID"], "external_call_id": spec.external,
-                "created": created}
+                "created": created, "owner": spec.user_id,
+                "shown": [spec.user_id] if spec.show else [],
+                "call_start_date": iso(spec.start, portal.tz), "call_start": spec.start}
     return call
 
 
@@ -267,11 +301,17 @@ def _count_external(portal: Portal, external: str | None) -> None:
 
 
 def _bind_crm(ctx: Ctx, call: dict[str, Any], spec: CallSpec) -> None:
-    """The CRM entity passed, else a CRM match, else a new lead when asked to create one."""
-    if spec.crm_entity:
-        call["CRM_ENTITY_TYPE"], call["CRM_ENTITY_ID"] = spec.crm_entity
+    """The CRM entity passed (even empty: then no search, no lead), else a CRM match, else a new
+    lead when asked to create one, refused for an employee's number (§8.3)."""
+    if spec.crm_entity is not None:
+        kind, ident = spec.crm_entity
+        call["CRM_ENTITY_TYPE"], call["CRM_ENTITY_ID"] = kind or None, ident or None
         return
-    if call["CRM_ENTITY_ID"] is not None or not spec.crm_create or _is_internal(ctx, spec):
+    if call["CRM_ENTITY_ID"] is not None or not spec.crm_create:
+        return
+    if _is_employee(ctx.portal, spec.phone):
+        call["LEAD_CREATION_ERROR"] = LOCAL_USER_LEAD
+        ctx.portal.bump("lead_creation_errors")
         return
     lead = add_entity(
         ctx,
@@ -283,12 +323,27 @@ def _bind_crm(ctx: Ctx, call: dict[str, Any], spec: CallSpec) -> None:
     call["CREATED"] = [{"ENTITY_TYPE": "LEAD", "ENTITY_ID": lead}]
 
 
-def _is_internal(ctx: Ctx, spec: CallSpec) -> bool:
-    """A call to an employee's extension creates nothing in the CRM."""
-    return any(u.extension == spec.phone and u.active for u in ctx.portal.users.values())
+def _is_employee(portal: Portal, phone: str) -> bool:
+    """Whether the number is an employee's inner, work or mobile number (a local user)."""
+    return any(
+        phone == u.extension or phone in {norm_phone(n) for n in u.phones}
+        for u in portal.users.values()
+    )
 
 
-def _crm_entity(params: dict[str, Any]) -> tuple[str, int] | None:
+def _crm_binding(portal: Portal, params: dict[str, Any]) -> tuple[str, int] | None:
+    """CRM_ENTITY_TYPE/ID when both are present (PHP isset: "" counts, null does not)."""
+    kind, ident = params.get("CRM_ENTITY_TYPE"), params.get("CRM_ENTITY_ID")
+    if kind is None or ident is None:
+        return None
+    if str(kind) == "" or intval(ident) == 0:
+        portal.violation("empty_crm_entity")  # the card shows no client, Bitrix's match skipped
+        return "", 0
+    return str(kind).upper(), intval(ident)
+
+
+def _page_entity(params: dict[str, Any]) -> tuple[str, int] | None:
+    """The CRM entity of the page a click-to-call started on, if any."""
     kind = arg(params, "CRM_ENTITY_TYPE", default=None)
     ident = arg(params, "CRM_ENTITY_ID", default=None)
     if not kind or not str(ident or "").isdigit():
@@ -296,39 +351,54 @@ def _crm_entity(params: dict[str, Any]) -> tuple[str, int] | None:
     return str(kind).upper(), int(ident)
 
 
+def _line(portal: Portal, params: dict[str, Any]) -> str:
+    """LINE_NUMBER trimmed and cut to 50; an unknown one is auto-created, nameless (§8.2)."""
+    number = str(params.get("LINE_NUMBER") or "").strip()[:50]
+    if number and number not in portal.lines:
+        portal.line_seq += 1
+        portal.lines[number] = {"ID": portal.line_seq, "NUMBER": number, "NAME": "",
+                                "CRM_AUTO_CREATE": "Y"}
+    return number
+
+
 @method("telephony.externalCall.register", scope="telephony")
 def call_register(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     """Register a call; an active duplicate (the platform's dedup rule) is returned instead."""
-    user = _resolve_user(ctx, params)
-    call_type = str(arg(params, "TYPE", default=""))
-    if call_type not in TYPES:
-        raise core("Unknown TYPE")
-    phone = norm_phone(arg(params, "PHONE_NUMBER", default=""))
-    if not _PHONE_RE.match(phone):
-        raise core("Unsupported phone number format")
     external = params.get("EXTERNAL_CALL_ID")
+    ctx.note = {"external_call_id": None if external is None else str(external)}  # if refused
+    user = _resolve_user(ctx, params)
+    if intval(params.get("TYPE")) not in TYPES:
+        raise core("Unknown TYPE")
+    phone = norm_phone(params.get("PHONE_NUMBER"))
+    if not phone:
+        raise core("Unsupported phone number format")
     spec = CallSpec(
         user_id=user.id,
         phone=phone,
-        call_type=call_type,
-        line=str(arg(params, "LINE_NUMBER", default="")).strip(),
+        call_type=str(intval(params.get("TYPE"))),
+        line=_line(ctx.portal, params),
         external=None if external is None else str(external),
-        start=_check_date(arg(params, "CALL_START_DATE", default=None)),
-        crm_create=str(arg(params, "CRM_CREATE", default="0")) == "1",
-        crm_entity=_crm_entity(params),
-        show=str(arg(params, "SHOW", default="1")) == "1",
+        start=_start_date(ctx, params),
+        crm_create=flag(params, "CRM_CREATE", False),
+        crm_entity=_crm_binding(ctx.portal, params),
+        show=flag(params, "SHOW", True),
     )
-    return _register_result(register_call(ctx, spec))
+    call = register_call(ctx, spec)
+    return _register_result(call, ctx.note["created"])
 
 
-def _register_result(call: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _register_result(call: dict[str, Any], created: bool) -> dict[str, Any]:
+    """The answer: CRM_ENTITY_TYPE "" without a match, null on a dedup hit (§8.3)."""
+    out = {
         "CALL_ID": call["CALL_ID"],
         "CRM_CREATED_LEAD": call["CREATED_LEAD"],
         "CRM_CREATED_ENTITIES": list(call["CREATED"]),
-        "CRM_ENTITY_TYPE": call.get("CRM_ENTITY_TYPE"),
+        "CRM_ENTITY_TYPE": call.get("CRM_ENTITY_TYPE") or ("" if created else None),
         "CRM_ENTITY_ID": call.get("CRM_ENTITY_ID"),
     }
+    if created and call["LEAD_CREATION_ERROR"]:
+        out["LEAD_CREATION_ERROR"] = call["LEAD_CREATION_ERROR"]
+    return out
 
 
 # ---------------------------------------------------------------- click-to-call
@@ -388,68 +458,145 @@ def _register_click(ctx: Ctx, data: dict[str, Any], line: dict[str, Any]) -> dic
         external=None,
         start=time.time(),
         crm_create=line["CRM_AUTO_CREATE"] == "Y",
-        crm_entity=_crm_entity(data),
+        crm_entity=_page_entity(data),
         show=False,
         click_to_call=True,
     )
     return register_call(ctx, spec)
 
 
-def _users(params: dict[str, Any], call: dict[str, Any]) -> list[int]:
-    raw = arg(params, "USER_ID", default=None)
+def _users(params: dict[str, Any], owner: int) -> list[int]:
+    """USER_ID as an int or int[] (unvalidated, §8.4); absent: the call's owner; "" is set and
+    names nobody."""
+    raw = params.get("USER_ID")
     if raw is None:
-        return [call["USER_ID"]]
+        return [owner]
+    if isinstance(raw, dict):  # USER_ID[0]=..&USER_ID[1]=.. parsed as a map
+        raw = list(raw.values())
     values = raw if isinstance(raw, list) else [raw]
-    return [int(v) for v in values if str(v).lstrip("-").isdigit()]
+    return [intval(v) for v in values if intval(v)]
+
+
+def _card(ctx: Ctx, params: dict[str, Any], show: bool) -> bool:
+    """show/hide: true only means "push sent"; false for a call never registered or finished,
+    and a show/hide after the finish is a violation (§8.4)."""
+    portal = ctx.portal
+    call_id = str(params.get("CALL_ID") or "")
+    call = portal.calls.get(call_id)
+    done = portal.finished_calls.get(call_id)
+    owner = call["USER_ID"] if call else done["OWNER"] if done else 0
+    users = _users(params, owner)
+    ctx.note = {"call_id": call_id, "users": users, "accepted": call is not None,
+                "external_call_id": (call or done or {}).get("EXTERNAL_CALL_ID")}
+    if call is None:
+        if done is not None:
+            portal.violation("show_after_finish" if show else "hide_after_finish")
+        return False
+    if show:
+        call["SHOWN"].update(users)
+        call["EVER_SHOWN"].update(users)
+    else:
+        call["SHOWN"].difference_update(users)
+    return True
 
 
 @method("telephony.externalCall.show", scope="telephony")
 def call_show(ctx: Ctx, params: dict[str, Any]) -> bool:
-    call = ctx.portal.calls.get(str(arg(params, "CALL_ID", default="")))
-    if call is None:
-        return False
-    call["SHOWN"].update(_users(params, call))
-    return True
+    """Show the card to USER_ID (default the owner) while the call is active."""
+    return _card(ctx, params, True)
 
 
 @method("telephony.externalCall.hide", scope="telephony")
 def call_hide(ctx: Ctx, params: dict[str, Any]) -> bool:
-    call = ctx.portal.calls.get(str(arg(params, "CALL_ID", default="")))
-    if call is None:
-        return False
-    call["SHOWN"].difference_update(_users(params, call))
-    return True
+    """Hide the card for USER_ID (default the owner) while the call is active."""
+    return _card(ctx, params, False)
+
+
+def _status_code(params: dict[str, Any], duration: int) -> str:
+    """STATUS_CODE stored verbatim; empty or "0" -> 200 if DURATION > 0 else 304 (§8.5)."""
+    raw = params.get("STATUS_CODE")
+    status = "" if raw is None else str(raw)
+    if status in ("", "0"):
+        return "200" if duration > 0 else "304"
+    return status
+
+
+def _drop_active(portal: Portal, call: dict[str, Any]) -> None:
+    """Finish deletes the active call: it no longer dedups, shows or hides."""
+    del portal.calls[call["CALL_ID"]]
+    key = (call["USER_ID"], call["PHONE_NUMBER"])
+    party = portal.calls_by_party[key]
+    party.remove(call["CALL_ID"])
+    if not party:
+        del portal.calls_by_party[key]
+
+
+def _missed(portal: Portal, call: dict[str, Any], status: str, user_id: int) -> bool:
+    """304 on TYPE 2/3 is the only missed call; 200 on an outgoing call marks that number's
+    open missed calls called back (§8.5)."""
+    if status == "304" and call["TYPE"] in INCOMING:
+        portal.missed.append({"CALL_ID": call["CALL_ID"], "PHONE_NUMBER": call["PHONE_NUMBER"],
+                              "USER_ID": user_id, "CALLED_BACK": False})
+        portal.bump("missed_calls")
+        return True
+    if status == "200" and call["TYPE"] == "1":
+        for row in portal.missed:
+            if row["PHONE_NUMBER"] == call["PHONE_NUMBER"]:
+                row["CALLED_BACK"] = True
+    return False
 
 
 @method("telephony.externalCall.finish", scope="telephony")
 def call_finish(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
-    """Finish a registered call: hides the card, writes statistics, creates the CRM activity."""
+    """Finish a registered call: hides the card for its USER_ID only, writes statistics, creates
+    the CRM activity when the call has a CRM entity."""
     portal = ctx.portal
     call_id = params.get("CALL_ID")
     if not isinstance(call_id, str) or not call_id:
         raise ApiError("INVALID_ARGUMENT", "CALL_ID must be a string", 400)
-    user = _resolve_user(ctx, params)
     call = portal.calls.get(call_id)
+    done = portal.finished_calls.get(call_id)
+    external = (call or done or {}).get("EXTERNAL_CALL_ID")
+    ctx.note = {"call_id": call_id, "external_call_id": external}
+    user = _resolve_user(ctx, params)
+    ctx.note["finisher"] = user.id
     if call is None:
-        portal.violation(
-            "double_finish" if call_id in portal.finished_calls else "finish_before_register"
-        )
-        raise core("Call is not found (call should be registered prior to finishing)")
-    duration = int(arg(params, "DURATION", default=0) or 0)
-    status = str(arg(params, "STATUS_CODE", default="200" if duration > 0 else "304"))
-    if status not in STATUS_CODES:
-        status = "OTHER"
-    del portal.calls[call_id]
-    party = portal.calls_by_party[(call["USER_ID"], call["PHONE_NUMBER"])]
-    party.remove(call_id)
-    if not party:
-        del portal.calls_by_party[(call["USER_ID"], call["PHONE_NUMBER"])]
+        portal.violation("double_finish" if done else "finish_before_register")
+        raise core(CALL_NOT_FOUND)
+    duration = max(intval(params.get("DURATION")), 0)
+    status = _status_code(params, duration)
+    _drop_active(portal, call)
+    call["SHOWN"].discard(user.id)  # helper finishExternalCall hides for this user only
+    left_open = sorted(call["SHOWN"])
+    portal.bump("cards_left_open", len(left_open))
+    missed = _missed(portal, call, status, user.id)
+    chat = flag(params, "ADD_TO_CHAT", True)
+    if chat:
+        portal.bump("chat_messages")
+    _assign_created(portal, call, user.id)
+    stat = _stat_row(ctx, call, params, user.id, duration, status, missed)
+    portal.finished_calls[call_id] = dict(
+        stat, RECORD=None, RECORDS_ATTACHED=0, FINISHED_AT=time.time(), OWNER=call["USER_ID"],
+        CARDS_LEFT_OPEN=left_open, MISSED=missed, ADD_TO_CHAT=chat,
+        RECORD_URL=params.get("RECORD_URL"),  # deprecated: never fetched here (§8.5)
+    )
+    ctx.note = {"call_id": call_id, "external_call_id": call["EXTERNAL_CALL_ID"],
+                "finisher": user.id, "status_code": status, "duration": duration,
+                "cards_left_open": left_open}
+    return stat
+
+
+def _stat_row(ctx: Ctx, call: dict[str, Any], params: dict[str, Any], user_id: int,
+              duration: int, status: str, missed: bool) -> dict[str, Any]:
+    """The statistics record finish answers with."""
+    portal = ctx.portal
     portal.stat_seq += 1
+    activity = _add_activity(ctx, call, user_id, missed) if call["CRM_ENTITY_ID"] else None
     stat = {
         "ID": portal.stat_seq,
-        "CALL_ID": call_id,
+        "CALL_ID": call["CALL_ID"],
         "EXTERNAL_CALL_ID": call["EXTERNAL_CALL_ID"],
-        "PORTAL_USER_ID": str(user.id),
+        "PORTAL_USER_ID": str(user_id),
         "PHONE_NUMBER": call["PHONE_NUMBER"],
         "PORTAL_NUMBER": call["LINE_NUMBER"],
         "INCOMING": call["TYPE"],
@@ -464,87 +611,39 @@ def call_finish(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
         "CALL_FAILED_REASON": str(arg(params, "FAILED_REASON", default="")),
         "REST_APP_ID": "1",
         "REST_APP_NAME": portal.client_id,
-        "CRM_ACTIVITY_ID": _add_activity(ctx, call),
+        "CRM_ACTIVITY_ID": activity,
         "COMMENT": None,
         "CRM_ENTITY_TYPE": call["CRM_ENTITY_TYPE"],
         "CRM_ENTITY_ID": call["CRM_ENTITY_ID"],
     }
-    portal.finished_calls[call_id] = dict(stat, RECORD=None, FINISHED_AT=time.time())
+    if activity is None:  # no CRM binding: the call lives in telephony statistics only
+        stat["ERRORS"] = {"ACTIVITY_CREATION": NO_ACTIVITY}
     return stat
 
 
-def _add_activity(ctx: Ctx, call: dict[str, Any]) -> int:
-    """The CRM call activity a finish creates (one per finished call, duplicates included)."""
+def _assign_created(portal: Portal, call: dict[str, Any], user_id: int) -> None:
+    """The finish user becomes the responsible of every entity this call auto-created."""
+    for item in call["CREATED"]:
+        rec = portal.crm[item["ENTITY_TYPE"].lower()].get(int(item["ENTITY_ID"]))
+        if rec is not None:
+            rec["ASSIGNED_BY_ID"] = str(user_id)
+
+
+def _add_activity(ctx: Ctx, call: dict[str, Any], user_id: int, missed: bool) -> int:
+    """The CRM call activity a finish creates (one per finished call, duplicates included); a
+    missed call's is left open (a to-do)."""
     fields = {
         "TYPE_ID": "2",
         "SUBJECT": f"Call {call['PHONE_NUMBER']}",
-        "DIRECTION": "1" if call["TYPE"] in ("2", "3") else "2",
+        "DIRECTION": "1" if call["TYPE"] in INCOMING else "2",
         "START_TIME": iso(call["START"], ctx.portal.tz),
         "OWNER_TYPE": call["CRM_ENTITY_TYPE"] or "",
         "OWNER_ID": str(call["CRM_ENTITY_ID"] or ""),
         "ORIGIN_ID": f"VI_{call['CALL_ID']}",
+        "RESPONSIBLE_ID": str(user_id),
+        "COMPLETED": "N" if missed else "Y",
     }
     return add_entity(ctx, "activity", fields)
-
-
-def _ext_ok(name: str) -> bool:
-    return name.lower().rsplit(".", 1)[-1] in ("wav", "mp3") and "." in name
-
-
-@method("telephony.externalCall.attachRecord", scope="telephony")
-async def call_attach(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
-    """Attach a record to a finished call (RECORD_URL, base64 content, or an upload URL)."""
-    portal = ctx.portal
-    call_id = str(arg(params, "CALL_ID", default=""))
-    stat = portal.finished_calls.get(call_id)
-    if stat is None:
-        if call_id in portal.calls:
-            portal.violation("attach_before_finish")
-        raise core(
-            "Call is not found in the statistic table. It looks like it is not finished yet."
-        )
-    url = arg(params, "RECORD_URL", default=None)
-    filename = str(
-        arg(params, "FILENAME", default="")
-        or (urlsplit(str(url)).path.rsplit("/", 1)[-1] if url else "")
-    )
-    if not _ext_ok(filename):
-        raise core("Wrong file extension. Only wav and mp3 are allowed")
-    content = arg(params, "FILE_CONTENT", default=None)
-    if url:
-        status, data = await ctx.cloud.download(str(url))
-        if status != 200:
-            raise core(f"Server returns HTTP error code {status}")
-        return _store_record(portal, stat, filename, data)
-    if content:
-        try:
-            data = base64.b64decode(str(content), validate=False)
-        except ValueError:
-            raise core("Could not decode FILE_CONTENT") from None
-        return _store_record(portal, stat, filename, data)
-    token = secrets.token_hex(16)
-    portal.uploads[token] = {"CALL_ID": call_id, "FILENAME": filename}
-    return {
-        "uploadUrl": f"{portal.client_endpoint}upload.json?auth={token}&token={token}",
-        "fieldName": "file",
-    }
-
-
-def _store_record(
-    portal: Portal, stat: dict[str, Any], filename: str, data: bytes
-) -> dict[str, Any]:
-    portal.file_seq += 1
-    stat["RECORD"] = {"FILE_ID": portal.file_seq, "FILENAME": filename, "SIZE": len(data)}
-    return {"FILE_ID": portal.file_seq}
-
-
-def store_upload(portal: Portal, token: str, filename: str, data: bytes) -> dict[str, Any] | None:
-    """Finish an upload started by attachRecord(FILENAME only)."""
-    pending = portal.uploads.pop(token, None)
-    if pending is None:
-        return None
-    stat = portal.finished_calls[pending["CALL_ID"]]
-    return _store_record(portal, stat, pending["FILENAME"] or filename, data)
 
 
 @method("telephony.externalCall.searchCrmEntities", scope="telephony")
@@ -552,4 +651,4 @@ def call_search(ctx: Ctx, params: dict[str, Any]) -> list[dict[str, Any]]:
     phone = norm_phone(arg(params, "PHONE_NUMBER", default=""))
     if not phone:
         raise ApiError("ERROR_ARGUMENT", "PHONE_NUMBER is required", 400, argument="PHONE_NUMBER")
-    return find_crm(ctx.portal, phone)
+    return find_crm(ctx.portal, phone, ctx.user)

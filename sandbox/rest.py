@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import random
 import re
 import time
 from collections.abc import Callable
@@ -41,6 +42,7 @@ class Ctx:
     batch_id: str | None = None
     # What a method adds to its command-log entry (e.g. whether a register created a call).
     note: dict[str, Any] = field(default_factory=dict)
+    token: str = ""  # the access token of the request (attachRecord's upload URL embeds it)
 
 
 @dataclass
@@ -120,12 +122,30 @@ def scope_ok(portal: Portal, scope: str | None) -> bool:
     return any(s in granted for s in scope.split("|"))
 
 
-def operating_limit(ctx: Ctx) -> float:
+def operating_limit(ctx: Ctx, name: str = "") -> float:
+    """The method's own limit if set, else the portal's, else the cloud's."""
+    if name in ctx.portal.method_limits:
+        return ctx.portal.method_limits[name]
     return (
         ctx.portal.operating_limit
         if ctx.portal.operating_limit is not None
         else ctx.cloud.settings.operating_limit
     )
+
+
+def command_fault(portal: Portal, name: str) -> bool:
+    """Whether a method-bound OPERATION_TIME_LIMIT fault hits this command (one draw)."""
+    for fault in portal.faults:
+        if fault.kind != "operation_time_limit" or not fault.methods or name not in fault.methods:
+            continue
+        if fault.count is not None and fault.count <= 0:
+            continue
+        if random.random() < fault.rate:
+            if fault.count is not None:
+                fault.count -= 1
+            portal.bump("faults_injected")
+            return True
+    return False
 
 
 async def run_method(
@@ -149,7 +169,9 @@ async def run_method(
                 "The request requires higher privileges than provided by the access token",
                 403,
             )
-        if portal.operating.operating(meth.name) > operating_limit(ctx):
+        if portal.operating.operating(meth.name) > operating_limit(ctx, meth.name) or (
+            command_fault(portal, meth.name)
+        ):
             portal.bump("operation_time_limit")
             raise ApiError(
                 "OPERATION_TIME_LIMIT", "Method is blocked due to operation time limit.", 429
@@ -159,6 +181,8 @@ async def run_method(
         if latency > 0:
             await asyncio.sleep(latency)
             waited = 0.0 if portal.latency_operating else latency
+        if portal.method_costs.get(meth.name):
+            await asyncio.sleep(portal.method_costs[meth.name])  # processing: costs operating
         out = meth.func(ctx, params)
         result = await out if inspect.isawaitable(out) else out
     except ApiError as err:

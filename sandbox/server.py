@@ -21,9 +21,18 @@ from . import control, frame
 from .cloud import Cloud, loopback_socket
 from .latency import draw as draw_latency
 from .latency import parse as parse_latency
-from .methods_telephony import store_upload
+from .methods_records import store_upload, upload_error
 from .phpquery import parse_pairs
-from .rest import ApiError, Ctx, full_time, run_batch, run_method, success_body, time_block
+from .rest import (
+    ApiError,
+    Ctx,
+    full_time,
+    parse_cmds,
+    run_batch,
+    run_method,
+    success_body,
+    time_block,
+)
 from .tls import make_certificates, server_context
 
 JSON_TYPE = "application/json"
@@ -163,7 +172,7 @@ class Front:
     async def rest(self, request: web.Request, p: Any, name: str) -> web.StreamResponse:
         """One REST request: faults, deletion, bucket, auth, then the method or batch."""
         p.bump("rest_requests")
-        fault = self.pick_fault(p)
+        fault = self.pick_fault(p, await self.called_methods(request, p, name))
         if fault:
             p.bump("faults_injected")
         if fault and fault != "executed_504":
@@ -229,7 +238,7 @@ class Front:
         user = p.users.get(tok.user_id)
         if user is None or not user.active:
             raise ApiError("authorization_error", "Unable to authorize user", 401)
-        return Ctx(p, user, self.cloud)
+        return Ctx(p, user, self.cloud, token=raw)
 
     async def execute(
         self, ctx: Ctx, name: str, params: dict[str, Any], latency: float
@@ -255,10 +264,23 @@ class Front:
             return error_response(result)
         return json_response(success_body(result, full_time(ctx, name, timing)))
 
-    def pick_fault(self, p: Any) -> str | None:
+    async def called_methods(self, request: web.Request, p: Any, name: str) -> set[str]:
+        """The methods a request calls (a batch's commands), read only when a fault needs it."""
+        if name != "batch" or not any(f.methods for f in p.faults):
+            return {name}
+        try:
+            cmds = parse_cmds((await request_params(request)).get("cmd"))
+        except (ApiError, ValueError, UnicodeDecodeError):
+            return {name}
+        return {line.partition("?")[0].strip().lower().removesuffix(".json") for _, line in cmds}
+
+    def pick_fault(self, p: Any, called: set[str]) -> str | None:
         for fault in p.faults:
             if fault.count is not None and fault.count <= 0:
                 continue
+            if fault.methods and (fault.kind == "operation_time_limit"
+                                  or not called.intersection(fault.methods)):
+                continue  # a method-bound OPERATION_TIME_LIMIT is per command (rest.py)
             if random.random() < fault.rate:
                 if fault.count is not None:
                     fault.count -= 1
@@ -288,6 +310,9 @@ class Front:
         field = form.get("file")
         if field is None or isinstance(field, str):
             return error_response(ApiError("ERROR_ARGUMENT", "file is required", 400))
+        refused = upload_error(p, self.cloud, token, field.filename or "")
+        if refused is not None:
+            return error_response(refused)
         data = field.file.read()
         result = store_upload(p, token, field.filename or "", data)
         now = time.time()

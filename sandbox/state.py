@@ -67,6 +67,13 @@ class Settings:
     # The default suits tests: no delay, each portal's events one after another in order.
     event_delay: Any = 0.0  # a sandbox.latency spec in ms, drawn per delivery
     event_reorder: bool = False  # True: every delivery waits only its own delay
+    # The zone a CALL_START_DATE without an offset is read in (protocol §8.3: the server's,
+    # which one on cloud is UNCONFIRMED). Not the portal's default on purpose, so an app that
+    # drops the offset gets visibly wrong times.
+    server_time_zone: str = "Europe/Moscow"
+    # False plays an older build whose register dedup ignores EXTERNAL_CALL_ID (§8.3, §8.16:
+    # two overlapping calls between the same numbers then share one CALL_ID).
+    call_dedup_external_id: bool = True
 
 
 @dataclass
@@ -78,6 +85,7 @@ class User:
     extension: str = ""
     active: bool = True
     email: str = ""
+    phones: list[str] = field(default_factory=list)  # work/mobile numbers of the profile
 
     def as_rest(self) -> dict[str, Any]:
         """The user.get / user.current record."""
@@ -132,6 +140,9 @@ class Fault:
     kind: str
     rate: float = 1.0
     count: int | None = None
+    # Lower-case method names: the fault hits only requests calling one of them (a batch when
+    # one of its commands does); None: every request.
+    methods: list[str] | None = None
 
 
 @dataclass
@@ -207,10 +218,23 @@ def new_counters() -> dict[str, Any]:
             "register_for_click_to_call": 0,
             "refresh_token_reuse": 0,
             "double_finish": 0,
+            "show_after_finish": 0,
+            "hide_after_finish": 0,
+            "start_date_without_offset": 0,
+            "empty_crm_entity": 0,
         },
         # Calls created again for an EXTERNAL_CALL_ID that already had one (register dedup
         # only matches active calls): each is a second call and a second CRM activity.
         "duplicate_calls": 0,
+        # Telephony side effects a customer sees (protocol §8.3, §8.5): robot triggers fired by
+        # registers (dedup hits too), missed calls (304 on TYPE 2/3), chat messages of finishes,
+        # cards a finish left open (shown, never hidden, not the finisher), lead creations
+        # refused for an employee's number.
+        "robot_triggers": 0,
+        "missed_calls": 0,
+        "chat_messages": 0,
+        "cards_left_open": 0,
+        "lead_creation_errors": 0,
     }
 
 
@@ -243,6 +267,8 @@ class Portal:
     bucket: LeakyBucket = field(default_factory=lambda: LeakyBucket(2.0, 50.0))
     operating: OperatingClock = field(default_factory=OperatingClock)
     operating_limit: float | None = None
+    method_limits: dict[str, float] = field(default_factory=dict)  # per-method operating limit
+    method_costs: dict[str, float] = field(default_factory=dict)  # extra seconds per command
     latency: Any = None  # a sandbox.latency spec; None: the cloud's Settings.latency
     latency_operating: bool = True  # False: the delay is a queue, not the method's processing
     faults: list[Fault] = field(default_factory=list)
@@ -267,6 +293,7 @@ class Portal:
     # click-to-call checks look a party up instead of scanning every active call
     calls_by_party: dict[tuple[int, str], list[str]] = field(default_factory=dict)
     finished_calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    missed: list[dict[str, Any]] = field(default_factory=list)  # missed-call rows (304)
     stat_seq: int = 0
     file_seq: int = 9000
     uploads: dict[str, dict[str, Any]] = field(default_factory=dict)

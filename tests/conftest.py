@@ -214,6 +214,15 @@ class WorkerProcess:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log_fh,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the worker has processed a ping (needs the test app's context): a test
+        whose clock starts at delivery must not count the worker's boot."""
+        from app import health, queue
+
+        nonce = uuid.uuid4().hex
+        queue.enqueue("ping", nonce)
+        wait_for(lambda: health.ping_result(nonce), timeout=timeout)
+
     def output(self) -> str:
         """What the worker printed so far (for assertion messages)."""
         return self.log.read_text(errors="replace")

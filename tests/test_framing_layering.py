@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 PACKAGES = ("app", "placements")  # the web side (workers/system.py reads app.health's ping)
 # The wiring: the factory registers every blueprint, placements.init_app its own ones.
-WIRING = {"app": {"app.health", "app.ingress.views", "app.tenants.views", "placements"},
+WIRING = {"app": {"app.health", "app.ingress.views", "app.installation.views", "placements"},
           "placements": {"placements.settings.views", "placements.widgets.views"}}
 FRAMING_HELPERS = {"framed_by", "frameable", "portal_origin_from_query", "known_portal_origin"}
 
@@ -61,7 +61,8 @@ def _defines_blueprint(tree: ast.Module) -> bool:
 def test_no_module_imports_another_blueprints_views():
     modules = _modules()
     blueprints = {name for name, (_, tree) in modules.items() if _defines_blueprint(tree)}
-    assert {"app.tenants.views", "placements.settings.views"} <= blueprints, "the scan is blind"
+    assert {"app.installation.views", "placements.settings.views"} <= blueprints, \
+        "the scan is blind"
     offences = []
     for name, (path, tree) in modules.items():
         allowed = WIRING.get(name, set()) | {name}
@@ -69,14 +70,6 @@ def test_no_module_imports_another_blueprints_views():
             offences.append(f"{name} imports {target}")
     assert offences == [], ("a blueprint's views are wired by the factory only; shared code "
                             f"belongs in a module of its own (app/framing.py, ...): {offences}")
-
-
-def test_no_placement_imports_the_tenants_views():
-    modules = _modules()
-    offenders = sorted(name for name, (path, tree) in modules.items()
-                       if name.startswith("placements")
-                       and "app.tenants.views" in _imports(name, path, tree))
-    assert offenders == []
 
 
 def test_the_framing_helpers_are_defined_once_in_app_framing():

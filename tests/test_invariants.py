@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from app.extensions import db
-from app.tenants.install import EVENTS
+from app.installation.plan import EVENTS
 from tests.conftest import ROOT, child_env
 
 # Bound at install so Bitrix24 delivers them, but handled only once the telephony
@@ -150,6 +150,6 @@ def test_tenants_do_not_import_the_ingress_handler_registry():
 
 
 def test_the_tenants_handler_table_is_what_the_workers_register(worker_side):
-    from app.tenants.events import HANDLERS
+    from app.installation.events import HANDLERS
 
     assert set(HANDLERS) <= set(worker_side["handlers"]["b24"])

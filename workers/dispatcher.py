@@ -13,7 +13,7 @@ from flask import Flask
 
 from app.dispatcher import results, retention, sweep
 from app.extensions import db
-from app.tenants import blocked
+from app.installation import blocked
 from app.tenants.models import Portal
 from workers.scheduler import periodic
 

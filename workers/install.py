@@ -1,7 +1,7 @@
 """Install actors: re-run a portal's idempotent setup, keep the extension map current.
 
-Both only submit commands (app.tenants.upkeep); the dispatcher sends them and the
-outcome handlers (app.tenants.upkeep) finish the work, so no worker thread waits on Bitrix24.
+Both only submit commands (app.installation.upkeep); the dispatcher sends them and the
+outcome handlers (app.installation.upkeep) finish the work, so no worker thread waits on Bitrix24.
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from datetime import timedelta
 import dramatiq
 
 from app.extensions import db
-from app.tenants import install, upkeep
+from app.installation import upkeep
+from app.installation.user_sync import portals_with_live_tokens
 from app.tenants.models import Portal, PortalStatus, aware, utcnow
 from workers.scheduler import periodic
 
 USER_SYNC_SECONDS = 6 * 3600
-LIVE_MARGIN = timedelta(seconds=120)  # as install.portals_with_live_tokens
+LIVE_MARGIN = timedelta(seconds=120)  # as user_sync.portals_with_live_tokens
 
 
 def _active(portal_id: int) -> Portal | None:
@@ -71,6 +72,6 @@ def sync_users_of_busy_portals() -> None:
     skipped, so this job never causes a token refresh (refreshing on a timer is what
     Bitrix24 warns against).
     """
-    for portal_id in install.portals_with_live_tokens():
+    for portal_id in portals_with_live_tokens():
         sync_portal_users.send_with_options(args=(portal_id,), kwargs={"live_only": True},
                                             delay=sync_delay_ms(portal_id))

@@ -12,10 +12,11 @@ How work reaches it:
   whose held status cleared.
 
 Per owned portal one driver coroutine runs while the portal has work, and none when it
-has none (idle portals cost nothing). A driver keeps up to K batches in flight, starts a
-batch whenever a slot is free and the portal's shared bucket gives a token (never
-because a batch came back), and keeps the last slot for real-time work. Database work
-runs in a small thread pool in SQL Core; the loop itself never blocks.
+has none (idle portals cost nothing). What a driver sends and when is scheduling
+(``app.dispatcher.scheduling``); one batch on the wire and what its answer does is a
+flight (``app.dispatcher.flight``). This module holds the loop, the ownership of portals
+and the heartbeat. Database work runs in a small thread pool in SQL Core (``run_db``);
+the loop itself never blocks.
 """
 
 from __future__ import annotations
@@ -37,23 +38,20 @@ import httpx
 import redis.asyncio as aioredis
 from flask import Flask
 
-from app.bitrix import AsyncRestClient, errors
-from app.dispatcher import metrics, nudge, outcomes, results, store
-from app.dispatcher.bucket import PLANS, AsyncRateBucket, reserve, scaled_plans
-from app.dispatcher.credentials import CredentialStore, Snapshot
+from app.bitrix import AsyncRestClient
+from app.dispatcher import nudge, store
+from app.dispatcher.bucket import PLANS, AsyncRateBucket, scaled_plans
+from app.dispatcher.credentials import CredentialStore
+from app.dispatcher.flight import GroupWriter
 from app.dispatcher.lease import OWNER_PREFIX, RELEASE, RENEW
 from app.dispatcher.ledger import LIMIT, AsyncOperatingLedger
-from app.dispatcher.packer import MAX_BATCH, Candidate, Packed, pack_round
-from app.dispatcher.policy import Verdict
+from app.dispatcher.scheduling import Driver
 from app.extensions import db
-from app.tenants.models import utcnow
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-FETCH = 2 * MAX_BATCH  # candidates read per packing: room for key chains that cannot go yet
 PACE_MEMORY = 5.0      # seconds a retired driver's last launch is remembered
 REDIS_CONNECTIONS = 2048  # the engine's Redis pool: above the batches that may land at once
-MAX_RESENDS = 3        # refreshes and renames before a batch's answer counts as a failure
 SHUTDOWN_GRACE = 2.0  # seconds stop() waits for a cancelled task (see _cancel)
 
 
@@ -331,340 +329,6 @@ class Engine:
                     driver.poke()
 
 
-class Driver:
-    """Sends one portal's ready commands: up to K batches in flight, one bucket token each."""
-
-    def __init__(self, engine: Engine, portal_id: int) -> None:
-        self.engine = engine
-        self.portal_id = portal_id
-        self.task: asyncio.Task[None] | None = None
-        self.inflight: set[asyncio.Task[None]] = set()
-        self.retiring = False
-        self.held = False
-        self.snap: Snapshot | None = None
-        self._wakeup = asyncio.Event()
-        self._poked = False
-        self._pokes = 0  # pokes so far: a nap that starts late still sees an earlier one
-        self.last_launch = engine.last_launch(portal_id)  # monotonic, for pacing
-        self.resume_at: float | None = None  # epoch a paused method may go again
-
-    def poke(self) -> None:
-        """New commands may be ready, or a slot is free: look again."""
-        self._poked = True
-        self._pokes += 1
-        self._wakeup.set()
-
-    @property
-    def slots(self) -> int:
-        """K: batches this portal may have in flight."""
-        return self.engine.settings.slots(self.snap.plan if self.snap else "standard")
-
-    async def run(self) -> None:
-        """Send batches while there is work; then retire."""
-        try:
-            self.snap = await self.engine.credentials.aload(self.portal_id)
-            while not self.retiring and not self.held and not self.snap.held:
-                self._poked = False
-                self._wakeup.clear()
-                if len(self.inflight) < self.slots and await self._send_round():
-                    continue
-                if not self.inflight and not self._poked:
-                    break
-                await self._wakeup.wait()
-        except Exception:
-            log.exception("portal %s: driver failed; the sweep will resume it", self.portal_id)
-        finally:
-            if self.inflight:
-                await asyncio.gather(*self.inflight, return_exceptions=True)
-            await self.engine.retire(self)
-
-    # ------------------------------------------------------------------ packing
-    async def _send_round(self) -> bool:
-        """Pack a batch for each free slot the bucket can pay for from one fetch, lease them
-        in one transaction and launch them; False when nothing can go now.
-
-        Full batches leave at once. A partial batch leaves no sooner than ``linger`` after
-        it was found and ``pace`` after the previous launch (see ``_gap``). The first batch's
-        token is taken before the lease (waiting for it, and packing again when new work
-        arrives meanwhile); every other batch takes its own just before it is sent, so the
-        bucket counts a request when it leaves, not when a large round started leasing."""
-        free = self.slots - len(self.inflight)
-        level, capacity = await self._bucket_level()
-        want = max(1, min(free, int(capacity - level)))
-        batches = await self._pack_round(want)
-        if not batches:
-            return False
-        hold = self._hold_back(batches, level, capacity)
-        if hold > 0:
-            await asyncio.sleep(hold)
-            batches = await self._pack_round(want)
-            if not batches:
-                return False
-        batches = await self._first_token(batches, want)
-        if not self._paced_out(level, capacity):
-            batches = [b for b in batches if len(b.commands) >= MAX_BATCH] or batches[:1]
-        batches = batches[:1 + await self._room(len(batches) - 1)]
-        return bool(batches) and await self._launch(batches)
-
-    async def _first_token(self, batches: list[Packed], want: int) -> list[Packed]:
-        """Take a token for the round's first batch, waiting for one; a poke while waiting
-        (a call arrived, a batch landed) packs again, so real-time work that arrives during
-        the wait goes first and may use the bucket's reserve. [] when nothing is left."""
-        while batches:
-            seen = self._pokes
-            wait = await self.engine.bucket.take(self.member_id, self.plan,
-                                                 realtime=batches[0].realtime)
-            if wait == 0:
-                return batches
-            await self._nap(wait, seen)
-            batches = await self._pack_round(want)
-        return batches
-
-    async def _nap(self, seconds: float, seen: int) -> None:
-        """Sleep up to ``seconds``, less if poked since the ``seen``-th poke (at once if that
-        happened already); ``_poked`` stays as it was."""
-        while self._pokes == seen:
-            self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), seconds)
-            except TimeoutError:
-                return
-
-    def _hold_back(self, batches: list[Packed], level: float, capacity: float) -> float:
-        """Seconds a round of only partial batches waits for more commands (0: go now)."""
-        settings = self.engine.settings
-        if any(len(b.commands) >= MAX_BATCH for b in batches):
-            return 0.0
-        if settings.sequential:
-            return settings.linger
-        due = self.last_launch + self._gap(level, capacity) - time.monotonic()
-        return max(settings.linger, due)
-
-    def _paced_out(self, level: float, capacity: float) -> bool:
-        """Whether a partial batch may leave now (the pacing gap since the last launch)."""
-        return (self.engine.settings.sequential
-                or time.monotonic() >= self.last_launch + self._gap(level, capacity) - 1e-3)
-
-    def _gap(self, level: float, capacity: float) -> float:
-        """The least time between partial batches: from ``pace`` at an empty bucket up to
-        one drain interval at a full one.
-
-        Commands arriving at r/s must leave at no more than the drain rate, so in the long
-        run a batch carries r / drain commands and a command waits up to 1 / drain for its
-        batch. The burst is spent on waiting less (``pace``) while the bucket is empty, and
-        never on tiny batches: as the bucket fills the gap stretches to the drain interval,
-        where partial batches alone never fill the bucket.
-        """
-        drain, _ = self.engine.bucket.limits(self.plan)
-        interval = 1.0 / drain
-        floor = min(self.engine.settings.pace, interval)
-        return floor + (interval - floor) * min(1.0, level / capacity)
-
-    async def _bucket_level(self) -> tuple[float, float]:
-        """The portal's bucket: (requests in it now, our capacity)."""
-        _, capacity = self.engine.bucket.limits(self.plan)
-        return await self.engine.bucket.level(self.member_id, self.plan), capacity
-
-    @property
-    def plan(self) -> str:
-        """The portal's plan (its bucket and K)."""
-        return self.snap.plan if self.snap else "standard"
-
-    async def _room(self, wanted: int) -> int:
-        """How many of ``wanted`` more batches the bucket can pay for now (none taken: each
-        batch takes its own token as it leaves)."""
-        if wanted <= 0:
-            return 0
-        level, capacity = await self._bucket_level()
-        drain, _ = self.engine.bucket.limits(self.plan)
-        return max(0, min(wanted, int(capacity - reserve(drain) - level)))
-
-    async def _pack_round(self, free: int) -> list[Packed]:
-        eng = self.engine
-        ready = await eng.run_db(store.fetch_ready, eng.db, self.portal_id, utcnow(),
-                                 max(FETCH, (free + 1) * MAX_BATCH))
-        paused = await self._paused({c.method.lower() for c in ready.candidates})
-        settings = self.engine.settings
-        last_slot = max(0, self.slots - settings.realtime_slots(self.plan) - len(self.inflight))
-        batches = pack_round(ready.candidates, ready.blockers, ready.deps, batches=free,
-                             realtime_only_from=last_slot, paused=paused,
-                             complete=ready.complete)
-        doomed = {i: r for b in batches for i, r in b.doomed.items()}
-        if doomed:
-            await eng.run_db(store.mark_doomed, eng.db, doomed, utcnow())
-            metrics.dead(self.plan, len(doomed))
-            handled = [c.id for c in ready.candidates if c.id in doomed and c.handler]
-            if handled:
-                await eng.run_db(notify, eng.app, handled)
-        self._deps = ready.deps
-        return [b for b in batches if b.commands]
-
-    async def _paused(self, methods: set[str]) -> frozenset[str]:
-        """The methods the ledger pauses now; the earliest end of a pause is kept in
-        ``resume_at`` (epoch), so a driver that retires with only paused work is woken then."""
-        key = self.member_id
-        paused, self.resume_at = set(), None
-        for method in methods:
-            until = await self.engine.ledger.pause_until(key, method)
-            if until:
-                paused.add(method)
-                self.resume_at = min(until, self.resume_at or until)
-        return frozenset(paused)
-
-    @property
-    def member_id(self) -> str:
-        """The portal's key in the shared bucket and the ledger (never a metric label)."""
-        return self.snap.member_id if self.snap else str(self.portal_id)
-
-    async def _token(self, realtime: bool) -> None:
-        """Wait until the portal's bucket gives a token."""
-        while (wait := await self.engine.bucket.take(self.member_id, self.plan,
-                                                     realtime=realtime)) > 0:
-            await asyncio.sleep(wait)
-
-    async def _launch(self, batches: list[Packed]) -> bool:
-        eng, now = self.engine, utcnow()
-        self.last_launch = time.monotonic()
-        ids = [(uuid.uuid4().hex[:16], b) for b in batches]
-        leased = await eng.run_db(store.lease_round, eng.db,
-                                  [(bid, [c.id for c in b.commands]) for bid, b in ids],
-                                  owner=eng.owner, now=now, until=now + eng.lease_length())
-        launched = False
-        for n, (batch_id, packed) in enumerate(ids):
-            commands = [c for c in packed.commands if c.id in leased[batch_id]]
-            if commands:
-                wire = Packed(commands).wire(self._deps)
-                task = asyncio.create_task(
-                    self._flight(commands, wire, realtime=packed.realtime, paid=n == 0))
-                self.inflight.add(task)
-                task.add_done_callback(self._landed)
-                launched = True
-        return launched
-
-    def _landed(self, task: asyncio.Task[None]) -> None:
-        self.inflight.discard(task)
-        self.poke()
-
-    # ------------------------------------------------------------------ one batch
-    async def _flight(self, commands: list[Candidate], wire: dict[str, Any], *,
-                      realtime: bool, paid: bool) -> None:
-        plan = self.plan  # the gauge goes down on the label it went up on
-        metrics.inflight(plan, +1)
-        try:
-            if not paid:
-                await self._token(realtime)
-            started = time.monotonic()
-            answer = await self._exchange(wire, realtime)
-            metrics.round_trip(self.plan, time.monotonic() - started)
-            await self._settle(commands, answer)
-        except Exception:
-            log.exception("portal %s: a batch's outcome was not recorded; its lease will "
-                          "expire and the sweep recovers it", self.portal_id)
-        finally:
-            metrics.inflight(plan, -1)
-
-    async def _exchange(self, wire: dict[str, Any], realtime: bool) -> Any:
-        """Send the batch; refresh or follow a rename and send again (each with a token)."""
-        eng = self.engine
-        for _ in range(MAX_RESENDS + 1):
-            snap = await self._usable()
-            if snap.held:
-                return outcomes.PortalHeld(f"portal {snap.member_id} is {snap.status}")
-            try:
-                async with asyncio.timeout(eng.settings.request_timeout + 1):
-                    return await eng.client.batch(snap.client_endpoint, wire,
-                                                  snap.access_token or "")
-            except TimeoutError as exc:
-                return exc
-            except errors.PortalMoved as exc:
-                self.snap = await eng.credentials.moved(snap, exc.new_client_endpoint)
-            except errors.BitrixError as exc:
-                if outcomes.verdict_of(exc) is not Verdict.REFRESH:
-                    return exc
-                metrics.refreshed(self.plan)
-                self.snap = await eng.credentials.refreshed(snap)
-            await self._token(realtime)
-        return errors.TransportError("gave up after repeated refreshes and renames")
-
-    async def _usable(self) -> Snapshot:
-        snap = self.snap
-        assert snap is not None
-        if not snap.held and snap.expires_at is not None and snap.expires_at <= utcnow():
-            metrics.refreshed(self.plan)
-            self.snap = snap = await self.engine.credentials.refreshed(snap)
-        return snap
-
-    async def _settle(self, commands: list[Candidate], answer: Any) -> None:
-        eng, now = self.engine, utcnow()
-        rows, effects = outcomes.decide(commands, answer, now,
-                                        outcomes.Rules(eng.settings.horizon))
-        await eng.recorder.write(rows)
-        metrics.settled(self.plan, commands, rows, now)
-        await self._apply(effects)
-
-    async def _apply(self, effects: outcomes.Effects) -> None:
-        eng, key = self.engine, self.member_id
-        if effects.fill_bucket:
-            metrics.rate_limited(self.plan)
-            await eng.bucket.fill(key, self.snap.plan if self.snap else "standard")
-        if effects.processing:
-            await eng.ledger.add_batch(key, effects.processing)
-        for method, until in effects.operating.items():
-            await eng.ledger.hold(key, method, until)
-        if effects.refresh and self.snap is not None:
-            metrics.refreshed(self.plan)
-            self.snap = await eng.credentials.refreshed(self.snap)
-        if effects.hold is not None:
-            await self._hold(effects.hold)
-        if effects.settle:
-            await eng.run_db(notify, eng.app, effects.settle)
-
-    async def _hold(self, error: BaseException) -> None:
-        """Let the portal status machine judge; stop driving (the sweep resumes the portal)."""
-        if isinstance(error, errors.ApiError):
-            await self.engine.run_db(apply_status, self.engine.app, self.portal_id, error)
-        self.snap = await self.engine.credentials.aload(self.portal_id)
-        self.held = True
-        log.warning("portal %s: holding its commands (%s)", self.portal_id, error)
-        self.poke()
-
-
-class GroupWriter:
-    """Writes batches' outcomes, every batch that came back meanwhile in one commit.
-
-    A batch's rows go into the write that starts next: while one write runs, the answers
-    that arrive wait for it (never longer) and then share one transaction, so a burst of
-    answers costs one commit, not one each.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.pending: list[tuple[list[dict[str, Any]], asyncio.Future[None]]] = []
-        self.task: asyncio.Task[None] | None = None
-
-    async def write(self, rows: list[dict[str, Any]]) -> None:
-        """Return once ``rows`` are committed (raises what the write raised)."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.pending.append((rows, done))
-        if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._drain())
-        await done
-
-    async def _drain(self) -> None:
-        eng = self.engine
-        while self.pending:
-            group, self.pending = self.pending, []
-            try:
-                await eng.run_db(store.record, eng.db, eng.owner,
-                                 [row for rows, _ in group for row in rows])
-            except Exception as exc:  # every waiter hears it; its lease expires as before
-                for _, done in group:
-                    done.set_exception(exc)
-            else:
-                for _, done in group:
-                    done.set_result(None)
-
-
 async def _cancel(tasks: Iterable[asyncio.Task[Any]], *, grace: float) -> None:
     """Cancel ``tasks`` and wait up to ``grace`` seconds for them to end.
 
@@ -684,25 +348,3 @@ async def _cancel(tasks: Iterable[asyncio.Task[Any]], *, grace: float) -> None:
                         ", ".join(sorted(t.get_name() for t in pending)))
             return
         _, pending = await asyncio.wait(pending, timeout=min(0.2, left))
-
-
-def apply_status(app: Flask, portal_id: int, error: errors.ApiError) -> None:
-    """Move the portal through the status machine (in a worker thread, own app context)."""
-    from app.tenants import status as portal_status
-    from app.tenants.models import Portal
-
-    with app.app_context():
-        try:
-            portal = db.session.get(Portal, portal_id)
-            if portal is not None:  # OVERLOAD_LIMIT: blocked, logged at error and counted
-                portal_status.apply_error(portal, error)
-        except portal_status.PortalUnavailable:
-            pass
-        finally:
-            db.session.remove()
-
-
-def notify(app: Flask, finished: list[int]) -> None:
-    """Enqueue the settling of these finished commands' outcomes (in a worker thread)."""
-    with app.app_context():
-        results.send_settle(finished)

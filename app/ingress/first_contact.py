@@ -20,7 +20,7 @@ ration the answer is 429 and nothing is stored (:func:`admit_provisional`). Anyo
 knows a member_id (every employee: it is in their iframe form) can send them, so
 Bitrix24's own deliveries must not share a ration with him. They need not: they come
 through the handlers the app bound, whose URL carries the portal's handler key
-(app/ingress/handler_key.py), which employees cannot read. So there are two rations:
+(app/tenants/handler_key.py), which employees cannot read. So there are two rations:
 
 - events with the key: ``PROVISIONAL_KEYED_EVENTS_PER_PORTAL`` (10,000), far above a
   portal's burst before its ONAPPINSTALL arrives; only Bitrix24 (or an admin) fills it;
@@ -52,9 +52,10 @@ from typing import Any
 import redis
 from flask import current_app
 
-from app.ingress import handler_key, inbox, provisional
+from app.ingress import inbox, provisional
 from app.ingress.auth import KnownPortal, Rejected
 from app.ingress.sealed import SEALED_FIELD
+from app.tenants import handler_key
 from app.tenants.models import PortalStatus
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ between loses it. Instead, an event for a portal that *awaits its token*
 
 - intake seals the application_token it claims (app/ingress/sealed.py), rations it
   per portal (``first_contact.admit_provisional``: events that carry the portal's
-  handler key, app/ingress/handler_key.py, have a ration of their own that forgers
+  handler key, app/tenants/handler_key.py, have a ration of their own that forgers
   cannot reach) and answers 200: it is stored;
 - nothing processes a provisional row: it is never queued, and neither the sweeper nor
   a stray message can claim it (claims take ``received``/``queued`` rows only);

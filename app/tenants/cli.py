@@ -1,4 +1,5 @@
-"""``flask portals``: list, show, refresh, disable, enable, resume."""
+"""``flask portals``: list, show, refresh, disable, enable (the factory adds the use cases' own:
+``resume`` from app/installation/cli.py, ``api-key`` from app/ingress/cli.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from sqlalchemy import select
 from app.bitrix import errors
 from app.config import REFRESH_TOKEN_DAYS
 from app.extensions import db
-from app.tenants import blocked, service
+from app.tenants import service
 from app.tenants.models import Portal, PortalStatus
 from app.tenants.status import PortalUnavailable, set_status
 
@@ -112,22 +113,3 @@ def enable_portal(member_id: str) -> None:
     """Make the portal active again; the next call re-checks it against Bitrix24."""
     set_status(_portal_or_fail(member_id), PortalStatus.ACTIVE)
     click.echo(f"enabled {member_id}")
-
-
-@portals_cli.command("resume")
-@click.argument("member_id")
-def resume_portal(member_id: str) -> None:
-    """Probe a blocked portal now (one app.info); it resumes if Bitrix24 lifted the block."""
-    p = _portal_or_fail(member_id)
-    if p.status != PortalStatus.BLOCKED.value:
-        raise click.ClickException(f"{member_id} is {p.status}, not blocked")
-    outcome = blocked.probe(p)
-    if outcome == blocked.SKIPPED:
-        raise click.ClickException("a dispatcher is still settling its last batch, or the "
-                                   "status changed; try again in a minute")
-    click.echo({blocked.LIFTED: f"resumed {member_id}: the portal answers again",
-                blocked.STILL_BLOCKED: f"{member_id} is still blocked (OVERLOAD_LIMIT)",
-                blocked.NO_ANSWER: f"{member_id}: no answer; still blocked, probed again later",
-                }.get(outcome, f"{member_id} is now {p.status}: {p.status_reason}"))
-    if outcome != blocked.LIFTED:
-        raise SystemExit(1)

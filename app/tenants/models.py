@@ -77,7 +77,7 @@ class Portal(Model):
     # still set afterwards means a refresher died mid-flight and the chain may be spent.
     refresh_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     auth_user_id: Mapped[int | None] = mapped_column(Integer)  # whose chain we hold
-    # The last user sync (app/tenants/upkeep.py): running, done or failed (with the reason);
+    # The last user sync (app/installation/upkeep.py): running, done or failed (with the reason);
     # users_sync_at is when it got there.
     users_sync_status: Mapped[str | None] = mapped_column(String(16))
     users_sync_error: Mapped[str | None] = mapped_column(Text)

@@ -130,20 +130,28 @@ def record(portal: Portal, status: PortalStatus, reason: str | None,
     With ``only_if_version`` the change applies only while the stored chain is still
     that version: a refresher that lost its chain never overrides a newer one.
     """
-    values: dict[str, Any] = {"status": status.value, "status_reason": reason,
-                              "status_changed_at": utcnow()}
-    return write(portal, values, only_if_version)
+    return write(portal, _moved_to(status, reason), only_if_version)
 
 
-def write(portal: Portal, values: dict[str, Any], only_if_version: int | None = None) -> bool:
+def _moved_to(status: PortalStatus, reason: str | None) -> dict[str, Any]:
+    """The columns a move to ``status`` writes."""
+    return {"status": status.value, "status_reason": reason, "status_changed_at": utcnow()}
+
+
+def write(portal: Portal, values: dict[str, Any], only_if_version: int | None = None,
+          only_if_status: PortalStatus | None = None) -> bool:
     """Update the portal's row in its own transaction and mirror what was written onto it.
 
-    The caller's session is neither committed nor dirtied. With ``only_if_version``
-    the update applies only while the stored chain is still that version.
+    The one writer of a portal's row outside the caller's unit of work: the caller's
+    session is neither committed nor dirtied. With ``only_if_version`` the update applies
+    only while the stored chain is still that version; with ``only_if_status``, only while
+    the portal is still in that status (another process may have moved it meanwhile).
     """
     stmt = update(Portal).where(Portal.id == portal.id)
     if only_if_version is not None:
         stmt = stmt.where(Portal.token_version == only_if_version)
+    if only_if_status is not None:
+        stmt = stmt.where(Portal.status == only_if_status.value)
     with db.engine.begin() as conn:
         changed = conn.execute(stmt.values(**values)).rowcount == 1
     if changed:
@@ -184,12 +192,4 @@ def swap(portal: Portal, expected: PortalStatus, status: PortalStatus,
          reason: str | None) -> bool:
     """Move the portal from ``expected`` to ``status`` in its own transaction, only if it is
     still ``expected`` (another process may have moved it meanwhile); True when it moved."""
-    values: dict[str, Any] = {"status": status.value, "status_reason": reason,
-                              "status_changed_at": utcnow()}
-    with db.engine.begin() as conn:
-        moved = conn.execute(update(Portal).where(Portal.id == portal.id,
-                                                  Portal.status == expected.value)
-                             .values(**values)).rowcount == 1
-    if moved:
-        sync(portal, values)
-    return moved
+    return write(portal, _moved_to(status, reason), only_if_status=expected)

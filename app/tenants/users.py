@@ -1,16 +1,14 @@
 """Portal users and the extension map: which Bitrix24 user answers which inner number.
 
-Filled from ``user.get`` (``UF_PHONE_INNER``) at install and kept current by the
-ONUSERADD handler and the periodic user sync (Bitrix24's REST events have no user
-update). Telephony reads it through
+Filled from ``user.get`` (``UF_PHONE_INNER``) by the installation use case
+(app/installation/user_sync.py: at install, on ONUSERADD and by the periodic user sync;
+Bitrix24's REST events have no user update). Telephony reads it through
 :func:`user_for_extension` and :func:`extension_map`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import Boolean, DateTime, ForeignKey, Integer, String, UniqueConstraint, select
 from sqlalchemy.orm import Mapped, mapped_column
@@ -39,52 +37,10 @@ class PortalUser(Model):
         return f"<PortalUser {self.portal_id}:{self.user_id} ext={self.extension}>"
 
 
-def _display_name(record: dict[str, Any]) -> str:
-    parts = [str(record.get(k) or "").strip() for k in ("NAME", "LAST_NAME")]
-    return " ".join(p for p in parts if p)[:255]
-
-
-def _active(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value).strip().upper() in {"Y", "1", "TRUE"}
-
-
 def find_user(portal: Portal, user_id: int) -> PortalUser | None:
     """The portal's row for Bitrix24 user ``user_id``, if the app has one."""
     return db.session.scalars(select(PortalUser).where(
         PortalUser.portal_id == portal.id, PortalUser.user_id == user_id)).first()
-
-
-def upsert_user(portal: Portal, record: dict[str, Any], is_admin: bool | None = None) -> PortalUser:
-    """Create or update one user from a ``user.get`` record (caller commits)."""
-    user_id = int(record["ID"])
-    return _apply(portal, find_user(portal, user_id), user_id, record, is_admin)
-
-
-def _apply(portal: Portal, row: PortalUser | None, user_id: int, record: dict[str, Any],
-           is_admin: bool | None = None) -> PortalUser:
-    if row is None:
-        row = PortalUser(portal_id=portal.id, user_id=user_id)
-        db.session.add(row)
-    row.name = _display_name(record)
-    row.extension = (str(record.get("UF_PHONE_INNER") or "").strip() or None)
-    row.active = _active(record.get("ACTIVE", True))
-    if is_admin is not None:
-        row.is_admin = is_admin
-    return row
-
-
-def sync_users(portal: Portal, records: Iterable[dict[str, Any]]) -> int:
-    """Upsert every user in ``records``; returns how many were seen (caller commits)."""
-    known = {row.user_id: row for row in db.session.scalars(
-        select(PortalUser).where(PortalUser.portal_id == portal.id))}  # one query, not one per user
-    count = 0
-    for record in records:
-        user_id = int(record["ID"])
-        known[user_id] = _apply(portal, known.get(user_id), user_id, record)
-        count += 1
-    return count
 
 
 def user_for_extension(portal: Portal, extension: str) -> PortalUser | None:

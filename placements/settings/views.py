@@ -19,11 +19,11 @@ from app.extensions import db
 from app.framing import framed_by
 from app.ingress import inbox, provisional
 from app.ingress.retention import Retention
+from app.installation.iframe import open_iframe
+from app.installation.verify import InstallError, PortalHeld
 from app.queue import enqueue
-from app.tenants import install
 from app.tenants.models import Portal, PortalSettings
 from app.tenants.users import extension_map
-from app.tenants.verify import PortalHeld
 from placements.common import advice, error_page
 from placements.settings import form_token
 
@@ -87,7 +87,7 @@ def settings_post() -> Response:
 def _show() -> Response:
     """Verify the iframe POST (as ``placements.common.verified``) and show the page."""
     try:
-        session = install.open_iframe(request.args, request.form)
+        session = open_iframe(request.args, request.form)
     except PortalHeld as exc:
         if exc.portal is None:
             return error_page(exc.message, exc.status)
@@ -95,7 +95,7 @@ def _show() -> Response:
         db.session.commit()
         return framed_by(make_response(render(exc.portal, is_admin=False, user_id=None)),
                          exc.portal.origin)
-    except install.InstallError as exc:
+    except InstallError as exc:
         return error_page(exc.message, exc.status)
     db.session.commit()  # the open is the unit of work (a recovered chain is kept)
     notice = "The app is connected again." if session.recovered else ""

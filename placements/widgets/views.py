@@ -7,13 +7,14 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, make_response, render_template
 
-from app.tenants import install
+from app.installation.iframe import IframeSession
+from app.installation.plan import PLACEMENTS
 from app.tenants.users import extension_map
 from placements.common import advice, verified
 
 bp = Blueprint("widgets", __name__, template_folder="templates")
 
-WIDGETS = {path.rsplit("/", 1)[1]: code for code, (path, _) in install.PLACEMENTS.items()}
+WIDGETS = {path.rsplit("/", 1)[1]: code for code, (path, _) in PLACEMENTS.items()}
 
 
 def _options(raw: str) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def widget(name: str) -> Response:
 
 
 @verified
-def _render(session: install.IframeSession, name: str) -> Response:
+def _render(session: IframeSession, name: str) -> Response:
     portal = session.portal
     template = "widgets/" + name.replace("-", "_") + ".html"
     body = render_template(template, portal=portal, advice=advice(portal),

@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from app.ingress import handler_key
 from app.ingress.formparse import encode_form
 from app.ingress.sealed import SEALED_FIELD
+from app.tenants import handler_key
 from app.tenants.models import PortalStatus
 from tests.ingress.conftest import (
     FORM,

@@ -81,7 +81,8 @@ def test_transient_failures_are_retried_with_backoff(portal, deliver, effects,
 
 def test_what_keeps_failing_is_dead_lettered_with_its_reason(portal, deliver,
                                                              start_handler_worker):
-    start_handler_worker(INBOX_RETRY_HORIZON_HOURS=str(3 / 3600), INBOX_RETRY_BACKOFF="0.2")
+    start_handler_worker(INBOX_RETRY_HORIZON_HOURS=str(3 / 3600), INBOX_RETRY_BACKOFF="0.2"
+                         ).wait_ready()  # the horizon counts from delivery, not from boot
     deliver.b24(portal, event="TESTDOWN")
     deliver.b24(portal, event="TESTBROKEN")
     wait_for(lambda: statuses() == {"dead": 2}, timeout=40)
@@ -96,7 +97,7 @@ def test_a_transient_failure_is_retried_until_its_horizon_not_a_count_of_attempt
     # A 4-second horizon at 0.05-0.2 s backoff: many more attempts than the old budget of 5,
     # and dead only once the horizon has passed since the event arrived.
     start_handler_worker(INBOX_RETRY_HORIZON_HOURS=str(4 / 3600), INBOX_RETRY_BACKOFF="0.05",
-                         INBOX_RETRY_BACKOFF_MAX="0.2")
+                         INBOX_RETRY_BACKOFF_MAX="0.2").wait_ready()
     deliver.b24(portal, event="TESTDOWN")
     wait_for(lambda: statuses() == {"dead": 1}, timeout=30)
     [row] = inbox_rows()

@@ -14,8 +14,9 @@ from prometheus_client import REGISTRY
 
 import tests.ingress.effect_handlers  # noqa: F401 - registers TESTEFFECT in this process
 from app.extensions import db
-from app.ingress import handler_key, processing
+from app.ingress import processing
 from app.ingress.models import InboxStatus
+from app.tenants import handler_key
 from app.tenants.models import Portal
 from tests.ingress.conftest import (
     FORM,

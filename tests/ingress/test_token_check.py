@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from app.extensions import db
 from app.ingress import token_hash
 from app.ingress.models import InboxEvent
-from app.tenants import install
+from app.installation import install
 from app.tenants.models import Portal, PortalStatus
 from tests.ingress.conftest import FORM, b24_body, make_portal
 

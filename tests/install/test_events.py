@@ -10,7 +10,7 @@ from sqlalchemy import delete, func, select
 from app.dispatcher import nudge
 from app.extensions import db
 from app.ingress.models import InboxEvent
-from app.tenants import events, install, upkeep
+from app.installation import events, plan, upkeep, user_sync
 from app.tenants.models import PortalSettings
 from app.tenants.users import PortalUser
 from tests.conftest import wait_for
@@ -92,7 +92,7 @@ def test_uninstall_marks_the_portal_and_reinstall_restores_it(sandbox, installed
     # A new installation, a new application token: the installer form's or ONAPPINSTALL's.
     assert again["application_token"] != installed["application_token"]
     assert row.application_token == again["application_token"]
-    assert len(sandbox.bindings(member_id)["events"]) == len(install.EVENTS)
+    assert len(sandbox.bindings(member_id)["events"]) == len(plan.EVENTS)
     assert portal_count() == 1
 
 
@@ -148,7 +148,7 @@ def test_onappupdate_binds_what_went_missing_and_keeps_the_new_chain(sandbox, in
 
     direct.call_method(portal_row(member_id), "event.unbind",
                         {"event": "ONEXTERNALCALLSTART",
-                         "handler": install.event_handler_url(member_id)})
+                         "handler": plan.event_handler_url(member_id)})
     version = portal_row(member_id).token_version
     out = sandbox.trigger_event(member_id, "ONAPPUPDATE",
                                 {"VERSION": "2", "PREVIOUS_VERSION": "1", "LANGUAGE_ID": "en"})
@@ -157,7 +157,7 @@ def test_onappupdate_binds_what_went_missing_and_keeps_the_new_chain(sandbox, in
     # Also ONAPPINSTALL: the update dropped its binding (protocol §2.4) and setup restored it
     # (through the dispatcher: the reads, then the bindings still missing).
     wait_for(lambda: {b["event"] for b in sandbox.bindings(member_id)["events"]}
-             == set(install.EVENTS), timeout=30)
+             == set(plan.EVENTS), timeout=30)
     assert portal_row(member_id).token_version > version
 
 
@@ -165,7 +165,7 @@ def test_user_resync_reads_extensions_without_refreshing(installed, app, worker)
     from datetime import UTC, datetime, timedelta
 
     row = portal_row(installed["member_id"])
-    assert install.portals_with_live_tokens() == [row.id]
+    assert user_sync.portals_with_live_tokens() == [row.id]
     version = row.token_version
     db.session.execute(delete(PortalUser))
     db.session.commit()
@@ -176,7 +176,7 @@ def test_user_resync_reads_extensions_without_refreshing(installed, app, worker)
     row = portal_row(installed["member_id"])
     row.expires_at = datetime.now(UTC) - timedelta(minutes=1)
     db.session.commit()
-    assert install.portals_with_live_tokens() == []
+    assert user_sync.portals_with_live_tokens() == []
 
 
 def _user_count() -> int:

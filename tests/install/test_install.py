@@ -11,7 +11,7 @@ from sqlalchemy import select, text
 
 from app.dispatcher import direct
 from app.extensions import db
-from app.tenants import install
+from app.installation import plan, setup, verify
 from app.tenants.models import Portal
 from app.tenants.users import PortalUser, extension_map
 from tests.conftest import wait_for
@@ -30,8 +30,8 @@ def test_install_binds_events_and_placements_and_finishes(sandbox, installed, li
     assert f'src="{live_app.app.config["B24_JS_SDK_URL"]}"' in result["body"]
 
     bound = sandbox.bindings(member_id)
-    handler = install.event_handler_url(member_id)  # /b24/events?k=<its handler key>
-    assert _events(bound) == {(e, handler) for e in install.EVENTS}
+    handler = plan.event_handler_url(member_id)  # /b24/events?k=<its handler key>
+    assert _events(bound) == {(e, handler) for e in plan.EVENTS}
     placements = {(p["placement"], p["handler"]) for p in bound["placements"]}
     assert placements == {("TELEPHONY_ANALYTICS_MENU", live_app.url + "/placements/dashboard"),
                           ("CALL_CARD", live_app.url + "/placements/call-card")}
@@ -95,7 +95,7 @@ def test_reinstall_after_partial_unbind_binds_only_what_is_missing(sandbox, inst
     from app.dispatcher import direct
 
     direct.call_method(portal, "event.unbind", {"event": "ONAPPUPDATE",
-                                                 "handler": install.event_handler_url(member_id)})
+                                                 "handler": plan.event_handler_url(member_id)})
     seen = len(sandbox.log(member_id, method="event.bind"))
     assert sandbox.install_app(member_id, live_app.url)["status"] == 200
     new = sandbox.log(member_id, method="event.bind")[seen:]
@@ -231,14 +231,14 @@ def test_the_portal_address_is_taken_from_app_info_only(live_app):
             "install": {"member_id": "m1", "domain": "x.bitrix24.com"}}
     with live_app.app.app_context():
         # Only install.domain named: its https REST base, and the posted DOMAIN must match it.
-        install._check_app_info(info, "m1", "x.bitrix24.com")
-        assert install.portal_endpoint(info) == "https://x.bitrix24.com/rest/"
-        with pytest.raises(install.TokenRejected, match="domain differs"):
-            install._check_app_info(info, "m1", "attacker.example")
+        verify._check_app_info(info, "m1", "x.bitrix24.com")
+        assert verify.portal_endpoint(info) == "https://x.bitrix24.com/rest/"
+        with pytest.raises(verify.TokenRejected, match="domain differs"):
+            verify._check_app_info(info, "m1", "attacker.example")
         # Neither client_endpoint nor domain: refused, whatever the request says.
         bare = {**info, "install": {"member_id": "m1"}}
-        with pytest.raises(install.TokenRejected, match="did not name the portal's address"):
-            install._check_app_info(bare, "m1", "x.bitrix24.com")
+        with pytest.raises(verify.TokenRejected, match="did not name the portal's address"):
+            verify._check_app_info(bare, "m1", "x.bitrix24.com")
 
 
 def _write_portal_row(portal_id: int, wait_ms: int) -> None:
@@ -257,7 +257,7 @@ def test_setup_holds_no_lock_while_it_waits_for_the_portal(sandbox, installed, l
     portal_id = portal_row(member_id).id
     sandbox.set_plan(member_id, "enterprise")  # setup will change the portal row (plan)
     direct.call_method(portal_row(member_id), "event.unbind",
-                        {"event": "ONUSERADD", "handler": install.event_handler_url(member_id)})
+                        {"event": "ONUSERADD", "handler": plan.event_handler_url(member_id)})
     sandbox.set_latency(member_id, 1500)
     sent = sandbox.counters(member_id)["rest_requests"]
     outcome: dict = {}
@@ -265,7 +265,7 @@ def test_setup_holds_no_lock_while_it_waits_for_the_portal(sandbox, installed, l
     def run() -> None:
         with live_app.app.app_context():
             try:
-                outcome["report"] = install.setup_portal(db.session.get(Portal, portal_id))
+                outcome["report"] = setup.setup_portal(db.session.get(Portal, portal_id))
                 db.session.commit()  # the caller (here: standing in for the actor) commits
             except Exception as exc:  # reported below
                 outcome["error"] = exc

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from app.dispatcher import direct
 from app.extensions import db
-from app.tenants import install
+from app.installation import plan, setup
 from tests.install.conftest import portal_row
 
 OLD_HANDLER = "http://old-host.example.test/placements/call-card"
@@ -31,12 +31,12 @@ def test_a_widget_left_on_an_old_address_is_moved_once(sandbox, installed, live_
     member_id = installed["member_id"]
     direct.call_method(portal_row(member_id), "placement.bind",
                         {"PLACEMENT": "CALL_CARD", "HANDLER": OLD_HANDLER, "TITLE": "old"})
-    report = install.setup_portal(portal_row(member_id))
+    report = setup.setup_portal(portal_row(member_id))
     db.session.commit()
     assert report.placements_unbound == ["CALL_CARD"] and report.placements_bound == []
     placed = {(p["placement"], p["handler"]) for p in sandbox.bindings(member_id)["placements"]}
     assert placed == {(code, handler) for code, (handler, _) in
-                      install.wanted_placements().items()}
-    again = install.setup_portal(portal_row(member_id))
+                      plan.wanted_placements().items()}
+    again = setup.setup_portal(portal_row(member_id))
     db.session.commit()
     assert not again.changed

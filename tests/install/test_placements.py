@@ -125,13 +125,13 @@ def test_analytics_dashboard_opens(sandbox, installed):
 
 def test_switching_to_offline_mode_binds_offline_events(sandbox, installed, live_app,
                                                         start_worker):
-    from app.tenants import install
+    from app.installation import plan
     from tests.conftest import wait_for
 
     member_id = installed["member_id"]
     start_worker(threads=2, **live_app.worker_env())
-    handler = install.event_handler_url(member_id)
-    queued = {e for e in install.EVENTS if e not in install.ALWAYS_ONLINE}
+    handler = plan.event_handler_url(member_id)
+    queued = {e for e in plan.EVENTS if e not in plan.ALWAYS_ONLINE}
 
     def save(mode: str) -> None:
         opened = sandbox.open_placement(member_id)
@@ -147,7 +147,7 @@ def test_switching_to_offline_mode_binds_offline_events(sandbox, installed, live
 
     save("offline")  # only the mode changed: setup runs again
     online, offline = wait_for(lambda: (b := bound())[1] == queued and b, timeout=30)
-    assert online == {(e, handler) for e in install.ALWAYS_ONLINE}
+    assert online == {(e, handler) for e in plan.ALWAYS_ONLINE}
 
     out = sandbox.trigger_event(member_id, "ONUSERADD", {"FIELDS": {"ID": "2"}})
     assert out["statuses"] == []  # no online handler for it any more
@@ -155,7 +155,7 @@ def test_switching_to_offline_mode_binds_offline_events(sandbox, installed, live
 
     save("online")
     online, offline = wait_for(lambda: not (b := bound())[1] and b, timeout=30)
-    assert online == {(e, handler) for e in install.EVENTS}
+    assert online == {(e, handler) for e in plan.EVENTS}
 
 
 def test_admins_see_their_portals_stuck_and_failed_events_and_nobody_elses(sandbox, installed):

@@ -5,7 +5,7 @@ is active without its application_token until ONAPPINSTALL arrives (§2.4), and 
 meanwhile are kept provisionally. Any employee knows the portal's member_id (it is in
 his iframe form) and can post events with made-up tokens from his own machine. The
 events Bitrix24 delivers come through the handlers the app bound, whose URL carries
-the portal's handler key; the forger's do not (app/ingress/handler_key.py).
+the portal's handler key; the forger's do not (app/tenants/handler_key.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from app.dispatcher import direct
 from app.extensions import db
 from app.ingress.models import InboxEvent
-from app.tenants import install
+from app.installation import plan
 from tests.install.conftest import CLIENT_ID, CLIENT_SECRET, portal_row, process_queued
 from tests.install.test_late_events import _asked_about, _statuses
 
@@ -120,7 +120,7 @@ def test_the_handler_key_is_in_every_binding_and_an_old_binding_is_replaced(sand
     mid = portal["member_id"]
     bound = sandbox.bindings(mid)["events"]
     urls = {b["handler"] for b in bound}
-    assert len(bound) == len(install.EVENTS) and len(urls) == 1
+    assert len(bound) == len(plan.EVENTS) and len(urls) == 1
     [url] = urls
     key = parse_qs(urlsplit(url).query)["k"][0]
     assert url == f"{live_app.url}/b24/events?k={key}" and len(key) >= 22
@@ -133,12 +133,12 @@ def test_the_handler_key_is_in_every_binding_and_an_old_binding_is_replaced(sand
     # A portal bound before handler keys existed: the next setup binds the keyed URL and
     # unbinds the old one (each binding delivers: left alone, every event came twice).
     row = portal_row(mid)
-    for name in install.EVENTS:
+    for name in plan.EVENTS:
         direct.call_method(row, "event.unbind", {"event": name, "handler": url})
         direct.call_method(row, "event.bind", {"event": name,
                                                 "handler": f"{live_app.url}/b24/events"})
     assert sandbox.install_app(mid, live_app.url)["status"] == 200
     assert {(b["event"], b["handler"]) for b in sandbox.bindings(mid)["events"]} == {
-        (name, url) for name in install.EVENTS}
+        (name, url) for name in plan.EVENTS}
     out = sandbox.trigger_event(mid, "ONUSERADD", {"FIELDS": {"ID": "2"}})
     assert out["statuses"] == [200]  # once, to the keyed URL

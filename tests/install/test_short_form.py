@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 
 from app.extensions import db
 from app.ingress.models import InboxEvent
-from app.tenants import install, verify
+from app.installation import install, verify
 from app.tenants.models import Portal
 from sandbox.appsetup import free_port
 from tests.conftest import wait_for
@@ -160,7 +160,7 @@ def _committed_status(member_id: str) -> str | None:
 def test_install_leaves_the_commit_to_its_caller(sandbox, make_portal, live_app):
     portal = make_portal()
     tokens = sandbox.issue_tokens(portal["member_id"], user_id=1)
-    auth = install.parse_iframe(
+    auth = verify.parse_iframe(
         {"DOMAIN": portal["domain"], "PROTOCOL": "0"},
         {"AUTH_ID": tokens["access_token"], "REFRESH_ID": tokens["refresh_token"],
          "member_id": portal["member_id"], "status": "P"})

@@ -65,7 +65,9 @@ def fake_app() -> Iterator[FakeApp]:
 
         def do_GET(self) -> None:  # noqa: N802
             state.hits.append(Hit("GET", self.path, dict(self.headers), b""))
-            self.reply(200, b"RIFF-fake-wav")
+            # a recording's audio/* type, which attachRecord's RECORD_URL mode demands (§8.6)
+            audio = {"mp3": "audio/mpeg", "wav": "audio/wav"}.get(self.path.rsplit(".", 1)[-1])
+            self.reply(200, b"RIFF-fake-wav", audio)
 
     server = StubServer(Handler)
     state.url = server.url

@@ -32,6 +32,9 @@ def _finish(http, portal, call_id, **kw):
 
 def test_re_registering_a_finished_call_creates_a_second_call_and_activity(sandbox, portal,
                                                                             http):
+    # a known client: only a call bound to a CRM entity gets an activity (§8.5)
+    sandbox.add_crm(portal["member_id"], "contact",
+                    {"NAME": "Ann", "PHONE": [{"VALUE": REG["PHONE_NUMBER"]}]})
     first = _register(http, portal)["CALL_ID"]
     assert _register(http, portal)["CALL_ID"] == first  # still active: the same call
     done = _finish(http, portal, first, DURATION=30)

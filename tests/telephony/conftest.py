@@ -6,7 +6,7 @@ from typing import Any
 
 from app.extensions import db
 from app.tenants.models import Portal
-from app.tenants.users import sync_users
+from app.tenants.users import PortalUser
 
 AT = "2026-11-22T16:40:{:02d}+03:00"
 
@@ -18,6 +18,7 @@ def pbx(call_id: str, kind: str, second: int, **fields: Any) -> dict[str, Any]:
 
 def map_extensions(portal: Portal, extensions: dict[str, int]) -> None:
     """The portal's users with these inner numbers, as the user sync stores them."""
-    sync_users(portal, [{"ID": user, "NAME": f"User {user}", "UF_PHONE_INNER": ext,
-                         "ACTIVE": True} for ext, user in extensions.items()])
+    db.session.add_all(PortalUser(portal_id=portal.id, user_id=user, name=f"User {user}",
+                                  extension=ext, active=True)
+                       for ext, user in extensions.items())
     db.session.commit()

@@ -14,7 +14,7 @@ from app.dispatcher import submit, sweep
 from app.dispatcher.bucket import RateBucket, scaled_plans
 from app.dispatcher.lease import OWNER_PREFIX
 from app.extensions import db, redis_ext
-from app.tenants import blocked
+from app.installation import blocked
 from app.tenants.models import Portal, PortalStatus, aware, utcnow
 from tests.conftest import wait_for
 from tests.dispatcher.conftest import rows, settled, start_engine  # noqa: F401 - fixture

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from app.dispatcher import nudge
 from app.extensions import db
-from app.tenants import upkeep
+from app.installation import upkeep
 from app.tenants.models import Portal
 from app.tenants.users import PortalUser
 from tests.conftest import wait_for

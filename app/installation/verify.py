@@ -1,7 +1,5 @@
 """Who is asking: the iframe POST, the auth server's ``app.info``, the admin check.
 
-Split out of :mod:`app.tenants.install` (which re-exports the names its callers use).
-
 * :func:`parse_iframe` reads the portal's iframe POST (§2.3), in either form: the
   short one real portals send (no ``SERVER_ENDPOINT``, ``APPLICATION_TOKEN``,
   ``APPLICATION_SCOPE``) or the full one of the 2026 docs.
@@ -28,6 +26,7 @@ from flask import current_app
 from app.bitrix import OAuthClient, errors
 from app.bitrix.errors import ApiError, BitrixError
 from app.dispatcher import direct
+from app.framing import valid_host
 from app.tenants import status as portal_status
 from app.tenants import tokens
 from app.tenants.models import Portal
@@ -110,15 +109,6 @@ class IframeAuth:
     def client_endpoint(self) -> str:
         """REST base from PROTOCOL + DOMAIN, until Bitrix24 hands one over."""
         return f"{self.origin}/rest/"
-
-
-def valid_host(value: str) -> bool:
-    """Whether ``value`` is a bare ``host[:port]`` (what DOMAIN must be)."""
-    try:
-        parts = urlsplit(f"//{value}")
-        return bool(parts.hostname) and parts.netloc == value and not parts.path
-    except ValueError:
-        return False
 
 
 def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAuth:

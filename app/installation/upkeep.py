@@ -8,7 +8,7 @@ happen with an answer runs once its command has finished, done or not, in an out
 handler registered under a tag owned here (``OUTCOME_HANDLERS``, registered by the app
 factory); it receives the command's ``Outcome`` and reads no dispatcher table:
 
-* **setup** (ONAPPUPDATE, the settings page): the reads of ``install.READ_COMMANDS``
+* **setup** (ONAPPUPDATE, the settings page): the reads of ``plan.READ_COMMANDS``
   share one ordering key made for this run, so they leave in order, in one batch. Only
   the last one has a handler (:func:`setup_read`); it takes the earlier reads' outcomes
   from the dispatcher (``app.dispatcher.earlier``: the outcomes of the earlier commands
@@ -23,7 +23,7 @@ factory); it receives the command's ``Outcome`` and reads no dispatcher table:
 The dispatcher paces these with the portal's bucket, packs up to 50 a batch and retries
 transient failures until its retry horizon (hours), so a burst of events, a Bitrix24
 outage or a slow portal costs delay, never events; and a slow portal holds no worker
-thread. The ``/install`` request keeps its direct setup (app.tenants.install): a person
+thread. The ``/install`` request runs the same plan directly (app.installation.setup): a person
 waits on it, and ONAPPINSTALL must be bound before the installer page finishes.
 
 The handlers are idempotent (upserts; a binding bound twice is refused by Bitrix24 as
@@ -38,10 +38,11 @@ from typing import Any
 
 from app.dispatcher import Outcome, Priority, earlier, submit
 from app.extensions import db
-from app.tenants import install
+from app.installation import plan
+from app.installation.user_sync import sync_users, upsert_user
 from app.tenants.models import Portal, utcnow
 from app.tenants.status import is_held
-from app.tenants.users import PortalUser, sync_users, upsert_user
+from app.tenants.users import PortalUser
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,10 @@ SYNC_RUNNING, SYNC_DONE, SYNC_FAILED = "running", "done", "failed"
 def submit_setup(portal: Portal) -> int:
     """Submit the setup reads (flushed); returns the last one's id (:func:`setup_read` follows)."""
     key = f"setup:{portal.id}:{uuid.uuid4().hex[:16]}"
-    names = list(install.READ_COMMANDS)
+    names = list(plan.READ_COMMANDS)
     last = 0
     for name in names:
-        method, params = install.READ_COMMANDS[name]
+        method, params = plan.READ_COMMANDS[name]
         last = submit(portal.id, method, params, key=key, priority=PRIORITY,
                       handler=SETUP_READ if name == names[-1] else None)
     return last
@@ -87,7 +88,7 @@ def _callable_portal(outcome: Outcome) -> Portal | None:
     return portal
 
 
-def setup_read(outcome: Outcome) -> install.SetupReport | None:
+def setup_read(outcome: Outcome) -> plan.SetupReport | None:
     """The setup reads are done: submit what is missing, take the first users (caller commits)."""
     portal = _callable_portal(outcome)
     if portal is None:
@@ -95,9 +96,8 @@ def setup_read(outcome: Outcome) -> install.SetupReport | None:
     state = _read_state(portal, [*earlier(outcome), outcome])
     if state is None:
         return None
-    report = install.SetupReport()
-    install.apply_plan(portal, state["app"], report)
-    writes, _ = install.missing_bindings(portal, state)
+    report = plan.SetupReport()
+    writes, _ = plan.decide(portal, state, report)
     for method, params in writes.values():
         submit(portal.id, method, params, priority=PRIORITY)
     _sync_state(portal, SYNC_RUNNING)
@@ -111,7 +111,7 @@ def _read_state(portal: Portal, reads: list[Outcome]) -> dict[str, Any] | None:
     """``{READ_COMMANDS name: result}`` from the run's reads, or None if one did not succeed."""
     by_method = {r.method: r for r in reads}
     state: dict[str, Any] = {}
-    for name, (method, _) in install.READ_COMMANDS.items():
+    for name, (method, _) in plan.READ_COMMANDS.items():
         read = by_method.get(method)
         if read is None or not read.ok:
             why = f"{read.kind}: {read.reason}" if read is not None else "missing"
@@ -135,14 +135,14 @@ def users_page(outcome: Outcome) -> int:
         return 0
     if is_held(portal.status):
         return 0
-    start = install.int_or_none(outcome.params.get("start")) or 0
+    start = plan.int_or_none(outcome.params.get("start")) or 0
     return _take_page(portal, outcome.result, start)
 
 
 def _take_page(portal: Portal, page: Any, start: int) -> int:
-    records = [r for r in install.as_list(page) if isinstance(r, dict) and "ID" in r]
+    records = [r for r in plan.as_list(page) if isinstance(r, dict) and "ID" in r]
     sync_users(portal, records)
-    if len(records) >= install.USER_PAGE:
+    if len(records) >= plan.USER_PAGE:
         submit_user_sync(portal, start + len(records))
     else:
         _sync_state(portal, SYNC_DONE)
@@ -166,7 +166,7 @@ def user_fetched(outcome: Outcome) -> PortalUser | None:
     portal = _callable_portal(outcome)
     if portal is None:
         return None
-    record = next((r for r in install.as_list(outcome.result)
+    record = next((r for r in plan.as_list(outcome.result)
                    if isinstance(r, dict) and str(r.get("ID")) == wanted), None)
     if record is None:
         return None
@@ -175,5 +175,5 @@ def user_fetched(outcome: Outcome) -> PortalUser | None:
     return row
 
 
-# Registered by the app factory (app/__init__.py): tenants owns its tags, not the dispatcher.
+# Registered by the app factory (app/__init__.py): this use case owns its tags, not the dispatcher.
 OUTCOME_HANDLERS = {SETUP_READ: setup_read, USERS_PAGE: users_page, USER_FETCHED: user_fetched}

@@ -16,7 +16,7 @@ it never authorises a destructive or credential-changing event on its own:
   requires; a non-admin's own tokens are logged and ignored.
 
 :data:`HANDLERS` maps each event name to its handler; the app factory registers
-the table with the ingress registry (tenants does not import ingress).
+the table with the ingress registry.
 """
 
 from __future__ import annotations
@@ -29,7 +29,16 @@ from urllib.parse import urlsplit
 from app.bitrix import errors
 from app.dispatcher import direct
 from app.extensions import db
-from app.tenants import install, service, tokens, upkeep
+from app.installation import install, upkeep
+from app.installation.plan import int_or_none
+from app.installation.verify import (
+    InstallError,
+    application_token_matches,
+    portal_endpoint,
+    user_is_admin,
+    verify_token,
+)
+from app.tenants import tokens
 from app.tenants.models import Portal, PortalSettings, PortalStatus
 from app.tenants.status import PortalUnavailable, ensure_callable, is_held
 from app.tenants.tokens import Credentials
@@ -53,11 +62,11 @@ def _verified(event: dict[str, Any]) -> dict[str, Any] | None:
     """The auth server's app.info for the event's token, or None when it does not check out."""
     auth = _auth(event)
     try:
-        return install.verify_token(str(auth.get("server_endpoint") or ""),
-                                    str(auth.get("access_token") or ""),
-                                    str(auth.get("member_id") or ""),
-                                    domain=str(auth.get("domain") or ""))
-    except install.InstallError as exc:
+        return verify_token(str(auth.get("server_endpoint") or ""),
+                            str(auth.get("access_token") or ""),
+                            str(auth.get("member_id") or ""),
+                            domain=str(auth.get("domain") or ""))
+    except InstallError as exc:
         if exc.status >= 500:  # the auth server did not answer: ask again later
             raise errors.TransportError(exc.message) from exc
         log.warning("%s for %s not verified: %s", event.get("event"), auth.get("member_id"),
@@ -74,9 +83,8 @@ def _from_admin(event: dict[str, Any], info: dict[str, Any]) -> bool:
     """
     auth = _auth(event)
     try:
-        admin = install.user_is_admin(install.portal_endpoint(info),
-                                      str(auth.get("access_token") or ""))
-    except install.InstallError as exc:
+        admin = user_is_admin(portal_endpoint(info), str(auth.get("access_token") or ""))
+    except InstallError as exc:
         raise errors.TransportError(exc.message) from exc
     if not admin:
         log.warning("%s for portal %s carries the tokens of user %s, who is not an "
@@ -89,18 +97,18 @@ def _store_chain(portal: Portal, auth: dict[str, Any], info: dict[str, Any]) -> 
     """Keep the event's chain when it carries one (ONAPPINSTALL / ONAPPUPDATE: the installer)."""
     if not (auth.get("access_token") and auth.get("refresh_token")):
         return
-    service.store_new_chain(
+    tokens.store_new_chain(
         portal, access_token=str(auth["access_token"]), refresh_token=str(auth["refresh_token"]),
         expires_in=int(auth.get("expires_in") or 3600),
-        client_endpoint=install.portal_endpoint(info),
+        client_endpoint=portal_endpoint(info),
         server_endpoint=str(auth.get("server_endpoint") or portal.server_endpoint or ""),
-        scope=auth.get("scope") or None, user_id=install.int_or_none(auth.get("user_id")))
+        scope=auth.get("scope") or None, user_id=int_or_none(auth.get("user_id")))
 
 
 def _portal_from_auth(auth: dict[str, Any], info: dict[str, Any]) -> Portal:
     """Create the portal a verified first contact names (the installer POST may come later)."""
     # The address comes from the auth server's answer, never from the event itself.
-    endpoint = install.portal_endpoint(info)
+    endpoint = portal_endpoint(info)
     portal = Portal(member_id=str(auth["member_id"]), status=PortalStatus.INSTALLING.value,
                     domain=urlsplit(endpoint).netloc.lower(), client_endpoint=endpoint,
                     server_endpoint=str(auth.get("server_endpoint") or ""),
@@ -127,13 +135,13 @@ def on_app_update(portal: Portal | None, event: dict[str, Any]) -> None:
 
     The checks of the event's own tokens (app.info, user.admin) are direct: they use the
     event's chain, not the portal's. The setup itself goes through the dispatcher
-    (app.tenants.upkeep), submitted with this row's outcome.
+    (app.installation.upkeep), submitted with this row's outcome.
     """
     if portal is None:
         return
     auth = _auth(event)
     token = str(auth.get("application_token") or "")
-    new_token = bool(token) and not install.application_token_matches(portal, token)
+    new_token = bool(token) and not application_token_matches(portal, token)
     if new_token or auth.get("refresh_token"):
         info = _verified(event)
         if info is None or not _from_admin(event, info):
@@ -247,14 +255,14 @@ def _ask_by_refresh(portal: Portal, creds: Credentials) -> str | None:
 def _user_id(event: dict[str, Any]) -> int | None:
     data = _data(event)
     fields = named if isinstance(named := data.get("FIELDS"), dict) else data
-    return install.int_or_none(fields.get("ID"))
+    return int_or_none(fields.get("ID"))
 
 
 def on_user_add(portal: Portal | None, event: dict[str, Any]) -> None:
     """Read the new user's extension into the map: ``user.get`` through the dispatcher.
 
     The handler calls no Bitrix24: it submits the command with this row's outcome, and
-    app.tenants.upkeep.user_fetched upserts the user once the answer is in.
+    app.installation.upkeep.user_fetched upserts the user once the answer is in.
     """
     user_id = _user_id(event)
     if portal is None or user_id is None:

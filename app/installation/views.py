@@ -23,11 +23,14 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from app.extensions import db
 from app.framing import frameable, framed_by
-from app.tenants import install
+from app.installation import install
+from app.installation.chains import connect_with_code
+from app.installation.plan import EVENTS, PLACEMENTS
+from app.installation.verify import InstallError, parse_iframe, setting
 from app.tenants.models import Portal
 
 log = logging.getLogger(__name__)
-bp = Blueprint("tenants", __name__)
+bp = Blueprint("installation", __name__)
 
 STATE_SALT = "b24relay-oauth-state"
 STATE_TTL_SECONDS = 600
@@ -76,9 +79,9 @@ def sdk_url() -> str:
 def install_view() -> Response:
     """The installer iframe POST: verify, store, set up, then ``BX24.installFinish()``."""
     try:
-        auth = install.parse_iframe(request.args, request.form)
+        auth = parse_iframe(request.args, request.form)
         portal, report = install.install(auth)
-    except install.InstallError as exc:
+    except InstallError as exc:
         db.session.commit()  # keeps what install() recorded about a failed setup (its reason)
         log.warning("install refused: %s", exc.message)
         return page("b24relay could not be installed", exc.message,
@@ -86,8 +89,8 @@ def install_view() -> Response:
                     status=exc.status)
     db.session.commit()  # the install is one unit of work, committed before the page answers
     lines = [f"Portal {portal.domain} is connected ({report.plan} plan).",
-             f"{len(install.EVENTS)} event handlers and "
-             f"{len(install.PLACEMENTS)} widgets are in place; {report.users} users read."]
+             f"{len(EVENTS)} event handlers and "
+             f"{len(PLACEMENTS)} widgets are in place; {report.users} users read."]
     return page("b24relay is installed", *lines, finish=True, sdk_url=sdk_url())
 
 
@@ -118,7 +121,7 @@ def oauth_start() -> BaseResponse:  # flask.redirect is typed as werkzeug's Resp
                     status=404)
     nonce = secrets.token_urlsafe(16)
     state = _serializer().dumps({"m": portal.member_id, "n": nonce})
-    query = urlencode({"client_id": install.setting("B24_CLIENT_ID") or "", "state": state})
+    query = urlencode({"client_id": setting("B24_CLIENT_ID") or "", "state": state})
     response = redirect(f"{portal.origin}/oauth/authorize/?{query}")
     response.set_cookie(STATE_COOKIE, nonce, max_age=STATE_TTL_SECONDS, httponly=True,
                         samesite="Lax", secure=request.is_secure)
@@ -157,8 +160,8 @@ def oauth_callback() -> Response:
         return page("Unknown portal", "Install b24relay from the Bitrix24 Market first.",
                     status=404)
     try:
-        install.connect_with_code(portal, request.args["code"])
-    except install.InstallError as exc:
+        connect_with_code(portal, request.args["code"])
+    except InstallError as exc:
         return page("b24relay could not connect", exc.message, status=exc.status)
     response = page("b24relay is connected", f"Portal {portal.domain} is linked again.")
     response.delete_cookie(STATE_COOKIE)
