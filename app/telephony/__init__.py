@@ -15,11 +15,14 @@ from typing import Any
 
 
 def init_app(app: Any) -> None:
-    """Wire telephony in: the calls table, the PBX event handlers, the outcome handlers."""
+    """Wire telephony in: the calls table, the PBX event handlers, the outcome handlers,
+    ``flask calls``."""
     from app.dispatcher import register_outcome_handlers
     from app.ingress import registry
     from app.telephony import models as _models  # noqa: F401 - the calls table, for Alembic
+    from app.telephony.cli import calls_cli
     from app.telephony.handlers import HANDLERS, OUTCOME_HANDLERS
 
     registry.register(HANDLERS, source="pbx")
     register_outcome_handlers(OUTCOME_HANDLERS)
+    app.cli.add_command(calls_cli)

@@ -5,7 +5,8 @@ Queries and the indexes that serve them:
 - a PBX event's call, by (portal, PBX ``call_id``): the unique ``uq_calls_portal_pbx_call``;
 - a register's answer checked for a collision, by (portal, Bitrix24 ``CALL_ID``):
   ``ix_calls_portal_b24_call_id``;
-- the outcome handlers load a call by its primary key (they carry ``call.id`` in context).
+- the outcome handlers load a call by its primary key (they carry ``call.id`` in context);
+- ``flask calls show --state``: the newest calls in a state, ``ix_calls_state_id``.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Call(Model):
     __table_args__ = (
         UniqueConstraint("portal_id", "pbx_call_id", name="uq_calls_portal_pbx_call"),
         Index("ix_calls_portal_b24_call_id", "portal_id", "b24_call_id"),
+        Index("ix_calls_state_id", "state", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

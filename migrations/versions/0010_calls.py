@@ -1,7 +1,8 @@
 """calls: one row per PBX call of a portal, the telephony state machine's memory (issue 22)
 
 Indexes: the unique (portal_id, pbx_call_id) finds a PBX event's call; (portal_id,
-b24_call_id) finds another call bound to the CALL_ID a register returned (a collision).
+b24_call_id) finds another call bound to the CALL_ID a register returned (a collision);
+(state, id) lists the newest calls in a state (``flask calls show --state``).
 
 Revision ID: 0010
 Revises: 0009
@@ -61,9 +62,11 @@ def upgrade():
     with op.batch_alter_table('calls', schema=None) as batch_op:
         batch_op.create_index('ix_calls_portal_b24_call_id', ['portal_id', 'b24_call_id'],
                               unique=False)
+        batch_op.create_index('ix_calls_state_id', ['state', 'id'], unique=False)
 
 
 def downgrade():
     with op.batch_alter_table('calls', schema=None) as batch_op:
+        batch_op.drop_index('ix_calls_state_id')
         batch_op.drop_index('ix_calls_portal_b24_call_id')
     op.drop_table('calls')
