@@ -12,7 +12,7 @@ from flask.sessions import SessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as config_mod
-from app import crypto, metrics, queue
+from app import crypto, metrics, queue, telephony
 from app.dispatcher import direct
 from app.dispatcher import metrics as dispatch_metrics
 from app.extensions import configure_database, db, migrate, redis_ext
@@ -63,6 +63,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     _import_models()
     _register_event_handlers()
+    telephony.init_app(app)  # PBX call events -> Bitrix24 calls (app/telephony/)
     _register_blueprints(app)
     _register_cli(app)
     return app

@@ -234,6 +234,31 @@ def dispatch_settings() -> dict[str, Any]:
     }
 
 
+TELEPHONY_POLICIES = ("skip", "register")
+
+
+def telephony_settings() -> dict[str, Any]:
+    """Telephony's settings (app/telephony/, README "Telephony")."""
+    return {
+        # ISO 3166 country (DE, RU, ...) of numbers the PBX sends without a +: they are
+        # registered in E.164 with its code. Empty: such numbers go as dialled (digits only),
+        # and Bitrix24 will not match them to CRM records stored in E.164 (protocol §8.3).
+        "TELEPHONY_DEFAULT_COUNTRY": env_str("TELEPHONY_DEFAULT_COUNTRY", ""),
+        # register's CRM_SOURCE (a STATUS_ID of crm.status.list ENTITY_ID=SOURCE) for leads
+        # the calls create; empty: not sent (Bitrix24's default source).
+        "TELEPHONY_CRM_SOURCE": env_str("TELEPHONY_CRM_SOURCE", ""),
+        # finish's ADD_TO_CHAT: one chat message per call for the employee.
+        "TELEPHONY_ADD_TO_CHAT": env_bool("TELEPHONY_ADD_TO_CHAT", True),
+        # Calls without a caller number, and calls whose number is one of the portal's
+        # extensions: skip (nothing reaches Bitrix24) or register (an anonymous call as
+        # TELEPHONY_ANONYMOUS_NUMBER, which must then be set; an internal one as the
+        # extension, which Bitrix24 treats as an internal call, no CRM).
+        "TELEPHONY_ANONYMOUS_CALLS": env_str("TELEPHONY_ANONYMOUS_CALLS", "skip"),
+        "TELEPHONY_ANONYMOUS_NUMBER": env_str("TELEPHONY_ANONYMOUS_NUMBER", ""),
+        "TELEPHONY_INTERNAL_CALLS": env_str("TELEPHONY_INTERNAL_CALLS", "skip"),
+    }
+
+
 def require_shared_services(cfg: dict[str, Any], database_url: str | None) -> None:
     """In production, refuse to run on per-host stand-ins for Redis and the database.
 
@@ -325,6 +350,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         **request_settings(),
         **worker_settings(),
         **dispatch_settings(),
+        **telephony_settings(),
     }
     if cfg["SECRET_KEY"] is None:
         if production:
@@ -380,9 +406,24 @@ def validate(cfg: dict[str, Any]) -> None:
     mode = cfg["DISPATCH_MODE"]
     if mode not in {"parallel", "sequential"}:
         raise ConfigError(f"DISPATCH_MODE must be parallel or sequential, got {mode!r}")
+    _check_telephony(cfg)
     broker = cfg["BROKER_URL"]
     if broker and not broker.startswith(("amqp://", "amqps://", "redis://", "rediss://", "unix://")):
         raise ConfigError(f"BROKER_URL must be amqp:// or redis://, got {broker!r}")
+
+
+def _check_telephony(cfg: dict[str, Any]) -> None:
+    """The call policies name a known choice; registering anonymous calls needs a number."""
+    for name in ("TELEPHONY_ANONYMOUS_CALLS", "TELEPHONY_INTERNAL_CALLS"):
+        if cfg[name] not in TELEPHONY_POLICIES:
+            raise ConfigError(f"{name} must be skip or register, got {cfg[name]!r}")
+    if cfg["TELEPHONY_ANONYMOUS_CALLS"] == "register" and not cfg["TELEPHONY_ANONYMOUS_NUMBER"]:
+        raise ConfigError("TELEPHONY_ANONYMOUS_CALLS=register needs TELEPHONY_ANONYMOUS_NUMBER "
+                          "(Bitrix24 refuses a call without a number)")
+    country = str(cfg["TELEPHONY_DEFAULT_COUNTRY"] or "")
+    if country and not (len(country) == 2 and country.isalpha()):
+        raise ConfigError("TELEPHONY_DEFAULT_COUNTRY must be a two-letter country code "
+                          f"(DE, RU, ...), got {country!r}")
 
 
 def _check_ca_bundle(path: str | None) -> None:

@@ -64,6 +64,12 @@ def test_malformed_values_name_the_setting(base_config: dict, monkeypatch: pytes
         create_app({**base_config, "BROKER_URL": "kafka://x"})
     with pytest.raises(cfg.ConfigError, match="B24_AUTH_SERVERS"):
         create_app({**base_config, "B24_AUTH_SERVERS": " , "})
+    with pytest.raises(cfg.ConfigError, match="TELEPHONY_INTERNAL_CALLS must be skip or"):
+        create_app({**base_config, "TELEPHONY_INTERNAL_CALLS": "maybe"})
+    with pytest.raises(cfg.ConfigError, match="needs TELEPHONY_ANONYMOUS_NUMBER"):
+        create_app({**base_config, "TELEPHONY_ANONYMOUS_CALLS": "register"})
+    with pytest.raises(cfg.ConfigError, match="TELEPHONY_DEFAULT_COUNTRY"):
+        create_app({**base_config, "TELEPHONY_DEFAULT_COUNTRY": "Germany"})
     monkeypatch.setenv("MAX_BODY_BYTES", "lots")
     with pytest.raises(cfg.ConfigError, match="MAX_BODY_BYTES"):
         cfg.from_environment(Path(base_config["INSTANCE_PATH"]))

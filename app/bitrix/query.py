@@ -3,6 +3,10 @@
 Bitrix24 parses each batch command with PHP's ``parse_str``, so nested params
 become bracket keys and every value is percent-encoded: an unencoded ``&``,
 ``=``, ``#``, ``+``, ``%`` or ``?`` would corrupt the command (protocol §5.1).
+
+A ``None`` value is left out, key and all: PHP reads ``KEY=`` as the empty string, and
+Bitrix24 treats an empty string as a value that is set (``CRM_ENTITY_TYPE=""`` binds an
+empty entity and skips its own phone match, protocol §8.1/§8.3). Send ``""`` to mean "".
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ def _scalar(value: Any) -> str:
         return "1"
     if value is False:
         return "0"
-    if value is None:
-        return ""
     return str(value)
 
 
 def _pairs(prefix: str, value: Any) -> list[tuple[str, str]]:
+    if value is None:
+        return []  # omitted: "" would count as set
     if isinstance(value, Mapping):
         out: list[tuple[str, str]] = []
         for key, item in value.items():
@@ -30,7 +34,7 @@ def _pairs(prefix: str, value: Any) -> list[tuple[str, str]]:
         return out
     if isinstance(value, (list, tuple)):
         if all(not isinstance(item, (Mapping, list, tuple)) for item in value):
-            return [(f"{prefix}[]", _scalar(item)) for item in value]
+            return [(f"{prefix}[]", _scalar(item)) for item in value if item is not None]
         out = []
         for index, item in enumerate(value):
             out += _pairs(f"{prefix}[{index}]", item)

@@ -15,6 +15,7 @@ DIRECTIONS = ("in", "out")
 END_STATUSES = ("answered", "busy", "no_answer", "cancelled", "failed")
 MAX_EVENTS_PER_REQUEST = 500
 MAX_TEXT = 256
+MAX_SIP_CODE = 16  # finish's STATUS_CODE: 486, 603-S, OTHER...
 MAX_DEPTH = 16  # {"events": [{...}]} is 3 deep; extra fields a PBX adds get the rest
 
 
@@ -135,11 +136,18 @@ def _extensions(event: dict[str, Any], where: str) -> list[str]:
     return items
 
 
-def _duration(event: dict[str, Any], where: str) -> int:
+def _duration(event: dict[str, Any], where: str) -> int | float:
     value = event.get("duration")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
         raise InvalidEvent(_path(where, "duration"), "required, seconds talked (a number >= 0)")
-    return int(value)
+    return value  # kept as sent: telephony rounds a fraction up (4.2 s talked is 5, not 4)
+
+
+def _sip_code(event: dict[str, Any], where: str) -> str:
+    value = _text(event, "sip_code", where) or ""
+    if len(value) > MAX_SIP_CODE:
+        raise InvalidEvent(_path(where, "sip_code"), f"at most {MAX_SIP_CODE} characters")
+    return value
 
 
 def _url(event: dict[str, Any], where: str) -> str:
@@ -178,6 +186,8 @@ def validate_event(event: Any, where: str = "") -> dict[str, Any]:
     elif kind == "end":
         out["status"] = _choice(event, "status", where, END_STATUSES)
         out["duration"] = _duration(event, where)
+        if event.get("sip_code") is not None:
+            out["sip_code"] = _sip_code(event, where)
     elif kind == "record":
         out["url"] = _url(event, where)
     return out

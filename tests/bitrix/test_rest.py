@@ -23,6 +23,21 @@ def test_php_query_shapes():
         "f[%3EID]=0&rows[0][N]=1&flag=1"
 
 
+def test_php_query_leaves_none_out_instead_of_sending_an_empty_string():
+    # Bitrix24 reads KEY= as "" and "" as set (CRM_ENTITY_TYPE="" skips its phone match).
+    assert php_query({"A": None, "B": "", "C": 0, "L": [1, None], "M": {"X": None, "Y": 2}}) \
+        == "B=&C=0&L[]=1&M[Y]=2"
+
+
+def test_a_none_param_never_reaches_the_portal_in_a_batch(portal, rest, sandbox):
+    result = rest.batch(portal["client_endpoint"], {
+        "add": ("crm.contact.add", {"fields": {"NAME": "x", "SECOND_NAME": None}}),
+    }, portal["access_token"])
+    assert result.ok, result.errors
+    added = next(e for e in sandbox.log(portal["member_id"]) if e["method"] == "crm.contact.add")
+    assert added["params"]["fields"] == {"NAME": "x"}
+
+
 def test_batch_params_survive_php_parsing_on_the_portal(portal, rest, sandbox):
     fields = {"NAME": TRICKY, "PHONE": [{"VALUE": "+49 30 1234", "VALUE_TYPE": "WORK"}]}
     result = rest.batch(portal["client_endpoint"], {

@@ -72,9 +72,10 @@ def paused(portal: Any, event: dict[str, Any]) -> None:
 
 if os.environ.get("INGRESS_TEST_PBX_HANDLER"):
     # A handler that "arrives with a deploy": only workers started with this variable have it.
-    @on("answer", source="pbx")
-    def pbx_answer(portal: Any, event: dict[str, Any]) -> None:
-        """Record the effect of a PBX answer event."""
+    # The PBX's record event has none yet (telephony attaches recordings in a later slice).
+    @on("record", source="pbx")
+    def pbx_record(portal: Any, event: dict[str, Any]) -> None:
+        """Record the effect of a PBX record event."""
         _record(event)
 
 
@@ -93,7 +94,10 @@ def record_order(portal: Any, event: dict[str, Any]) -> None:
 
 if os.environ.get("INGRESS_TEST_ORDER_HANDLER"):
     # Only workers started with this variable have it: the test process's registry stays as is.
-    from app.ingress import pbx
+    from app.ingress import pbx, registry
 
     for _kind in pbx.EVENTS:
+        # Stands in for telephony's handler (the factory registered it): this test watches
+        # the order alone, without a portal on the other side.
+        registry._handlers.pop(("pbx", _kind.upper()), None)
         on(_kind, source="pbx")(record_order)

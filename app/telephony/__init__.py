@@ -1,0 +1,28 @@
+"""Telephony (issue 22): PBX call events become Bitrix24 calls: the card while the phone
+rings, the call in the CRM when it ends.
+
+- ``models``: the calls table, one row per PBX call;
+- ``machine``: the pure state machine (a call and one event in, the new call and the
+  commands out);
+- ``handlers``: the PBX event handlers and the outcome handlers that run it.
+
+The factory wires it in with :func:`init_app`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def init_app(app: Any) -> None:
+    """Wire telephony in: the calls table, the PBX event handlers, the outcome handlers,
+    ``flask calls``."""
+    from app.dispatcher import register_outcome_handlers
+    from app.ingress import registry
+    from app.telephony import models as _models  # noqa: F401 - the calls table, for Alembic
+    from app.telephony.cli import calls_cli
+    from app.telephony.handlers import HANDLERS, OUTCOME_HANDLERS
+
+    registry.register(HANDLERS, source="pbx")
+    register_outcome_handlers(OUTCOME_HANDLERS)
+    app.cli.add_command(calls_cli)

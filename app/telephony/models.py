@@ -1,0 +1,88 @@
+"""The calls table: one row per PBX call of a portal, the state machine's memory.
+
+Queries and the indexes that serve them:
+
+- a PBX event's call, by (portal, PBX ``call_id``): the unique ``uq_calls_portal_pbx_call``;
+- a register's answer checked for a collision, by (portal, Bitrix24 ``CALL_ID``):
+  ``ix_calls_portal_b24_call_id``;
+- the outcome handlers load a call by its primary key (they carry ``call.id`` in context);
+- ``flask calls show --state``: the newest calls in a state, ``ix_calls_state_id``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.extensions import Model
+from app.tenants.models import utcnow
+
+# BIGINT on PostgreSQL; SQLite autoincrements only an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer, "sqlite")
+
+
+class Call(Model):
+    """One PBX call and the Bitrix24 call it became (see app/telephony/machine.py)."""
+
+    __tablename__ = "calls"
+    __table_args__ = (
+        UniqueConstraint("portal_id", "pbx_call_id", name="uq_calls_portal_pbx_call"),
+        Index("ix_calls_portal_b24_call_id", "portal_id", "b24_call_id"),
+        Index("ix_calls_state_id", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"))
+    pbx_call_id: Mapped[str] = mapped_column(String(256))
+    # machine.State: incomplete, ringing, answered, ended, skipped, unroutable
+    state: Mapped[str] = mapped_column(String(16))
+    direction: Mapped[str | None] = mapped_column(String(3))  # in | out
+    phone: Mapped[str | None] = mapped_column(String(64))  # as registered (E.164 when it parses)
+    line: Mapped[str | None] = mapped_column(String(50))
+    b24_call_id: Mapped[str | None] = mapped_column(String(128))
+    owner_user_id: Mapped[int | None] = mapped_column(Integer)
+    ringing: Mapped[list[int]] = mapped_column(JSON, default=list)  # mapped users that rang
+    shown: Mapped[list[int]] = mapped_column(JSON, default=list)    # users with the card now
+    hidden: Mapped[list[int]] = mapped_column(JSON, default=list)   # users we hid it for
+    answerer_user_id: Mapped[int | None] = mapped_column(Integer)
+    handler_user_id: Mapped[int | None] = mapped_column(Integer)  # the last handler
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    end_status: Mapped[str | None] = mapped_column(String(16))
+    duration: Mapped[int | None] = mapped_column(Integer)
+    # Events that came before their start, kept until it comes (state incomplete).
+    pending: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    skip_reason: Mapped[str | None] = mapped_column(Text)  # skipped/unroutable: why
+    crm_entity_type: Mapped[str | None] = mapped_column(String(16))
+    crm_entity_id: Mapped[int | None] = mapped_column(Integer)
+    lead_error: Mapped[str | None] = mapped_column(Text)  # LEAD_CREATION_ERROR: not a failure
+    # register's CALL_ID was already bound to another PBX call: never finished from here.
+    collision: Mapped[bool] = mapped_column(Boolean, default=False)
+    register_command_id: Mapped[int | None] = mapped_column(BigId)
+    register_error: Mapped[str | None] = mapped_column(Text)
+    # finish waits for register's CALL_ID (checked for a collision first): its params meanwhile.
+    finish_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    finish_command_id: Mapped[int | None] = mapped_column(BigId)
+    finish_outcome: Mapped[str | None] = mapped_column(String(8))  # done | dead | unknown
+    finish_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                 onupdate=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<Call {self.portal_id}:{self.pbx_call_id} {self.state}>"
