@@ -1,8 +1,9 @@
 """Bitrix24's form bodies: PHP-style bracket keys into nested dicts and lists.
 
 ``data[FIELDS][ID]=759`` becomes ``{"data": {"FIELDS": {"ID": "759"}}}``; ``a[]=x&a[]=y``
-appends; a dict whose keys are exactly ``"0".."n-1"`` becomes a list. Every scalar
-stays a string, as Bitrix24 sends it.
+appends; a dict whose keys are exactly ``"0".."n-1"`` becomes a list, except the body's
+top level, which stays a dict of field names like PHP's ``$_POST`` (``0=a`` is
+``{"0": "a"}``). Every scalar stays a string, as Bitrix24 sends it.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def parse_pairs(pairs: list[tuple[str, str]], max_fields: int = MAX_FIELDS) -> d
     root = _Node()
     for key, value in pairs:
         _assign(root, split_key(key), value, key)
-    return _listify(root)
+    # Not the root itself: callers read fields by name, and a sender who names them 0..n-1
+    # must get "missing field", not a list where a form was promised.
+    return {name: _listify(value) for name, value in root.items()}
 
 
 def _decode(part: str) -> str:

@@ -103,6 +103,9 @@ def test_an_unknown_portal_is_answered_like_a_forged_token(app, portal, deliver,
     (b"event=ONAPPINSTALL&auth%5Bmember_id%5D=a%27%3B--&auth%5Bapplication_token%5D=t",
      FORM["Content-Type"]),                                                 # not an id
     (b"", FORM["Content-Type"]),                                             # empty
+    (b"0=a", FORM["Content-Type"]),                              # top-level keys all digits
+    (b"0=ONAPPINSTALL&1=x", FORM["Content-Type"]),
+    (b"0%5Bmember_id%5D=abc&0%5Bapplication_token%5D=t", FORM["Content-Type"]),
     (b'{"event": "ONCRMDEALUPDATE"}', "application/json"),                   # not a form
 ])
 def test_malformed_bodies_get_400_and_leave_no_trace(app, client, portal, redis_client, body,

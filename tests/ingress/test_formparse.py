@@ -69,6 +69,11 @@ def test_indexes_out_of_order_still_make_a_list_and_gaps_keep_a_dict():
     assert parse_form(b"a[0]=x&a[2]=z") == {"a": {"0": "x", "2": "z"}}
 
 
+def test_the_top_level_stays_a_form_of_names_even_when_they_are_digits():
+    assert parse_form(b"0=a") == {"0": "a"}
+    assert parse_form(b"1=y&0=x&0x[0]=z") == {"1": "y", "0": "x", "0x": ["z"]}
+
+
 def test_empty_values_are_kept_as_empty_strings():
     assert parse_form(b"data[EXTENSION]=&event=X") == {"data": {"EXTENSION": ""}, "event": "X"}
 
