@@ -166,8 +166,14 @@ def parse_form(body: bytes, max_fields: int = MAX_FIELDS) -> dict[str, Any]:
     """Decode an ``application/x-www-form-urlencoded`` body into nested data.
 
     At most ``max_fields`` fields (counted before any other work); the cost is linear in
-    the body's length whatever its shape (repeated ``a[]``, many names, deep keys).
+    the body's length whatever its shape (repeated ``a[]``, many names, deep keys). No
+    field, name or value, may hold a NUL character.
     """
+    # PostgreSQL's text and JSONB cannot hold NUL: stored, it would fail the INSERT as if
+    # the database were down (503, counted as an outage). No Bitrix24 field carries one;
+    # "%00" is the only way to write it encoded ("%2500" is a literal "%00").
+    if b"%00" in body or b"\x00" in body:
+        raise MalformedBody("a NUL character in a field")
     try:
         pairs = decode_pairs(body.decode("utf-8"), max_fields)
     except UnicodeDecodeError as exc:

@@ -159,6 +159,8 @@ def b24_events() -> tuple[Response, int]:
 
 
 def _pbx_events(body: bytes, portal: auth.KnownPortal) -> list[inbox.NewEvent]:
+    if pbx.holds_nul(body):
+        raise Rejected(400, "malformed", "a NUL character in the body")
     try:
         data, non_finite = pbx.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

@@ -118,6 +118,30 @@ def test_malformed_bodies_get_400_and_leave_no_trace(app, client, portal, redis_
     assert _rejected("malformed") == before + 1
 
 
+@pytest.mark.parametrize("kw", [
+    {"event": "ONCRMDEALUPDATE\x00"},
+    {"data": {"FIELDS": {"ID": "7\x005"}}},
+    {"data": {"FIELDS\x00": {"ID": "75"}}},
+    {"event": "ONAPPINSTALL\x00", "token": None},  # first contact: no token to check
+], ids=["event name", "a value", "a field name", "first contact"])
+def test_a_nul_character_gets_400_and_no_outage_is_counted(app, portal, deliver, redis_client,
+                                                           kw):
+    """PostgreSQL cannot store NUL: once, it failed the INSERT and counted as an outage."""
+    before = _rejected("db_unavailable"), _rejected("malformed")
+    response = deliver.b24(portal, **kw)
+    assert response.status_code == 400 and response.json["error"] == "malformed"
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+    assert (_rejected("db_unavailable"), _rejected("malformed")) == (before[0], before[1] + 1)
+
+
+def test_a_raw_nul_byte_gets_400(app, portal, client):
+    body = b24_body(portal.member_id, portal.application_token).encode()
+    response = client.post("/b24/events", data=body.replace(b"759", b"7\x009"), headers=FORM)
+    assert response.status_code == 400 and inbox_count() == 0
+    text = b24_body(portal.member_id, portal.application_token, data={"NOTE": "%00"})
+    assert client.post("/b24/events", data=text, headers=FORM).status_code == 200  # a "%00"
+
+
 @pytest.mark.parametrize("body", [
     b"event=X&" + b"n" * 100_000 + b"]=1",                      # a broken name
     b"event=X&data%5B" + b"n" * 100_000 + b"=1",                # unbalanced
