@@ -67,12 +67,12 @@ def stored_if_token_matches(delivery: Delivery) -> inbox.Stored | None:
     is new. None sends the delivery down the checked path (it may still be accepted)."""
     if delivery.token is None:
         return None
+    dedupe_key = inbox.b24_dedupe_key(delivery.event)  # with its tokens, as the view's
     # Stripped on a copy: should this statement not store it, the checked path needs the tokens.
     event = {**delivery.event, "auth": dict(delivery.event["auth"])}
     sealed.strip(event, delivery.event_type)
     new = inbox.NewEvent(member_id=delivery.member_id, source="b24",
-                         event_type=delivery.event_type, payload=event,
-                         dedupe_key=inbox.b24_dedupe_key(event))
+                         event_type=delivery.event_type, payload=event, dedupe_key=dedupe_key)
     try:
         stored = inbox.store_verified(new, token_hash.of(delivery.token) or "")
     except SQLAlchemyError as exc:
