@@ -116,7 +116,14 @@ def worker_settings() -> dict[str, Any]:
         "INBOX_REQUEUE_RECEIVED_AFTER": env_float("INBOX_REQUEUE_RECEIVED_AFTER", 10.0),
         "INBOX_REQUEUE_AFTER": env_float("INBOX_REQUEUE_AFTER", 120.0),
         "INBOX_REQUEUE_AFTER_CAP": env_float("INBOX_REQUEUE_AFTER_CAP", 1800.0),
+        # A handler may run this long; then its row's claim is renewed no more (a hung one).
         "INBOX_PROCESSING_TIMEOUT": env_float("INBOX_PROCESSING_TIMEOUT", 600.0),
+        # A worker renews the claims of the rows it is handling every INBOX_HEARTBEAT_INTERVAL;
+        # one not renewed for INBOX_HEARTBEAT_TIMEOUT lost its worker and is queued again
+        # (app/ingress/heartbeat.py): a killed worker's rows go on within the timeout plus one
+        # INBOX_SWEEP_INTERVAL.
+        "INBOX_HEARTBEAT_INTERVAL": env_float("INBOX_HEARTBEAT_INTERVAL", 10.0),
+        "INBOX_HEARTBEAT_TIMEOUT": env_float("INBOX_HEARTBEAT_TIMEOUT", 30.0),
         # Retention (app.ingress.retention), in days.
         "INBOX_KEEP_DONE_DAYS": env_int("INBOX_KEEP_DONE_DAYS", 7),
         "INBOX_KEEP_DEAD_DAYS": env_int("INBOX_KEEP_DEAD_DAYS", 30),
