@@ -245,6 +245,14 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # a forger's flood cannot leave Bitrix24's own events refused.
         "PROVISIONAL_KEYED_EVENTS_PER_PORTAL": env_int("PROVISIONAL_KEYED_EVENTS_PER_PORTAL",
                                                        10000),
+        # Verified events one portal may store per minute, in number and in bytes of body;
+        # 429 beyond, until the minute ends (app/ingress/budget.py). An event type the app
+        # has no handler for may be at most INTAKE_UNHANDLED_MAX_BYTES (413 beyond).
+        "INTAKE_EVENTS_PER_PORTAL_PER_MINUTE": env_int("INTAKE_EVENTS_PER_PORTAL_PER_MINUTE",
+                                                       6000),
+        "INTAKE_BYTES_PER_PORTAL_PER_MINUTE": env_int("INTAKE_BYTES_PER_PORTAL_PER_MINUTE",
+                                                      16 * 1024 * 1024),
+        "INTAKE_UNHANDLED_MAX_BYTES": env_int("INTAKE_UNHANDLED_MAX_BYTES", 16 * 1024),
         # Auth servers whose app.info we trust when an iframe POST names its own
         # SERVER_ENDPOINT: comma-separated hosts (https) or scheme://host URLs. An iframe
         # POST without SERVER_ENDPOINT (the short form real portals send, protocol §2.3)
