@@ -13,11 +13,13 @@ handler for have a lower size cap too: ``INTAKE_UNHANDLED_MAX_BYTES``, in the vi
 The choice, to keep the intake lane's fast path cheap: no Redis call per event. Each
 process keeps what it stored per portal in the current minute, and adds it to the
 minute's shared counters in Redis (one HINCRBY pipeline, reading back every process's
-total) at most once a second per portal, or sooner once it holds a twentieth of the
-budget; a quiet portal costs no Redis call at all. So the budget is exact to within a
-second's traffic, or a twentieth of it, per process. When Redis cannot be asked, each
-process goes on with its own count (fail open, as the first-contact ceilings do): it
-still refuses a flood that reaches the budget within the process.
+total) each time it holds a twentieth of the portal's budget unshared: a portal far
+below its budget costs no Redis call at all (a flush per second per portal cost a round
+trip per event with 1,000 portals sending a few events a second each, bench/ingest), and
+a flood one call per twentieth. So the budget holds to within a twentieth of it per
+process (every process may admit that much before it learns the others' totals). When
+Redis cannot be asked, each process goes on with its own count (fail open, as the
+first-contact ceilings do): it still refuses a flood that reaches the budget within it.
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ from app.ingress.inbox import fast_redis
 log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 60
-FLUSH_SECONDS = 1.0
-FLUSH_SHARE = 20  # flush once a process holds 1/20 of a budget unshared
+FLUSH_SHARE = 20  # share once a process holds 1/20 of a budget unshared
 REDIS_BACKOFF_SECONDS = 1.0
 
 
@@ -45,7 +46,6 @@ class _Tally:
     """One portal's minute as this process knows it."""
 
     window: int
-    flushed: float  # monotonic time of the last flush (or of the first event)
     shared_events: int = 0  # every process's total at the last flush
     shared_bytes: int = 0
     events: int = 0  # stored here since the last flush
@@ -74,20 +74,18 @@ class Budget:
 
     def spend(self, member_id: str, size: int) -> None:
         """Count a stored event of ``size`` bytes; share the counts when due."""
-        now, window = time.monotonic(), _window()
+        window = _window()
         with self.lock:
             tally = self.tallies.get(member_id)
             if tally is None or tally.window != window:
-                tally = self.tallies[member_id] = _Tally(window, now)
+                tally = self.tallies[member_id] = _Tally(window)
             tally.events += 1
             tally.bytes += size
-            due = (now - tally.flushed >= FLUSH_SECONDS
-                   or tally.events * FLUSH_SHARE >= self.events
+            due = (tally.events * FLUSH_SHARE >= self.events
                    or tally.bytes * FLUSH_SHARE >= self.bytes)
-            if not due or now < self.redis_down_until:
+            if not due or time.monotonic() < self.redis_down_until:
                 return
-            events, size, tally.events, tally.bytes, tally.flushed = \
-                tally.events, tally.bytes, 0, 0, now
+            events, size, tally.events, tally.bytes = tally.events, tally.bytes, 0, 0
         self._share(member_id, tally, events, size)
 
     def _share(self, member_id: str, tally: _Tally, events: int, size: int) -> None:
