@@ -12,7 +12,7 @@ from flask.sessions import SessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as config_mod
-from app import crypto, metrics, queue, telephony
+from app import crypto, logs, metrics, queue, telephony
 from app.dispatcher import direct
 from app.dispatcher import metrics as dispatch_metrics
 from app.extensions import configure_database, db, migrate, redis_ext
@@ -45,6 +45,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     config_mod.validate(app.config)
     logging.basicConfig(level=app.config["LOG_LEVEL"],
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.keep_records_to_one_line()  # a sender's newline or escape cannot forge a log line
     # httpx logs full URLs at INFO; token requests carry client_secret and refresh_token there.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(logging.WARNING)

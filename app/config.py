@@ -170,7 +170,14 @@ def worker_settings() -> dict[str, Any]:
         "INBOX_REQUEUE_RECEIVED_AFTER": env_float("INBOX_REQUEUE_RECEIVED_AFTER", 10.0),
         "INBOX_REQUEUE_AFTER": env_float("INBOX_REQUEUE_AFTER", 120.0),
         "INBOX_REQUEUE_AFTER_CAP": env_float("INBOX_REQUEUE_AFTER_CAP", 1800.0),
+        # A handler may run this long; then its row's claim is renewed no more (a hung one).
         "INBOX_PROCESSING_TIMEOUT": env_float("INBOX_PROCESSING_TIMEOUT", 600.0),
+        # A worker renews the claims of the rows it is handling every INBOX_HEARTBEAT_INTERVAL;
+        # one not renewed for INBOX_HEARTBEAT_TIMEOUT lost its worker and is queued again
+        # (app/ingress/heartbeat.py): a killed worker's rows go on within the timeout plus one
+        # INBOX_SWEEP_INTERVAL.
+        "INBOX_HEARTBEAT_INTERVAL": env_float("INBOX_HEARTBEAT_INTERVAL", 10.0),
+        "INBOX_HEARTBEAT_TIMEOUT": env_float("INBOX_HEARTBEAT_TIMEOUT", 30.0),
         # Retention (app.ingress.retention), in days.
         "INBOX_KEEP_DONE_DAYS": env_int("INBOX_KEEP_DONE_DAYS", 7),
         "INBOX_KEEP_DEAD_DAYS": env_int("INBOX_KEEP_DEAD_DAYS", 30),
@@ -312,6 +319,16 @@ def from_environment(instance: Path) -> dict[str, Any]:
         # a forger's flood cannot leave Bitrix24's own events refused.
         "PROVISIONAL_KEYED_EVENTS_PER_PORTAL": env_int("PROVISIONAL_KEYED_EVENTS_PER_PORTAL",
                                                        10000),
+        # Verified events one portal may store per minute, in number and in bytes of body;
+        # 429 beyond, until the minute ends (app/ingress/budget.py). An event type the app
+        # has no handler for may be at most INTAKE_UNHANDLED_MAX_BYTES (413 beyond).
+        # The defaults (250 events/s, 32 MiB a minute) let through what Bitrix24 can make a
+        # portal send (an enterprise portal's REST ceiling, ~250 commands/s, each one event).
+        "INTAKE_EVENTS_PER_PORTAL_PER_MINUTE": env_int("INTAKE_EVENTS_PER_PORTAL_PER_MINUTE",
+                                                       15000),
+        "INTAKE_BYTES_PER_PORTAL_PER_MINUTE": env_int("INTAKE_BYTES_PER_PORTAL_PER_MINUTE",
+                                                      32 * 1024 * 1024),
+        "INTAKE_UNHANDLED_MAX_BYTES": env_int("INTAKE_UNHANDLED_MAX_BYTES", 16 * 1024),
         # Auth servers whose app.info we trust when an iframe POST names its own
         # SERVER_ENDPOINT: comma-separated hosts (https) or scheme://host URLs. An iframe
         # POST without SERVER_ENDPOINT (the short form real portals send, protocol §2.3)

@@ -20,7 +20,7 @@ SCANNED = ("app", "workers", "placements")
 
 # Components, most specific prefix first: a module belongs to the first one it starts with.
 INFRA = ("app.config", "app.extensions", "app.queue", "app.crypto", "app.metrics",
-         "app.embedded", "app.serving", "app.health", "app.redis_breaker")
+         "app.embedded", "app.serving", "app.health", "app.redis_breaker", "app.logs")
 USE_CASES = ("app.installation", "app.telephony", "app.dashboard")
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "library": ("app.bitrix",),
@@ -70,7 +70,7 @@ def component(module: str) -> str | None:
     best: tuple[int, str] | None = None
     for name, prefixes in COMPONENTS.items():
         for prefix in prefixes:
-            if module == prefix or module.startswith(prefix + "."):
+            if module == prefix or (prefix != "app" and module.startswith(prefix + ".")):
                 if best is None or len(prefix) > best[0]:
                     best = (len(prefix), name)
     return best[1] if best else None

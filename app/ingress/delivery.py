@@ -14,11 +14,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from flask import current_app
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.ingress import enqueuer, inbox, sealed, token_hash
+from app.ingress import budget, enqueuer, inbox, sealed, token_hash
 from app.ingress.auth import Rejected
 from app.ingress.formparse import MalformedBody, clip, parse_form
+from app.ingress.registry import handler_for
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class Delivery:
     event_type: str
     member_id: str
     token: str | None
+    size: int = 0  # of the body, in bytes
 
 
 def parse_b24_form(body: bytes) -> Delivery:
@@ -60,26 +63,41 @@ def parse_b24_form(body: bytes) -> Delivery:
         raise Rejected(400, "malformed", "auth[member_id] is required (up to 64 letters/digits)")
     token = auth_block.get("application_token")
     return Delivery(event, name.strip().upper(), member_id,
-                    token if isinstance(token, str) and token else None)
+                    token if isinstance(token, str) and token else None, len(body))
+
+
+def over_limits(delivery: Delivery) -> Rejected | None:
+    """Why a verified event may not be stored now, or None: over the size cap of an event
+    type the app does not handle (413), or over its portal's budget (429, app/ingress/budget.py).
+    """
+    if (delivery.size > current_app.config["INTAKE_UNHANDLED_MAX_BYTES"]
+            and handler_for("b24", delivery.event_type) is None):
+        return Rejected(413, "too_large", "an event the app does not handle must be under "
+                        f"{current_app.config['INTAKE_UNHANDLED_MAX_BYTES']} bytes")
+    if not budget.budget().allows(delivery.member_id, delivery.size):
+        return Rejected(429, "portal_budget", "too many events from this portal this minute; "
+                        "retry later", detail=f"intake budget spent by portal {delivery.member_id}")
+    return None
 
 
 def stored_if_token_matches(delivery: Delivery) -> inbox.Stored | None:
     """The common case, one statement: the portal's stored token hash matches, the event
     is new. None sends the delivery down the checked path (it may still be accepted)."""
-    if delivery.token is None:
+    if delivery.token is None or over_limits(delivery) is not None:  # the view says why
         return None
+    dedupe_key = inbox.b24_dedupe_key(delivery.event)  # with its tokens, as the view's
     # Stripped on a copy: should this statement not store it, the checked path needs the tokens.
     event = {**delivery.event, "auth": dict(delivery.event["auth"])}
     sealed.strip(event, delivery.event_type)
     new = inbox.NewEvent(member_id=delivery.member_id, source="b24",
-                         event_type=delivery.event_type, payload=event,
-                         dedupe_key=inbox.b24_dedupe_key(event))
+                         event_type=delivery.event_type, payload=event, dedupe_key=dedupe_key)
     try:
         stored = inbox.store_verified(new, token_hash.of(delivery.token) or "")
     except SQLAlchemyError as exc:
         log.error("inbox unavailable, a b24 event refused: %s", first_line(exc))
         raise Rejected(503, "db_unavailable", "the event could not be stored; retry") from exc
     if stored is not None:
+        budget.budget().spend(delivery.member_id, delivery.size)
         enqueuer.put(stored.id)  # sent by the process's enqueuer thread, with its neighbours
     return stored
 

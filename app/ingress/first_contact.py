@@ -55,6 +55,7 @@ from flask import current_app
 from app.ingress import inbox, provisional
 from app.ingress.auth import KnownPortal, Rejected
 from app.ingress.sealed import SEALED_FIELD
+from app.redis_breaker import RedisBreaker
 from app.tenants import handler_key
 from app.tenants.models import PortalStatus
 
@@ -65,7 +66,6 @@ AUTH_KEPT = ("member_id", "domain", "server_endpoint", "client_endpoint", "user_
 SMALL_SCALAR = 64      # characters: data[VERSION], data[LANGUAGE_ID], ... are a few each
 MAX_STORED_BYTES = 4096  # a real ONAPPINSTALL is under 1 KB even with its sealed tokens
 WINDOW_SECONDS = 60
-REDIS_BACKOFF_SECONDS = 1.0
 
 # One round trip: count the address; count it globally only while the address is under
 # its own ceiling, so one address cannot use up everybody's share.
@@ -114,7 +114,7 @@ def _counter(name: str = "first_contact_count") -> Any:
         client = inbox.fast_redis(current_app.config["REDIS_URL"])
         ext["first_contact_count"] = client.register_script(_COUNT)
         ext["provisional_count"] = client.register_script(_COUNT_ONE)
-        ext["first_contact_redis_down_until"] = 0.0
+        ext["first_contact_redis_breaker"] = RedisBreaker()
     return ext[name]
 
 
@@ -122,12 +122,13 @@ def _count(name: str, keys: list[str], args: list[Any]) -> int:
     """Run a counting script; 0 (under every ceiling) when Redis cannot be asked (fail open)."""
     ext = current_app.extensions
     count = _counter(name)
-    if time.monotonic() < ext["first_contact_redis_down_until"]:
+    breaker = ext["first_contact_redis_breaker"]
+    if not breaker.allow():
         return 0
     try:
         return int(count(keys=keys, args=args))
     except redis.RedisError as exc:
-        ext["first_contact_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
+        breaker.failed()
         log.warning("intake ceiling not applied, Redis unavailable: %s", exc)
         return 0
 

@@ -1,8 +1,9 @@
 """Bitrix24's form bodies: PHP-style bracket keys into nested dicts and lists.
 
 ``data[FIELDS][ID]=759`` becomes ``{"data": {"FIELDS": {"ID": "759"}}}``; ``a[]=x&a[]=y``
-appends; a dict whose keys are exactly ``"0".."n-1"`` becomes a list. Every scalar
-stays a string, as Bitrix24 sends it.
+appends; a dict whose keys are exactly ``"0".."n-1"`` becomes a list, except the body's
+top level, which stays a dict of field names like PHP's ``$_POST`` (``0=a`` is
+``{"0": "a"}``). Every scalar stays a string, as Bitrix24 sends it.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def parse_pairs(pairs: list[tuple[str, str]], max_fields: int = MAX_FIELDS) -> d
     root = _Node()
     for key, value in pairs:
         _assign(root, split_key(key), value, key)
-    return _listify(root)
+    # Not the root itself: callers read fields by name, and a sender who names them 0..n-1
+    # must get "missing field", not a list where a form was promised.
+    return {name: _listify(value) for name, value in root.items()}
 
 
 def _decode(part: str) -> str:
@@ -163,8 +166,14 @@ def parse_form(body: bytes, max_fields: int = MAX_FIELDS) -> dict[str, Any]:
     """Decode an ``application/x-www-form-urlencoded`` body into nested data.
 
     At most ``max_fields`` fields (counted before any other work); the cost is linear in
-    the body's length whatever its shape (repeated ``a[]``, many names, deep keys).
+    the body's length whatever its shape (repeated ``a[]``, many names, deep keys). No
+    field, name or value, may hold a NUL character.
     """
+    # PostgreSQL's text and JSONB cannot hold NUL: stored, it would fail the INSERT as if
+    # the database were down (503, counted as an outage). No Bitrix24 field carries one;
+    # "%00" is the only way to write it encoded ("%2500" is a literal "%00").
+    if b"%00" in body or b"\x00" in body:
+        raise MalformedBody("a NUL character in a field")
     try:
         pairs = decode_pairs(body.decode("utf-8"), max_fields)
     except UnicodeDecodeError as exc:

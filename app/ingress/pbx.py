@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +33,17 @@ def deeper_than(value: Any, limit: int = MAX_DEPTH) -> bool:
         if not level:
             return False
     return True
+
+
+# "\u0000" not itself escaped ("\\u0000" is a backslash, then "u0000").
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def holds_nul(body: bytes) -> bool:
+    """Whether a JSON body writes a NUL character, which PostgreSQL's JSONB cannot hold
+    (stored, it would fail the INSERT as if the database were down, and the PBX retries a
+    503 for ever)."""
+    return b"\\u0000" in body and _NUL_ESCAPE.search(body) is not None
 
 
 def _path(where: str, name: str) -> str:

@@ -37,7 +37,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from app.bitrix import errors as bitrix_errors
 from app.extensions import db
-from app.ingress import inbox, metrics, ordering, provisional, sealed
+from app.ingress import heartbeat, inbox, metrics, ordering, provisional, sealed
 from app.ingress.models import PENDING, InboxEvent, InboxStatus
 from app.ingress.registry import handler_for, registered
 from app.tenants.models import Portal, aware, utcnow
@@ -170,7 +170,8 @@ def process(row_id: int) -> str:
     row = db.session.get(InboxEvent, row_id)
     assert row is not None  # we just claimed it
     portal_id, order_key = row.portal_id, row.order_key
-    outcome = _handle(row, attempt)
+    with heartbeat.holding(row_id, attempt):  # renewed while it runs: see app/ingress/heartbeat.py
+        outcome = _handle(row, attempt)
     ordering.wake_next(portal_id, order_key)  # finished or parked: the key's next row may go
     return outcome
 
@@ -217,13 +218,14 @@ def _handle(row: InboxEvent, attempt: int) -> str:
 
 
 def sweep() -> int:
-    """Queue again what no worker finished (lost message, killed worker) and the parked
-    rows that can go on now (a handler was registered, the portal is active again)."""
+    """Queue again what no worker finished (lost message, killed worker: its claims' heartbeat
+    stopped) and the parked rows that can go on now (a handler was registered, the portal is
+    active again)."""
     requeued = inbox.requeue_stuck(inbox.SweepPolicy(
         received_after=_setting("INBOX_REQUEUE_RECEIVED_AFTER"),
         queued_after=_setting("INBOX_REQUEUE_AFTER"),
         queued_after_cap=_setting("INBOX_REQUEUE_AFTER_CAP"),
-        processing_after=_setting("INBOX_PROCESSING_TIMEOUT"),
+        processing_after=_setting("INBOX_HEARTBEAT_TIMEOUT"),
         handled={source: registered(source) for source in ("b24", "pbx")}))
     if requeued:
         log.info("sweeper queued %d stuck inbox rows again", requeued)

@@ -19,6 +19,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from app.ingress import (
     auth,
+    budget,
     first_contact,
     inbox,
     metrics,
@@ -34,6 +35,7 @@ from app.ingress.delivery import (
     Delivery,
     ack_body,
     first_line,
+    over_limits,
     parse_b24_form,
 )
 from app.ingress.models import InboxStatus
@@ -107,6 +109,9 @@ def _b24_event(delivery: Delivery) -> inbox.NewEvent:
     event, event_type, member_id = delivery.event, delivery.event_type, delivery.member_id
     token = delivery.token
     sender = auth.verify_b24(member_id, token, event_type)
+    verified = not (sender.unverified or sender.provisional)
+    if verified and (refused := over_limits(delivery)) is not None:
+        raise refused
     dedupe_key = inbox.b24_dedupe_key(event)
     # Checked (or, provisional, sealed to be checked later): no row keeps a token in clear.
     sealed.strip(event, event_type, claim=sender.provisional)
@@ -150,6 +155,8 @@ def b24_events() -> tuple[Response, int]:
         stored = _store_and_queue("b24", [event])
         if stored[0].created and event.status == provisional.STATUS:
             provisional.OUTCOMES.labels("kept").inc()
+        elif stored[0].created and not event.unverified:
+            budget.budget().spend(delivery.member_id, delivery.size)
     except Rejected as exc:
         return _refuse("b24", started, exc)
     except SQLAlchemyError as exc:  # the portal lookup itself failed
@@ -159,6 +166,8 @@ def b24_events() -> tuple[Response, int]:
 
 
 def _pbx_events(body: bytes, portal: auth.KnownPortal) -> list[inbox.NewEvent]:
+    if pbx.holds_nul(body):
+        raise Rejected(400, "malformed", "a NUL character in the body")
     try:
         data, non_finite = pbx.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:

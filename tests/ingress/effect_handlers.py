@@ -51,6 +51,17 @@ def flaky(portal: Any, event: dict[str, Any]) -> None:
     _record(event)
 
 
+@on("TESTHANGFIRST")
+def hang_first(portal: Any, event: dict[str, Any]) -> None:
+    """Blocks for an hour on the first attempt (a worker to kill holding it), then records."""
+    attempts = db.session.scalar(select(InboxEvent.attempts)
+                                 .where(InboxEvent.id == event["inbox_id"]))
+    db.session.rollback()  # hold no transaction (SQLite's lock) while it blocks
+    if attempts < 2:
+        time.sleep(3600)
+    _record(event)
+
+
 @on("TESTDOWN")
 def down(portal: Any, event: dict[str, Any]) -> None:
     """Always fails transiently."""

@@ -103,6 +103,9 @@ def test_an_unknown_portal_is_answered_like_a_forged_token(app, portal, deliver,
     (b"event=ONAPPINSTALL&auth%5Bmember_id%5D=a%27%3B--&auth%5Bapplication_token%5D=t",
      FORM["Content-Type"]),                                                 # not an id
     (b"", FORM["Content-Type"]),                                             # empty
+    (b"0=a", FORM["Content-Type"]),                              # top-level keys all digits
+    (b"0=ONAPPINSTALL&1=x", FORM["Content-Type"]),
+    (b"0%5Bmember_id%5D=abc&0%5Bapplication_token%5D=t", FORM["Content-Type"]),
     (b'{"event": "ONCRMDEALUPDATE"}', "application/json"),                   # not a form
 ])
 def test_malformed_bodies_get_400_and_leave_no_trace(app, client, portal, redis_client, body,
@@ -113,6 +116,30 @@ def test_malformed_bodies_get_400_and_leave_no_trace(app, client, portal, redis_
     assert response.json["error"] == "malformed"
     assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
     assert _rejected("malformed") == before + 1
+
+
+@pytest.mark.parametrize("kw", [
+    {"event": "ONCRMDEALUPDATE\x00"},
+    {"data": {"FIELDS": {"ID": "7\x005"}}},
+    {"data": {"FIELDS\x00": {"ID": "75"}}},
+    {"event": "ONAPPINSTALL\x00", "token": None},  # first contact: no token to check
+], ids=["event name", "a value", "a field name", "first contact"])
+def test_a_nul_character_gets_400_and_no_outage_is_counted(app, portal, deliver, redis_client,
+                                                           kw):
+    """PostgreSQL cannot store NUL: once, it failed the INSERT and counted as an outage."""
+    before = _rejected("db_unavailable"), _rejected("malformed")
+    response = deliver.b24(portal, **kw)
+    assert response.status_code == 400 and response.json["error"] == "malformed"
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+    assert (_rejected("db_unavailable"), _rejected("malformed")) == (before[0], before[1] + 1)
+
+
+def test_a_raw_nul_byte_gets_400(app, portal, client):
+    body = b24_body(portal.member_id, portal.application_token).encode()
+    response = client.post("/b24/events", data=body.replace(b"759", b"7\x009"), headers=FORM)
+    assert response.status_code == 400 and inbox_count() == 0
+    text = b24_body(portal.member_id, portal.application_token, data={"NOTE": "%00"})
+    assert client.post("/b24/events", data=text, headers=FORM).status_code == 200  # a "%00"
 
 
 @pytest.mark.parametrize("body", [

@@ -39,8 +39,9 @@ def _post_pbx_chunked(url: str, body: bytes, key: str) -> httpx.Response:
 
 
 def _b24_form(member_id: str, token: str, size: int) -> bytes:
-    """A valid event form of exactly ``size`` bytes (padding in its last field)."""
-    head = b24_body(member_id, token).encode() + b"&data%5BPAD%5D="
+    """A valid event form of exactly ``size`` bytes (padding in its last field); an event the
+    app handles, as only those may be this large (INTAKE_UNHANDLED_MAX_BYTES)."""
+    head = b24_body(member_id, token, event="ONUSERADD").encode() + b"&data%5BPAD%5D="
     return head + b"x" * (size - len(head))
 
 

@@ -15,7 +15,9 @@ from app.ingress.formparse import MalformedBody, decode_pairs, encode_form, pars
 # Keys as Bitrix24 uses them: names, never brackets; a dict key never looks like an index.
 names = st.text(alphabet=string.ascii_letters + "_-.", min_size=1, max_size=8).filter(
     lambda s: not s.isdigit())
-scalars = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=20)
+# Any text but NUL, which no stored field may hold (refused: see the NUL test below).
+scalars = st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                         blacklist_characters="\x00"), max_size=20)
 nested = st.recursive(
     scalars,
     lambda inner: st.one_of(st.lists(inner, min_size=1, max_size=4),
@@ -67,6 +69,18 @@ def test_the_documented_deal_update_body():
 def test_indexes_out_of_order_still_make_a_list_and_gaps_keep_a_dict():
     assert parse_form(b"a[1]=y&a[0]=x") == {"a": ["x", "y"]}
     assert parse_form(b"a[0]=x&a[2]=z") == {"a": {"0": "x", "2": "z"}}
+
+
+def test_the_top_level_stays_a_form_of_names_even_when_they_are_digits():
+    assert parse_form(b"0=a") == {"0": "a"}
+    assert parse_form(b"1=y&0=x&0x[0]=z") == {"1": "y", "0": "x", "0x": ["z"]}
+
+
+@pytest.mark.parametrize("body", [b"a=%00", b"a%00=1", b"a[%00]=1", b"a=x\x00"])
+def test_a_nul_character_anywhere_is_malformed(body):
+    with pytest.raises(MalformedBody, match="NUL"):
+        parse_form(body)
+    assert parse_form(b"a=%2500") == {"a": "%00"}
 
 
 def test_empty_values_are_kept_as_empty_strings():

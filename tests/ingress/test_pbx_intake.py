@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import delete, select
 
 from app.extensions import db
@@ -183,6 +184,23 @@ def test_a_body_that_is_not_json_or_nests_too_deep_gets_400(app, client, api_key
                                     "Content-Type": "application/json"})
     assert response.status_code == 400 and response.json["error"] == "malformed"
     assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+
+
+@pytest.mark.parametrize("event", [
+    {**START, "phone": "+7495\x001234567"},
+    {**START, "note": "a\x00b"},
+    {**START, "x\x00": "1"},
+], ids=["in a field", "in an extra field", "in a name"])
+def test_a_nul_character_gets_400_not_an_outage(app, api_key, deliver, redis_client, event):
+    before = REGISTRY.get_sample_value("b24relay_events_rejected_total",
+                                       {"source": "pbx", "reason": "db_unavailable"}) or 0.0
+    response = deliver.pbx(api_key, event)
+    assert response.status_code == 400 and response.json["error"] == "malformed"
+    assert inbox_count() == 0 and queued_messages(redis_client, app) == 0
+    assert (REGISTRY.get_sample_value("b24relay_events_rejected_total",
+                                      {"source": "pbx", "reason": "db_unavailable"})
+            or 0.0) == before
+    assert deliver.pbx(api_key, {**START, "note": "a\\u0000b"}).status_code == 202  # text
 
 
 def test_extra_fields_may_nest_up_to_the_limit(client, api_key):

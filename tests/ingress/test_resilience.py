@@ -18,7 +18,8 @@ from sqlalchemy import create_engine, text
 
 from app.extensions import db
 from app.ingress import enqueuer
-from app.ingress.inbox import ENQUEUE_TIMEOUT_SECONDS, REDIS_BACKOFF_SECONDS
+from app.ingress.inbox import ENQUEUE_TIMEOUT_SECONDS
+from app.redis_breaker import BACKOFF_SECONDS as REDIS_BACKOFF_SECONDS
 from sandbox.appsetup import free_port
 from tests.conftest import wait_for
 from tests.ingress.conftest import FORM, b24_body, inbox_count, inbox_rows, make_portal, statuses

@@ -15,7 +15,6 @@ from app.ingress.inbox.enqueueing import (
     ACTOR_GROUP,
     ENQUEUE_TIMEOUT_SECONDS,
     QUEUE,
-    REDIS_BACKOFF_SECONDS,
     enqueue,
     fast_redis,
     init_app,
@@ -32,7 +31,7 @@ from app.ingress.inbox.storing import (
 from app.ingress.inbox.sweeping import SweepPolicy, requeue_stuck, stuck_rows
 
 __all__ = [
-    "ACTOR", "ACTOR_GROUP", "ENQUEUE_TIMEOUT_SECONDS", "QUEUE", "REDIS_BACKOFF_SECONDS",
+    "ACTOR", "ACTOR_GROUP", "ENQUEUE_TIMEOUT_SECONDS", "QUEUE",
     "DeadLetter", "NewEvent", "Stored", "SweepPolicy", "b24_dedupe_key", "dead_letters",
     "depth", "digest", "enqueue", "fast_redis", "init_app", "mark_received", "replay_dead",
     "requeue_stuck", "store", "store_verified", "stuck_rows",

@@ -12,7 +12,6 @@ costs the request at most one short timeout.
 from __future__ import annotations
 
 import logging
-import time
 
 import dramatiq
 import redis
@@ -25,6 +24,7 @@ from sqlalchemy import update
 from app.extensions import db
 from app.ingress import metrics
 from app.ingress.models import InboxEvent, InboxStatus
+from app.redis_breaker import RedisBreaker
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,6 @@ ACTOR = "process_inbox_event"
 ACTOR_GROUP = "process_inbox_events"  # rows queued together, split by the worker
 QUEUE = "events"
 ENQUEUE_TIMEOUT_SECONDS = 0.25
-REDIS_BACKOFF_SECONDS = 1.0
 
 
 def fast_redis(url: str) -> redis.Redis:
@@ -55,7 +54,7 @@ def init_app(app: Flask) -> None:
         broker = RedisBroker(client=fast_redis(url),
                              namespace=cfg["DRAMATIQ_NAMESPACE"], middleware=[])
     app.extensions["ingress_broker"] = broker
-    app.extensions["ingress_redis_down_until"] = 0.0
+    app.extensions["ingress_redis_breaker"] = RedisBreaker()
 
 
 def _messages(row_ids: list[int], together: bool) -> list[tuple[list[int], dramatiq.Message]]:
@@ -80,13 +79,14 @@ def enqueue(row_ids: list[int], source: str, via: str = "intake",
     ext = current_app.extensions
     broker = ext["ingress_broker"]
     sent: list[int] = []
-    if time.monotonic() >= ext["ingress_redis_down_until"]:
+    breaker = ext["ingress_redis_breaker"]
+    if breaker.allow():
         try:
             for ids, message in _messages(row_ids, together):
                 broker.enqueue(message)
                 sent.extend(ids)
         except Exception as exc:  # noqa: BLE001 - any broker failure: the sweeper recovers
-            ext["ingress_redis_down_until"] = time.monotonic() + REDIS_BACKOFF_SECONDS
+            breaker.failed()
             log.warning("broker unavailable, %d inbox rows left for the sweeper: %s",
                         len(row_ids) - len(sent), exc)
     if sent:

@@ -66,10 +66,29 @@ def digest(value: Any) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+# Lifecycle events whose auth block is what they deliver: the installer's (or updater's)
+# token chain and, on short-form portals, the application_token's only copy.
+AUTH_IN_KEY = frozenset({"ONAPPINSTALL", "ONAPPUPDATE"})
+
+
 def b24_dedupe_key(event: dict[str, Any]) -> str:
-    """What makes two Bitrix24 deliveries the same event (not the per-user auth block)."""
-    return digest([event.get("event"), event.get("event_handler_id"), event.get("ts"),
-                   event.get("data")])
+    """What makes two Bitrix24 deliveries the same event: its name, handler, time and data;
+    for ONAPPINSTALL and ONAPPUPDATE their auth block too (read before its tokens are
+    stripped).
+
+    Everything but the auth block of those two is known or guessable to any employee (the
+    member_id, a small handler id, constant data, ``ts`` in seconds): without it, copies
+    posted ahead with other tokens made Bitrix24's real one a duplicate, never processed,
+    and a short-form portal never got its application_token. Each copy is now a row of
+    its own, judged by its handler's ``app.info`` check; a repeated delivery of the same
+    event (same tokens) is still stored once.
+    """
+    parts = [event.get("event"), event.get("event_handler_id"), event.get("ts"),
+             event.get("data")]
+    name = event.get("event")
+    if isinstance(name, str) and name.strip().upper() in AUTH_IN_KEY:
+        parts.append(event.get("auth"))
+    return digest(parts)
 
 
 # The one INSERT, valid on PostgreSQL and SQLite (3.35+); the hot path skips the ORM and

@@ -4,7 +4,8 @@ A row can be left behind: its message was lost (Redis restarted, intake was kill
 between its answer and the send), its worker died while processing, or it is parked
 and can go on now (a handler was registered, its portal is callable again). The
 sweeper (workers/ingress.py, every ``INBOX_SWEEP_INTERVAL``) finds them by status and
-age and sends them again; an extra message is harmless (the claim takes a row once).
+age (a claimed row's: since its worker's last heartbeat) and sends them again; an extra
+message is harmless (the claim takes a row once).
 A row that waits for an earlier row of its ordering key (app/ingress/ordering.py) is
 queued again like any other, and its claim waits again: the sweeper is the backstop
 for the wake-up its predecessor's finisher sends.
@@ -34,8 +35,9 @@ class SweepPolicy:
 
     ``received`` rows are known to have missed the broker, so they go back soon;
     ``queued`` rows normally just wait their turn in the broker, so only a long
-    silence means their message was lost; ``processing`` rows wait out the
-    longest handler before their worker is presumed dead.
+    silence means their message was lost; a ``processing`` row's worker renews its
+    ``claimed_at`` while the handler runs (app/ingress/heartbeat.py), so a claim silent
+    for ``processing_after`` lost its worker.
 
     A ``queued`` row's wait backs off: each requeue sets ``claimed_at``, and the
     next one waits at least as long as the row had already waited then
@@ -52,7 +54,7 @@ class SweepPolicy:
     received_after: float = 10.0
     queued_after: float = 120.0
     queued_after_cap: float = 1800.0
-    processing_after: float = 600.0
+    processing_after: float = 30.0
     handled: Mapping[str, Sequence[str]] = field(default_factory=dict)  # source -> event types
 
 
