@@ -20,7 +20,8 @@ from tests.dispatcher.conftest import rows, settled
 def _register(portal, n: int) -> int:
     return submit(portal.id, "telephony.externalcall.register",
                   {"USER_ID": 1, "PHONE_NUMBER": f"+49301{n:05d}", "TYPE": 2,
-                   "EXTERNAL_CALL_ID": f"reserve-{n}", "SHOW": 0}, key=f"call-{n}")
+                   "EXTERNAL_CALL_ID": f"reserve-{n}", "SHOW": 0}, key=f"call-{n}",
+                  priority=Priority.REALTIME)  # as telephony sends a card
 
 
 def _row(command_id: int) -> OutboxCommand:
