@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from app.bitrix import errors
 from app.dispatcher import direct
 from app.extensions import db
-from app.installation import install, upkeep
+from app.installation import install, lapsed, upkeep
 from app.installation.plan import int_or_none
 from app.installation.verify import (
     InstallError,
@@ -161,6 +161,9 @@ def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
     if portal is None:
         return
     clean = str(_data(event).get("CLEAN") or "0").strip() in {"1", "Y", "true"}
+    if _held_but_askable(portal):
+        _ask_held(portal, clean)
+        return
     evidence = uninstall_confirmed(portal)
     if evidence is None:
         log.warning("ONAPPUNINSTALL (CLEAN=%s) for portal %s ignored: Bitrix24 did not confirm "
@@ -169,6 +172,27 @@ def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
     log.info("portal %s: uninstall confirmed by Bitrix24 (%s)%s", portal.member_id, evidence,
              "; deleting its data" if clean else "")
     install.uninstall(portal, clean)  # committed by inbox processing with the row's outcome
+
+
+def _held_but_askable(portal: Portal) -> bool:
+    """A held portal (payment_required and the like) with a stored token to ask app.info with."""
+    return (portal.status != PortalStatus.UNINSTALLED.value and is_held(portal.status)
+            and bool(portal.access_token))
+
+
+def _ask_held(portal: Portal, clean: bool) -> None:
+    """A held portal's uninstall: confirmed now by ``NOT_INSTALLED``, else asked again later."""
+    verdict, said = lapsed.ask(portal)
+    if verdict == lapsed.CONFIRMED:
+        log.info("portal %s (%s): uninstall confirmed by Bitrix24 (%s)%s", portal.member_id,
+                 portal.status, said, "; deleting its data" if clean else "")
+        lapsed.forget(portal.id)
+        install.uninstall(portal, clean)  # committed by inbox processing with the row's outcome
+        return
+    lapsed.schedule(portal, clean)
+    log.warning("ONAPPUNINSTALL (CLEAN=%s) for portal %s (%s) not confirmed yet (%s): asked "
+                "again later; nothing was changed", int(clean), portal.member_id,
+                portal.status, said)
 
 
 def uninstall_confirmed(portal: Portal) -> str | None:
@@ -181,10 +205,10 @@ def uninstall_confirmed(portal: Portal) -> str | None:
     expired, a refresh of the stored chain answered ``NOT_INSTALLED``. A bare
     ``invalid_grant`` proves nothing (a lost chain looks the same).
 
-    A portal whose chain is already dead (``auth_failed``, ``access_denied``,
-    ``payment_required``, ``portal_deleted``, ``disabled``, or no stored chain, e.g.
-    after an earlier confirmed uninstall) cannot be asked: None, and the caller leaves
-    it unchanged; a real uninstall then shows on the next reinstall or call. The
+    A held portal with a stored token is asked by :mod:`app.installation.lapsed` instead
+    (``app.info`` only, again later until a bound). One with no stored chain (e.g. after
+    an earlier confirmed uninstall) cannot be asked: None, and the caller leaves it
+    unchanged; a real uninstall then shows on the next reinstall or call. The
     portal not answering raises a transient error (the event is retried), never a
     confirmation.
     """

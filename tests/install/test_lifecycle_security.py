@@ -24,6 +24,7 @@ from app.extensions import db
 from app.ingress.auth import issue_api_key
 from app.ingress.models import InboxEvent, PortalApiKey
 from app.tenants.models import PortalSettings
+from app.tenants.status import PortalUnavailable
 from app.tenants.users import PortalUser
 from tests.conftest import StubHandler, wait_for
 from tests.install.conftest import iframe_form, portal_count, portal_row
@@ -276,3 +277,74 @@ def test_an_admins_first_contact_survives_a_portal_that_does_not_answer(sandbox,
                    timeout=30)
     assert row.application_token == portal["application_token"]
     assert sandbox.counters(portal["member_id"])["faults_injected"] == 1
+
+
+# ---------------------------------------------------------------- a lapsed portal's uninstall
+
+
+def _lapse(sandbox, member_id: str, renew: bool = True) -> None:
+    """The app's subscription ends, and the app learns it from a call: payment_required.
+
+    ``renew``: the admin then renews it on the portal (Bitrix24 sends no events while it
+    is unpaid) but opens no app page, so the app still holds the portal as payment_required.
+    """
+    sandbox.set_subscription(member_id, False)
+    with pytest.raises(PortalUnavailable):
+        direct.call_method(portal_row(member_id), "app.info")
+    assert portal_row(member_id).status == "payment_required"
+    if renew:
+        sandbox.set_subscription(member_id, True)
+
+
+def test_a_lapsed_portals_real_uninstall_is_confirmed_and_deletes_the_data(sandbox, with_data,
+                                                                         live_app, worker):
+    member_id = with_data["member_id"]
+    _lapse(sandbox, member_id)
+    assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
+    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    assert row.access_token is None and row.refresh_token is None
+    gone = {**dict.fromkeys(with_data["data"], 0), "InboxEvent": 1}
+    wait_for(lambda: _tenant_data(row.id) == gone, timeout=10)
+    assert "uninstall confirmed by Bitrix24" in worker.output()
+
+
+@pytest.fixture
+def rechecking_worker(start_worker, live_app):
+    """A worker whose periodic uninstall recheck runs each second, its backoff 2 s, then 4 s."""
+    return start_worker(threads=2, periodic=True, UNINSTALL_RECHECK_HOURS=str(2 / 3600),
+                        UNINSTALL_RECHECK_INTERVAL="1", **live_app.worker_env())
+
+
+def test_a_lapsed_uninstall_still_answered_payment_required_is_asked_again_later(
+        sandbox, with_data, live_app, rechecking_worker):
+    member_id = with_data["member_id"]
+    _lapse(sandbox, member_id)
+    # Bitrix24 still answers PAYMENT_REQUIRED to the first ask after the uninstall.
+    sandbox.set_fault(member_id, "payment_required", count=1, methods=["app.info"])
+    assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
+    handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    assert handled.status == "done", handled.last_error
+    assert portal_row(member_id).status == "payment_required"  # not yet: asked again later
+    assert "asked again later" in rechecking_worker.output()
+    # Within the backoff the next ask gets NOT_INSTALLED: uninstalled, CLEAN=1 honoured.
+    # The ONAPPUNINSTALL row was finished before: it goes with the rest.
+    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    wait_for(lambda: _tenant_data(row.id) == dict.fromkeys(with_data["data"], 0), timeout=10)
+    assert "uninstall confirmed by Bitrix24 on a later ask" in rechecking_worker.output()
+
+
+def test_a_forged_uninstall_of_a_lapsed_portal_changes_nothing(sandbox, with_data, live_app,
+                                                              rechecking_worker):
+    member_id = with_data["member_id"]
+    _lapse(sandbox, member_id, renew=False)
+    before = sandbox.counters(member_id)["rest_requests"]
+    _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
+    handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    assert handled.status == "done", handled.last_error
+    # Asked now, and again after each backoff (2 s, 4 s): PAYMENT_REQUIRED every time.
+    wait_for(lambda: sandbox.counters(member_id)["rest_requests"] >= before + 3, timeout=30)
+    row = portal_row(member_id)
+    assert row.status == "payment_required"
+    assert row.refresh_token is not None
+    assert _tenant_data(row.id) == _plus_one_event(with_data)
+    assert sandbox.install_state(member_id)["installed"] is True
