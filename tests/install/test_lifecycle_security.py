@@ -348,3 +348,19 @@ def test_a_forged_uninstall_of_a_lapsed_portal_changes_nothing(sandbox, with_dat
     assert row.refresh_token is not None
     assert _tenant_data(row.id) == _plus_one_event(with_data)
     assert sandbox.install_state(member_id)["installed"] is True
+
+
+def test_the_old_application_token_stores_nothing_after_a_confirmed_uninstall(
+        sandbox, with_data, live_app, worker):
+    """A wiped tenant takes no more events: the token an employee kept is dropped with it."""
+    member_id = with_data["member_id"]
+    assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
+    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    left = _tenant_data(row.id)
+    with live_app.http() as http:
+        resp = http.post("/b24/events", content=_event(with_data, "ONCRMDEALUPDATE", {"ID": "7"}),
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 401, resp.text
+    assert _tenant_data(row.id) == left
+    row = portal_row(member_id)
+    assert row.application_token is None and row.application_token_hash is None
