@@ -238,6 +238,10 @@ def dispatch_settings() -> dict[str, Any]:
         "UNINSTALL_RECHECK_MAX_HOURS": env_float("UNINSTALL_RECHECK_MAX_HOURS", 24.0),
         "UNINSTALL_RECHECK_DAYS": env_float("UNINSTALL_RECHECK_DAYS", 30.0),
         "UNINSTALL_RECHECK_INTERVAL": env_float("UNINSTALL_RECHECK_INTERVAL", 300.0),  # seconds
+        # ONAPPUPDATE re-runs a portal's whole setup at most once per this many seconds (an
+        # employee holding the application_token can send it at will); the rest are skipped
+        # (app/installation/events.py). An admin's update bringing a new chain always runs.
+        "SETUP_RERUN_INTERVAL": env_float("SETUP_RERUN_INTERVAL", 600.0),
     }
 
 

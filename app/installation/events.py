@@ -26,9 +26,11 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from flask import current_app
+
 from app.bitrix import errors
 from app.dispatcher import direct
-from app.extensions import db
+from app.extensions import db, redis_ext
 from app.installation import install, lapsed, upkeep
 from app.installation.plan import int_or_none
 from app.installation.verify import (
@@ -142,14 +144,39 @@ def on_app_update(portal: Portal | None, event: dict[str, Any]) -> None:
     auth = _auth(event)
     token = str(auth.get("application_token") or "")
     new_token = bool(token) and not application_token_matches(portal, token)
-    if new_token or auth.get("refresh_token"):
+    adopted = new_token or bool(auth.get("refresh_token"))
+    if adopted:
         info = _verified(event)
         if info is None or not _from_admin(event, info):
             return
         install.record_application_token(portal, token)
         _store_chain(portal, auth, info)
     ensure_callable(portal)  # a held portal parks the event (held), as a direct call would
+    if not _setup_due(portal) and not adopted:
+        log.info("ONAPPUPDATE for portal %s: setup already re-run in the last %gs; skipped",
+                 portal.member_id, _setup_interval())
+        return
     upkeep.submit_setup(portal)
+
+
+def _setup_interval() -> float:
+    return float(current_app.config["SETUP_RERUN_INTERVAL"])
+
+
+def _setup_due(portal: Portal) -> bool:
+    """Whether the portal's setup may re-run now: at most once per ``SETUP_RERUN_INTERVAL``.
+
+    Any employee holding the application_token (their iframe form carries it) can send
+    ONAPPUPDATE at will, and each would re-read and re-bind the whole portal. The first in
+    an interval takes a Redis key that lives that long; the others are acknowledged and
+    skipped (the setup is idempotent: one run in the interval did what they would do).
+    An administrator's update that brought a new token or chain always runs.
+    """
+    interval = _setup_interval()
+    if interval <= 0:
+        return True
+    key = f"b24relay:setup-rerun:{portal.id}"
+    return bool(redis_ext.client.set(key, "1", nx=True, px=int(interval * 1000)))
 
 
 def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ process it, and checks that Bitrix24 (the sandbox) was asked before anything cha
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
@@ -23,11 +24,13 @@ from app.dispatcher import direct
 from app.extensions import db
 from app.ingress.auth import issue_api_key
 from app.ingress.models import InboxEvent, PortalApiKey
+from app.installation import plan
 from app.tenants.models import PortalSettings
 from app.tenants.status import PortalUnavailable
 from app.tenants.users import PortalUser
 from tests.conftest import StubHandler, wait_for
 from tests.install.conftest import iframe_form, portal_count, portal_row
+from tests.install.test_events import engines_listening
 
 PBX_START = {"call_id": "pbx-lifecycle-1", "event": "start", "at": "2026-11-22T16:40:00+03:00",
              "direction": "in", "phone": "+74951234567", "extensions": ["101"]}
@@ -364,3 +367,51 @@ def test_the_old_application_token_stores_nothing_after_a_confirmed_uninstall(
     assert _tenant_data(row.id) == left
     row = portal_row(member_id)
     assert row.application_token is None and row.application_token_hash is None
+
+
+# ---------------------------------------------------------------- ONAPPUPDATE at will
+
+
+@pytest.fixture
+def setup_worker(start_worker, live_app, redis_client):
+    """A worker re-running a portal's setup at most once per 8 s, its engine listening."""
+    started = start_worker(threads=2, SETUP_RERUN_INTERVAL="8", **live_app.worker_env())
+    wait_for(lambda: engines_listening(redis_client), timeout=30)
+    return started
+
+
+def _bound(sandbox, member_id: str) -> set[str]:
+    return {b["event"] for b in sandbox.bindings(member_id)["events"]}
+
+
+def _updates_done(count: int) -> bool:
+    db.session.remove()
+    return int(db.session.scalar(select(func.count(InboxEvent.id)).where(
+        InboxEvent.event_type == "ONAPPUPDATE", InboxEvent.status == "done")) or 0) >= count
+
+
+def test_onappupdate_with_only_the_application_token_reruns_setup_once_per_interval(
+        sandbox, installed, live_app, setup_worker):
+    """An employee repeating ONAPPUPDATE gets the whole setup re-run once per interval only."""
+    member_id = installed["member_id"]
+    missing = {"event": "ONEXTERNALCALLSTART", "handler": plan.event_handler_url(member_id)}
+    update = {"VERSION": "2", "PREVIOUS_VERSION": "1", "LANGUAGE_ID": "en"}
+    direct.call_method(portal_row(member_id), "event.unbind", missing)
+    _post(live_app, _event(installed, "ONAPPUPDATE", update))
+    started = time.monotonic()
+    wait_for(lambda: "ONEXTERNALCALLSTART" in _bound(sandbox, member_id), timeout=30)
+    took = time.monotonic() - started
+
+    # Within the interval: acknowledged, handled, and the setup is not run again.
+    direct.call_method(portal_row(member_id), "event.unbind", missing)
+    for n in range(2, 6):
+        _post(live_app, _event(installed, "ONAPPUPDATE", {**update, "n": str(n)}))
+    wait_for(lambda: _updates_done(5), timeout=30)
+    time.sleep(max(2.0, 2 * took))  # what the first re-run took, twice over
+    assert "ONEXTERNALCALLSTART" not in _bound(sandbox, member_id)
+    assert setup_worker.output().count("setup already re-run") == 4
+
+    # After the interval the next one runs it again.
+    time.sleep(max(0.0, 8.5 - (time.monotonic() - started)))
+    _post(live_app, _event(installed, "ONAPPUPDATE", {**update, "n": "6"}))
+    wait_for(lambda: "ONEXTERNALCALLSTART" in _bound(sandbox, member_id), timeout=30)
