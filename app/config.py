@@ -238,6 +238,17 @@ def dispatch_settings() -> dict[str, Any]:
         # minutes after it was (last found) blocked, and resumes when it answers
         # (app/installation/blocked.py); 0: never probed, an operator resumes it.
         "OVERLOAD_PROBE_MINUTES": env_float("OVERLOAD_PROBE_MINUTES", 15.0),
+        # A held (e.g. payment_required) portal's ONAPPUNINSTALL that app.info does not confirm
+        # yet is asked about again after this many hours, doubling up to the max, and no more
+        # this many days after the event (app/installation/lapsed.py).
+        "UNINSTALL_RECHECK_HOURS": env_float("UNINSTALL_RECHECK_HOURS", 1.0),
+        "UNINSTALL_RECHECK_MAX_HOURS": env_float("UNINSTALL_RECHECK_MAX_HOURS", 24.0),
+        "UNINSTALL_RECHECK_DAYS": env_float("UNINSTALL_RECHECK_DAYS", 30.0),
+        "UNINSTALL_RECHECK_INTERVAL": env_float("UNINSTALL_RECHECK_INTERVAL", 300.0),  # seconds
+        # ONAPPUPDATE re-runs a portal's whole setup at most once per this many seconds (an
+        # employee holding the application_token can send it at will); the rest are skipped
+        # (app/installation/events.py). An admin's update bringing a new chain always runs.
+        "SETUP_RERUN_INTERVAL": env_float("SETUP_RERUN_INTERVAL", 600.0),
     }
 
 

@@ -13,7 +13,7 @@ from flask import Flask
 
 from app.dispatcher import results, retention, sweep
 from app.extensions import db
-from app.installation import blocked
+from app.installation import blocked, lapsed
 from app.tenants.models import Portal
 from workers.scheduler import periodic
 
@@ -88,3 +88,15 @@ def probe_blocked_portal(portal_id: int) -> None:
     portal = db.session.get(Portal, portal_id)
     if portal is not None:
         blocked.probe(portal)
+
+
+@periodic("UNINSTALL_RECHECK_INTERVAL")
+@dramatiq.actor(queue_name="default", max_retries=0)
+def recheck_lapsed_uninstalls() -> None:
+    """Ask again about each held portal's unconfirmed uninstall that is due (its backoff over)."""
+    for portal_id in lapsed.due():
+        try:
+            lapsed.recheck(portal_id)
+        except Exception as exc:  # noqa: BLE001 - the others are still asked; this one next time
+            db.session.rollback()
+            log.warning("portal %s: uninstall recheck failed: %r", portal_id, exc)

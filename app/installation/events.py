@@ -26,10 +26,12 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from flask import current_app
+
 from app.bitrix import errors
 from app.dispatcher import direct
-from app.extensions import db
-from app.installation import install, upkeep
+from app.extensions import db, redis_ext
+from app.installation import install, lapsed, upkeep
 from app.installation.plan import int_or_none
 from app.installation.verify import (
     InstallError,
@@ -142,14 +144,39 @@ def on_app_update(portal: Portal | None, event: dict[str, Any]) -> None:
     auth = _auth(event)
     token = str(auth.get("application_token") or "")
     new_token = bool(token) and not application_token_matches(portal, token)
-    if new_token or auth.get("refresh_token"):
+    adopted = new_token or bool(auth.get("refresh_token"))
+    if adopted:
         info = _verified(event)
         if info is None or not _from_admin(event, info):
             return
         install.record_application_token(portal, token)
         _store_chain(portal, auth, info)
     ensure_callable(portal)  # a held portal parks the event (held), as a direct call would
+    if not _setup_due(portal) and not adopted:
+        log.info("ONAPPUPDATE for portal %s: setup already re-run in the last %gs; skipped",
+                 portal.member_id, _setup_interval())
+        return
     upkeep.submit_setup(portal)
+
+
+def _setup_interval() -> float:
+    return float(current_app.config["SETUP_RERUN_INTERVAL"])
+
+
+def _setup_due(portal: Portal) -> bool:
+    """Whether the portal's setup may re-run now: at most once per ``SETUP_RERUN_INTERVAL``.
+
+    Any employee holding the application_token (their iframe form carries it) can send
+    ONAPPUPDATE at will, and each would re-read and re-bind the whole portal. The first in
+    an interval takes a Redis key that lives that long; the others are acknowledged and
+    skipped (the setup is idempotent: one run in the interval did what they would do).
+    An administrator's update that brought a new token or chain always runs.
+    """
+    interval = _setup_interval()
+    if interval <= 0:
+        return True
+    key = f"b24relay:setup-rerun:{portal.id}"
+    return bool(redis_ext.client.set(key, "1", nx=True, px=int(interval * 1000)))
 
 
 def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
@@ -161,6 +188,9 @@ def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
     if portal is None:
         return
     clean = str(_data(event).get("CLEAN") or "0").strip() in {"1", "Y", "true"}
+    if _held_but_askable(portal):
+        _ask_held(portal, clean)
+        return
     evidence = uninstall_confirmed(portal)
     if evidence is None:
         log.warning("ONAPPUNINSTALL (CLEAN=%s) for portal %s ignored: Bitrix24 did not confirm "
@@ -169,6 +199,27 @@ def on_app_uninstall(portal: Portal | None, event: dict[str, Any]) -> None:
     log.info("portal %s: uninstall confirmed by Bitrix24 (%s)%s", portal.member_id, evidence,
              "; deleting its data" if clean else "")
     install.uninstall(portal, clean)  # committed by inbox processing with the row's outcome
+
+
+def _held_but_askable(portal: Portal) -> bool:
+    """A held portal (payment_required and the like) with a stored token to ask app.info with."""
+    return (portal.status != PortalStatus.UNINSTALLED.value and is_held(portal.status)
+            and bool(portal.access_token))
+
+
+def _ask_held(portal: Portal, clean: bool) -> None:
+    """A held portal's uninstall: confirmed now by ``NOT_INSTALLED``, else asked again later."""
+    verdict, said = lapsed.ask(portal)
+    if verdict == lapsed.CONFIRMED:
+        log.info("portal %s (%s): uninstall confirmed by Bitrix24 (%s)%s", portal.member_id,
+                 portal.status, said, "; deleting its data" if clean else "")
+        lapsed.forget(portal.id)
+        install.uninstall(portal, clean)  # committed by inbox processing with the row's outcome
+        return
+    lapsed.schedule(portal, clean)
+    log.warning("ONAPPUNINSTALL (CLEAN=%s) for portal %s (%s) not confirmed yet (%s): asked "
+                "again later; nothing was changed", int(clean), portal.member_id,
+                portal.status, said)
 
 
 def uninstall_confirmed(portal: Portal) -> str | None:
@@ -181,10 +232,10 @@ def uninstall_confirmed(portal: Portal) -> str | None:
     expired, a refresh of the stored chain answered ``NOT_INSTALLED``. A bare
     ``invalid_grant`` proves nothing (a lost chain looks the same).
 
-    A portal whose chain is already dead (``auth_failed``, ``access_denied``,
-    ``payment_required``, ``portal_deleted``, ``disabled``, or no stored chain, e.g.
-    after an earlier confirmed uninstall) cannot be asked: None, and the caller leaves
-    it unchanged; a real uninstall then shows on the next reinstall or call. The
+    A held portal with a stored token is asked by :mod:`app.installation.lapsed` instead
+    (``app.info`` only, again later until a bound). One with no stored chain (e.g. after
+    an earlier confirmed uninstall) cannot be asked: None, and the caller leaves it
+    unchanged; a real uninstall then shows on the next reinstall or call. The
     portal not answering raises a transient error (the event is retried), never a
     confirmation.
     """

@@ -123,10 +123,16 @@ def record_application_token(portal: Portal, token: str) -> bool:
 
 
 def uninstall(portal: Portal, clean: bool) -> None:
-    """Mark the portal uninstalled and drop its tokens; ``clean`` deletes its data too."""
+    """Mark the portal uninstalled and drop its tokens; ``clean`` deletes its data too.
+
+    The application_token goes too (its keyed hash with it, app/ingress/token_hash.py): the
+    copy an employee kept from an iframe form would otherwise still store events for the
+    uninstalled (or wiped) tenant. A reinstall's verified ONAPPINSTALL brings the new one.
+    """
     portal.access_token = None
     portal.refresh_token = None
     portal.expires_at = None
+    portal.application_token = None
     _set_status(portal, PortalStatus.UNINSTALLED)
     if clean:
         delete_portal_data(portal)

@@ -163,11 +163,24 @@ def _as_url(entry: str) -> tuple[str, str]:
 
 def trusted_auth_servers() -> set[str]:
     """Auth-server hosts whose ``app.info`` answer we believe (``B24_AUTH_SERVERS``)."""
-    hosts = {_as_url(entry)[1] for entry in _auth_server_entries()}
+    return set(_trusted_schemes())
+
+
+def _trusted_schemes() -> dict[str, set[str]]:
+    """Each trusted auth-server host and the schemes it may be reached by.
+
+    https always; plain http only where the entry itself says ``http://`` (the sandbox):
+    a bare host, or an https entry, is never asked over http.
+    """
+    schemes: dict[str, set[str]] = {}
+    entries = [_as_url(entry) for entry in _auth_server_entries()]
     override = setting("B24_OAUTH_TOKEN_URL")
     if override:
-        hosts.add(urlsplit(override).netloc.lower())
-    return hosts
+        parts = urlsplit(override)
+        entries.append((parts.scheme.lower(), parts.netloc.lower()))
+    for scheme, host in entries:
+        schemes.setdefault(host, {"https"}).add(scheme)
+    return schemes
 
 
 def default_auth_server() -> str:
@@ -197,9 +210,7 @@ def oauth_client() -> OAuthClient:
 def verify_token(server_endpoint: str, access_token: str, member_id: str,
                  domain: str | None = None) -> dict[str, Any]:
     """Ask the auth server whose token this is; return its ``app.info`` result or raise."""
-    host = urlsplit(server_endpoint).netloc.lower()
-    if host not in trusted_auth_servers():
-        raise TokenRejected(f"{host} is not a Bitrix24 authorization server this app trusts", 403)
+    _check_auth_server(server_endpoint)
     try:
         info = oauth_client().app_info(server_endpoint, access_token)
     except ApiError as exc:
@@ -210,6 +221,24 @@ def verify_token(server_endpoint: str, access_token: str, member_id: str,
                            502) from exc
     _check_app_info(info, member_id, domain)
     return info
+
+
+def _check_auth_server(server_endpoint: str) -> None:
+    """Refuse an auth server we do not trust, or a trusted one at another scheme or path.
+
+    Only the host was matched once: ``http://oauth.bitrix.info/anything`` was then asked
+    in the clear, where anyone on the path could answer ``app.info`` for it.
+    """
+    parts = urlsplit(server_endpoint)
+    host = parts.netloc.lower()
+    schemes = _trusted_schemes().get(host)
+    if schemes is None:
+        raise TokenRejected(f"{host} is not a Bitrix24 authorization server this app trusts", 403)
+    if parts.scheme.lower() not in schemes:
+        raise TokenRejected(f"the authorization server {host} is asked over https only", 403)
+    if parts.path != "/rest/" or parts.query or parts.fragment:
+        raise TokenRejected(f"the authorization server's address must be {parts.scheme}://"
+                            f"{host}/rest/", 403)
 
 
 def _check_app_info(info: Mapping[str, Any], member_id: str, domain: str | None) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import secrets
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from flask import (
     Blueprint,
@@ -22,11 +23,11 @@ from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
 from app.extensions import db
-from app.framing import frameable, framed_by
+from app.framing import frameable, framed_by, valid_host
 from app.installation import install
 from app.installation.chains import connect_with_code
 from app.installation.plan import EVENTS, PLACEMENTS
-from app.installation.verify import InstallError, parse_iframe, setting
+from app.installation.verify import InstallError, default_auth_server, parse_iframe, setting
 from app.tenants.models import Portal
 
 log = logging.getLogger(__name__)
@@ -101,35 +102,57 @@ def _serializer() -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt=STATE_SALT)
 
 
-def _portal_for_start() -> Portal | None:
+def _domain_digest(domain: str) -> str:
+    """A keyed digest of a portal's domain: the state binds it without naming it."""
+    key = str(current_app.config["SECRET_KEY"]).encode()
+    return hmac.new(key, f"{STATE_SALT}:{domain.lower()}".encode(), hashlib.sha256).hexdigest()
+
+
+def _start_domain() -> str:
+    """The domain to send the user to: ``domain`` as asked, or a known ``member_id``'s."""
     member_id = (request.args.get("member_id") or "").strip()
     if member_id:
-        return Portal.by_member_id(member_id)
+        portal = Portal.by_member_id(member_id)
+        if portal is None:
+            abort(page("Unknown portal", "Install b24relay from the Bitrix24 Market first.",
+                       status=404))
+        return portal.domain
     domain = (request.args.get("domain") or "").strip().lower()
-    if domain:
-        return db.session.scalars(select(Portal).where(Portal.domain == domain)).first()
-    abort(page("Which portal?", "Pass member_id or domain.", status=400))
-    return None
+    if not domain:
+        abort(page("Which portal?", "Pass member_id or domain.", status=400))
+    if not valid_host(domain):
+        abort(page("Which portal?", "domain is not a host name.", status=400))
+    return domain
 
 
 @bp.get("/oauth/start")
 def oauth_start() -> BaseResponse:  # flask.redirect is typed as werkzeug's Response
-    """Send the user to the portal's authorize page with a signed, short-lived state."""
-    portal = _portal_for_start()
-    if portal is None:
-        return page("Unknown portal", "Install b24relay from the Bitrix24 Market first.",
-                    status=404)
+    """Send the user to the portal's authorize page with a signed, short-lived, opaque state.
+
+    A ``domain`` is not looked up: a customer's and a stranger's domain get the same
+    redirect (the portal itself says whether the app is installed there), so this page
+    lists no customers. The state names no member_id; the callback finds the portal.
+    """
+    domain = _start_domain()
     nonce = secrets.token_urlsafe(16)
-    state = _serializer().dumps({"m": portal.member_id, "n": nonce})
+    state = _serializer().dumps({"n": nonce, "d": _domain_digest(domain)})
     query = urlencode({"client_id": setting("B24_CLIENT_ID") or "", "state": state})
-    response = redirect(f"{portal.origin}/oauth/authorize/?{query}")
+    # One scheme for every domain (the trusted auth server's): a per-portal scheme would
+    # tell a customer (its stored address) from a stranger.
+    scheme = urlsplit(default_auth_server()).scheme
+    response = redirect(f"{scheme}://{domain}/oauth/authorize/?{query}")
     response.set_cookie(STATE_COOKIE, nonce, max_age=STATE_TTL_SECONDS, httponly=True,
                         samesite="Lax", secure=request.is_secure)
     return response
 
 
-def _state_member() -> str:
-    """The member_id the signed state was issued for; aborts on a bad or stale state."""
+def _state_portal() -> Portal | None:
+    """The portal the callback names, if the signed state was issued for it in this browser.
+
+    Aborts on a bad, stale or foreign state. The portal comes from the callback's
+    ``member_id`` (else its ``domain``), and must have the domain the state was issued
+    for; the code's own member_id is checked against it when the code is exchanged.
+    """
     try:
         state = _serializer().loads(request.args.get("state", ""), max_age=STATE_TTL_SECONDS)
     except SignatureExpired:
@@ -139,12 +162,17 @@ def _state_member() -> str:
     nonce = request.cookies.get(STATE_COOKIE, "")
     if not nonce or not hmac.compare_digest(nonce, str(state.get("n", ""))):
         abort(page("Invalid sign-in state", "This browser did not start the sign-in.", status=400))
-    member_id = str(state.get("m", ""))
-    posted = request.args.get("member_id")
-    if posted and not hmac.compare_digest(posted, member_id):
-        abort(page("Invalid sign-in state", "The portal answered for another member_id.",
+    member_id = (request.args.get("member_id") or "").strip()
+    domain = (request.args.get("domain") or "").strip().lower()
+    if member_id:
+        portal = Portal.by_member_id(member_id)
+    else:
+        portal = db.session.scalars(select(Portal).where(Portal.domain == domain)).first()
+    if portal is not None and not hmac.compare_digest(_domain_digest(portal.domain),
+                                                      str(state.get("d", ""))):
+        abort(page("Invalid sign-in state", "The portal answered for another portal.",
                    status=400))
-    return member_id
+    return portal
 
 
 @bp.get("/oauth/callback")
@@ -154,8 +182,7 @@ def oauth_callback() -> Response:
         return page("Bitrix24 refused the sign-in", request.args.get("error", ""), status=400)
     if not request.args.get("code"):
         return page("Missing code", "The portal did not send an authorization code.", status=400)
-    member_id = _state_member()
-    portal = Portal.by_member_id(member_id)
+    portal = _state_portal()
     if portal is None:
         return page("Unknown portal", "Install b24relay from the Bitrix24 Market first.",
                     status=404)

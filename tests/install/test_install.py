@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import pytest
@@ -174,6 +174,30 @@ def test_untrusted_auth_server_is_refused(make_portal, live_app):
     assert resp.status_code == 403
     assert "not a Bitrix24 authorization server this app trusts" in resp.text
     assert portal_count() == 0
+
+
+def test_plain_http_to_an_https_configured_auth_server_is_refused(make_portal, live_app):
+    """A trusted host named without a scheme is asked over https only, whatever the POST says."""
+    portal = make_portal()
+    sandbox_host = urlsplit(live_app.app.config["B24_AUTH_SERVERS"]).netloc
+    live_app.app.config["B24_AUTH_SERVERS"] = sandbox_host  # a bare host: https
+    resp = _post_install(live_app, portal, SERVER_ENDPOINT=f"http://{sandbox_host}/rest/")
+    assert resp.status_code == 403, resp.text
+    assert "asked over https only" in resp.text
+    assert portal_count() == 0
+
+
+def test_a_trusted_auth_server_at_another_path_is_refused(make_portal, live_app):
+    """Only the auth server's ``/rest/`` is asked: the host alone is not enough."""
+    portal = make_portal()
+    trusted = live_app.app.config["B24_AUTH_SERVERS"]  # the sandbox's explicit http://
+    for endpoint in (f"{trusted}/anything/", f"{trusted}/rest/#/x", f"{trusted}/rest/x/"):
+        resp = _post_install(live_app, portal, SERVER_ENDPOINT=endpoint)
+        assert resp.status_code == 403, (endpoint, resp.text)
+        assert "address must be" in resp.text
+    assert portal_count() == 0
+    # The explicit http:// entry at its /rest/ still installs (the sandbox, make run).
+    assert _post_install(live_app, portal, SERVER_ENDPOINT=f"{trusted}/rest/").status_code == 200
 
 
 def test_install_page_may_be_framed_by_the_portal_only(make_portal, live_app):

@@ -9,6 +9,7 @@ process it, and checks that Bitrix24 (the sandbox) was asked before anything cha
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
@@ -23,10 +24,13 @@ from app.dispatcher import direct
 from app.extensions import db
 from app.ingress.auth import issue_api_key
 from app.ingress.models import InboxEvent, PortalApiKey
+from app.installation import plan
 from app.tenants.models import PortalSettings
+from app.tenants.status import PortalUnavailable
 from app.tenants.users import PortalUser
 from tests.conftest import StubHandler, wait_for
 from tests.install.conftest import iframe_form, portal_count, portal_row
+from tests.install.test_events import engines_listening
 
 PBX_START = {"call_id": "pbx-lifecycle-1", "event": "start", "at": "2026-11-22T16:40:00+03:00",
              "direction": "in", "phone": "+74951234567", "extensions": ["101"]}
@@ -276,3 +280,138 @@ def test_an_admins_first_contact_survives_a_portal_that_does_not_answer(sandbox,
                    timeout=30)
     assert row.application_token == portal["application_token"]
     assert sandbox.counters(portal["member_id"])["faults_injected"] == 1
+
+
+# ---------------------------------------------------------------- a lapsed portal's uninstall
+
+
+def _lapse(sandbox, member_id: str, renew: bool = True) -> None:
+    """The app's subscription ends, and the app learns it from a call: payment_required.
+
+    ``renew``: the admin then renews it on the portal (Bitrix24 sends no events while it
+    is unpaid) but opens no app page, so the app still holds the portal as payment_required.
+    """
+    sandbox.set_subscription(member_id, False)
+    with pytest.raises(PortalUnavailable):
+        direct.call_method(portal_row(member_id), "app.info")
+    assert portal_row(member_id).status == "payment_required"
+    if renew:
+        sandbox.set_subscription(member_id, True)
+
+
+def test_a_lapsed_portals_real_uninstall_is_confirmed_and_deletes_the_data(sandbox, with_data,
+                                                                         live_app, worker):
+    member_id = with_data["member_id"]
+    _lapse(sandbox, member_id)
+    assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
+    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    assert row.access_token is None and row.refresh_token is None
+    gone = {**dict.fromkeys(with_data["data"], 0), "InboxEvent": 1}
+    wait_for(lambda: _tenant_data(row.id) == gone, timeout=10)
+    assert "uninstall confirmed by Bitrix24" in worker.output()
+
+
+@pytest.fixture
+def rechecking_worker(start_worker, live_app):
+    """A worker whose periodic uninstall recheck runs each second, its backoff 2 s, then 4 s."""
+    return start_worker(threads=2, periodic=True, UNINSTALL_RECHECK_HOURS=str(2 / 3600),
+                        UNINSTALL_RECHECK_INTERVAL="1", **live_app.worker_env())
+
+
+def test_a_lapsed_uninstall_still_answered_payment_required_is_asked_again_later(
+        sandbox, with_data, live_app, rechecking_worker):
+    member_id = with_data["member_id"]
+    _lapse(sandbox, member_id)
+    # Bitrix24 still answers PAYMENT_REQUIRED to the first ask after the uninstall.
+    sandbox.set_fault(member_id, "payment_required", count=1, methods=["app.info"])
+    assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
+    handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    assert handled.status == "done", handled.last_error
+    assert portal_row(member_id).status == "payment_required"  # not yet: asked again later
+    assert "asked again later" in rechecking_worker.output()
+    # Within the backoff the next ask gets NOT_INSTALLED: uninstalled, CLEAN=1 honoured.
+    # The ONAPPUNINSTALL row was finished before: it goes with the rest.
+    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    wait_for(lambda: _tenant_data(row.id) == dict.fromkeys(with_data["data"], 0), timeout=10)
+    assert "uninstall confirmed by Bitrix24 on a later ask" in rechecking_worker.output()
+
+
+def test_a_forged_uninstall_of_a_lapsed_portal_changes_nothing(sandbox, with_data, live_app,
+                                                              rechecking_worker):
+    member_id = with_data["member_id"]
+    _lapse(sandbox, member_id, renew=False)
+    before = sandbox.counters(member_id)["rest_requests"]
+    _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
+    handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    assert handled.status == "done", handled.last_error
+    # Asked now, and again after each backoff (2 s, 4 s): PAYMENT_REQUIRED every time.
+    wait_for(lambda: sandbox.counters(member_id)["rest_requests"] >= before + 3, timeout=30)
+    row = portal_row(member_id)
+    assert row.status == "payment_required"
+    assert row.refresh_token is not None
+    assert _tenant_data(row.id) == _plus_one_event(with_data)
+    assert sandbox.install_state(member_id)["installed"] is True
+
+
+def test_the_old_application_token_stores_nothing_after_a_confirmed_uninstall(
+        sandbox, with_data, live_app, worker):
+    """A wiped tenant takes no more events: the token an employee kept is dropped with it."""
+    member_id = with_data["member_id"]
+    assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
+    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    left = _tenant_data(row.id)
+    with live_app.http() as http:
+        resp = http.post("/b24/events", content=_event(with_data, "ONCRMDEALUPDATE", {"ID": "7"}),
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 401, resp.text
+    assert _tenant_data(row.id) == left
+    row = portal_row(member_id)
+    assert row.application_token is None and row.application_token_hash is None
+
+
+# ---------------------------------------------------------------- ONAPPUPDATE at will
+
+
+@pytest.fixture
+def setup_worker(start_worker, live_app, redis_client):
+    """A worker re-running a portal's setup at most once per 8 s, its engine listening."""
+    started = start_worker(threads=2, SETUP_RERUN_INTERVAL="8", **live_app.worker_env())
+    wait_for(lambda: engines_listening(redis_client), timeout=30)
+    return started
+
+
+def _bound(sandbox, member_id: str) -> set[str]:
+    return {b["event"] for b in sandbox.bindings(member_id)["events"]}
+
+
+def _updates_done(count: int) -> bool:
+    db.session.remove()
+    return int(db.session.scalar(select(func.count(InboxEvent.id)).where(
+        InboxEvent.event_type == "ONAPPUPDATE", InboxEvent.status == "done")) or 0) >= count
+
+
+def test_onappupdate_with_only_the_application_token_reruns_setup_once_per_interval(
+        sandbox, installed, live_app, setup_worker):
+    """An employee repeating ONAPPUPDATE gets the whole setup re-run once per interval only."""
+    member_id = installed["member_id"]
+    missing = {"event": "ONEXTERNALCALLSTART", "handler": plan.event_handler_url(member_id)}
+    update = {"VERSION": "2", "PREVIOUS_VERSION": "1", "LANGUAGE_ID": "en"}
+    direct.call_method(portal_row(member_id), "event.unbind", missing)
+    _post(live_app, _event(installed, "ONAPPUPDATE", update))
+    started = time.monotonic()
+    wait_for(lambda: "ONEXTERNALCALLSTART" in _bound(sandbox, member_id), timeout=30)
+    took = time.monotonic() - started
+
+    # Within the interval: acknowledged, handled, and the setup is not run again.
+    direct.call_method(portal_row(member_id), "event.unbind", missing)
+    for n in range(2, 6):
+        _post(live_app, _event(installed, "ONAPPUPDATE", {**update, "n": str(n)}))
+    wait_for(lambda: _updates_done(5), timeout=30)
+    time.sleep(max(2.0, 2 * took))  # what the first re-run took, twice over
+    assert "ONEXTERNALCALLSTART" not in _bound(sandbox, member_id)
+    assert setup_worker.output().count("setup already re-run") == 4
+
+    # After the interval the next one runs it again.
+    time.sleep(max(0.0, 8.5 - (time.monotonic() - started)))
+    _post(live_app, _event(installed, "ONAPPUPDATE", {**update, "n": "6"}))
+    wait_for(lambda: "ONEXTERNALCALLSTART" in _bound(sandbox, member_id), timeout=30)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+import base64
+import zlib
+from urllib.parse import parse_qs, quote, urlsplit
+
+import httpx
 
 from app.tenants import status as portal_status
 from app.tenants.models import PortalStatus
@@ -89,3 +93,50 @@ def test_a_non_admin_finishing_the_code_flow_changes_nothing(sandbox, installed,
     row = portal_row(member_id)
     assert row.token_version == version
     assert row.refresh_token == old_refresh
+
+
+def _payload(state: str) -> str:
+    """What anyone can read in a state: its itsdangerous payload, decoded."""
+    body = state.lstrip(".").split(".")[0]
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    return (zlib.decompress(raw) if state.startswith(".") else raw).decode()
+
+
+def _shape(resp: httpx.Response, domain: str) -> tuple[int, list[str], str, str, str]:
+    """An answer with the asked domain and the random state/nonce blanked out."""
+    location = urlsplit(resp.headers["Location"])
+    query = parse_qs(location.query)
+    state = query.pop("state")[0]
+    blank = resp.text.replace(domain, "D").replace(quote(state), "S").replace(state, "S")
+    return (resp.status_code, sorted(resp.headers.keys()),
+            f"{location.scheme}://{location.netloc.replace(domain, 'D')}{location.path}?{query}",
+            resp.headers["Set-Cookie"].split(";", 1)[1], blank)
+
+
+def test_start_by_domain_tells_no_customer_from_a_stranger(sandbox, installed, live_app):
+    """An attacker listing customers by domain gets the same answer for both, no member_id."""
+    known = installed["domain"]
+    stranger = "not-a-customer.example"
+    with live_app.http() as http:
+        for_known = http.get("/oauth/start", params={"domain": known})
+        for_stranger = http.get("/oauth/start", params={"domain": stranger})
+    assert for_known.status_code == 302
+    assert _shape(for_known, known) == _shape(for_stranger, stranger)
+    state = parse_qs(urlsplit(for_known.headers["Location"]).query)["state"][0]
+    assert installed["member_id"] not in state
+    assert installed["member_id"] not in _payload(state)
+    assert installed["member_id"] not in for_known.text + str(for_known.headers)
+
+
+def test_callback_for_another_portal_than_started_is_refused(sandbox, installed, make_portal,
+                                                             live_app):
+    """A state issued for one domain does not reconnect another portal."""
+    other = make_portal()
+    sandbox.install_app(other["member_id"], live_app.url)
+    with live_app.http() as http:
+        start = http.get("/oauth/start", params={"domain": installed["domain"]})
+        callback = http.get(start.headers["Location"]).headers["Location"]
+        forged = callback.replace(installed["member_id"], other["member_id"])
+        resp = http.get(forged)
+    assert resp.status_code == 400
+    assert "Invalid sign-in state" in resp.text
