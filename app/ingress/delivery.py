@@ -85,6 +85,8 @@ def stored_if_token_matches(delivery: Delivery) -> inbox.Stored | None:
     is new. None sends the delivery down the checked path (it may still be accepted)."""
     if delivery.token is None or over_limits(delivery) is not None:  # the view says why
         return None
+    if delivery.event_type.strip().upper() in inbox.HANDLER_KEY_IN_KEY:
+        return None  # its key needs the request's handler key: the view has the request
     dedupe_key = inbox.b24_dedupe_key(delivery.event)  # with its tokens, as the view's
     # Stripped on a copy: should this statement not store it, the checked path needs the tokens.
     event = {**delivery.event, "auth": dict(delivery.event["auth"])}

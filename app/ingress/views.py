@@ -112,7 +112,7 @@ def _b24_event(delivery: Delivery) -> inbox.NewEvent:
     verified = not (sender.unverified or sender.provisional)
     if verified and (refused := over_limits(delivery)) is not None:
         raise refused
-    dedupe_key = inbox.b24_dedupe_key(event)
+    dedupe_key = inbox.b24_dedupe_key(event, request.args.get("k"))
     # Checked (or, provisional, sealed to be checked later): no row keeps a token in clear.
     sealed.strip(event, event_type, claim=sender.provisional)
     if sender.unverified:  # anyone can send one: keep it small, and count it

@@ -21,6 +21,7 @@ from app.ingress.inbox.enqueueing import (
     mark_received,
 )
 from app.ingress.inbox.storing import (
+    HANDLER_KEY_IN_KEY,
     NewEvent,
     Stored,
     b24_dedupe_key,
@@ -32,7 +33,8 @@ from app.ingress.inbox.sweeping import SweepPolicy, requeue_stuck, stuck_rows
 
 __all__ = [
     "ACTOR", "ACTOR_GROUP", "ENQUEUE_TIMEOUT_SECONDS", "QUEUE",
-    "DeadLetter", "NewEvent", "Stored", "SweepPolicy", "b24_dedupe_key", "dead_letters",
+    "DeadLetter", "HANDLER_KEY_IN_KEY", "NewEvent", "Stored", "SweepPolicy", "b24_dedupe_key",
+    "dead_letters",
     "depth", "digest", "enqueue", "fast_redis", "init_app", "mark_received", "replay_dead",
     "requeue_stuck", "store", "store_verified", "stuck_rows",
 ]

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection
 from app.extensions import db, retry_if_connection_died
 from app.ingress import metrics
 from app.ingress.models import InboxStatus
+from app.tenants import handler_key
 from app.tenants.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,12 @@ def digest(value: Any) -> str:
 # Lifecycle events whose auth block is what they deliver: the installer's (or updater's)
 # token chain and, on short-form portals, the application_token's only copy.
 AUTH_IN_KEY = frozenset({"ONAPPINSTALL", "ONAPPUPDATE"})
+# ONAPPUNINSTALL carries no tokens of a user to tell copies apart: whether it came through
+# the app's own binding (the handler key, which employees cannot read) is part of its key.
+HANDLER_KEY_IN_KEY = frozenset({"ONAPPUNINSTALL"})
 
 
-def b24_dedupe_key(event: dict[str, Any]) -> str:
+def b24_dedupe_key(event: dict[str, Any], query_key: str | None = None) -> str:
     """What makes two Bitrix24 deliveries the same event: its name, handler, time and data;
     for ONAPPINSTALL and ONAPPUPDATE their auth block too (read before its tokens are
     stripped).
@@ -81,13 +85,19 @@ def b24_dedupe_key(event: dict[str, Any]) -> str:
     posted ahead with other tokens made Bitrix24's real one a duplicate, never processed,
     and a short-form portal never got its application_token. Each copy is now a row of
     its own, judged by its handler's ``app.info`` check; a repeated delivery of the same
-    event (same tokens) is still stored once.
+    event (same tokens) is still stored once. ONAPPUNINSTALL has no such tokens, so whether
+    it came with the portal's handler key (``query_key``, the request's ``k``) is in its
+    key: copies an employee posts ahead cannot make the real one a duplicate.
     """
     parts = [event.get("event"), event.get("event_handler_id"), event.get("ts"),
              event.get("data")]
     name = event.get("event")
     if isinstance(name, str) and name.strip().upper() in AUTH_IN_KEY:
         parts.append(event.get("auth"))
+    if isinstance(name, str) and name.strip().upper() in HANDLER_KEY_IN_KEY:
+        auth = event.get("auth")
+        member_id = str(auth.get("member_id") or "") if isinstance(auth, dict) else ""
+        parts.append(["keyed", handler_key.matches(member_id, query_key)])
     return digest(parts)
 
 
