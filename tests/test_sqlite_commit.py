@@ -72,3 +72,55 @@ def test_a_read_only_transaction_flushes_nothing(sqlite_app, monkeypatch):
     with db.engine.begin() as conn:
         conn.exec_driver_sql("SELECT count(*) FROM t").scalar()
     assert calls == []
+
+
+def _lateness_ms(path: Path, hold: float) -> float:
+    """Another connection holds the write lock for ``hold`` s while intake's autocommit
+    INSERT waits for it: how long after the release the INSERT is done, in ms."""
+    import threading
+    import time
+
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO t VALUES (0)")
+    done: list[float] = []
+
+    def insert() -> None:
+        with db.engine.connect() as conn:
+            auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+            auto.exec_driver_sql("INSERT INTO t VALUES (1)")
+        done.append(time.perf_counter())
+
+    from flask import current_app
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+
+    def in_app() -> None:
+        with app.app_context():
+            insert()
+
+    waiter = threading.Thread(target=in_app)
+    waiter.start()
+    time.sleep(hold)
+    holder.execute("COMMIT")
+    released = time.perf_counter()
+    holder.close()
+    waiter.join(10)
+    assert done, "the INSERT never finished"
+    return (done[0] - released) * 1000
+
+
+@pytest.mark.serial
+def test_an_autocommit_insert_takes_the_write_lock_as_soon_as_it_frees(sqlite_app, tmp_path):
+    # Released 34 ms in: SQLite's busy handler would try again only at 53 ms (its sleeps are
+    # 1, 2, 5, 10, 15, 20 ms), 19 ms late; polling takes it within a millisecond or two.
+    late = sorted(_lateness_ms(tmp_path / "commit.db", 0.034) for _ in range(7))
+    assert late[3] < 8.0, f"an INSERT waited {late[3]:.1f} ms after the lock freed: {late}"
+
+
+def test_a_transaction_keeps_the_busy_handler(sqlite_app):
+    with db.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        conn.rollback()
+        auto = conn.execution_options(isolation_level="AUTOCOMMIT")
+        assert auto.exec_driver_sql("PRAGMA busy_timeout").scalar() == 0  # polled instead

@@ -39,11 +39,11 @@ import redis.asyncio as aioredis
 from flask import Flask
 
 from app.bitrix import AsyncRestClient
-from app.dispatcher import nudge, store
+from app.dispatcher import lease, nudge, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket, scaled_plans
 from app.dispatcher.credentials import CredentialStore
 from app.dispatcher.flight import GroupWriter
-from app.dispatcher.lease import OWNER_PREFIX, RELEASE, RENEW
+from app.dispatcher.lease import RELEASE, RENEW
 from app.dispatcher.ledger import LIMIT, AsyncOperatingLedger
 from app.dispatcher.scheduling import Driver
 from app.extensions import db
@@ -247,7 +247,7 @@ class Engine:
             return
         self._claiming.add(portal_id)
         try:
-            owned = await self.redis.set(OWNER_PREFIX + str(portal_id), self.owner, nx=True,
+            owned = await self.redis.set(lease.key(portal_id), self.owner, nx=True,
                                          px=int(self.settings.owner_ttl * 1000))
         except aioredis.RedisError as exc:
             log.warning("cannot claim portal %s: %s", portal_id, exc)
@@ -274,7 +274,7 @@ class Engine:
             self._wake_later(driver.portal_id, driver.resume_at)
         self._claiming.add(driver.portal_id)  # a nudge meanwhile waits for the release
         try:
-            await self.redis.eval(RELEASE, 1, OWNER_PREFIX + str(driver.portal_id), self.owner)
+            await self.redis.eval(RELEASE, 1, lease.key(driver.portal_id), self.owner)
         except aioredis.RedisError as exc:
             log.warning("portal %s not released (its lease expires): %s", driver.portal_id, exc)
         finally:
@@ -315,7 +315,7 @@ class Engine:
             if not ids:
                 continue
             try:
-                keys = [OWNER_PREFIX + str(i) for i in ids]
+                keys = [lease.key(i) for i in ids]
                 lost = await self.redis.eval(RENEW, len(ids), *keys,
                                              self.owner, int(self.settings.owner_ttl * 1000))
             except aioredis.RedisError as exc:

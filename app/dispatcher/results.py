@@ -38,6 +38,7 @@ from sqlalchemy import CursorResult, select, update
 from app import queue
 from app.dispatcher.models import CommandStatus, OutboxCommand
 from app.extensions import db
+from app.registry import Registry
 from app.tenants.models import aware, utcnow
 
 log = logging.getLogger(__name__)
@@ -81,11 +82,7 @@ class Outcome:
 
 
 Handler = Callable[[Outcome], Any]
-_handlers: dict[str, Handler] = {}
-
-
-class DuplicateHandler(RuntimeError):
-    """Two functions claim the same tag; the second registration is refused."""
+_handlers: Registry[str, Handler] = Registry()
 
 
 class NotYet(Exception):  # noqa: N818 - an instruction to settle later, not a failure kind
@@ -96,14 +93,7 @@ class NotYet(Exception):  # noqa: N818 - an instruction to settle later, not a f
 def outcome_handler(tag: str) -> Callable[[Handler], Handler]:
     """Register the decorated function as the handler of commands submitted with ``tag``."""
 
-    def register(fn: Handler) -> Handler:
-        existing = _handlers.get(tag)
-        if existing is not None and existing is not fn:
-            raise DuplicateHandler(f"{tag!r} already handled by {existing.__qualname__}")
-        _handlers[tag] = fn
-        return fn
-
-    return register
+    return lambda fn: _handlers.add(tag, fn)
 
 
 def register_outcome_handlers(handlers: Mapping[str, Handler]) -> None:

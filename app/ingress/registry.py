@@ -16,27 +16,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from app.registry import DuplicateHandler, Registry
+
+__all__ = ["DuplicateHandler", "Handler", "handler_for", "on", "register", "registered"]
+
 Handler = Callable[[Any, dict[str, Any]], Any]
 
-_handlers: dict[tuple[str, str], Handler] = {}
-
-
-class DuplicateHandler(RuntimeError):
-    """Two functions claim the same event; the second registration is refused."""
+_handlers: Registry[tuple[str, str], Handler] = Registry()
 
 
 def on(event_type: str, source: str = "b24") -> Callable[[Handler], Handler]:
     """Register the decorated function as the handler of ``event_type`` from ``source``."""
     key = (source, event_type.upper())
-
-    def register(fn: Handler) -> Handler:
-        existing = _handlers.get(key)
-        if existing is not None and existing is not fn:
-            raise DuplicateHandler(f"{key} already handled by {existing.__qualname__}")
-        _handlers[key] = fn
-        return fn
-
-    return register
+    return lambda fn: _handlers.add(key, fn)
 
 
 def register(handlers: Mapping[str, Handler], source: str = "b24") -> None:

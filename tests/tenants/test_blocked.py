@@ -10,9 +10,8 @@ from typing import Any
 from prometheus_client import REGISTRY
 from sqlalchemy import update
 
-from app.dispatcher import submit, sweep
+from app.dispatcher import lease, submit, sweep
 from app.dispatcher.bucket import RateBucket, scaled_plans
-from app.dispatcher.lease import OWNER_PREFIX
 from app.extensions import db, redis_ext
 from app.installation import blocked
 from app.tenants.models import Portal, PortalStatus, aware, utcnow
@@ -52,7 +51,7 @@ def _blocked_with_backlog(make_portal: Any, sandbox: Any, start_engine: Any  # n
     wait_for(lambda: reload_portal(info["member_id"]).status == PortalStatus.BLOCKED.value)
     # The driver that met the block gives the portal up a moment later (on a loaded machine,
     # later still); a probe before that finds the lease taken and skips, as it should.
-    owner = OWNER_PREFIX + str(portal.id)
+    owner = lease.key(portal.id)
     wait_for(lambda: portal.id not in engine.drivers and not redis_ext.client.exists(owner))
     return portal, engine, ids
 
