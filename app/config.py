@@ -274,6 +274,22 @@ def telephony_settings() -> dict[str, Any]:
         "TELEPHONY_ANONYMOUS_CALLS": env_str("TELEPHONY_ANONYMOUS_CALLS", "skip"),
         "TELEPHONY_ANONYMOUS_NUMBER": env_str("TELEPHONY_ANONYMOUS_NUMBER", ""),
         "TELEPHONY_INTERNAL_CALLS": env_str("TELEPHONY_INTERNAL_CALLS", "skip"),
+        # Click-to-call (app/telephony/click.py): an originate is tried for this many
+        # seconds after the click (a click older than that is no use to the clicker), each
+        # try waiting at most TELEPHONY_ORIGINATE_TIMEOUT for the PBX's answer.
+        "TELEPHONY_ORIGINATE_DEADLINE": env_float("TELEPHONY_ORIGINATE_DEADLINE", 30.0),
+        "TELEPHONY_ORIGINATE_TIMEOUT": env_float("TELEPHONY_ORIGINATE_TIMEOUT", 5.0),
+        # A PBX that took an originate reports the call (a start with origin_id) within
+        # this many seconds, else the click's call is finished as failed (480).
+        "TELEPHONY_ORIGINATE_REPORT_TIMEOUT": env_float("TELEPHONY_ORIGINATE_REPORT_TIMEOUT",
+                                                        60.0),
+        # A start without origin_id joins a click's call when it is outgoing, from the
+        # clicker's extension, to the clicked number, within this many seconds of the
+        # originate being taken.
+        "TELEPHONY_ORIGINATE_JOIN_WINDOW": env_float("TELEPHONY_ORIGINATE_JOIN_WINDOW", 10.0),
+        # How often the sweep finishes clicks the PBX never reported.
+        "TELEPHONY_ORIGINATE_SWEEP_INTERVAL": env_float("TELEPHONY_ORIGINATE_SWEEP_INTERVAL",
+                                                        15.0),
     }
 
 

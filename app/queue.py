@@ -8,11 +8,14 @@ actor modules in ``workers/`` (imports point inward). The broker is Redis
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from flask import Flask, current_app
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 
 def build_broker(config: dict[str, Any]) -> dramatiq.Broker:
@@ -42,3 +45,27 @@ def enqueue(actor_name: str, *args: Any, queue_name: str = "default",
     message: dramatiq.Message[Any] = dramatiq.Message(
         queue_name=queue_name, actor_name=actor_name, args=args, kwargs={}, options=options)
     return broker().enqueue(message, delay=delay_ms)
+
+
+_AFTER_COMMIT = "b24relay.enqueue_after_commit"
+
+
+def enqueue_after_commit(session: Session, actor_name: str, *args: Any,
+                         queue_name: str = "default") -> None:
+    """Send the message once ``session``'s transaction commits (never on a rollback), so
+    that the actor finds the rows the transaction wrote."""
+    session.info.setdefault(_AFTER_COMMIT, []).append((actor_name, args, queue_name))
+
+
+@event.listens_for(Session, "after_commit")
+def _send_after_commit(session: Session) -> None:
+    for actor_name, args, queue_name in session.info.pop(_AFTER_COMMIT, ()):
+        try:
+            enqueue(actor_name, *args, queue_name=queue_name)
+        except Exception:  # noqa: BLE001 - committed; the actor's sweeper picks the row up
+            logging.getLogger(__name__).exception("could not enqueue %s%r", actor_name, args)
+
+
+@event.listens_for(Session, "after_rollback")
+def _forget_after_rollback(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)

@@ -33,8 +33,11 @@ EVENTS = ("ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPUPDATE", "ONEXTERNALCALLSTART"
           "ONEXTERNALCALLBACKSTART", "ONUSERADD")
 # Lifecycle events stay online in the offline mode: ONAPPINSTALL brings the application
 # token (and is only sent online), ONAPPUNINSTALL must reach us while the tokens still
-# exist, and ONAPPUPDATE re-runs this setup.
-ALWAYS_ONLINE = frozenset({"ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPUPDATE"})
+# exist, and ONAPPUPDATE re-runs this setup. So do the telephony events a person waits on:
+# a click-to-call or a web-form callback read by the offline poll would ring half a minute
+# late (issue 23 point 3).
+ALWAYS_ONLINE = frozenset({"ONAPPINSTALL", "ONAPPUNINSTALL", "ONAPPUPDATE",
+                           "ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART"})
 PLACEMENTS = {
     "TELEPHONY_ANALYTICS_MENU": ("/placements/dashboard", "b24relay: calls"),
     "CALL_CARD": ("/placements/call-card", "b24relay"),

@@ -4,7 +4,9 @@ rings, the call in the CRM when it ends.
 - ``models``: the calls table, one row per PBX call;
 - ``machine``: the pure state machine (a call and one event in, the new call and the
   commands out);
-- ``handlers``: the PBX event handlers and the outcome handlers that run it.
+- ``handlers``: the PBX event handlers and the outcome handlers that run it;
+- ``click``: click-to-call (ONEXTERNALCALLSTART): the signed originate to the PBX, and the
+  PBX's call joined to the click's ``CALL_ID``.
 
 The factory wires it in with :func:`init_app`.
 """
@@ -19,10 +21,13 @@ def init_app(app: Any) -> None:
     ``flask calls``."""
     from app.dispatcher import register_outcome_handlers
     from app.ingress import registry
+    from app.telephony import click
     from app.telephony import models as _models  # noqa: F401 - the calls table, for Alembic
     from app.telephony.cli import calls_cli
     from app.telephony.handlers import HANDLERS, OUTCOME_HANDLERS
 
     registry.register(HANDLERS, source="pbx")
+    registry.register({"ONEXTERNALCALLSTART": click.on_click})
     register_outcome_handlers(OUTCOME_HANDLERS)
+    register_outcome_handlers({click.FINISHED: click.finished})
     app.cli.add_command(calls_cli)

@@ -53,3 +53,52 @@ def show(member_id: str | None, state: str | None, limit: int) -> None:
         click.echo("no calls")
     for call in rows:
         click.echo(describe(call))
+
+
+@calls_cli.command("webhook")
+@click.argument("member_id")
+@click.option("--url", required=True, help="where the PBX takes originate requests (http/https)")
+@click.option("--keep-secret", is_flag=True, help="keep the current signing secret")
+def webhook(member_id: str, url: str, keep_secret: bool) -> None:
+    """Set the portal's PBX webhook for click-to-call; prints a new signing secret once."""
+    from urllib.parse import urlsplit
+
+    from app.telephony.click import new_secret
+    from app.tenants.models import Portal, PortalSettings
+
+    portal = Portal.by_member_id(member_id)
+    if portal is None:
+        raise click.ClickException(f"no portal with member_id {member_id!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise click.ClickException("the webhook URL must be http(s)://host/...")
+    settings = portal.settings or PortalSettings(portal=portal)
+    settings.pbx_webhook_url = url
+    fresh = not (keep_secret and settings.pbx_webhook_secret)
+    if fresh:
+        settings.pbx_webhook_secret = new_secret()
+    db.session.add(settings)
+    db.session.commit()
+    click.echo(f"webhook: {url}")
+    if fresh:
+        click.echo(f"secret (shown once, give it to the PBX): {settings.pbx_webhook_secret}")
+
+
+@calls_cli.command("clicks")
+@click.option("--member-id", help="only this portal's")
+@click.option("--limit", default=50, show_default=True)
+def clicks(member_id: str | None, limit: int) -> None:
+    """The newest click-to-calls: CALL_ID, user, extension, state, tries, and why it failed."""
+    from app.telephony.models import Originate
+
+    query = select(Originate).order_by(Originate.id.desc()).limit(limit)
+    portal_id = portal_id_filter(member_id)
+    if portal_id is not None:
+        query = query.where(Originate.portal_id == portal_id)
+    rows = db.session.scalars(query).all()
+    if not rows:
+        click.echo("no clicks")
+    for row in rows:
+        click.echo(f"{row.id:>8} {row.b24_call_id[:40]:40} user={row.user_id} "
+                   f"ext={row.extension or '-'} {row.state:7} tries={row.attempts}"
+                   + (f" {row.error}" if row.error else ""))

@@ -25,7 +25,7 @@ from sqlalchemy import CursorResult, select, update
 
 from app.dispatcher import Outcome, Priority, ref, submit
 from app.extensions import db
-from app.telephony import machine
+from app.telephony import click, machine
 from app.telephony.models import Call
 from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import ensure_callable
@@ -46,6 +46,8 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
         raise ValueError("a PBX call event without a portal")
     ensure_callable(portal)  # a held portal's events wait, parked as held
     row = _load(portal, str(event["call_id"]))
+    if row.state == machine.State.INCOMPLETE.value and row.b24_call_id is None:
+        row.b24_call_id = click.join(portal, event)  # a click's call: registered already
     after, commands = machine.apply(state_of(row), event, policy_for(portal))
     store(row, after)
     send(row, commands)
@@ -135,6 +137,8 @@ def send(row: Call, commands: list[machine.Command]) -> None:
     """Submit the machine's commands for the call, in order (finish may wait, see above)."""
     for command in commands:
         params = _with_call_id(row, command.params)
+        if command.method == machine.REGISTER and row.b24_call_id is not None:
+            continue  # a click-to-call: Bitrix24 registered it, never again (§8.8)
         if command.method == machine.REGISTER:
             row.register_command_id = submit(
                 row.portal_id, command.method, params, key=_key(row),

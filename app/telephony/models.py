@@ -86,3 +86,44 @@ class Call(Model):
 
     def __repr__(self) -> str:
         return f"<Call {self.portal_id}:{self.pbx_call_id} {self.state}>"
+
+
+class Originate(Model):
+    """One click-to-call's originate request to the PBX (app/telephony/click.py).
+
+    Queries and their indexes: the click's originate in flight, and a PBX ``start``'s
+    ``origin_id``, by (portal, Bitrix24 ``CALL_ID``): ``ix_originates_portal_call``; the
+    sweep of taken originates the PBX never reported, by (state, sent_at):
+    ``ix_originates_state_sent``.
+    """
+
+    __tablename__ = "originates"
+    __table_args__ = (
+        Index("ix_originates_portal_call", "portal_id", "b24_call_id", "id"),
+        Index("ix_originates_state_sent", "state", "sent_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"))
+    b24_call_id: Mapped[str] = mapped_column(String(128))  # the click's CALL_ID
+    user_id: Mapped[int] = mapped_column(Integer)  # who clicked
+    extension: Mapped[str | None] = mapped_column(String(32))  # his phone; None: failed
+    phone: Mapped[str] = mapped_column(String(64))  # PHONE_NUMBER_INTERNATIONAL
+    dtmf: Mapped[str | None] = mapped_column(String(64))  # EXTENSION: dialled after answer
+    line: Mapped[str | None] = mapped_column(String(50))
+    is_mobile: Mapped[bool] = mapped_column(Boolean, default=False)
+    # pending (being tried) | sent (the PBX took it) | joined (its call came) | failed
+    state: Mapped[str] = mapped_column(String(8))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)  # the last failure, in words
+    pbx_call_id: Mapped[str | None] = mapped_column(String(256))  # the PBX call it joined
+    inbox_event_id: Mapped[int | None] = mapped_column(BigId)
+    finish_command_id: Mapped[int | None] = mapped_column(BigId)  # a failed click's finish
+    finish_outcome: Mapped[str | None] = mapped_column(String(8))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                                 onupdate=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<Originate {self.portal_id}:{self.b24_call_id} {self.state}>"

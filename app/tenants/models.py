@@ -124,6 +124,10 @@ class PortalSettings(Model):
     default_user_id: Mapped[int | None] = mapped_column(Integer)
     crm_create: Mapped[bool] = mapped_column(Boolean, default=True)
     max_batches_in_flight: Mapped[int] = mapped_column(Integer, default=4)
+    # Click-to-call: where the PBX takes originate requests, and the secret they are signed
+    # with (app/telephony/click.py; `flask calls webhook`).
+    pbx_webhook_url: Mapped[str | None] = mapped_column(String(1024))
+    pbx_webhook_secret: Mapped[str | None] = mapped_column(EncryptedString(512))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                  onupdate=utcnow)
 

@@ -1,6 +1,6 @@
-"""Click-to-call against the stricter sandbox (issue #11 point 5), as the app stands today (no
-telephony connector yet): the event is stored with every field verbatim, and processing it
-registers nothing (the portal already registered the call).
+"""Click-to-call against the stricter sandbox (issue #11 point 5): the event is stored with
+every field verbatim, and processing it registers nothing (the portal already registered the
+call; tests/telephony/test_click_to_call.py follows the originate to the PBX and back).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def test_click_to_call_is_stored_verbatim_and_never_registered_again(sandbox, in
     [row] = db.session.scalars(select(InboxEvent).where(
         InboxEvent.event_type == "ONEXTERNALCALLSTART")).all()
     assert row.payload["data"] == out["data"]
-    assert process_queued("ONEXTERNALCALLSTART") == ["unhandled"]  # parked until telephony
+    assert process_queued("ONEXTERNALCALLSTART") == ["done"]  # an originate, no register
     assert sandbox.log(member_id, method="telephony.externalcall.register") == []
     counters = sandbox.counters(member_id)
     assert counters["violations"]["register_for_click_to_call"] == 0
