@@ -15,6 +15,7 @@ from sqlalchemy import select
 from app.dispatcher import nudge
 from app.extensions import db
 from app.ingress import auth
+from app.telephony import recording
 from app.telephony.cli import describe
 from app.telephony.models import Call
 from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
@@ -207,3 +208,52 @@ def test_a_failing_download_is_tried_a_bounded_number_of_times(line, sandbox, pb
         assert attaches(sandbox, line["member_id"], external) == []
         assert sandbox.call_history(line["member_id"], external)["calls"][external][
             "finished"] == 1
+
+
+# ---------------------------------------------------------------- the rules, without a worker
+
+
+def _ended(**fields: Any) -> Call:
+    base: dict[str, Any] = {"state": "ended", "end_status": "answered", "collision": False,
+                            "finish_outcome": "done", "record_voicemail": False}
+    base.update(fields)
+    row = Call(**base)
+    recording.keep(row, {"url": "http://10.0.0.5/r.mp3", "voicemail": base["record_voicemail"]})
+    return row
+
+
+@pytest.mark.parametrize(("fields", "state", "error"), [
+    ({"collision": True, "finish_outcome": None,
+      "finish_error": "not finished: collision"}, "skipped", "not attached: the call's CALL_ID"),
+    ({"finish_outcome": "dead", "finish_error": "User is not found or is not active"},
+     "skipped", "not attached: finish failed: User is not found"),
+    ({"finish_outcome": None, "register_error": "Unsupported phone number format"},
+     "skipped", "not attached: register failed: Unsupported phone number format"),
+    ({"state": "skipped", "finish_outcome": None}, "skipped", "not attached: the call was not"),
+    ({"finish_outcome": "unknown"}, "waiting", "waits: finish's outcome is unknown"),
+    ({"state": "answered", "finish_outcome": None, "end_status": None}, "waiting",
+     "waits for the call's finish"),
+    ({"end_status": "busy", "finish_outcome": "done"}, "skipped",
+     "not attached: the call was not answered (busy)"),
+])
+def test_when_a_recording_may_go(app, fields, state, error):
+    row = _ended(**fields)
+    assert (row.record_state, row.record_error[:len(error)]) == (state, error)
+    assert row.record_url == "http://10.0.0.5/r.mp3"
+
+
+@pytest.mark.parametrize(("url", "content_type", "hint", "data", "name"), [
+    ("http://pbx/rec/2026/11/a%20b.MP3", "application/octet-stream", "", SMALL, "a_b.mp3"),
+    ("http://pbx/monitor?id=5", "audio/x-wav; charset=binary", "", LARGE, "monitor.wav"),
+    ("http://pbx/monitor.php?id=5", "application/octet-stream", "call-5.wav", LARGE,
+     "call-5.wav"),
+    ("http://pbx/dl/5", "application/octet-stream", "", LARGE, "5.wav"),  # by its first bytes
+    ("http://pbx/dl/", "", "", b"\xff\xfb\x90\x00" + bytes(10), "pbx-9.mp3"),
+])
+def test_the_file_name_always_ends_in_mp3_or_wav(url, content_type, hint, data, name):
+    assert recording.filename_for(url, content_type, hint, data, "pbx-9") == name
+
+
+def test_other_formats_are_refused_with_the_reason():
+    with pytest.raises(recording.Refused, match="Content-Type audio/ogg, URL path extension ogg"):
+        recording.filename_for("http://pbx/r/x.ogg", "audio/ogg", "", b"OggS", "pbx-9")
