@@ -50,9 +50,9 @@ def _recording(call: Call) -> str:
         return ""
     voicemail = " voicemail" if call.record_voicemail else ""
     note = f"record{voicemail} {call.record_state}"
-    if call.record_state == "attached" and call.record_file_id is not None:
+    if call.record_state == recording.RecordState.ATTACHED and call.record_file_id is not None:
         note += f" (file {call.record_file_id})"
-    if call.record_state == "queued":
+    if call.record_state == recording.RecordState.QUEUED:
         note += f" (try {call.record_attempts + 1} due {recording.due_at(call)})"
     return note + (f": {call.record_error}" if call.record_error else "")
 
