@@ -290,6 +290,21 @@ def telephony_settings() -> dict[str, Any]:
         # How often the sweep finishes clicks the PBX never reported.
         "TELEPHONY_ORIGINATE_SWEEP_INTERVAL": env_float("TELEPHONY_ORIGINATE_SWEEP_INTERVAL",
                                                         15.0),
+        # Recordings (app/telephony/recording.py): the app downloads the PBX's file and
+        # attaches it after a successful finish. A file over MAX_BYTES is refused (the
+        # download stops there); one up to BASE64_MAX bytes goes as attachRecord's base64
+        # FILE_CONTENT through the outbox, a larger one by the two-step upload URL.
+        "TELEPHONY_RECORD_MAX_BYTES": env_int("TELEPHONY_RECORD_MAX_BYTES", 100 * 1024 * 1024),
+        "TELEPHONY_RECORD_BASE64_MAX": env_int("TELEPHONY_RECORD_BASE64_MAX", 1024 * 1024),
+        # Seconds one download from the PBX may take, whole (connect, wait, body).
+        "TELEPHONY_RECORD_TIMEOUT": env_float("TELEPHONY_RECORD_TIMEOUT", 60.0),
+        # Tries of a recording (download, and the upload of a large file) before it is given
+        # up with its reason; the first retry waits RETRY_SECONDS, each next one twice as long.
+        "TELEPHONY_RECORD_ATTEMPTS": env_int("TELEPHONY_RECORD_ATTEMPTS", 5),
+        "TELEPHONY_RECORD_RETRY_SECONDS": env_float("TELEPHONY_RECORD_RETRY_SECONDS", 30.0),
+        # Seconds between sweeps that re-queue recordings whose job was lost (a worker that
+        # stopped mid-download, a message that never got to the broker).
+        "TELEPHONY_RECORD_SWEEP_INTERVAL": env_float("TELEPHONY_RECORD_SWEEP_INTERVAL", 60.0),
     }
 
 
@@ -464,6 +479,11 @@ def _check_telephony(cfg: dict[str, Any]) -> None:
     if cfg["TELEPHONY_ANONYMOUS_CALLS"] == "register" and not cfg["TELEPHONY_ANONYMOUS_NUMBER"]:
         raise ConfigError("TELEPHONY_ANONYMOUS_CALLS=register needs TELEPHONY_ANONYMOUS_NUMBER "
                           "(Bitrix24 refuses a call without a number)")
+    if int(cfg["TELEPHONY_RECORD_ATTEMPTS"]) < 1:
+        raise ConfigError("TELEPHONY_RECORD_ATTEMPTS must be at least 1, got "
+                          f"{cfg['TELEPHONY_RECORD_ATTEMPTS']!r}")
+    if not 0 <= int(cfg["TELEPHONY_RECORD_BASE64_MAX"]) <= int(cfg["TELEPHONY_RECORD_MAX_BYTES"]):
+        raise ConfigError("TELEPHONY_RECORD_BASE64_MAX must be 0..TELEPHONY_RECORD_MAX_BYTES")
     country = str(cfg["TELEPHONY_DEFAULT_COUNTRY"] or "")
     if country and not (len(country) == 2 and country.isalpha()):
         raise ConfigError("TELEPHONY_DEFAULT_COUNTRY must be a two-letter country code "

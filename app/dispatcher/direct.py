@@ -46,7 +46,8 @@ from app.tenants import status as portal_status
 from app.tenants import tokens
 from app.tenants.models import Portal, aware, utcnow
 
-__all__ = ["MAX_MOVES", "call_batch", "call_method", "call_with_token", "init_app"]
+__all__ = ["MAX_MOVES", "call_batch", "call_method", "call_with_token", "init_app", "pace",
+           "send"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -124,6 +125,18 @@ def call_with_token(client_endpoint: str, access_token: str, method: str,
                     params: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One request with a token that is not a stored chain; the whole body, errors raised."""
     return rest_client().call(client_endpoint, method, params, access_token)
+
+
+def send(portal: Portal, request: Callable[[Snapshot], T]) -> T:
+    """Run ``request`` (one or more calls made with the snapshot's token) on this path's
+    ground: valid credentials, a rate token first, each error acted on by its verdict, and
+    the whole of ``request`` run again after a refresh or a move (app/dispatcher/upload.py)."""
+    return _send(portal, request)
+
+
+def pace(portal: Portal) -> None:
+    """Take the portal's rate token, waiting for it: for a second request inside ``send``."""
+    _pace(portal)
 
 
 def _send(portal: Portal, send: Callable[[Snapshot], T]) -> T:

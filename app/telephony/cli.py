@@ -10,6 +10,7 @@ from flask.cli import AppGroup
 from sqlalchemy import select
 
 from app.extensions import db
+from app.telephony import recording
 from app.telephony.machine import State
 from app.telephony.models import Call
 from app.tenants.cli import portal_id_filter
@@ -36,10 +37,24 @@ def describe(call: Call) -> str:
              f"finish {call.finish_outcome}" if call.finish_outcome else "",
              f"finish: {call.finish_error}" if call.finish_error else "",
              f"lead: {call.lead_error}" if call.lead_error else "",
-             f"{len(call.pending)} event(s) wait for the start" if call.pending else ""]
+             f"{len(call.pending)} event(s) wait for the start" if call.pending else "",
+             _recording(call)]
     return (f"{call.id:>8} {call.pbx_call_id[:32]:32} {call.state:10} "
             f"{call.b24_call_id or '-'} owner={call.owner_user_id or '-'} "
             + "; ".join(n for n in notes if n)).rstrip()
+
+
+def _recording(call: Call) -> str:
+    """The recording's state: attached (its file), queued (when), or why it is not."""
+    if call.record_state is None:
+        return ""
+    voicemail = " voicemail" if call.record_voicemail else ""
+    note = f"record{voicemail} {call.record_state}"
+    if call.record_state == recording.RecordState.ATTACHED and call.record_file_id is not None:
+        note += f" (file {call.record_file_id})"
+    if call.record_state == recording.RecordState.QUEUED:
+        note += f" (try {call.record_attempts + 1} due {recording.due_at(call)})"
+    return note + (f": {call.record_error}" if call.record_error else "")
 
 
 @calls_cli.command("show")

@@ -25,7 +25,7 @@ from sqlalchemy import CursorResult, select, update
 
 from app.dispatcher import Outcome, Priority, ref, submit
 from app.extensions import db
-from app.telephony import click, machine
+from app.telephony import click, machine, recording
 from app.telephony.models import Call
 from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import ensure_callable
@@ -51,6 +51,7 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
     after, commands = machine.apply(state_of(row), event, policy_for(portal))
     store(row, after)
     send(row, commands)
+    recording.when_ready(row)  # a waiting recording of a call that will never finish: skipped
 
 
 def policy_for(portal: Portal) -> machine.Policy:
@@ -202,6 +203,7 @@ def registered(outcome: Outcome) -> None:
     elif row.b24_call_id is None:
         _bind(row, outcome.result if isinstance(outcome.result, dict) else {})
     _finish_when_ready(row)
+    recording.when_ready(row)  # a collision or a failed register: no recording
 
 
 def _bind(row: Call, result: Mapping[str, Any]) -> None:
@@ -230,7 +232,25 @@ def finished(outcome: Outcome) -> None:
         return
     row.finish_outcome = outcome.kind.value
     row.finish_error = None if outcome.ok else outcome.reason
+    recording.when_ready(row)  # a recording that waited for this finish goes, or not
 
 
-HANDLERS = {kind: on_call_event for kind in ("start", "answer", "transfer", "end")}
-OUTCOME_HANDLERS = {REGISTERED: registered, FINISHED: finished}
+def on_record(portal: Portal | None, event: dict[str, Any]) -> None:
+    """A ``record`` event: kept on its call until the finish is done (see recording.py)."""
+    if portal is None:
+        raise ValueError("a PBX call event without a portal")
+    ensure_callable(portal)
+    recording.keep(_load(portal, str(event["call_id"])), event)
+
+
+def record_attached(outcome: Outcome) -> None:
+    """attachRecord's outcome (base64 path), kept on the call."""
+    row = _outcome_call(outcome)
+    if row is not None:
+        recording.attached(row, outcome)
+
+
+HANDLERS = {**{kind: on_call_event for kind in ("start", "answer", "transfer", "end")},
+            "record": on_record}
+OUTCOME_HANDLERS = {REGISTERED: registered, FINISHED: finished,
+                    recording.ATTACHED: record_attached}

@@ -6,7 +6,8 @@ Queries and the indexes that serve them:
 - a register's answer checked for a collision, by (portal, Bitrix24 ``CALL_ID``):
   ``ix_calls_portal_b24_call_id``;
 - the outcome handlers load a call by its primary key (they carry ``call.id`` in context);
-- ``flask calls show --state``: the newest calls in a state, ``ix_calls_state_id``.
+- ``flask calls show --state``: the newest calls in a state, ``ix_calls_state_id``;
+- the recordings' sweep, queued jobs that are due: ``ix_calls_record_due``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Call(Model):
         UniqueConstraint("portal_id", "pbx_call_id", name="uq_calls_portal_pbx_call"),
         Index("ix_calls_portal_b24_call_id", "portal_id", "b24_call_id"),
         Index("ix_calls_state_id", "state", "id"),
+        Index("ix_calls_record_due", "record_state", "record_next_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -80,6 +82,17 @@ class Call(Model):
     finish_command_id: Mapped[int | None] = mapped_column(BigId)
     finish_outcome: Mapped[str | None] = mapped_column(String(8))  # done | dead | unknown
     finish_error: Mapped[str | None] = mapped_column(Text)
+    # The PBX's recording (app/telephony/recording.py): its URL and voicemail flag from the
+    # first record event; record_state: waiting (for the finish), queued (a download is due
+    # at record_next_at), working (a worker has it until record_next_at), sent (attachRecord
+    # queued), attached, failed or skipped (record_error says why).
+    record_url: Mapped[str | None] = mapped_column(Text)
+    record_voicemail: Mapped[bool] = mapped_column(Boolean, default=False)
+    record_state: Mapped[str | None] = mapped_column(String(8))
+    record_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    record_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    record_file_id: Mapped[int | None] = mapped_column(BigId)  # attachRecord's FILE_ID
+    record_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                  onupdate=utcnow)

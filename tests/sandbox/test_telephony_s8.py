@@ -350,6 +350,23 @@ def test_upload_url_two_steps_wav_or_mp3_and_a_live_token(sandbox, p8, http):
     assert expired.status_code == 401 and expired.json()["error"] == "expired_token"
 
 
+def test_an_upload_is_the_calls_one_record_in_its_history(sandbox, p8, http):
+    """The answer with the upload URL stores nothing; the POST to it does, and the command
+    log and call history name the call by EXTERNAL_CALL_ID for it (what a test of the app's
+    two-step upload checks)."""
+    cid = _done(http, p8, ext="two-step")
+    up = form(http, p8, ATTACH, CALL_ID=cid, FILENAME="long.wav")["result"]
+    history = sandbox.call_history(p8["member_id"], "two-step")["calls"]["two-step"]
+    assert history["records"] == 0 and finished(sandbox, p8, cid)["RECORD"] is None
+    assert http.post(up["uploadUrl"], files={"file": ("long.wav", b"RIFF" + b"\0" * 64)}
+                     ).json()["result"]["FILE_ID"]
+    [upload] = sandbox.log(p8["member_id"], method="upload")
+    assert (upload["external_call_id"], upload["params"]) == ("two-step", {"FILENAME": "long.wav"})
+    history = sandbox.call_history(p8["member_id"], "two-step")["calls"]["two-step"]
+    assert history["records"] == 1
+    assert finished(sandbox, p8, cid)["RECORD"]["SIZE"] == 68
+
+
 # ---------------------------------------------------------------- §8.3/§8.5 not found, dedup, users
 
 

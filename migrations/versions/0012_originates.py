@@ -3,16 +3,16 @@
 Indexes: (portal_id, b24_call_id, id) finds a click's originate in flight and a PBX start's
 origin_id; (state, sent_at) serves the sweep of originates the PBX never reported.
 
-Revision ID: 0015
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-07 05:10:00.000000
 
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0015'
-down_revision = '0010'
+revision = '0012'
+down_revision = '0011'
 branch_labels = None
 depends_on = None
 
