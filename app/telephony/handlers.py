@@ -51,6 +51,12 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
     send(row, commands)
 
 
+def locked(*where: Any) -> Call | None:
+    """The call's row under its write lock (see :func:`_locked`), for the sweeper and
+    ``flask calls retry``: a PBX event of the same call waits for their commit."""
+    return _locked(*where)
+
+
 def policy_for(portal: Portal) -> machine.Policy:
     """The machine's policy: the portal's extension map and settings, the app's settings."""
     cfg = current_app.config
@@ -108,7 +114,9 @@ def state_of(row: Call) -> machine.Call:
         handler=row.handler_user_id, started_at=aware(row.started_at),
         answered_at=aware(row.answered_at), ended_at=aware(row.ended_at),
         end_status=row.end_status, duration=row.duration, pending=tuple(row.pending or ()),
-        skip_reason=row.skip_reason)
+        skip_reason=row.skip_reason, seen=tuple(row.seen or ()),
+        parked=row.parked_at is not None and bool(row.pending),
+        caller_name=row.caller_name, origin_id=row.origin_id)
 
 
 def store(row: Call, call: machine.Call) -> None:
@@ -124,6 +132,12 @@ def store(row: Call, call: machine.Call) -> None:
     row.end_status, row.duration = call.end_status, call.duration
     row.pending = [dict(e) for e in call.pending]
     row.skip_reason = call.skip_reason
+    row.seen = list(call.seen)
+    if not call.parked:
+        row.parked_at = None  # applied (retry), or never parked
+    elif row.parked_at is None:
+        row.parked_at = utcnow()
+    row.caller_name, row.origin_id = call.caller_name, call.origin_id
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -228,5 +242,6 @@ def finished(outcome: Outcome) -> None:
     row.finish_error = None if outcome.ok else outcome.reason
 
 
-HANDLERS = {kind: on_call_event for kind in ("start", "answer", "transfer", "end")}
+HANDLERS = {kind: on_call_event for kind in ("start", "ring", "ring_end", "answer", "transfer",
+                                             "end")}
 OUTCOME_HANDLERS = {REGISTERED: registered, FINISHED: finished}
