@@ -4,7 +4,9 @@ rings, the call in the CRM when it ends.
 - ``models``: the calls table, one row per PBX call;
 - ``machine``: the pure state machine (a call and one event in, the new call and the
   commands out);
-- ``handlers``: the PBX event handlers and the outcome handlers that run it.
+- ``handlers``: the PBX event handlers and the outcome handlers that run it;
+- ``sweeper``: finishes calls whose end never came, parks events whose start never came
+  (run periodically by workers/calls.py); ``cli``: ``flask calls show`` / ``retry``.
 
 The factory wires it in with :func:`init_app`.
 """
