@@ -305,6 +305,20 @@ def telephony_settings() -> dict[str, Any]:
         # Seconds between sweeps that re-queue recordings whose job was lost (a worker that
         # stopped mid-download, a message that never got to the broker).
         "TELEPHONY_RECORD_SWEEP_INTERVAL": env_float("TELEPHONY_RECORD_SWEEP_INTERVAL", 60.0),
+        # Seconds after a call's first event by which its `end` must have come; then the
+        # sweeper (app/telephony/sweeper.py) finishes it: 304 "no end from the PBX" when
+        # nobody answered an incoming call, else OTHER, with DURATION 0. 4 hours: longer than
+        # any real call of a call centre (PBXs cut calls at 1-3 h), short enough that cards
+        # and missed-call reports are right the same working day; Bitrix24 itself would keep
+        # the call open (card, dedup target) for 30 days (protocol §8.15).
+        "TELEPHONY_END_TIMEOUT": env_float("TELEPHONY_END_TIMEOUT", 4 * 3600.0),
+        # Seconds an answer/transfer/end/ring that came before its start waits for it; then
+        # the call is parked (`flask calls show`: "waited N s for its start") and its events
+        # wait for `flask calls retry` (a late start still registers it). 10 minutes: a PBX
+        # sends a call's events within seconds; one that needs longer has lost the start.
+        "TELEPHONY_START_WAIT": env_float("TELEPHONY_START_WAIT", 600.0),
+        # Seconds between the sweeper's runs (workers/calls.py).
+        "TELEPHONY_SWEEP_INTERVAL": env_float("TELEPHONY_SWEEP_INTERVAL", 60.0),
     }
 
 

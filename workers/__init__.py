@@ -22,7 +22,7 @@ app.extensions["broker"] = broker
 dramatiq.set_broker(broker)
 
 # Actors register on import, so these come after set_broker.
-from workers import clicks, dispatcher, ingress, install, system, telephony, tenants  # noqa: E402,F401
+from workers import calls, clicks, dispatcher, ingress, install, system, telephony, tenants  # noqa: E402,F401
 
 # The dispatcher engine per worker process (its module declares an actor, so it comes here).
 broker.add_middleware(dispatcher.DispatcherMiddleware(app))

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from app.ingress.formparse import clip
 
-EVENTS = ("start", "answer", "transfer", "end", "record")
+EVENTS = ("start", "ring", "ring_end", "answer", "transfer", "end", "record")
 DIRECTIONS = ("in", "out")
 END_STATUSES = ("answered", "busy", "no_answer", "cancelled", "failed")
 MAX_EVENTS_PER_REQUEST = 500
@@ -175,6 +175,18 @@ def _url(event: dict[str, Any], where: str) -> str:
     return value
 
 
+def _flag(event: dict[str, Any], name: str, where: str) -> bool:
+    value = event.get(name)
+    if not isinstance(value, bool):
+        raise InvalidEvent(_path(where, name), "must be true or false")
+    return value
+
+
+def _optional_text(event: dict[str, Any], out: dict[str, Any], name: str, where: str) -> None:
+    if event.get(name) is not None:
+        out[name] = _text(event, name, where)
+
+
 def validate_event(event: Any, where: str = "") -> dict[str, Any]:
     """Check one call event; return it normalised (extensions as a list, strings trimmed)."""
     if not isinstance(event, dict):
@@ -188,9 +200,9 @@ def validate_event(event: Any, where: str = "") -> dict[str, Any]:
         out["direction"] = _choice(event, "direction", where, DIRECTIONS)
         out["phone"] = _text(event, "phone", where)
         out["extensions"] = _extensions(event, where)
-        if event.get("line") is not None:
-            out["line"] = _text(event, "line", where)
-    elif kind == "answer":
+        for name in ("line", "caller_name", "origin_id"):
+            _optional_text(event, out, name, where)
+    elif kind in ("answer", "ring", "ring_end"):
         out["extension"] = _text(event, "extension", where)
     elif kind == "transfer":
         out["from_extension"] = _text(event, "from_extension", where)
@@ -202,6 +214,8 @@ def validate_event(event: Any, where: str = "") -> dict[str, Any]:
             out["sip_code"] = _sip_code(event, where)
     elif kind == "record":
         out["url"] = _url(event, where)
+    if kind in ("end", "record") and event.get("voicemail") is not None:
+        out["voicemail"] = _flag(event, "voicemail", where)
     return out
 
 

@@ -7,6 +7,8 @@ rings, the call in the CRM when it ends.
 - ``handlers``: the PBX event handlers and the outcome handlers that run it;
 - ``click``: click-to-call (ONEXTERNALCALLSTART): the signed originate to the PBX, and the
   PBX's call joined to the click's ``CALL_ID``.
+- ``sweeper``: finishes calls whose end never came, parks events whose start never came
+  (run periodically by workers/calls.py); ``cli``: ``flask calls show`` / ``retry``.
 
 The factory wires it in with :func:`init_app`.
 """

@@ -1,5 +1,6 @@
-"""``flask calls show``: the operator's view of the calls table (incomplete, unroutable,
-collided or failed calls are visible here, with why)."""
+"""``flask calls show``: the operator's view of the calls table (incomplete, parked,
+unroutable, collided or failed calls are visible here, with why); ``flask calls retry``:
+apply a parked call's events once its start has come."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from flask.cli import AppGroup
 from sqlalchemy import select
 
 from app.extensions import db
-from app.telephony import recording
+from app.telephony import handlers, machine, recording
 from app.telephony.machine import State
 from app.telephony.models import Call
 from app.tenants.cli import portal_id_filter
+from app.tenants.models import Portal, aware
+from app.tenants.status import PortalUnavailable, ensure_callable
 
 calls_cli = AppGroup("calls", help="PBX calls and the Bitrix24 calls they became.")
 
@@ -37,8 +40,7 @@ def describe(call: Call) -> str:
              f"finish {call.finish_outcome}" if call.finish_outcome else "",
              f"finish: {call.finish_error}" if call.finish_error else "",
              f"lead: {call.lead_error}" if call.lead_error else "",
-             f"{len(call.pending)} event(s) wait for the start" if call.pending else "",
-             _recording(call)]
+             _waiting(call), _recording(call)]
     return (f"{call.id:>8} {call.pbx_call_id[:32]:32} {call.state:10} "
             f"{call.b24_call_id or '-'} owner={call.owner_user_id or '-'} "
             + "; ".join(n for n in notes if n)).rstrip()
@@ -55,6 +57,17 @@ def _recording(call: Call) -> str:
     if call.record_state == recording.RecordState.QUEUED:
         note += f" (try {call.record_attempts + 1} due {recording.due_at(call)})"
     return note + (f": {call.record_error}" if call.record_error else "")
+def _waiting(call: Call) -> str:
+    """What the call's pending events wait for, and how long they waited when parked."""
+    if not call.pending:
+        return ""
+    if call.parked_at is None:
+        return f"{len(call.pending)} event(s) wait for the start"
+    waited = int((aware(call.parked_at) - aware(call.created_at)).total_seconds())
+    note = f"parked: {len(call.pending)} event(s) waited {waited} s for its start"
+    if call.state != State.INCOMPLETE:
+        note += f"; the start has come since: flask calls retry {call.id}"
+    return note
 
 
 @calls_cli.command("show")
@@ -117,3 +130,55 @@ def clicks(member_id: str | None, limit: int) -> None:
         click.echo(f"{row.id:>8} {row.b24_call_id[:40]:40} user={row.user_id} "
                    f"ext={row.extension or '-'} {row.state:7} tries={row.attempts}"
                    + (f" {row.error}" if row.error else ""))
+def retry_call(row_id: int) -> str:
+    """Apply one call's waiting events if its start has come (its own commit); what happened."""
+    row = handlers.locked(Call.id == row_id)
+    if row is None:
+        return "gone"
+    waiting = len(row.pending or [])
+    portal = db.session.get(Portal, row.portal_id)
+    if portal is None or not waiting:
+        db.session.rollback()
+        return "nothing waits"
+    if row.state == State.INCOMPLETE:
+        db.session.rollback()
+        return f"{waiting} event(s) still wait for the start (nothing registers without it)"
+    try:
+        ensure_callable(portal)
+    except PortalUnavailable as exc:
+        db.session.rollback()
+        return f"the portal is on hold: {exc}"
+    after, commands = machine.retry(handlers.state_of(row), handlers.policy_for(portal))
+    handlers.store(row, after)
+    handlers.send(row, commands)
+    db.session.commit()
+    return f"applied {waiting} event(s): {len(commands)} command(s), now {after.state.value}"
+
+
+@calls_cli.command("retry")
+@click.argument("call", required=False)
+@click.option("--member-id", help="this portal's calls (all its parked calls without CALL)")
+@click.option("--state", type=click.Choice([s.value for s in State]),
+              help="only parked calls in this state")
+def retry(call: str | None, member_id: str | None, state: str | None) -> None:
+    """Apply the events of a parked call (id or PBX call id) whose start has come since;
+    without CALL, every parked call of --member-id."""
+    portal_id = portal_id_filter(member_id)
+    if call is None and portal_id is None:
+        raise click.UsageError("name a call (id or PBX call id) or a portal (--member-id)")
+    query = select(Call.id, Call.pbx_call_id).order_by(Call.id)
+    if portal_id is not None:
+        query = query.where(Call.portal_id == portal_id)
+    if state is not None:
+        query = query.where(Call.state == state)
+    if call is not None:
+        named = Call.pbx_call_id == call
+        query = query.where(named | (Call.id == int(call)) if call.isdigit() else named)
+    else:
+        query = query.where(Call.parked_at.is_not(None))
+    rows = db.session.execute(query).all()
+    db.session.commit()
+    if not rows:
+        click.echo("no such call" if call is not None else "no parked calls")
+    for row in rows:
+        click.echo(f"{row.id:>8} {row.pbx_call_id[:32]:32} {retry_call(row.id)}")

@@ -54,6 +54,12 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
     recording.when_ready(row)  # a waiting recording of a call that will never finish: skipped
 
 
+def locked(*where: Any) -> Call | None:
+    """The call's row under its write lock (see :func:`_locked`), for the sweeper and
+    ``flask calls retry``: a PBX event of the same call waits for their commit."""
+    return _locked(*where)
+
+
 def policy_for(portal: Portal) -> machine.Policy:
     """The machine's policy: the portal's extension map and settings, the app's settings."""
     cfg = current_app.config
@@ -111,7 +117,9 @@ def state_of(row: Call) -> machine.Call:
         handler=row.handler_user_id, started_at=aware(row.started_at),
         answered_at=aware(row.answered_at), ended_at=aware(row.ended_at),
         end_status=row.end_status, duration=row.duration, pending=tuple(row.pending or ()),
-        skip_reason=row.skip_reason)
+        skip_reason=row.skip_reason, seen=tuple(row.seen or ()),
+        parked=row.parked_at is not None and bool(row.pending),
+        caller_name=row.caller_name, origin_id=row.origin_id)
 
 
 def store(row: Call, call: machine.Call) -> None:
@@ -127,6 +135,12 @@ def store(row: Call, call: machine.Call) -> None:
     row.end_status, row.duration = call.end_status, call.duration
     row.pending = [dict(e) for e in call.pending]
     row.skip_reason = call.skip_reason
+    row.seen = list(call.seen)
+    if not call.parked:
+        row.parked_at = None  # applied (retry), or never parked
+    elif row.parked_at is None:
+        row.parked_at = utcnow()
+    row.caller_name, row.origin_id = call.caller_name, call.origin_id
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -250,7 +264,8 @@ def record_attached(outcome: Outcome) -> None:
         recording.attached(row, outcome)
 
 
-HANDLERS = {**{kind: on_call_event for kind in ("start", "answer", "transfer", "end")},
+HANDLERS = {**{kind: on_call_event for kind in ("start", "ring", "ring_end", "answer",
+                                                "transfer", "end")},
             "record": on_record}
 OUTCOME_HANDLERS = {REGISTERED: registered, FINISHED: finished,
                     recording.ATTACHED: record_attached}

@@ -17,14 +17,28 @@ schema) and returns the new state and the Bitrix24 commands to send, in order (p
   answered call, else the owner. Status: answered → 200 with ``DURATION`` rounded up and
   at least 1; an unanswered incoming call → 304 (the only missed call, §8.5) with the
   detail in ``FAILED_REASON``; outgoing → 480/486/603-S/503; ``sip_code`` overrides.
+- ``ring`` / ``ring_end`` (a queue that hunts): ``show`` to the ringing extension's user if
+  he has not got the card; ``hide`` for him when his phone stops, unless he answered.
+  Only while nobody has answered: after the answer the others' cards are gone already.
+- ``end`` with the status :data:`SWEPT` comes from the sweeper (app/telephony/sweeper.py),
+  never from the PBX: no end came in time. It finishes with ``DURATION`` 0 (the talk time is
+  unknown), ``FAILED_REASON`` "no end from the PBX", 304 for an unanswered incoming call
+  and ``OTHER`` otherwise, the last handler finishing an answered one.
 
-``end`` is absorbing. A second event of a kind already applied (a second start, answer or
-end; a transfer to whoever handles the call already) changes nothing. An answer, transfer
-or end before the start is kept in ``pending`` (state ``incomplete``): nothing can be
-registered without the start's number and direction; the start applies them after itself,
-ordered by (``at``, rank, arrival). Commands carry ``CALL_ID`` as :data:`CALL_ID`, which
-the caller replaces by the registered call's id (or a reference to the register command).
-Parameters whose value is None are left out, never sent as "".
+``end`` is absorbing. A duplicate, the same kind of event again even with a later ``at``,
+changes nothing: a second start, answer or end; a transfer to an extension that was a
+transfer's target already; a ring or ring_end of an extension that rang (stopped) already.
+``seen`` keeps what was applied. An event before the start is kept in ``pending`` (state
+``incomplete``): nothing can be registered without the start's number and direction; the
+start applies them after itself, ordered by (``at``, rank, arrival). Once the call is
+``parked`` (it waited longer than TELEPHONY_START_WAIT), a late start still registers the
+call, but the waiting events stay set aside until :func:`retry` (``flask calls retry``, or
+the sweeper) applies them; a start that follows a parked ``end`` shows no card. ``record``
+is not the machine's: it changes nothing here and the handlers take it.
+
+Commands carry ``CALL_ID`` as :data:`CALL_ID`, which the caller replaces by the registered
+call's id (or a reference to the register command). Parameters whose value is None are
+left out, never sent as "".
 """
 
 from __future__ import annotations
@@ -39,13 +53,15 @@ from typing import Any
 import phonenumbers
 
 CALL_ID = "$call"  # stands for the Bitrix24 CALL_ID in a command's params
-RANK = {"start": 0, "answer": 1, "transfer": 2, "end": 3, "record": 4}
+RANK = {"start": 0, "ring": 1, "ring_end": 2, "answer": 3, "transfer": 4, "end": 5, "record": 6}
+KINDS = ("start", "ring", "ring_end", "answer", "transfer", "end")  # what the machine applies
 REGISTER = "telephony.externalcall.register"
 SHOW = "telephony.externalcall.show"
 HIDE = "telephony.externalcall.hide"
 FINISH = "telephony.externalcall.finish"
+SWEPT = "swept"  # the sweeper's end status: no end came from the PBX in time
 FAILED_REASONS = {"no_answer": "no answer", "busy": "busy", "cancelled": "caller hung up",
-                  "failed": "failed"}
+                  "failed": "failed", SWEPT: "no end from the PBX"}
 MAX_DURATION = 2**31 - 1  # seconds: what the calls table (and Bitrix24's int) can hold
 OUTGOING_CODES = {"no_answer": "480", "busy": "486", "cancelled": "603-S", "failed": "503"}
 
@@ -109,18 +125,54 @@ class Call:
     duration: int | None = None
     pending: tuple[Mapping[str, Any], ...] = ()
     skip_reason: str | None = None
+    seen: tuple[str, ...] = ()  # the applied events' identities (see identity())
+    parked: bool = False  # pending events waited too long for the start: retry() applies them
+    caller_name: str | None = None
+    origin_id: str | None = None  # the CALL_ID of a call the app originated (click-to-call)
 
 
 def apply(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, list[Command]]:
     """The call after ``event``, and the commands to send for it, in order."""
     kind = event.get("event")
-    if call.state in QUIET or kind not in ("start", "answer", "transfer", "end"):
+    if call.state in QUIET or kind not in KINDS:
         return call, []
     if kind == "start":
         return _start(call, event, policy)
     if call.state is State.INCOMPLETE:
         return replace(call, pending=(*call.pending, dict(event))), []
-    return _STEPS[kind](call, event, policy)
+    key = identity(event)
+    if key in call.seen:
+        return call, []  # a duplicate
+    after, commands = _STEPS[str(kind)](call, event, policy)
+    return replace(after, seen=(*after.seen, key)), commands
+
+
+def identity(event: Mapping[str, Any]) -> str:
+    """What makes two events of a call duplicates: the kind, and for a transfer its target,
+    for a ring or ring_end its extension."""
+    kind = str(event.get("event"))
+    if kind == "transfer":
+        return f"transfer>{str(event.get('to_extension') or '').strip()}"
+    if kind in ("ring", "ring_end"):
+        return f"{kind}:{str(event.get('extension') or '').strip()}"
+    return kind
+
+
+def retry(call: Call, policy: Policy) -> tuple[Call, list[Command]]:
+    """Apply the events that wait (parked ones included) once the start has come; a call
+    still without its start is left as it is (nothing registers without it)."""
+    if call.state is State.INCOMPLETE or not call.pending:
+        return call, []
+    after, commands = replace(call, pending=(), parked=False), []
+    for early in ordered(call.pending):
+        after, more = apply(after, early, policy)
+        commands += more
+    return after, commands
+
+
+def park(call: Call) -> Call:
+    """Set the events that wait for the start aside: a late start no longer applies them."""
+    return replace(call, parked=True) if call.state is State.INCOMPLETE else call
 
 
 def ordered(events: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -172,7 +224,9 @@ def _start(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, 
         extensions = [extensions]
     started = replace(call, pbx_call_id=str(event.get("call_id") or call.pbx_call_id),
                       direction=event.get("direction"), line=_line(event.get("line")),
-                      started_at=when(event), ringing=users_of(extensions, policy))
+                      started_at=when(event), ringing=users_of(extensions, policy),
+                      caller_name=_optional(event.get("caller_name")),
+                      origin_id=_optional(event.get("origin_id")), seen=("start",))
     skip, phone = _number(str(event.get("phone") or ""), policy)
     if skip:
         return replace(started, state=State.SKIPPED, skip_reason=skip, pending=()), []
@@ -181,15 +235,23 @@ def _start(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, 
         return replace(started, state=State.UNROUTABLE, phone=phone, pending=(),
                        skip_reason="no ringing extension is mapped to a user and no "
                                    "fallback user is set"), []
-    started = replace(started, state=State.RINGING, phone=phone, owner=owner,
-                      shown=started.ringing)
+    over = call.parked and any(e.get("event") == "end" for e in call.pending)
+    shown = () if over else started.ringing  # no card for a call known to be over
+    started = replace(started, state=State.RINGING, phone=phone, owner=owner, shown=shown)
     commands = [Command(REGISTER, _register_params(started, event, policy))]
-    if started.ringing:
-        commands.append(Command(SHOW, {"CALL_ID": CALL_ID, "USER_ID": list(started.ringing)}))
+    if shown:
+        commands.append(Command(SHOW, {"CALL_ID": CALL_ID, "USER_ID": list(shown)}))
+    if call.parked:
+        return started, commands  # the set-aside events wait for retry()
     for early in ordered(call.pending):
         started, more = apply(started, early, policy)
         commands += more
     return replace(started, pending=()), commands
+
+
+def _optional(raw: Any) -> str | None:
+    text = str(raw).strip() if raw is not None else ""
+    return text or None
 
 
 def _line(raw: Any) -> str | None:
@@ -266,6 +328,26 @@ def _transfer(call: Call, event: Mapping[str, Any],
     return replace(after, handler=target), commands
 
 
+def _ring(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, list[Command]]:
+    extension = str(event.get("extension") or "").strip()
+    found = users_of([extension], policy)
+    if call.state is not State.RINGING or not found or f"ring_end:{extension}" in call.seen:
+        return call, []  # answered already, not a mapped user, or his phone stopped already
+    user = found[0]
+    after = call if user in call.ringing else replace(call, ringing=(*call.ringing, user))
+    if user in after.shown:
+        return after, []
+    return _with(after, user), [_show(user)]
+
+
+def _ring_end(call: Call, event: Mapping[str, Any],
+              policy: Policy) -> tuple[Call, list[Command]]:
+    found = users_of([str(event.get("extension") or "")], policy)
+    if not found or found[0] in (call.answerer, call.handler) or found[0] not in call.shown:
+        return call, []  # not mapped, he took the call (the card is his), or he has no card
+    return _without(call, found), _hide(found)
+
+
 def _show(user: int) -> Command:
     return Command(SHOW, {"CALL_ID": CALL_ID, "USER_ID": user})
 
@@ -290,7 +372,8 @@ def _without(call: Call, users: Sequence[int]) -> Call:
 def _end(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, list[Command]]:
     status = str(event.get("status") or "failed")
     answered = status == "answered"
-    finisher = (call.handler or call.answerer or call.owner) if answered else call.owner
+    with_someone = answered or (status == SWEPT and call.answered_at is not None)
+    finisher = (call.handler or call.answerer or call.owner) if with_someone else call.owner
     others = [u for u in call.shown if u != finisher]
     after = _without(call, others)
     talked = min(float(event.get("duration") or 0), MAX_DURATION)  # intake bounds it below only
@@ -316,9 +399,12 @@ def _status_code(call: Call, status: str, sip_code: Any) -> str:
         return str(sip_code)
     if status == "answered":
         return "200"
+    if status == SWEPT and call.answered_at is not None:
+        return "OTHER"  # answered, so not missed; the talk time is unknown (no 200)
     if call.direction == "in":
         return "304"  # the only code that makes a missed call (§8.5)
     return OUTGOING_CODES.get(status, "OTHER")
 
 
-_STEPS = {"answer": _answer, "transfer": _transfer, "end": _end}
+_STEPS = {"ring": _ring, "ring_end": _ring_end, "answer": _answer, "transfer": _transfer,
+          "end": _end}

@@ -8,6 +8,9 @@ Queries and the indexes that serve them:
 - the outcome handlers load a call by its primary key (they carry ``call.id`` in context);
 - ``flask calls show --state``: the newest calls in a state, ``ix_calls_state_id``;
 - the recordings' sweep, queued jobs that are due: ``ix_calls_record_due``.
+- the sweeper (app/telephony/sweeper.py): live calls (ringing, answered) first heard of
+  before a bound, and incomplete ones to park, by (state, created_at):
+  ``ix_calls_state_created_at``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Call(Model):
         Index("ix_calls_portal_b24_call_id", "portal_id", "b24_call_id"),
         Index("ix_calls_state_id", "state", "id"),
         Index("ix_calls_record_due", "record_state", "record_next_at"),
+        Index("ix_calls_state_created_at", "state", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -70,6 +74,13 @@ class Call(Model):
     # Events that came before their start, kept until it comes (state incomplete).
     pending: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     skip_reason: Mapped[str | None] = mapped_column(Text)  # skipped/unroutable: why
+    # The applied events' identities (machine.identity): a duplicate changes nothing.
+    seen: Mapped[list[str] | None] = mapped_column(JSON)
+    # When the pending events were set aside, having waited TELEPHONY_START_WAIT for the start.
+    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    caller_name: Mapped[str | None] = mapped_column(String(256))  # the start's, as sent
+    # The start's origin_id: the Bitrix24 CALL_ID of a call the app originated (click-to-call).
+    origin_id: Mapped[str | None] = mapped_column(String(256))
     crm_entity_type: Mapped[str | None] = mapped_column(String(16))
     crm_entity_id: Mapped[int | None] = mapped_column(Integer)
     lead_error: Mapped[str | None] = mapped_column(Text)  # LEAD_CREATION_ERROR: not a failure

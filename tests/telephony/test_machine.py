@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,12 +15,15 @@ from app.telephony.machine import (
     HIDE,
     REGISTER,
     SHOW,
+    SWEPT,
     Call,
     Command,
     Policy,
     State,
     apply,
     normalise_phone,
+    park,
+    retry,
 )
 
 EXT = {"101": 1, "102": 2, "103": 3, "104": 4}
@@ -197,6 +201,109 @@ def test_phone_numbers_become_e164_with_the_default_country():
     assert normalise_phone("anonymous", "DE") is None
 
 
+def test_a_hunting_queue_shows_each_ringing_phone_its_card_and_hides_it_when_it_stops():
+    queue = {**START, "extensions": ["600"]}  # the queue's own number: nobody's phone
+    call, commands = run([queue, ev("ring", 1, extension="101"),
+                          ev("ring_end", 16, extension="101"),
+                          ev("ring", 16, extension="102"), ev("answer", 20, extension="102"),
+                          ev("ring_end", 20, extension="102"),
+                          ev("end", 59, status="answered", duration=39)])
+    assert steps(commands) == [("register", 9), ("show", 1), ("hide", [1]), ("show", 2),
+                               ("finish", 2)]
+    assert call.ringing == (1, 2) and call.shown == ()
+
+
+def test_a_ring_after_the_answer_or_for_an_unmapped_phone_shows_nothing():
+    call, commands = run([START, ev("answer", 5, extension="102"), ev("ring", 6, extension="104"),
+                          ev("ring", 7, extension="555"), ev("ring_end", 8, extension="103")])
+    assert steps(commands[2:]) == [("hide", [1, 3])]
+    assert call.shown == (2,)
+
+
+def test_a_ring_end_that_overtook_its_ring_keeps_the_card_from_showing_later():
+    _, commands = run([START, ev("ring_end", 9, extension="104"), ev("ring", 8, extension="104")])
+    assert steps(commands) == [("register", 1), ("show", [1, 2, 3])]
+
+
+@pytest.mark.parametrize("first, again", [
+    (ev("answer", 5, extension="102"), ev("answer", 9, extension="103")),
+    (ev("ring", 5, extension="104"), ev("ring", 30, extension="104")),
+    (ev("ring_end", 5, extension="101"), ev("ring_end", 30, extension="101")),
+    (ev("transfer", 9, from_extension="102", to_extension="104"),
+     ev("transfer", 40, from_extension="102", to_extension="104")),
+], ids=["answer", "ring", "ring_end", "transfer"])
+def test_a_duplicate_of_every_kind_changes_nothing_even_with_a_later_at(first, again):
+    call, _ = run([START, ev("answer", 4, extension="102")] if first["event"] == "transfer"
+                  else [START])
+    call, _ = apply(call, first, POLICY)
+    assert apply(call, again, POLICY) == (call, []), again["event"]
+
+
+def test_a_transfer_repeated_after_the_call_moved_on_does_not_pull_it_back():
+    call, commands = run([START, ev("answer", 4, extension="102"),
+                          ev("transfer", 9, from_extension="102", to_extension="104"),
+                          ev("transfer", 20, from_extension="104", to_extension="103"),
+                          ev("transfer", 21, from_extension="102", to_extension="104"),  # again
+                          ev("end", 50, status="answered", duration=30)])
+    assert steps(commands[3:]) == [("show", 4), ("hide", [2]), ("show", 3), ("hide", [4]),
+                                   ("finish", 3)]
+
+
+def test_the_sweepers_end_of_a_call_nobody_answered_is_a_304_missed_call_without_time():
+    call, commands = run([START, ev("end", 59, status=SWEPT, duration=0)])
+    assert steps(commands[2:]) == [("hide", [2, 3]), ("finish", 1)]
+    assert commands[-1].params == {"CALL_ID": CALL_ID, "USER_ID": 1, "DURATION": 0,
+                                   "STATUS_CODE": "304", "FAILED_REASON": "no end from the PBX",
+                                   "ADD_TO_CHAT": 1}
+    assert call.state is State.ENDED and call.end_status == SWEPT
+
+
+def test_the_sweepers_end_of_an_answered_call_is_other_by_the_last_handler_without_200():
+    call, commands = run([START, ev("answer", 5, extension="102"),
+                          ev("transfer", 9, from_extension="102", to_extension="104"),
+                          ev("end", 59, status=SWEPT, duration=0)])
+    assert steps(commands[-1:]) == [("finish", 4)]
+    finish = commands[-1].params
+    assert (finish["STATUS_CODE"], finish["DURATION"]) == ("OTHER", 0), "the talk time is unknown"
+    assert finish["FAILED_REASON"] == "no end from the PBX"
+    _, [*_, outgoing] = run([{**START, "direction": "out"}, ev("end", 59, status=SWEPT,
+                                                               duration=0)])
+    assert outgoing.params["STATUS_CODE"] == "OTHER"
+
+
+def test_a_parked_call_registers_on_its_late_start_and_its_events_wait_for_retry():
+    early = [ev("answer", 5, extension="102"), ev("end", 50, status="answered", duration=30)]
+    call, _ = run(early)
+    call = park(call)
+    call, commands = apply(call, START, POLICY)
+    assert steps(commands) == [("register", 1)], "registered, but no card: the call is over"
+    assert call.state is State.RINGING and len(call.pending) == 2 and call.parked
+    call, commands = retry(call, POLICY)
+    assert steps(commands) == [("show", 2), ("finish", 2)]
+    assert commands[-1].params["STATUS_CODE"] == "200" and commands[-1].params["DURATION"] == 30
+    assert call.state is State.ENDED and call.pending == () and not call.parked
+
+
+def test_a_parked_answer_alone_still_shows_the_card_on_the_late_start():
+    call, _ = run([ev("answer", 5, extension="102")])
+    call, commands = apply(park(call), START, POLICY)
+    assert steps(commands) == [("register", 1), ("show", [1, 2, 3])]
+
+
+def test_retry_without_a_start_registers_nothing():
+    call, _ = run([ev("end", 50, status="answered", duration=30)])
+    assert retry(park(call), POLICY) == (park(call), [])
+
+
+def test_the_start_keeps_caller_name_and_origin_id_and_record_is_left_to_the_handlers():
+    call, _ = run([{**START, "caller_name": "ACME", "origin_id": "externalCall.9"}])
+    assert (call.caller_name, call.origin_id) == ("ACME", "externalCall.9")
+    record = ev("record", 60, url="https://pbx/r.mp3")
+    assert apply(call, record, POLICY) == (call, [])
+    early, _ = run([record])
+    assert early == Call(), "not the machine's: the record handler keeps it"
+
+
 # ------------------------------------------------------------------ properties
 
 EXTENSIONS = st.sampled_from(["101", "102", "103", "104", "555"])
@@ -281,3 +388,80 @@ def test_a_missed_incoming_call_is_always_304_and_an_answered_one_200_and_at_lea
 def test_an_absurd_duration_is_held_to_what_the_table_can_store():
     _, commands = run([START, ev("end", 9, status="answered", duration=1e308)])
     assert commands[-1].params["DURATION"] == 2**31 - 1
+
+
+def later(event: dict[str, Any], second: int) -> dict[str, Any]:
+    """The same event again, sent later."""
+    return {**event, "at": f"2026-11-22T16:41:{second:02d}+03:00"}
+
+
+@st.composite
+def hunting_events(draw: Any) -> list[dict[str, Any]]:
+    """A call's events with a hunting queue's rings, in any order of arrival, with duplicates
+    (some of them sent again with a later ``at``)."""
+    start = ev("start", draw(SECOND), direction=draw(st.sampled_from(["in", "out"])),
+               phone="+4930123456", extensions=draw(st.lists(EXTENSIONS, min_size=1,
+                                                             max_size=3)))
+    events = [start]
+    for _ in range(draw(st.integers(0, 4))):
+        events.append(ev(draw(st.sampled_from(["ring", "ring_end"])), draw(SECOND),
+                         extension=draw(EXTENSIONS)))
+    if draw(st.booleans()):
+        events.append(ev("answer", draw(SECOND), extension=draw(EXTENSIONS)))
+    for _ in range(draw(st.integers(0, 2))):
+        events.append(ev("transfer", draw(SECOND), from_extension=draw(EXTENSIONS),
+                         to_extension=draw(EXTENSIONS)))
+    if draw(st.booleans()):
+        status = draw(st.sampled_from(["answered", "busy", "no_answer", "cancelled", SWEPT]))
+        events.append(ev("end", draw(SECOND), status=status,
+                         duration=draw(st.integers(0, 600)) if status != SWEPT else 0))
+    copies = draw(st.lists(st.tuples(st.sampled_from(events), st.none() | SECOND), max_size=4))
+    events += [event if second is None else later(event, second) for event, second in copies]
+    return draw(st.permutations(events))
+
+
+def _cards(commands: list[Command]) -> tuple[list[str], set[int] | None, Any]:
+    """Replay on a card model: the faults, the cards open at the finish, its USER_ID."""
+    cards: set[int] = set()
+    faults: list[str] = []
+    at_finish: set[int] | None = None
+    finisher = None
+    for c in commands:
+        users = c.params.get("USER_ID")
+        users = set(users) if isinstance(users, list) else {users}
+        if at_finish is not None:
+            faults.append(f"{c.method} after the finish")
+        if c.method == SHOW:
+            cards |= users
+        elif c.method == HIDE:
+            cards -= users
+        elif c.method == FINISH:
+            at_finish, finisher = set(cards), c.params["USER_ID"]
+            cards -= users
+    return faults, at_finish, finisher
+
+
+@settings(max_examples=500, deadline=None)
+@given(hunting_events())
+def test_any_arrival_of_a_queue_calls_events_keeps_the_card_rules(events):
+    call, commands = run(events)
+    faults, at_finish, finisher = _cards(commands)
+    assert faults == [], "nothing shows or hides after the finish"
+    assert [c.method for c in commands].count(FINISH) <= 1, "finished at most once"
+    assert [c.method for c in commands].count(REGISTER) == 1
+    if at_finish is None:
+        return
+    assert at_finish <= {finisher}, "every shown user but the finisher is hidden first"
+    with_someone = call.end_status == "answered" or (call.end_status == SWEPT
+                                                     and call.answered_at is not None)
+    if with_someone and call.handler is not None:
+        assert finisher == call.handler and finisher in at_finish, \
+            "the finisher of an answered call holds the card until the finish"
+
+
+@settings(max_examples=300, deadline=None)
+@given(hunting_events(), SECOND)
+def test_any_event_sent_again_later_changes_nothing(events, second):
+    call, _ = run(events)
+    for event in events:
+        assert apply(call, later(event, second), POLICY) == (call, []), event["event"]
