@@ -274,6 +274,16 @@ def telephony_settings() -> dict[str, Any]:
         "TELEPHONY_ANONYMOUS_CALLS": env_str("TELEPHONY_ANONYMOUS_CALLS", "skip"),
         "TELEPHONY_ANONYMOUS_NUMBER": env_str("TELEPHONY_ANONYMOUS_NUMBER", ""),
         "TELEPHONY_INTERNAL_CALLS": env_str("TELEPHONY_INTERNAL_CALLS", "skip"),
+        # Seconds: a register whose answer was lost (a timeout, a 504) is sent again only
+        # while its CALL_START_DATE is younger than this (and with SHOW=0). Bitrix24 dedups
+        # the repeat onto the call it made only within 30 minutes of that start (protocol
+        # §8.13); past it a repeat makes a second call. Keep a margin under 1800.
+        "TELEPHONY_REGISTER_RESEND_WINDOW": env_float("TELEPHONY_REGISTER_RESEND_WINDOW",
+                                                      1500.0),
+        # How many times a finish whose answer was lost is sent again (a "Call is not
+        # found" answer then means it had run: confirmed with voximplant.statistic.get).
+        # After that the call's finish stays unknown, shown by `flask calls show`.
+        "TELEPHONY_FINISH_RESENDS": env_int("TELEPHONY_FINISH_RESENDS", 3),
     }
 
 
@@ -448,6 +458,12 @@ def _check_telephony(cfg: dict[str, Any]) -> None:
     if cfg["TELEPHONY_ANONYMOUS_CALLS"] == "register" and not cfg["TELEPHONY_ANONYMOUS_NUMBER"]:
         raise ConfigError("TELEPHONY_ANONYMOUS_CALLS=register needs TELEPHONY_ANONYMOUS_NUMBER "
                           "(Bitrix24 refuses a call without a number)")
+    if not 0 < float(cfg["TELEPHONY_REGISTER_RESEND_WINDOW"]) < 1800:
+        raise ConfigError("TELEPHONY_REGISTER_RESEND_WINDOW must be between 0 and 1800 seconds "
+                          "(Bitrix24's dedup window), got "
+                          f"{cfg['TELEPHONY_REGISTER_RESEND_WINDOW']!r}")
+    if int(cfg["TELEPHONY_FINISH_RESENDS"]) < 0:
+        raise ConfigError("TELEPHONY_FINISH_RESENDS must not be negative")
     country = str(cfg["TELEPHONY_DEFAULT_COUNTRY"] or "")
     if country and not (len(country) == 2 and country.isalpha()):
         raise ConfigError("TELEPHONY_DEFAULT_COUNTRY must be a two-letter country code "

@@ -33,13 +33,28 @@ def describe(call: Call) -> str:
     notes = ["collision" if call.collision else "",
              f"skipped: {call.skip_reason}" if call.skip_reason else "",
              f"register: {call.register_error}" if call.register_error else "",
+             f"user {call.refused_user_id} refused: registered with the fallback user"
+             if call.refused_user_id is not None else "",
              f"finish {call.finish_outcome}" if call.finish_outcome else "",
              f"finish: {call.finish_error}" if call.finish_error else "",
+             steps(call),
              f"lead: {call.lead_error}" if call.lead_error else "",
              f"{len(call.pending)} event(s) wait for the start" if call.pending else ""]
     return (f"{call.id:>8} {call.pbx_call_id[:32]:32} {call.state:10} "
             f"{call.b24_call_id or '-'} owner={call.owner_user_id or '-'} "
             + "; ".join(n for n in notes if n)).rstrip()
+
+
+def steps(call: Call) -> str:
+    """The finish's way there when it took more than one command, e.g. ``finish unknown >
+    finish dead (Call is not found...) > statistic.get done``."""
+    done = call.finish_steps or []
+    if len(done) < 2:
+        return ""
+    return "steps: " + " > ".join(
+        f"{s['method'].rsplit('.', 1)[-1] if 'externalcall' in s['method'] else s['method']} "
+        f"{s['outcome']}" + (f" ({s['reason'][:60]})" if s.get("reason") else "")
+        for s in done)
 
 
 @calls_cli.command("show")
