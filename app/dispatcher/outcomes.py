@@ -148,7 +148,8 @@ def _row(c: Candidate, result: Any, error: BaseException | None, now: datetime, 
         return _dead(row, now, _text(error))
     due = now + timedelta(seconds=policy.backoff(c.attempts + 1))
     if verdict is Verdict.UNKNOWN:
-        refusal = policy.resend_refusal(c.method, c.params, due, rules.resend)
+        refusal = policy.resend_refusal(c.method, c.params, due, rules.resend,
+                                        c.first_sent_at or now)
         if refusal is not None:
             return _dead(row, now, unknown_reason(_text(error), refusal), OutcomeKind.UNKNOWN)
     return _retry(c, error, now, due, rules, row)

@@ -37,7 +37,8 @@ outcome. Whether such a command is sent again is decided per command by
 - a method with a rule in ``RESEND_RULES``: when its rule finds nothing against the command.
   ``telephony.externalcall.register``: only when ``SHOW`` is PHP-false (``0``, ``"0"``,
   ``""``; absent or null means *shown*, protocol §8.3) and its ``CALL_START_DATE`` (with an
-  offset) is younger than ``TELEPHONY_REGISTER_RESEND_WINDOW``. Bitrix24 dedups a repeat
+  offset; absent: Bitrix24 dates the call when it ran, so the command's first send) is
+  younger than ``TELEPHONY_REGISTER_RESEND_WINDOW``. Bitrix24 dedups a repeat
   onto the call it made only while that call is active and started less than 30 minutes
   ago (§8.13); a repeat with ``SHOW`` pops the card again, and one past the window makes a
   second call and fires the portal's robots again;
@@ -152,18 +153,21 @@ class ResendLimits:
             seconds=float(cfg["TELEPHONY_REGISTER_RESEND_WINDOW"])))
 
 
-# A rule: (params, now, limits) -> None when the command may be sent again, else why not.
-ResendRule = Callable[[Mapping[str, Any], datetime, ResendLimits], "str | None"]
+# A rule: (params, now, limits, first sent at) -> None when the command may be sent again,
+# else why not.
+ResendRule = Callable[[Mapping[str, Any], datetime, ResendLimits, "datetime | None"],
+                      "str | None"]
 
 
 def resend_refusal(method: str, params: Mapping[str, Any], now: datetime,
-                   limits: ResendLimits) -> str | None:
+                   limits: ResendLimits, sent_at: datetime | None = None) -> str | None:
     """Why a command whose outcome is unknown must not be sent again (None: it may be).
 
-    ``now``: when the resend would leave (timezone-aware)."""
+    ``now``: when the resend would leave; ``sent_at``: when the command first left (both
+    timezone-aware)."""
     rule = RESEND_RULES.get(method.strip().lower())
     if rule is not None:
-        return rule(params, now, limits)
+        return rule(params, now, limits, sent_at)
     return None if safe_to_repeat(method) else "the method is not safe to repeat"
 
 
@@ -175,21 +179,26 @@ def _php_false(value: Any) -> bool:
     return not value
 
 
-def _register_resend(params: Mapping[str, Any], now: datetime,
-                     limits: ResendLimits) -> str | None:
-    """register dedups a repeat onto its call only with SHOW off and a young start (§8.13)."""
+def _register_resend(params: Mapping[str, Any], now: datetime, limits: ResendLimits,
+                     sent_at: datetime | None) -> str | None:
+    """register dedups a repeat onto its call only with SHOW off and a young start (§8.13).
+    Without CALL_START_DATE Bitrix24 dates the call when it ran, which is no earlier than
+    the command's first send."""
     show = params.get("SHOW")
     if show is None or not _php_false(show):
         return "register without SHOW=0: a repeat that dedups shows the card again"
     raw = params.get("CALL_START_DATE")
     if raw is None:
-        return "register without CALL_START_DATE: its call's age is unknown"
-    try:
-        start = datetime.fromisoformat(str(raw).strip())
-    except ValueError:
-        return f"register's CALL_START_DATE {raw!r} does not parse"
-    if start.tzinfo is None:
-        return f"register's CALL_START_DATE {raw!r} has no offset: its age is unknown"
+        if sent_at is None:
+            return "register without CALL_START_DATE, never sent: its call's age is unknown"
+        start = sent_at
+    else:
+        try:
+            start = datetime.fromisoformat(str(raw).strip())
+        except ValueError:
+            return f"register's CALL_START_DATE {raw!r} does not parse"
+        if start.tzinfo is None:
+            return f"register's CALL_START_DATE {raw!r} has no offset: its age is unknown"
     age = now - start
     if age >= limits.register_window:
         return (f"register's CALL_START_DATE is {int(age.total_seconds())} s old, not under "

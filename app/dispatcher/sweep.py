@@ -24,7 +24,7 @@ from app.dispatcher import nudge, policy, results
 from app.dispatcher.models import CommandStatus, OutboxCommand
 from app.dispatcher.outcomes import unknown_reason
 from app.extensions import db, redis_ext
-from app.tenants.models import Portal, utcnow
+from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import HELD
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,13 @@ def _portals_with_work(conn: Connection, now: datetime) -> list[tuple[int, str, 
 
 
 def _recover(conn: Connection, portal_ids: list[int], now: datetime, out: Swept) -> None:
-    rows = conn.execute(select(T.c.id, T.c.method, T.c.params, T.c.handler).where(
+    rows = conn.execute(select(T.c.id, T.c.method, T.c.params, T.c.first_sent_at,
+                               T.c.handler).where(
         T.c.portal_id.in_(portal_ids), T.c.status == INFLIGHT, T.c.lease_until < now)).all()
     limits = policy.ResendLimits.from_config(current_app.config)
     refused = {r.id: why for r in rows
-               if (why := policy.resend_refusal(r.method, r.params or {}, now, limits))}
+               if (why := policy.resend_refusal(r.method, r.params or {}, now, limits,
+                                                aware(r.first_sent_at)))}
     safe = [r.id for r in rows if r.id not in refused]
     unsafe = sorted(refused)
     stale = and_(T.c.status == INFLIGHT, T.c.lease_until < now)

@@ -53,13 +53,21 @@ def test_a_register_that_would_show_the_card_again_is_not(show):
 @pytest.mark.parametrize(("started", "why"), [
     (NOW - timedelta(seconds=1500), "1500 s old"),
     (NOW - timedelta(hours=2), "7200 s old"),
-    (None, "without CALL_START_DATE"),
+    (None, "never sent"),
     ("2026-12-07T04:59:00", "no offset"),
     ("yesterday", "does not parse"),
 ])
 def test_a_register_whose_call_may_be_past_dedup_is_not_sent_again(started, why):
     refusal = policy.resend_refusal(REGISTER, register(started), NOW, LIMITS)
     assert refusal is not None and why in refusal
+
+
+def test_without_call_start_date_the_call_is_as_old_as_the_first_send():
+    params = register(None)
+    sent = NOW - timedelta(minutes=3)
+    assert policy.resend_refusal(REGISTER, params, NOW, LIMITS, sent) is None
+    long_ago = NOW - timedelta(minutes=26)
+    assert "1560 s old" in policy.resend_refusal(REGISTER, params, NOW, LIMITS, long_ago)
 
 
 def test_the_window_is_measured_with_the_offset_and_the_setting():

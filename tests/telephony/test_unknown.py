@@ -43,7 +43,7 @@ def portal_line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - impor
     """Factory: a sandbox portal (user 3 inactive there), its Portal row with the fallback
     user given, the extension map, a PBX API key and a worker listening for nudges."""
 
-    def make(fallback: int | None) -> dict[str, Any]:
+    def make(fallback: int | None, **env: str) -> dict[str, Any]:
         info = sandbox.create_portal(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
                                      users=SANDBOX_USERS)
         portal = Portal(member_id=info["member_id"], domain=info["domain"],
@@ -59,7 +59,7 @@ def portal_line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - impor
         map_extensions(portal, MAP)
         key = auth.issue_api_key(portal)
         start_worker(threads=4, periodic=True, DISPATCH_SWEEP_INTERVAL="1",
-                     DISPATCH_LINGER_MS="0")
+                     DISPATCH_LINGER_MS="0", **env)
         wait_for(lambda: redis_client.pubsub_numsub(nudge.channel(redis_client))[0][1] >= 1,
                  timeout=30)
 
@@ -177,6 +177,18 @@ def test_a_finish_lost_in_a_504_is_sent_again_and_confirmed_by_the_statistics(po
     assert shown.endswith("> voximplant.statistic.get done")
 
 
+def test_a_finish_lost_every_time_stays_unknown_after_its_resends(portal_line, sandbox):
+    line = portal_line(fallback=None, TELEPHONY_FINISH_RESENDS="1")
+    sandbox.set_fault(line["member_id"], "executed_504", count=10, methods=[FINISH])
+    ringing_alone(line, "fin-2", datetime.now(UTC) - timedelta(minutes=1))
+    call = wait_for(lambda: settled(line["portal_id"], "fin-2"), timeout=60)
+    assert call.finish_outcome == "unknown"
+    assert call.finish_error.endswith("(sent 2 times, TELEPHONY_FINISH_RESENDS=1)")
+    assert [s["outcome"] for s in call.finish_steps] == ["unknown", "unknown"]
+    assert len(entries(sandbox, line["member_id"], FINISH)) == 2, "one resend, no more"
+    assert "finish unknown" in describe(call)
+
+
 def test_call_not_found_without_a_lost_finish_is_a_real_error(portal_line, sandbox):
     line = portal_line(fallback=None)
     at = datetime.now(UTC) - timedelta(minutes=1)
@@ -252,3 +264,23 @@ def test_a_refused_owner_without_a_fallback_fails_the_call_and_nothing_waits(por
                for r in mine if r.method in (SHOW, HIDE) and r.status == "dead")
     assert entries(sandbox, line["member_id"], FINISH) == [], "never finished"
     assert len(history(sandbox, line["member_id"], "nofb-1")["registers"]) == 1
+
+
+def test_a_refused_answerer_is_finished_by_the_fallback_user(portal_line, sandbox):
+    line = portal_line(fallback=1)
+    sandbox.set_latency(line["member_id"], 300)  # the events are in before register's answer
+    at = datetime.now(UTC) - timedelta(minutes=1)
+    line["post"](event("fb-2", "start", at, direction="in", phone="+4930555333",
+                       extensions=["103", "102"]),
+                 event("fb-2", "answer", at + timedelta(seconds=4), extension="103"),
+                 event("fb-2", "end", at + timedelta(seconds=40), status="answered",
+                       duration=35))
+    call = wait_for(lambda: settled(line["portal_id"], "fb-2"), timeout=60)
+    assert (call.finish_outcome, call.refused_user_id, call.owner_user_id) == ("done", 3, 1)
+    hist = history(sandbox, line["member_id"], "fb-2")
+    assert hist["registered"] == 1 and hist["finished"] == 1
+    assert hist["finisher"] == 1, "Bitrix24 refuses user 3 on finish too"
+    assert hist["open_at_finish"] == [] and hist["after_finish"] == []
+    [statistics] = [s for s in sandbox.calls(line["member_id"])["finished"]
+                    if s["EXTERNAL_CALL_ID"] == "fb-2"]
+    assert (statistics["PORTAL_USER_ID"], statistics["CALL_FAILED_CODE"]) == ("1", "200")
