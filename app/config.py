@@ -319,6 +319,16 @@ def telephony_settings() -> dict[str, Any]:
         "TELEPHONY_START_WAIT": env_float("TELEPHONY_START_WAIT", 600.0),
         # Seconds between the sweeper's runs (workers/calls.py).
         "TELEPHONY_SWEEP_INTERVAL": env_float("TELEPHONY_SWEEP_INTERVAL", 60.0),
+        # Seconds: a register whose answer was lost (a timeout, a 504) is sent again only
+        # while its CALL_START_DATE is younger than this (and with SHOW=0). Bitrix24 dedups
+        # the repeat onto the call it made only within 30 minutes of that start (protocol
+        # §8.13); past it a repeat makes a second call. Keep a margin under 1800.
+        "TELEPHONY_REGISTER_RESEND_WINDOW": env_float("TELEPHONY_REGISTER_RESEND_WINDOW",
+                                                      1500.0),
+        # How many times a finish whose answer was lost is sent again (a "Call is not
+        # found" answer then means it had run: confirmed with voximplant.statistic.get).
+        # After that the call's finish stays unknown, shown by `flask calls show`.
+        "TELEPHONY_FINISH_RESENDS": env_int("TELEPHONY_FINISH_RESENDS", 3),
     }
 
 
@@ -498,6 +508,12 @@ def _check_telephony(cfg: dict[str, Any]) -> None:
                           f"{cfg['TELEPHONY_RECORD_ATTEMPTS']!r}")
     if not 0 <= int(cfg["TELEPHONY_RECORD_BASE64_MAX"]) <= int(cfg["TELEPHONY_RECORD_MAX_BYTES"]):
         raise ConfigError("TELEPHONY_RECORD_BASE64_MAX must be 0..TELEPHONY_RECORD_MAX_BYTES")
+    if not 0 < float(cfg["TELEPHONY_REGISTER_RESEND_WINDOW"]) < 1800:
+        raise ConfigError("TELEPHONY_REGISTER_RESEND_WINDOW must be between 0 and 1800 seconds "
+                          "(Bitrix24's dedup window), got "
+                          f"{cfg['TELEPHONY_REGISTER_RESEND_WINDOW']!r}")
+    if int(cfg["TELEPHONY_FINISH_RESENDS"]) < 0:
+        raise ConfigError("TELEPHONY_FINISH_RESENDS must not be negative")
     country = str(cfg["TELEPHONY_DEFAULT_COUNTRY"] or "")
     if country and not (len(country) == 2 and country.isalpha()):
         raise ConfigError("TELEPHONY_DEFAULT_COUNTRY must be a two-letter country code "

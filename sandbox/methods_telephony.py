@@ -14,7 +14,7 @@ from typing import Any
 
 from .methods_core import arg
 from .methods_crm import add_entity
-from .rest import ApiError, Ctx, iso, method
+from .rest import ApiError, Ctx, iso, method, page
 from .state import Portal, parse_time_zone
 
 DEDUP_WINDOW = 1800.0
@@ -644,6 +644,52 @@ def _add_activity(ctx: Ctx, call: dict[str, Any], user_id: int, missed: bool) ->
         "COMPLETED": "N" if missed else "Y",
     }
     return add_entity(ctx, "activity", fields)
+
+
+# ---------------------------------------------------------------- statistics
+
+# The statistics record's fields as voximplant.statistic.get lists them (finish's answer
+# without its ERRORS; the sandbox's own bookkeeping stays out).
+STAT_FIELDS = ("ID", "CALL_ID", "EXTERNAL_CALL_ID", "PORTAL_USER_ID", "PHONE_NUMBER",
+               "PORTAL_NUMBER", "INCOMING", "CALL_DURATION", "CALL_START_DATE", "CALL_STATUS",
+               "CALL_VOTE", "COST", "COST_CURRENCY", "CALL_FAILED_CODE", "CALL_FAILED_REASON",
+               "REST_APP_ID", "REST_APP_NAME", "CRM_ACTIVITY_ID", "COMMENT", "CRM_ENTITY_TYPE",
+               "CRM_ENTITY_ID")
+
+
+def _stat_visible(ctx: Ctx, row: dict[str, Any]) -> bool:
+    """Only calls the token's user may see (vi_rest statisticGet): an admin sees every call,
+    an employee his own."""
+    return bool(ctx.user.admin) or str(row.get("PORTAL_USER_ID")) == str(ctx.user.id)
+
+
+def _stat_match(row: dict[str, Any], flt: dict[str, Any]) -> bool:
+    """FILTER by equality on any statistics field (``=FIELD`` too); a list is IN. Other
+    operators are not modelled: they are refused, so a test never trusts a lax reading."""
+    for raw_key, want in flt.items():
+        key = str(raw_key).upper().removeprefix("=")
+        values = [str(v) for v in (want.values() if isinstance(want, dict) else
+                                   want if isinstance(want, list) else [want])]
+        if str(row.get(key)) not in values:
+            return False
+    return True
+
+
+@method("voximplant.statistic.get", scope="telephony")
+def statistic_get(ctx: Ctx, params: dict[str, Any]) -> Any:
+    """The statistics of finished calls (protocol §8.13): active calls are not there; FILTER
+    on CALL_ID, EXTERNAL_CALL_ID or any other field; the caller's visibility; pages of 50."""
+    flt = arg(params, "FILTER", "filter", default=None) or {}
+    if not isinstance(flt, dict):
+        raise ApiError("ERROR_ARGUMENT", "FILTER must be an object", 400)
+    for raw_key in flt:
+        if str(raw_key).upper().removeprefix("=") not in STAT_FIELDS:
+            raise ApiError("ERROR_ARGUMENT", f"Unknown or unsupported filter field {raw_key}", 400)
+    rows = sorted(ctx.portal.finished_calls.values(), key=lambda r: int(r["ID"]))
+    found = [{k: row.get(k) for k in STAT_FIELDS} for row in rows
+             if _stat_visible(ctx, row) and _stat_match(row, flt)]
+    ctx.note = {"call_id": flt.get("CALL_ID"), "found": len(found)}
+    return page(found, params)
 
 
 @method("telephony.externalCall.searchCrmEntities", scope="telephony")

@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 from flask import Flask
 
 from app.bitrix import AsyncRestClient
-from app.dispatcher import lease, nudge, store
+from app.dispatcher import lease, nudge, policy, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket, scaled_plans
 from app.dispatcher.credentials import CredentialStore
 from app.dispatcher.flight import GroupWriter
@@ -69,6 +69,7 @@ class Settings:
     owner_ttl: float
     db_threads: int
     max_connections: int
+    resend: policy.ResendLimits  # what a resend after an unknown outcome may depend on
     bucket_scale: float = 1.0
     operating_limit: float = LIMIT
 
@@ -85,6 +86,7 @@ class Settings:
                    owner_ttl=float(cfg["DISPATCH_OWNER_TTL"]),
                    db_threads=int(cfg["DISPATCH_DB_THREADS"]),
                    max_connections=int(cfg["DISPATCH_MAX_CONNECTIONS"]),
+                   resend=policy.ResendLimits.from_config(cfg),
                    bucket_scale=float(cfg["DISPATCH_BUCKET_SCALE"]),
                    operating_limit=float(cfg["DISPATCH_OPERATING_LIMIT"]))
 

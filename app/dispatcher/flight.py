@@ -104,7 +104,7 @@ async def _settle(driver: Driver, commands: list[Candidate], answer: Any) -> Non
     """Judge the answer, write the commands' rows, then apply the effects."""
     eng, now = driver.engine, utcnow()
     rows, effects = outcomes.decide(commands, answer, now,
-                                    outcomes.Rules(eng.settings.horizon))
+                                    outcomes.Rules(eng.settings.horizon, eng.settings.resend))
     await eng.recorder.write(rows)
     metrics.settled(driver.plan, commands, rows, now)
     await _apply(driver, effects)

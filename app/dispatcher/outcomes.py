@@ -7,8 +7,9 @@ verdict    the command                                                      atte
 =========  ===============================================================  =========
 DONE       done, its result stored                                          counted
 RETRY      queued again after ``backoff``; dead once past the retry horizon counted
-UNKNOWN    as RETRY when its method is safe to repeat, else dead with       counted
-           outcome UNKNOWN ("unknown outcome")
+UNKNOWN    as RETRY when ``policy.resend_refusal`` allows this command (its    counted
+           method, its params, when it would leave), else dead with outcome
+           UNKNOWN ("unknown outcome: ..., not sent again: <why>")
 PERMANENT  dead, with Bitrix24's error as the reason                        counted
 RATE       queued again; the portal's bucket is filled                      not
 REFRESH    queued again; the tokens are refreshed                           not
@@ -69,6 +70,7 @@ class Rules:
     """The settings outcomes depend on."""
 
     horizon: timedelta
+    resend: policy.ResendLimits
 
 
 def describe(error: BaseException) -> dict[str, Any]:
@@ -142,11 +144,20 @@ def _row(c: Candidate, result: Any, error: BaseException | None, now: datetime, 
         row["attempts_delta"] = -1
         _not_counted(c, verdict, error, now, row, effects)
         return row
-    if verdict is Verdict.UNKNOWN and not policy.safe_to_repeat(c.method):
-        return _dead(row, now, f"{UNKNOWN_OUTCOME}: {_text(error)}", OutcomeKind.UNKNOWN)
     if verdict is Verdict.PERMANENT:
         return _dead(row, now, _text(error))
-    return _retry(c, error, now, rules, row)
+    due = now + timedelta(seconds=policy.backoff(c.attempts + 1))
+    if verdict is Verdict.UNKNOWN:
+        refusal = policy.resend_refusal(c.method, c.params, due, rules.resend,
+                                        c.first_sent_at or now)
+        if refusal is not None:
+            return _dead(row, now, unknown_reason(_text(error), refusal), OutcomeKind.UNKNOWN)
+    return _retry(c, error, now, due, rules, row)
+
+
+def unknown_reason(what: str, refusal: str) -> str:
+    """A dead command's reason after an unknown outcome, and why it was not sent again."""
+    return f"{UNKNOWN_OUTCOME}: {what}; not sent again: {refusal}"
 
 
 def _not_counted(c: Candidate, verdict: Verdict, error: BaseException, now: datetime,
@@ -163,13 +174,13 @@ def _not_counted(c: Candidate, verdict: Verdict, error: BaseException, now: date
         row["not_before"] = datetime.fromtimestamp(reset, now.tzinfo)
 
 
-def _retry(c: Candidate, error: BaseException, now: datetime, rules: Rules,
+def _retry(c: Candidate, error: BaseException, now: datetime, due: datetime, rules: Rules,
            row: dict[str, Any]) -> dict[str, Any]:
     started = c.first_sent_at or now
     if now - started >= rules.horizon:
         hours = rules.horizon.total_seconds() / 3600
         return _dead(row, now, f"still failing after {hours:g} h of retries: {_text(error)}")
-    row["not_before"] = now + timedelta(seconds=policy.backoff(c.attempts + 1))
+    row["not_before"] = due
     return row
 
 

@@ -3,8 +3,9 @@
 Nudges are hints; the sweep is what guarantees progress. With one query it finds the
 portals that have due queued commands (retries whose ``not_before`` passed, portals
 whose held status cleared, portals whose owner died) or expired leases. It recovers the
-expired leases (queued again when the method is safe to repeat, else dead as an unknown
-outcome: the worker stopped while the batch was in flight, so it may have run), nudges
+expired leases (queued again when ``policy.resend_refusal`` allows the command, else dead
+as an unknown outcome, with why: the worker stopped while the batch was in flight, so it
+may have run), nudges
 the portals, and enqueues the settling of outcomes nobody settled: a stopped engine never
 sent it, or its settle message ran out of retries (a handler that kept failing).
 """
@@ -15,19 +16,20 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from flask import current_app
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Connection
 
 from app.dispatcher import nudge, policy, results
 from app.dispatcher.models import CommandStatus, OutboxCommand
-from app.dispatcher.outcomes import UNKNOWN_OUTCOME
+from app.dispatcher.outcomes import unknown_reason
 from app.extensions import db, redis_ext
-from app.tenants.models import Portal, utcnow
+from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import HELD
 
 log = logging.getLogger(__name__)
 T = OutboxCommand.__table__
-STOPPED_IN_FLIGHT = f"{UNKNOWN_OUTCOME}: the worker stopped while it was in flight"
+STOPPED = "the worker stopped while it was in flight"
 NOTIFY_GRACE = timedelta(seconds=30)  # an engine enqueues settling itself right after the write
 # A settle sent this long ago and still not done is sent again: its message ran out of
 # retries (about 15 minutes of backoff) or was lost with its broker.
@@ -78,17 +80,24 @@ def _portals_with_work(conn: Connection, now: datetime) -> list[tuple[int, str, 
 
 
 def _recover(conn: Connection, portal_ids: list[int], now: datetime, out: Swept) -> None:
-    rows = conn.execute(select(T.c.id, T.c.method, T.c.handler).where(
+    rows = conn.execute(select(T.c.id, T.c.method, T.c.params, T.c.first_sent_at,
+                               T.c.handler).where(
         T.c.portal_id.in_(portal_ids), T.c.status == INFLIGHT, T.c.lease_until < now)).all()
-    safe = [r.id for r in rows if policy.safe_to_repeat(r.method)]
-    unsafe = [r.id for r in rows if not policy.safe_to_repeat(r.method)]
+    limits = policy.ResendLimits.from_config(current_app.config)
+    refused = {r.id: why for r in rows
+               if (why := policy.resend_refusal(r.method, r.params or {}, now, limits,
+                                                aware(r.first_sent_at)))}
+    safe = [r.id for r in rows if r.id not in refused]
+    unsafe = sorted(refused)
     stale = and_(T.c.status == INFLIGHT, T.c.lease_until < now)
     if safe:
         conn.execute(update(T).where(T.c.id.in_(safe), stale).values(
             status=QUEUED, lease_until=None, lease_owner=None, not_before=None))
-    if unsafe:
-        conn.execute(update(T).where(T.c.id.in_(unsafe), stale).values(
-            status=CommandStatus.DEAD.value, lease_until=None, dead_reason=STOPPED_IN_FLIGHT,
+    for why in set(refused.values()):  # one statement per reason
+        ids = [i for i, reason in refused.items() if reason == why]
+        conn.execute(update(T).where(T.c.id.in_(ids), stale).values(
+            status=CommandStatus.DEAD.value, lease_until=None,
+            dead_reason=unknown_reason(STOPPED, why),
             outcome=results.OutcomeKind.UNKNOWN.value, completed_at=now))
     out.requeued, out.dead = safe, unsafe
     out.unknown_handled = [r.id for r in rows if r.id in set(unsafe) and r.handler]

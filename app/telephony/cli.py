@@ -37,8 +37,11 @@ def describe(call: Call) -> str:
     notes = ["collision" if call.collision else "",
              f"skipped: {call.skip_reason}" if call.skip_reason else "",
              f"register: {call.register_error}" if call.register_error else "",
+             f"user {call.refused_user_id} refused: registered with the fallback user"
+             if call.refused_user_id is not None else "",
              f"finish {call.finish_outcome}" if call.finish_outcome else "",
              f"finish: {call.finish_error}" if call.finish_error else "",
+             steps(call),
              f"lead: {call.lead_error}" if call.lead_error else "",
              _waiting(call), _recording(call)]
     return (f"{call.id:>8} {call.pbx_call_id[:32]:32} {call.state:10} "
@@ -57,6 +60,8 @@ def _recording(call: Call) -> str:
     if call.record_state == recording.RecordState.QUEUED:
         note += f" (try {call.record_attempts + 1} due {recording.due_at(call)})"
     return note + (f": {call.record_error}" if call.record_error else "")
+
+
 def _waiting(call: Call) -> str:
     """What the call's pending events wait for, and how long they waited when parked."""
     if not call.pending:
@@ -68,6 +73,18 @@ def _waiting(call: Call) -> str:
     if call.state != State.INCOMPLETE:
         note += f"; the start has come since: flask calls retry {call.id}"
     return note
+
+
+def steps(call: Call) -> str:
+    """The finish's way there when it took more than one command, e.g. ``finish unknown >
+    finish dead (Call is not found...) > statistic.get done``."""
+    done = call.finish_steps or []
+    if len(done) < 2:
+        return ""
+    return "steps: " + " > ".join(
+        f"{s['method'].rsplit('.', 1)[-1] if 'externalcall' in s['method'] else s['method']} "
+        f"{s['outcome']}" + (f" ({s['reason'][:60]})" if s.get("reason") else "")
+        for s in done)
 
 
 @calls_cli.command("show")

@@ -11,6 +11,15 @@ finish normal.
 dedup can hand two overlapping calls one ``CALL_ID``, protocol §8.3); a collision is
 flagged and never finished from here, so a Bitrix24 call is never finished twice.
 Whichever of the two comes second (the end, or register's outcome) submits the finish.
+
+When things go wrong (protocol §8.3, §8.13):
+
+- a register refused for its user goes once more with the portal's fallback user; any other
+  failure fails the call (state ``failed``), and its later commands, which refer to the dead
+  register, are dead-lettered by the dispatcher instead of waiting;
+- a finish whose answer was lost is sent again (``TELEPHONY_FINISH_RESENDS``), and a "Call is
+  not found" after such a loss is confirmed with ``voximplant.statistic.get``; each step is
+  kept in the row's ``finish_steps``.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from typing import Any, cast
 from flask import current_app
 from sqlalchemy import CursorResult, select, update
 
-from app.dispatcher import Outcome, Priority, ref, submit
+from app.dispatcher import Outcome, OutcomeKind, Priority, ref, submit
 from app.extensions import db
 from app.telephony import click, machine, recording
 from app.telephony.models import Call
@@ -35,6 +44,12 @@ log = logging.getLogger(__name__)
 
 REGISTERED = "telephony.register"  # outcome handler tags this package owns
 FINISHED = "telephony.finish"
+FINISH_CONFIRMED = "telephony.finish_confirmed"
+STATISTICS = "voximplant.statistic.get"  # finished calls only (protocol §8.13)
+# Bitrix24's texts, matched by prefix (§8.1): a register refused for its user (§8.3), and a
+# finish of a call that is not active, never registered or finished already (§8.5).
+USER_REFUSED = ("User is not found or is not active", "USER_ID or USER_PHONE_INNER should be set")
+CALL_NOT_FOUND = "Call is not found"
 PRIORITY = {machine.REGISTER: Priority.REALTIME, machine.SHOW: Priority.REALTIME,
             machine.HIDE: Priority.REALTIME, machine.FINISH: Priority.NORMAL}
 COLLISION = "not finished: its CALL_ID is bound to another PBX call of the portal (collision)"
@@ -183,21 +198,44 @@ def _with_call_id(row: Call, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _finish_when_ready(row: Call) -> None:
-    """Submit the waiting finish once register's CALL_ID is known and not a collision."""
+    """Submit the waiting finish once register's CALL_ID is known and not a collision; a
+    call whose register failed for good is never finished (its finish is dead, with why)."""
     if row.finish_params is None or row.finish_command_id is not None:
         return
     if row.register_error is not None:
+        row.finish_outcome = OutcomeKind.DEAD.value
         row.finish_error = f"not finished: register failed: {row.register_error}"
     elif row.collision:
         row.finish_error = COLLISION
     elif row.b24_call_id is None:
         return  # register's outcome submits it
     else:
-        row.finish_command_id = submit(
-            row.portal_id, machine.FINISH, _with_call_id(row, row.finish_params),
-            key=_key(row), priority=PRIORITY[machine.FINISH], handler=FINISHED,
-            context={"call": row.id})
+        params = _with_call_id(row, row.finish_params)
+        if row.refused_user_id is not None and _user(params) == row.refused_user_id:
+            # Bitrix24 refuses him on finish too: the fallback user finishes, and the card
+            # the machine counted on finish to hide for him is hidden first (§8.4).
+            params["USER_ID"] = row.owner_user_id
+            submit(row.portal_id, machine.HIDE,
+                   {"CALL_ID": row.b24_call_id, "USER_ID": [row.refused_user_id]},
+                   key=_key(row), priority=PRIORITY[machine.HIDE])
+        _send_finish(row, params)
     row.finish_params = None
+
+
+def _send_finish(row: Call, params: Mapping[str, Any]) -> None:
+    row.finish_command_id = submit(
+        row.portal_id, machine.FINISH, dict(params), key=_key(row),
+        priority=PRIORITY[machine.FINISH], handler=FINISHED, context={"call": row.id})
+
+
+def _user(params: Mapping[str, Any]) -> int | None:
+    value = str(params.get("USER_ID") or "")
+    return int(value) if value.isdigit() else None
+
+
+def _description(outcome: Outcome) -> str:
+    """Bitrix24's error text (texts differ between builds: match a prefix, protocol §8.1)."""
+    return str((outcome.error or {}).get("error_description") or "").strip()
 
 
 def _outcome_call(outcome: Outcome) -> Call | None:
@@ -208,16 +246,57 @@ def _outcome_call(outcome: Outcome) -> Call | None:
 
 
 def registered(outcome: Outcome) -> None:
-    """register's outcome: the CALL_ID (or a collision), the CRM binding, then the finish."""
+    """register's outcome: the CALL_ID (or a collision), the CRM binding, then the finish.
+
+    A register Bitrix24 refused for its user (inactive, unknown) is sent once more with the
+    portal's fallback user (see :func:`_register_fallback`); any other failure, or a lost
+    answer the dispatcher would not resend (policy.resend_refusal), fails the call: state
+    ``failed``, the reason kept, never finished. Its later commands refer to the dead
+    register, so the dispatcher dead-letters them instead of keeping them queued.
+    """
     row = _outcome_call(outcome)
     if row is None:
         return
-    if not outcome.ok:
+    if outcome.command_id != row.register_command_id:
+        log.info("call %s: register %s was replaced by %s", row.id, outcome.command_id,
+                 row.register_command_id)
+        return
+    if outcome.ok:
+        if row.b24_call_id is None:
+            _bind(row, outcome.result if isinstance(outcome.result, dict) else {})
+    elif not _register_fallback(row, outcome):
         row.register_error = outcome.reason or outcome.kind.value
-    elif row.b24_call_id is None:
-        _bind(row, outcome.result if isinstance(outcome.result, dict) else {})
+    if row.register_error is not None:
+        row.state = machine.State.FAILED.value
+        log.warning("call %s failed: %s", row.id, row.register_error)
     _finish_when_ready(row)
     recording.when_ready(row)  # a collision or a failed register: no recording
+
+
+def _register_fallback(row: Call, outcome: Outcome) -> bool:
+    """Register the call again, once, with the portal's fallback user, when Bitrix24 refused
+    its owner (protocol §8.3): same params (same EXTERNAL_CALL_ID, SHOW=0) but USER_ID. The
+    card goes to whoever has it now on the new CALL_ID. False when that does not apply: not
+    a refused user, no fallback user, the owner is the fallback already, or tried once."""
+    if outcome.kind is not OutcomeKind.DEAD or not _description(outcome).startswith(
+            USER_REFUSED):
+        return False
+    portal = db.session.get(Portal, row.portal_id)
+    fallback = portal.settings.default_user_id if portal and portal.settings else None
+    if fallback is None or fallback == row.owner_user_id or row.refused_user_id is not None:
+        return False
+    row.refused_user_id, row.owner_user_id = row.owner_user_id, fallback
+    row.register_command_id = submit(
+        row.portal_id, machine.REGISTER, {**outcome.params, "USER_ID": fallback, "SHOW": 0},
+        key=_key(row), priority=PRIORITY[machine.REGISTER], handler=REGISTERED,
+        context={"call": row.id})
+    if row.shown:
+        submit(row.portal_id, machine.SHOW,
+               {"CALL_ID": ref(row.register_command_id, "CALL_ID"), "USER_ID": list(row.shown)},
+               key=_key(row), priority=PRIORITY[machine.SHOW])
+    log.warning("call %s: Bitrix24 refused user %s (%s); registered again with the fallback "
+                "user %s", row.id, row.refused_user_id, _description(outcome), fallback)
+    return True
 
 
 def _bind(row: Call, result: Mapping[str, Any]) -> None:
@@ -240,13 +319,86 @@ def _bind(row: Call, result: Mapping[str, Any]) -> None:
 
 
 def finished(outcome: Outcome) -> None:
-    """finish's outcome, kept on the call (done, dead with the reason, or unknown)."""
+    """finish's outcome, kept on the call (done, dead with the reason, or unknown), each
+    step in ``finish_steps``.
+
+    A finish whose answer was lost may have run: it is sent again, up to
+    ``TELEPHONY_FINISH_RESENDS`` times. Bitrix24 answers a finish of a call it finished
+    already with "Call is not found" (protocol §8.5, §8.13): after an unknown outcome that
+    answer is checked with ``voximplant.statistic.get`` (:func:`finish_confirmed`), which
+    lists finished calls only. Without an earlier unknown outcome it is a real error.
+    """
     row = _outcome_call(outcome)
     if row is None:
         return
-    row.finish_outcome = outcome.kind.value
-    row.finish_error = None if outcome.ok else outcome.reason
+    if outcome.command_id != row.finish_command_id:
+        log.info("call %s: finish %s was replaced by %s", row.id, outcome.command_id,
+                 row.finish_command_id)
+        return
+    _step(row, outcome)
+    if outcome.ok:
+        row.finish_outcome, row.finish_error = OutcomeKind.DONE.value, None
+    elif outcome.kind is OutcomeKind.UNKNOWN:
+        _resend_finish(row, outcome)
+    elif _description(outcome).startswith(CALL_NOT_FOUND) and _lost_before(row):
+        submit(row.portal_id, STATISTICS, {"FILTER": {"CALL_ID": row.b24_call_id}},
+               key=_key(row), priority=PRIORITY[machine.FINISH], handler=FINISH_CONFIRMED,
+               context={"call": row.id, "finish": outcome.command_id})
+    else:
+        row.finish_outcome = OutcomeKind.DEAD.value
+        row.finish_error = outcome.reason or outcome.kind.value
     recording.when_ready(row)  # a recording that waited for this finish goes, or not
+
+
+def _resend_finish(row: Call, outcome: Outcome) -> None:
+    lost = _lost_before(row)
+    allowed = int(current_app.config["TELEPHONY_FINISH_RESENDS"])
+    if lost > allowed:
+        row.finish_outcome = OutcomeKind.UNKNOWN.value
+        row.finish_error = (f"{outcome.reason or 'unknown outcome'} (sent {lost} times, "
+                            f"TELEPHONY_FINISH_RESENDS={allowed})")
+        return
+    row.finish_outcome, row.finish_error = None, None
+    _send_finish(row, outcome.params)
+
+
+def _lost_before(row: Call) -> int:
+    """How many finishes of the call ended with an unknown outcome."""
+    return sum(1 for s in row.finish_steps or ()
+               if s["method"] == machine.FINISH and s["outcome"] == OutcomeKind.UNKNOWN.value)
+
+
+def finish_confirmed(outcome: Outcome) -> None:
+    """The statistics check of a finish answered "Call is not found" after an unknown
+    outcome: a statistics row for the CALL_ID means an earlier finish ran (done); none
+    means the call was never finished here (dead)."""
+    row = _outcome_call(outcome)
+    if row is None:
+        return
+    if outcome.context.get("finish") != row.finish_command_id or row.finish_outcome:
+        return  # a later finish took over
+    _step(row, outcome)
+    found = outcome.result if isinstance(outcome.result, list) else []
+    if not outcome.ok:
+        row.finish_outcome = OutcomeKind.UNKNOWN.value
+        row.finish_error = ("a finish's outcome is unknown, and voximplant.statistic.get "
+                            f"failed: {outcome.reason}")
+    elif any(isinstance(r, dict) and str(r.get("CALL_ID")) == row.b24_call_id for r in found):
+        row.finish_outcome, row.finish_error = OutcomeKind.DONE.value, None
+    else:
+        row.finish_outcome = OutcomeKind.DEAD.value
+        row.finish_error = ("Call is not found after a finish with an unknown outcome, and "
+                            "voximplant.statistic.get has no row for the call")
+    recording.when_ready(row)
+
+
+def _step(row: Call, outcome: Outcome) -> None:
+    moment = outcome.completed_at or utcnow()
+    row.finish_steps = [*(row.finish_steps or ()), {
+        "at": moment.isoformat(timespec="seconds"), "command": outcome.command_id,
+        "method": outcome.method.lower(), "outcome": outcome.kind.value,
+        "reason": outcome.reason}]
+
 
 
 def on_record(portal: Portal | None, event: dict[str, Any]) -> None:
@@ -268,4 +420,4 @@ HANDLERS = {**{kind: on_call_event for kind in ("start", "ring", "ring_end", "an
                                                 "transfer", "end")},
             "record": on_record}
 OUTCOME_HANDLERS = {REGISTERED: registered, FINISHED: finished,
-                    recording.ATTACHED: record_attached}
+                    FINISH_CONFIRMED: finish_confirmed, recording.ATTACHED: record_attached}

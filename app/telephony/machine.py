@@ -75,9 +75,11 @@ class State(enum.StrEnum):
     ENDED = "ended"            # absorbing
     SKIPPED = "skipped"        # anonymous or internal, by policy: nothing sent
     UNROUTABLE = "unroutable"  # no ringing extension is mapped and no fallback user is set
+    FAILED = "failed"          # Bitrix24 refused the register (or it was lost): see the row
 
 
-QUIET = frozenset({State.ENDED, State.SKIPPED, State.UNROUTABLE})  # later events do nothing
+QUIET = frozenset({State.ENDED, State.SKIPPED, State.UNROUTABLE,
+                   State.FAILED})  # later events do nothing
 
 
 @dataclass(frozen=True)

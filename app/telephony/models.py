@@ -54,7 +54,7 @@ class Call(Model):
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"))
     pbx_call_id: Mapped[str] = mapped_column(String(256))
-    # machine.State: incomplete, ringing, answered, ended, skipped, unroutable
+    # machine.State: incomplete, ringing, answered, ended, skipped, unroutable, failed
     state: Mapped[str] = mapped_column(String(16))
     direction: Mapped[str | None] = mapped_column(String(3))  # in | out
     phone: Mapped[str | None] = mapped_column(String(64))  # as registered (E.164 when it parses)
@@ -88,11 +88,17 @@ class Call(Model):
     collision: Mapped[bool] = mapped_column(Boolean, default=False)
     register_command_id: Mapped[int | None] = mapped_column(BigId)
     register_error: Mapped[str | None] = mapped_column(Text)
+    # The owner Bitrix24 refused on register (inactive, unknown): the call was registered
+    # again with the portal's fallback user, who also finishes in his place.
+    refused_user_id: Mapped[int | None] = mapped_column(Integer)
     # finish waits for register's CALL_ID (checked for a collision first): its params meanwhile.
     finish_params: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     finish_command_id: Mapped[int | None] = mapped_column(BigId)
     finish_outcome: Mapped[str | None] = mapped_column(String(8))  # done | dead | unknown
-    finish_error: Mapped[str | None] = mapped_column(Text)
+    finish_error: Mapped[str | None] = mapped_column(Text)  # why it is dead or unknown
+    # The finish's way there, one entry per command: {"at", "command", "method", "outcome",
+    # "reason"} (finish, its resends after unknown outcomes, the statistics check).
+    finish_steps: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, default=list)
     # The PBX's recording (app/telephony/recording.py): its URL and voicemail flag from the
     # first record event; record_state: waiting (for the finish), queued (a download is due
     # at record_next_at), working (a worker has it until record_next_at), sent (attachRecord

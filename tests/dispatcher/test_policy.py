@@ -129,7 +129,7 @@ def test_errors_the_sandbox_does_not_produce(error, verdict):
     ("crm.deal.get", True), ("crm.contact.list", True), ("CRM.Deal.Update", True),
     ("app.info", True), ("profile", True), ("user.current", True), ("user.get", True),
     ("event.get", True), ("placement.get", True), ("crm.deal.fields", True),
-    ("telephony.externalCall.register", True), ("telephony.externalcall.show", True),
+    ("telephony.externalCall.register", False), ("telephony.externalcall.show", True),
     ("telephony.externalCall.hide", True), ("telephony.externalCall.attachRecord", True),
     ("event.bind", True), ("placement.bind", True),
     ("crm.deal.add", False), ("crm.lead.add", False), ("telephony.externalCall.finish", False),
