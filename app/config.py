@@ -274,6 +274,11 @@ def telephony_settings() -> dict[str, Any]:
         "TELEPHONY_ANONYMOUS_CALLS": env_str("TELEPHONY_ANONYMOUS_CALLS", "skip"),
         "TELEPHONY_ANONYMOUS_NUMBER": env_str("TELEPHONY_ANONYMOUS_NUMBER", ""),
         "TELEPHONY_INTERNAL_CALLS": env_str("TELEPHONY_INTERNAL_CALLS", "skip"),
+        # Seconds: a start, answer or transfer naming an extension that maps to nobody asks
+        # for a user sync of its portal at most once per this interval (Bitrix24 has no
+        # user-update event, protocol §8.10); 0: never on unknown extensions.
+        "TELEPHONY_UNKNOWN_EXTENSION_SYNC_INTERVAL": env_float(
+            "TELEPHONY_UNKNOWN_EXTENSION_SYNC_INTERVAL", 300.0),
     }
 
 

@@ -26,6 +26,7 @@ from sqlalchemy import CursorResult, select, update
 from app.dispatcher import Outcome, Priority, ref, submit
 from app.extensions import db
 from app.telephony import machine
+from app.telephony.extensions import ask_sync_for_unmapped
 from app.telephony.models import Call
 from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import ensure_callable
@@ -49,6 +50,7 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
     after, commands = machine.apply(state_of(row), event, policy_for(portal))
     store(row, after)
     send(row, commands)
+    ask_sync_for_unmapped(portal, event)  # an unknown extension: refresh the map, rate-limited
 
 
 def policy_for(portal: Portal) -> machine.Policy:
