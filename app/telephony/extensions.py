@@ -125,9 +125,9 @@ def set_command(member_id: str, extension: str, user_id: int, note: str) -> None
         raise click.ClickException(str(exc)) from exc
     db.session.commit()
     user = find_user(portal, user_id)
-    problem = ("user is unknown (not in the last user sync)" if user is None
-               else "user is inactive" if not user.active else None)
-    if problem:
+    if user is None or not user.active:
+        problem = "user is unknown (not in the last user sync)" if user is None else (
+            "user is inactive")
         click.echo(f"{row.extension} -> user {user_id} saved, but IGNORED while the {problem}")
     else:
         click.echo(f"{row.extension} -> user {user_id} ({user.name or 'no name'})")

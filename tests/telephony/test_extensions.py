@@ -91,7 +91,7 @@ def _cli(app: Any, *args: str) -> str:
 
 
 def test_an_override_routes_a_five_digit_extension_and_wins_over_uf_phone_inner(
-        pbx_line, sandbox, oauth_app):
+        pbx_line, sandbox, oauth_app):  # noqa: F811 - the imported fixture
     member = pbx_line["member_id"]
     out = _cli(oauth_app, "set", "--member-id", member, "20001", "3", "--note", "reception")
     assert "20001 -> user 3 (User 3)" in out
@@ -109,7 +109,8 @@ def test_an_override_routes_a_five_digit_extension_and_wins_over_uf_phone_inner(
     assert extension_map(pbx_line["portal"])["101"] == 1  # UF_PHONE_INNER applies again
 
 
-def test_an_override_naming_an_inactive_or_unknown_user_is_ignored(pbx_line, sandbox, oauth_app):
+def test_an_override_naming_an_inactive_or_unknown_user_is_ignored(
+        pbx_line, sandbox, oauth_app):  # noqa: F811 - the imported fixture
     member = pbx_line["member_id"]
     out = _cli(oauth_app, "set", "--member-id", member, "20002", "4")
     assert "IGNORED while the user is inactive" in out
