@@ -329,6 +329,11 @@ def telephony_settings() -> dict[str, Any]:
         # found" answer then means it had run: confirmed with voximplant.statistic.get).
         # After that the call's finish stays unknown, shown by `flask calls show`.
         "TELEPHONY_FINISH_RESENDS": env_int("TELEPHONY_FINISH_RESENDS", 3),
+        # Seconds: a start, answer or transfer naming an extension that maps to nobody asks
+        # for a user sync of its portal at most once per this interval (Bitrix24 has no
+        # user-update event, protocol §8.10); 0: never on unknown extensions.
+        "TELEPHONY_UNKNOWN_EXTENSION_SYNC_INTERVAL": env_float(
+            "TELEPHONY_UNKNOWN_EXTENSION_SYNC_INTERVAL", 300.0),
     }
 
 

@@ -124,11 +124,26 @@ def _assigned(portal: Portal, uid: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- lines
 
 
+def _line_number(params: dict[str, Any]) -> str:
+    """NUMBER as the platform keeps it: trimmed, at most 50 characters (§8.2)."""
+    return str(arg(params, "NUMBER", default="") or "").strip()[:50]
+
+
+def _crm_auto_create(value: Any) -> str:
+    """CRM_AUTO_CREATE: "Y" only for the literal "Y"; 1, "true" and the rest are "N" (§8.2)."""
+    return "Y" if str(value) == "Y" else "N"
+
+
+def _not_found(number: str) -> ApiError:
+    return core(f"Could not find line with number {number}")
+
+
 @method("telephony.externalLine.add", scope="telephony")
 def line_add(ctx: Ctx, params: dict[str, Any]) -> dict[str, int]:
-    number = str(arg(params, "NUMBER", default=""))
+    """Add a line; NUMBER trimmed, CRM_AUTO_CREATE Y unless given as anything but "Y"."""
+    number = _line_number(params)
     if not number:
-        raise ApiError("ERROR_ARGUMENT", "NUMBER is required", 400, argument="NUMBER")
+        raise core("NUMBER should not be empty")
     if number in ctx.portal.lines:
         raise core("Line already exists")
     ctx.portal.line_seq += 1
@@ -136,25 +151,32 @@ def line_add(ctx: Ctx, params: dict[str, Any]) -> dict[str, int]:
         "ID": ctx.portal.line_seq,
         "NUMBER": number,
         "NAME": str(arg(params, "NAME", default="")),
-        "CRM_AUTO_CREATE": str(arg(params, "CRM_AUTO_CREATE", default="Y")),
+        "CRM_AUTO_CREATE": _crm_auto_create(arg(params, "CRM_AUTO_CREATE", default="Y")),
     }
     return {"ID": ctx.portal.line_seq}
 
 
 @method("telephony.externalLine.update", scope="telephony")
 def line_update(ctx: Ctx, params: dict[str, Any]) -> dict[str, str]:
-    number = str(arg(params, "NUMBER", default=""))
+    """Update NAME and/or CRM_AUTO_CREATE of a line found by its (trimmed) NUMBER."""
+    number = _line_number(params)
     line = ctx.portal.lines.get(number)
     if line is None:
-        raise core("Line not found")
-    for key in ("NAME", "CRM_AUTO_CREATE"):
-        if key in params:
-            line[key] = str(params[key])
+        raise _not_found(number)
+    fields = {k.upper(): v for k, v in params.items()
+              if k.upper() in ("NAME", "CRM_AUTO_CREATE")}
+    if not fields:
+        raise core("There are no fields to update")
+    if "NAME" in fields:
+        line["NAME"] = str(fields["NAME"])
+    if "CRM_AUTO_CREATE" in fields:
+        line["CRM_AUTO_CREATE"] = _crm_auto_create(fields["CRM_AUTO_CREATE"])
     return {"ID": str(line["ID"])}
 
 
 @method("telephony.externalLine.get", scope="telephony")
 def line_get(ctx: Ctx, params: dict[str, Any]) -> list[dict[str, str]]:
+    """The app's lines, those auto-created by register included."""
     return [
         {"NUMBER": ln["NUMBER"], "NAME": ln["NAME"], "CRM_AUTO_CREATE": ln["CRM_AUTO_CREATE"]}
         for ln in ctx.portal.lines.values()
@@ -163,7 +185,10 @@ def line_get(ctx: Ctx, params: dict[str, Any]) -> list[dict[str, str]]:
 
 @method("telephony.externalLine.delete", scope="telephony")
 def line_delete(ctx: Ctx, params: dict[str, Any]) -> list[Any]:
-    ctx.portal.lines.pop(str(arg(params, "NUMBER", default="")), None)
+    """Delete a line; an unknown NUMBER is "Could not find line with number X"."""
+    number = _line_number(params)
+    if ctx.portal.lines.pop(number, None) is None:
+        raise _not_found(number)
     return []
 
 

@@ -62,13 +62,14 @@ class SetupReport:
     placements_bound: list[str] = field(default_factory=list)
     placements_unbound: list[str] = field(default_factory=list)
     lines_added: list[str] = field(default_factory=list)
+    lines_updated: list[str] = field(default_factory=list)
     users: int = 0
 
     @property
     def changed(self) -> bool:
         """Whether anything was bound or added."""
         return bool(self.events_bound or self.events_unbound or self.placements_bound
-                    or self.placements_unbound or self.lines_added)
+                    or self.placements_unbound or self.lines_added or self.lines_updated)
 
 
 def public_url(path: str) -> str:
@@ -199,9 +200,9 @@ def missing_bindings(portal: Portal, state: Mapping[str, Any]
             writes[f"pl_{code}"] = ("placement.bind", {"PLACEMENT": code, "HANDLER": handler,
                                                        "TITLE": title})
             kinds[f"pl_{code}"] = ("placement", code)
-    for i, params in enumerate(_missing_lines(portal, state["lines"])):
-        writes[f"ln{i}"] = ("telephony.externalLine.add", params)
-        kinds[f"ln{i}"] = ("line", params["NUMBER"])
+    for i, (method, params) in enumerate(line_commands(portal, state["lines"])):
+        writes[f"ln{i}"] = (method, params)
+        kinds[f"ln{i}"] = ("line" if method == LINE_ADD else "line_update", params["NUMBER"])
     return writes, kinds
 
 
@@ -216,14 +217,72 @@ def _stale_placements(placed: set[tuple[str, Any]]) -> set[tuple[str, Any]]:
             if code in wanted and handler != wanted[code][0]}
 
 
-def _missing_lines(portal: Portal, existing: Any) -> list[dict[str, Any]]:
-    have = {str(line.get("NUMBER")) for line in as_list(existing) if isinstance(line, dict)}
+LINE_ADD, LINE_UPDATE, LINE_DELETE = ("telephony.externalLine.add",
+                                      "telephony.externalLine.update",
+                                      "telephony.externalLine.delete")
+LINE_NUMBER_MAX = 50  # Bitrix24 trims NUMBER and keeps 50 characters (§8.2)
+
+
+def line_number(value: Any) -> str:
+    """A line's number as Bitrix24 stores it (add's ``NUMBER``, register's ``LINE_NUMBER``)."""
+    return str(value if value is not None else "").strip()[:LINE_NUMBER_MAX]
+
+
+def crm_auto_create(portal: Portal) -> str:
+    """A line's ``CRM_AUTO_CREATE``: the literal "Y" or "N" (Bitrix24 reads only "Y" as yes:
+    1 or true would be no, §8.2), from the portal's crm_create setting."""
     settings = portal.settings
-    crm = "Y" if settings is None or settings.crm_create else "N"
-    out = []
-    for line in (settings.lines if settings else None) or []:
-        number = str(line.get("number") or "").strip()
-        if number and number not in have:
-            out.append({"NUMBER": number, "NAME": str(line.get("name") or number),
-                        "CRM_AUTO_CREATE": crm})
+    return "Y" if settings is None or settings.crm_create else "N"
+
+
+def configured_lines(portal: Portal) -> dict[str, str]:
+    """``{number: name}`` of the company numbers in the portal's settings."""
+    out: dict[str, str] = {}
+    for line in (portal.settings.lines if portal.settings else None) or []:
+        number = line_number(line.get("number"))
+        if number and number not in out:
+            out[number] = str(line.get("name") or "").strip() or number
     return out
+
+
+def line_commands(portal: Portal, existing: Any) -> list[tuple[str, dict[str, Any]]]:
+    """Add the configured lines Bitrix24 lacks; update those whose ``NAME`` or
+    ``CRM_AUTO_CREATE`` differ.
+
+    ``existing`` is ``telephony.externalLine.get``: this app's lines only, the ones a
+    register auto-created for an unknown ``LINE_NUMBER`` among them (nameless, and made
+    with CRM_AUTO_CREATE Y). Those are kept, named after their number and given the
+    portal's CRM_AUTO_CREATE. Nothing is deleted here: a line leaves Bitrix24 when an
+    administrator removes it from the settings (:func:`removed_lines`), not because the
+    PBX used a number the settings never listed.
+    """
+    have = {line_number(line.get("NUMBER")): line for line in as_list(existing)
+            if isinstance(line, Mapping) and line_number(line.get("NUMBER"))}
+    crm = crm_auto_create(portal)
+    wanted = configured_lines(portal)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for number, name in wanted.items():
+        if number not in have:
+            out.append((LINE_ADD, {"NUMBER": number, "NAME": name, "CRM_AUTO_CREATE": crm}))
+    for number, line in have.items():
+        name = wanted.get(number) or str(line.get("NAME") or "").strip() or number
+        if str(line.get("NAME") or "") != name or str(line.get("CRM_AUTO_CREATE") or "") != crm:
+            out.append((LINE_UPDATE, {"NUMBER": number, "NAME": name, "CRM_AUTO_CREATE": crm}))
+    return out
+
+
+def removed_lines(before: Any, after: Any) -> list[str]:
+    """The numbers of the settings' lines ``before`` that ``after`` no longer has."""
+    kept = {line_number(line.get("number")) for line in after or [] if isinstance(line, Mapping)}
+    return sorted({n for line in before or [] if isinstance(line, Mapping)
+                   if (n := line_number(line.get("number"))) and n not in kept})
+
+
+def line_already_exists(error: Mapping[str, Any] | None) -> bool:
+    """Whether add's error is "Line already exists" (then the line is updated instead)."""
+    return "line already exists" in str((error or {}).get("error_description") or "").lower()
+
+
+def line_not_found(error: Mapping[str, Any] | None) -> bool:
+    """Whether the error is "Could not find line with number X" (a delete: already done)."""
+    return "could not find line" in str((error or {}).get("error_description") or "").lower()

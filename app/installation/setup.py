@@ -21,7 +21,15 @@ from typing import Any
 from app.bitrix.errors import ApiError, BitrixError, already_done
 from app.dispatcher import direct
 from app.extensions import db
-from app.installation.plan import READ_COMMANDS, USER_PAGE, SetupReport, as_list, decide
+from app.installation.plan import (
+    LINE_UPDATE,
+    READ_COMMANDS,
+    USER_PAGE,
+    SetupReport,
+    as_list,
+    decide,
+    line_already_exists,
+)
 from app.installation.user_sync import sync_users, upsert_user
 from app.installation.verify import InstallError
 from app.tenants.models import Portal
@@ -101,16 +109,24 @@ def _apply_writes(portal: Portal, writes: dict[str, tuple[str, dict[str, Any]]],
                   kinds: Mapping[str, tuple[str, str]], report: SetupReport) -> None:
     outcome = _batch(portal, writes)
     failures = []
+    updates: dict[str, tuple[str, dict[str, Any]]] = {}
     for key, value in outcome.items():
         kind, name = kinds[key]
         if kind == "placement" and value is False:  # "the handler was not registered"
             value = ApiError("NOT_BOUND", "placement.bind answered false")
+        if kind == "line" and isinstance(value, ApiError) and line_already_exists(
+                {"error_description": value.description}):
+            updates[key] = (LINE_UPDATE, writes[key][1])  # added meanwhile: set NAME, CRM (§8.2)
+            continue
         if isinstance(value, ApiError) and not already_done(value):
             failures.append(f"{writes[key][0]} {name}: {value.code} {value.description}")
             continue
         {"event": report.events_bound, "unbind": report.events_unbound,
          "placement": report.placements_bound, "unplace": report.placements_unbound,
-         "line": report.lines_added}[kind].append(name)
+         "line": report.lines_added, "line_update": report.lines_updated}[kind].append(name)
+    if updates:
+        _apply_writes(portal, updates, {k: ("line_update", kinds[k][1]) for k in updates},
+                      report)
     if failures:
         raise SetupFailed("; ".join(failures))
 

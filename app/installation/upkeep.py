@@ -19,6 +19,11 @@ factory); it receives the command's ``Outcome`` and reads no dispatcher table:
   are full. The portal's ``users_sync_status`` says where the sync stands: running,
   done, or failed with ``users_sync_error`` when a page's read died (``flask portals show``);
 * **ONUSERADD**: ``user.get`` for that user; :func:`user_fetched` upserts it.
+* **external lines** (§8.2): the setup's line writes, and the deletes of lines an
+  administrator removed from the settings (:func:`submit_line_deletes`), share the portal's
+  key ``lines:<portal>``, so a removal and a later re-adding of one number leave in order.
+  An add answered "Line already exists" is followed by an update (:func:`line_added`); a
+  delete answered "Could not find line with number X" counts as done (:func:`line_deleted`).
 
 The dispatcher paces these with the portal's bucket, packs up to 50 a batch and retries
 transient failures until its retry horizon (hours), so a burst of events, a Bitrix24
@@ -50,6 +55,8 @@ log = logging.getLogger(__name__)
 SETUP_READ = "installation.setup_read"
 USERS_PAGE = "installation.users_page"
 USER_FETCHED = "installation.user_fetched"
+LINE_ADDED = "installation.line_added"
+LINE_DELETED = "installation.line_deleted"
 PRIORITY = Priority.BULK  # upkeep never goes ahead of telephony's commands
 SYNC_RUNNING, SYNC_DONE, SYNC_FAILED = "running", "done", "failed"
 
@@ -80,6 +87,46 @@ def submit_user_fetch(portal: Portal, user_id: int) -> int:
                   handler=USER_FETCHED)
 
 
+def _lines_key(portal_id: int) -> str:
+    return f"lines:{portal_id}"
+
+
+def submit_line(portal: Portal, method: str, params: dict[str, Any]) -> int:
+    """Submit one external-line write under the portal's lines key (flushed)."""
+    return submit(portal.id, method, params, key=_lines_key(portal.id), priority=PRIORITY,
+                  handler={plan.LINE_ADD: LINE_ADDED, plan.LINE_DELETE: LINE_DELETED}.get(method))
+
+
+def submit_line_deletes(portal: Portal, numbers: list[str]) -> list[int]:
+    """Delete these lines from Bitrix24 (removed from the settings; flushed, caller commits)."""
+    return [submit_line(portal, plan.LINE_DELETE, {"NUMBER": plan.line_number(number)})
+            for number in numbers if plan.line_number(number)]
+
+
+def line_added(outcome: Outcome) -> int | None:
+    """An add's outcome: "Line already exists" means the line is there with whatever name
+    and CRM_AUTO_CREATE it had (a register auto-created it, or a setup raced), so the same
+    values go as an update; the update's id, if one was submitted."""
+    if not outcome.ok or not plan.line_already_exists(outcome.error):
+        if not outcome.ok:
+            log.warning("portal %s: line %s not added (%s: %s)", outcome.portal_id,
+                        outcome.params.get("NUMBER"), outcome.kind, outcome.reason)
+        return None
+    portal = _callable_portal(outcome)
+    if portal is None:
+        return None
+    return submit_line(portal, plan.LINE_UPDATE, dict(outcome.params))
+
+
+def line_deleted(outcome: Outcome) -> bool:
+    """A delete's outcome; whether the line is gone ("Could not find line" counts as gone)."""
+    gone = outcome.ok or plan.line_not_found(outcome.error)
+    if not gone:
+        log.warning("portal %s: line %s not deleted (%s: %s)", outcome.portal_id,
+                    outcome.params.get("NUMBER"), outcome.kind, outcome.reason)
+    return gone
+
+
 def _callable_portal(outcome: Outcome) -> Portal | None:
     """The outcome's portal, or None when there is nothing to follow up."""
     portal = db.session.get(Portal, outcome.portal_id)
@@ -99,7 +146,10 @@ def setup_read(outcome: Outcome) -> plan.SetupReport | None:
     report = plan.SetupReport()
     writes, _ = plan.decide(portal, state, report)
     for method, params in writes.values():
-        submit(portal.id, method, params, priority=PRIORITY)
+        if method in (plan.LINE_ADD, plan.LINE_UPDATE):
+            submit_line(portal, method, params)
+        else:
+            submit(portal.id, method, params, priority=PRIORITY)
     _sync_state(portal, SYNC_RUNNING)
     report.users = _take_page(portal, state["users"], 0)
     db.session.flush()
@@ -176,4 +226,5 @@ def user_fetched(outcome: Outcome) -> PortalUser | None:
 
 
 # Registered by the app factory (app/__init__.py): this use case owns its tags, not the dispatcher.
-OUTCOME_HANDLERS = {SETUP_READ: setup_read, USERS_PAGE: users_page, USER_FETCHED: user_fetched}
+OUTCOME_HANDLERS = {SETUP_READ: setup_read, USERS_PAGE: users_page, USER_FETCHED: user_fetched,
+                    LINE_ADDED: line_added, LINE_DELETED: line_deleted}

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from app.extensions import db
 from app.telephony import handlers, machine, recording
+from app.telephony.extensions import extensions_cli
 from app.telephony.machine import State
 from app.telephony.models import Call
 from app.tenants.cli import portal_id_filter
@@ -19,6 +20,7 @@ from app.tenants.models import Portal, aware
 from app.tenants.status import PortalUnavailable, ensure_callable
 
 calls_cli = AppGroup("calls", help="PBX calls and the Bitrix24 calls they became.")
+calls_cli.add_command(extensions_cli)  # flask calls extensions list|set|unset
 
 
 def newest(portal_id: int | None = None, state: str | None = None,

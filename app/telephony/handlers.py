@@ -35,6 +35,7 @@ from sqlalchemy import CursorResult, select, update
 from app.dispatcher import Outcome, OutcomeKind, Priority, ref, submit
 from app.extensions import db
 from app.telephony import click, machine, recording
+from app.telephony.extensions import ask_sync_for_unmapped
 from app.telephony.models import Call
 from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import ensure_callable
@@ -67,6 +68,7 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
     store(row, after)
     send(row, commands)
     recording.when_ready(row)  # a waiting recording of a call that will never finish: skipped
+    ask_sync_for_unmapped(portal, event)  # an unknown extension: refresh the map, rate-limited
 
 
 def locked(*where: Any) -> Call | None:

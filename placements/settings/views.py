@@ -19,7 +19,9 @@ from app.extensions import db
 from app.framing import framed_by
 from app.ingress import inbox, provisional
 from app.ingress.retention import Retention
+from app.installation import upkeep
 from app.installation.iframe import open_iframe
+from app.installation.plan import removed_lines
 from app.installation.verify import InstallError, PortalHeld
 from app.queue import enqueue
 from app.tenants.models import Portal, PortalSettings
@@ -116,15 +118,20 @@ def _save() -> Response:
         # A token we signed names its portal: that portal frames the refusal. A forged one: nobody.
         return error_page(exc.message, exc.status, exc.portal.origin if exc.portal else None)
     portal, user_id = grant.portal, grant.user_id
+    settings = _settings(portal)
+    before = list(settings.lines or [])
     try:
-        setup_needed = _apply_form(_settings(portal))
+        setup_needed = _apply_form(settings)
     except ValueError as exc:  # nothing written; the admin's text comes back with the error
         body = render(portal, is_admin=True, user_id=user_id, error=str(exc),
                       lines_text=request.form.get("lines", ""))
         return framed_by(make_response(body, 400), portal.origin)
+    removed = removed_lines(before, settings.lines)
+    if removed:  # deleted from Bitrix24 with the save: committed together (§8.2)
+        upkeep.submit_line_deletes(portal, removed)
     db.session.commit()
     log.info("settings of portal %s saved by user %s", portal.member_id, user_id)
-    if setup_needed:  # new lines to add, or events to rebind for the new event mode
+    if setup_needed:  # lines to add or rename, or events to rebind for the new event mode
         enqueue("setup_portal", portal.id)
     body = render(portal, is_admin=True, user_id=user_id, notice="Settings saved.")
     return framed_by(make_response(body), portal.origin)
@@ -150,13 +157,16 @@ def parse_lines(text: str) -> list[dict[str, str]]:
 
 
 def _apply_form(settings: PortalSettings) -> bool:
-    """Copy the form into ``settings``; True when the lines or the event mode changed."""
+    """Copy the form into ``settings``; True when the lines, the event mode or the CRM
+    setting changed (each line's CRM_AUTO_CREATE follows crm_create)."""
     mode = request.form.get("event_mode", settings.event_mode)
     if mode not in EVENT_MODES:
         raise ValueError("event mode must be online or offline")
     lines = parse_lines(request.form.get("lines", ""))
-    changed = lines != (settings.lines or []) or mode != settings.event_mode
+    crm_create = request.form.get("crm_create") == "1"
+    changed = (lines != (settings.lines or []) or mode != settings.event_mode
+               or crm_create != bool(settings.crm_create))
     settings.event_mode = mode
     settings.lines = lines
-    settings.crm_create = request.form.get("crm_create") == "1"
+    settings.crm_create = crm_create
     return changed
