@@ -26,8 +26,9 @@ schema) and returns the new state and the Bitrix24 commands to send, in order (p
   and ``OTHER`` otherwise, the last handler finishing an answered one.
 
 ``end`` is absorbing. A duplicate, the same kind of event again even with a later ``at``,
-changes nothing: a second start, answer or end; a transfer to an extension that was a
-transfer's target already; a ring or ring_end of an extension that rang (stopped) already.
+changes nothing: a second start, answer or end; a transfer applied before (same from and
+to), unless the call has come back to the one passing it on (a call passed back and forth
+is transferred each time); a ring or ring_end of an extension that rang (stopped) already.
 ``seen`` keeps what was applied. An event before the start is kept in ``pending`` (state
 ``incomplete``): nothing can be registered without the start's number and direction; the
 start applies them after itself, ordered by (``at``, rank, arrival). Once the call is
@@ -143,21 +144,34 @@ def apply(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, l
     if call.state is State.INCOMPLETE:
         return replace(call, pending=(*call.pending, dict(event))), []
     key = identity(event)
-    if key in call.seen:
-        return call, []  # a duplicate
+    if _duplicate(call, key, event, policy):
+        return call, []
     after, commands = _STEPS[str(kind)](call, event, policy)
     return replace(after, seen=(*after.seen, key)), commands
 
 
 def identity(event: Mapping[str, Any]) -> str:
-    """What makes two events of a call duplicates: the kind, and for a transfer its target,
-    for a ring or ring_end its extension."""
+    """What makes two events of a call duplicates: the kind, and for a transfer who passed
+    it to whom, for a ring or ring_end its extension."""
     kind = str(event.get("event"))
     if kind == "transfer":
-        return f"transfer>{str(event.get('to_extension') or '').strip()}"
+        return (f"transfer:{str(event.get('from_extension') or '').strip()}"
+                f">{str(event.get('to_extension') or '').strip()}")
     if kind in ("ring", "ring_end"):
         return f"{kind}:{str(event.get('extension') or '').strip()}"
     return kind
+
+
+def _duplicate(call: Call, key: str, event: Mapping[str, Any], policy: Policy) -> bool:
+    """Whether the event repeats one applied before. A transfer that was applied before is
+    real again only when the call has come back to the one passing it on (A to B, B to A,
+    A to B again: three transfers); from anyone else it is a late copy."""
+    if key not in call.seen:
+        return False
+    if key.startswith("transfer:"):
+        passer = users_of([str(event.get("from_extension") or "")], policy)
+        return not passer or call.handler is None or passer[0] != call.handler
+    return True
 
 
 def retry(call: Call, policy: Policy) -> tuple[Call, list[Command]]:

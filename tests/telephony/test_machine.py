@@ -464,4 +464,17 @@ def test_any_arrival_of_a_queue_calls_events_keeps_the_card_rules(events):
 def test_any_event_sent_again_later_changes_nothing(events, second):
     call, _ = run(events)
     for event in events:
+        if event["event"] == "transfer" and call.state is not State.ENDED \
+                and EXT.get(event["from_extension"]) == call.handler:
+            continue  # the call came back to the one passing it on: a real transfer again
         assert apply(call, later(event, second), POLICY) == (call, []), event["event"]
+
+
+def test_a_call_passed_back_and_forth_is_transferred_each_time():
+    call, commands = run([START, ev("answer", 4, extension="102"),
+                          ev("transfer", 9, from_extension="102", to_extension="104"),
+                          ev("transfer", 20, from_extension="104", to_extension="102"),
+                          ev("transfer", 30, from_extension="102", to_extension="104"),
+                          ev("end", 50, status="answered", duration=30)])
+    assert steps(commands[3:]) == [("show", 4), ("hide", [2]), ("show", 2), ("hide", [4]),
+                                   ("show", 4), ("hide", [2]), ("finish", 4)]
