@@ -292,7 +292,11 @@ def telephony_settings() -> dict[str, Any]:
         "TELEPHONY_ROUTE_SKIP_ABSENT": env_bool("TELEPHONY_ROUTE_SKIP_ABSENT", True),
         # Lookups in flight per web process at most; a miss beyond that answers 204 at once
         # (a slow portal holds each lookup up to a request's timeout).
-        "TELEPHONY_ROUTE_LOOKUPS": env_int("TELEPHONY_ROUTE_LOOKUPS", 16),
+        "TELEPHONY_ROUTE_LOOKUPS": env_int("TELEPHONY_ROUTE_LOOKUPS", 32),
+        # Requests per web process that may wait for a lookup at once; a miss beyond that
+        # answers 204 at once (its lookup still runs), so misses at a slow portal never hold
+        # all of a process's threads (WEB_THREADS, 4) that also take the PBX's call events.
+        "TELEPHONY_ROUTE_WAITERS": env_int("TELEPHONY_ROUTE_WAITERS", 2),
     }
 
 
@@ -472,9 +476,10 @@ def _check_telephony(cfg: dict[str, Any]) -> None:
     if not priority or not set(priority) <= set(TELEPHONY_ROUTE_KINDS):
         raise ConfigError("TELEPHONY_ROUTE_PRIORITY must list some of contact, company, lead "
                           f"(comma-separated), got {cfg['TELEPHONY_ROUTE_PRIORITY']!r}")
-    if float(cfg["TELEPHONY_ROUTE_WAIT"]) <= 0 or int(cfg["TELEPHONY_ROUTE_LOOKUPS"]) < 1:
-        raise ConfigError("TELEPHONY_ROUTE_WAIT must be over 0 and TELEPHONY_ROUTE_LOOKUPS "
-                          "at least 1")
+    if float(cfg["TELEPHONY_ROUTE_WAIT"]) <= 0 or min(int(cfg["TELEPHONY_ROUTE_LOOKUPS"]),
+                                                      int(cfg["TELEPHONY_ROUTE_WAITERS"])) < 1:
+        raise ConfigError("TELEPHONY_ROUTE_WAIT must be over 0, TELEPHONY_ROUTE_LOOKUPS and "
+                          "TELEPHONY_ROUTE_WAITERS at least 1")
     country = str(cfg["TELEPHONY_DEFAULT_COUNTRY"] or "")
     if country and not (len(country) == 2 and country.isalpha()):
         raise ConfigError("TELEPHONY_DEFAULT_COUNTRY must be a two-letter country code "

@@ -13,7 +13,12 @@ worker waits behind whatever the workers' queue holds (a burst of call events), 
 portal's answer would miss the bound for reasons of our own. The threads are bounded: at
 most ``TELEPHONY_ROUTE_LOOKUPS`` per process are in flight (each ends within the REST
 client's timeout), one per (portal, number) across processes (a Redis lock; another
-process's asker polls the cache); a miss that finds no free slot answers 204 at once.
+process's asker polls the cache); a miss that finds no free slot answers 204 at once. And
+at most ``TELEPHONY_ROUTE_WAITERS`` requests per process wait for a lookup at once: the
+others answer 204 at once while their lookup runs. A waiting request holds a web thread,
+and the web threads also take the PBX's call events; with every thread allowed to wait,
+misses at a slow portal (bench/route.py: 4 a second, 10 s each) queued up to 0.5 s past
+the bound. A lookup gives its database connection back before it calls Bitrix24.
 
 What routes (:func:`choose`): the matches are ordered by ``TELEPHONY_ROUTE_PRIORITY`` (kinds
 left out never route), and the first whose responsible can take the call wins. Skipped:
@@ -125,13 +130,18 @@ def route(portal_id: int, raw_phone: str) -> Match | None:
         return hit
     wait = float(current_app.config["TELEPHONY_ROUTE_WAIT"])
     deadline = time.monotonic() + wait
-    future = _lookups().start(portal_id, phone)
-    if future is None:  # another process looks it up: its answer lands in the cache
-        return _poll(portal_id, phone, deadline)
+    lookups = _lookups()
+    future = lookups.start(portal_id, phone)
+    if not lookups.waiters.acquire(blocking=False):
+        return None  # enough requests wait already: this one answers now, its lookup goes on
     try:
+        if future is None:  # another process looks it up: its answer lands in the cache
+            return _poll(portal_id, phone, deadline)
         return future.result(timeout=max(0.0, deadline - time.monotonic()))
     except FutureTimeout:
         return None  # the lookup goes on and fills the cache
+    finally:
+        lookups.waiters.release()
 
 
 def _poll(portal_id: int, phone: str, deadline: float) -> Match | None:
@@ -194,14 +204,17 @@ def lookup(portal_id: int, phone: str) -> Match:
         portal = db.session.get(Portal, portal_id)
         if portal is None:
             return Match()
-        results = direct.call_method(portal, SEARCH, {"PHONE_NUMBER": phone})
         users = {user: ext for ext, user in sorted(extension_map(portal).items(), reverse=True)}
-        settings = portal.settings
+        fallback = portal.settings.default_user_id if portal.settings else None
+        # Give the database connection back before a request that may take seconds: held
+        # through it, TELEPHONY_ROUTE_LOOKUPS lookups emptied the pool and the requests
+        # waited for a connection (bench/route.py). The direct path writes in its own ones.
+        db.session.close()
+        results = direct.call_method(portal, SEARCH, {"PHONE_NUMBER": phone})
         match = choose(results if isinstance(results, list) else [],
                        priority=[k.strip() for k in str(cfg["TELEPHONY_ROUTE_PRIORITY"])
                                  .split(",") if k.strip()],
-                       extensions=users,
-                       fallback_user=settings.default_user_id if settings else None,
+                       extensions=users, fallback_user=fallback,
                        skip_absent=bool(cfg["TELEPHONY_ROUTE_SKIP_ABSENT"]))
     except Exception as exc:  # noqa: BLE001 - any failure means "no preference" for now
         log.warning("portal %s: routing lookup failed: %s", portal_id,
@@ -223,6 +236,8 @@ class Lookups:
         self._pid = 0
         self._pool: ThreadPoolExecutor | None = None
         self._running: dict[tuple[int, str], Future[Match]] = {}
+        # requests of this process waiting for a lookup (TELEPHONY_ROUTE_WAITERS)
+        self.waiters = threading.BoundedSemaphore(int(app.config["TELEPHONY_ROUTE_WAITERS"]))
 
     def start(self, portal_id: int, phone: str) -> Future[Match] | None:
         """The lookup's future (joined if this process runs one already); None when another
