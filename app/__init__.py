@@ -98,11 +98,13 @@ def _register_blueprints(app: Flask) -> None:
     from app.ingress import lane as intake_lane
     from app.ingress.views import bp as ingress_bp
     from app.installation.views import bp as installation_bp
+    from app.telephony.views import bp as telephony_bp
 
     app.register_blueprint(health_bp)
     app.register_blueprint(ingress_bp)
     intake_lane.init_app(app)  # outermost WSGI layer: the common event, answered without Flask
     app.register_blueprint(installation_bp)
+    app.register_blueprint(telephony_bp)  # GET /api/v1/calls/route (the PBX asks whose client)
     placements.init_app(app)
 
 

@@ -253,6 +253,7 @@ def dispatch_settings() -> dict[str, Any]:
 
 
 TELEPHONY_POLICIES = ("skip", "register")
+TELEPHONY_ROUTE_KINDS = ("contact", "company", "lead")
 
 
 def telephony_settings() -> dict[str, Any]:
@@ -334,6 +335,28 @@ def telephony_settings() -> dict[str, Any]:
         # user-update event, protocol §8.10); 0: never on unknown extensions.
         "TELEPHONY_UNKNOWN_EXTENSION_SYNC_INTERVAL": env_float(
             "TELEPHONY_UNKNOWN_EXTENSION_SYNC_INTERVAL", 300.0),
+        # GET /api/v1/calls/route (app/telephony/routing.py): seconds an answer naming an
+        # employee is cached per (portal, number); seconds a "no preference" one is (no CRM
+        # match, nobody routable, or the lookup failed), kept short so a new client, a
+        # reassigned one or a manager clocking in shows soon.
+        "TELEPHONY_ROUTE_TTL": env_float("TELEPHONY_ROUTE_TTL", 300.0),
+        "TELEPHONY_ROUTE_NEGATIVE_TTL": env_float("TELEPHONY_ROUTE_NEGATIVE_TTL", 30.0),
+        # Seconds a routing miss waits for searchCrmEntities before answering 204; the lookup
+        # goes on in the background and fills the cache for the next ask.
+        "TELEPHONY_ROUTE_WAIT": env_float("TELEPHONY_ROUTE_WAIT", 1.5),
+        # Which CRM match routes the call, first listed first: contact, company, lead (a type
+        # left out never routes).
+        "TELEPHONY_ROUTE_PRIORITY": env_str("TELEPHONY_ROUTE_PRIORITY", "contact,company,lead"),
+        # Skip a responsible whose work day is not open (TIMEMAN_STATUS CLOSED, PAUSED or
+        # EXPIRED); the next match's responsible is tried.
+        "TELEPHONY_ROUTE_SKIP_ABSENT": env_bool("TELEPHONY_ROUTE_SKIP_ABSENT", True),
+        # Lookups in flight per web process at most; a miss beyond that answers 204 at once
+        # (a slow portal holds each lookup up to a request's timeout).
+        "TELEPHONY_ROUTE_LOOKUPS": env_int("TELEPHONY_ROUTE_LOOKUPS", 32),
+        # Requests per web process that may wait for a lookup at once; a miss beyond that
+        # answers 204 at once (its lookup still runs), so misses at a slow portal never hold
+        # all of a process's threads (WEB_THREADS, 4) that also take the PBX's call events.
+        "TELEPHONY_ROUTE_WAITERS": env_int("TELEPHONY_ROUTE_WAITERS", 2),
     }
 
 
@@ -519,6 +542,15 @@ def _check_telephony(cfg: dict[str, Any]) -> None:
                           f"{cfg['TELEPHONY_REGISTER_RESEND_WINDOW']!r}")
     if int(cfg["TELEPHONY_FINISH_RESENDS"]) < 0:
         raise ConfigError("TELEPHONY_FINISH_RESENDS must not be negative")
+    priority = [kind.strip().lower() for kind in str(cfg["TELEPHONY_ROUTE_PRIORITY"] or "")
+                .split(",") if kind.strip()]
+    if not priority or not set(priority) <= set(TELEPHONY_ROUTE_KINDS):
+        raise ConfigError("TELEPHONY_ROUTE_PRIORITY must list some of contact, company, lead "
+                          f"(comma-separated), got {cfg['TELEPHONY_ROUTE_PRIORITY']!r}")
+    if float(cfg["TELEPHONY_ROUTE_WAIT"]) <= 0 or min(int(cfg["TELEPHONY_ROUTE_LOOKUPS"]),
+                                                      int(cfg["TELEPHONY_ROUTE_WAITERS"])) < 1:
+        raise ConfigError("TELEPHONY_ROUTE_WAIT must be over 0, TELEPHONY_ROUTE_LOOKUPS and "
+                          "TELEPHONY_ROUTE_WAITERS at least 1")
     country = str(cfg["TELEPHONY_DEFAULT_COUNTRY"] or "")
     if country and not (len(country) == 2 and country.isalpha()):
         raise ConfigError("TELEPHONY_DEFAULT_COUNTRY must be a two-letter country code "

@@ -14,6 +14,8 @@
    flight), ``bench.dispatch_recovery`` (15,000 queued after an outage, calls meanwhile),
    ``bench.dispatch_scale`` (1,000 portals, 50 busy), ``bench.dispatch_peers``
    (fast_bitrix24 and b24pysdk on the same workload; the ``bench`` extra).
+6. ``bench.route`` — ``GET /api/v1/calls/route``: cache hits at 200/s, misses at a fast and
+   at a 10 s portal (issue 23 point 4).
 
 Run one alone with ``python -m bench.ingest …`` or ``python -m sandbox.loadtest …``.
 """
@@ -41,6 +43,7 @@ RUNS = [
      [sys.executable, "-m", "bench.dispatch_recovery"]),
     ("dispatcher scale (bench.dispatch_scale)", [sys.executable, "-m", "bench.dispatch_scale"]),
     ("dispatcher peers (bench.dispatch_peers)", [sys.executable, "-m", "bench.dispatch_peers"]),
+    ("routing, warm and cold cache (bench.route)", [sys.executable, "-m", "bench.route"]),
 ]
 
 

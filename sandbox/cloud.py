@@ -120,6 +120,7 @@ class Cloud:
                 bool(u.get("active", True)),
                 u.get("email", ""),
                 [str(n) for n in u.get("phones") or []],
+                str(u.get("timeman") or "NOT_INSTALLED"),
             )
             for u in users_spec
         }
@@ -202,6 +203,7 @@ class Cloud:
                     "admin": u.admin,
                     "extension": u.extension,
                     "active": u.active,
+                    "timeman": u.timeman,
                 }
                 for u in p.users.values()
             ],

@@ -113,7 +113,7 @@ def _assigned(portal: Portal, uid: int) -> dict[str, Any]:
     u = portal.users.get(uid)
     return {
         "ID": str(uid),
-        "TIMEMAN_STATUS": "NOT_INSTALLED",
+        "TIMEMAN_STATUS": u.timeman if u else "NOT_INSTALLED",
         "USER_PHONE_INNER": u.extension if u else "",
         "WORK_PHONE": "",
         "PERSONAL_PHONE": "",
@@ -719,7 +719,10 @@ def statistic_get(ctx: Ctx, params: dict[str, Any]) -> Any:
 
 @method("telephony.externalCall.searchCrmEntities", scope="telephony")
 def call_search(ctx: Ctx, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """§8.7: the CRM records with this number, contacts, leads, companies; only those the
+    calling user may read (an employee's token misses his colleagues' clients); each with its
+    responsible's extension and TIMEMAN_STATUS."""
     phone = norm_phone(arg(params, "PHONE_NUMBER", default=""))
     if not phone:
-        raise ApiError("ERROR_ARGUMENT", "PHONE_NUMBER is required", 400, argument="PHONE_NUMBER")
+        raise core("PHONE_NUMBER is empty")
     return find_crm(ctx.portal, phone, ctx.user)

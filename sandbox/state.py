@@ -86,6 +86,9 @@ class User:
     active: bool = True
     email: str = ""
     phones: list[str] = field(default_factory=list)  # work/mobile numbers of the profile
+    # The work-time module's state of his day, as searchCrmEntities reports it (§8.7):
+    # OPENED | CLOSED | PAUSED | EXPIRED | UNAVAILABLE | NOT_INSTALLED.
+    timeman: str = "NOT_INSTALLED"
 
     def as_rest(self) -> dict[str, Any]:
         """The user.get / user.current record."""

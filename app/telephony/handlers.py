@@ -29,12 +29,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import redis
 from flask import current_app
 from sqlalchemy import CursorResult, select, update
 
 from app.dispatcher import Outcome, OutcomeKind, Priority, ref, submit
 from app.extensions import db
-from app.telephony import click, machine, recording
+from app.telephony import click, machine, recording, routing
 from app.telephony.extensions import ask_sync_for_unmapped
 from app.telephony.models import Call
 from app.tenants.models import Portal, aware, utcnow
@@ -64,7 +65,7 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
     row = _load(portal, str(event["call_id"]))
     if row.state == machine.State.INCOMPLETE.value and row.b24_call_id is None:
         row.b24_call_id = click.join(portal, event)  # a click's call: registered already
-    after, commands = machine.apply(state_of(row), event, policy_for(portal))
+    after, commands = machine.apply(state_of(row), event, policy_for(portal, event))
     store(row, after)
     send(row, commands)
     recording.when_ready(row)  # a waiting recording of a call that will never finish: skipped
@@ -77,12 +78,14 @@ def locked(*where: Any) -> Call | None:
     return _locked(*where)
 
 
-def policy_for(portal: Portal) -> machine.Policy:
-    """The machine's policy: the portal's extension map and settings, the app's settings."""
+def policy_for(portal: Portal, event: Mapping[str, Any] | None = None) -> machine.Policy:
+    """The machine's policy: the portal's extension map and settings, the app's settings,
+    and for a start the CRM match routing cached for its number."""
     cfg = current_app.config
     settings = portal.settings
+    extensions = extension_map(portal)
     return machine.Policy(
-        extensions=extension_map(portal),
+        extensions=extensions,
         fallback_user=settings.default_user_id if settings else None,
         default_country=cfg["TELEPHONY_DEFAULT_COUNTRY"] or None,
         crm_create=bool(settings.crm_create) if settings else False,
@@ -90,7 +93,26 @@ def policy_for(portal: Portal) -> machine.Policy:
         add_to_chat=bool(cfg["TELEPHONY_ADD_TO_CHAT"]),
         anonymous=cfg["TELEPHONY_ANONYMOUS_CALLS"],
         anonymous_number=cfg["TELEPHONY_ANONYMOUS_NUMBER"] or None,
-        internal=cfg["TELEPHONY_INTERNAL_CALLS"])
+        internal=cfg["TELEPHONY_INTERNAL_CALLS"],
+        crm_match=_routed(portal, event, extensions))
+
+
+def _routed(portal: Portal, event: Mapping[str, Any] | None,
+            extensions: Mapping[str, int]) -> machine.CrmMatch | None:
+    """Routing's cached CRM match for a start's number; the cache only: a start never waits
+    for Bitrix24 (a miss leaves the CRM binding to register's own phone search)."""
+    if event is None or event.get("event") != "start":
+        return None
+    raw = str(event.get("phone") or "")
+    phone = routing.phone_key(raw)
+    if phone is None or raw.strip() in extensions:  # anonymous, or an internal call
+        return None
+    try:
+        found = routing.cached(portal.id, phone)
+    except redis.RedisError as exc:
+        log.warning("call of portal %s: routing cache unavailable: %s", portal.id, exc)
+        return None
+    return found.hint() if found is not None else None
 
 
 def _locked(*where: Any) -> Call | None:

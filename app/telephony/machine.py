@@ -6,8 +6,10 @@ schema) and returns the new state and the Bitrix24 commands to send, in order (p
 
 - ``start``: ``register`` (``SHOW=0``, the owner, the start's time with its offset, the
   number in E.164, ``TYPE``, line, ``EXTERNAL_CALL_ID``, ``CRM_CREATE``/``CRM_SOURCE``),
-  then one ``show`` to every ringing mapped user. The owner is the first ringing mapped user,
-  else the fallback user; the fallback's card is not shown unless his phone rings.
+  then one ``show`` to every ringing mapped user. The owner is the CRM responsible routing
+  found for the number when his phone rings, else the first ringing mapped user, else the
+  fallback user; the fallback's card is not shown unless his phone rings. Routing's CRM
+  record, when there is one, goes to register as ``CRM_ENTITY_TYPE``/``CRM_ENTITY_ID``.
   Anonymous and internal calls follow their policy (skip, or register).
 - ``answer``: ``hide`` for everyone else who has the card, then ``show`` to the answerer if
   he has not got it.
@@ -84,6 +86,15 @@ QUIET = frozenset({State.ENDED, State.SKIPPED, State.UNROUTABLE,
 
 
 @dataclass(frozen=True)
+class CrmMatch:
+    """The CRM record routing found for the caller's number (app/telephony/routing.py)."""
+
+    responsible: int | None = None  # its responsible user, the owner when his phone rings
+    entity_type: str | None = None  # CONTACT | COMPANY | LEAD
+    entity_id: int | None = None
+
+
+@dataclass(frozen=True)
 class Policy:
     """What the machine needs to know about the portal and the settings."""
 
@@ -96,6 +107,7 @@ class Policy:
     anonymous: str = "skip"  # skip | register
     anonymous_number: str | None = None  # what an anonymous call is registered as
     internal: str = "skip"  # skip | register
+    crm_match: CrmMatch | None = None  # routing's cached match for a start's number
 
 
 @dataclass(frozen=True)
@@ -246,7 +258,7 @@ def _start(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, 
     skip, phone = _number(str(event.get("phone") or ""), policy)
     if skip:
         return replace(started, state=State.SKIPPED, skip_reason=skip, pending=()), []
-    owner = started.ringing[0] if started.ringing else policy.fallback_user
+    owner = _owner(started.ringing, policy)
     if owner is None:
         return replace(started, state=State.UNROUTABLE, phone=phone, pending=(),
                        skip_reason="no ringing extension is mapped to a user and no "
@@ -268,6 +280,14 @@ def _start(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, 
 def _optional(raw: Any) -> str | None:
     text = str(raw).strip() if raw is not None else ""
     return text or None
+
+
+def _owner(ringing: tuple[int, ...], policy: Policy) -> int | None:
+    """The CRM responsible if his phone rings, else the first ringing, else the fallback."""
+    responsible = policy.crm_match.responsible if policy.crm_match else None
+    if responsible is not None and responsible in ringing:
+        return responsible
+    return ringing[0] if ringing else policy.fallback_user
 
 
 def _line(raw: Any) -> str | None:
@@ -302,6 +322,9 @@ def _register_params(call: Call, event: Mapping[str, Any], policy: Policy) -> di
         "CRM_SOURCE": policy.crm_source or None,
         "SHOW": 0,
     }
+    match = policy.crm_match
+    if match and match.entity_type and match.entity_id:
+        params["CRM_ENTITY_TYPE"], params["CRM_ENTITY_ID"] = match.entity_type, match.entity_id
     return {k: v for k, v in params.items() if v is not None}
 
 

@@ -471,6 +471,27 @@ def test_search_crm_entities_is_filtered_by_the_callers_permissions(sandbox, p8,
     assert mine.json()["result"] == []
 
 
+def test_search_crm_entities_reports_each_responsibles_day_in_type_order(sandbox, http):
+    """§8.7: contacts, then leads, then companies; ASSIGNED_BY carries the responsible's
+    extension and TIMEMAN_STATUS (routing skips people not at work); an empty number fails."""
+    portal = sandbox.create_portal(users=[
+        {"id": 1, "name": "Ada", "admin": True, "extension": "101", "timeman": "OPENED"},
+        {"id": 2, "name": "Bob", "extension": "102", "timeman": "CLOSED"},
+        {"id": 3, "name": "Cy", "extension": "103"}])
+    member = portal["member_id"]
+    for kind, user in (("company", "3"), ("lead", "2"), ("contact", "1")):
+        sandbox.add_crm(member, kind, {"TITLE": kind, "PHONE": [{"VALUE": "+4930999"}],
+                                       "ASSIGNED_BY_ID": user})
+    found = call(http, portal, "telephony.externalCall.searchCrmEntities",
+                 PHONE_NUMBER="+4930999").json()["result"]
+    assert [(r["CRM_ENTITY_TYPE"], r["ASSIGNED_BY"]["TIMEMAN_STATUS"],
+             r["ASSIGNED_BY"]["USER_PHONE_INNER"]) for r in found] == [
+        ("CONTACT", "OPENED", "101"), ("LEAD", "CLOSED", "102"),
+        ("COMPANY", "NOT_INSTALLED", "103")]
+    empty = form(http, portal, "telephony.externalCall.searchCrmEntities", PHONE_NUMBER="")
+    assert (empty["error"], empty["error_description"]) == ("ERROR_CORE", "PHONE_NUMBER is empty")
+
+
 # ---------------------------------------------------------------- §8.16 faults on a method
 
 

@@ -1,0 +1,291 @@
+"""Routing to the responsible manager: whose client is calling, before the PBX rings anyone.
+
+``GET /api/v1/calls/route?phone=...`` (app/telephony/views.py) asks :func:`route`. The answer
+comes from a Redis cache keyed by (portal, the number in E.164 as the call's register sends
+it), so it costs a GET. On a miss, ``telephony.externalCall.searchCrmEntities`` is called
+with the portal's stored chain, the installer's, an administrator's (the search is filtered
+by the caller's CRM rights, protocol §8.7), through the dispatcher's direct path, in a
+thread of this process; the request waits for it at most ``TELEPHONY_ROUTE_WAIT`` seconds
+and then answers "no preference", while the thread finishes and fills the cache.
+
+Why a thread and not a worker actor: the answer is wanted within 1.5 s, and a message to a
+worker waits behind whatever the workers' queue holds (a burst of call events), so a fast
+portal's answer would miss the bound for reasons of our own. The threads are bounded: at
+most ``TELEPHONY_ROUTE_LOOKUPS`` per process are in flight (each ends within the REST
+client's timeout), one per (portal, number) across processes (a Redis lock; another
+process's asker polls the cache); a miss that finds no free slot answers 204 at once. And
+at most ``TELEPHONY_ROUTE_WAITERS`` requests per process wait for a lookup at once: the
+others answer 204 at once while their lookup runs. A waiting request holds a web thread,
+and the web threads also take the PBX's call events; with every thread allowed to wait,
+misses at a slow portal (bench/route.py: 4 a second, 10 s each) queued up to 0.5 s past
+the bound. A lookup gives its database connection back before it calls Bitrix24.
+
+What routes (:func:`choose`): the matches are ordered by ``TELEPHONY_ROUTE_PRIORITY`` (kinds
+left out never route), and the first whose responsible can take the call wins. Skipped:
+the fallback user (every unanswered call's leads are his: naming him would send every new
+caller to one person), a responsible not at work (``TIMEMAN_STATUS`` CLOSED, PAUSED or
+EXPIRED, with ``TELEPHONY_ROUTE_SKIP_ABSENT``; OPENED routes, and so do NOT_INSTALLED and
+UNAVAILABLE, which say the portal does not track him, not that he is away), and anyone
+not an active user with an extension in the portal's extension map. Without a routable
+match the answer is "no preference", but the entry keeps the first match's CRM record and
+responsible: a call's register reads them (:func:`cached`) for its CRM binding and owner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from flask import Flask, current_app
+
+from app.dispatcher import direct
+from app.extensions import db, redis_ext
+from app.telephony.machine import CrmMatch, normalise_phone
+from app.tenants.models import Portal
+from app.tenants.users import extension_map
+
+log = logging.getLogger(__name__)
+
+SEARCH = "telephony.externalCall.searchCrmEntities"
+EXTENSION = "b24relay.telephony.routing"
+KEY = "b24relay:route:{portal}:{phone}"
+LOCK = "b24relay:route-lookup:{portal}:{phone}"
+LOCK_SECONDS = 120  # longer than a lookup can take (REST timeout 65 s, pacing up to 30 s)
+POLL = 0.02  # seconds between cache reads while another process looks the number up
+ABSENT = frozenset({"CLOSED", "PAUSED", "EXPIRED"})  # TIMEMAN_STATUS: the day is not open
+
+
+@dataclass(frozen=True)
+class Match:
+    """A cache entry: the CRM record for the number (none: no match) and whom it routes to."""
+
+    entity_type: str | None = None
+    entity_id: int | None = None
+    responsible: int | None = None  # the record's responsible (register's preferred owner)
+    user_id: int | None = None      # whom routing names; None: no preference
+    extension: str | None = None
+
+    @property
+    def routable(self) -> bool:
+        return self.user_id is not None and bool(self.extension)
+
+    def answer(self) -> dict[str, Any] | None:
+        """The 200 body, or None for 204 (PBX_EVENTS.md "Routing")."""
+        if not self.routable:
+            return None
+        entity = ({"type": self.entity_type, "id": self.entity_id}
+                  if self.entity_type and self.entity_id else None)
+        return {"extension": self.extension, "user_id": self.user_id, "entity": entity}
+
+    def hint(self) -> CrmMatch | None:
+        """What a call's register takes from it (None when there is no CRM record)."""
+        if not (self.entity_type and self.entity_id):
+            return None
+        return CrmMatch(responsible=self.responsible, entity_type=self.entity_type,
+                        entity_id=self.entity_id)
+
+
+def phone_key(raw: str) -> str | None:
+    """The number as the cache and the call's register know it (E.164 with the default
+    country); None for an anonymous caller."""
+    return normalise_phone(raw, current_app.config["TELEPHONY_DEFAULT_COUNTRY"] or None)
+
+
+def cached(portal_id: int, phone: str) -> Match | None:
+    """The cache entry for the (normalised) number, or None on a miss."""
+    raw = redis_ext.client.get(KEY.format(portal=portal_id, phone=phone))
+    if raw is None:
+        return None
+    try:
+        return Match(**json.loads(raw))
+    except (ValueError, TypeError):
+        return None  # an entry of another version: a miss
+
+
+def store(portal_id: int, phone: str, match: Match) -> None:
+    """Cache ``match``: TELEPHONY_ROUTE_TTL when it names someone, else the negative TTL."""
+    cfg = current_app.config
+    ttl = cfg["TELEPHONY_ROUTE_TTL" if match.routable else "TELEPHONY_ROUTE_NEGATIVE_TTL"]
+    redis_ext.client.set(KEY.format(portal=portal_id, phone=phone),
+                         json.dumps(asdict(match)), px=max(1, int(float(ttl) * 1000)))
+
+
+def route(portal_id: int, raw_phone: str) -> Match | None:
+    """The routing answer for a number: from the cache, else from a lookup that gets at most
+    TELEPHONY_ROUTE_WAIT seconds (None: no answer in time, "no preference")."""
+    phone = phone_key(raw_phone)
+    if phone is None:
+        return None  # an anonymous caller has no client to route to
+    hit = cached(portal_id, phone)
+    if hit is not None:
+        return hit
+    wait = float(current_app.config["TELEPHONY_ROUTE_WAIT"])
+    deadline = time.monotonic() + wait
+    lookups = _lookups()
+    future = lookups.start(portal_id, phone)
+    if not lookups.waiters.acquire(blocking=False):
+        return None  # enough requests wait already: this one answers now, its lookup goes on
+    try:
+        if future is None:  # another process looks it up: its answer lands in the cache
+            return _poll(portal_id, phone, deadline)
+        return future.result(timeout=max(0.0, deadline - time.monotonic()))
+    except FutureTimeout:
+        return None  # the lookup goes on and fills the cache
+    finally:
+        lookups.waiters.release()
+
+
+def _poll(portal_id: int, phone: str, deadline: float) -> Match | None:
+    while time.monotonic() < deadline:
+        time.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
+        hit = cached(portal_id, phone)
+        if hit is not None:
+            return hit
+    return None
+
+
+def choose(results: Sequence[Mapping[str, Any]], *, priority: Sequence[str],
+           extensions: Mapping[int, str], fallback_user: int | None,
+           skip_absent: bool) -> Match:
+    """The match that routes (see the module's docstring); without one, the first match's
+    record and responsible with nobody named."""
+    rank = {kind.upper(): i for i, kind in enumerate(priority)}
+    ordered = sorted((r for r in results if str(r.get("CRM_ENTITY_TYPE")) in rank),
+                     key=lambda r: rank[str(r.get("CRM_ENTITY_TYPE"))])  # stable: B24's order
+    first: Match | None = None
+    for record in ordered:
+        entity_id, user = _int(record.get("CRM_ENTITY_ID")), _responsible(record)
+        if entity_id is None:
+            continue
+        candidate = Match(entity_type=str(record["CRM_ENTITY_TYPE"]), entity_id=entity_id,
+                          responsible=user)
+        first = first or candidate
+        if user is None or user == fallback_user or user not in extensions:
+            continue  # nobody, the fallback, inactive or without an extension
+        assigned = record.get("ASSIGNED_BY")
+        status = str(assigned.get("TIMEMAN_STATUS") or "") if isinstance(assigned, Mapping) else ""
+        if skip_absent and status.upper() in ABSENT:
+            continue
+        return Match(entity_type=candidate.entity_type, entity_id=entity_id, responsible=user,
+                     user_id=user, extension=extensions[user])
+    return first or Match()
+
+
+def _int(value: Any) -> int | None:
+    try:
+        number = int(str(value))
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+def _responsible(record: Mapping[str, Any]) -> int | None:
+    assigned = record.get("ASSIGNED_BY")
+    found = _int(record.get("ASSIGNED_BY_ID"))
+    if found is None and isinstance(assigned, Mapping):
+        found = _int(assigned.get("ID"))
+    return found
+
+
+def lookup(portal_id: int, phone: str) -> Match:
+    """Ask the portal (admin's chain, direct path), choose, cache; errors cache "no
+    preference" for the negative TTL, so a failing portal is not asked on every ring."""
+    cfg = current_app.config
+    try:
+        portal = db.session.get(Portal, portal_id)
+        if portal is None:
+            return Match()
+        users = {user: ext for ext, user in sorted(extension_map(portal).items(), reverse=True)}
+        fallback = portal.settings.default_user_id if portal.settings else None
+        # Give the database connection back before a request that may take seconds: held
+        # through it, TELEPHONY_ROUTE_LOOKUPS lookups emptied the pool and the requests
+        # waited for a connection (bench/route.py). The direct path writes in its own ones.
+        db.session.close()
+        results = direct.call_method(portal, SEARCH, {"PHONE_NUMBER": phone})
+        match = choose(results if isinstance(results, list) else [],
+                       priority=[k.strip() for k in str(cfg["TELEPHONY_ROUTE_PRIORITY"])
+                                 .split(",") if k.strip()],
+                       extensions=users, fallback_user=fallback,
+                       skip_absent=bool(cfg["TELEPHONY_ROUTE_SKIP_ABSENT"]))
+    except Exception as exc:  # noqa: BLE001 - any failure means "no preference" for now
+        log.warning("portal %s: routing lookup failed: %s", portal_id,
+                    str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+        match = Match()
+    try:
+        store(portal_id, phone, match)
+    except redis.RedisError as exc:
+        log.warning("portal %s: routing answer not cached: %s", portal_id, exc)
+    return match
+
+
+class Lookups:
+    """This process's lookup threads: bounded, one per (portal, number)."""
+
+    def __init__(self, app: Flask) -> None:
+        self._app = app
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: dict[tuple[int, str], Future[Match]] = {}
+        # requests of this process waiting for a lookup (TELEPHONY_ROUTE_WAITERS)
+        self.waiters = threading.BoundedSemaphore(int(app.config["TELEPHONY_ROUTE_WAITERS"]))
+
+    def start(self, portal_id: int, phone: str) -> Future[Match] | None:
+        """The lookup's future (joined if this process runs one already); None when another
+        process runs it; a done future answering "no preference" when no slot is free."""
+        key = (portal_id, phone)
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's threads are not ours
+                limit = int(self._app.config["TELEPHONY_ROUTE_LOOKUPS"])
+                self._pool = ThreadPoolExecutor(limit, thread_name_prefix="route")
+                self._running, self._pid = {}, os.getpid()
+            running = self._running.get(key)
+            if running is not None:
+                return running
+            if len(self._running) >= int(self._app.config["TELEPHONY_ROUTE_LOOKUPS"]):
+                log.warning("routing: %d lookups in flight; %s answered without one",
+                            len(self._running), phone)
+                return _done(None)
+            if not redis_ext.client.set(LOCK.format(portal=portal_id, phone=phone), os.getpid(),
+                                        nx=True, ex=LOCK_SECONDS):
+                return None
+            assert self._pool is not None
+            future = self._pool.submit(self._run, portal_id, phone)
+            self._running[key] = future
+            return future
+
+    def _run(self, portal_id: int, phone: str) -> Match:
+        try:
+            with self._app.app_context():
+                return lookup(portal_id, phone)
+        finally:
+            with self._lock:
+                self._running.pop((portal_id, phone), None)
+            try:
+                with self._app.app_context():
+                    redis_ext.client.delete(LOCK.format(portal=portal_id, phone=phone))
+            except redis.RedisError:
+                pass  # it expires
+
+
+def _done(value: Match | None) -> Future[Any]:
+    future: Future[Any] = Future()
+    future.set_result(value)
+    return future
+
+
+def _lookups() -> Lookups:
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    found = app.extensions.get(EXTENSION)
+    if found is None:
+        found = app.extensions.setdefault(EXTENSION, Lookups(app))
+    return found
