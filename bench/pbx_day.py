@@ -119,12 +119,14 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
     from bench import pbx_day_stack as st
 
     rows = pbx_day_gen.all_events(day)
-    commands = 6 * len(rows) + 1000
-    portal, member, key = stack.portal(day, latency, max(200_000, commands))
-    stack.dispatcher(mode)
+    compression = st.compression(rows, args.minutes)
+    bucket = compression if args.bucket_scale == "auto" else float(args.bucket_scale)
+    portal, member, key = stack.portal(day, latency, max(200_000, 10 * len(day.calls)), bucket)
+    stack.dispatcher(mode, bucket)
     label = f"[{mode} {latency:g}s x{scale}]"
     print(f"{label} portal {member}: {len(day.calls)} calls, {len(rows)} events over "
-          f"{args.minutes:g} min", flush=True)
+          f"{args.minutes:g} min ({compression:.0f} x faster than the day), rate bucket "
+          f"x{bucket:g}", flush=True)
     before = st.usage(stack.pids())
     t0 = time.time() + 1.0
     plan = st.schedule(day, rows, args.minutes, t0, not args.day_at)
@@ -163,6 +165,7 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
     if problems:
         print(f"{label} load generator: " + "; ".join(problems), flush=True)
     return {"scale": scale, "latency": latency, "mode": mode, "member_id": member,
+            "compression": compression, "bucket_scale": bucket,
             "calls": len(day.calls), "events": len(rows),
             "checks": [{"name": c.name, "checked": c.checked, "violations": len(c.bad),
                         "examples": c.bad[:20], "note": c.note} for c in checks],
@@ -258,6 +261,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--database", choices=("pg", "sqlite"), default="pg",
                    help="pg: a fresh database on --pg's server, dropped afterwards")
     p.add_argument("--pg", default=PG, help="PostgreSQL server URL (any database on it)")
+    p.add_argument("--bucket-scale", default="auto",
+                   help="the portal's rate bucket (drain and burst) times this, the engine's "
+                        "likewise; auto: as much as the day is compressed (the limit keeps its "
+                        "share of the day's load); 1: the plan's own")
     p.add_argument("--worker-processes", type=int, default=1, help="Dramatiq worker processes")
     p.add_argument("--worker-threads", type=int, default=4, help="threads per worker process")
     p.add_argument("--tick-ms", type=float, default=100.0,

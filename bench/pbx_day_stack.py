@@ -34,6 +34,7 @@ import httpx
 from bench.dispatch_rig import CLIENT_ID, CLIENT_SECRET, OPERATING_LIMIT, Rig, _wait
 from bench.pbx_day_gen import Day
 from sandbox.appsetup import free_port
+from sandbox.limits import PLANS
 
 RECORDING = b"ID3\x03\x00\x00\x00\x00\x00\x00" + bytes(8000)  # a small stand-in mp3
 SETTLED_INBOX = ("received", "queued", "processing")  # still to be handled
@@ -101,16 +102,19 @@ class Stack:
               "the web tier", 60)
         return self
 
-    def dispatcher(self, mode: str) -> subprocess.Popen[bytes]:
-        """A fresh engine in ``mode`` (the previous one stopped first)."""
+    def dispatcher(self, mode: str, bucket_scale: float) -> subprocess.Popen[bytes]:
+        """A fresh engine in ``mode`` (the previous one stopped first), its rate bucket's
+        plans scaled like the sandbox portal's."""
         if self.engine is not None:
             self.rig.stop(self.engine)
-        self.engine = self.rig.engine(f"dispatcher-{mode}", DISPATCH_MODE=mode)
+        self.engine = self.rig.engine(f"dispatcher-{mode}", DISPATCH_MODE=mode,
+                                      DISPATCH_BUCKET_SCALE=bucket_scale)
         return self.engine
 
-    def portal(self, day: Day, latency_s: float, log_limit: int) -> tuple[Any, str, str]:
-        """A sandbox portal at ``latency_s`` per request, its row, users and PBX key:
-        (row, member_id, key)."""
+    def portal(self, day: Day, latency_s: float, log_limit: int,
+               bucket_scale: float) -> tuple[Any, str, str]:
+        """A sandbox portal at ``latency_s`` per request, its bucket's drain and burst times
+        ``bucket_scale``, its row, users and PBX key: (row, member_id, key)."""
         from datetime import UTC
 
         from app.dispatcher import direct
@@ -125,7 +129,9 @@ class Stack:
         info = control.create_portal(plan="standard", users=sandbox_users(day),
                                      client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
         member = info["member_id"]
-        control.set_latency(member, latency_s * 1000.0)
+        plan: dict[str, Any] = PLANS["standard"]
+        control.set_bucket(member, drain=float(plan["drain"]) * bucket_scale,
+                           burst=float(plan["burst"]) * bucket_scale)
         # The sandbox books latency as operating time: a day at 2-10 s per request would pause
         # every method at once. The operating-time scenario is its own bench (issue 22).
         control.set_operating_limit(OPERATING_LIMIT, member)
@@ -222,12 +228,17 @@ class Replay:
     cpu_s: float = 0.0  # this process's CPU while replaying
 
 
+def compression(rows: list[tuple[float, int, dict[str, Any]]], minutes: float) -> float:
+    """How many times faster than the day the replay runs: the day's first to last post in
+    ``minutes``."""
+    return max(rows[-1][0] - rows[0][0], 1.0) / (minutes * 60.0)
+
+
 def schedule(day: Day, rows: list[tuple[float, int, dict[str, Any]]], minutes: float,
              t0: float, wall_at: bool) -> list[tuple[float, dict[str, Any]]]:
     """(due epoch, event) in posting order: the day's first to last post spread over
     ``minutes``; with ``wall_at`` every ``at`` moves the same way (the offset kept)."""
-    origin, last = rows[0][0], rows[-1][0]
-    factor = max(last - origin, 1.0) / (minutes * 60.0)
+    origin, factor = rows[0][0], compression(rows, minutes)
     tz = day.midnight.tzinfo
     out = []
     for send, _, event in rows:
