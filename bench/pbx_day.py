@@ -148,8 +148,10 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
     sent_at = replayed.start_at if not args.day_at else {
         c.call_id: day.at(c.start) for c in day.calls}
     checks = pbx_day_check.check(day, sent_at, history)
-    lat = pbx_day_check.card_latencies(day, replayed.accepted, history)
-    q = pbx_day_check.quantiles([v for _, v in lat])
+    lat, unshown = pbx_day_check.card_latencies(day, replayed.accepted, history)
+    q = pbx_day_check.quantiles([v for _, v in lat] + [math.inf] * unshown)
+    q["cards_never_complete"] = unshown
+    stages = stage_times(replayed.accepted, stack.register_times(portal.id))
     lag = pbx_day_check.quantiles(replayed.lag)
     problems = uniqueness(day, rows)
     if len(replayed.stored_ids) != replayed.events or replayed.duplicates:
@@ -161,6 +163,9 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
           f"{replayed.cpu_s:.1f}s over {replayed.ended - replayed.began:.0f}s "
           f"({100 * replayed.cpu_s / max(replayed.ended - replayed.began, 1e-9):.0f}% of a core)"
           f"; drained: {drained}", flush=True)
+    print(f"{label} where a register's time went (s, p50 / p99): "
+          + "; ".join(f"{k} {v['p50']:.2f} / {v['p99']:.2f}" for k, v in stages.items()),
+          flush=True)
     print(pbx_day_check.table(checks), flush=True)
     if problems:
         print(f"{label} load generator: " + "; ".join(problems), flush=True)
@@ -169,7 +174,7 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
             "calls": len(day.calls), "events": len(rows),
             "checks": [{"name": c.name, "checked": c.checked, "violations": len(c.bad),
                         "examples": c.bad[:20], "note": c.note} for c in checks],
-            "card_latency": q, "series": lat, "drained": drained,
+            "card_latency": q, "series": lat, "drained": drained, "register_stages": stages,
             "replay": {"events": replayed.events, "requests": replayed.requests,
                        "retries": replayed.retries, "failed": replayed.failed[:20],
                        "duplicates": replayed.duplicates, "lag": lag,
@@ -178,6 +183,25 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
             "generator_problems": problems,
             "resources": {"start": before, "end": after, "wall_s": round(wall, 1)},
             "recordings_served": st._Recordings.served}
+
+
+def stage_times(accepted: dict[str, float],
+                times: dict[str, tuple[float, float | None, float | None]]
+                ) -> dict[str, dict[str, float]]:
+    """Quantiles of the register's stages from the app's own tables: 202 to submitted (the
+    worker applied the start), submitted to first sent (the dispatcher's queue), first sent
+    to completed (the round trip, as the engine saw it)."""
+    worker, queue, wire = [], [], []
+    for call_id, (submitted, sent, completed) in times.items():
+        if call_id in accepted:
+            worker.append(submitted - accepted[call_id])
+        if sent is not None:
+            queue.append(sent - submitted)
+            if completed is not None:
+                wire.append(completed - sent)
+    return {"202 -> submitted": pbx_day_check.quantiles(worker),
+            "submitted -> sent": pbx_day_check.quantiles(queue),
+            "sent -> completed": pbx_day_check.quantiles(wire)}
 
 
 def _drain(stack: Any, portal_id: int, limit: float, label: str) -> str:
@@ -222,7 +246,10 @@ def latency_table(runs: list[dict[str, Any]], modes: list[str]) -> str:
                      f"{q['max']:>7.2f} |")
             met = not math.isnan(q["p99"]) and q["p99"] <= goal
             verdicts.append(f"{mode} {'met' if met else 'NOT met'}")
-        lines.append(line + f" {goal:>7.2f}s  " + ", ".join(verdicts))
+        never = ", ".join(f"{c['mode']} {c['card_latency']['cards_never_complete']}"
+                          for c in cells if c["card_latency"]["cards_never_complete"])
+        lines.append(line + f" {goal:>7.2f}s  " + ", ".join(verdicts)
+                     + (f"; calls never fully shown (inf above): {never}" if never else ""))
     return "\n".join(lines)
 
 
@@ -285,8 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     """Generate (or read) the day, replay it per scale x latency x mode, report."""
     args = parse_args(argv)
     if args.write_csv:
-        day = build_day(args, 1, "http://127.0.0.1:8099")
-        pbx_day_gen.write_csv(day, args.write_csv)
+        served = "http://127.0.0.1:8099"  # stands for the bench's server: written as "yes"
+        day = build_day(args, 1, served)
+        pbx_day_gen.write_csv(day, args.write_csv, served)
         print(f"{len(day.calls)} calls written to {args.write_csv}")
         return 0
     from bench import pbx_day_stack as st

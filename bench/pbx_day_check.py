@@ -147,9 +147,11 @@ def table(checks: list[Check], examples: int = 2) -> str:
 
 
 def card_latencies(day: Day, accepted: dict[str, float], history: dict[str, Any]
-                   ) -> list[tuple[float, float]]:
-    """Per call with a card: (seconds into the day, seconds from its start's 202 to the
-    moment the sandbox had executed both its register and the show to its ringing users).
+                   ) -> tuple[list[tuple[float, float]], int]:
+    """Per call whose start was accepted: (seconds into the day, seconds from its start's 202
+    to the moment the sandbox had executed both its register and the show to its ringing
+    users); and how many such calls never got there (no register, or a ringing user never
+    shown the card), which the quantiles count as infinitely late.
 
     The sandbox's log times are when each command finished executing on the portal (a
     batch's commands execute one after the other, each with its share of the request's
@@ -157,12 +159,14 @@ def card_latencies(day: Day, accepted: dict[str, float], history: dict[str, Any]
     arrives, a loopback hop later."""
     rows = history.get("calls", {})
     out: list[tuple[float, float]] = []
+    missing = 0
     for call in day.calls:
         row, t0 = rows.get(call.call_id), accepted.get(call.call_id)
-        if row is None or t0 is None:
+        if t0 is None:
             continue
-        regs = [r for r in row.get("registers", []) if r.get("created")]
-        if not regs:
+        regs = [r for r in (row or {}).get("registers", []) if r.get("created")]
+        if row is None or not regs:
+            missing += 1
             continue
         ringing = {day.extensions[e] for e in call.extensions if e in day.extensions}
         done = float(regs[0]["at"])
@@ -173,9 +177,10 @@ def card_latencies(day: Day, accepted: dict[str, float], history: dict[str, Any]
                 ringing -= set(card["users"])
                 done = max(done, float(card["at"]))
         if ringing:
-            continue  # never fully shown: counted by the checker, not a latency
+            missing += 1
+            continue
         out.append((call.start, done - t0))
-    return out
+    return out, missing
 
 
 def quantiles(values: list[float]) -> dict[str, float]:

@@ -379,8 +379,9 @@ CSV_COLUMNS = ("call_id", "start", "answer", "end", "direction", "phone", "exten
                "answered_by", "transfers", "status", "duration", "recording", "sip_code")
 
 
-def write_csv(day: Day, path: Path | str) -> None:
-    """The day as a call log in the CSV format above (to edit, or to try --csv with)."""
+def write_csv(day: Day, path: Path | str, served_from: str | None = None) -> None:
+    """The day as a call log in the CSV format above (to edit, or to try --csv with);
+    recordings under ``served_from`` (the bench's own server) are written as ``yes``."""
     with Path(path).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, CSV_COLUMNS)
         writer.writeheader()
@@ -391,5 +392,7 @@ def write_csv(day: Day, path: Path | str) -> None:
                 "end": day.at(c.end), "direction": c.direction, "phone": c.phone,
                 "extensions": ";".join(c.extensions), "answered_by": c.answered_by or "",
                 "transfers": ";".join(f"{dst}@{day.at(at)}" for at, _, dst in c.transfers),
-                "status": c.status, "duration": c.duration, "recording": c.recording or "",
+                "status": c.status, "duration": c.duration,
+                "recording": "yes" if served_from and (c.recording or "").startswith(
+                    served_from) else c.recording or "",
                 "sip_code": c.sip_code or ""})

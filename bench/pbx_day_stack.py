@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -115,8 +115,6 @@ class Stack:
                bucket_scale: float) -> tuple[Any, str, str]:
         """A sandbox portal at ``latency_s`` per request, its bucket's drain and burst times
         ``bucket_scale``, its row, users and PBX key: (row, member_id, key)."""
-        from datetime import UTC
-
         from app.dispatcher import direct
         from app.extensions import db
         from app.ingress.auth import issue_api_key
@@ -171,6 +169,28 @@ class Stack:
                 O.portal_id == portal_id).group_by(O.status)).all())
         done = int(rows.get("done", 0))
         return int(inbox), sum(v for k, v in rows.items() if k not in ("done", "dead")), done
+
+    def register_times(self, portal_id: int) -> dict[str, tuple[float, float | None,
+                                                               float | None]]:
+        """Per PBX call id, its register command's (submitted, first sent, completed) epochs:
+        where a card's time went (the worker, the dispatcher's queue, the round trip)."""
+        from sqlalchemy import select
+
+        from app.dispatcher.models import OutboxCommand as O
+        from app.extensions import db
+        from app.telephony.models import Call
+
+        def epoch(value: datetime | None) -> float | None:
+            if value is None:
+                return None
+            return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+        with db.engine.connect() as conn:
+            rows = conn.execute(select(Call.pbx_call_id, O.submitted_at, O.first_sent_at,
+                                       O.completed_at)
+                                .join(O, O.id == Call.register_command_id)
+                                .where(Call.portal_id == portal_id)).all()
+        return {r[0]: (epoch(r[1]) or 0.0, epoch(r[2]), epoch(r[3])) for r in rows}
 
     def pids(self) -> dict[str, int]:
         out = {"web": self.web.pid if self.web else 0,

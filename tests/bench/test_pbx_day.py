@@ -107,9 +107,11 @@ def test_different_seeds_give_different_days() -> None:
 def test_a_written_day_reads_back_as_the_same_events(tmp_path: Path) -> None:
     day = gen.generate(calls=400, seed=11, out_of_order=0.0)
     path = tmp_path / "day.csv"
-    gen.write_csv(day, path)
-    back = gen.read_csv(path, extensions=day.extensions)
+    gen.write_csv(day, path, served_from="http://127.0.0.1:8099")
+    back = gen.read_csv(path, extensions=day.extensions, recordings_url="http://127.0.0.1:7/")
     _assert_well_formed(back)
+    assert [c.recording and c.recording.replace(":7/", ":8099/") for c in back.calls] == [
+        c.recording for c in day.calls]  # the bench's own recordings travel as "yes"
 
     def kinds(d: gen.Day) -> list[tuple]:
         return [(e["call_id"], e["event"], e["at"], e.get("extension"), e.get("to_extension"),
