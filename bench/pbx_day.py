@@ -67,7 +67,7 @@ def build_day(args: argparse.Namespace, scale: int, recordings: str) -> Day:
         return pbx_day_gen.generate(
             calls=args.calls * scale, seed=args.seed, extensions=args.extensions,
             recordings_url=recordings, out_of_order=args.out_of_order, overlap=args.overlap,
-            prefix=f"day{scale}x")
+            prefix=f"day{scale}x", hunt=args.hunt)
     day = pbx_day_gen.read_csv(args.csv, args.csv_tz, recordings)
     if scale > 1:
         copies = []
@@ -163,6 +163,9 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
           f"{replayed.cpu_s:.1f}s over {replayed.ended - replayed.began:.0f}s "
           f"({100 * replayed.cpu_s / max(replayed.ended - replayed.began, 1e-9):.0f}% of a core)"
           f"; drained: {drained}", flush=True)
+    if replayed.failed:
+        print(f"{label} refused requests: {len(replayed.failed)}, e.g. {replayed.failed[0]}",
+              flush=True)
     print(f"{label} where a register's time went (s, p50 / p99): "
           + "; ".join(f"{k} {v['p50']:.2f} / {v['p99']:.2f}" for k, v in stages.items()),
           flush=True)
@@ -176,7 +179,7 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
                         "examples": c.bad[:20], "note": c.note} for c in checks],
             "card_latency": q, "series": lat, "drained": drained, "register_stages": stages,
             "replay": {"events": replayed.events, "requests": replayed.requests,
-                       "retries": replayed.retries, "failed": replayed.failed[:20],
+                       "retries": replayed.retries, "failed": replayed.failed,
                        "duplicates": replayed.duplicates, "lag": lag,
                        "cpu_s": round(replayed.cpu_s, 2),
                        "seconds": round(replayed.ended - replayed.began, 1)},
@@ -301,6 +304,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="share of calls whose start is posted after a later event")
     p.add_argument("--overlap", type=float, default=0.03,
                    help="share of calls from a number whose other call is still going on")
+    p.add_argument("--hunt", type=float, default=0.0,
+                   help="share of incoming calls to a hunting queue (ring/ring_end events)")
     p.add_argument("--day-at", action="store_true",
                    help="send the day's own times as at (default: moved onto the wall clock)")
     p.add_argument("--drain-minutes", type=float, default=10.0,
@@ -354,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"result: {result}")
     bad = sum(c["violations"] for r in runs for c in r["checks"])
     bad += sum(len(r["generator_problems"]) for r in runs)
+    bad += sum(len(r["replay"]["failed"]) for r in runs)  # events the app refused or lost
     print(f"{'FAIL' if bad else 'PASS'}: {bad} violations over {len(runs)} runs")
     return 1 if bad else 0
 

@@ -68,7 +68,9 @@ def check(day: Day, sent_at: dict[str, str], history: dict[str, Any]) -> list[Ch
     start = Check("CALL_START_DATE within 1 s of the start's at")
     records = Check("recording attached once per answered call, none otherwise",
                     note="the app's record handling is being built (issue 22 point 3)")
-    shown = Check("every ringing mapped user was shown the card")
+    shown = Check("every ringing mapped user was shown the card",
+                  note="a hunting queue's ring events are being built (issue 22 point 3)"
+                  if any(c.rings for c in day.calls) else "")
     collisions = Check("no CALL_ID bound to two PBX calls")
     strays = Check("no commands for calls the day does not have")
     known = {c.call_id for c in day.calls}
@@ -106,7 +108,7 @@ def _one(call: DayCall, row: dict[str, Any], day: Day, sent_at: dict[str, str],
     if row.get("after_finish"):
         after.fail(cid, f"{len(row['after_finish'])} show/hide after the finish")
     owner = next((r.get("owner") for r in row.get("registers", []) if r.get("owner")), None)
-    ringing = {day.extensions[e] for e in call.extensions if e in day.extensions}
+    ringing = {day.extensions[e] for e in call.rung if e in day.extensions}
     if ringing - set(row.get("shown_users") or ()):
         shown.fail(cid, f"never shown to {sorted(ringing - set(row['shown_users'] or ()))}")
     if row.get("finished"):

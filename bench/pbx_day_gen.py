@@ -19,7 +19,10 @@ morning peak at 10-12, a lunch dip, a second peak at 14-17), among ``extensions`
 * ``overlap`` of the incoming calls come from the number of a call that is still going on,
   to the same ring group (a caller who rings again; Bitrix24's dedup traps, §8.3);
 * ``out_of_order`` of the calls have their start posted after a later event of theirs
-  (the answer, else the end): a PBX webhook that was held up.
+  (the answer, else the end): a PBX webhook that was held up;
+* ``hunt`` (0 by default) of the incoming calls go to a queue of 2-4 phones that rings one
+  after another: the start names the first, then a ``ring_end`` and a ``ring`` every 8-15 s
+  (optional events of PBX_EVENTS.md that an older intake refuses).
 
 Same seed, same day: every draw comes from one ``random.Random(seed)``.
 
@@ -92,6 +95,13 @@ class DayCall:
     line: str | None = None
     sip_code: str | None = None
     late_start: bool = False  # its start is posted after a later event of the call
+    rings: list[tuple[float, str, str]] = field(default_factory=list)  # at, ring|ring_end, ext
+
+    @property
+    def rung(self) -> list[str]:
+        """Every extension whose phone rang: the start's, then those a hunting queue tried."""
+        return [*self.extensions, *(e for _, kind, e in self.rings
+                                    if kind == "ring" and e not in self.extensions)]
 
     @property
     def handler(self) -> str | None:
@@ -133,8 +143,10 @@ def ring_groups(rng: random.Random, extensions: list[str], count: int = 12) -> l
 def generate(calls: int = 18000, seed: int = 1, extensions: int = 60,
              recordings_url: str = "http://127.0.0.1:8099", out_of_order: float = 0.02,
              overlap: float = 0.03, date: str = "2026-12-07", offset_hours: int = 3,
-             prefix: str = "day") -> Day:
-    """A seeded day of ``calls`` calls (see the module docstring)."""
+             prefix: str = "day", hunt: float = 0.0) -> Day:
+    """A seeded day of ``calls`` calls (see the module docstring); ``hunt`` of the incoming
+    calls go to a queue that rings one phone after another (``ring``/``ring_end`` events,
+    which only an intake that knows them accepts)."""
     rng = random.Random(seed)
     exts = [str(101 + i) for i in range(extensions)]
     groups = ring_groups(rng, exts)
@@ -151,7 +163,10 @@ def generate(calls: int = 18000, seed: int = 1, extensions: int = 60,
                 phone, group = prior.phone, list(prior.extensions)
             else:
                 phone, group = _phone(rng), list(rng.choice(groups))
-            call = _incoming(rng, call_id, start, phone, group)
+            if hunt and rng.random() < hunt:
+                call = _hunting(rng, call_id, start, phone, rng.sample(exts, rng.randint(2, 4)))
+            else:
+                call = _incoming(rng, call_id, start, phone, group)
             live.append(call)
         else:
             call = _outgoing(rng, call_id, start, rng.choice(exts))
@@ -186,6 +201,28 @@ def _incoming(rng: random.Random, call_id: str, start: float, phone: str,
         call.end = start + rng.uniform(2, 25)
     else:
         call.end = start + rng.uniform(25, 45)
+    return call
+
+
+def _hunting(rng: random.Random, call_id: str, start: float, phone: str,
+             queue: list[str]) -> DayCall:
+    """A queue that hunts: its first phone rings at the start, then every 8-15 s the
+    ringing one stops and the next starts, until one answers, the caller gives up, or the
+    queue runs out."""
+    step = rng.uniform(8, 15)
+    status = _pick(rng, [("answered", 75), ("no_answer", 12), ("cancelled", 13)])
+    call = DayCall(call_id, start, "in", phone, [queue[0]], status, end=start)
+    tried = rng.randrange(len(queue)) if status != "no_answer" else len(queue) - 1
+    for k in range(1, tried + 1):
+        at = round(start + k * step, 3)
+        call.rings += [(at, "ring_end", queue[k - 1]), (at, "ring", queue[k])]
+    moment = start + tried * step + rng.uniform(2, step - 1)
+    if status == "answered":
+        call.answer, call.answered_by = moment, queue[tried]
+        call.duration = _talk(rng)
+        call.end = call.answer + call.duration
+    else:
+        call.end = start + (tried + 1) * step if status == "no_answer" else moment
     return call
 
 
@@ -238,7 +275,11 @@ def events(day: Day, call: DayCall, rng: random.Random | None = None
                            "status": call.status, "duration": call.duration}
     if call.sip_code:
         end["sip_code"] = call.sip_code
+    for at, kind, ext in call.rings:
+        out.append((at, {"call_id": call.call_id, "event": kind, "at": day.at(at),
+                         "extension": ext}))
     out.append((call.end, end))
+    out.sort(key=lambda pair: pair[0])  # the queue's rings fall before the answer or end
     if call.recording:
         at = call.end + rng.uniform(*RECORD_AFTER)
         out.append((at, {"call_id": call.call_id, "event": "record", "at": day.at(at),

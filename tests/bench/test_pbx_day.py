@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.ingress.pbx import validate_event
+from app.ingress.pbx import EVENTS, validate_event
 from bench import pbx_day_gen as gen
 from bench.pbx_day_check import expected_status
 
@@ -97,6 +97,29 @@ def test_any_seed_gives_a_reproducible_well_formed_day(calls: int, seed: int,
     assert firsts == {"start"} if late == 0.0 else firsts <= {"answer", "end"}
     again = gen.generate(calls=calls, seed=seed, out_of_order=late, extensions=8)
     assert gen.all_events(again) == gen.all_events(day)
+
+
+def test_a_hunting_queue_rings_one_phone_after_another() -> None:
+    day = gen.generate(calls=600, seed=5, hunt=0.5)
+    hunting = [c for c in day.calls if c.rings]
+    assert len(hunting) > 100
+    per_call = _by_call(day)
+    for call in hunting:
+        events = per_call[call.call_id]
+        assert events[0]["event"] == "start" or call.late_start
+        ringing = list(call.extensions)  # the phones ringing now, as the events say
+        for e in sorted(events, key=lambda e: (e["at"], e["event"] != "ring_end")):
+            if e["event"] == "ring_end":
+                ringing.remove(e["extension"])
+            elif e["event"] == "ring":
+                ringing.append(e["extension"])
+            elif e["event"] == "answer":
+                assert ringing == [e["extension"]]  # who answers is the one ringing
+        assert len(ringing) == 1 and call.rung[-1] == ringing[0]
+        known = {"start", "answer", "transfer", "end", "record"}
+        for e in events:  # intake's validator, for the kinds this tree's intake knows
+            if e["event"] in known or e["event"] in EVENTS:
+                assert validate_event(e)["event"] == e["event"]
 
 
 def test_different_seeds_give_different_days() -> None:
