@@ -133,10 +133,11 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
 
     def progress(r: st.Replay, posted: int, total: int, inflight: int) -> None:
         inbox, outbox, done = stack.unsettled(portal.id)
-        lag = sorted(r.lag[-2000:])
+        lag = pbx_day_check.quantiles(r.lag[-2000:])
+        answer = pbx_day_check.quantiles(r.answer_s[-2000:])
         print(f"{label} {time.time() - t0:6.0f}s posted {posted}/{total} events, "
               f"{len(r.accepted)} starts accepted, requests in flight {inflight}, "
-              f"lag p99 {lag[int(0.99 * (len(lag) - 1))] if lag else 0:.3f}s; "
+              f"202 p99 {answer['p99']:.3f}s, lag p99 {lag['p99']:.3f}s; "
               f"inbox waiting {inbox}, outbox waiting {outbox}, done {done}", flush=True)
 
     time.sleep(max(0.0, t0 - time.time()))
@@ -153,12 +154,14 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
     q["cards_never_complete"] = unshown
     stages = stage_times(replayed.accepted, stack.register_times(portal.id))
     lag = pbx_day_check.quantiles(replayed.lag)
+    answer = pbx_day_check.quantiles(replayed.answer_s)
     problems = uniqueness(day, rows)
     if len(replayed.stored_ids) != replayed.events or replayed.duplicates:
         problems.append(f"{replayed.events} events posted, {len(replayed.stored_ids)} new ids, "
                         f"{replayed.duplicates} answered as duplicates")
     print(f"{label} replay: {replayed.events} events in {replayed.requests} requests, "
-          f"{replayed.retries} retries, {len(replayed.failed)} failed; request lag p99 "
+          f"{replayed.retries} retries, {len(replayed.failed)} failed; the 202 in p50 "
+          f"{answer['p50']:.3f}s p99 {answer['p99']:.3f}s; request lag p99 "
           f"{lag['p99']:.3f}s max {lag['max']:.3f}s; the generator's CPU "
           f"{replayed.cpu_s:.1f}s over {replayed.ended - replayed.began:.0f}s "
           f"({100 * replayed.cpu_s / max(replayed.ended - replayed.began, 1e-9):.0f}% of a core)"
@@ -180,7 +183,7 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
             "card_latency": q, "series": lat, "drained": drained, "register_stages": stages,
             "replay": {"events": replayed.events, "requests": replayed.requests,
                        "retries": replayed.retries, "failed": replayed.failed,
-                       "duplicates": replayed.duplicates, "lag": lag,
+                       "duplicates": replayed.duplicates, "lag": lag, "answer": answer,
                        "cpu_s": round(replayed.cpu_s, 2),
                        "seconds": round(replayed.ended - replayed.began, 1)},
             "generator_problems": problems,

@@ -258,6 +258,7 @@ class Replay:
     retries: int = 0
     failed: list[str] = field(default_factory=list)
     lag: list[float] = field(default_factory=list)  # seconds a request left after its due time
+    answer_s: list[float] = field(default_factory=list)  # seconds each 202 took to come
     began: float = 0.0
     ended: float = 0.0
     cpu_s: float = 0.0  # this process's CPU while replaying
@@ -287,7 +288,7 @@ def schedule(day: Day, rows: list[tuple[float, int, dict[str, Any]]], minutes: f
 
 
 async def replay(url: str, key: str, plan: list[tuple[float, dict[str, Any]]],
-                 tick: float, progress: Any, concurrency: int = 16) -> Replay:
+                 tick: float, progress: Any, concurrency: int = 64) -> Replay:
     """Post the events at their due times: every ``tick`` seconds the due ones in one request
     (at most 500, a call's events in order), up to ``concurrency`` requests at once. A request
     holding a call's event leaves after the 202 of the request with that call's previous
@@ -313,10 +314,12 @@ async def replay(url: str, key: str, plan: list[tuple[float, dict[str, Any]]],
                 body = json.dumps({"events": [e for _, e in batch]}).encode()
                 for attempt in range(REQUEST_TRIES):
                     try:
+                        sent = time.time()
                         async with session.post(endpoint, data=body, headers=headers) as resp:
                             data = await resp.read()
                             if resp.status == 202:
                                 now = time.time()
+                                result.answer_s.append(now - sent)
                                 answer = json.loads(data)
                                 result.stored_ids.update(answer["ids"])
                                 result.duplicates += int(answer.get("duplicates") or 0)
@@ -370,8 +373,8 @@ async def replay(url: str, key: str, plan: list[tuple[float, dict[str, Any]]],
             if now - last_note >= 5.0:
                 last_note = now
                 progress(result, i, n, len(tasks))
-            if i < n:
-                await asyncio.sleep(max(0.0, min(tick, plan[i][0] - time.time())))
+            if i < n:  # the next tick, or the next due event if that is later
+                await asyncio.sleep(max(now + tick, plan[i][0]) - time.time())
         if tasks:
             await asyncio.gather(*tasks)
     result.ended = time.time()
