@@ -127,11 +127,12 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
     print(f"{label} portal {member}: {len(day.calls)} calls, {len(rows)} events over "
           f"{args.minutes:g} min ({compression:.0f} x faster than the day), rate bucket "
           f"x{bucket:g}", flush=True)
-    before = st.usage(stack.pids())
+    samples = [(time.time(), st.usage(stack.pids()))]  # (epoch, usage per role)
     t0 = time.time() + 1.0
     plan = st.schedule(day, rows, args.minutes, t0, not args.day_at)
 
     def progress(r: st.Replay, posted: int, total: int, inflight: int) -> None:
+        samples.append((time.time(), st.usage(stack.pids())))
         inbox, outbox, done = stack.unsettled(portal.id)
         lag = pbx_day_check.quantiles(r.lag[-2000:])
         answer = pbx_day_check.quantiles(r.answer_s[-2000:])
@@ -142,9 +143,9 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
 
     time.sleep(max(0.0, t0 - time.time()))
     replayed = asyncio.run(st.replay(stack.url, key, plan, args.tick_ms / 1000.0, progress))
-    drained = _drain(stack, portal.id, args.drain_minutes * 60, label)
-    after = st.usage(stack.pids())
-    wall = time.time() - replayed.began
+    drained = _drain(stack, portal.id, args.drain_minutes * 60, label,
+                     lambda: samples.append((time.time(), st.usage(stack.pids()))))
+    samples.append((time.time(), st.usage(stack.pids())))
     history = stack.rig.control.call_history(member)
     sent_at = replayed.start_at if not args.day_at else {
         c.call_id: day.at(c.start) for c in day.calls}
@@ -187,7 +188,7 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
                        "cpu_s": round(replayed.cpu_s, 2),
                        "seconds": round(replayed.ended - replayed.began, 1)},
             "generator_problems": problems,
-            "resources": {"start": before, "end": after, "wall_s": round(wall, 1)},
+            "resources": resources(samples),
             "recordings_served": st._Recordings.served}
 
 
@@ -210,8 +211,9 @@ def stage_times(accepted: dict[str, float],
             "sent -> completed": pbx_day_check.quantiles(wire)}
 
 
-def _drain(stack: Any, portal_id: int, limit: float, label: str) -> str:
-    """Wait until nothing is left in the inbox or the outbox (twice in a row)."""
+def _drain(stack: Any, portal_id: int, limit: float, label: str, sample: Any) -> str:
+    """Wait until nothing is left in the inbox or the outbox (twice in a row); ``sample``
+    every 5 s."""
     deadline = time.monotonic() + limit
     quiet, last_note, began = 0, 0.0, time.monotonic()
     while time.monotonic() < deadline:
@@ -221,6 +223,7 @@ def _drain(stack: Any, portal_id: int, limit: float, label: str) -> str:
             return f"settled {time.monotonic() - began:.0f}s after the last post"
         if time.monotonic() - last_note >= 5:
             last_note = time.monotonic()
+            sample()
             print(f"{label} draining: inbox waiting {inbox}, outbox waiting {outbox}, "
                   f"done {done}", flush=True)
         time.sleep(0.5)
@@ -259,23 +262,44 @@ def latency_table(runs: list[dict[str, Any]], modes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def resources(samples: list[tuple[float, dict[str, dict[str, float]]]]) -> dict[str, Any]:
+    """Per role: CPU % of one core over the first and the last window of the run (a minute,
+    or a fifth of the run if shorter), RSS at the start and the end; the samples."""
+    began, ended = samples[0][0], samples[-1][0]
+    window = min(60.0, (ended - began) / 5) or 1.0
+    first = next((x for x in samples if x[0] - began >= window), samples[-1])
+    last = next((x for x in reversed(samples) if ended - x[0] >= window), samples[0])
+    out: dict[str, Any] = {"window_s": round(window, 1), "roles": {}}
+    for role in samples[0][1]:
+        def cpu(a: tuple[float, dict[str, dict[str, float]]],
+                b: tuple[float, dict[str, dict[str, float]]], role: str = role) -> float:
+            spent = b[1].get(role, {}).get("cpu_s", 0.0) - a[1].get(role, {}).get("cpu_s", 0.0)
+            return round(100 * spent / max(b[0] - a[0], 1e-9), 1)
+
+        out["roles"][role] = {
+            "cpu_first": cpu(samples[0], first), "cpu_last": cpu(last, samples[-1]),
+            "rss_start": samples[0][1][role]["rss_mib"],
+            "rss_end": samples[-1][1].get(role, {}).get("rss_mib", 0.0)}
+    out["samples"] = [(round(t - began, 1), u) for t, u in samples]
+    return out
+
+
 def resources_table(runs: list[dict[str, Any]]) -> str:
-    """CPU and RSS per role at the start and end of each run, and the generator's CPU."""
-    lines = ["resources per run: CPU % of one core over the run, RSS MiB at the start -> end",
-             f"{'run':<28} {'web':>18} {'worker':>18} {'dispatcher':>18} {'generator':>10}"]
+    """CPU and RSS per role at the start and the end of each run, and the generator's CPU."""
+    lines = ["resources per run: CPU % of one core in the first and the last window of the run "
+             "(first/last), RSS MiB at the start -> end",
+             f"{'run':<24} {'web':>20} {'worker':>20} {'dispatcher':>20} {'generator':>10}"]
     for r in runs:
-        res, wall = r["resources"], max(r["resources"]["wall_s"], 1e-9)
+        roles = r["resources"]["roles"]
         cells = []
         for role in ("web", "worker", "dispatcher"):
-            a, b = res["start"].get(role), res["end"].get(role)
-            if not a or not b:
-                cells.append(f"{'-':>18}")
-                continue
-            cpu = 100 * (b["cpu_s"] - a["cpu_s"]) / wall
-            cells.append(f"{cpu:4.0f}% {a['rss_mib']:5.0f}->{b['rss_mib']:<5.0f}")
+            x = roles.get(role)
+            cells.append(f"{'-':>20}" if x is None else
+                         f"{x['cpu_first']:3.0f}/{x['cpu_last']:<3.0f}% "
+                         f"{x['rss_start']:4.0f}->{x['rss_end']:<4.0f}")
         gen = 100 * r["replay"]["cpu_s"] / max(r["replay"]["seconds"], 1e-9)
         name = f"{r['mode']} {r['latency']:g}s x{r['scale']}"
-        lines.append(f"{name:<28} " + " ".join(f"{c:>18}" for c in cells) + f" {gen:>9.0f}%")
+        lines.append(f"{name:<24} " + " ".join(f"{c:>20}" for c in cells) + f" {gen:>9.0f}%")
     return "\n".join(lines)
 
 
