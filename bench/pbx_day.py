@@ -295,8 +295,8 @@ def resources_table(runs: list[dict[str, Any]]) -> str:
         for role in ("web", "worker", "dispatcher"):
             x = roles.get(role)
             cells.append(f"{'-':>20}" if x is None else
-                         f"{x['cpu_first']:3.0f}/{x['cpu_last']:<3.0f}% "
-                         f"{x['rss_start']:4.0f}->{x['rss_end']:<4.0f}")
+                         f"{x['cpu_first']:.0f}/{x['cpu_last']:.0f}% "
+                         f"{x['rss_start']:.0f}->{x['rss_end']:.0f}")
         gen = 100 * r["replay"]["cpu_s"] / max(r["replay"]["seconds"], 1e-9)
         name = f"{r['mode']} {r['latency']:g}s x{r['scale']}"
         lines.append(f"{name:<24} " + " ".join(f"{c:>20}" for c in cells) + f" {gen:>9.0f}%")
