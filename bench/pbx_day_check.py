@@ -1,0 +1,198 @@
+"""bench.pbx_day's checker: the sandbox's command log, per EXTERNAL_CALL_ID, against the day.
+
+Input: the day that was replayed (bench.pbx_day_gen), the ``at`` each start was posted with,
+and the sandbox's ``call_history`` (sandbox/callhistory.py: the telephony commands the
+portal executed, grouped by EXTERNAL_CALL_ID, in execution order). Each check counts the
+calls that break it; a check whose feature the app does not have yet (recordings) simply
+counts violations like any other, it never raises.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from bench.pbx_day_gen import Day, DayCall
+
+OUTGOING = {"no_answer": "480", "busy": "486", "cancelled": "603-S", "failed": "503"}
+
+
+@dataclass
+class Check:
+    """One rule of the acceptance list: how many calls it was applied to, which broke it."""
+
+    name: str
+    checked: int = 0
+    bad: list[str] = field(default_factory=list)  # EXTERNAL_CALL_IDs, with a short why
+    note: str = ""
+
+    def fail(self, call_id: str, why: str) -> None:
+        self.bad.append(f"{call_id}: {why}")
+
+
+def expected_status(call: DayCall) -> str:
+    """The finish's STATUS_CODE the mapping asks for (issue 22 point 3)."""
+    if call.sip_code:
+        return str(call.sip_code)
+    if call.status == "answered":
+        return "200"
+    return "304" if call.direction == "in" else OUTGOING[call.status]
+
+
+def expected_finisher(call: DayCall, users: dict[str, int], owner: int | None) -> int | None:
+    """The last handler's user for an answered call, else the register's owner."""
+    if call.status == "answered" and call.handler is not None:
+        return users.get(call.handler, owner)
+    return owner
+
+
+def _epoch(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def check(day: Day, sent_at: dict[str, str], history: dict[str, Any]) -> list[Check]:
+    """Every acceptance check of the day against the sandbox's call history.
+
+    ``sent_at``: call_id -> the ``at`` its start was posted with (the replay may move the
+    day onto the wall clock)."""
+    rows = history.get("calls", {})
+    registered = Check("registered once")
+    finished = Check("finished once")
+    hidden = Check("cards hidden before the finish (but the finisher's)")
+    after = Check("no show/hide after the finish")
+    finisher = Check("finisher is the last handler (unanswered: the owner)")
+    status = Check("STATUS_CODE follows the mapping")
+    duration = Check("DURATION = talk rounded up, >= 1 (answered)")
+    start = Check("CALL_START_DATE within 1 s of the start's at")
+    records = Check("recording attached once per answered call, none otherwise",
+                    note="the app's record handling is being built (issue 22 point 3)")
+    shown = Check("every ringing mapped user was shown the card",
+                  note="a hunting queue's ring events are being built (issue 22 point 3)"
+                  if any(c.rings for c in day.calls) else "")
+    collisions = Check("no CALL_ID bound to two PBX calls")
+    strays = Check("no commands for calls the day does not have")
+    known = {c.call_id for c in day.calls}
+    for key in rows:
+        if key not in known:
+            strays.fail(key, "not a call of this day")
+    strays.checked = len(rows)
+    for call in day.calls:
+        row = rows.get(call.call_id)
+        for c in (registered, finished, hidden, after, finisher, status, start, records, shown):
+            c.checked += 1
+        if row is None:
+            for c in (registered, finished):
+                c.fail(call.call_id, "no command in the log")
+            continue
+        _one(call, row, day, sent_at, registered, finished, hidden, after, finisher, status,
+             duration, start, records, shown)
+    collisions.checked = sum(len(r.get("call_ids", [])) for r in rows.values())
+    for call_id, keys in (history.get("collisions") or {}).items():
+        collisions.fail(call_id, f"bound to {', '.join(keys)}")
+    return [registered, finished, hidden, after, finisher, status, duration, start, shown,
+            collisions, records, strays]
+
+
+def _one(call: DayCall, row: dict[str, Any], day: Day, sent_at: dict[str, str],
+         registered: Check, finished: Check, hidden: Check, after: Check, finisher: Check,
+         status: Check, duration: Check, start: Check, records: Check, shown: Check) -> None:
+    cid = call.call_id
+    if row.get("registered") != 1:
+        registered.fail(cid, f"registered {row.get('registered')} times")
+    if row.get("finished") != 1:
+        finished.fail(cid, f"finished {row.get('finished')} times")
+    if row.get("open_at_finish"):
+        hidden.fail(cid, f"left open for users {row['open_at_finish']}")
+    if row.get("after_finish"):
+        after.fail(cid, f"{len(row['after_finish'])} show/hide after the finish")
+    owner = next((r.get("owner") for r in row.get("registers", []) if r.get("owner")), None)
+    ringing = {day.extensions[e] for e in call.rung if e in day.extensions}
+    if ringing - set(row.get("shown_users") or ()):
+        shown.fail(cid, f"never shown to {sorted(ringing - set(row['shown_users'] or ()))}")
+    if row.get("finished"):
+        want = expected_finisher(call, day.extensions, owner)
+        if row.get("finisher") != want:
+            finisher.fail(cid, f"finisher {row.get('finisher')}, expected {want}")
+        if call.status != "answered" and owner is not None and owner not in ringing | {None}:
+            finisher.fail(cid, f"owner {owner} is not among the ringing users {sorted(ringing)}")
+        if str(row.get("status_code")) != expected_status(call):
+            status.fail(cid, f"STATUS_CODE {row.get('status_code')}, "
+                             f"expected {expected_status(call)}")
+        if call.status == "answered":
+            duration.checked += 1
+            want_d = max(1, math.ceil(call.duration))
+            if row.get("duration") is None or int(row["duration"]) != want_d:
+                duration.fail(cid, f"DURATION {row.get('duration')}, expected {want_d}")
+    at = sent_at.get(cid)
+    if row.get("call_start") is None or at is None:
+        start.fail(cid, "no CALL_START_DATE")
+    elif abs(float(row["call_start"]) - _epoch(at)) > 1.0:
+        start.fail(cid, f"CALL_START_DATE {row.get('call_start_date')} vs at {at}")
+    want_records = 1 if call.status == "answered" and call.recording else 0
+    if row.get("records", 0) != want_records:
+        records.fail(cid, f"{row.get('records', 0)} recordings, expected {want_records}")
+
+
+def table(checks: list[Check], examples: int = 2) -> str:
+    """The checks as a text table: calls checked, violations, a few examples."""
+    lines = [f"{'check':<58} {'checked':>8} {'violations':>10}"]
+    for c in checks:
+        mark = "ok " if not c.bad else "BAD"
+        lines.append(f"{mark} {c.name:<54} {c.checked:>8} {len(c.bad):>10}")
+        for example in c.bad[:examples]:
+            lines.append(f"      e.g. {example[:110]}")
+        if c.bad and c.note:
+            lines.append(f"      ({c.note})")
+    return "\n".join(lines)
+
+
+def card_latencies(day: Day, accepted: dict[str, float], history: dict[str, Any]
+                   ) -> tuple[list[tuple[float, float]], int]:
+    """Per call whose start was accepted: (seconds into the day, seconds from its start's 202
+    to the moment the sandbox had executed both its register and the show to its ringing
+    users); and how many such calls never got there (no register, or a ringing user never
+    shown the card), which the quantiles count as infinitely late.
+
+    The sandbox's log times are when each command finished executing on the portal (a
+    batch's commands execute one after the other, each with its share of the request's
+    latency), i.e. when the card appeared; the app learns it when the batch's answer
+    arrives, a loopback hop later."""
+    rows = history.get("calls", {})
+    out: list[tuple[float, float]] = []
+    missing = 0
+    for call in day.calls:
+        row, t0 = rows.get(call.call_id), accepted.get(call.call_id)
+        if t0 is None:
+            continue
+        regs = [r for r in (row or {}).get("registers", []) if r.get("created")]
+        if row is None or not regs:
+            missing += 1
+            continue
+        ringing = {day.extensions[e] for e in call.extensions if e in day.extensions}
+        done = float(regs[0]["at"])
+        for card in row.get("cards", []):
+            if not ringing:
+                break
+            if card["action"] == "show" and card.get("accepted"):
+                ringing -= set(card["users"])
+                done = max(done, float(card["at"]))
+        if ringing:
+            missing += 1
+            continue
+        out.append((call.start, done - t0))
+    return out, missing
+
+
+def quantiles(values: list[float]) -> dict[str, float]:
+    """p50/p95/p99/max (nearest rank), n."""
+    if not values:
+        return {"n": 0, "p50": math.nan, "p95": math.nan, "p99": math.nan, "max": math.nan}
+    ordered = sorted(values)
+
+    def q(p: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(p * len(ordered)) - 1))]
+
+    return {"n": len(ordered), "p50": q(0.5), "p95": q(0.95), "p99": q(0.99),
+            "max": ordered[-1]}
