@@ -30,6 +30,10 @@ class Registry(Generic[K, F]):
         self._functions[name] = fn
         return fn
 
+    def drop(self, name: K) -> None:
+        """Forget ``name``'s function (a test standing in for a handler the factory set)."""
+        self._functions.pop(name, None)
+
     def get(self, name: K) -> F | None:
         """The function registered under ``name``, or None."""
         return self._functions.get(name)

@@ -49,11 +49,20 @@ def pbx_key(event: dict[str, Any]) -> str:
 
 
 def first_of_its_key() -> Any:
-    """The claim's condition: the row has no key, or no earlier row of its key is unfinished."""
-    earlier = aliased(InboxEvent)
-    return or_(InboxEvent.order_key.is_(None), ~exists().where(
-        earlier.portal_id == InboxEvent.portal_id, earlier.order_key == InboxEvent.order_key,
-        earlier.id < InboxEvent.id, earlier.status.in_(UNFINISHED)))
+    """The claim's condition: the row has no key, or no earlier row of its key is unfinished.
+
+    Built once: it has no parameters, and building the expression cost more CPU than the
+    claim's statement itself (a third of it, profiled on a PBX event's path)."""
+    global _FIRST_OF_ITS_KEY
+    if _FIRST_OF_ITS_KEY is None:
+        earlier = aliased(InboxEvent)
+        _FIRST_OF_ITS_KEY = or_(InboxEvent.order_key.is_(None), ~exists().where(
+            earlier.portal_id == InboxEvent.portal_id, earlier.order_key == InboxEvent.order_key,
+            earlier.id < InboxEvent.id, earlier.status.in_(UNFINISHED)))
+    return _FIRST_OF_ITS_KEY
+
+
+_FIRST_OF_ITS_KEY: Any = None
 
 
 def next_waiting(portal_id: int | None, order_key: str) -> tuple[int, str] | None:

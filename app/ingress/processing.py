@@ -124,14 +124,15 @@ def _finish(row: InboxEvent, attempt: int, status: InboxStatus, error: str | Non
     clean = sealed.scrubbed(row.payload)
     # Most payloads hold no token (intake strips them): only a changed one is written back.
     rewrite = {"payload": clean} if clean is not row.payload else {}
-    done = _update_if_ours(row.id, attempt, status=status.value, last_error=error,
+    row_id, source, event_type = row.id, row.source, row.event_type  # not reloaded after commit
+    done = _update_if_ours(row_id, attempt, status=status.value, last_error=error,
                            processed_at=utcnow(), **rewrite)
     if not done:
         db.session.rollback()
-        log.warning("inbox row %s was taken over by another worker; result discarded", row.id)
+        log.warning("inbox row %s was taken over by another worker; result discarded", row_id)
         return False
     db.session.commit()
-    metrics.PROCESSED.labels(row.source, row.event_type, status.value).inc()
+    metrics.PROCESSED.labels(source, event_type, status.value).inc()
     return True
 
 

@@ -52,13 +52,15 @@ def named_extensions(event: Mapping[str, Any]) -> list[str]:
     return names
 
 
-def ask_sync_for_unmapped(portal: Portal, event: Mapping[str, Any]) -> bool:
-    """Ask for a user sync when ``event`` names an extension that maps to nobody; whether
-    one was asked for now. Never raises for Redis or the broker: the call goes on."""
+def ask_sync_for_unmapped(portal: Portal, event: Mapping[str, Any],
+                          mapped: Mapping[str, int] | None = None) -> bool:
+    """Ask for a user sync when ``event`` names an extension that maps to nobody (``mapped``:
+    the portal's extension map when the caller has it); whether one was asked for now.
+    Never raises for Redis or the broker: the call goes on."""
     named = named_extensions(event)
     if not named:
         return False
-    unmapped = sorted(set(named) - set(extension_map(portal)))
+    unmapped = sorted(set(named) - set(extension_map(portal) if mapped is None else mapped))
     if not unmapped:
         return False
     interval = float(current_app.config["TELEPHONY_UNKNOWN_EXTENSION_SYNC_INTERVAL"])

@@ -27,11 +27,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 
 import redis
 from flask import current_app
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import select, update
 
 from app.dispatcher import Outcome, OutcomeKind, Priority, ref, submit
 from app.extensions import db
@@ -64,12 +64,16 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
     ensure_callable(portal)  # a held portal's events wait, parked as held
     row = _load(portal, str(event["call_id"]))
     if row.state == machine.State.INCOMPLETE.value and row.b24_call_id is None:
-        row.b24_call_id = click.join(portal, event)  # a click's call: registered already
-    after, commands = machine.apply(state_of(row), event, policy_for(portal, event))
+        joined = click.join(portal, event)
+        if joined is not None:
+            row.b24_call_id = joined  # a click's call: registered already
+    policy = policy_for(portal, event)
+    after, commands = machine.apply(state_of(row), event, policy)
     store(row, after)
     send(row, commands)
     recording.when_ready(row)  # a waiting recording of a call that will never finish: skipped
-    ask_sync_for_unmapped(portal, event)  # an unknown extension: refresh the map, rate-limited
+    # an unknown extension: refresh the map, rate-limited
+    ask_sync_for_unmapped(portal, event, policy.extensions)
 
 
 def locked(*where: Any) -> Call | None:
@@ -124,13 +128,9 @@ def _locked(*where: Any) -> Call | None:
     locks the row, on SQLite it takes the database's write lock, where a SELECT alone
     would read without a transaction and a later write would rest on a stale read.
     """
-    touched = cast(CursorResult, db.session.execute(  # a DML statement's result
-        update(Call).where(*where).values(updated_at=utcnow())
-        .execution_options(synchronize_session=False))).rowcount
-    if not touched:
-        return None
-    return db.session.scalars(select(Call).where(*where)
-                              .execution_options(populate_existing=True)).one()
+    return db.session.scalars(  # one statement: the UPDATE returns the row it locked
+        update(Call).where(*where).values(updated_at=utcnow()).returning(Call)
+        .execution_options(synchronize_session=False, populate_existing=True)).one_or_none()
 
 
 def _load(portal: Portal, pbx_call_id: str) -> Call:

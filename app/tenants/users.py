@@ -138,10 +138,10 @@ def unset_override(portal: Portal, extension: str) -> bool:
 def extension_map(portal: Portal) -> dict[str, int]:
     """``{extension: user_id}``: the portal's active users' inner numbers, then the overrides
     naming an active user on top (an override of an inactive or unknown user is ignored)."""
-    rows = db.session.scalars(select(PortalUser).where(
+    rows = db.session.execute(select(PortalUser.extension, PortalUser.user_id).where(
         PortalUser.portal_id == portal.id, PortalUser.active.is_(True),
         PortalUser.extension.is_not(None)).order_by(PortalUser.user_id.desc()))
-    mapped = {row.extension: row.user_id for row in rows if row.extension}
+    mapped = {ext: user_id for ext, user_id in rows if ext}  # columns: no ORM objects to build
     active = select(PortalUser.user_id).where(PortalUser.portal_id == portal.id,
                                               PortalUser.active.is_(True))
     for ext, user_id in db.session.execute(select(

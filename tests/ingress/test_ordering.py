@@ -105,9 +105,9 @@ def test_each_calls_events_are_handled_one_at_a_time_in_order_of_arrival(
 
 
 def _pbx_row(portal: Any, status: str, call: str = "call-1") -> int:
-    # A record event: no handler for it in this process (telephony handles the others).
-    return add_inbox_row(status, portal, source="pbx", event_type="record", order_key=call,
-                         payload={"call_id": call, "event": "record"})
+    # A PBX event of a kind nothing handles (intake would refuse it; stored directly here).
+    return add_inbox_row(status, portal, source="pbx", event_type="nohandler", order_key=call,
+                         payload={"call_id": call, "event": "nohandler"})
 
 
 @pytest.mark.parametrize("earlier", [InboxStatus.QUEUED, InboxStatus.PROCESSING,

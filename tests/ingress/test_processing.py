@@ -29,26 +29,21 @@ def test_a_valid_event_is_processed_once_by_a_real_worker(portal, deliver, effec
     assert worker.proc.poll() is None, worker.output()
 
 
-# No handler yet for the PBX's record event (telephony handles start/answer/transfer/end).
-RECORD = {"call_id": "c", "event": "record", "at": "2026-11-22T10:00:00Z",
-          "url": "https://pbx.example/rec/c.mp3"}
-
-
 def test_an_event_without_a_handler_is_parked_until_a_handler_exists(
-        portal, deliver, api_key, effects, start_handler_worker):
+        portal, deliver, effects, start_handler_worker):
     old = start_handler_worker()
     deal = deliver.b24(portal, event="ONCRMDEALUPDATE").json["id"]
-    [record] = deliver.pbx(api_key, RECORD).json["ids"]
+    lead = deliver.b24(portal, event="ONCRMLEADADD").json["id"]
     wait_for(lambda: statuses() == {"unhandled": 2}, timeout=30)
     assert [row.attempts for row in inbox_rows()] == [0, 0], "parking spends no attempt"
     old.stop()
-    # A deploy brings a handler for PBX records; its sweeper hands the parked row out again.
-    start_handler_worker(periodic=True, INBOX_SWEEP_INTERVAL="1", INGRESS_TEST_PBX_HANDLER="1")
+    # A deploy brings a handler for lead events; its sweeper hands the parked row out again.
+    start_handler_worker(periodic=True, INBOX_SWEEP_INTERVAL="1", INGRESS_TEST_LATE_HANDLER="1")
     wait_for(lambda: statuses() == {"done": 1, "unhandled": 1}, timeout=40)
-    assert effects() == {record: 1}
+    assert effects() == {lead: 1}
     by_id = {row.id: row for row in inbox_rows()}
     assert by_id[deal].status == "unhandled", "still no handler for deal updates"
-    assert by_id[record].attempts == 1
+    assert by_id[lead].attempts == 1
 
 
 def test_events_of_a_paused_portal_are_held_until_it_is_active_again(
