@@ -30,5 +30,7 @@ def telephony_callback(originate_id: int) -> None:
 @periodic("TELEPHONY_ORIGINATE_SWEEP_INTERVAL")
 @dramatiq.actor(queue_name="default", max_retries=0)
 def sweep_originates() -> None:
-    """Finish the clicks the PBX took but never reported."""
+    """Finish the clicks and callbacks the PBX took but never reported; queue the choice
+    again for callbacks whose message was lost."""
     click.sweep()
+    callback.sweep()

@@ -40,17 +40,18 @@ row fails with register's reason.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from datetime import timedelta
+from typing import Any, cast
 
 from flask import current_app
-from sqlalchemy import select
+from sqlalchemy import CursorResult, select, update
 
 from app import queue
 from app.dispatcher import Outcome, Priority, direct, submit
 from app.extensions import db
 from app.telephony import click, machine, routing
 from app.telephony.models import Originate
-from app.tenants.models import Portal, utcnow
+from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import ensure_callable
 from app.tenants.users import extension_map
 
@@ -65,6 +66,9 @@ NO_PHONE = "the callback request has no phone number"
 NOBODY = "nobody to call back: no responsible can take it and no fallback user is set"
 NO_EXTENSION = ("nobody to call back: no responsible can take it and the fallback user has "
                 "no extension in b24relay")
+# A request still being chosen for after this many seconds lost its message (the broker was
+# down at the inbox's commit): the periodic sweep queues its choice again.
+STALE_CHOICE = 30.0
 
 
 def on_callback(portal: Portal | None, event: dict[str, Any]) -> None:
@@ -114,14 +118,24 @@ def choose(originate_id: int) -> None:
     portal = db.session.get(Portal, row.portal_id)
     if portal is None:
         return
+    life = float(current_app.config["TELEPHONY_CALLBACK_DEADLINE"])
+    if aware(row.created_at) + timedelta(seconds=life) < utcnow():
+        click.fail(row, "OTHER", f"the callback was not handled within {life:g} s")
+        db.session.commit()  # nothing registered yet: nothing to finish
+        return
     users = {user: ext for ext, user in sorted(extension_map(portal).items(), reverse=True)}
     fallback = portal.settings.default_user_id if portal.settings else None
     phone, entity = row.phone, (row.crm_entity_type, row.crm_entity_id)
     # Give the database connection back before Bitrix24 answers (seconds, at worst).
     db.session.close()
     responsible = _responsible(portal, phone, entity, users, fallback)
-    row = db.session.get(Originate, originate_id)
-    if row is None or row.state != "choosing":
+    # Claimed by a conditional UPDATE (a row lock on PostgreSQL, the write lock on SQLite):
+    # a choice the sweep queued again while this one asked Bitrix24 registers nothing more.
+    claimed = cast(CursorResult, db.session.execute(  # a DML statement's result
+        update(Originate).where(Originate.id == originate_id, Originate.state == "choosing")
+        .values(state="register").execution_options(synchronize_session=False))).rowcount
+    row = db.session.get(Originate, originate_id, populate_existing=True)
+    if not claimed or row is None:
         db.session.rollback()
         return
     user = responsible if responsible is not None else fallback
@@ -131,6 +145,7 @@ def choose(originate_id: int) -> None:
         click.fail(row, "OTHER", NOBODY)
         db.session.commit()
         return
+    row.state = "register"
     row.external_call_id = f"b24relay-cb-{row.id}"
     row.register_command_id = submit(
         row.portal_id, machine.REGISTER, _register_params(row, portal), key=click.order_key(row),
@@ -139,12 +154,22 @@ def choose(originate_id: int) -> None:
         # Registered all the same, so the request is in the CRM with its reason; the
         # finish takes register's CALL_ID (same ordering key).
         click.fail(row, "OTHER", NO_EXTENSION)
-    else:
-        row.state = "register"
     db.session.commit()
     log.info("callback %s of portal %s: user %s (%s), register %s", row.id, row.portal_id,
              user, "responsible" if user == responsible else "fallback",
              row.register_command_id)
+
+
+def sweep() -> int:
+    """Queue the choice again for requests whose message was lost (a worker's periodic
+    actor; read only); how many."""
+    cutoff = utcnow() - timedelta(seconds=STALE_CHOICE)
+    stale = db.session.scalars(select(Originate.id).where(
+        Originate.state == "choosing", Originate.created_at < cutoff).limit(500)).all()
+    db.session.rollback()
+    for originate_id in stale:
+        queue.enqueue(ACTOR, originate_id, queue_name=click.QUEUE)
+    return len(stale)
 
 
 def _responsible(portal: Portal, phone: str, entity: tuple[str | None, int | None],

@@ -13,6 +13,7 @@ sandbox, and the PBX is a real HTTP server on loopback checking the signature
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from app.extensions import db
 from app.ingress import auth
 from app.telephony import callback
 from app.telephony.models import Originate
-from app.tenants.models import Portal, PortalSettings
+from app.tenants.models import Portal, PortalSettings, utcnow
 from tests.conftest import wait_for
 from tests.install.conftest import installed, live_app, make_portal  # noqa: F401 - fixtures
 from tests.telephony.conftest import pbx
@@ -36,10 +37,10 @@ REGISTER, FINISH = "telephony.externalcall.register", "telephony.externalcall.fi
 
 
 @pytest.fixture
-def cb(installed: dict[str, Any], sandbox: Any, client: Any, start_worker: Any,  # noqa: F811
-       redis_client: Any) -> Any:
+def cb(request: Any, installed: dict[str, Any], sandbox: Any, client: Any,  # noqa: F811
+       start_worker: Any, redis_client: Any) -> Any:
     """As test_click_to_call's set-up: the portal's webhook on a stand-in PBX, a worker;
-    callbacks are good for 4 s."""
+    callbacks are good for 4 s (or the seconds given by an indirect parameter)."""
     pbx_ = PBX()
     portal = Portal.by_member_id(installed["member_id"])
     assert portal is not None
@@ -49,7 +50,8 @@ def cb(installed: dict[str, Any], sandbox: Any, client: Any, start_worker: Any, 
     db.session.commit()
     key = auth.issue_api_key(portal)
     start_worker(threads=4, periodic=True, DISPATCH_SWEEP_INTERVAL="1", DISPATCH_LINGER_MS="0",
-                 TELEPHONY_CALLBACK_DEADLINE="4", TELEPHONY_ORIGINATE_REPORT_TIMEOUT="3",
+                 TELEPHONY_CALLBACK_DEADLINE=str(getattr(request, "param", 4)),
+                 TELEPHONY_ORIGINATE_REPORT_TIMEOUT="3",
                  TELEPHONY_ORIGINATE_SWEEP_INTERVAL="1", TELEPHONY_DEFAULT_COUNTRY="DE")
     wait_for(lambda: redis_client.pubsub_numsub(nudge.channel(redis_client))[0][1] >= 1,
              timeout=30)
@@ -182,3 +184,22 @@ def test_a_callback_to_a_pbx_that_is_down_is_retried_then_finished_as_failed(cb,
     assert str(register["params"]["USER_ID"]) == "1"
     assert (finish[0]["params"]["STATUS_CODE"], finish[0]["params"]["USER_ID"]) == ("503", "1")
     assert sandbox.calls(member_id)["active"] == []
+
+
+@pytest.mark.parametrize("cb", [120], indirect=True)
+def test_a_callback_whose_message_was_lost_is_chosen_by_the_sweep(cb, sandbox):
+    """The broker lost the choice's message (a row left "choosing"): the periodic sweep
+    queues it again, and the callback goes on, registered once and rung once."""
+    member_id = cb["member_id"]
+    _fallback(cb["portal_id"], 2)
+    row = Originate(kind="callback", portal_id=cb["portal_id"], phone=PHONE, is_mobile=False,
+                    text=TEXT, state="choosing", attempts=0,
+                    created_at=utcnow() - timedelta(seconds=callback.STALE_CHOICE + 5))
+    db.session.add(row)
+    db.session.commit()
+    wait_for(lambda: _row(cb["portal_id"], "sent"), timeout=60)
+    time.sleep(2.0)  # sweeps that might choose it again
+    [register] = _log(sandbox, member_id, REGISTER)
+    assert str(register["params"]["USER_ID"]) == "2"
+    [sent] = cb["pbx"].requests
+    assert (sent["body"]["kind"], sent["body"]["extension"]) == ("callback", "102")
