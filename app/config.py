@@ -280,6 +280,10 @@ def telephony_settings() -> dict[str, Any]:
         # try waiting at most TELEPHONY_ORIGINATE_TIMEOUT for the PBX's answer.
         "TELEPHONY_ORIGINATE_DEADLINE": env_float("TELEPHONY_ORIGINATE_DEADLINE", 30.0),
         "TELEPHONY_ORIGINATE_TIMEOUT": env_float("TELEPHONY_ORIGINATE_TIMEOUT", 5.0),
+        # A web-form callback (app/telephony/callback.py) is tried this many seconds after
+        # its event (the choice of employee and the register included): the client asked
+        # to be called back soon, but not within a click's half minute.
+        "TELEPHONY_CALLBACK_DEADLINE": env_float("TELEPHONY_CALLBACK_DEADLINE", 120.0),
         # A PBX that took an originate reports the call (a start with origin_id) within
         # this many seconds, else the click's call is finished as failed (480).
         "TELEPHONY_ORIGINATE_REPORT_TIMEOUT": env_float("TELEPHONY_ORIGINATE_REPORT_TIMEOUT",

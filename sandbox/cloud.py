@@ -648,6 +648,8 @@ class Cloud:
             self.drop_install_bindings(p)  # the update happened: it drops them (§2.4)
         if event == "ONEXTERNALCALLSTART":
             data = self._click_to_call(p, data, user_id)
+        elif event == "ONEXTERNALCALLBACKSTART":
+            data = methods_telephony.callback_start(p, dict(data))
         queued = (
             methods_core.queue_offline(p, event, data, user_id) if p.install_finished else False
         )

@@ -473,6 +473,23 @@ def click_to_call(ctx: Ctx, data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def callback_start(portal: Portal, data: dict[str, Any]) -> dict[str, Any]:
+    """ONEXTERNALCALLBACKSTART data as the portal sends it (protocol §8.9, helper
+    ``startCallBack``): the form's number, the text to read to the employee and its voice,
+    the CRM entity the form created or found, and the line chosen as the form's callback
+    line (the one named, else the app's first). No CALL_ID and no USER_ID: nothing is
+    registered and nobody is chosen (a CALL_ID or USER_ID in ``data`` is dropped)."""
+    line = _click_line(portal, data)
+    return {
+        "PHONE_NUMBER": str(data.get("PHONE_NUMBER") or ""),
+        "TEXT": str(data.get("TEXT") or ""),
+        "VOICE": str(data.get("VOICE") or ""),
+        "CRM_ENTITY_TYPE": str(data.get("CRM_ENTITY_TYPE") or ""),
+        "CRM_ENTITY_ID": str(data.get("CRM_ENTITY_ID") or ""),
+        "LINE_NUMBER": line["NUMBER"],
+    }
+
+
 def _register_click(ctx: Ctx, data: dict[str, Any], line: dict[str, Any]) -> dict[str, Any]:
     """The outgoing call the portal registers for a click, as the app's register would."""
     spec = CallSpec(

@@ -21,13 +21,11 @@ from app.extensions import db
 from app.installation.plan import EVENTS
 from tests.conftest import ROOT, child_env
 
-# Bound at install so Bitrix24 delivers them, but handled only once the telephony
-# connector exists (a later issue). Until then their rows are parked as ``unhandled``
+# Events bound at install but not handled yet: their rows are parked as ``unhandled``
 # and the sweeper hands them out as soon as a handler is registered, so none is lost.
-PARKED_UNTIL_TELEPHONY_CONNECTOR = frozenset({
-    "ONEXTERNALCALLSTART",      # click-to-call from the CRM card
-    "ONEXTERNALCALLBACKSTART",  # callback request from a CRM form/widget
-})
+# Empty now: ONEXTERNALCALLSTART (app/telephony/click.py) and ONEXTERNALCALLBACKSTART
+# (app/telephony/callback.py) have their handlers.
+PARKED_UNTIL_TELEPHONY_CONNECTOR: frozenset[str] = frozenset()
 
 # Tables that legitimately have no portal_id column, each with the reason.
 NOT_TENANT_TABLES: dict[str, str] = {

@@ -7,6 +7,8 @@ rings, the call in the CRM when it ends.
 - ``handlers``: the PBX event handlers and the outcome handlers that run it;
 - ``click``: click-to-call (ONEXTERNALCALLSTART): the signed originate to the PBX, and the
   PBX's call joined to the click's ``CALL_ID``.
+- ``callback``: web-form callbacks (ONEXTERNALCALLBACKSTART): the employee chosen, the call
+  registered (TYPE 4), then the same originate, join and failure finish as a click.
 - ``sweeper``: finishes calls whose end never came, parks events whose start never came
   (run periodically by workers/calls.py); ``cli``: ``flask calls show`` / ``retry``.
 
@@ -23,13 +25,15 @@ def init_app(app: Any) -> None:
     ``flask calls``."""
     from app.dispatcher import register_outcome_handlers
     from app.ingress import registry
-    from app.telephony import click
+    from app.telephony import callback, click
     from app.telephony import models as _models  # noqa: F401 - the calls table, for Alembic
     from app.telephony.cli import calls_cli
     from app.telephony.handlers import HANDLERS, OUTCOME_HANDLERS
 
     registry.register(HANDLERS, source="pbx")
-    registry.register({"ONEXTERNALCALLSTART": click.on_click})
+    registry.register({"ONEXTERNALCALLSTART": click.on_click,
+                       "ONEXTERNALCALLBACKSTART": callback.on_callback})
     register_outcome_handlers(OUTCOME_HANDLERS)
-    register_outcome_handlers({click.FINISHED: click.finished})
+    register_outcome_handlers({click.FINISHED: click.finished,
+                               callback.REGISTERED: callback.registered})
     app.cli.add_command(calls_cli)

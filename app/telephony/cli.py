@@ -135,7 +135,8 @@ def webhook(member_id: str, url: str, keep_secret: bool) -> None:
 @click.option("--member-id", help="only this portal's")
 @click.option("--limit", default=50, show_default=True)
 def clicks(member_id: str | None, limit: int) -> None:
-    """The newest click-to-calls: CALL_ID, user, extension, state, tries, and why it failed."""
+    """The newest click-to-calls and web-form callbacks: kind, CALL_ID, user, extension,
+    state, tries, and why it failed."""
     from app.telephony.models import Originate
 
     query = select(Originate).order_by(Originate.id.desc()).limit(limit)
@@ -146,7 +147,8 @@ def clicks(member_id: str | None, limit: int) -> None:
     if not rows:
         click.echo("no clicks")
     for row in rows:
-        click.echo(f"{row.id:>8} {row.b24_call_id[:40]:40} user={row.user_id} "
+        click.echo(f"{row.id:>8} {row.kind:8} {(row.b24_call_id or '-')[:40]:40} "
+                   f"user={row.user_id or '-'} "
                    f"ext={row.extension or '-'} {row.state:7} tries={row.attempts}"
                    + (f" {row.error}" if row.error else ""))
 def retry_call(row_id: int) -> str:

@@ -21,15 +21,22 @@ A failed click is finished so that the clicker's card closes and a later click o
 number gets a fresh call (an unfinished one would be its dedup target, §8.3).
 
 The request (documented for PBX integrators in app/ingress/PBX_EVENTS.md, "Originate"):
-``POST <webhook URL>``, JSON ``{"call_id", "extension", "phone", "dtmf", "is_mobile",
-"line", "user_id"}``, headers ``X-B24relay-Timestamp`` (unix seconds) and
-``X-B24relay-Signature`` = ``sha256=`` + hex HMAC-SHA256 of ``<timestamp>.<body>`` with the
-portal's webhook secret. Tried again with backoff while the click is useful
-(``TELEPHONY_ORIGINATE_DEADLINE``); each try waits ``TELEPHONY_ORIGINATE_TIMEOUT`` at most.
+``POST <webhook URL>``, JSON ``{"kind", "call_id", "extension", "phone", "dtmf",
+"is_mobile", "line", "user_id", "text", "voice"}``, headers ``X-B24relay-Timestamp`` (unix
+seconds) and ``X-B24relay-Signature`` = ``sha256=`` + hex HMAC-SHA256 of
+``<timestamp>.<body>`` with the portal's webhook secret. Tried again with backoff while
+the click is useful (``TELEPHONY_ORIGINATE_DEADLINE``); each try waits
+``TELEPHONY_ORIGINATE_TIMEOUT`` at most.
 
 A second event for the same ``CALL_ID`` while its originate is in flight (a double click, or
 the portal's dedup handing a second click the same call) rings nothing more; once that
 originate has ended, a click that reuses the ``CALL_ID`` is a new originate.
+
+Web-form callbacks (app/telephony/callback.py) use the same rows (``kind`` callback), the
+same request (``"kind": "callback"``, the ``text`` to read to the employee and its
+``voice``), the same retries, sweep, join and failure finish; their deadline is
+``TELEPHONY_CALLBACK_DEADLINE``, counted from the event, and their row has a ``CALL_ID``
+only once the app's own register answered.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from flask import current_app
 from sqlalchemy import select
 
 from app import queue
-from app.dispatcher import Outcome, Priority, submit
+from app.dispatcher import Outcome, Priority, ref, submit
 from app.extensions import db, redis_ext
 from app.telephony import machine
 from app.telephony.models import Originate
@@ -91,6 +98,12 @@ def new_secret() -> str:
 
 def _setting(name: str) -> float:
     return float(current_app.config[name])
+
+
+def _life(row: Originate) -> float:
+    """Seconds from the event during which the originate is worth trying."""
+    return _setting("TELEPHONY_CALLBACK_DEADLINE" if row.kind == "callback"
+                    else "TELEPHONY_ORIGINATE_DEADLINE")
 
 
 # ------------------------------------------------------------------ the event
@@ -156,7 +169,8 @@ def _take(portal_id: int, call_id: str, inbox_id: Any) -> bool:
 
 def _release(row: Originate) -> None:
     """The originate ended (joined or failed): a later click may reuse the CALL_ID."""
-    redis_ext.client.delete(_guard_key(row.portal_id, row.b24_call_id))
+    if row.kind == "click" and row.b24_call_id is not None:
+        redis_ext.client.delete(_guard_key(row.portal_id, row.b24_call_id))
 
 
 def _in_flight(portal_id: int, call_id: str) -> Originate | None:
@@ -177,14 +191,14 @@ def attempt(originate_id: int) -> float | None:
         return None
     portal = db.session.get(Portal, row.portal_id)
     settings = portal.settings if portal else None
-    deadline = aware(row.created_at) + timedelta(seconds=_setting("TELEPHONY_ORIGINATE_DEADLINE"))
+    deadline = aware(row.created_at) + timedelta(seconds=_life(row))
     try:
         if settings is None or not settings.pbx_webhook_url or not settings.pbx_webhook_secret:
             raise Failed("OTHER", NO_WEBHOOK)
         left = (deadline - utcnow()).total_seconds()
         if left <= 0:
             raise Failed("503", f"the PBX did not take the originate within "
-                                f"{_setting('TELEPHONY_ORIGINATE_DEADLINE'):g} s: {row.error}")
+                                f"{_life(row):g} s: {row.error}")
         row.attempts += 1
         _post(row, settings.pbx_webhook_url, settings.pbx_webhook_secret,
               min(left, _setting("TELEPHONY_ORIGINATE_TIMEOUT")))
@@ -208,9 +222,10 @@ class _Retry(Exception):
 
 def _post(row: Originate, url: str, secret: str, timeout: float) -> None:
     body = json.dumps({
-        "call_id": row.b24_call_id, "extension": row.extension, "phone": row.phone,
-        "dtmf": row.dtmf, "is_mobile": row.is_mobile, "line": row.line,
-        "user_id": row.user_id}, separators=(",", ":")).encode()
+        "kind": row.kind, "call_id": row.b24_call_id, "extension": row.extension,
+        "phone": row.phone, "dtmf": row.dtmf, "is_mobile": row.is_mobile, "line": row.line,
+        "user_id": row.user_id, "text": row.text, "voice": row.voice},
+        separators=(",", ":")).encode()
     stamp = int(time.time())
     response = httpx.post(url, content=body, timeout=timeout, headers={
         "Content-Type": "application/json", TIMESTAMP_HEADER: str(stamp),
@@ -227,15 +242,30 @@ def _post(row: Originate, url: str, secret: str, timeout: float) -> None:
 
 
 def fail(row: Originate, code: str, reason: str) -> None:
-    """Finish the click's call with a failure status (caller commits)."""
+    """Finish the originate's call with a failure status (caller commits). A callback's call
+    may not be known yet: its CALL_ID is then its register's answer (a reference, same
+    ordering key); a callback never registered (nobody to ring) has nothing to finish."""
     row.state, row.error = "failed", reason[:2000]
     _release(row)
-    params = {"CALL_ID": row.b24_call_id, "USER_ID": row.user_id, "DURATION": 0,
+    log.warning("%s %s of portal %s failed: %s", row.kind, row.b24_call_id or row.id,
+                row.portal_id, reason)
+    if row.b24_call_id is not None:
+        call_id: str = row.b24_call_id
+    elif row.register_command_id is not None:
+        call_id = ref(row.register_command_id, "CALL_ID")
+    else:
+        return
+    params = {"CALL_ID": call_id, "USER_ID": row.user_id, "DURATION": 0,
               "STATUS_CODE": code, "FAILED_REASON": reason[:255], "ADD_TO_CHAT": 0}
-    row.finish_command_id = submit(row.portal_id, machine.FINISH, params,
-                                   key=f"click:{row.b24_call_id}", priority=Priority.NORMAL,
-                                   handler=FINISHED, context={"originate": row.id})
-    log.warning("click %s of portal %s failed: %s", row.b24_call_id, row.portal_id, reason)
+    row.finish_command_id = submit(row.portal_id, machine.FINISH, params, key=order_key(row),
+                                   priority=Priority.NORMAL, handler=FINISHED,
+                                   context={"originate": row.id})
+
+
+def order_key(row: Originate) -> str:
+    """The dispatcher's ordering key of the originate's commands (a callback's register
+    and its finish go in order)."""
+    return f"callback:{row.id}" if row.kind == "callback" else f"click:{row.b24_call_id}"
 
 
 def sweep() -> int:
@@ -249,9 +279,13 @@ def sweep() -> int:
         fail(row, "480", NEVER_REPORTED)
     db.session.commit()
     # A pending one whose message was lost (the broker was down at its commit): its last try.
-    deadline = utcnow() - timedelta(seconds=_setting("TELEPHONY_ORIGINATE_DEADLINE") + 5)
-    stale = db.session.scalars(select(Originate.id).where(
-        Originate.state == "pending", Originate.created_at < deadline).limit(500)).all()
+    now = utcnow()
+    shortest = min(_setting("TELEPHONY_ORIGINATE_DEADLINE"),
+                   _setting("TELEPHONY_CALLBACK_DEADLINE"))
+    stale = [row.id for row in db.session.scalars(select(Originate).where(
+        Originate.state == "pending",
+        Originate.created_at < now - timedelta(seconds=shortest + 5)).limit(500))
+        if aware(row.created_at) + timedelta(seconds=_life(row) + 5) < now]
     for originate_id in stale:
         attempt(originate_id)
     return len(rows) + len(stale)

@@ -119,7 +119,8 @@ class Call(Model):
 
 
 class Originate(Model):
-    """One click-to-call's originate request to the PBX (app/telephony/click.py).
+    """One originate request to the PBX: a click-to-call's (app/telephony/click.py) or a
+    web-form callback's (app/telephony/callback.py, ``kind`` callback).
 
     Queries and their indexes: the click's originate in flight, and a PBX ``start``'s
     ``origin_id``, by (portal, Bitrix24 ``CALL_ID``): ``ix_originates_portal_call``; the
@@ -135,14 +136,27 @@ class Originate(Model):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     portal_id: Mapped[int] = mapped_column(ForeignKey("portals.id", ondelete="CASCADE"))
-    b24_call_id: Mapped[str] = mapped_column(String(128))  # the click's CALL_ID
-    user_id: Mapped[int] = mapped_column(Integer)  # who clicked
+    kind: Mapped[str] = mapped_column(String(8), default="click",
+                                      server_default="click")  # click | callback
+    # the click's CALL_ID; a callback's once its register answered (None before)
+    b24_call_id: Mapped[str | None] = mapped_column(String(128))
+    user_id: Mapped[int | None] = mapped_column(Integer)  # who clicked; whom a callback rings
     extension: Mapped[str | None] = mapped_column(String(32))  # his phone; None: failed
     phone: Mapped[str] = mapped_column(String(64))  # PHONE_NUMBER_INTERNATIONAL
     dtmf: Mapped[str | None] = mapped_column(String(64))  # EXTENSION: dialled after answer
     line: Mapped[str | None] = mapped_column(String(50))
     is_mobile: Mapped[bool] = mapped_column(Boolean, default=False)
-    # pending (being tried) | sent (the PBX took it) | joined (its call came) | failed
+    # A callback's: the TEXT read to the employee and its VOICE, the form's CRM entity, the
+    # register's EXTERNAL_CALL_ID (our own) and its outbox command.
+    text: Mapped[str | None] = mapped_column(Text)
+    voice: Mapped[str | None] = mapped_column(String(64))
+    crm_entity_type: Mapped[str | None] = mapped_column(String(16))
+    crm_entity_id: Mapped[int | None] = mapped_column(Integer)
+    external_call_id: Mapped[str | None] = mapped_column(String(64))
+    register_command_id: Mapped[int | None] = mapped_column(BigId)
+    # choosing (a callback's employee being chosen) | register (a callback's register in
+    # flight) | pending (being tried) | sent (the PBX took it) | joined (its call came)
+    # | failed
     state: Mapped[str] = mapped_column(String(8))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)  # the last failure, in words

@@ -124,9 +124,10 @@ def test_a_click_rings_the_pbx_once_and_its_call_is_finished_not_registered(setu
     time.sleep(1.0)  # a second originate, if one were coming
     [sent] = pbx_.requests
     assert sent["signed"] and sent["fresh"]
-    assert sent["body"] == {"call_id": call_id, "extension": "101", "phone": "+4930777111",
-                            "dtmf": None, "is_mobile": False,
-                            "line": sent["body"]["line"], "user_id": 1}
+    assert sent["body"] == {"kind": "click", "call_id": call_id, "extension": "101",
+                            "phone": "+4930777111", "dtmf": None, "is_mobile": False,
+                            "line": sent["body"]["line"], "user_id": 1, "text": None,
+                            "voice": None}
     # The PBX rings 101, then the number, and reports the call with the originate's id.
     setup["post"](
         pbx("pbx-c1", "start", 0, direction="out", phone="+4930777111", extensions=["101"],
