@@ -8,7 +8,10 @@ rings, the call in the CRM when it ends.
 - ``click``: click-to-call (ONEXTERNALCALLSTART): the signed originate to the PBX, and the
   PBX's call joined to the click's ``CALL_ID``.
 - ``sweeper``: finishes calls whose end never came, parks events whose start never came
-  (run periodically by workers/calls.py); ``cli``: ``flask calls show`` / ``retry``.
+  (run periodically by workers/calls.py); ``cli``: ``flask calls show`` / ``retry`` /
+  ``reprocess``.
+- ``reprocess``: past calls missing from Bitrix24, sent again (``flask calls reprocess``),
+  and the statistics check of a PBX's replayed start.
 
 The factory wires it in with :func:`init_app`.
 """
@@ -23,7 +26,7 @@ def init_app(app: Any) -> None:
     ``flask calls``."""
     from app.dispatcher import register_outcome_handlers
     from app.ingress import registry
-    from app.telephony import click
+    from app.telephony import click, reprocess
     from app.telephony import models as _models  # noqa: F401 - the calls table, for Alembic
     from app.telephony.cli import calls_cli
     from app.telephony.handlers import HANDLERS, OUTCOME_HANDLERS
@@ -32,4 +35,5 @@ def init_app(app: Any) -> None:
     registry.register({"ONEXTERNALCALLSTART": click.on_click})
     register_outcome_handlers(OUTCOME_HANDLERS)
     register_outcome_handlers({click.FINISHED: click.finished})
+    register_outcome_handlers(reprocess.OUTCOME_HANDLERS)
     app.cli.add_command(calls_cli)
