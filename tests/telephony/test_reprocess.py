@@ -27,6 +27,7 @@ from tests.telephony.test_unknown import (  # noqa: F401 - portal_line is a fixt
     quiet,
     settled,
 )
+from tests.telephony.test_recording import ATTACH, pbx_files  # noqa: F401 - a fixture
 from tests.tenants.conftest import oauth_app  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(240)
@@ -84,10 +85,11 @@ def telephony(sandbox: Any, member_id: str, method: str, external: str) -> list[
 
 
 @pytest.fixture
-def past_day(app: Any, portal_line: Any, sandbox: Any) -> dict[str, Any]:  # noqa: F811
+def past_day(app: Any, portal_line: Any, sandbox: Any,  # noqa: F811 - the imported fixture
+             pbx_files: Any) -> dict[str, Any]:  # noqa: F811
     """An hour ago, three calls of one portal: ``missing`` (its register's answer was lost,
     a 504 before Bitrix24 ran it, and a past call's register is never resent: the call
-    failed), ``in-b24`` (finished in Bitrix24, but that answer was lost and no resend was
+    failed, and its recording was skipped), ``in-b24`` (finished in Bitrix24, but that answer was lost and no resend was
     allowed: the app's table says unknown) and ``done`` (finished, done in the table)."""
     line = portal_line(fallback=None, TELEPHONY_FINISH_RESENDS="0")
     member = line["member_id"]
@@ -95,8 +97,11 @@ def past_day(app: Any, portal_line: Any, sandbox: Any) -> dict[str, Any]:  # noq
 
     sandbox.set_fault(member, "html_504", count=1, methods=[REGISTER])
     answered(line, "missing", base)
+    line["post"](event("missing", "record", base + timedelta(seconds=41),
+                       url=f"{pbx_files.url}/rec/small.mp3"))
     wait_for(lambda: (c := call_row(line["portal_id"], "missing")) is not None
-             and c.state == "failed" and quiet(line["portal_id"], c), timeout=60)
+             and c.state == "failed" and c.record_state == "skipped"
+             and quiet(line["portal_id"], c), timeout=60)
     sandbox.clear_faults(member)
 
     sandbox.set_fault(member, "executed_504", count=1, methods=[FINISH])
@@ -161,8 +166,13 @@ def test_reprocess_registers_only_the_missing_call_once_and_twice_changes_nothin
     assert (finish["params"]["ADD_TO_CHAT"], finish["params"]["STATUS_CODE"],
             finish["params"]["DURATION"], finish["params"]["USER_ID"]) == ("0", "200", "30", "2")
     assert finish["seq"] == register["seq"] + 1, "back to back (one batch)"
+    call = wait_for(lambda: (c := call_row(portal_id, "missing")).record_state == "attached"
+                    and c, timeout=60)
+    [attach] = telephony(sandbox, member, ATTACH, "missing")
+    assert attach["seq"] > finish["seq"], "the recording after the finish"
     hist = history(sandbox, member, "missing")
     assert (hist["registered"], hist["finished"], shows(hist)) == (1, 1, []), "no card"
+    assert hist["records"] == 1
 
     assert len(telephony(sandbox, member, REGISTER, "in-b24")) == 1, "not registered again"
     assert history(sandbox, member, "in-b24")["finished"] == 1
@@ -241,3 +251,24 @@ def test_a_replayed_pbx_day_shows_no_cards_and_never_registers_twice(portal_line
         assert (len(hist["registers"]), hist["registered"], hist["finished"]) == (1, 1, 1), \
             f"{external} registered or finished twice"
         assert shows(hist) == []
+
+
+def test_a_replayed_register_whose_answer_is_lost_is_not_resent_and_says_so(
+        app, portal_line, sandbox):  # noqa: F811 - the imported fixture
+    line = portal_line(fallback=None, TELEPHONY_REPLAY_AGE="900")
+    member, portal_id = line["member_id"], line["portal_id"]
+    sandbox.set_fault(member, "executed_504", count=1, methods=[REGISTER])
+    start = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
+    answered(line, "lost-1", start)
+    call = wait_for(lambda: (c := call_row(portal_id, "lost-1")) is not None
+                    and c.state == "failed" and quiet(portal_id, c) and c, timeout=60)
+    assert call.register_error.startswith("unknown outcome")
+    assert "not sent again" in call.register_error
+    hist = history(sandbox, member, "lost-1")
+    assert (len(hist["registers"]), hist["finished"]) == (1, 0), \
+        "sent once (a resend would make a second call), never finished from here"
+    from app.telephony.cli import describe
+    assert "may be open in Bitrix24 unfinished" in describe(call), "flask calls show says so"
+    listed = run(app, member, start - timedelta(minutes=1), start + timedelta(minutes=1),
+                 "--dry-run")
+    assert "register+finish: its register's outcome was unknown before" in listed.output
