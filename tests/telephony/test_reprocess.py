@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import delete
 
@@ -16,6 +17,7 @@ from app.extensions import db
 from app.ingress.models import InboxEvent
 from app.telephony.models import Call
 from tests.conftest import wait_for
+from tests.telephony.test_recording import ATTACH, pbx_files  # noqa: F401 - a fixture
 from tests.telephony.test_unknown import (  # noqa: F401 - portal_line is a fixture
     FINISH,
     REGISTER,
@@ -27,7 +29,6 @@ from tests.telephony.test_unknown import (  # noqa: F401 - portal_line is a fixt
     quiet,
     settled,
 )
-from tests.telephony.test_recording import ATTACH, pbx_files  # noqa: F401 - a fixture
 from tests.tenants.conftest import oauth_app  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(240)
@@ -87,33 +88,50 @@ def telephony(sandbox: Any, member_id: str, method: str, external: str) -> list[
 @pytest.fixture
 def past_day(app: Any, portal_line: Any, sandbox: Any,  # noqa: F811 - the imported fixture
              pbx_files: Any) -> dict[str, Any]:  # noqa: F811
-    """An hour ago, three calls of one portal: ``missing`` (its register's answer was lost,
-    a 504 before Bitrix24 ran it, and a past call's register is never resent: the call
-    failed, and its recording was skipped), ``in-b24`` (finished in Bitrix24, but that answer was lost and no resend was
-    allowed: the app's table says unknown) and ``done`` (finished, done in the table)."""
+    """An hour ago, four calls of one portal, none of them done in Bitrix24 by the app:
+
+    - ``missing``: its register's answer was lost (a 504 before Bitrix24 ran it), and a past
+      call's register is never resent: the call failed, its recording was skipped;
+    - ``in-b24``: its register ran but the answer was lost (the call failed here), and the
+      call was finished in Bitrix24 from elsewhere: only the statistics know it;
+    - ``open``: registered, its finish lost before Bitrix24 ran it, no resend allowed
+      (TELEPHONY_FINISH_RESENDS=0): open in Bitrix24, ``unknown`` here;
+    - ``done``: finished, done in the app's table.
+    """
     line = portal_line(fallback=None, TELEPHONY_FINISH_RESENDS="0")
-    member = line["member_id"]
+    member, portal_id = line["member_id"], line["portal_id"]
     base = (datetime.now(UTC) - timedelta(hours=1)).astimezone(MSK).replace(microsecond=0)
+
+    def failed(external: str) -> Any:
+        return wait_for(lambda: (c := call_row(portal_id, external)) is not None
+                        and c.state == "failed" and quiet(portal_id, c) and c, timeout=60)
 
     sandbox.set_fault(member, "html_504", count=1, methods=[REGISTER])
     answered(line, "missing", base)
     line["post"](event("missing", "record", base + timedelta(seconds=41),
                        url=f"{pbx_files.url}/rec/small.mp3"))
-    wait_for(lambda: (c := call_row(line["portal_id"], "missing")) is not None
-             and c.state == "failed" and c.record_state == "skipped"
-             and quiet(line["portal_id"], c), timeout=60)
-    sandbox.clear_faults(member)
+    assert failed("missing").record_state == "skipped"
 
-    sandbox.set_fault(member, "executed_504", count=1, methods=[FINISH])
-    answered(line, "in-b24", base + timedelta(minutes=5))
-    wait_for(lambda: (c := settled(line["portal_id"], "in-b24")) is not None
+    sandbox.set_fault(member, "executed_504", count=1, methods=[REGISTER])
+    answered(line, "in-b24", base + timedelta(minutes=3))
+    failed("in-b24")
+    [call_id] = history(sandbox, member, "in-b24")["call_ids"]
+    info = line["info"]  # someone else finishes it in Bitrix24
+    httpx.post(info["client_endpoint"] + "telephony.externalCall.finish",
+               json={"auth": info["access_token"], "CALL_ID": call_id, "USER_ID": 2,
+                     "DURATION": 30, "STATUS_CODE": "200"}).raise_for_status()
+
+    sandbox.set_fault(member, "html_504", count=1, methods=[FINISH])
+    answered(line, "open", base + timedelta(minutes=6))
+    wait_for(lambda: (c := settled(portal_id, "open")) is not None
              and c.finish_outcome == "unknown", timeout=60)
     sandbox.clear_faults(member)
 
     answered(line, "done", base + timedelta(minutes=10))
-    wait_for(lambda: (c := settled(line["portal_id"], "done")) and c.finish_outcome == "done",
+    wait_for(lambda: (c := settled(portal_id, "done")) and c.finish_outcome == "done",
              timeout=60)
     assert history(sandbox, member, "missing")["registered"] == 0, "nothing in Bitrix24"
+    assert history(sandbox, member, "open")["finished"] == 0, "open in Bitrix24"
     assert history(sandbox, member, "in-b24")["finished"] == 1
     return {**line, "since": base - timedelta(minutes=1), "until": base + timedelta(minutes=15),
             "base": base}
@@ -131,13 +149,13 @@ def test_a_dry_run_lists_the_missing_calls_and_sends_nothing(app, past_day, sand
     assert "+4930123456" in lines["missing"] and "owner=1" in lines["missing"]
     assert "answered" in lines["missing"]
     assert "in Bitrix24" in lines["in-b24"] and " done" in lines["done"]
+    assert "finish: registered as" in lines["open"]
     assert "dry run: nothing sent" in result.output
     new = sandbox.log(member)[before:]
     assert [e["method"] for e in new] == [STATISTICS], "only the statistics were read"
-    assert sorted(looked_up(sandbox, member)) == ["in-b24", "missing"], \
+    assert sorted(looked_up(sandbox, member)) == ["in-b24", "missing", "open"], \
         "a call done in the app's table is not looked up"
-    assert call_row(past_day["portal_id"], "in-b24").finish_outcome == "unknown", \
-        "a dry run changes nothing"
+    assert call_row(past_day["portal_id"], "in-b24").state == "failed", "a dry run changes nothing"
 
 
 def test_reprocess_registers_only_the_missing_call_once_and_twice_changes_nothing(
@@ -165,7 +183,8 @@ def test_reprocess_registers_only_the_missing_call_once_and_twice_changes_nothin
     [finish] = telephony(sandbox, member, FINISH, "missing")
     assert (finish["params"]["ADD_TO_CHAT"], finish["params"]["STATUS_CODE"],
             finish["params"]["DURATION"], finish["params"]["USER_ID"]) == ("0", "200", "30", "2")
-    assert finish["seq"] == register["seq"] + 1, "back to back (one batch)"
+    assert finish["seq"] == register["seq"] + 1, "back to back"
+    assert finish["batch_id"] == register["batch_id"] is not None, "in one batch (§8.15)"
     call = wait_for(lambda: (c := call_row(portal_id, "missing")).record_state == "attached"
                     and c, timeout=60)
     [attach] = telephony(sandbox, member, ATTACH, "missing")
@@ -177,8 +196,16 @@ def test_reprocess_registers_only_the_missing_call_once_and_twice_changes_nothin
     assert len(telephony(sandbox, member, REGISTER, "in-b24")) == 1, "not registered again"
     assert history(sandbox, member, "in-b24")["finished"] == 1
     in_b24 = call_row(portal_id, "in-b24")
-    assert (in_b24.finish_outcome, in_b24.b24_call_id) == (
-        "done", history(sandbox, member, "in-b24")["call_ids"][0])
+    assert (in_b24.finish_outcome, in_b24.b24_call_id, in_b24.state) == (
+        "done", history(sandbox, member, "in-b24")["call_ids"][0], "ended")
+
+    opened = wait_for(lambda: (c := settled(portal_id, "open")) is not None
+                      and c.finish_outcome == "done" and c, timeout=60)
+    assert len(telephony(sandbox, member, REGISTER, "open")) == 1, "finished, not registered"
+    hist = history(sandbox, member, "open")
+    assert (hist["finished"], hist["call_ids"]) == (1, [opened.b24_call_id])
+    [*_, last] = telephony(sandbox, member, FINISH, "open")
+    assert (last["params"]["ADD_TO_CHAT"], last["params"]["STATUS_CODE"]) == ("0", "200")
     assert len(telephony(sandbox, member, REGISTER, "done")) == 1
 
     before = len(sandbox.log(member))
@@ -186,7 +213,7 @@ def test_reprocess_registers_only_the_missing_call_once_and_twice_changes_nothin
     assert again.exit_code == 0, again.output
     assert "0 to send" in again.output
     assert sandbox.log(member)[before:] == [], "all done in the app's table: nothing asked"
-    for external in ("missing", "in-b24", "done"):
+    for external in ("missing", "in-b24", "open", "done"):
         assert history(sandbox, member, external)["registered"] == 1
 
 
@@ -209,7 +236,8 @@ def pbx_day(line: dict[str, Any], start: datetime) -> None:
         event("day-3", "end", start + timedelta(minutes=7), status="answered", duration=41))
 
 
-def test_a_replayed_pbx_day_shows_no_cards_and_never_registers_twice(portal_line, sandbox):
+def test_a_replayed_pbx_day_shows_no_cards_and_never_registers_twice(
+        portal_line, sandbox):  # noqa: F811 - the imported fixture
     line = portal_line(fallback=None, TELEPHONY_REPLAY_AGE="900")
     member, portal_id = line["member_id"], line["portal_id"]
     start = (datetime.now(UTC) - timedelta(hours=1)).replace(microsecond=0)
