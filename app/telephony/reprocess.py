@@ -118,18 +118,14 @@ def plan(portal: Portal, since: datetime, until: datetime) -> list[Item]:
                            Call.started_at >= since.astimezone(UTC),
                            Call.started_at <= until.astimezone(UTC))
         .order_by(Call.started_at, Call.id)).all()
-    judged = [(row, _judge(row)) for row in rows]
-    look_up = [row.pbx_call_id for row, (action, _) in judged if action != Action.SKIP
-               and action != Action.DONE]
+    items = [Item(row.id, row.pbx_call_id, original_start(row), row.phone, row.owner_user_id,
+                  row.end_status, *_judge(row)) for row in rows]
+    db.session.commit()  # nothing written: no transaction stays open during the requests
+    look_up = [i.pbx_call_id for i in items if i.action in (Action.SEND, Action.FINISH)]
     found = statistics(portal, look_up) if look_up else {}
-    items = []
-    for row, (action, note) in judged:
-        call_id = found.get(row.pbx_call_id) if action in (Action.SEND, Action.FINISH) else None
-        if call_id is not None:
-            action, note = Action.FOUND, f"CALL_ID {call_id}"
-        items.append(Item(row.id, row.pbx_call_id, original_start(row), row.phone,
-                          row.owner_user_id, row.end_status, action, note, call_id))
-    return items
+    return [replace(i, action=Action.FOUND, note=f"CALL_ID {found[i.pbx_call_id]}",
+                    found_call_id=found[i.pbx_call_id]) if i.pbx_call_id in found
+            and i.action in (Action.SEND, Action.FINISH) else i for i in items]
 
 
 def _judge(row: Call) -> tuple[str, str]:

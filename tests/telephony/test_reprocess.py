@@ -300,3 +300,34 @@ def test_a_replayed_register_whose_answer_is_lost_is_not_resent_and_says_so(
     listed = run(app, member, start - timedelta(minutes=1), start + timedelta(minutes=1),
                  "--dry-run")
     assert "register+finish: its register's outcome was unknown before" in listed.output
+
+
+def test_the_statistics_are_read_50_ids_a_request_and_every_page(app, portal_line, sandbox):  # noqa: F811
+    """60 calls finished in Bitrix24, one of them 55 times over (a finished call is never a
+    dedup target): two chunks of ids, and more pages for the chunk with the repeats."""
+    line = portal_line(fallback=None)
+    member, info = line["member_id"], line["info"]
+    sandbox.set_bucket(member, drain=1000, burst=10000)  # the set-up's 230 requests at once
+
+    def finished_in_bitrix24(external: str) -> str:
+        url, auth = info["client_endpoint"], info["access_token"]
+        reg = httpx.post(url + "telephony.externalCall.register", json={
+            "auth": auth, "USER_ID": 1, "PHONE_NUMBER": "+4930123456", "TYPE": 2, "SHOW": 0,
+            "EXTERNAL_CALL_ID": external}).raise_for_status().json()["result"]
+        httpx.post(url + "telephony.externalCall.finish", json={
+            "auth": auth, "CALL_ID": reg["CALL_ID"], "USER_ID": 1,
+            "DURATION": 5}).raise_for_status()
+        return str(reg["CALL_ID"])
+
+    first = {f"s-{n:02d}": finished_in_bitrix24(f"s-{n:02d}") for n in range(60)}
+    for _ in range(54):
+        finished_in_bitrix24("s-00")
+    from app.telephony import reprocess
+    from app.tenants.models import Portal
+    portal = db.session.get(Portal, line["portal_id"])
+    found = reprocess.statistics(portal, [*first, "not-there"])
+    assert found == first, "every call found, each with its first CALL_ID"
+    asked = [e["params"] for e in entries(sandbox, member, STATISTICS)]
+    # the first 50 ids have 104 rows (s-00 has 55): three pages; then the last 11 ids
+    assert [len(p["FILTER"]["EXTERNAL_CALL_ID"]) for p in asked] == [50, 50, 50, 11]
+    assert [str(p.get("start")) for p in asked] == ["0", "50", "100", "0"], "every page"
