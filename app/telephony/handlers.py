@@ -12,6 +12,11 @@ dedup can hand two overlapping calls one ``CALL_ID``, protocol §8.3); a collisi
 flagged and never finished from here, so a Bitrix24 call is never finished twice.
 Whichever of the two comes second (the end, or register's outcome) submits the finish.
 
+A ``start`` TELEPHONY_REPLAY_AGE old or more is a replay of a past call (``calls.replay``
+"pbx"): the machine shows no card for it and finishes it with ``ADD_TO_CHAT=0``, and its
+register waits for ``voximplant.statistic.get`` by ``EXTERNAL_CALL_ID``
+(app/telephony/reprocess.py): a call Bitrix24 lists already is bound, not registered again.
+
 When things go wrong (protocol §8.3, §8.13):
 
 - a register refused for its user goes once more with the portal's fallback user; any other
