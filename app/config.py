@@ -322,6 +322,15 @@ def telephony_settings() -> dict[str, Any]:
         # wait for `flask calls retry` (a late start still registers it). 10 minutes: a PBX
         # sends a call's events within seconds; one that needs longer has lost the start.
         "TELEPHONY_START_WAIT": env_float("TELEPHONY_START_WAIT", 600.0),
+        # Seconds: a `start` whose `at` is older than this when it is handled is a replay of
+        # a past call (a PBX re-sending its events after its link was down): no card is shown,
+        # voximplant.statistic.get is asked by EXTERNAL_CALL_ID before registering, and the
+        # finish posts no chat message. 15 minutes: far above how late a live start reaches
+        # a worker (seconds; a backlog of a minute or two), so no live call loses its card,
+        # and longer than a caller usually waits in a queue, so a card would pop up for a
+        # conversation that is over. It also stays under the 25-minute register resend
+        # window, so a start just past it can still have its register sent again.
+        "TELEPHONY_REPLAY_AGE": env_float("TELEPHONY_REPLAY_AGE", 900.0),
         # Seconds between the sweeper's runs (workers/calls.py).
         "TELEPHONY_SWEEP_INTERVAL": env_float("TELEPHONY_SWEEP_INTERVAL", 60.0),
         # Seconds: a register whose answer was lost (a timeout, a 504) is sent again only
@@ -544,6 +553,9 @@ def _check_telephony(cfg: dict[str, Any]) -> None:
         raise ConfigError("TELEPHONY_REGISTER_RESEND_WINDOW must be between 0 and 1800 seconds "
                           "(Bitrix24's dedup window), got "
                           f"{cfg['TELEPHONY_REGISTER_RESEND_WINDOW']!r}")
+    if float(cfg["TELEPHONY_REPLAY_AGE"]) <= 0:
+        raise ConfigError("TELEPHONY_REPLAY_AGE must be a positive number of seconds, got "
+                          f"{cfg['TELEPHONY_REPLAY_AGE']!r}")
     if int(cfg["TELEPHONY_FINISH_RESENDS"]) < 0:
         raise ConfigError("TELEPHONY_FINISH_RESENDS must not be negative")
     priority = [kind.strip().lower() for kind in str(cfg["TELEPHONY_ROUTE_PRIORITY"] or "")

@@ -10,7 +10,10 @@ rings, the call in the CRM when it ends.
 - ``callback``: web-form callbacks (ONEXTERNALCALLBACKSTART): the employee chosen, the call
   registered (TYPE 4), then the same originate, join and failure finish as a click.
 - ``sweeper``: finishes calls whose end never came, parks events whose start never came
-  (run periodically by workers/calls.py); ``cli``: ``flask calls show`` / ``retry``.
+  (run periodically by workers/calls.py); ``cli``: ``flask calls show`` / ``retry`` /
+  ``reprocess``.
+- ``reprocess``: past calls missing from Bitrix24, sent again (``flask calls reprocess``),
+  and the statistics check of a PBX's replayed start.
 
 The factory wires it in with :func:`init_app`.
 """
@@ -25,7 +28,7 @@ def init_app(app: Any) -> None:
     ``flask calls``."""
     from app.dispatcher import register_outcome_handlers
     from app.ingress import registry
-    from app.telephony import callback, click
+    from app.telephony import callback, click, reprocess
     from app.telephony import models as _models  # noqa: F401 - the calls table, for Alembic
     from app.telephony.cli import calls_cli
     from app.telephony.handlers import HANDLERS, OUTCOME_HANDLERS
@@ -36,4 +39,5 @@ def init_app(app: Any) -> None:
     register_outcome_handlers(OUTCOME_HANDLERS)
     register_outcome_handlers({click.FINISHED: click.finished,
                                callback.REGISTERED: callback.registered})
+    register_outcome_handlers(reprocess.OUTCOME_HANDLERS)
     app.cli.add_command(calls_cli)

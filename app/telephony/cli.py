@@ -36,9 +36,13 @@ def newest(portal_id: int | None = None, state: str | None = None,
 
 def describe(call: Call) -> str:
     """One line: the call, where it stands, and anything wrong with it."""
-    notes = ["collision" if call.collision else "",
+    notes = [f"replay ({call.replay})" if call.replay else "",
+             "collision" if call.collision else "",
              f"skipped: {call.skip_reason}" if call.skip_reason else "",
              f"register: {call.register_error}" if call.register_error else "",
+             "it may be open in Bitrix24 unfinished (flask calls reprocess --dry-run lists it)"
+             if call.replay and (call.register_error or "").startswith("unknown outcome")
+             else "",
              f"user {call.refused_user_id} refused: registered with the fallback user"
              if call.refused_user_id is not None else "",
              f"finish {call.finish_outcome}" if call.finish_outcome else "",
@@ -203,3 +207,55 @@ def retry(call: str | None, member_id: str | None, state: str | None) -> None:
         click.echo("no such call" if call is not None else "no parked calls")
     for row in rows:
         click.echo(f"{row.id:>8} {row.pbx_call_id[:32]:32} {retry_call(row.id)}")
+
+
+@calls_cli.command("reprocess")
+@click.option("--member-id", required=True, help="the portal")
+@click.option("--since", required=True, help="from this start time (ISO 8601 with an offset)")
+@click.option("--until", required=True, help="to this start time (ISO 8601 with an offset)")
+@click.option("--dry-run", is_flag=True, help="list what would be sent; send nothing")
+@click.option("--yes", is_flag=True, help="do not ask (the robots warning is still printed)")
+def reprocess_calls(member_id: str, since: str, until: str, dry_run: bool, yes: bool) -> None:
+    """Send again the portal's calls that started in [--since, --until] and are not in
+    Bitrix24 as finished: register (SHOW=0, the original start) and finish (ADD_TO_CHAT=0)
+    back to back, then the recording. Calls the statistics list are marked done instead."""
+    from app.telephony import reprocess
+
+    try:
+        start, end = reprocess.parse_time(since), reprocess.parse_time(until)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    if end < start:
+        raise click.BadParameter("--until is before --since")
+    portal = Portal.by_member_id(member_id)
+    if portal is None:
+        raise click.ClickException(f"no portal with member_id {member_id!r}")
+    try:
+        items = reprocess.plan(portal, start, end)
+    except PortalUnavailable as exc:
+        raise click.ClickException(f"the portal is on hold: {exc}") from exc
+    db.session.rollback()  # plan() writes nothing; no transaction stays open while asking
+    for item in items:
+        click.echo(f"{item.row_id:>8} {item.pbx_call_id[:32]:32} "
+                   f"{item.started.isoformat() if item.started else '-':25} "
+                   f"{item.phone or '-':16} owner={item.owner or '-'} "
+                   f"{item.status or '-':9} {item.action}"
+                   + (f": {item.note}" if item.note else ""))
+    todo = [i for i in items if i.action in (reprocess.Action.SEND, reprocess.Action.FINISH)]
+    found = [i for i in items if i.action == reprocess.Action.FOUND]
+    click.echo(f"{len(items)} call(s) started in the period: {len(todo)} to send, "
+               f"{len(found)} found in Bitrix24 (marked done), "
+               f"{sum(i.action == reprocess.Action.DONE for i in items)} done already, "
+               f"{sum(i.action == reprocess.Action.SKIP for i in items)} skipped")
+    if dry_run:
+        click.echo("dry run: nothing sent, nothing changed")
+        return
+    if not todo and not found:
+        return
+    if todo:
+        click.echo(f"WARNING: {reprocess.WARNING}", err=True)
+        if not yes:
+            click.confirm(f"Send {len(todo)} past call(s) to Bitrix24?", abort=True)
+    counts = reprocess.send(portal, [*todo, *found])
+    click.echo("sent: " + (", ".join(f"{n} {action}" for action, n in counts.items())
+                           or "nothing"))

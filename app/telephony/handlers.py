@@ -12,6 +12,11 @@ dedup can hand two overlapping calls one ``CALL_ID``, protocol §8.3); a collisi
 flagged and never finished from here, so a Bitrix24 call is never finished twice.
 Whichever of the two comes second (the end, or register's outcome) submits the finish.
 
+A ``start`` TELEPHONY_REPLAY_AGE old or more is a replay of a past call (``calls.replay``
+"pbx"): the machine shows no card for it and finishes it with ``ADD_TO_CHAT=0``, and its
+register waits for ``voximplant.statistic.get`` by ``EXTERNAL_CALL_ID``
+(app/telephony/reprocess.py): a call Bitrix24 lists already is bound, not registered again.
+
 When things go wrong (protocol §8.3, §8.13):
 
 - a register refused for its user goes once more with the portal's fallback user; any other
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -47,6 +53,8 @@ log = logging.getLogger(__name__)
 REGISTERED = "telephony.register"  # outcome handler tags this package owns
 FINISHED = "telephony.finish"
 FINISH_CONFIRMED = "telephony.finish_confirmed"
+REPLAY_CHECKED = "telephony.replay_checked"  # its handler is app/telephony/reprocess.py's
+REPLAY_PBX = "pbx"  # calls.replay of a start that came TELEPHONY_REPLAY_AGE late
 STATISTICS = "voximplant.statistic.get"  # finished calls only (protocol §8.13)
 # Bitrix24's texts, matched by prefix (§8.1): a register refused for its user (§8.3), and a
 # finish of a call that is not active, never registered or finished already (§8.5).
@@ -68,12 +76,24 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
         if joined is not None:
             row.b24_call_id = joined  # a click's call: registered already
     policy = policy_for(portal, event)
-    after, commands = machine.apply(state_of(row), event, policy)
+    before = state_of(row)
+    if _replayed(before, event):
+        before = replace(before, replay=True)  # a past call: no card, statistics first
+    after, commands = machine.apply(before, event, policy)
     store(row, after)
     send(row, commands)
     recording.when_ready(row)  # a waiting recording of a call that will never finish: skipped
     # an unknown extension: refresh the map, rate-limited
     ask_sync_for_unmapped(portal, event, policy.extensions)
+
+
+def _replayed(call: machine.Call, event: Mapping[str, Any]) -> bool:
+    """Whether a call's start is a replay: its ``at`` is TELEPHONY_REPLAY_AGE old or more
+    now (a PBX re-sending its events after its link was down, protocol §8.11)."""
+    if event.get("event") != "start" or call.state is not machine.State.INCOMPLETE:
+        return False
+    age = (utcnow() - machine.when(event)).total_seconds()
+    return age >= float(current_app.config["TELEPHONY_REPLAY_AGE"])
 
 
 def locked(*where: Any) -> Call | None:
@@ -158,7 +178,7 @@ def state_of(row: Call) -> machine.Call:
         end_status=row.end_status, duration=row.duration, pending=tuple(row.pending or ()),
         skip_reason=row.skip_reason, seen=tuple(row.seen or ()),
         parked=row.parked_at is not None and bool(row.pending),
-        caller_name=row.caller_name, origin_id=row.origin_id)
+        caller_name=row.caller_name, origin_id=row.origin_id, replay=row.replay is not None)
 
 
 def store(row: Call, call: machine.Call) -> None:
@@ -166,6 +186,11 @@ def store(row: Call, call: machine.Call) -> None:
     row.state = call.state.value
     row.direction, row.phone, row.line = call.direction, call.phone, call.line
     row.owner_user_id = call.owner
+    if row.started_at is None and call.started_at is not None:
+        offset = call.started_at.utcoffset()  # kept: started_at is stored in UTC
+        row.start_offset = int(offset.total_seconds() // 60) if offset is not None else None
+    if call.replay and row.replay is None:
+        row.replay = REPLAY_PBX
     row.ringing, row.shown, row.hidden = list(call.ringing), list(call.shown), list(call.hidden)
     row.answerer_user_id, row.handler_user_id = call.answerer, call.handler
     row.started_at, row.answered_at, row.ended_at = (_utc(call.started_at),
@@ -190,16 +215,24 @@ def _utc(moment: datetime | None) -> datetime | None:
 def send(row: Call, commands: list[machine.Command]) -> None:
     """Submit the machine's commands for the call, in order (finish may wait, see above)."""
     for command in commands:
+        if command.method == machine.FINISH:  # waits for the CALL_ID (a replay's, too)
+            row.finish_params = dict(command.params)
+            _finish_when_ready(row)
+            continue
         params = _with_call_id(row, command.params)
         if command.method == machine.REGISTER and row.b24_call_id is not None:
             continue  # a click-to-call: Bitrix24 registered it, never again (§8.8)
+        if command.method == machine.REGISTER and row.replay is not None:
+            # A past call: is it in Bitrix24 already (finished from elsewhere, or by this app
+            # before it lost the row)? reprocess.replay_checked registers it only if not.
+            submit(row.portal_id, STATISTICS, {"FILTER": {"EXTERNAL_CALL_ID": row.pbx_call_id}},
+                   key=_key(row), priority=Priority.BULK, handler=REPLAY_CHECKED,
+                   context={"call": row.id, "register": params})
+            continue
         if command.method == machine.REGISTER:
             row.register_command_id = submit(
                 row.portal_id, command.method, params, key=_key(row),
                 priority=PRIORITY[command.method], handler=REGISTERED, context={"call": row.id})
-        elif command.method == machine.FINISH:
-            row.finish_params = dict(command.params)
-            _finish_when_ready(row)
         else:
             submit(row.portal_id, command.method, params, key=_key(row),
                    priority=PRIORITY.get(command.method, Priority.REALTIME))
@@ -225,6 +258,9 @@ def _finish_when_ready(row: Call) -> None:
     """Submit the waiting finish once register's CALL_ID is known and not a collision; a
     call whose register failed for good is never finished (its finish is dead, with why)."""
     if row.finish_params is None or row.finish_command_id is not None:
+        return
+    if row.finish_outcome == OutcomeKind.DONE.value:
+        row.finish_params = None  # a replayed call found finished in Bitrix24 already
         return
     if row.register_error is not None:
         row.finish_outcome = OutcomeKind.DEAD.value

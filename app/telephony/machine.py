@@ -22,6 +22,9 @@ schema) and returns the new state and the Bitrix24 commands to send, in order (p
 - ``ring`` / ``ring_end`` (a queue that hunts): ``show`` to the ringing extension's user if
   he has not got the card; ``hide`` for him when his phone stops, unless he answered.
   Only while nobody has answered: after the answer the others' cards are gone already.
+- a call marked ``replay`` (a PBX re-sending a past call, see handlers.py) shows no card
+  at all (no ``show`` on start, ring, answer or transfer) and finishes with
+  ``ADD_TO_CHAT=0``: the conversation is over, only the CRM record is missing.
 - ``end`` with the status :data:`SWEPT` comes from the sweeper (app/telephony/sweeper.py),
   never from the PBX: no end came in time. It finishes with ``DURATION`` 0 (the talk time is
   unknown), ``FAILED_REASON`` "no end from the PBX", 304 for an unanswered incoming call
@@ -144,6 +147,9 @@ class Call:
     parked: bool = False  # pending events waited too long for the start: retry() applies them
     caller_name: str | None = None
     origin_id: str | None = None  # the CALL_ID of a call the app originated (click-to-call)
+    # A PBX replay of a past call (its start came TELEPHONY_REPLAY_AGE late, or re-processing):
+    # no card is shown to anyone, and the finish posts no chat message.
+    replay: bool = False
 
 
 def apply(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, list[Command]]:
@@ -264,7 +270,8 @@ def _start(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, 
                        skip_reason="no ringing extension is mapped to a user and no "
                                    "fallback user is set"), []
     over = call.parked and any(e.get("event") == "end" for e in call.pending)
-    shown = () if over else started.ringing  # no card for a call known to be over
+    # no card for a call known to be over, nor for a replayed past call
+    shown = () if over or call.replay else started.ringing
     started = replace(started, state=State.RINGING, phone=phone, owner=owner, shown=shown)
     commands = [Command(REGISTER, _register_params(started, event, policy))]
     if shown:
@@ -339,7 +346,7 @@ def _answer(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call,
     others = [u for u in call.shown if u != answerer]
     commands = _hide(others)
     after = _without(call, others)
-    if answerer is not None and answerer not in after.shown:
+    if answerer is not None and answerer not in after.shown and not call.replay:
         commands.append(_show(answerer))
         after = _with(after, answerer)
     return replace(after, state=State.ANSWERED, answerer=answerer, handler=answerer,
@@ -358,7 +365,7 @@ def _transfer(call: Call, event: Mapping[str, Any],
         previous = before[0] if before else None
     commands: list[Command] = []
     after = call
-    if target is not None and target not in after.shown:
+    if target is not None and target not in after.shown and not call.replay:
         commands.append(_show(target))
         after = _with(after, target)
     if previous is not None and previous != target and previous in after.shown:
@@ -374,7 +381,7 @@ def _ring(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, l
         return call, []  # answered already, not a mapped user, or his phone stopped already
     user = found[0]
     after = call if user in call.ringing else replace(call, ringing=(*call.ringing, user))
-    if user in after.shown:
+    if user in after.shown or call.replay:
         return after, []
     return _with(after, user), [_show(user)]
 
@@ -423,7 +430,7 @@ def _end(call: Call, event: Mapping[str, Any], policy: Policy) -> tuple[Call, li
         "DURATION": duration,
         "STATUS_CODE": _status_code(call, status, event.get("sip_code")),
         "FAILED_REASON": None if answered else FAILED_REASONS.get(status, status),
-        "ADD_TO_CHAT": 1 if policy.add_to_chat else 0,
+        "ADD_TO_CHAT": 1 if policy.add_to_chat and not call.replay else 0,
     }
     if finisher in after.shown:  # finish hides the card for its own user (§8.4)
         after = _without(after, [finisher])

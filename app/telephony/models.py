@@ -11,6 +11,8 @@ Queries and the indexes that serve them:
 - the sweeper (app/telephony/sweeper.py): live calls (ringing, answered) first heard of
   before a bound, and incomplete ones to park, by (state, created_at):
   ``ix_calls_state_created_at``.
+- ``flask calls reprocess`` (app/telephony/reprocess.py): a portal's calls that started in a
+  period, by (portal, started_at): ``ix_calls_portal_started_at``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class Call(Model):
         Index("ix_calls_state_id", "state", "id"),
         Index("ix_calls_record_due", "record_state", "record_next_at"),
         Index("ix_calls_state_created_at", "state", "created_at"),
+        Index("ix_calls_portal_started_at", "portal_id", "started_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
@@ -81,6 +84,13 @@ class Call(Model):
     caller_name: Mapped[str | None] = mapped_column(String(256))  # the start's, as sent
     # The start's origin_id: the Bitrix24 CALL_ID of a call the app originated (click-to-call).
     origin_id: Mapped[str | None] = mapped_column(String(256))
+    # The start's UTC offset in minutes (started_at is kept in UTC): re-processing sends
+    # CALL_START_DATE with the offset the PBX gave.
+    start_offset: Mapped[int | None] = mapped_column(Integer)
+    # Why the call is a replay of a past call (app/telephony/reprocess.py), or None for a live
+    # one: "pbx" (its start came TELEPHONY_REPLAY_AGE late) or "reprocess" (flask calls
+    # reprocess sent it). A replay shows no card and posts no chat message.
+    replay: Mapped[str | None] = mapped_column(String(16))
     crm_entity_type: Mapped[str | None] = mapped_column(String(16))
     crm_entity_id: Mapped[int | None] = mapped_column(Integer)
     lead_error: Mapped[str | None] = mapped_column(Text)  # LEAD_CREATION_ERROR: not a failure

@@ -10,7 +10,7 @@ No new index: a callback's PBX start finds its row by (portal_id, b24_call_id) l
 (ix_originates_portal_call), and the register's outcome handler by the primary key.
 
 Revision ID: 0017
-Revises: 0015
+Revises: 0016
 Create Date: 2026-12-07 05:40:00.000000
 
 """
@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0017'
-down_revision = '0015'
+down_revision = '0016'
 branch_labels = None
 depends_on = None
 
