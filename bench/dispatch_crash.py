@@ -19,11 +19,23 @@ import time
 from collections import Counter
 from typing import Any
 
-from app.dispatcher.policy import safe_to_repeat
 from bench.dispatch_stack import Stack, _wait, save
 
 SETTINGS = {"DISPATCH_REQUEST_TIMEOUT": "5", "DISPATCH_LEASE_MARGIN": "2",
             "DISPATCH_OWNER_TTL": "3", "DISPATCH_SWEEP_INTERVAL": "1"}
+
+
+def repeatable(method: str, params: Any) -> bool:
+    """Whether the dispatcher may send this command again after a lost answer: the per-command
+    rule (a register with SHOW=0, young) or the method's table (app/dispatcher/policy.py)."""
+    from datetime import UTC, datetime, timedelta
+
+    from app.dispatcher.policy import ResendLimits, resend_refusal
+
+    now = datetime.now(UTC)
+    limits = ResendLimits(register_window=timedelta(seconds=1500))
+    return resend_refusal(method, params if isinstance(params, dict) else {}, now, limits,
+                          now) is None
 
 
 def workload(portal: int, n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -66,7 +78,7 @@ def judge(stack: Stack, members: list[str]) -> dict[str, Any]:
 
         params = json.loads(r.params) if isinstance(r.params, str) else r.params
         times = ran[tag_of(r.method, params)]
-        safe = "safe" if safe_to_repeat(r.method) else "unsafe"
+        safe = "safe" if repeatable(r.method, params) else "unsafe"
         if r.status == "done":
             out[f"{safe} done, ran once" if times == 1 else f"{safe} done, ran {times}x"] += 1
         elif r.status == "dead" and (r.dead_reason or "").startswith("unknown outcome") \

@@ -25,13 +25,25 @@ import time
 from collections import Counter
 from typing import Any
 
-from app.dispatcher.policy import safe_to_repeat
 from bench.dispatch_stack import Stack, save
 
 FAULTS = {"http_500": 0.05, "reset": 0.02, "executed_504": 0.01}
 SETTINGS = {"DISPATCH_SWEEP_INTERVAL": "1", "DISPATCH_REQUEST_TIMEOUT": "20",
             "DISPATCH_LEASE_MARGIN": "5"}
 MISSING_DEAL = 987654321
+
+
+def repeatable(method: str, params: Any) -> bool:
+    """Whether the dispatcher may send this command again after a lost answer: the per-command
+    rule (a register with SHOW=0, young) or the method's table (app/dispatcher/policy.py)."""
+    from datetime import UTC, datetime, timedelta
+
+    from app.dispatcher.policy import ResendLimits, resend_refusal
+
+    now = datetime.now(UTC)
+    limits = ResendLimits(register_window=timedelta(seconds=1500))
+    return resend_refusal(method, params if isinstance(params, dict) else {}, now, limits,
+                          now) is None
 
 
 def workload(n: int) -> list[tuple[str, dict[str, Any]]]:
@@ -66,7 +78,7 @@ def judge(stack: Stack, portal_id: int, member: str, ids: list[int],
           tags: dict[int, str | None]) -> dict[str, Any]:
     """Everything the acceptance list asks, from the sandbox log and the outbox."""
     assert stack.sandbox is not None
-    rows = stack.sql("SELECT id, method, status, dead_reason FROM outbox_commands "
+    rows = stack.sql("SELECT id, method, params, status, dead_reason FROM outbox_commands "
                      "WHERE portal_id = :p", p=portal_id)
     ran = Counter(tag_of(e) for e in stack.sandbox.log(member) if e.get("status") == 200)
     lost = [r.id for r in rows if r.status not in ("done", "dead")] + \
@@ -78,14 +90,14 @@ def judge(stack: Stack, portal_id: int, member: str, ids: list[int],
         tag = tags.get(r.id)
         times = ran[tag] if tag else None
         if times and times > 1:
-            if safe_to_repeat(r.method):
+            if repeatable(r.method, _params(r.params)):
                 dup_safe[r.method] += times - 1
             else:
                 dup_unsafe += 1
         if r.status == "done" and tag and times == 0:
             done_not_run += 1
         if r.status == "dead":
-            kind = dead_kind(r.method, r.dead_reason or "")
+            kind = dead_kind(r.method, _params(r.params), r.dead_reason or "")
             dead_kinds[f"{r.method}: {kind}"] += 1
             if kind == "not allowed":
                 bad_dead.append((r.id, r.method, r.dead_reason))
@@ -94,11 +106,17 @@ def judge(stack: Stack, portal_id: int, member: str, ids: list[int],
             "statuses": Counter(r.status for r in rows)}
 
 
-def dead_kind(method: str, reason: str) -> str:
-    """Why a dead letter is allowed: a permanent error, or an unsafe method's unknown
+def _params(raw: Any) -> Any:
+    import json
+
+    return json.loads(raw) if isinstance(raw, str) else raw
+
+
+def dead_kind(method: str, params: Any, reason: str) -> str:
+    """Why a dead letter is allowed: a permanent error, or an unrepeatable command's unknown
     outcome; anything else is 'not allowed'."""
     if reason.startswith("unknown outcome"):
-        return "unknown outcome" if not safe_to_repeat(method) else "not allowed"
+        return "unknown outcome" if not repeatable(method, params) else "not allowed"
     if method == "crm.deal.get" and "NOT_FOUND" in reason:
         return "permanent (NOT_FOUND)"
     return "not allowed"
