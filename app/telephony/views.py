@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import redis
 from flask import Blueprint, Response, request
@@ -37,6 +38,7 @@ def _json(status: int, body: dict[str, object]) -> Response:
 @bp.get("/api/v1/calls/route")
 def route() -> Response:
     """The responsible employee's extension for ``phone``, or 204."""
+    started = time.monotonic()  # the bound on the wait counts from here
     try:
         portal = auth.verify_api_key(request.headers.get("Authorization"))
     except Rejected as exc:
@@ -50,7 +52,7 @@ def route() -> Response:
         return _json(400, {"error": "invalid_phone",
                            "message": f"phone is required (up to {MAX_PHONE} characters)"})
     try:
-        match = routing.route(portal.id, phone)
+        match = routing.route(portal.id, phone, started)
     except redis.RedisError as exc:  # no cache, no lock: answer now rather than hang the PBX
         log.warning("routing without Redis for portal %s: %s", portal.member_id, exc)
         match = None

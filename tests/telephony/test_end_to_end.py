@@ -4,7 +4,6 @@ command log by EXTERNAL_CALL_ID, as issue 22's acceptance says."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -14,9 +13,12 @@ from app.dispatcher import nudge
 from app.extensions import db
 from app.ingress import auth
 from app.telephony.models import Call
-from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
 from tests.conftest import wait_for
-from tests.telephony.conftest import map_extensions, pbx
+from tests.telephony.conftest import (
+    employees,
+    pbx,
+    portal_line,
+)
 from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, oauth_app  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(180)
@@ -31,19 +33,7 @@ def line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - the imported
          start_worker: Any, redis_client: Any) -> dict[str, Any]:
     """A sandbox portal with four employees on extensions 101-104, its Portal row and
     extension map, a PBX API key, and a worker listening for the dispatcher's nudges."""
-    info = sandbox.create_portal(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, users=[
-        {"id": user, "name": f"User {user}", "admin": user == 1, "extension": ext}
-        for ext, user in USERS.items()])
-    portal = Portal(member_id=info["member_id"], domain=info["domain"],
-                    client_endpoint=info["client_endpoint"],
-                    server_endpoint=info["server_endpoint"], access_token=info["access_token"],
-                    refresh_token=info["refresh_token"],
-                    expires_at=datetime.fromtimestamp(info["expires"], UTC), token_version=1,
-                    status=PortalStatus.ACTIVE.value, installed_at=utcnow())
-    portal.settings = PortalSettings(crm_create=False)
-    db.session.add(portal)
-    db.session.commit()
-    map_extensions(portal, USERS)
+    portal, info = portal_line(sandbox, employees(USERS), USERS)
     key = auth.issue_api_key(portal)
     start_worker(threads=4, periodic=True, DISPATCH_SWEEP_INTERVAL="1", DISPATCH_LINGER_MS="0")
     wait_for(lambda: redis_client.pubsub_numsub(nudge.channel(redis_client))[0][1] >= 1,

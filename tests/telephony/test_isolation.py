@@ -4,19 +4,23 @@ own portal's API key only ever touches his own portal's calls (the key names the
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from app.dispatcher import nudge
 from app.extensions import db
 from app.ingress import auth
 from app.telephony.models import Call
-from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
+from app.tenants.models import Portal
 from tests.conftest import wait_for
-from tests.telephony.conftest import map_extensions, pbx
+from tests.telephony.conftest import (
+    dispatching_worker,
+    employees,
+    pbx,
+    portal_line,
+    poster,
+)
 from tests.telephony.test_end_to_end import card_log, cards_left_open, finished, stat
 from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, oauth_app  # noqa: F401 - fixture
 
@@ -24,19 +28,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _portal(sandbox: Any, users: dict[str, int]) -> tuple[Portal, str]:
-    info = sandbox.create_portal(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, users=[
-        {"id": user, "name": f"User {user}", "admin": user == min(users.values()),
-         "extension": ext} for ext, user in users.items()])
-    portal = Portal(member_id=info["member_id"], domain=info["domain"],
-                    client_endpoint=info["client_endpoint"],
-                    server_endpoint=info["server_endpoint"], access_token=info["access_token"],
-                    refresh_token=info["refresh_token"],
-                    expires_at=datetime.fromtimestamp(info["expires"], UTC), token_version=1,
-                    status=PortalStatus.ACTIVE.value, installed_at=utcnow())
-    portal.settings = PortalSettings(crm_create=False)
-    db.session.add(portal)
-    db.session.commit()
-    map_extensions(portal, users)
+    portal, _ = portal_line(sandbox, employees(users), users)
     return portal, auth.issue_api_key(portal)
 
 
@@ -44,15 +36,10 @@ def test_the_same_pbx_call_id_on_two_portals_stays_two_calls(
         oauth_app, sandbox, client, start_worker, redis_client):  # noqa: F811 - fixture
     a, key_a = _portal(sandbox, {"101": 1, "102": 2})
     b, key_b = _portal(sandbox, {"101": 7, "102": 8})
-    start_worker(threads=4, periodic=True, DISPATCH_SWEEP_INTERVAL="1", DISPATCH_LINGER_MS="0")
-    wait_for(lambda: redis_client.pubsub_numsub(nudge.channel(redis_client))[0][1] >= 1,
-             timeout=30)
+    dispatching_worker(start_worker, redis_client)
 
     def post(key: str, *events: dict[str, Any]) -> None:
-        for event in events:
-            response = client.post("/api/v1/calls/events", json=event,
-                                   headers={"Authorization": f"Bearer {key}"})
-            assert response.status_code == 202, response.get_data(as_text=True)
+        poster(client, key)(*events)
 
     post(key_a, pbx("shared-1", "start", 0, direction="in", phone="+4930111222",
                     extensions=["101", "102"]),

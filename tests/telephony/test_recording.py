@@ -6,21 +6,24 @@ Checked from the portal's command log and call history by EXTERNAL_CALL_ID."""
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from app.dispatcher import nudge
 from app.extensions import db
 from app.ingress import auth
 from app.telephony import recording
 from app.telephony.cli import describe
 from app.telephony.models import Call
-from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
 from tests.conftest import StubHandler, StubServer, wait_for
-from tests.telephony.conftest import map_extensions, pbx
+from tests.telephony.conftest import (
+    dispatching_worker,
+    employees,
+    pbx,
+    portal_line,
+    poster,
+)
 from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, oauth_app  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.timeout(180)
@@ -70,34 +73,14 @@ def line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - the imported
          start_worker: Any, redis_client: Any) -> dict[str, Any]:
     """A sandbox portal with three employees on extensions 101-103, its Portal row and map,
     a PBX API key, and a worker with small recording limits."""
-    info = sandbox.create_portal(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, users=[
-        {"id": user, "name": f"User {user}", "admin": user == 1, "extension": ext}
-        for ext, user in USERS.items()])
-    portal = Portal(member_id=info["member_id"], domain=info["domain"],
-                    client_endpoint=info["client_endpoint"],
-                    server_endpoint=info["server_endpoint"], access_token=info["access_token"],
-                    refresh_token=info["refresh_token"],
-                    expires_at=datetime.fromtimestamp(info["expires"], UTC), token_version=1,
-                    status=PortalStatus.ACTIVE.value, installed_at=utcnow())
-    portal.settings = PortalSettings(crm_create=False)
-    db.session.add(portal)
-    db.session.commit()
-    map_extensions(portal, USERS)
+    portal, info = portal_line(sandbox, employees(USERS), USERS)
     key = auth.issue_api_key(portal)
-    start_worker(threads=4, periodic=True, DISPATCH_SWEEP_INTERVAL="1", DISPATCH_LINGER_MS="0",
-                 TELEPHONY_RECORD_BASE64_MAX=str(BASE64_MAX),
-                 TELEPHONY_RECORD_ATTEMPTS=str(ATTEMPTS),
-                 TELEPHONY_RECORD_RETRY_SECONDS="0.3")
-    wait_for(lambda: redis_client.pubsub_numsub(nudge.channel(redis_client))[0][1] >= 1,
-             timeout=30)
-
-    def post(*events: dict[str, Any]) -> None:
-        for event in events:
-            response = client.post("/api/v1/calls/events", json=event,
-                                   headers={"Authorization": f"Bearer {key}"})
-            assert response.status_code == 202, response.get_data(as_text=True)
-
-    return {"member_id": info["member_id"], "portal_id": portal.id, "post": post}
+    dispatching_worker(start_worker, redis_client,
+                       TELEPHONY_RECORD_BASE64_MAX=str(BASE64_MAX),
+                       TELEPHONY_RECORD_ATTEMPTS=str(ATTEMPTS),
+                       TELEPHONY_RECORD_RETRY_SECONDS="0.3")
+    return {"member_id": info["member_id"], "portal_id": portal.id,
+            "post": poster(client, key)}
 
 
 def call_row(line: dict[str, Any], pbx_call_id: str) -> Call | None:

@@ -7,22 +7,29 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from app.dispatcher import OutcomeKind, nudge
+from app.dispatcher import OutcomeKind
 from app.extensions import db
 from app.ingress import auth
 from app.ingress.models import InboxEvent
 from app.telephony import handlers, sweeper
 from app.telephony.models import Call
-from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
+from app.tenants.models import Portal, utcnow
 from tests.conftest import wait_for
 from tests.ingress.conftest import make_portal
-from tests.telephony.conftest import map_extensions, pbx
+from tests.telephony.conftest import (
+    dispatching_worker,
+    employees,
+    map_extensions,
+    pbx,
+    portal_line,
+    poster,
+)
 from tests.telephony.test_end_to_end import USERS, card_log, cards_left_open, finished, stat
 from tests.telephony.test_handlers import START, commands, feed, settle
 from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, oauth_app  # noqa: F401 - fixture
@@ -186,31 +193,12 @@ def swept_line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - the im
                start_worker: Any, redis_client: Any) -> dict[str, Any]:
     """test_end_to_end's sandbox line, with a worker whose sweep runs every second and
     finishes calls 3 s after their first event."""
-    info = sandbox.create_portal(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, users=[
-        {"id": user, "name": f"User {user}", "admin": user == 1, "extension": ext}
-        for ext, user in USERS.items()])
-    portal = Portal(member_id=info["member_id"], domain=info["domain"],
-                    client_endpoint=info["client_endpoint"],
-                    server_endpoint=info["server_endpoint"], access_token=info["access_token"],
-                    refresh_token=info["refresh_token"],
-                    expires_at=datetime.fromtimestamp(info["expires"], UTC), token_version=1,
-                    status=PortalStatus.ACTIVE.value, installed_at=utcnow())
-    portal.settings = PortalSettings(crm_create=False)
-    db.session.add(portal)
-    db.session.commit()
-    map_extensions(portal, USERS)
+    portal, info = portal_line(sandbox, employees(USERS), USERS)
     key = auth.issue_api_key(portal)
-    start_worker(threads=4, periodic=True, DISPATCH_SWEEP_INTERVAL="1", DISPATCH_LINGER_MS="0",
-                 TELEPHONY_SWEEP_INTERVAL="1", TELEPHONY_END_TIMEOUT="3")
-    wait_for(lambda: redis_client.pubsub_numsub(nudge.channel(redis_client))[0][1] >= 1,
-             timeout=30)
-
-    def post(event: dict[str, Any]) -> None:
-        response = client.post("/api/v1/calls/events", json=event,
-                               headers={"Authorization": f"Bearer {key}"})
-        assert response.status_code == 202, response.get_data(as_text=True)
-
-    return {"member_id": info["member_id"], "portal_id": portal.id, "post": post}
+    dispatching_worker(start_worker, redis_client, TELEPHONY_SWEEP_INTERVAL="1",
+                       TELEPHONY_END_TIMEOUT="3")
+    return {"member_id": info["member_id"], "portal_id": portal.id,
+            "post": poster(client, key)}
 
 
 def _handled(portal_id: int, pbx_call_id: str, kind: str) -> bool:

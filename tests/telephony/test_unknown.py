@@ -12,15 +12,17 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from app.dispatcher import nudge
 from app.extensions import db
 from app.ingress import auth
 from app.telephony.cli import describe
 from app.telephony.models import Call
-from app.tenants.models import Portal, PortalSettings, PortalStatus, utcnow
 from tests.conftest import wait_for
 from tests.dispatcher.conftest import rows
-from tests.telephony.conftest import map_extensions
+from tests.telephony.conftest import (
+    dispatching_worker,
+    portal_line,
+    poster,
+)
 from tests.telephony.test_end_to_end import cards_left_open
 from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, oauth_app  # noqa: F401 - fixture
 
@@ -44,30 +46,10 @@ def portal_line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - impor
     user given, the extension map, a PBX API key and a worker listening for nudges."""
 
     def make(fallback: int | None, **env: str) -> dict[str, Any]:
-        info = sandbox.create_portal(client_id=CLIENT_ID, client_secret=CLIENT_SECRET,
-                                     users=SANDBOX_USERS)
-        portal = Portal(member_id=info["member_id"], domain=info["domain"],
-                        client_endpoint=info["client_endpoint"],
-                        server_endpoint=info["server_endpoint"],
-                        access_token=info["access_token"], refresh_token=info["refresh_token"],
-                        expires_at=datetime.fromtimestamp(info["expires"], UTC),
-                        token_version=1, status=PortalStatus.ACTIVE.value,
-                        installed_at=utcnow())
-        portal.settings = PortalSettings(crm_create=False, default_user_id=fallback)
-        db.session.add(portal)
-        db.session.commit()
-        map_extensions(portal, MAP)
+        portal, info = portal_line(sandbox, SANDBOX_USERS, MAP, fallback)
         key = auth.issue_api_key(portal)
-        start_worker(threads=4, periodic=True, DISPATCH_SWEEP_INTERVAL="1",
-                     DISPATCH_LINGER_MS="0", **env)
-        wait_for(lambda: redis_client.pubsub_numsub(nudge.channel(redis_client))[0][1] >= 1,
-                 timeout=30)
-
-        def post(*events: dict[str, Any]) -> None:
-            for event in events:
-                response = client.post("/api/v1/calls/events", json=event,
-                                       headers={"Authorization": f"Bearer {key}"})
-                assert response.status_code == 202, response.get_data(as_text=True)
+        dispatching_worker(start_worker, redis_client, **env)
+        post = poster(client, key)
 
         return {"info": info, "member_id": info["member_id"], "portal_id": portal.id,
                 "post": post}
