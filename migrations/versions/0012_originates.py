@@ -1,4 +1,4 @@
-"""originates: click-to-call's originate requests; the portal's PBX webhook (issue 23)
+"""originates: click-to-call's originate requests; a portal's pbx_originate_url, pbx_secret
 
 Indexes: (portal_id, b24_call_id, id) finds a click's originate in flight and a PBX start's
 origin_id; (state, sent_at) serves the sweep of originates the PBX never reported.
