@@ -182,13 +182,16 @@ def listing(portal: Portal) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     for key in LISTED:
         value = getattr(settings, key, None)
+        if value is None:  # no row yet: the column's default is what the app uses
+            arg = getattr(PortalSettings.__table__.c[key].default, "arg", None)
+            value = None if callable(arg) else arg
         if key in SECRETS:
             text = MASK if value else "(not set)"
         elif key == "lines":
             text = "; ".join(line.replace("\n", "") for line in lines_text(settings).splitlines()) \
                 or "(none)"
         elif key == "crm_create":
-            text = "1" if value or value is None else "0"
+            text = "1" if value else "0"
         elif value is None or value == "":
             text = "(not set)"
         else:

@@ -125,7 +125,11 @@ def test_a_portal_without_a_settings_row_lists_and_sets(app, installed):
                     client_endpoint="https://bare.example/rest/")
     db.session.add(portal)
     db.session.commit()
-    assert _cli(app, "m-bare").exit_code == 0
+    listed = _cli(app, "m-bare")
+    assert listed.exit_code == 0, listed.output
+    rows = _listed(listed.output)
+    assert (rows["event_mode"], rows["crm_create"], rows["pbx_secret"]) == (
+        "online", "1", "(not set)")
     result = _cli(app, "m-bare", "pbx_originate_url=http://10.0.0.5:8080/originate")
     assert result.exit_code == 0, result.output
     assert portal_row("m-bare").settings.pbx_originate_url == "http://10.0.0.5:8080/originate"
