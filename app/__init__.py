@@ -113,10 +113,11 @@ def _register_cli(app: Flask) -> None:
     ``flask inbox …``, ``flask outbox …`` (show, dead, replay), ``flask dispatcher run``."""
     from app.dispatcher.cli import dispatcher_cli, outbox_cli
     from app.ingress.cli import api_key_command, inbox_cli
-    from app.installation.cli import resume_portal
+    from app.installation.cli import portal_settings, resume_portal
     from app.tenants.cli import portals_cli
 
     portals_cli.add_command(resume_portal)
+    portals_cli.add_command(portal_settings)
     portals_cli.add_command(api_key_command)
     app.cli.add_command(portals_cli)
     app.cli.add_command(inbox_cli)

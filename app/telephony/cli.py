@@ -106,35 +106,6 @@ def show(member_id: str | None, state: str | None, limit: int) -> None:
         click.echo(describe(call))
 
 
-@calls_cli.command("webhook")
-@click.argument("member_id")
-@click.option("--url", required=True, help="where the PBX takes originate requests (http/https)")
-@click.option("--keep-secret", is_flag=True, help="keep the current signing secret")
-def webhook(member_id: str, url: str, keep_secret: bool) -> None:
-    """Set the portal's PBX webhook for click-to-call; prints a new signing secret once."""
-    from urllib.parse import urlsplit
-
-    from app.telephony.click import new_secret
-    from app.tenants.models import Portal, PortalSettings
-
-    portal = Portal.by_member_id(member_id)
-    if portal is None:
-        raise click.ClickException(f"no portal with member_id {member_id!r}")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise click.ClickException("the webhook URL must be http(s)://host/...")
-    settings = portal.settings or PortalSettings(portal=portal)
-    settings.pbx_webhook_url = url
-    fresh = not (keep_secret and settings.pbx_webhook_secret)
-    if fresh:
-        settings.pbx_webhook_secret = new_secret()
-    db.session.add(settings)
-    db.session.commit()
-    click.echo(f"webhook: {url}")
-    if fresh:
-        click.echo(f"secret (shown once, give it to the PBX): {settings.pbx_webhook_secret}")
-
-
 @calls_cli.command("clicks")
 @click.option("--member-id", help="only this portal's")
 @click.option("--limit", default=50, show_default=True)

@@ -9,7 +9,7 @@ number, and finishes the ``CALL_ID`` when the call ends, or when it cannot happe
 what went wrong               STATUS_CODE  FAILED_REASON (also on the originate's row)
 ============================  ===========  ==============================================
 the user has no extension     OTHER        "the user has no extension in b24relay"
-no PBX webhook is set         OTHER        "no PBX webhook is set for this portal"
+no pbx_originate_url is set   OTHER        "no pbx_originate_url is set for this portal"
 the PBX refused (4xx)         603          "the PBX refused the originate: HTTP 4xx ..."
 the PBX is down (5xx, no      503          "the PBX did not take the originate within
 answer) past the click's life                30 s: ..."
@@ -21,10 +21,12 @@ A failed click is finished so that the clicker's card closes and a later click o
 number gets a fresh call (an unfinished one would be its dedup target, §8.3).
 
 The request (documented for PBX integrators in app/ingress/PBX_EVENTS.md, "Originate"):
-``POST <webhook URL>``, JSON ``{"kind", "call_id", "extension", "phone", "dtmf",
-"is_mobile", "line", "user_id", "text", "voice"}``, headers ``X-B24relay-Timestamp`` (unix
-seconds) and ``X-B24relay-Signature`` = ``sha256=`` + hex HMAC-SHA256 of
-``<timestamp>.<body>`` with the portal's webhook secret. Tried again with backoff while
+``POST <pbx_originate_url>``, JSON ``{"kind", "call_id", "extension", "phone", "dtmf",
+"is_mobile", "text"}`` as issue 23 fixes them, plus the extras ``line``, ``user_id`` and
+``voice``; headers ``X-B24Relay-Timestamp`` (unix
+seconds) and ``X-B24Relay-Signature`` = ``sha256=`` + hex HMAC-SHA256 of
+``<timestamp>.<body>`` with the portal's ``pbx_secret`` (both set with ``flask portals
+settings``). Tried again with backoff while
 the click is useful (``TELEPHONY_ORIGINATE_DEADLINE``); each try waits
 ``TELEPHONY_ORIGINATE_TIMEOUT`` at most.
 
@@ -45,7 +47,6 @@ import hashlib
 import hmac
 import json
 import logging
-import secrets
 import time
 from datetime import timedelta
 from typing import Any
@@ -68,12 +69,12 @@ log = logging.getLogger(__name__)
 ACTOR = "telephony_originate"  # declared in workers/clicks.py
 QUEUE = "default"
 FINISHED = "telephony.click_finish"  # the outcome handler tag of a failed click's finish
-SIGNATURE_HEADER = "X-B24relay-Signature"
-TIMESTAMP_HEADER = "X-B24relay-Timestamp"
+SIGNATURE_HEADER = "X-B24Relay-Signature"
+TIMESTAMP_HEADER = "X-B24Relay-Timestamp"
 IN_FLIGHT = ("pending", "sent")
 
 NO_EXTENSION = "the user has no extension in b24relay"
-NO_WEBHOOK = "no PBX webhook is set for this portal"
+NO_WEBHOOK = "no pbx_originate_url is set for this portal"
 NEVER_REPORTED = "the PBX never reported the call"
 
 
@@ -89,11 +90,6 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     """The signature header's value: ``sha256=`` + hex HMAC-SHA256 of ``<ts>.<body>``."""
     mac = hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256)
     return "sha256=" + mac.hexdigest()
-
-
-def new_secret() -> str:
-    """A webhook secret (shown once by ``flask calls webhook``)."""
-    return secrets.token_urlsafe(32)
 
 
 def _setting(name: str) -> float:
@@ -193,14 +189,14 @@ def attempt(originate_id: int) -> float | None:
     settings = portal.settings if portal else None
     deadline = aware(row.created_at) + timedelta(seconds=_life(row))
     try:
-        if settings is None or not settings.pbx_webhook_url or not settings.pbx_webhook_secret:
+        if settings is None or not settings.pbx_originate_url or not settings.pbx_secret:
             raise Failed("OTHER", NO_WEBHOOK)
         left = (deadline - utcnow()).total_seconds()
         if left <= 0:
             raise Failed("503", f"the PBX did not take the originate within "
                                 f"{_life(row):g} s: {row.error}")
         row.attempts += 1
-        _post(row, settings.pbx_webhook_url, settings.pbx_webhook_secret,
+        _post(row, settings.pbx_originate_url, settings.pbx_secret,
               min(left, _setting("TELEPHONY_ORIGINATE_TIMEOUT")))
     except Failed as failure:
         fail(row, failure.code, failure.reason)

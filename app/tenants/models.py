@@ -125,9 +125,9 @@ class PortalSettings(Model):
     crm_create: Mapped[bool] = mapped_column(Boolean, default=True)
     max_batches_in_flight: Mapped[int] = mapped_column(Integer, default=4)
     # Click-to-call: where the PBX takes originate requests, and the secret they are signed
-    # with (app/telephony/click.py; `flask calls webhook`).
-    pbx_webhook_url: Mapped[str | None] = mapped_column(String(1024))
-    pbx_webhook_secret: Mapped[str | None] = mapped_column(EncryptedString(512))
+    # with (app/telephony/click.py; set with `flask portals settings`).
+    pbx_originate_url: Mapped[str | None] = mapped_column(String(1024))
+    pbx_secret: Mapped[str | None] = mapped_column(EncryptedString(512))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                  onupdate=utcnow)
 

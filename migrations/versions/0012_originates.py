@@ -1,4 +1,4 @@
-"""originates: click-to-call's originate requests; the portal's PBX webhook (issue 23)
+"""originates: click-to-call's originate requests; a portal's pbx_originate_url, pbx_secret
 
 Indexes: (portal_id, b24_call_id, id) finds a click's originate in flight and a PBX start's
 origin_id; (state, sent_at) serves the sweep of originates the PBX never reported.
@@ -48,15 +48,15 @@ def upgrade():
     op.create_index('ix_originates_state_sent', 'originates', ['state', 'sent_at'],
                     unique=False)
     with op.batch_alter_table('portal_settings', recreate='never') as batch_op:
-        batch_op.add_column(sa.Column('pbx_webhook_url', sa.String(length=1024), nullable=True))
-        batch_op.add_column(sa.Column('pbx_webhook_secret', sa.String(length=512),
+        batch_op.add_column(sa.Column('pbx_originate_url', sa.String(length=1024), nullable=True))
+        batch_op.add_column(sa.Column('pbx_secret', sa.String(length=512),
                                       nullable=True))
 
 
 def downgrade():
     with op.batch_alter_table('portal_settings', recreate='never') as batch_op:
-        batch_op.drop_column('pbx_webhook_secret')
-        batch_op.drop_column('pbx_webhook_url')
+        batch_op.drop_column('pbx_secret')
+        batch_op.drop_column('pbx_originate_url')
     op.drop_index('ix_originates_state_sent', table_name='originates')
     op.drop_index('ix_originates_portal_call', table_name='originates')
     op.drop_table('originates')

@@ -19,11 +19,9 @@ from app.extensions import db
 from app.framing import framed_by
 from app.ingress import inbox, provisional
 from app.ingress.retention import Retention
-from app.installation import upkeep
+from app.installation import settings_form
 from app.installation.iframe import open_iframe
-from app.installation.plan import removed_lines
 from app.installation.verify import InstallError, PortalHeld
-from app.queue import enqueue
 from app.tenants.models import Portal, PortalSettings
 from app.tenants.users import extension_map
 from placements.common import advice, error_page
@@ -32,8 +30,6 @@ from placements.settings import form_token
 log = logging.getLogger(__name__)
 bp = Blueprint("settings", __name__, template_folder="templates")
 
-EVENT_MODES = ("online", "offline")
-MAX_LINES = 40
 DEAD_LETTERS_SHOWN = 10
 AWAITING_TOKEN = ("Waiting for Bitrix24's install event; events are kept and checked when it "
                   "arrives.")
@@ -56,9 +52,9 @@ def render(portal: Portal, *, is_admin: bool, user_id: int | None, notice: str =
         dead=inbox.dead_letters(portal.id, DEAD_LETTERS_SHOWN) if is_admin else [],
         dead_days=int(Retention.from_config().dead_days),
         is_admin=is_admin, token=form_token.issue(portal, user_id) if is_admin else "",
-        lines_text=_lines_text(settings) if lines_text is None else lines_text,
+        lines_text=settings_form.lines_text(settings) if lines_text is None else lines_text,
         extensions=sorted(extension_map(portal).items()), notice=notice, error=error,
-        recovered=recovered, modes=EVENT_MODES)
+        recovered=recovered, modes=settings_form.EVENT_MODES)
 
 
 def _advice(portal: Portal) -> str:
@@ -106,11 +102,6 @@ def _show() -> Response:
     return framed_by(make_response(body), session.auth.origin)
 
 
-def _lines_text(settings: PortalSettings) -> str:
-    return "\n".join(f"{line.get('number')} {line.get('name') or ''}".strip()
-                     for line in settings.lines or [])
-
-
 def _save() -> Response:
     try:
         grant = form_token.redeem(request.form.get("form_token", ""))
@@ -118,55 +109,25 @@ def _save() -> Response:
         # A token we signed names its portal: that portal frames the refusal. A forged one: nobody.
         return error_page(exc.message, exc.status, exc.portal.origin if exc.portal else None)
     portal, user_id = grant.portal, grant.user_id
-    settings = _settings(portal)
-    before = list(settings.lines or [])
+    _settings(portal)
     try:
-        setup_needed = _apply_form(settings)
-    except ValueError as exc:  # nothing written; the admin's text comes back with the error
+        applied = settings_form.apply(portal, _form_values())
+    except settings_form.Invalid as exc:  # nothing written; the admin's text comes back
         body = render(portal, is_admin=True, user_id=user_id, error=str(exc),
                       lines_text=request.form.get("lines", ""))
         return framed_by(make_response(body, 400), portal.origin)
-    removed = removed_lines(before, settings.lines)
-    if removed:  # deleted from Bitrix24 with the save: committed together (§8.2)
-        upkeep.submit_line_deletes(portal, removed)
     db.session.commit()
     log.info("settings of portal %s saved by user %s", portal.member_id, user_id)
-    if setup_needed:  # lines to add or rename, or events to rebind for the new event mode
-        enqueue("setup_portal", portal.id)
+    settings_form.after_commit(portal, applied)
     body = render(portal, is_admin=True, user_id=user_id, notice="Settings saved.")
     return framed_by(make_response(body), portal.origin)
 
 
-def parse_lines(text: str) -> list[dict[str, str]]:
-    """``NUMBER [name]`` per line → ``[{"number", "name"}]``; raises ValueError when malformed."""
-    lines: list[dict[str, str]] = []
-    seen: set[str] = set()
-    for raw in text.splitlines():
-        raw = raw.strip()
-        if not raw:
-            continue
-        number, _, name = raw.partition(" ")
-        if len(number) > 32 or not number.replace("+", "", 1).replace("-", "").isalnum():
-            raise ValueError(f"line number {number[:40]!r} is not valid")
-        if number not in seen:
-            seen.add(number)
-            lines.append({"number": number, "name": name.strip()[:100] or number})
-    if len(lines) > MAX_LINES:
-        raise ValueError(f"at most {MAX_LINES} lines")
-    return lines
-
-
-def _apply_form(settings: PortalSettings) -> bool:
-    """Copy the form into ``settings``; True when the lines, the event mode or the CRM
-    setting changed (each line's CRM_AUTO_CREATE follows crm_create)."""
-    mode = request.form.get("event_mode", settings.event_mode)
-    if mode not in EVENT_MODES:
-        raise ValueError("event mode must be online or offline")
-    lines = parse_lines(request.form.get("lines", ""))
-    crm_create = request.form.get("crm_create") == "1"
-    changed = (lines != (settings.lines or []) or mode != settings.event_mode
-               or crm_create != bool(settings.crm_create))
-    settings.event_mode = mode
-    settings.lines = lines
-    settings.crm_create = crm_create
-    return changed
+def _form_values() -> dict[str, str]:
+    """The page's fields as settings text (validated by app/installation/settings_form.py,
+    as ``flask portals settings`` is): an unticked box is a field the browser leaves out."""
+    values = {"lines": request.form.get("lines", ""),
+              "crm_create": "1" if request.form.get("crm_create") == "1" else "0"}
+    if "event_mode" in request.form:  # left out: kept as it is
+        values["event_mode"] = request.form["event_mode"]
+    return values

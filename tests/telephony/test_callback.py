@@ -45,7 +45,7 @@ def cb(request: Any, installed: dict[str, Any], sandbox: Any, client: Any,  # no
     portal = Portal.by_member_id(installed["member_id"])
     assert portal is not None
     settings = portal.settings or PortalSettings(portal=portal)
-    settings.pbx_webhook_url, settings.pbx_webhook_secret = pbx_.server.url + "/cb", SECRET
+    settings.pbx_originate_url, settings.pbx_secret = pbx_.server.url + "/cb", SECRET
     db.session.add(settings)
     db.session.commit()
     key = auth.issue_api_key(portal)
