@@ -75,6 +75,8 @@ def on_call_event(portal: Portal | None, event: dict[str, Any]) -> None:
         joined = click.join(portal, event)
         if joined is not None:
             row.b24_call_id = joined  # a click's call: registered already
+    if event.get("event") == "end" and event.get("voicemail") is True:
+        row.record_voicemail = True  # the recording that follows is a voicemail
     policy = policy_for(portal, event)
     before = state_of(row)
     if _replayed(before, event):

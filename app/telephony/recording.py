@@ -106,7 +106,8 @@ def keep(row: Call, event_: dict[str, Any]) -> None:
         log.info("call %s: a second record event changes nothing", row.id)
         return
     row.record_url = str(event_["url"])
-    row.record_voicemail = event_.get("voicemail") is True
+    # on the record event, or said already by the call's end (PBX_EVENTS.md: either)
+    row.record_voicemail = bool(row.record_voicemail) or event_.get("voicemail") is True
     row.record_state = RecordState.WAITING.value
     row.record_attempts = 0
     when_ready(row)

@@ -148,6 +148,9 @@ def test_switching_to_offline_mode_binds_offline_events(sandbox, installed, live
     save("offline")  # only the mode changed: setup runs again
     online, offline = wait_for(lambda: (b := bound())[1] == queued and b, timeout=30)
     assert online == {(e, handler) for e in plan.ALWAYS_ONLINE}
+    # A click or a callback read by the offline poll would ring half a minute late (issue 23).
+    assert {"ONEXTERNALCALLSTART", "ONEXTERNALCALLBACKSTART"} <= {e for e, _ in online}
+    assert offline == {"ONUSERADD"}
 
     out = sandbox.trigger_event(member_id, "ONUSERADD", {"FIELDS": {"ID": "2"}})
     assert out["statuses"] == []  # no online handler for it any more

@@ -161,8 +161,14 @@ def test_unanswered_calls_get_only_a_voicemail(line, sandbox, pbx_files):
                      extensions=["103"]),
                  pbx("vm-1", "end", 30, status="no_answer", duration=0),
                  pbx("vm-1", "record", 31, url=pbx_files.url + "/rec/vm.mp3", voicemail=True)]
-    line["post"](*missed, *voicemail)
+    said_at_end = [pbx("vm-2", "start", 0, direction="in", phone="+4930999666",
+                       extensions=["103"]),
+                   pbx("vm-2", "end", 30, status="no_answer", duration=0, voicemail=True),
+                   pbx("vm-2", "record", 31, url=pbx_files.url + "/rec/vm.mp3")]
+    line["post"](*missed, *voicemail, *said_at_end)
     vm = wait_for(lambda: settled(line, "vm-1"), timeout=90)
+    vm2 = wait_for(lambda: settled(line, "vm-2"), timeout=90)
+    assert (vm2.record_state, vm2.record_voicemail) == ("attached", True), "voicemail on end"
     miss = wait_for(lambda: settled(line, "miss-1"), timeout=90)
     assert (vm.record_state, vm.record_voicemail, vm.end_status) == ("attached", True,
                                                                      "no_answer")
