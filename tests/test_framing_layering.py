@@ -14,7 +14,8 @@ from tests.conftest import ROOT
 
 PACKAGES = ("app", "placements")  # the web side (workers/system.py reads app.health's ping)
 # The wiring: the factory registers every blueprint, placements.init_app its own ones.
-WIRING = {"app": {"app.health", "app.ingress.views", "app.installation.views", "placements"},
+WIRING = {"app": {"app.health", "app.ingress.views", "app.installation.views",
+                  "app.telephony.views", "placements"},
           "placements": {"placements.settings.views", "placements.widgets.views"}}
 FRAMING_HELPERS = {"framed_by", "frameable", "portal_origin_from_query", "known_portal_origin"}
 

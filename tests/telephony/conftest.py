@@ -35,7 +35,7 @@ def employees(extensions: dict[str, int]) -> list[dict[str, Any]]:
             for ext, user in extensions.items()]
 
 
-def portal_line(sandbox: Any, users: list[dict[str, Any]], mapped: dict[str, int],
+def sandbox_line(sandbox: Any, users: list[dict[str, Any]], mapped: dict[str, int],
                 fallback: int | None = None) -> tuple[Portal, dict[str, Any]]:
     """A sandbox portal with ``users``, the app's Portal row for it (its token chain, the
     fallback user) and the extension map ``mapped``, as an install would leave them."""

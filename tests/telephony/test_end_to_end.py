@@ -17,7 +17,7 @@ from tests.conftest import wait_for
 from tests.telephony.conftest import (
     employees,
     pbx,
-    portal_line,
+    sandbox_line,
 )
 from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, oauth_app  # noqa: F401 - fixture
 
@@ -33,7 +33,7 @@ def line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - the imported
          start_worker: Any, redis_client: Any) -> dict[str, Any]:
     """A sandbox portal with four employees on extensions 101-104, its Portal row and
     extension map, a PBX API key, and a worker listening for the dispatcher's nudges."""
-    portal, info = portal_line(sandbox, employees(USERS), USERS)
+    portal, info = sandbox_line(sandbox, employees(USERS), USERS)
     key = auth.issue_api_key(portal)
     start_worker(threads=4, periodic=True, DISPATCH_SWEEP_INTERVAL="1", DISPATCH_LINGER_MS="0")
     wait_for(lambda: redis_client.pubsub_numsub(nudge.channel(redis_client))[0][1] >= 1,

@@ -18,8 +18,8 @@ from tests.telephony.conftest import (
     dispatching_worker,
     employees,
     pbx,
-    portal_line,
     poster,
+    sandbox_line,
 )
 from tests.telephony.test_end_to_end import card_log, cards_left_open, finished, stat
 from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, oauth_app  # noqa: F401 - fixture
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _portal(sandbox: Any, users: dict[str, int]) -> tuple[Portal, str]:
-    portal, _ = portal_line(sandbox, employees(users), users)
+    portal, _ = sandbox_line(sandbox, employees(users), users)
     return portal, auth.issue_api_key(portal)
 
 

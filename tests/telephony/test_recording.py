@@ -21,8 +21,8 @@ from tests.telephony.conftest import (
     dispatching_worker,
     employees,
     pbx,
-    portal_line,
     poster,
+    sandbox_line,
 )
 from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, oauth_app  # noqa: F401 - fixture
 
@@ -73,7 +73,7 @@ def line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - the imported
          start_worker: Any, redis_client: Any) -> dict[str, Any]:
     """A sandbox portal with three employees on extensions 101-103, its Portal row and map,
     a PBX API key, and a worker with small recording limits."""
-    portal, info = portal_line(sandbox, employees(USERS), USERS)
+    portal, info = sandbox_line(sandbox, employees(USERS), USERS)
     key = auth.issue_api_key(portal)
     dispatching_worker(start_worker, redis_client,
                        TELEPHONY_RECORD_BASE64_MAX=str(BASE64_MAX),

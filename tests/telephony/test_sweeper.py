@@ -27,8 +27,8 @@ from tests.telephony.conftest import (
     employees,
     map_extensions,
     pbx,
-    portal_line,
     poster,
+    sandbox_line,
 )
 from tests.telephony.test_end_to_end import USERS, card_log, cards_left_open, finished, stat
 from tests.telephony.test_handlers import START, commands, feed, settle
@@ -193,7 +193,7 @@ def swept_line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - the im
                start_worker: Any, redis_client: Any) -> dict[str, Any]:
     """test_end_to_end's sandbox line, with a worker whose sweep runs every second and
     finishes calls 3 s after their first event."""
-    portal, info = portal_line(sandbox, employees(USERS), USERS)
+    portal, info = sandbox_line(sandbox, employees(USERS), USERS)
     key = auth.issue_api_key(portal)
     dispatching_worker(start_worker, redis_client, TELEPHONY_SWEEP_INTERVAL="1",
                        TELEPHONY_END_TIMEOUT="3")

@@ -20,8 +20,8 @@ from tests.conftest import wait_for
 from tests.dispatcher.conftest import rows
 from tests.telephony.conftest import (
     dispatching_worker,
-    portal_line,
     poster,
+    sandbox_line,
 )
 from tests.telephony.test_end_to_end import cards_left_open
 from tests.tenants.conftest import CLIENT_ID, CLIENT_SECRET, oauth_app  # noqa: F401 - fixture
@@ -46,7 +46,7 @@ def portal_line(oauth_app: Any, sandbox: Any, client: Any,  # noqa: F811 - impor
     user given, the extension map, a PBX API key and a worker listening for nudges."""
 
     def make(fallback: int | None, **env: str) -> dict[str, Any]:
-        portal, info = portal_line(sandbox, SANDBOX_USERS, MAP, fallback)
+        portal, info = sandbox_line(sandbox, SANDBOX_USERS, MAP, fallback)
         key = auth.issue_api_key(portal)
         dispatching_worker(start_worker, redis_client, **env)
         post = poster(client, key)
