@@ -19,23 +19,11 @@ import time
 from collections import Counter
 from typing import Any
 
+from bench.dispatch_rig import repeatable
 from bench.dispatch_stack import Stack, _wait, save
 
 SETTINGS = {"DISPATCH_REQUEST_TIMEOUT": "5", "DISPATCH_LEASE_MARGIN": "2",
             "DISPATCH_OWNER_TTL": "3", "DISPATCH_SWEEP_INTERVAL": "1"}
-
-
-def repeatable(method: str, params: Any) -> bool:
-    """Whether the dispatcher may send this command again after a lost answer: the per-command
-    rule (a register with SHOW=0, young) or the method's table (app/dispatcher/policy.py)."""
-    from datetime import UTC, datetime, timedelta
-
-    from app.dispatcher.policy import ResendLimits, resend_refusal
-
-    now = datetime.now(UTC)
-    limits = ResendLimits(register_window=timedelta(seconds=1500))
-    return resend_refusal(method, params if isinstance(params, dict) else {}, now, limits,
-                          now) is None
 
 
 def workload(portal: int, n: int) -> list[tuple[str, dict[str, Any]]]:

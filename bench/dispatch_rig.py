@@ -248,3 +248,17 @@ def quantile(values: list[float], q: float) -> float:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, int(round(q * len(ordered))) - 1))]
+
+
+def repeatable(method: str, params: Any) -> bool:
+    """Whether the dispatcher may send this command again after a lost answer: the per-command
+    rule (a register with SHOW=0, young) or the method's table (app/dispatcher/policy.py)."""
+    from datetime import UTC, datetime, timedelta
+
+    from app.dispatcher.policy import ResendLimits, resend_refusal
+
+    now = datetime.now(UTC)
+    limits = ResendLimits(register_window=timedelta(seconds=1500))
+    return resend_refusal(method, params if isinstance(params, dict) else {}, now, limits,
+                          now) is None
+
