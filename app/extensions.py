@@ -13,7 +13,7 @@ import redis
 from flask import Flask
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import Table, event
+from sqlalchemy import BigInteger, Integer, Table, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase
@@ -38,6 +38,9 @@ if TYPE_CHECKING:
         __table__: ClassVar[Table]  # every model declares __tablename__: a Table, not a join
 else:
     Model = db.Model
+
+# A BIGINT primary key on PostgreSQL; SQLite autoincrements only an INTEGER PRIMARY KEY.
+BigId = BigInteger().with_variant(Integer, "sqlite")
 
 
 def configure_database(app: Flask) -> None:

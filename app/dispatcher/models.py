@@ -8,7 +8,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    BigInteger,
     Boolean,
     DateTime,
     ForeignKey,
@@ -20,11 +19,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.extensions import Model
+from app.extensions import BigId, Model
 from app.tenants.models import utcnow
-
-# BIGINT on PostgreSQL; SQLite autoincrements only an INTEGER PRIMARY KEY.
-BigId = BigInteger().with_variant(Integer, "sqlite")
 
 
 class CommandStatus(enum.StrEnum):

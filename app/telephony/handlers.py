@@ -300,10 +300,16 @@ def _description(outcome: Outcome) -> str:
     return str((outcome.error or {}).get("error_description") or "").strip()
 
 
-def _outcome_call(outcome: Outcome) -> Call | None:
+def _outcome_call(outcome: Outcome, current: str | None = None) -> Call | None:
+    """The outcome's call, locked; None when it is gone, or when ``current`` names the
+    column of the call's command of this kind and a later command has replaced this one."""
     row = _locked(Call.id == int(outcome.context["call"]))
     if row is None:
         log.warning("command %s: call %s is gone", outcome.command_id, outcome.context["call"])
+    elif current is not None and outcome.command_id != getattr(row, current):
+        log.info("call %s: %s was replaced by %s", row.id, outcome.command_id,
+                 getattr(row, current))
+        return None
     return row
 
 
@@ -316,12 +322,8 @@ def registered(outcome: Outcome) -> None:
     ``failed``, the reason kept, never finished. Its later commands refer to the dead
     register, so the dispatcher dead-letters them instead of keeping them queued.
     """
-    row = _outcome_call(outcome)
+    row = _outcome_call(outcome, "register_command_id")
     if row is None:
-        return
-    if outcome.command_id != row.register_command_id:
-        log.info("call %s: register %s was replaced by %s", row.id, outcome.command_id,
-                 row.register_command_id)
         return
     if outcome.ok:
         if row.b24_call_id is None:
@@ -390,12 +392,8 @@ def finished(outcome: Outcome) -> None:
     answer is checked with ``voximplant.statistic.get`` (:func:`finish_confirmed`), which
     lists finished calls only. Without an earlier unknown outcome it is a real error.
     """
-    row = _outcome_call(outcome)
+    row = _outcome_call(outcome, "finish_command_id")
     if row is None:
-        return
-    if outcome.command_id != row.finish_command_id:
-        log.info("call %s: finish %s was replaced by %s", row.id, outcome.command_id,
-                 row.finish_command_id)
         return
     _step(row, outcome)
     if outcome.ok:
