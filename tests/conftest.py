@@ -28,6 +28,7 @@ from sqlalchemy import create_engine, text
 from app import create_app, embedded
 from app.extensions import db
 from app.ingress import enqueuer
+from app.telephony import routing
 
 # The sandbox portal's fixtures: sandbox_server (session) and sandbox (a SandboxControl).
 pytest_plugins = ["sandbox.pytest_plugin"]
@@ -163,6 +164,7 @@ def make_app(base_config: dict[str, Any], _schema: None) -> Iterator[Any]:
     yield make
     for application in made:
         enqueuer.drain(application)  # nothing sent into the next test's Redis
+        routing.drain(application)  # a lookup past its 204 still holds a connection
         with application.app_context():
             db.session.remove()
             for engine in db.engines.values():
@@ -183,6 +185,7 @@ def app(base_config: dict[str, Any], _schema: None, redis_client: Any) -> Iterat
     with application.app_context():
         yield application
         enqueuer.drain(application)  # nothing sent into the next test's Redis
+        routing.drain(application)  # a lookup past its 204 still holds a connection
         db.session.remove()
         _empty_tables()
         db.engine.dispose()

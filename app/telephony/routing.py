@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -268,6 +268,23 @@ class Lookups:
             self._running[key] = future
             return future
 
+    def drain(self, timeout: float) -> bool:
+        """Wait until this process's lookups have ended (or ``timeout``); True when none runs.
+
+        A lookup outlives the request it answered (that is the point of the 204); whoever
+        disposes the app's engine waits here first, or the lookup's connection would go back
+        to a pool already disposed and stay open."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                running = list(self._running.values())
+            if not running:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            wait(running, timeout=left)
+
     def _run(self, portal_id: int, phone: str) -> Match:
         try:
             with self._app.app_context():
@@ -286,6 +303,12 @@ def _done(value: Match | None) -> Future[Any]:
     future: Future[Any] = Future()
     future.set_result(value)
     return future
+
+
+def drain(app: Flask, timeout: float = 15.0) -> bool:
+    """Wait for ``app``'s routing lookups still running (see ``Lookups.drain``)."""
+    found = app.extensions.get(EXTENSION)
+    return found is None or found.drain(timeout)
 
 
 def _lookups() -> Lookups:

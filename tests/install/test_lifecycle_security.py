@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.dispatcher import direct
+from app.dispatcher.models import OutboxCommand
 from app.extensions import db
 from app.ingress.auth import issue_api_key
 from app.ingress.models import InboxEvent, PortalApiKey
@@ -67,6 +68,23 @@ def _processed(event_type: str) -> InboxEvent | None:
     return row if row is not None and row.status in ("done", "dead") else None
 
 
+def _pbx_settled(portal_id: int) -> None:
+    """Wait until the fixture's PBX call is over on our side: its event handled and the
+    call's commands (register, show) answered. A clean uninstall leaves a row a worker
+    holds alone, and a command still queued would meet NOT_INSTALLED or PAYMENT_REQUIRED
+    and move the portal's status before the test's own steps do."""
+    def settled() -> bool:
+        db.session.remove()
+        events = db.session.scalar(select(func.count(InboxEvent.id)).where(
+            InboxEvent.portal_id == portal_id, InboxEvent.source == "pbx",
+            InboxEvent.status.in_(("received", "queued", "processing"))))
+        commands = db.session.scalar(select(func.count(OutboxCommand.id)).where(
+            OutboxCommand.portal_id == portal_id,
+            OutboxCommand.status.in_(("queued", "inflight"))))
+        return not events and not commands
+    wait_for(settled, timeout=30)
+
+
 def _pbx(live_app, key: str) -> int:
     """Status of a PBX call event sent with ``key``: 202 while the key is valid."""
     with live_app.http() as http:
@@ -108,6 +126,7 @@ def with_data(installed, live_app) -> dict[str, Any]:
 
 def test_forged_onappuninstall_with_clean_changes_nothing(sandbox, with_data, live_app, worker):
     member_id = with_data["member_id"]
+    _pbx_settled(with_data["portal_id"])
     before = portal_row(member_id)
     # Bitrix24 sends ONAPPUNINSTALL with no tokens: the application token is all it has.
     _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
@@ -129,8 +148,14 @@ def test_forged_onappuninstall_with_clean_changes_nothing(sandbox, with_data, li
 def test_real_uninstall_with_clean_is_confirmed_and_deletes_the_data(sandbox, with_data, live_app,
                                                                       worker):
     member_id = with_data["member_id"]
+    _pbx_settled(with_data["portal_id"])
     assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
-    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    # Not "status is uninstalled": a command meeting NOT_INSTALLED holds the portal so (its
+    # chain kept) before the ONAPPUNINSTALL is handled, and the handler is what drops it all.
+    handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    assert handled.status == "done", handled.last_error
+    row = portal_row(member_id)
+    assert row.status == "uninstalled"
     assert row.access_token is None and row.refresh_token is None
     # Settings, users, the PBX key (intake's key cache forgets it within 5 s) and inbox rows;
     # the ONAPPUNINSTALL row itself stays, scrubbed, until retention prunes it.
@@ -147,6 +172,7 @@ def test_a_probe_that_gets_no_answer_is_retried_not_taken_as_proof(sandbox, with
                                                                   worker, fault):
     """A transport failure or a 5xx while confirming is retried (the forgery stays harmless)."""
     member_id = with_data["member_id"]
+    _pbx_settled(with_data["portal_id"])
     # The first probe gets a gateway page, or a JSON 500 whose code is no transient one.
     sandbox.set_fault(member_id, fault, count=1)
     _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
@@ -161,6 +187,7 @@ def test_a_probe_that_gets_no_answer_is_retried_not_taken_as_proof(sandbox, with
 def test_uninstall_is_not_confirmed_by_a_lost_chain(sandbox, with_data, live_app, worker):
     """``invalid_grant`` on refresh looks the same for a lost chain: no proof, no deletion."""
     member_id = with_data["member_id"]
+    _pbx_settled(with_data["portal_id"])
     row = portal_row(member_id)
     # The stored refresh token was spent elsewhere (a lost chain) and the access token has
     # expired, so asking Bitrix24 means a refresh, which answers invalid_grant.
@@ -302,9 +329,13 @@ def _lapse(sandbox, member_id: str, renew: bool = True) -> None:
 def test_a_lapsed_portals_real_uninstall_is_confirmed_and_deletes_the_data(sandbox, with_data,
                                                                          live_app, worker):
     member_id = with_data["member_id"]
+    _pbx_settled(with_data["portal_id"])
     _lapse(sandbox, member_id)
     assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
-    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    handled = wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    assert handled.status == "done", handled.last_error
+    row = portal_row(member_id)
+    assert row.status == "uninstalled"
     assert row.access_token is None and row.refresh_token is None
     gone = {**dict.fromkeys(with_data["data"], 0), "InboxEvent": 1}
     wait_for(lambda: _tenant_data(row.id) == gone, timeout=10)
@@ -321,6 +352,7 @@ def rechecking_worker(start_worker, live_app):
 def test_a_lapsed_uninstall_still_answered_payment_required_is_asked_again_later(
         sandbox, with_data, live_app, rechecking_worker):
     member_id = with_data["member_id"]
+    _pbx_settled(with_data["portal_id"])
     _lapse(sandbox, member_id)
     # Bitrix24 still answers PAYMENT_REQUIRED to the first ask after the uninstall.
     sandbox.set_fault(member_id, "payment_required", count=1, methods=["app.info"])
@@ -339,6 +371,7 @@ def test_a_lapsed_uninstall_still_answered_payment_required_is_asked_again_later
 def test_a_forged_uninstall_of_a_lapsed_portal_changes_nothing(sandbox, with_data, live_app,
                                                               rechecking_worker):
     member_id = with_data["member_id"]
+    _pbx_settled(with_data["portal_id"])
     _lapse(sandbox, member_id, renew=False)
     before = sandbox.counters(member_id)["rest_requests"]
     _post(live_app, _event(with_data, "ONAPPUNINSTALL", {"LANGUAGE_ID": "en", "CLEAN": "1"}))
@@ -357,8 +390,11 @@ def test_the_old_application_token_stores_nothing_after_a_confirmed_uninstall(
         sandbox, with_data, live_app, worker):
     """A wiped tenant takes no more events: the token an employee kept is dropped with it."""
     member_id = with_data["member_id"]
+    _pbx_settled(with_data["portal_id"])
     assert sandbox.uninstall_app(member_id, clean=True)["statuses"] == [200]
-    row = wait_for(lambda: (r := portal_row(member_id)).status == "uninstalled" and r, timeout=30)
+    wait_for(lambda: _processed("ONAPPUNINSTALL"), timeout=30)
+    row = portal_row(member_id)
+    assert row.status == "uninstalled"
     left = _tenant_data(row.id)
     with live_app.http() as http:
         resp = http.post("/b24/events", content=_event(with_data, "ONCRMDEALUPDATE", {"ID": "7"}),
