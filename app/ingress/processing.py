@@ -19,8 +19,9 @@ once a handler exists or the portal is callable again.
 Handlers receive ``(portal_or_None, event)`` where ``event`` is the stored
 payload plus ``inbox_id`` and ``unverified`` (True for a first-contact
 ONAPPINSTALL whose application_token could not be checked yet). Intake stored
-no token in clear (app/ingress/sealed.py): ONAPPINSTALL's and ONAPPUPDATE's are
-unsealed back into ``event["auth"]`` here, in memory only; other events have none.
+no token in clear (app/ingress/sealed.py): ONAPPINSTALL's and ONAPPUPDATE's, and
+ONEXTERNALCALLSTART's clicker's access token, are unsealed back into ``event["auth"]``
+here, in memory only; other events have none.
 """
 
 from __future__ import annotations
@@ -185,8 +186,8 @@ def _handle(row: InboxEvent, attempt: int) -> str:
         _park(row, attempt, InboxStatus.UNHANDLED, "no handler registered for this event yet")
         return InboxStatus.UNHANDLED.value
     portal = db.session.get(Portal, row.portal_id) if row.portal_id else None
-    # The tokens intake sealed (ONAPPINSTALL, ONAPPUPDATE) go back into event["auth"]
-    # for the handler, in memory only.
+    # The tokens intake sealed (ONAPPINSTALL, ONAPPUPDATE; a click's user token) go back
+    # into event["auth"] for the handler, in memory only.
     payload = sealed.unsealed(row.payload) if row.source == "b24" else copy.deepcopy(row.payload)
     event = {**payload, "inbox_id": row.id, "unverified": row.unverified}
     try:

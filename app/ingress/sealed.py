@@ -7,8 +7,9 @@ parked or dead row would otherwise keep them for weeks. Only ONAPPINSTALL and
 ONAPPUPDATE need them later (their handlers check the access token with app.info and
 keep the chain and the application_token), so for those two the three values are
 kept encrypted (the same Fernet keys as the portal's token columns) in one payload
-field. Processing unseals them into the event a handler gets, in memory only, and a
-finished row drops the field.
+field; ONEXTERNALCALLSTART keeps its clicker's access_token the same way (the click is
+confirmed with it, app/telephony/click.py). Processing unseals them into the event a
+handler gets, in memory only, and a finished row drops the field.
 
 A *provisional* event (its portal still waits for its application_token, see
 app/ingress/provisional.py) could not be checked yet: the application_token it
@@ -32,6 +33,9 @@ log = logging.getLogger(__name__)
 
 SECRET_AUTH_KEYS = ("access_token", "refresh_token", "application_token")
 TOKEN_EVENTS = frozenset({"ONAPPINSTALL", "ONAPPUPDATE"})
+# Events whose handler confirms the triggering user with Bitrix24: their access_token is
+# sealed too (only it), so a click-to-call names its clicker by proof, not by a form field.
+USER_TOKEN_EVENTS = frozenset({"ONEXTERNALCALLSTART"})
 SEALED_FIELD = "sealed_auth"  # top level of the stored payload; only intake writes it
 
 
@@ -47,7 +51,9 @@ def strip(event: dict[str, Any], event_type: str, claim: bool = False) -> None:
         return
     tokens = {key: auth.pop(key) for key in SECRET_AUTH_KEYS if key in auth}
     if event_type not in TOKEN_EVENTS:
-        tokens = {k: v for k, v in tokens.items() if claim and k == "application_token"}
+        tokens = {k: v for k, v in tokens.items()
+                  if (claim and k == "application_token")
+                  or (k == "access_token" and event_type in USER_TOKEN_EVENTS)}
     if tokens:
         event[SEALED_FIELD] = cipher().encrypt(json.dumps(tokens).encode()).decode()
 

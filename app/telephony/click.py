@@ -56,7 +56,8 @@ from flask import current_app
 from sqlalchemy import select
 
 from app import queue
-from app.dispatcher import Outcome, Priority, ref, submit
+from app.bitrix.errors import ApiError, InvalidToken, TokenExpired
+from app.dispatcher import Outcome, Priority, direct, ref, submit
 from app.extensions import db, redis_ext
 from app.telephony import machine
 from app.telephony.models import Originate
@@ -74,6 +75,8 @@ TIMESTAMP_HEADER = "X-B24Relay-Timestamp"
 IN_FLIGHT = ("pending", "sent")
 
 NO_EXTENSION = "the user has no extension in b24relay"
+CLICKER_KEY = "b24relay:clicker:{portal}:{token}"  # -> the user id a click token is for
+TOKEN_REFUSALS = (InvalidToken, TokenExpired)
 NO_WEBHOOK = "no pbx_originate_url is set for this portal"
 NEVER_REPORTED = "the PBX never reported the call"
 
@@ -117,6 +120,10 @@ def on_click(portal: Portal | None, event: dict[str, Any]) -> None:
         log.warning("inbox row %s: ONEXTERNALCALLSTART without CALL_ID or USER_ID",
                     event.get("inbox_id"))
         return
+    refused = _unconfirmed(portal, event, user_id)
+    if refused is not None:
+        _refuse(portal, event, call_id, user_id, refused)
+        return
     if not _take(portal.id, call_id, event.get("inbox_id")) \
             or _in_flight(portal.id, call_id) is not None:
         log.info("click %s: an originate is in flight already; this one rings nothing", call_id)
@@ -136,6 +143,62 @@ def on_click(portal: Portal | None, event: dict[str, Any]) -> None:
         fail(row, "OTHER", NO_EXTENSION)
         return
     queue.enqueue_after_commit(db.session(), ACTOR, row.id, queue_name=QUEUE)
+
+
+# ------------------------------------------------------------------ who clicked
+
+
+def _unconfirmed(portal: Portal, event: dict[str, Any], user_id: int) -> str | None:
+    """Why the click cannot be taken as ``user_id``'s, or None when Bitrix24 confirms it.
+
+    The event's form fields prove nothing: on a full-form portal every employee can read the
+    application token in his iframe, and post an ONEXTERNALCALLSTART naming a colleague and
+    any number, which would ring that colleague's phone and dial the number. What proves the
+    clicker is the event's ``auth[access_token]`` (Bitrix24 sends the triggering user's; intake
+    sealed it, app/ingress/sealed.py): ``profile`` with it, on the portal's own endpoint, must
+    name ``user_id``. An employee's own token so authorises only his own clicks, which he can
+    make anyway. The answer is cached for the token's hour (a hash of it, never the token),
+    so a user's next clicks cost no round trip. A transport error or a busy portal raises
+    (the inbox tries the row again); a refusal about the token is a refusal of the click.
+    """
+    given = event.get("auth")
+    auth: dict[str, Any] = given if isinstance(given, dict) else {}
+    token = auth.get("access_token")
+    if not isinstance(token, str) or not token:
+        return "the click came without its user's token: it cannot be confirmed"
+    key = CLICKER_KEY.format(portal=portal.id,
+                             token=hashlib.sha256(token.encode()).hexdigest()[:32])
+    cached = redis_ext.client.get(key)
+    if cached is not None:
+        who = _int(cached.decode() if isinstance(cached, bytes) else cached)
+    else:
+        try:
+            body = direct.call_with_token(portal.client_endpoint, token, "profile", {})
+        except ApiError as exc:
+            if isinstance(exc, TOKEN_REFUSALS) or exc.http_status == 401:
+                return f"Bitrix24 refused the click's token ({exc.code})"
+            raise  # the portal's state or a limit: the inbox holds or retries the row
+        result = body.get("result") if isinstance(body, dict) else None
+        who = _int(result.get("ID")) if isinstance(result, dict) else None
+        if who is not None:
+            ttl = max(60, min(3600, _int(auth.get("expires_in")) or 3600))
+            redis_ext.client.set(key, who, ex=ttl)
+    if who != user_id:
+        return f"the click's token is user {who}'s, not user {user_id}'s"
+    return None
+
+
+def _refuse(portal: Portal, event: dict[str, Any], call_id: str, user_id: int,
+            reason: str) -> None:
+    """Keep a refused click visible (state ``refused``) and touch nothing in Bitrix24: its
+    CALL_ID may be a colleague's call, which finishing would close."""
+    log.warning("portal %s: click %s naming user %s refused: %s", portal.id, call_id,
+                user_id, reason)
+    db.session.add(Originate(
+        portal_id=portal.id, b24_call_id=call_id, user_id=user_id, extension=None,
+        phone=str((event.get("data") or {}).get("PHONE_NUMBER_INTERNATIONAL") or "")[:64],
+        state="refused", attempts=0, error=reason[:2000],
+        inbox_event_id=_int(event.get("inbox_id"))))
 
 
 def _int(value: Any) -> int | None:

@@ -162,7 +162,7 @@ class Originate(Model):
     register_command_id: Mapped[int | None] = mapped_column(BigId)
     # choosing (a callback's employee being chosen) | register (a callback's register in
     # flight) | pending (being tried) | sent (the PBX took it) | joined (its call came)
-    # | failed
+    # | failed | refused (a click Bitrix24 did not confirm as its user's: nothing sent)
     state: Mapped[str] = mapped_column(String(8))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text)  # the last failure, in words

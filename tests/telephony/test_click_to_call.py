@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from sqlalchemy import select
@@ -159,6 +160,50 @@ def test_a_user_without_an_extension_gets_his_card_closed_with_the_reason(setup,
     assert sandbox.calls(member_id)["active"] == []
     # A later click on the same number is a fresh call, and rings nothing either.
     assert _click(sandbox, member_id, 3) != call_id
+
+
+def _forge(client: Any, portal: dict[str, Any], user: int, token: str | None,
+           call_id: str, phone: str = "+4990012345") -> None:
+    """An ONEXTERNALCALLSTART posted by an employee, not by Bitrix24: the application token
+    is the one his iframe shows him (full form), the auth token (if any) his own."""
+    auth = {"domain": portal["domain"], "member_id": portal["member_id"],
+            "server_endpoint": portal["server_endpoint"],
+            "client_endpoint": portal["client_endpoint"],
+            "application_token": portal["application_token"], "user_id": "3",
+            **({"access_token": token, "expires_in": "3600"} if token else {})}
+    data = {"PHONE_NUMBER": phone, "PHONE_NUMBER_INTERNATIONAL": phone, "USER_ID": str(user),
+            "CALL_ID": call_id, "LINE_NUMBER": "", "IS_MOBILE": "0", "CALL_LIST_ID": "0"}
+    body = urlencode({"event": "ONEXTERNALCALLSTART", "event_handler_id": "7",
+                      **{f"data[{k}]": v for k, v in data.items()},
+                      **{f"auth[{k}]": v for k, v in auth.items()}, "ts": str(int(time.time()))})
+    response = client.post("/b24/events", data=body,
+                           content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 200, response.get_data(as_text=True)
+
+
+def test_a_click_forged_by_an_employee_rings_nobody_and_finishes_nothing(setup, sandbox, client,
+                                                                        installed):  # noqa: F811
+    """Cy (no admin, no extension) posts clicks naming Bob (extension 102) and a premium
+    number: with his own token, with a made-up one, and with none. None rings Bob's phone
+    or touches the named CALL_ID; each is kept, refused, with its reason. Bob's own click
+    still rings."""
+    member_id, portal_id, pbx_ = setup["member_id"], setup["portal_id"], setup["pbx"]
+    own = sandbox.issue_tokens(member_id, 3)["access_token"]
+    cases = {"externalCall.forged.own": own, "externalCall.forged.made-up": "f" * 32,
+             "externalCall.forged.none": None}
+    for call_id, token in cases.items():
+        _forge(client, installed, 2, token, call_id)
+    rows = {call_id: wait_for(lambda c=call_id: _originate(portal_id, c, "refused"), timeout=60)
+            for call_id in cases}
+    assert rows["externalCall.forged.own"].error == "the click's token is user 3's, not user 2's"
+    assert rows["externalCall.forged.made-up"].error.startswith("Bitrix24 refused the click's")
+    assert rows["externalCall.forged.none"].error.startswith("the click came without")
+    call_id = _click(sandbox, member_id, 2)  # Bob's real click, after the forgeries
+    wait_for(lambda: _originate(portal_id, call_id, "sent"), timeout=30)
+    assert [r["body"]["call_id"] for r in pbx_.requests] == [call_id]
+    assert [r["body"]["extension"] for r in pbx_.requests] == ["102"]
+    for forged in cases:
+        assert _finishes(sandbox, member_id, forged) == []
 
 
 def test_a_pbx_that_is_down_gets_retries_until_the_click_is_stale(setup, sandbox):
