@@ -74,6 +74,7 @@ def _import_models() -> None:
     """Every model module, so metadata and Alembic see all tables."""
     from app.dispatcher import models as _dispatcher  # noqa: F401
     from app.ingress import models as _ingress  # noqa: F401
+    from app.installation import models as _installation  # noqa: F401
     from app.tenants import models as _tenants  # noqa: F401
     from app.tenants import users as _tenant_users  # noqa: F401
 
@@ -109,15 +110,18 @@ def _register_blueprints(app: Flask) -> None:
 
 
 def _register_cli(app: Flask) -> None:
-    """``flask portals …`` (list, show, refresh, disable, enable, resume, api-key),
+    """``flask portals …`` (list, show, refresh, disable, enable, resume, settings, check,
+    setup, api-key),
     ``flask inbox …``, ``flask outbox …`` (show, dead, replay), ``flask dispatcher run``."""
     from app.dispatcher.cli import dispatcher_cli, outbox_cli
     from app.ingress.cli import api_key_command, inbox_cli
-    from app.installation.cli import portal_settings, resume_portal
+    from app.installation.cli import check_portal, portal_settings, resume_portal, setup_portal
     from app.tenants.cli import portals_cli
 
     portals_cli.add_command(resume_portal)
     portals_cli.add_command(portal_settings)
+    portals_cli.add_command(check_portal)
+    portals_cli.add_command(setup_portal)
     portals_cli.add_command(api_key_command)
     app.cli.add_command(portals_cli)
     app.cli.add_command(inbox_cli)

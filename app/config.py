@@ -373,6 +373,25 @@ def telephony_settings() -> dict[str, Any]:
     }
 
 
+def diagnosis_settings() -> dict[str, Any]:
+    """The self-diagnosis of a portal (app/installation/diagnosis.py, ``flask portals check``)."""
+    return {
+        # Seconds between two diagnoses of one portal run by the workers (after an install or
+        # a settings save): a request inside the interval is run once at its end, so a settings
+        # page saved ten times in a minute costs the portal one round, showing the last save.
+        "DIAGNOSIS_MIN_INTERVAL": env_float("DIAGNOSIS_MIN_INTERVAL", 60.0),
+        # Seconds the diagnosis after an install or a settings save waits first: the install's
+        # installFinish, or the setup a save asked for (through the outbox), happens meanwhile.
+        "DIAGNOSIS_SETTLE_SECONDS": env_float("DIAGNOSIS_SETTLE_SECONDS", 30.0),
+        # Seconds the portal's clock may differ from ours before it is a finding. Our call start
+        # dates, Bitrix24's 30-minute register dedup and its token expiry all read a clock.
+        "DIAGNOSIS_CLOCK_SKEW": env_float("DIAGNOSIS_CLOCK_SKEW", 60.0),
+        # Seconds one round trip may take before it is a finding (a normal day: well under
+        # one; issue #11: about 10 s a batch on a bad day).
+        "DIAGNOSIS_SLOW_SECONDS": env_float("DIAGNOSIS_SLOW_SECONDS", 5.0),
+    }
+
+
 def require_shared_services(cfg: dict[str, Any], database_url: str | None) -> None:
     """In production, refuse to run on per-host stand-ins for Redis and the database.
 
@@ -475,6 +494,7 @@ def from_environment(instance: Path) -> dict[str, Any]:
         **worker_settings(),
         **dispatch_settings(),
         **telephony_settings(),
+        **diagnosis_settings(),
     }
     if cfg["SECRET_KEY"] is None:
         if production:

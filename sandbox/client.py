@@ -166,6 +166,22 @@ class SandboxControl:
         """
         return self._call("POST", f"/portals/{member_id}/subscription", {"active": active})
 
+    def set_scope(self, member_id: str, scope: str) -> dict[str, Any]:
+        """The scopes the app holds on the portal from now on ("crm,telephony,..."): methods of
+        a scope left out answer ``insufficient_scope``; the ``scope`` method lists them."""
+        return self._call("POST", f"/portals/{member_id}/scope", {"scope": scope})
+
+    def set_outgoing_line(self, member_id: str, line_id: str | None) -> dict[str, Any]:
+        """Choose the portal's default number for outgoing calls (``voximplant.line.outgoing.get``
+        answers it): ``"sip12"``, ``"reg3"``, a rented ``"4930123456"``, ``"REST_APP:9"``, one
+        of the app's line numbers, or None for the app again."""
+        return self._call("POST", f"/portals/{member_id}/outgoing_line", {"line_id": line_id})
+
+    def set_clock_skew(self, member_id: str, seconds: float) -> dict[str, Any]:
+        """Put the portal's clock ``seconds`` ahead of the real one (negative: behind): every
+        REST answer's ``time`` block (start, finish, dates, operating_reset_at) shows it."""
+        return self._call("POST", f"/portals/{member_id}/clock", {"skew": seconds})
+
     def age_tokens(self, member_id: str, days: float) -> dict[str, Any]:
         """Move the issue times of the portal's codes, access and refresh tokens ``days`` back
         (a refresh token dies ``refresh_ttl``, 180 days, after its issue).

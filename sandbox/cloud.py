@@ -191,6 +191,8 @@ class Cloud:
             "status": p.status,
             "iframe_form": self.iframe_form(p),
             "time_zone": p.time_zone,
+            "clock_skew": p.clock_skew,
+            "outgoing_line": methods_telephony.outgoing_line(p),
             "app_url": p.app_url,
             "deleted": p.deleted,
             "installed": p.installed,
@@ -226,6 +228,27 @@ class Cloud:
         a refused refresh spends nothing.
         """
         p.subscription_active = bool(active)
+        return self.describe(p)
+
+    def set_scope(self, p: Portal, scope: str) -> dict[str, Any]:
+        """The scopes the app holds on the portal from now on (an administrator granted or
+        withdrew some): REST methods of a missing scope answer ``insufficient_scope``."""
+        p.scope = ",".join(s.strip() for s in scope.split(",") if s.strip())
+        return self.describe(p)
+
+    def set_outgoing_line(self, p: Portal, line_id: str | None) -> dict[str, Any]:
+        """An administrator picks the default number for outgoing calls: ``None`` gives it back
+        to the app; an id that is not the app's (``sip12``, ``reg3``, a rented number, another
+        app's ``REST_APP:9``) is a line of the portal's own, which the portal then knows."""
+        p.outgoing_line = None if line_id is None else str(line_id).strip()
+        if p.outgoing_line is not None and p.outgoing_line not in \
+                methods_telephony.app_line_ids(p):
+            p.other_lines.add(p.outgoing_line)
+        return self.describe(p)
+
+    def set_clock_skew(self, p: Portal, seconds: float) -> dict[str, Any]:
+        """Put the portal's clock ``seconds`` ahead of ours (negative: behind)."""
+        p.clock_skew = float(seconds)
         return self.describe(p)
 
     def age_tokens(self, p: Portal, days: float) -> dict[str, Any]:

@@ -205,6 +205,23 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
             raise ControlError(400, "days must not be negative")
         return cloud.age_tokens(cloud.portal(request.match_info["mid"]), days)
 
+    async def scope(request: web.Request) -> Any:
+        body = await _body(request)
+        if not isinstance(body.get("scope"), str):
+            raise ControlError(400, "scope must be a comma-separated string")
+        return cloud.set_scope(cloud.portal(request.match_info["mid"]), body["scope"])
+
+    async def outgoing_line(request: web.Request) -> Any:
+        body = await _body(request)
+        line_id = body.get("line_id")
+        if line_id is not None and (not isinstance(line_id, str) or not line_id.strip()):
+            raise ControlError(400, "line_id must be a non-empty string or null")
+        return cloud.set_outgoing_line(cloud.portal(request.match_info["mid"]), line_id)
+
+    async def clock(request: web.Request) -> Any:
+        skew = float((await _body(request))["skew"])
+        return cloud.set_clock_skew(cloud.portal(request.match_info["mid"]), skew)
+
     async def tokens(request: web.Request) -> Any:
         p = cloud.portal(request.match_info["mid"])
         body = await _body(request)
@@ -353,6 +370,9 @@ def add_routes(app: web.Application, cloud: Cloud) -> None:
     add("POST", "/portals/{mid}/tokens", tokens)
     add("POST", "/portals/{mid}/subscription", subscription)
     add("POST", "/portals/{mid}/age_tokens", age_tokens)
+    add("POST", "/portals/{mid}/scope", scope)
+    add("POST", "/portals/{mid}/outgoing_line", outgoing_line)
+    add("POST", "/portals/{mid}/clock", clock)
     add("POST", "/portals/{mid}/install", install)
     add("POST", "/portals/{mid}/install_finish", install_finish)
     add("GET", "/portals/{mid}/install_state", install_state)

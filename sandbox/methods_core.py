@@ -87,6 +87,20 @@ def app_info(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# The scopes this sandbox knows (`scope` with full=true); a portal is granted a subset.
+ALL_SCOPES = ("basic", "call", "crm", "department", "entity", "im", "placement", "telephony",
+              "user", "user_basic", "user_brief")
+
+
+@method("scope")
+def scope(ctx: Ctx, params: dict[str, Any]) -> list[str]:
+    """The scopes granted to the app; ``full=true``: every scope there is (docs, method
+    `scope`: available to everyone)."""
+    if truthy(arg(params, "full", "FULL", default="")):
+        return list(ALL_SCOPES)
+    return [s for s in ctx.portal.scope.split(",") if s]
+
+
 @method("profile")
 def profile(ctx: Ctx, params: dict[str, Any]) -> dict[str, Any]:
     u = ctx.user

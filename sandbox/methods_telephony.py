@@ -183,6 +183,39 @@ def line_get(ctx: Ctx, params: dict[str, Any]) -> list[dict[str, str]]:
     ]
 
 
+# What GetPortalNumber falls back to when the stored default is no line the portal knows.
+BASE_NUMBER = "LINK_BASE_NUMBER"
+APP_ID = 1  # the app's id on the portal (app.info ID): its pseudo-line is REST_APP:<id>
+
+
+def app_line_ids(portal: Portal) -> list[str]:
+    """The ids under which the app can be the default outgoing line: ``REST_APP:<id>`` and its
+    external lines' numbers, listed only while the app has ONEXTERNALCALLSTART bound (the
+    voximplant module lists REST apps among the lines by that event's subscribers)."""
+    if not any(b.event == "ONEXTERNALCALLSTART" for b in portal.bindings):
+        return []
+    return [f"REST_APP:{APP_ID}", *portal.lines]
+
+
+def outgoing_line(portal: Portal) -> str:
+    """The portal's default line for outgoing calls, as ``voximplant.line.outgoing.get`` gives
+    it: the stored choice when it still names a line, else LINK_BASE_NUMBER."""
+    ours = app_line_ids(portal)
+    choice = portal.outgoing_line
+    if choice is None:  # never chosen otherwise: the app (what click-to-call here assumes)
+        choice = next(iter(portal.lines), f"REST_APP:{APP_ID}")
+    return choice if choice in ours or choice in portal.other_lines else BASE_NUMBER
+
+
+@method("voximplant.line.outgoing.get", scope="telephony", admin=True)
+def line_outgoing_get(ctx: Ctx, params: dict[str, Any]) -> str:
+    """The default outgoing line's id: digits for a rented number, ``reg…``/``sip…`` for a SIP
+    PBX, ``REST_APP:<app id>`` for an app, an app's line by its NUMBER (voximplant source:
+    vi_rest lineOutgoingGet → CVoxImplantConfig::GetPortalNumber). The source asks for the
+    line-edit permission; here an administrator (ACCESS_DENIED otherwise)."""
+    return outgoing_line(ctx.portal)
+
+
 @method("telephony.externalLine.delete", scope="telephony")
 def line_delete(ctx: Ctx, params: dict[str, Any]) -> list[Any]:
     """Delete a line; an unknown NUMBER is "Could not find line with number X"."""

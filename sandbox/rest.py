@@ -86,16 +86,17 @@ def iso(ts: float, tz: tzinfo | None = None) -> str:
 
 
 def time_block(
-    start: float, finish: float, processing: float, tz: tzinfo | None = None
+    start: float, finish: float, processing: float, tz: tzinfo | None = None, skew: float = 0.0
 ) -> dict[str, Any]:
-    """The per-call `time` block without the operating fields."""
+    """The per-call `time` block without the operating fields, read off the portal's clock
+    (``skew`` seconds off ours: `start`, `finish` and both dates move, durations do not)."""
     return {
-        "start": round(start, 6),
-        "finish": round(finish, 6),
+        "start": round(start + skew, 6),
+        "finish": round(finish + skew, 6),
         "duration": round(finish - start, 6),
         "processing": round(processing, 6),
-        "date_start": iso(start, tz),
-        "date_finish": iso(finish, tz),
+        "date_start": iso(start + skew, tz),
+        "date_finish": iso(finish + skew, tz),
     }
 
 
@@ -208,14 +209,15 @@ async def run_method(
             **ctx.note,
         }
     )
-    return result, time_block(start, finish, processing, portal.tz)
+    return result, time_block(start, finish, processing, portal.tz, portal.clock_skew)
 
 
 def full_time(ctx: Ctx, name: str, timing: dict[str, Any]) -> dict[str, Any]:
     """The top-level time block with operating fields for a single call."""
     now = time.time()
     timing = dict(timing)
-    timing["operating_reset_at"] = ctx.portal.operating.reset_at(name.lower(), now)
+    timing["operating_reset_at"] = int(ctx.portal.operating.reset_at(name.lower(), now)
+                                       + ctx.portal.clock_skew)
     timing["operating"] = round(ctx.portal.operating.operating(name.lower(), now), 6)
     return timing
 

@@ -256,7 +256,8 @@ class Front:
             return json_response(
                 {
                     "result": result,
-                    "time": time_block(start, start + processing, processing, ctx.portal.tz),
+                    "time": time_block(start, start + processing, processing, ctx.portal.tz,
+                                       ctx.portal.clock_skew),
                 }
             )
         result, timing = await run_method(ctx, name, params, latency)
@@ -316,7 +317,8 @@ class Front:
         data = field.file.read()
         result = store_upload(p, token, field.filename or "", data)
         now = time.time()
-        return json_response({"result": result, "time": time_block(now, now, 0.0)})
+        return json_response({"result": result,
+                              "time": time_block(now, now, 0.0, p.tz, p.clock_skew)})
 
     # ------------------------------------------------------------ cloud port
     async def oauth_token(self, request: web.Request) -> web.Response:

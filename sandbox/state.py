@@ -304,6 +304,13 @@ class Portal:
     dedup: dict[Any, Any] = field(default_factory=dict)  # EXTERNAL_CALL_ID -> calls created
     event_tokens: dict[int, Any] = field(default_factory=dict)
     time_zone: str = DEFAULT_TIME_ZONE
+    # Seconds the portal's clock is off (+ ahead, - behind): every REST `time` block carries it.
+    clock_skew: float = 0.0
+    # The telephony option "default number for outgoing calls" (voximplant.line.outgoing.get):
+    # None = the app (its first line, or the app itself when it has none); other_lines are the
+    # portal's lines of other kinds (rented numbers, SIP PBXs) an administrator chose meanwhile.
+    outgoing_line: str | None = None
+    other_lines: set[str] = field(default_factory=set)
     missing_placements: list[str] = field(default_factory=list)  # codes this portal lacks
     # The event delivery queue (sandbox.delivery): its log, the last in-order delivery, and
     # the events held back until released (with the gate their deliveries wait on).

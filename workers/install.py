@@ -1,7 +1,11 @@
-"""Install actors: re-run a portal's idempotent setup, keep the extension map current.
+"""Install actors: re-run a portal's idempotent setup, keep the extension map current, and run
+a portal's self-diagnosis.
 
-Both only submit commands (app.installation.upkeep); the dispatcher sends them and the
-outcome handlers (app.installation.upkeep) finish the work, so no worker thread waits on Bitrix24.
+The first two only submit commands (app.installation.upkeep); the dispatcher sends them and the
+outcome handlers (app.installation.upkeep) finish the work, so no worker thread waits on
+Bitrix24. The diagnosis is one read-only round a person will look at (after an install, after a
+settings save), sent on the direct path: it holds its thread for one round trip, at most once
+per DIAGNOSIS_MIN_INTERVAL per portal.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from datetime import timedelta
 import dramatiq
 
 from app.extensions import db
-from app.installation import upkeep
+from app.installation import diagnosis, upkeep
 from app.installation.user_sync import portals_with_live_tokens
 from app.tenants.models import Portal, PortalStatus, aware, utcnow
 from workers.scheduler import periodic
@@ -35,6 +39,22 @@ def setup_portal(portal_id: int) -> None:
     if portal is not None:
         upkeep.submit_setup(portal)
         db.session.commit()
+
+
+@dramatiq.actor(queue_name="default", max_retries=0)
+def diagnose_portal(portal_id: int, trigger: str = "settings", trailing: bool = False) -> None:
+    """Run the portal's self-diagnosis and keep its report. Inside DIAGNOSIS_MIN_INTERVAL of the
+    last run, one trailing run is scheduled for the interval's end instead (requests meanwhile
+    join it), so a settings page saved repeatedly costs the portal one round a minute and the
+    last report still follows the last save. Not retried: the next change asks again."""
+    wait = diagnosis.admit(portal_id, trailing)
+    if wait is None:
+        return
+    if wait > 0:
+        diagnose_portal.send_with_options(args=(portal_id, trigger, True),
+                                          delay=int(wait * 1000) + 100)
+        return
+    diagnosis.run(portal_id, trigger)
 
 
 @dramatiq.actor(queue_name="default", max_retries=3, min_backoff=5_000, max_backoff=60_000)

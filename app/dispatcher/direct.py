@@ -1,8 +1,8 @@
 """The dispatcher's direct path: calls a person waits on, sent now instead of queued.
 
 The ``/install`` setup, iframe verification, the blocked-portal probe, the offline-events
-pull and the CLI cannot wait for the outbox. They call ``call_method`` / ``call_batch``
-here, which share the engine's ground: the same single-flight refresh
+pull, the self-diagnosis and the CLI cannot wait for the outbox. They call ``call_method`` /
+``call_batch`` here, which share the engine's ground: the same single-flight refresh
 (``app.tenants.tokens.refresh``), the same per-portal Redis ``RateBucket`` (a direct call
 takes a real-time token), the same rename handling (``credentials.endpoint_values``) and
 the same verdict table (``policy.classify``):
@@ -18,9 +18,11 @@ any other  lets the portal status machine judge (``status.apply_error``: a HOLD
 =========  ======================================================================
 
 A call refreshes up front only when the stored expiry has passed. Per-command errors of a
-batch stay in its ``BatchResult``. ``call_with_token`` sends with a token that is not a
-stored chain (a viewing user's own token, an uninstall check): no refresh, no pacing, no
-status. One REST client per CA bundle per app, rebuilt after a fork (``init_app``).
+batch stay in its ``BatchResult``. ``timed_batch`` also says when the request left and how
+long it took on the wire (the self-diagnosis reports both). ``call_with_token``
+sends with a token that is not a stored chain (a viewing user's own token, an uninstall
+check): no refresh, no pacing, no status. One REST client per CA bundle per app, rebuilt
+after a fork (``init_app``).
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import redis
 from flask import Flask, current_app
@@ -46,8 +49,8 @@ from app.tenants import status as portal_status
 from app.tenants import tokens
 from app.tenants.models import Portal, aware, utcnow
 
-__all__ = ["MAX_MOVES", "call_batch", "call_method", "call_with_token", "init_app", "pace",
-           "send"]
+__all__ = ["MAX_MOVES", "Timed", "call_batch", "call_method", "call_with_token", "init_app",
+           "pace", "send", "timed_batch"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,6 +122,37 @@ def call_batch(portal: Portal, commands: Mapping[str, tuple[str, Mapping[str, An
     """Send up to 50 ``{key: (method, params)}`` commands as one batch; errors are per command."""
     return _send(portal, lambda snap: rest_client().batch(snap.client_endpoint, commands,
                                                           snap.access_token or "", halt=halt))
+
+
+@dataclass(frozen=True)
+class Timed(Generic[T]):
+    """An answer with when its request left (our clock, epoch seconds) and how long it took on
+    the wire: the last try's, after any refresh or move, the wait for a rate token left out."""
+
+    answer: T
+    sent_at: float
+    seconds: float
+
+
+def timed_batch(portal: Portal, commands: Mapping[str, tuple[str, Mapping[str, Any]]]
+                ) -> Timed[BatchResult]:
+    """``call_batch`` (no halt), timed: the self-diagnosis reports one round trip."""
+    return _timed(portal, lambda snap: rest_client().batch(
+        snap.client_endpoint, commands, snap.access_token or ""))
+
+
+def _timed(portal: Portal, request: Callable[[Snapshot], T]) -> Timed[T]:
+    clock: list[float] = [0.0, 0.0]
+
+    def timed(snap: Snapshot) -> T:
+        clock[0], start = time.time(), time.perf_counter()
+        try:
+            return request(snap)
+        finally:
+            clock[1] = time.perf_counter() - start
+
+    answer = _send(portal, timed)
+    return Timed(answer, clock[0], clock[1])
 
 
 def call_with_token(client_endpoint: str, access_token: str, method: str,

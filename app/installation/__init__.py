@@ -6,7 +6,9 @@ uninstall of a portal), ``plan`` (the setup plan), ``setup`` (its direct executo
 outbox one is ``upkeep``), ``user_sync`` (the extension map
 from ``user.get``), ``chains`` (an admin's fresh chain), ``iframe`` (placement iframe
 sessions), ``events`` (the lifecycle and user event handlers), ``blocked`` (the probe of a
-REST-blocked portal) and ``cli`` (``flask portals resume``).
+REST-blocked portal), ``diagnosis`` (the read-only self-diagnosis round; its words in
+``diagnosis_text``, its last report per portal in ``models``) and ``cli`` (``flask portals
+resume``, ``settings``, ``check``, ``setup``).
 
 A use case: it imports the dispatcher, the ingress registry, tenants and app/bitrix; only
 the factory (app/__init__.py), workers/ and placements/ import it.

@@ -1,16 +1,24 @@
-"""The installation use case's ``flask portals`` commands: ``resume`` (probe a blocked portal)
-and ``settings`` (read and set a portal's settings, as its settings page does).
+"""The installation use case's ``flask portals`` commands: ``resume`` (probe a blocked portal),
+``settings`` (read and set a portal's settings, as its settings page does), ``check`` (the
+self-diagnosis, now) and ``setup`` (run the portal's setup again).
 
 The ``portals`` group is the floor's (app/tenants/cli.py); the factory adds these commands to it.
 """
 
 from __future__ import annotations
 
+import json
+import textwrap
+
 import click
 
 from app.extensions import db
-from app.installation import blocked, settings_form
+from app.installation import blocked, diagnosis, settings_form, upkeep
+from app.installation import diagnosis_text as text
 from app.tenants.models import Portal, PortalStatus
+from app.tenants.status import is_held
+
+WIDTH = 100
 
 
 @click.command("resume")
@@ -74,3 +82,71 @@ def portal_settings(member_id: str, assignments: tuple[str, ...]) -> None:
         click.echo(f"pbx_secret (shown once, give it to the PBX): {applied.new_secret}")
     if applied.setup_needed:
         click.echo("the portal's setup runs again (lines, event bindings)")
+
+
+def _portal(member_id: str) -> Portal:
+    p = Portal.by_member_id(member_id)
+    if p is None:
+        raise click.ClickException(f"no portal with member_id {member_id}")
+    return p
+
+
+@click.command("check")
+@click.argument("member_id")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with its words).")
+def check_portal(member_id: str, as_json: bool) -> None:
+    """Run the self-diagnosis now: one read-only round against the portal, each finding with
+    what to do. The report is kept as the portal's last (for the settings page). Exit status 1
+    when a finding is an error."""
+    p = _portal(member_id)
+    db.session.commit()  # no transaction held open while the portal answers
+    report = diagnosis.check(p)
+    diagnosis.store(p, report, "cli")
+    db.session.commit()
+    click.echo(json.dumps(_worded(report), indent=2) if as_json else "\n".join(_lines(report)))
+    if report.level is diagnosis.Level.ERROR:
+        raise SystemExit(1)
+
+
+def _context(report: diagnosis.Report) -> dict[str, str]:
+    return {"member_id": report.member_id, "domain": report.domain}
+
+
+def _worded(report: diagnosis.Report) -> dict[str, object]:
+    data = report.as_dict()
+    for finding, row in zip(report.findings, data["findings"], strict=True):
+        row["summary"], row["advice"] = text.render(finding.code, finding.key, finding.facts,
+                                                    _context(report))
+    return data
+
+
+def _lines(report: diagnosis.Report) -> list[str]:
+    """The report for a terminal: a header, one block per finding, the totals."""
+    out = [text.fill(text.HEADER, {**_context(report), "seconds": report.seconds,
+                                   "at": report.checked_at.isoformat(timespec="seconds")}), ""]
+    for finding in report.findings:
+        summary, advice = text.render(finding.code, finding.key, finding.facts,
+                                      _context(report))
+        out.append(f"{text.LEVELS[finding.level.value]:8} "
+                   f"{text.CHECKS.get(finding.code, finding.code)}")
+        out.extend(textwrap.wrap(summary, WIDTH, initial_indent="    ",
+                                 subsequent_indent="    "))
+        if advice and finding.level is not diagnosis.Level.OK:
+            out.extend(textwrap.wrap(advice, WIDTH, initial_indent="    " + text.ADVICE_MARK,
+                                     subsequent_indent="       "))
+    out += ["", text.fill(text.FOOTER, {"errors": report.count(diagnosis.Level.ERROR),
+                                        "warnings": report.count(diagnosis.Level.WARN)})]
+    return out
+
+
+@click.command("setup")
+@click.argument("member_id")
+def setup_portal(member_id: str) -> None:
+    """Run the portal's setup again: bind the events, widgets and lines it lacks and read its
+    users (submitted to the dispatcher; `flask portals check` shows the result)."""
+    p = _portal(member_id)
+    if is_held(p.status):
+        raise click.ClickException(f"{member_id} is {p.status}: {p.status_reason}")
+    upkeep.submit_setup(p)
+    db.session.commit()
+    click.echo(f"{member_id}: setup submitted; the dispatcher sends it within seconds")

@@ -43,6 +43,16 @@ PLACEMENTS = {
     "CALL_CARD": ("/placements/call-card", "b24relay"),
 }
 USER_PAGE = 50
+# The scopes the app's card asks for (README, "The URLs to give Bitrix24"): each one with the
+# granted scopes that satisfy it (user.get reads UF_PHONE_INNER with any of the user scopes,
+# protocol §8.1). The self-diagnosis checks the portal's grant against this; what each is
+# for, in words, is in app/installation/diagnosis_text.py.
+NEEDED_SCOPES: dict[str, tuple[str, ...]] = {
+    "crm": ("crm",),
+    "telephony": ("telephony",),
+    "placement": ("placement",),
+    "user_basic": ("user_basic", "user", "user_brief"),
+}
 READ_COMMANDS: Commands = {
     "app": ("app.info", {}),
     "events": ("event.get", {}),

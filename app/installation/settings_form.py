@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from app.extensions import db
-from app.installation import upkeep
+from app.installation import diagnosis, upkeep
 from app.installation.plan import removed_lines
 from app.queue import enqueue
 from app.tenants.models import Portal, PortalSettings
@@ -171,9 +171,12 @@ def apply(portal: Portal, values: dict[str, str]) -> Applied:
 
 def after_commit(portal: Portal, result: Applied) -> None:
     """Once the save is committed: lines to add or rename, or events to rebind for a new
-    event mode, are the setup's job."""
+    event mode, are the setup's job; a change is followed by a self-diagnosis (a worker's, once
+    the setup had time to run: ``DIAGNOSIS_SETTLE_SECONDS``)."""
     if result.setup_needed:
         enqueue("setup_portal", portal.id)
+    if result.changed:
+        diagnosis.request_check(portal, "settings")
 
 
 def listing(portal: Portal) -> list[tuple[str, str]]:

@@ -24,7 +24,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from app.extensions import db
 from app.framing import frameable, framed_by, valid_host
-from app.installation import install
+from app.installation import diagnosis, install
 from app.installation.chains import connect_with_code
 from app.installation.plan import EVENTS, PLACEMENTS
 from app.installation.verify import InstallError, default_auth_server, parse_iframe, setting
@@ -89,6 +89,7 @@ def install_view() -> Response:
                     "Nothing was saved. Open the installer again from your Bitrix24 portal.",
                     status=exc.status)
     db.session.commit()  # the install is one unit of work, committed before the page answers
+    diagnosis.request_check(portal, "install")  # a worker's, once installFinish had its time
     lines = [f"Portal {portal.domain} is connected ({report.plan} plan).",
              f"{len(EVENTS)} event handlers and "
              f"{len(PLACEMENTS)} widgets are in place; {report.users} users read."]
