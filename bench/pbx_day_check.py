@@ -196,3 +196,85 @@ def quantiles(values: list[float]) -> dict[str, float]:
 
     return {"n": len(ordered), "p50": q(0.5), "p95": q(0.95), "p99": q(0.99),
             "max": ordered[-1]}
+
+
+# ------------------------------------------------------------------ faults and operating time
+
+OPERATING = "OPERATION_TIME_LIMIT"
+
+
+def outcomes(day: Day, history: dict[str, Any], posted: int, stored: int,
+             inbox: dict[str, int]) -> dict[str, Any]:
+    """Issue 22's faults point, from the sandbox's log and the app's inbox: duplicate calls
+    (a second call created for one EXTERNAL_CALL_ID: the sandbox's register dedup did not
+    catch a re-sent register), calls left unfinished (no successful finish), lost events
+    (posted but not stored, or stored and not done once the app settled); and how the app
+    got through unknown outcomes: registers answered by the dedup (a re-sent register that
+    created nothing), finishes refused after one succeeded ("Call is not found")."""
+    rows = history.get("calls", {})
+    duplicates, unfinished = [], []
+    dedup_hits = refused_finishes = 0
+    for call in day.calls:
+        row = rows.get(call.call_id)
+        if row is None:
+            unfinished.append(call.call_id)
+            continue
+        if row.get("registered", 0) > 1:
+            duplicates.append(call.call_id)
+        if not row.get("finished"):
+            unfinished.append(call.call_id)
+        dedup_hits += sum(1 for r in row.get("registers", []) if r.get("created") is False)
+        refused_finishes += sum(1 for f in row.get("finishes", []) if not f.get("ok"))
+    not_done = {k: v for k, v in inbox.items() if k != "done"}
+    return {"duplicate_calls": duplicates, "unfinished": unfinished,
+            "events_posted": posted, "events_stored": stored,
+            "events_not_stored": max(0, posted - stored),
+            "inbox_not_done": not_done,
+            "lost_events": max(0, posted - stored) + sum(not_done.values()),
+            "registers_deduplicated": dedup_hits, "finishes_refused": refused_finishes}
+
+
+def dead_letter_reasons(dead: list[tuple[int, str, str]]) -> dict[str, int]:
+    """Dead outbox commands by ``method: reason``: OPERATION_TIME_LIMIT wherever the reason
+    names it, else the reason up to its first colon (``unknown outcome``, an error code)."""
+    out: dict[str, int] = {}
+    for _, method, reason in dead:
+        kind = OPERATING if OPERATING in reason else (reason.split(":", 1)[0][:60] or "?")
+        key = f"{method}: {kind}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def operating_dead(reasons: dict[str, int]) -> int:
+    """How many dead letters are OPERATION_TIME_LIMIT's."""
+    return sum(n for k, n in reasons.items() if k.endswith(": " + OPERATING))
+
+
+def fault_targets(writes: list[dict[str, Any]], by_kind: dict[str, int]) -> int:
+    """About how many REST requests called register or finish (what the faults' rates apply
+    to): those the portal executed with one of them (``writes``: its log's register and
+    finish entries; a batch counts once), and those a fault stopped before they ran (every
+    kind in ``by_kind`` but executed_504)."""
+    batches = {e["batch_id"] for e in writes if e.get("batch_id")}
+    singles = sum(1 for e in writes if not e.get("batch_id"))
+    return len(batches) + singles + sum(n for k, n in by_kind.items() if k != "executed_504")
+
+
+def registers_behind_finishes(writes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Registers the portal executed in a batch after finishes of the same batch (a batch's
+    commands run one after the other: each finish's cost delays the cards behind it):
+    how many, of how many registers, and the most finishes ahead of one."""
+    seen: dict[str, int] = {}  # batch_id -> finishes executed so far
+    registers = behind = most = 0
+    for e in writes:  # in execution order
+        batch = e.get("batch_id")
+        if e["method"].endswith(".finish"):
+            if batch:
+                seen[batch] = seen.get(batch, 0) + 1
+            continue
+        registers += 1
+        ahead = seen.get(batch, 0) if batch else 0
+        if ahead:
+            behind += 1
+            most = max(most, ahead)
+    return {"registers": registers, "behind_finishes": behind, "most_finishes_ahead": most}

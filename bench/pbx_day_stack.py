@@ -38,8 +38,12 @@ from sandbox.limits import PLANS
 
 RECORDING = b"ID3\x03\x00\x00\x00\x00\x00\x00" + bytes(8000)  # a small stand-in mp3
 SETTLED_INBOX = ("received", "queued", "processing")  # still to be handled
+RECORDS_PENDING = ("waiting", "queued", "working", "sent")  # app.telephony.recording.RecordState
 REQUEST_TRIES = 5
 RINGS = ("ring", "ring_end")
+REGISTER = "telephony.externalcall.register"
+FINISH = "telephony.externalcall.finish"
+FAULT_METHODS = (REGISTER, FINISH)  # issue 22: faults "on register and on finish"
 
 
 def _split(due: list[tuple[float, dict[str, Any]]]) -> list[list[tuple[float, dict[str, Any]]]]:
@@ -90,6 +94,21 @@ def sandbox_users(day: Day) -> list[dict[str, Any]]:
              "extension": ext} for ext, uid in sorted(day.extensions.items(), key=lambda p: p[1])]
 
 
+@dataclass
+class Scenario:
+    """What a run does to the portal besides its latency (issue 22's acceptance).
+
+    ``faults``: sandbox fault kind -> rate, on every request that calls one of
+    FAULT_METHODS (a batch holding one). ``finish_cost``: seconds of portal time every
+    finish takes, under the portal's own operating-time budget (``operating_budget``
+    seconds per method per 10 minutes; None: the sandbox's, Bitrix24's 480) instead of
+    the lifted one; None: no such scenario, the budget lifted."""
+
+    faults: dict[str, float] = field(default_factory=dict)
+    finish_cost: float | None = None
+    operating_budget: float | None = None
+
+
 class Stack:
     """Rig + gunicorn + a worker; a dispatcher engine and a portal per run."""
 
@@ -117,19 +136,25 @@ class Stack:
               "the web tier", 60)
         return self
 
-    def dispatcher(self, mode: str, bucket_scale: float) -> subprocess.Popen[bytes]:
+    def dispatcher(self, mode: str, bucket_scale: float,
+                   operating_limit: float = OPERATING_LIMIT) -> subprocess.Popen[bytes]:
         """A fresh engine in ``mode`` (the previous one stopped first), its rate bucket's
-        plans scaled like the sandbox portal's."""
+        plans scaled like the sandbox portal's, its operating-time ledger budgeting
+        ``operating_limit`` seconds per method per 10 minutes (lifted unless told)."""
         if self.engine is not None:
             self.rig.stop(self.engine)
         self.engine = self.rig.engine(f"dispatcher-{mode}", DISPATCH_MODE=mode,
-                                      DISPATCH_BUCKET_SCALE=bucket_scale)
+                                      DISPATCH_BUCKET_SCALE=bucket_scale,
+                                      DISPATCH_OPERATING_LIMIT=operating_limit)
         return self.engine
 
-    def portal(self, day: Day, latency_s: float, log_limit: int,
-               bucket_scale: float) -> tuple[Any, str, str]:
+    def portal(self, day: Day, latency_s: float, log_limit: int, bucket_scale: float,
+               scenario: Scenario | None = None) -> tuple[Any, str, str]:
         """A sandbox portal at ``latency_s`` per request, its bucket's drain and burst times
-        ``bucket_scale``, its row, users and PBX key: (row, member_id, key)."""
+        ``bucket_scale``, its row, users and PBX key: (row, member_id, key).
+
+        ``scenario`` (see :class:`Scenario`): faults on the telephony writes, set once the
+        users are read; a cost per finish under Bitrix24's operating-time budget."""
         from app.dispatcher import direct
         from app.extensions import db
         from app.ingress.auth import issue_api_key
@@ -145,9 +170,19 @@ class Stack:
         plan: dict[str, Any] = PLANS["standard"]
         control.set_bucket(member, drain=float(plan["drain"]) * bucket_scale,
                            burst=float(plan["burst"]) * bucket_scale)
-        # The sandbox books latency as operating time: a day at 2-10 s per request would pause
-        # every method at once. The operating-time scenario is its own bench (issue 22).
-        control.set_operating_limit(OPERATING_LIMIT, member)
+        scenario = scenario or Scenario()
+        if scenario.finish_cost is None:
+            # The sandbox books latency as operating time: a day at 2-10 s per request would
+            # pause every method at once. The operating-time scenario (finish_cost) is below.
+            control.set_operating_limit(OPERATING_LIMIT, member)
+        else:
+            # The operating-time scenario: the portal's own budget per method (the sandbox's
+            # default is Bitrix24's 480 s per 10 minutes, unless a lower one is asked for),
+            # the latency is waiting, not processing (set below with operating=False), and
+            # only a finish books time: its cost.
+            if scenario.operating_budget is not None:
+                control.set_operating_limit(scenario.operating_budget, member)
+            control.set_method_cost(member, FINISH, scenario.finish_cost)
         row = Portal(member_id=member, domain=info["domain"],
                      client_endpoint=info["client_endpoint"],
                      server_endpoint=info["server_endpoint"],
@@ -166,24 +201,109 @@ class Stack:
                 break
         sync_users(row, records)
         db.session.commit()
-        control.set_latency(member, latency_s * 1000.0)
+        control.set_latency(member, latency_s * 1000.0,
+                            operating=scenario.finish_cost is None)
+        for kind, rate in scenario.faults.items():
+            control.set_fault(member, kind, rate=rate, methods=list(FAULT_METHODS))
         return row, member, issue_api_key(row)
 
-    def unsettled(self, portal_id: int) -> tuple[int, int, int]:
-        """(inbox events not yet handled, outbox commands not final, outbox commands done)."""
+    def unsettled(self, portal_id: int) -> tuple[int, int, int, int]:
+        """(inbox events not yet handled, outbox commands not final or whose outcome is not
+        yet handled, outbox commands done, recordings not yet attached, failed or skipped).
+
+        A recording goes through neither table between a finish's outcome and its
+        attachRecord (a Dramatiq job downloads it first), hence the last count."""
         from sqlalchemy import func, select
 
         from app.dispatcher.models import OutboxCommand as O
         from app.extensions import db
         from app.ingress.models import InboxEvent as I
+        from app.telephony.models import Call
 
         with db.engine.connect() as conn:
             inbox = conn.execute(select(func.count()).where(
                 I.portal_id == portal_id, I.status.in_(SETTLED_INBOX))).scalar_one()
             rows = dict(conn.execute(select(O.status, func.count()).where(
                 O.portal_id == portal_id).group_by(O.status)).all())
+            outcomes = conn.execute(select(func.count()).where(
+                O.portal_id == portal_id, O.status.in_(("done", "dead")),
+                O.settled.is_(False))).scalar_one()
+            records = conn.execute(select(func.count()).where(
+                Call.portal_id == portal_id, Call.record_state.in_(RECORDS_PENDING))
+            ).scalar_one()
         done = int(rows.get("done", 0))
-        return int(inbox), sum(v for k, v in rows.items() if k not in ("done", "dead")), done
+        waiting = sum(v for k, v in rows.items() if k not in ("done", "dead")) + int(outcomes)
+        return int(inbox), waiting, done, int(records)
+
+    def writes(self, member: str) -> list[dict[str, Any]]:
+        """The sandbox log's register and finish entries, in execution order."""
+        entries = [e for method in FAULT_METHODS
+                   for e in self.rig.control.log(member, method=method)]
+        return sorted(entries, key=lambda e: e["seq"])
+
+    def call_commands(self, portal_id: int, pbx_call_ids: list[str]
+                      ) -> dict[str, list[dict[str, Any]]]:
+        """Per PBX call id, the outbox commands of its ordering key in submission order:
+        what the app sent for it and how each ended (for a call that broke a check)."""
+        from sqlalchemy import select
+
+        from app.dispatcher.models import OutboxCommand as O
+        from app.extensions import db
+        from app.telephony.models import Call
+
+        out: dict[str, list[dict[str, Any]]] = {}
+        with db.engine.connect() as conn:
+            calls = dict(conn.execute(select(Call.pbx_call_id, Call.id).where(
+                Call.portal_id == portal_id, Call.pbx_call_id.in_(pbx_call_ids))).all())
+            for pbx_id, row_id in calls.items():
+                rows = conn.execute(select(
+                    O.id, O.method, O.status, O.attempts, O.batch_id, O.outcome, O.error,
+                    O.dead_reason, O.submitted_at, O.completed_at).where(
+                    O.portal_id == portal_id, O.key == f"call:{row_id}").order_by(O.id)).all()
+                out[pbx_id] = [{"id": r.id, "method": r.method, "status": r.status,
+                                "attempts": r.attempts, "batch_id": r.batch_id,
+                                "outcome": r.outcome, "error": r.error,
+                                "dead_reason": r.dead_reason,
+                                "submitted_at": str(r.submitted_at),
+                                "completed_at": str(r.completed_at)} for r in rows]
+        return out
+
+    def finish_outcomes(self, portal_id: int) -> dict[str, int]:
+        """The app's own view of its calls' finishes: calls by ``finish_outcome`` (done,
+        dead, unknown; "none": not ended)."""
+        from sqlalchemy import func, select
+
+        from app.extensions import db
+        from app.telephony.models import Call
+
+        with db.engine.connect() as conn:
+            rows = conn.execute(select(Call.finish_outcome, func.count()).where(
+                Call.portal_id == portal_id).group_by(Call.finish_outcome)).all()
+        return {str(k or "none"): int(v) for k, v in rows}
+
+    def dead_letters(self, portal_id: int) -> list[tuple[int, str, str]]:
+        """The portal's dead outbox commands: (id, method, dead_reason)."""
+        from sqlalchemy import select
+
+        from app.dispatcher.models import OutboxCommand as O
+        from app.extensions import db
+
+        with db.engine.connect() as conn:
+            rows = conn.execute(select(O.id, O.method, O.dead_reason).where(
+                O.portal_id == portal_id, O.status == "dead").order_by(O.id)).all()
+        return [(int(r[0]), str(r[1]), str(r[2] or "")) for r in rows]
+
+    def inbox_statuses(self, portal_id: int) -> dict[str, int]:
+        """The portal's PBX inbox rows by status."""
+        from sqlalchemy import func, select
+
+        from app.extensions import db
+        from app.ingress.models import InboxEvent as I
+
+        with db.engine.connect() as conn:
+            rows = conn.execute(select(I.status, func.count()).where(
+                I.portal_id == portal_id, I.source == "pbx").group_by(I.status)).all()
+        return {str(k): int(v) for k, v in rows}
 
     def register_times(self, portal_id: int) -> dict[str, tuple[float, float | None,
                                                                float | None]]:

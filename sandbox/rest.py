@@ -144,7 +144,7 @@ def command_fault(portal: Portal, name: str) -> bool:
         if random.random() < fault.rate:
             if fault.count is not None:
                 fault.count -= 1
-            portal.bump("faults_injected")
+            portal.fault_injected("operation_time_limit")
             return True
     return False
 

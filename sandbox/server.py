@@ -174,7 +174,7 @@ class Front:
         p.bump("rest_requests")
         fault = self.pick_fault(p, await self.called_methods(request, p, name))
         if fault:
-            p.bump("faults_injected")
+            p.fault_injected(fault)
         if fault and fault != "executed_504":
             return await self.apply_fault(request, p, fault)
         resp = await self.run_request(request, p, name)

@@ -209,6 +209,7 @@ def new_counters() -> dict[str, Any]:
         "query_limit_exceeded": 0,
         "operation_time_limit": 0,
         "faults_injected": 0,
+        "faults_by_kind": {},  # the same, per fault kind (http_500, reset, executed_504, ...)
         "executed_504": 0,
         "in_flight": 0,
         "max_in_flight": 0,
@@ -354,6 +355,12 @@ class Portal:
 
     def bump(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
+
+    def fault_injected(self, kind: str) -> None:
+        """Count a fault drawn for a request (or, OPERATION_TIME_LIMIT, a command)."""
+        self.bump("faults_injected")
+        kinds = self.counters.setdefault("faults_by_kind", {})
+        kinds[kind] = kinds.get(kind, 0) + 1
 
     def violation(self, name: str) -> None:
         self.counters["violations"][name] = self.counters["violations"].get(name, 0) + 1

@@ -66,7 +66,25 @@ def test_fault_rate_and_removal(sandbox, portal, http):
     assert 10 < codes.count(500) < 50
     sandbox.set_fault(portal["member_id"], "http_500", rate=0)
     assert call(http, portal, "profile").status_code == 200
-    assert sandbox.counters(portal["member_id"])["faults_injected"] == codes.count(500)
+    counters = sandbox.counters(portal["member_id"])
+    assert counters["faults_injected"] == codes.count(500)
+    assert counters["faults_by_kind"] == {"http_500": codes.count(500)}
+
+
+def test_faults_are_counted_per_kind(sandbox, portal, http):
+    member = portal["member_id"]
+    sandbox.set_fault(member, "reset", count=2)
+    sandbox.set_fault(member, "executed_504", count=1)
+    outcomes = []
+    for _ in range(4):
+        try:
+            outcomes.append(call(http, portal, "profile").status_code)
+        except httpx.TransportError:
+            outcomes.append("reset")
+    assert outcomes == ["reset", "reset", 504, 200]
+    counters = sandbox.counters(member)
+    assert counters["faults_by_kind"] == {"reset": 2, "executed_504": 1}
+    assert counters["faults_injected"] == 3 and counters["executed_504"] == 1
 
 
 def test_rename_answers_302_and_token_reports_new_endpoint(sandbox, portal, http):
