@@ -98,7 +98,13 @@ def decide(commands: Sequence[Candidate], answer: BatchResult | BaseException, n
     for c in sorted(commands, key=lambda c: c.id):
         result, error = _outcome(c, answer)
         row = _row(c, result, error, now, rules, effects)
-        if error is not None and _follows_failure(c, failed_keys, failed_ids):
+        # A later command of a failed command's key (or one that needs its result) goes
+        # again behind it, its attempt not counted: it failed because the one before did.
+        # Not when its own outcome is unknown (a 504 after the batch ran, a timeout): it may
+        # have run, so the resend rule judges it as it would any other (protocol §8.13); a
+        # finish re-sent blindly here would meet "Call is not found" as if it had never run.
+        if error is not None and verdict_of(error) is not Verdict.UNKNOWN \
+                and _follows_failure(c, failed_keys, failed_ids):
             row.update(status=CommandStatus.QUEUED.value, attempts_delta=-1, not_before=None,
                        dead_reason=None, completed_at=None, outcome=None)
         if c.handler and row["outcome"] is not None:

@@ -125,3 +125,22 @@ def test_the_sweep_recovers_a_stopped_workers_registers_by_their_params(app):
     assert (by_id[old].status, by_id[old].outcome) == ("dead", "unknown")
     assert by_id[old].dead_reason.startswith("unknown outcome: the worker stopped")
     assert "TELEPHONY_REGISTER_RESEND_WINDOW" in by_id[old].dead_reason
+
+
+def test_a_finish_behind_a_hide_in_a_batch_lost_after_it_ran_is_judged_not_resent_blindly():
+    """One call's hide then finish in one batch, answered 504 after it ran: the hide (safe to
+    repeat) goes again, counted; the finish is not put back in the queue as if it had never
+    run (its resend would meet "Call is not found"): it ends with an unknown outcome, which its
+    handler hears of (telephony re-sends it and confirms with the statistics)."""
+    hide = Candidate(1, "telephony.externalcall.hide", {"CALL_ID": "c1", "USER_ID": [2]},
+                     "call:c1", None, 0, attempts=1, first_sent_at=NOW)
+    finish = Candidate(2, "telephony.externalcall.finish", {"CALL_ID": "c1", "USER_ID": 1},
+                       "call:c1", None, 0, attempts=1, first_sent_at=NOW, handler="t.finish")
+    rules = outcomes.Rules(horizon=timedelta(hours=6), resend=LIMITS)
+    lost = errors.TransportError("HTTP 504: a gateway page", http_status=504)
+    assert outcomes.verdict_of(lost) is policy.Verdict.UNKNOWN
+    rows_, effects = outcomes.decide([hide, finish], lost, NOW, rules)
+    got = {r["id"]: r for r in rows_}
+    assert (got[1]["status"], got[1]["attempts_delta"]) == ("queued", 0)
+    assert (got[2]["status"], got[2]["outcome"]) == ("dead", "unknown")
+    assert effects.settle == [2]
