@@ -10,6 +10,7 @@ A candidate goes into the batch when
   closes a call a person sees).
 
 Commands that depend on a dead command cannot run: they are returned to be dead-lettered.
+Inside the batch, keys holding real-time work run first (:func:`in_running_order`).
 """
 
 from __future__ import annotations
@@ -159,8 +160,31 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
               and not _splits_chain(c, chosen, by_key, limit - len(out.commands), open_end)):
             out.commands.append(c)
             chosen.add(c.id)
-    out.commands.sort(key=lambda c: c.id)
+    out.commands = in_running_order(out.commands)
     return out
+
+
+def in_running_order(commands: Iterable[Candidate]) -> list[Candidate]:
+    """The order a batch runs its commands in: keys that hold real-time work first, each key
+    (and each reference) in id order.
+
+    Bitrix24 runs a batch's commands one after the other, so a command waits for every one
+    before it: a call's register and show behind other calls' finishes (a second of
+    operating time each, protocol §8.14) would put the card seconds late. Only commands of
+    one key and a reference's target must keep their order; across keys, the rank of a key
+    is its most urgent command's priority. Should a reference point across ranks, the plain
+    id order is kept."""
+    by_id = sorted(commands, key=lambda c: c.id)
+    rank: dict[str, int] = {}
+    for c in by_id:
+        if c.key is not None:
+            rank[c.key] = min(rank.get(c.key, c.priority), c.priority)
+    ordered = sorted(by_id, key=lambda c: (rank[c.key] if c.key is not None else c.priority,
+                                           c.id))
+    place = {c.id: i for i, c in enumerate(ordered)}
+    if any(place.get(dep, -1) > place[c.id] for c in ordered for dep in c.depends_on()):
+        return by_id
+    return ordered
 
 
 def _doomed(c: Candidate, deps: Mapping[int, Dependency]) -> str | None:

@@ -8,7 +8,7 @@ import time
 import redis
 from sqlalchemy import func, select
 
-from app.dispatcher import submit
+from app.dispatcher import ref, submit
 from app.dispatcher.ledger import OperatingLedger
 from app.dispatcher.models import OutboxCommand, Priority
 from app.dispatcher.packer import Candidate, pack_round
@@ -96,6 +96,35 @@ def test_a_slot_kept_for_real_time_work_leaves_with_it_and_is_filled_with_bulk()
     assert pack_round(bulk, {}, {}, batches=3, realtime_only_from=0) == []
     [only] = pack_round([call, *bulk], {}, {}, batches=3, realtime_only_from=0)
     assert only.realtime and len(only.commands) == 50  # the call and 49 bulk commands
-    assert [c.id for c in only.commands] == [*range(1, 50), 200]
+    assert [c.id for c in only.commands] == [200, *range(1, 50)]  # the call runs first
     first, second = pack_round([call, *bulk], {}, {}, batches=3, realtime_only_from=2)
     assert first.realtime and not second.realtime and len(second.commands) == 50
+
+
+def test_a_calls_card_runs_before_other_calls_finishes_in_one_batch():
+    """A batch runs its commands one after the other: a register and its show go before the
+    finishes of other calls (a second of portal time each), each call's own commands and a
+    reference's target keep their order."""
+    def cand(cid: int, method: str, key: str | None, priority: Priority,
+             params: dict | None = None) -> Candidate:
+        return Candidate(cid, method, params or {}, key, None, priority.value)
+
+    finish_a = cand(1, "telephony.externalcall.finish", "a", Priority.NORMAL)
+    register_b = cand(2, "telephony.externalcall.register", "b", Priority.REALTIME)
+    show_b = cand(3, "telephony.externalcall.show", "b", Priority.REALTIME,
+                  {"CALL_ID": ref(2, "CALL_ID")})
+    finish_c = cand(4, "telephony.externalcall.finish", "c", Priority.NORMAL)
+    hide_c = cand(5, "telephony.externalcall.hide", "c", Priority.REALTIME)  # after c's finish
+    # Candidates come real-time first: c's hide is met before its finish and waits a round.
+    [batch] = pack_round([register_b, show_b, hide_c, finish_a, finish_c], {}, {}, batches=1,
+                         realtime_only_from=1)
+    assert [c.id for c in batch.commands] == [2, 3, 1, 4]
+    [batch] = pack_round([register_b, show_b, finish_a, finish_c, hide_c], {}, {}, batches=1,
+                         realtime_only_from=1)
+    assert [c.id for c in batch.commands] == [2, 3, 4, 5, 1]  # c holds real-time work now
+    # A reference across ranks (a real-time command reading a bulk one's result): id order.
+    bulk = cand(6, "crm.contact.get", None, Priority.BULK)
+    reader = cand(7, "telephony.externalcall.register", None, Priority.REALTIME,
+                  {"CRM_ENTITY_ID": ref(6, "ID")})
+    [batch] = pack_round([bulk, reader], {}, {}, batches=1, realtime_only_from=1)
+    assert [c.id for c in batch.commands] == [6, 7]
