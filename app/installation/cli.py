@@ -15,7 +15,8 @@ import click
 from app.extensions import db
 from app.installation import blocked, diagnosis, settings_form, upkeep
 from app.installation import diagnosis_text as text
-from app.tenants.models import Portal, PortalStatus
+from app.tenants.cli import portal_or_fail
+from app.tenants.models import PortalStatus
 from app.tenants.status import is_held
 
 WIDTH = 100
@@ -25,9 +26,7 @@ WIDTH = 100
 @click.argument("member_id")
 def resume_portal(member_id: str) -> None:
     """Probe a blocked portal now (one app.info); it resumes if Bitrix24 lifted the block."""
-    p = Portal.by_member_id(member_id)
-    if p is None:
-        raise click.ClickException(f"no portal with member_id {member_id}")
+    p = portal_or_fail(member_id)
     if p.status != PortalStatus.BLOCKED.value:
         raise click.ClickException(f"{member_id} is {p.status}, not blocked")
     outcome = blocked.probe(p)
@@ -52,9 +51,7 @@ def portal_settings(member_id: str, assignments: tuple[str, ...]) -> None:
     An empty value clears an optional setting; ``pbx_secret=new`` generates a secret and
     prints it once. Nothing is written unless every value is valid.
     """
-    p = Portal.by_member_id(member_id)
-    if p is None:
-        raise click.ClickException(f"no portal with member_id {member_id}")
+    p = portal_or_fail(member_id)
     if not assignments:
         for key, text in settings_form.listing(p):
             click.echo(f"{key + ':':24} {text}")
@@ -84,13 +81,6 @@ def portal_settings(member_id: str, assignments: tuple[str, ...]) -> None:
         click.echo("the portal's setup runs again (lines, event bindings)")
 
 
-def _portal(member_id: str) -> Portal:
-    p = Portal.by_member_id(member_id)
-    if p is None:
-        raise click.ClickException(f"no portal with member_id {member_id}")
-    return p
-
-
 @click.command("check")
 @click.argument("member_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with its words).")
@@ -98,7 +88,7 @@ def check_portal(member_id: str, as_json: bool) -> None:
     """Run the self-diagnosis now: one read-only round against the portal, each finding with
     what to do. The report is kept as the portal's last (for the settings page). Exit status 1
     when a finding is an error."""
-    p = _portal(member_id)
+    p = portal_or_fail(member_id)
     db.session.commit()  # no transaction held open while the portal answers
     report = diagnosis.check(p)
     diagnosis.store(p, report, "cli")
@@ -144,7 +134,7 @@ def _lines(report: diagnosis.Report) -> list[str]:
 def setup_portal(member_id: str) -> None:
     """Run the portal's setup again: bind the events, widgets and lines it lacks and read its
     users (submitted to the dispatcher; `flask portals check` shows the result)."""
-    p = _portal(member_id)
+    p = portal_or_fail(member_id)
     if is_held(p.status):
         raise click.ClickException(f"{member_id} is {p.status}: {p.status_reason}")
     upkeep.submit_setup(p)

@@ -529,11 +529,7 @@ def _events(ctx: Context) -> Finding:
             extra.append(f"{params['event']} {_where(params.get('handler'))}".strip()
                          if not offline else f"{params['event']}{offline}")
     facts = {"missing": missing, "extra": extra, "mode": mode, "count": len(plan.EVENTS)}
-    if missing:
-        return Finding("events", Level.ERROR, "events.missing", facts)
-    if extra:
-        return Finding("events", Level.WARN, "events.stale", facts)
-    return Finding("events", Level.OK, "events.ok", facts)
+    return _bindings("events", facts, Level.ERROR)
 
 
 def _placements(ctx: Context) -> Finding:
@@ -545,11 +541,17 @@ def _placements(ctx: Context) -> Finding:
     bound = sorted({str(b.get("placement", "")).upper() for b in placed if isinstance(b, Mapping)}
                    & set(plan.PLACEMENTS))
     facts = {"missing": missing, "extra": extra, "bound": bound}
-    if missing:
-        return Finding("placements", Level.WARN, "placements.missing", facts)
-    if extra:
-        return Finding("placements", Level.WARN, "placements.stale", facts)
-    return Finding("placements", Level.OK, "placements.ok", facts)
+    return _bindings("placements", facts, Level.WARN)
+
+
+def _bindings(code: str, facts: dict[str, Any], missing: Level) -> Finding:
+    """A bindings finding: ``missing`` when the plan would bind some, a warning when it would
+    unbind stale ones, else ok."""
+    if facts["missing"]:
+        return Finding(code, missing, f"{code}.missing", facts)
+    if facts["extra"]:
+        return Finding(code, Level.WARN, f"{code}.stale", facts)
+    return Finding(code, Level.OK, f"{code}.ok", facts)
 
 
 def _lines(ctx: Context) -> Finding:

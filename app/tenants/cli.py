@@ -38,7 +38,8 @@ def _dies(issued: datetime | None) -> datetime | None:
     return issued + timedelta(days=REFRESH_TOKEN_DAYS) if issued else None
 
 
-def _portal_or_fail(member_id: str) -> Portal:
+def portal_or_fail(member_id: str) -> Portal:
+    """The portal with this member_id, or the command fails saying there is none."""
     portal = service.get_portal(member_id)
     if portal is None:
         raise click.ClickException(f"no portal with member_id {member_id}")
@@ -63,7 +64,7 @@ def list_portals() -> None:
 @click.argument("member_id")
 def show_portal(member_id: str) -> None:
     """Everything about one portal except its secrets."""
-    p = _portal_or_fail(member_id)
+    p = portal_or_fail(member_id)
     rows = [
         ("member_id", p.member_id), ("domain", p.domain), ("status", p.status),
         ("reason", p.status_reason or "-"), ("status changed", _when(p.status_changed_at)),
@@ -87,7 +88,7 @@ def show_portal(member_id: str) -> None:
 @click.argument("member_id")
 def refresh_portal(member_id: str) -> None:
     """Refresh the portal's tokens now (single-flight, like any other refresh)."""
-    p = _portal_or_fail(member_id)
+    p = portal_or_fail(member_id)
     try:
         creds = service.refresh_now(p)
     except PortalUnavailable as exc:
@@ -103,7 +104,7 @@ def refresh_portal(member_id: str) -> None:
 @click.option("--reason", default=None, help="Shown on the settings page and by `show`.")
 def disable_portal(member_id: str, reason: str | None) -> None:
     """Hold every call to the portal until `enable`."""
-    set_status(_portal_or_fail(member_id), PortalStatus.DISABLED, reason)
+    set_status(portal_or_fail(member_id), PortalStatus.DISABLED, reason)
     click.echo(f"disabled {member_id}")
 
 
@@ -111,5 +112,5 @@ def disable_portal(member_id: str, reason: str | None) -> None:
 @click.argument("member_id")
 def enable_portal(member_id: str) -> None:
     """Make the portal active again; the next call re-checks it against Bitrix24."""
-    set_status(_portal_or_fail(member_id), PortalStatus.ACTIVE)
+    set_status(portal_or_fail(member_id), PortalStatus.ACTIVE)
     click.echo(f"enabled {member_id}")
