@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench lint migrate clean
+.PHONY: run test test-fast bench lint migrate clean translations
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -27,6 +27,13 @@ bench: $(STAMP)  ## benchmarks (not tests): print tables, write bench/out/
 lint: $(STAMP)  ## ruff over the code, tests and benchmarks; mypy over what the app runs
 	$(BIN)/ruff check app workers placements sandbox tests bench
 	$(BIN)/mypy app workers placements
+
+translations: $(STAMP)  ## re-extract every string, merge it into each language's catalogue, compile
+	$(BIN)/pybabel extract -F babel.cfg -k lazy_gettext -k _l --sort-output --no-location \
+		--no-wrap --project b24relay -o app/translations/messages.pot .
+	$(BIN)/pybabel update -i app/translations/messages.pot -d app/translations \
+		--no-fuzzy-matching --no-wrap --ignore-obsolete
+	$(BIN)/pybabel compile -d app/translations
 
 migrate: $(STAMP)
 	$(BIN)/flask --app wsgi db upgrade

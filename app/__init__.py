@@ -12,7 +12,7 @@ from flask.sessions import SessionInterface
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as config_mod
-from app import crypto, logs, metrics, queue, telephony
+from app import crypto, i18n, logs, metrics, queue, telephony
 from app.dispatcher import direct
 from app.dispatcher import metrics as dispatch_metrics
 from app.extensions import configure_database, db, migrate, redis_ext
@@ -57,6 +57,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     migrate.init_app(app, db, directory=MIGRATIONS_DIR, render_as_batch=True)
     redis_ext.init_app(app)
     crypto.init_app(app)
+    i18n.init_app(app)  # the portal's LANG: Russian or English
     queue.init_app(app)
     metrics.init_app(app)
     dispatch_metrics.init_app(app)
