@@ -18,7 +18,7 @@ CATALOGUE = ROOT / "app" / "translations" / "ru" / "LC_MESSAGES"
 
 
 def _extracted(tmp_path: Path) -> set[str]:
-    """The strings the code and the templates ask to translate, extracted as `make translations` does."""
+    """The strings asked to be translated, extracted as `make translations` does."""
     pot = tmp_path / "messages.pot"
     CommandLineInterface().run(["pybabel", "-q", "extract", "-F", str(ROOT / "babel.cfg"),
                                 "-k", "lazy_gettext", "-k", "_l", "-o", str(pot), str(ROOT)])
