@@ -9,8 +9,9 @@ and may be framed by its own portal only.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from flask import Blueprint, Flask
+from flask import Blueprint, Flask, url_for
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
@@ -24,5 +25,24 @@ def init_app(app: Flask) -> None:
     from placements.widgets.views import bp as widgets_bp
 
     app.register_blueprint(assets)
+    app.context_processor(_page_helpers)
     app.register_blueprint(settings_bp)
     app.register_blueprint(widgets_bp)
+
+
+def page_url(endpoint: str, page: Any, **values: Any) -> str:
+    """A link to another page of the app that carries the page session (placements.page_session)."""
+    from placements.page_session import FIELD
+
+    return url_for(endpoint, **{FIELD: page.token, **values})
+
+
+def _page_helpers() -> dict[str, Any]:
+    """``page_url`` and the navigation (the sections registered) for every placement template."""
+    from flask import current_app
+
+    from placements.page_session import SECTIONS
+
+    sections = [(endpoint, str(label)) for endpoint, label in SECTIONS
+                if endpoint in current_app.view_functions]
+    return {"page_url": page_url, "sections": sections}

@@ -24,6 +24,7 @@ from app.installation.iframe import open_iframe
 from app.installation.verify import InstallError, PortalHeld
 from app.tenants.models import Portal, PortalSettings
 from app.tenants.users import extension_map
+from placements import page_session
 from placements.common import advice, error_page
 from placements.settings import form_token
 
@@ -43,11 +44,16 @@ def _settings(portal: Portal) -> PortalSettings:
 
 
 def render(portal: Portal, *, is_admin: bool, user_id: int | None, notice: str = "",
-           error: str = "", recovered: bool = False, lines_text: str | None = None) -> str:
+           error: str = "", recovered: bool = False, lines_text: str | None = None,
+           lang: str | None = None) -> str:
     """The settings page for ``portal``; an admin's carries a fresh single-use form token."""
     settings = _settings(portal)
+    page = (page_session.from_token(page_session.issue(portal, user_id, is_admin,
+                                                       lang or portal.language))
+            if user_id is not None else None)
     return render_template(
-        "settings/settings.html", portal=portal, settings=settings, advice=_advice(portal),
+        "settings/settings.html", page=page, portal=portal, settings=settings,
+        advice=_advice(portal),
         inbox_counts=_inbox_counts(portal) if is_admin else {},
         dead=inbox.dead_letters(portal.id, DEAD_LETTERS_SHOWN) if is_admin else [],
         dead_days=int(Retention.from_config().dead_days),
@@ -98,7 +104,7 @@ def _show() -> Response:
     db.session.commit()  # the open is the unit of work (a recovered chain is kept)
     notice = "The app is connected again." if session.recovered else ""
     body = render(session.portal, is_admin=session.is_admin, user_id=session.user_id,
-                  notice=notice, recovered=session.recovered)
+                  notice=notice, recovered=session.recovered, lang=session.auth.lang)
     return framed_by(make_response(body), session.auth.origin)
 
 
