@@ -18,7 +18,16 @@ key                       value
 ``pbx_originate_url``     where the PBX takes originate requests: ``http(s)://host/...``
 ``pbx_secret``            the originate signing secret, at least :data:`MIN_SECRET` characters;
                           ``new`` generates one (shown once by the caller)
+``crm_source``            register's CRM_SOURCE for the leads calls create (a STATUS_ID)
+``add_to_chat``           ``1`` or ``0``: finish posts one chat message per call
+``anonymous_calls``       ``skip`` or ``register`` calls without a caller number
+``anonymous_number``      the number anonymous calls are registered under
+``internal_calls``        ``skip`` or ``register`` calls between extensions
+``default_country``       ISO 3166 alpha-2 code of numbers dialled without one (``DE``, ``RU``)
 ========================  =================================================================
+
+The call options (``crm_source`` to ``default_country``) are the app's ``TELEPHONY_*``
+settings per portal: an empty value (or ``default``) gives the portal the app's default back.
 
 ``max_batches_in_flight`` is a column nobody reads: it is listed, but not settable.
 """
@@ -28,6 +37,10 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+import phonenumbers
+from flask import current_app
+from flask_babel import gettext as _
 
 from app.extensions import db
 from app.installation import diagnosis, upkeep
@@ -41,15 +54,32 @@ MAX_LINES = 40
 MIN_SECRET = 16
 NEW_SECRET = "new"
 MASK = "********"
+# The call options: column -> the app's setting that is its default (NULL: that default).
+CALL_OPTIONS = {"crm_source": "TELEPHONY_CRM_SOURCE", "add_to_chat": "TELEPHONY_ADD_TO_CHAT",
+                "anonymous_calls": "TELEPHONY_ANONYMOUS_CALLS",
+                "anonymous_number": "TELEPHONY_ANONYMOUS_NUMBER",
+                "internal_calls": "TELEPHONY_INTERNAL_CALLS",
+                "default_country": "TELEPHONY_DEFAULT_COUNTRY"}
+CALL_POLICIES = ("skip", "register")
+DEFAULT = "default"
 SETTABLE = ("event_mode", "lines", "crm_create", "default_user_id", "pbx_originate_url",
-            "pbx_secret")
+            "pbx_secret", *CALL_OPTIONS)
 SECRETS = frozenset({"pbx_secret"})
 LISTED = SETTABLE + ("max_batches_in_flight",)
 _YES, _NO = ("1", "yes", "true", "on", "y"), ("0", "no", "false", "off", "n", "")
 
 
 class Invalid(ValueError):
-    """A value the settings refuse; its text is shown as is (page and terminal)."""
+    """Values the settings refuse, ``errors`` = ``{key: message}``: the page shows each next
+    to its field, the terminal all of them (``str()``, joined by ``; ``)."""
+
+    def __init__(self, errors: dict[str, str] | str) -> None:
+        self.errors = dict(errors) if isinstance(errors, dict) else {"": str(errors)}
+        super().__init__("; ".join(self.errors.values()))
+
+
+class _Refused(ValueError):
+    """One value refused (its message); :func:`apply` collects them by key."""
 
 
 @dataclass
@@ -72,20 +102,27 @@ def settings_of(portal: Portal) -> PortalSettings:
 
 def parse_lines(text: str) -> list[dict[str, str]]:
     """``NUMBER [name]`` per line → ``[{"number", "name"}]``; raises Invalid when malformed."""
+    try:
+        return _parse_lines(text)
+    except _Refused as exc:
+        raise Invalid({"lines": str(exc)}) from None
+
+
+def _parse_lines(text: str) -> list[dict[str, str]]:
     lines: list[dict[str, str]] = []
     seen: set[str] = set()
     for raw in text.replace(";", "\n").splitlines():
         raw = raw.strip()
         if not raw:
             continue
-        number, _, name = raw.partition(" ")
+        number, _sep, name = raw.partition(" ")
         if len(number) > 32 or not number.replace("+", "", 1).replace("-", "").isalnum():
-            raise Invalid(f"line number {number[:40]!r} is not valid")
+            raise _Refused(_("line number %(number)s is not valid", number=repr(number[:40])))
         if number not in seen:
             seen.add(number)
             lines.append({"number": number, "name": name.strip()[:100] or number})
     if len(lines) > MAX_LINES:
-        raise Invalid(f"at most {MAX_LINES} lines")
+        raise _Refused(_("at most %(count)s lines", count=MAX_LINES))
     return lines
 
 
@@ -95,60 +132,137 @@ def lines_text(settings: PortalSettings) -> str:
                      for line in settings.lines or [])
 
 
+def _yes_no(key: str, text: str) -> bool:
+    if text.lower() not in _YES + _NO:
+        raise _Refused(_("%(key)s must be 1 or 0", key=key))
+    return text.lower() in _YES
+
+
+def _fallback_user(portal: Portal, text: str) -> int | None:
+    if not text:
+        return None
+    if not text.isdigit():
+        raise _Refused(_("the fallback user must be a Bitrix24 user id (a number)"))
+    user = find_user(portal, int(text))
+    if user is None:
+        raise _Refused(_("user %(id)s is not a user of this portal known to b24relay "
+                         "(the user list syncs on install and hourly)", id=text))
+    if not user.active:
+        raise _Refused(_("user %(id)s is inactive: Bitrix24 refuses calls for inactive users",
+                         id=text))
+    return int(text)
+
+
+def _originate_url(text: str) -> str | None:
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _Refused(_("the PBX originate URL must be http(s)://host/..."))
+    if len(text) > 1024:
+        raise _Refused(_("the PBX originate URL is longer than 1024 characters"))
+    return text
+
+
+def _secret(text: str) -> str | None:
+    if not text:
+        return None
+    if text == NEW_SECRET:
+        return secrets.token_urlsafe(32)
+    if len(text) < MIN_SECRET or len(text) > 256:
+        raise _Refused(_("the PBX secret must be %(min)s to 256 characters (or %(new)s for a "
+                         "generated one)", min=MIN_SECRET, new=repr(NEW_SECRET)))
+    return text
+
+
+def _call_option(key: str, text: str) -> object:
+    """A call option's text → its value; None (the app's default) for "" or ``default``."""
+    if not text or text.lower() == DEFAULT:
+        return None
+    if key == "add_to_chat":
+        return _yes_no(key, text)
+    if key in ("anonymous_calls", "internal_calls"):
+        if text.lower() not in CALL_POLICIES:
+            raise _Refused(_("%(key)s must be skip or register", key=key))
+        return text.lower()
+    if key == "anonymous_number":
+        if len(text) > 32 or not text.lstrip("+").isdigit():
+            raise _Refused(_("the anonymous number must be digits (a leading + is fine), "
+                             "at most 32"))
+        return text
+    if key == "default_country":
+        code = text.upper()
+        if len(code) != 2 or code not in phonenumbers.SUPPORTED_REGIONS:
+            raise _Refused(_("%(code)s is not a known two-letter country code (DE, RU, US...)",
+                             code=repr(text[:8])))
+        return code
+    if len(text) > 50 or not text.replace("_", "").replace("-", "").isalnum():  # crm_source
+        raise _Refused(_("the CRM source must be a source ID of the portal's CRM (letters, "
+                         "digits, _ and -), at most 50 characters"))
+    return text
+
+
 def _parse(portal: Portal, key: str, text: str) -> object:
-    """One setting's text → its value, or Invalid with the message both callers show."""
+    """One setting's text → its value, or _Refused with the message both callers show."""
     text = text.strip()
     if key == "event_mode":
         if text not in EVENT_MODES:
-            raise Invalid("event mode must be online or offline")
+            raise _Refused(_("event mode must be online or offline"))
         return text
     if key == "lines":
-        return parse_lines(text)
+        return _parse_lines(text)
     if key == "crm_create":
-        if text.lower() not in _YES + _NO:
-            raise Invalid("crm_create must be 1 or 0")
-        return text.lower() in _YES
+        return _yes_no(key, text)
     if key == "default_user_id":
-        if not text:
-            return None
-        if not text.isdigit():
-            raise Invalid("the fallback user must be a Bitrix24 user id (a number)")
-        user = find_user(portal, int(text))
-        if user is None:
-            raise Invalid(f"user {text} is not a user of this portal known to b24relay "
-                          "(the user list syncs on install and hourly)")
-        if not user.active:
-            raise Invalid(f"user {text} is inactive: Bitrix24 refuses calls for inactive users")
-        return int(text)
+        return _fallback_user(portal, text)
     if key == "pbx_originate_url":
-        if not text:
-            return None
-        parts = urlsplit(text)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise Invalid("the PBX originate URL must be http(s)://host/...")
-        if len(text) > 1024:
-            raise Invalid("the PBX originate URL is longer than 1024 characters")
-        return text
+        return _originate_url(text)
     if key == "pbx_secret":
-        if not text:
-            return None
-        if text == NEW_SECRET:
-            return secrets.token_urlsafe(32)
-        if len(text) < MIN_SECRET or len(text) > 256:
-            raise Invalid(f"the PBX secret must be {MIN_SECRET} to 256 characters "
-                          f"(or {NEW_SECRET!r} for a generated one)")
-        return text
+        return _secret(text)
+    if key in CALL_OPTIONS:
+        return _call_option(key, text)
     if key in LISTED:
-        raise Invalid(f"{key} is not used by b24relay and cannot be set")
-    raise Invalid(f"unknown setting {key!r}; the settings are: {', '.join(SETTABLE)}")
+        raise _Refused(_("%(key)s is not used by b24relay and cannot be set", key=key))
+    raise _Refused(_("unknown setting %(key)s; the settings are: %(keys)s", key=repr(key),
+                     keys=", ".join(SETTABLE)))
+
+
+def effective(settings: PortalSettings | None, key: str) -> object:
+    """A call option as the portal's calls use it: its own value, else the app's default."""
+    value = getattr(settings, key, None) if settings is not None else None
+    return current_app.config[CALL_OPTIONS[key]] if value is None else value
+
+
+def _together(settings: PortalSettings, parsed: dict[str, object]) -> dict[str, str]:
+    """Refusals of values that are each fine but not together."""
+    def after(key: str) -> object:
+        value = parsed[key] if key in parsed else getattr(settings, key, None)
+        return current_app.config[CALL_OPTIONS[key]] if value is None else value
+
+    touched = {"anonymous_calls", "anonymous_number"} & set(parsed)
+    if touched and after("anonymous_calls") == "register" and not after("anonymous_number"):
+        return {"anonymous_number": _("registering anonymous calls needs the number they are "
+                                      "registered under (Bitrix24 refuses a call without one)")}
+    return {}
 
 
 def apply(portal: Portal, values: dict[str, str]) -> Applied:
     """Validate every value, then write them all (caller commits, then calls
     :func:`after_commit`). Lines removed by the save are deleted from Bitrix24 in the same
-    transaction (outbox commands). Raises Invalid, writing nothing, on the first bad value."""
-    parsed = {key: _parse(portal, key, text) for key, text in values.items()}
+    transaction (outbox commands). Raises Invalid with every bad value's message (by key),
+    writing nothing, when any value is refused."""
+    parsed: dict[str, object] = {}
+    errors: dict[str, str] = {}
+    for key, text in values.items():
+        try:
+            parsed[key] = _parse(portal, key, text)
+        except _Refused as exc:
+            errors[key] = str(exc)
     settings = settings_of(portal)
+    if not errors:
+        errors = _together(settings, parsed)
+    if errors:
+        raise Invalid(errors)
     before = list(settings.lines or [])
     result = Applied()
     for key, value in parsed.items():
@@ -185,21 +299,27 @@ def listing(portal: Portal) -> list[tuple[str, str]]:
     rows: list[tuple[str, str]] = []
     for key in LISTED:
         value = getattr(settings, key, None)
+        if value is None and key in CALL_OPTIONS:
+            rows.append((key, f"(app default: {_text(key, effective(None, key))})"))
+            continue
         if value is None:  # no row yet: the column's default is what the app uses
             arg = getattr(PortalSettings.__table__.c[key].default, "arg", None)
             value = None if callable(arg) else arg
-        if key in SECRETS:
-            text = MASK if value else "(not set)"
-        elif key == "lines":
-            text = "; ".join(line.replace("\n", "") for line in lines_text(settings).splitlines()) \
-                or "(none)"
-        elif key == "crm_create":
-            text = "1" if value else "0"
-        elif value is None or value == "":
-            text = "(not set)"
-        else:
-            text = str(value)
+        text = _text(key, value, settings)
         if key == "max_batches_in_flight":
             text += " (not used)"
         rows.append((key, text))
     return rows
+
+
+def _text(key: str, value: object, settings: PortalSettings | None = None) -> str:
+    if key in SECRETS:
+        return MASK if value else "(not set)"
+    if key == "lines":
+        return "; ".join(line.replace("\n", "") for line in
+                         lines_text(settings or PortalSettings()).splitlines()) or "(none)"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if value is None or value == "":
+        return "(not set)"
+    return str(value)

@@ -44,7 +44,7 @@ from app.extensions import db
 from app.telephony import click, machine, recording, routing
 from app.telephony.extensions import ask_sync_for_unmapped
 from app.telephony.models import Call
-from app.tenants.models import Portal, aware, utcnow
+from app.tenants.models import Portal, PortalSettings, aware, utcnow
 from app.tenants.status import ensure_callable
 from app.tenants.users import extension_map
 
@@ -105,22 +105,37 @@ def locked(*where: Any) -> Call | None:
 
 
 def policy_for(portal: Portal, event: Mapping[str, Any] | None = None) -> machine.Policy:
-    """The machine's policy: the portal's extension map and settings, the app's settings,
-    and for a start the CRM match routing cached for its number."""
-    cfg = current_app.config
+    """The machine's policy: the portal's extension map and settings, its call options (each
+    the app's TELEPHONY_* setting where the portal has none), and for a start the CRM match
+    routing cached for its number."""
     settings = portal.settings
     extensions = extension_map(portal)
     return machine.Policy(
         extensions=extensions,
         fallback_user=settings.default_user_id if settings else None,
-        default_country=cfg["TELEPHONY_DEFAULT_COUNTRY"] or None,
+        default_country=str(_option(settings, "default_country") or "") or None,
         crm_create=bool(settings.crm_create) if settings else False,
-        crm_source=cfg["TELEPHONY_CRM_SOURCE"] or None,
-        add_to_chat=bool(cfg["TELEPHONY_ADD_TO_CHAT"]),
-        anonymous=cfg["TELEPHONY_ANONYMOUS_CALLS"],
-        anonymous_number=cfg["TELEPHONY_ANONYMOUS_NUMBER"] or None,
-        internal=cfg["TELEPHONY_INTERNAL_CALLS"],
+        crm_source=str(_option(settings, "crm_source") or "") or None,
+        add_to_chat=bool(_option(settings, "add_to_chat")),
+        anonymous=str(_option(settings, "anonymous_calls")),
+        anonymous_number=str(_option(settings, "anonymous_number") or "") or None,
+        internal=str(_option(settings, "internal_calls")),
         crm_match=_routed(portal, event, extensions))
+
+
+# A portal's call option (PortalSettings column) -> the app's setting used where it is NULL.
+CALL_OPTION_DEFAULTS = {"default_country": "TELEPHONY_DEFAULT_COUNTRY",
+                        "crm_source": "TELEPHONY_CRM_SOURCE",
+                        "add_to_chat": "TELEPHONY_ADD_TO_CHAT",
+                        "anonymous_calls": "TELEPHONY_ANONYMOUS_CALLS",
+                        "anonymous_number": "TELEPHONY_ANONYMOUS_NUMBER",
+                        "internal_calls": "TELEPHONY_INTERNAL_CALLS"}
+
+
+def _option(settings: PortalSettings | None, name: str) -> Any:
+    """The portal's own value of a call option, else the app's default."""
+    value = getattr(settings, name, None) if settings is not None else None
+    return current_app.config[CALL_OPTION_DEFAULTS[name]] if value is None else value
 
 
 def _routed(portal: Portal, event: Mapping[str, Any] | None,

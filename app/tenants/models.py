@@ -128,6 +128,13 @@ class PortalSettings(Model):
     # with (app/telephony/click.py; set with `flask portals settings`).
     pbx_originate_url: Mapped[str | None] = mapped_column(String(1024))
     pbx_secret: Mapped[str | None] = mapped_column(EncryptedString(512))
+    # Call options of this portal; None: the app's TELEPHONY_* default (app/config.py).
+    crm_source: Mapped[str | None] = mapped_column(String(64))
+    add_to_chat: Mapped[bool | None] = mapped_column(Boolean)
+    anonymous_calls: Mapped[str | None] = mapped_column(String(16))  # skip | register
+    anonymous_number: Mapped[str | None] = mapped_column(String(32))
+    internal_calls: Mapped[str | None] = mapped_column(String(16))  # skip | register
+    default_country: Mapped[str | None] = mapped_column(String(2))  # ISO 3166 alpha-2
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                  onupdate=utcnow)
 
