@@ -229,6 +229,8 @@ def _save() -> Response:
     if along is not None and along.portal.id != portal.id:
         return error_page(_("The form belongs to another portal; nothing was saved."), 403,
                           portal.origin)
+    if along is not None and not along.is_admin:
+        return error_page(_("Only a portal administrator can do this."), 403, portal.origin)
     if along is None:
         use_language(portal.language)
     _settings(portal)
