@@ -31,8 +31,11 @@ START = {"event": "start", "at": "2026-12-07T10:00:00+00:00", "direction": "in",
 
 
 def _shot(tab: Any, name: str) -> None:
+    """The portal's page with the whole app frame in view (the frame is 100vh tall)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    tab.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    tall = int(tab.frame(name="app").evaluate("document.documentElement.scrollHeight"))
+    tab.set_viewport_size({"width": 1100, "height": min(max(tall, 720), 8000)})
+    tab.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
 @pytest.fixture
