@@ -78,7 +78,7 @@ def render(portal: Portal, *, is_admin: bool, user_id: int | None, notice: str =
     typed, shown again. ``shown_once``: a new API key or PBX secret, or a test's answer.
     """
     settings = _settings(portal)
-    if page is None and user_id is not None:
+    if page is None and (user_id is not None or is_admin):  # an admin's forms need one
         page = page_session.from_token(page_session.issue(portal, user_id, is_admin,
                                                           lang or portal.language))
     values = _stored_values(settings)
