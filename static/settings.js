@@ -1,9 +1,6 @@
-/* The app's settings and diagnosis pages: fit the iframe, guard single-use forms, and wait
-   for a connection check's report. Data is only ever set with textContent. */
+/* The app's settings and diagnosis pages: guard single-use forms, and wait for a connection
+   check's report (static/frame.js fits the portal's frame). Data is only set with textContent. */
 (function () {
-  if (window.BX24 && typeof window.BX24.init === "function") {
-    window.BX24.init(function () { window.BX24.fitWindow(); });
-  }
   /* Each form's token is single-use: a double click must not post it twice. */
   Array.prototype.forEach.call(document.querySelectorAll("form[method=post]"), function (form) {
     form.addEventListener("submit", function () {

@@ -381,7 +381,7 @@ def _report_view(portal: Portal) -> dict[str, Any] | None:
     for f in report.findings:
         summary, todo = words.render(f.code, f.key, f.facts, _quoted(portal))
         findings.append({"code": f.code, "level": f.level.value,
-                         "check": words.CHECKS.get(f.code, f.code),
+                         "check": words.translated(words.CHECKS.get(f.code, f.code)),
                          "summary": summary, "advice": todo})
     return {"checked_at": row.checked_at, "trigger": row.trigger, "level": report.level.value,
             "seconds": report.seconds, "findings": findings,
