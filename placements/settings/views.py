@@ -22,6 +22,7 @@ from flask import Blueprint, Response, jsonify, make_response, render_template, 
 from flask_babel import gettext as _
 from sqlalchemy import select
 
+import placements.page_session as page_session
 from app.extensions import db
 from app.framing import framed_by
 from app.i18n import use_language
@@ -43,7 +44,6 @@ from app.tenants.users import (
     set_override,
     unset_override,
 )
-from placements import page_session
 from placements.common import advice, error_page
 from placements.settings import form_token, pbx_test
 
