@@ -73,6 +73,12 @@ def _session(frame: Any) -> str:
     return str(frame.eval_on_selector("#settings-form input[name=s]", "e => e.value"))
 
 
+def _session_of_page(frame: Any) -> str:
+    """The page session the frame's section links carry."""
+    href = str(frame.get_attribute("nav.sections a", "href"))
+    return href.split("s=", 1)[1].split("&", 1)[0]
+
+
 def _settings(member_id: str) -> Any:
     return portal_row(member_id).settings
 
@@ -174,6 +180,14 @@ def test_the_diagnosis_page_finds_seeded_faults_and_names_their_fixes(sandbox, p
     assert "crm" in scopes.inner_text() and "reinstall the app" in scopes.inner_text()
     assert frame.locator("#checking").count() == 0  # the new report replaced "checking"
     _shot(page, "diagnosis-faults")
+
+    # The same report for a Russian reader: the findings and their fixes in Russian.
+    frame.goto(f"{live_app.url}/placements/app/diagnosis?s={_session_of_page(frame)}&LANG=ru")
+    line = frame.wait_for_selector("tr[data-code=outgoing_line]")
+    assert "Что сделать:" in line.inner_text() and "sip12" in line.inner_text()
+    assert "Telephony > Telephony settings" not in line.inner_text()
+    _shot(page, "diagnosis-faults-ru")
+    frame.goto(f"{live_app.url}/placements/app/diagnosis?s={_session_of_page(frame)}")
 
     # The settings page says the same about the default line, with how to fix it.
     frame.click("nav.sections a[data-section='settings.settings_page']")
