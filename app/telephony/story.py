@@ -40,11 +40,14 @@ def command_key(call: Call) -> str:
 
 
 def phone_forms(raw: str) -> list[str]:
-    """The forms a typed number may be stored in: E.164 as the machine makes it, its dialable
-    characters, and the text as typed (an internal extension, an anonymous stand-in)."""
+    """The forms a typed number may be stored in: E.164 as the machine makes it (also of the
+    digits typed without their ``+``), its dialable characters, and the text as typed (an
+    internal extension, an anonymous stand-in)."""
     country = current_app.config.get("TELEPHONY_DEFAULT_COUNTRY") or None
-    forms = [machine.normalise_phone(raw, country),
-             "".join(ch for ch in raw if ch.isdigit() or ch in "+#*"), raw.strip()]
+    dialable = "".join(ch for ch in raw if ch.isdigit() or ch in "+#*")
+    forms = [machine.normalise_phone(raw, country), dialable, raw.strip()]
+    if dialable.isdigit():
+        forms.append(machine.normalise_phone("+" + dialable, None))
     return list(dict.fromkeys(f for f in forms if f))
 
 
