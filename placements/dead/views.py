@@ -54,9 +54,9 @@ def dead_letters_action(page: page_session.PageSession) -> Response:
         grant = form_token.redeem(request.form.get("form_token", ""))
     except form_token.FormRefused as exc:
         return _render(page, error=exc.message, status=exc.status)
-    if grant.portal.id != page.portal.id:
-        return _render(page, error=_("The form belongs to another portal; nothing was done."),
-                       status=403)
+    if grant.portal.id != page.portal.id or grant.user_id != page.user_id:
+        return _render(page, status=403,
+                       error=_("The form belongs to another portal or user; nothing was done."))
     action, box = request.form.get("action", ""), request.form.get("box", "")
     if action not in ACTIONS or box not in BOXES:
         return _render(page, error=_("Unknown action; nothing was done."), status=400)

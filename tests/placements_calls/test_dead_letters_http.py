@@ -192,3 +192,10 @@ def test_without_a_session_the_page_is_refused(app, client):
     add_inbox_row("dead", portal, event_type="ONCRMDEALUPDATE")
     for resp in (client.get(URL), client.get(URL, query_string={"s": "forged"})):
         assert resp.status_code == 401 and "ONCRMDEALUPDATE" not in resp.get_data(True)
+
+
+def test_the_page_speaks_the_sessions_language(app, client):
+    portal = make_portal()
+    add_inbox_row("dead", portal, event_type="ONCRMDEALUPDATE")
+    body = page(client, session_token(portal, lang="ru")).get_data(as_text=True)
+    assert "Недоставленные" in body and "Повторить все" in body and "Retry all" not in body
