@@ -61,6 +61,9 @@ def test_a_call_is_found_by_phone_as_typed_pbx_call_id_or_call_id(app, client):
               "externalCall.found.1"):
         assert found(find(client, token, q)) == [wanted], q
     assert 'id="no-calls"' in find(client, token, "+74950000000")
+    for typed in (SCRIPT, IMG):  # the query comes back in the search box, as text
+        body = find(client, token, typed)
+        assert typed not in body and "<img" not in body
 
 
 def test_the_story_shows_events_commands_and_outcomes_escaped_and_without_secrets(app, client):
