@@ -42,11 +42,15 @@ def page_url(endpoint: str, page: Any, **values: Any) -> str:
 
 
 def _page_helpers() -> dict[str, Any]:
-    """``page_url`` and the navigation (the sections registered) for every placement template."""
+    """``page_url`` and ``sections(page)``, the navigation, for every placement template."""
     from flask import current_app
 
     from placements.page_session import SECTIONS
 
-    sections = [(endpoint, str(label)) for endpoint, label in SECTIONS
-                if endpoint in current_app.view_functions]
+    def sections(page: Any) -> list[tuple[str, str]]:
+        """The sections registered that this page's user may open: (endpoint, label)."""
+        return [(endpoint, str(label)) for endpoint, label, admin_only in SECTIONS
+                if endpoint in current_app.view_functions
+                and (page.is_admin or not admin_only)]
+
     return {"page_url": page_url, "sections": sections}
