@@ -21,6 +21,8 @@ assets = Blueprint("placement_assets", __name__, template_folder="templates",
 
 def init_app(app: Flask) -> None:
     """Register the placement blueprints and their shared assets."""
+    from placements.calls.views import bp as calls_bp
+    from placements.dead.views import bp as dead_bp
     from placements.settings.views import bp as settings_bp
     from placements.widgets.views import bp as widgets_bp
 
@@ -28,6 +30,8 @@ def init_app(app: Flask) -> None:
     app.context_processor(_page_helpers)
     app.register_blueprint(settings_bp)
     app.register_blueprint(widgets_bp)
+    app.register_blueprint(calls_bp)
+    app.register_blueprint(dead_bp)
 
 
 def page_url(endpoint: str, page: Any, **values: Any) -> str:
@@ -38,11 +42,15 @@ def page_url(endpoint: str, page: Any, **values: Any) -> str:
 
 
 def _page_helpers() -> dict[str, Any]:
-    """``page_url`` and the navigation (the sections registered) for every placement template."""
+    """``page_url`` and ``sections(page)``, the navigation, for every placement template."""
     from flask import current_app
 
     from placements.page_session import SECTIONS
 
-    sections = [(endpoint, str(label)) for endpoint, label in SECTIONS
-                if endpoint in current_app.view_functions]
+    def sections(page: Any) -> list[tuple[str, str]]:
+        """The sections registered that this page's user may open: (endpoint, label)."""
+        return [(endpoint, str(label)) for endpoint, label, admin_only in SECTIONS
+                if endpoint in current_app.view_functions
+                and (page.is_admin or not admin_only)]
+
     return {"page_url": page_url, "sections": sections}

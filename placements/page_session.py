@@ -138,12 +138,13 @@ def page(*, admin: bool = False, as_json: bool = False
     return decorate
 
 
-# The app's sections inside the portal, in the order of its navigation: (endpoint, label).
-# A section appears once its blueprint registers the endpoint.
+# The app's sections inside the portal, in the order of its navigation: (endpoint, label,
+# for administrators only). A section appears once its blueprint registers the endpoint, and
+# an administrators' section only in an administrator's navigation (its views refuse others).
 SECTIONS = (
-    ("settings.settings_page", _l("Settings")),
-    ("dashboard.dashboard", _l("Dashboard")),
-    ("calls.lookup", _l("Calls")),
-    ("dead.dead_letters", _l("Dead letters")),
-    ("settings.diagnosis", _l("Check the connection")),
+    ("settings.settings_page", _l("Settings"), False),
+    ("dashboard.dashboard", _l("Dashboard"), False),
+    ("calls.lookup", _l("Calls"), True),
+    ("dead.dead_letters", _l("Dead letters"), True),
+    ("settings.diagnosis", _l("Check the connection"), False),
 )

@@ -10,22 +10,29 @@ row is marked done, never twice for a retried event.
 earlier command's result; a command that references another (or names it with ``after``)
 waits until it is done. ``handler`` and ``context`` ask for the command's outcome
 (app/dispatcher/results.py) once it finishes, done or not.
+
+The operator's side: counts (``depths``), dead letters (list, count by method, replay,
+discard), and one ordering key's commands (a call's story, placements/calls).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import event, func, select, update
+from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.orm import Session
 
 from app.dispatcher import nudge
 from app.dispatcher.models import CommandStatus, OutboxCommand, Priority
 from app.dispatcher.refs import references
 from app.extensions import db, redis_ext
+from app.tenants.models import aware
 
+log = logging.getLogger(__name__)
 _PENDING_NUDGES = "b24relay_dispatch_nudge"
 
 
@@ -130,3 +137,101 @@ def replay_dead(command_ids: Sequence[int], portal_id: int | None = None) -> lis
                                settled=c.handler.is_(None), settle_sent_at=None))
     nudge_after_commit(db.session(), {r.portal_id for r in rows})
     return sorted(r.id for r in rows)
+
+
+def dead_kinds(portal_id: int) -> dict[str, int]:
+    """A portal's dead commands counted by REST method."""
+    c = OutboxCommand
+    query = (select(c.method, func.count())
+             .where(c.portal_id == portal_id, c.status == CommandStatus.DEAD.value)
+             .group_by(c.method))
+    return {method: n for method, n in db.session.execute(query).all()}
+
+
+def dead_ids(portal_id: int, method: str | None = None, among: Sequence[int] = ()) -> list[int]:
+    """The ids of a portal's dead commands: of one method (for "retry all", "discard all"),
+    or those of ``among`` that are still dead."""
+    c = OutboxCommand
+    query = select(c.id).where(c.portal_id == portal_id, c.status == CommandStatus.DEAD.value)
+    if method is not None:
+        query = query.where(c.method == method)
+    if among:
+        query = query.where(c.id.in_(list(among)))
+    return list(db.session.scalars(query.order_by(c.id)).all())
+
+
+@dataclass(frozen=True)
+class Discarded:
+    """What a discard did: the commands deleted, and those kept (their outcome is still on
+    its way to its handler, or an unfinished command depends on them: try again later)."""
+
+    ids: list[int]
+    kept: list[int]
+
+
+def discard_dead(command_ids: Sequence[int], portal_id: int) -> Discarded:
+    """Delete these dead commands of a portal for good (callers commit).
+
+    What retention does after ``OUTBOX_KEEP_DEAD_DAYS``, done early and under its rules
+    (app/dispatcher/retention.py): a command whose outcome is not settled yet, or that an
+    unfinished command of the portal depends on, is kept. Each deletion leaves a log line
+    (portal, id, method, reason) as the audit trail.
+    """
+    c = OutboxCommand
+    rows = db.session.execute(
+        select(c.id, c.method, c.settled, c.dead_reason)
+        .where(c.id.in_(list(command_ids)), c.portal_id == portal_id,
+               c.status == CommandStatus.DEAD.value)).all() if command_ids else []
+    protected = _depended_on(portal_id)
+    gone = [r for r in rows if r.settled and r.id not in protected]
+    if gone:
+        db.session.execute(delete(c).where(c.id.in_([r.id for r in gone]),
+                                           c.status == CommandStatus.DEAD.value))
+    for r in gone:
+        log.info("outbox dead letter %s of portal %s discarded: %s (%s)", r.id, portal_id,
+                 r.method, (r.dead_reason or "")[:200])
+    return Discarded(sorted(r.id for r in gone),
+                     sorted(r.id for r in rows if r not in gone))
+
+
+def _depended_on(portal_id: int) -> set[int]:
+    """The commands an unfinished command of the portal waits for (``after`` or a ``ref``)."""
+    c = OutboxCommand
+    query = select(c.after_id, c.params).where(
+        c.portal_id == portal_id, c.after_id.is_not(None),
+        c.status.in_([CommandStatus.QUEUED.value, CommandStatus.INFLIGHT.value]))
+    out: set[int] = set()
+    for after_id, params in db.session.execute(query).all():
+        out |= references(params) | {after_id}
+    return out
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """One command as an operator reads it: what was sent, how it ended, and when."""
+
+    id: int
+    method: str
+    params: dict[str, Any]
+    status: str
+    outcome: str | None
+    attempts: int
+    submitted_at: datetime
+    first_sent_at: datetime | None
+    completed_at: datetime | None
+    reason: str
+    error: dict[str, Any] | None
+
+
+def commands_for_key(portal_id: int, key: str, limit: int = 500) -> list[CommandRecord]:
+    """A portal's commands of one ordering key (a call's ``call:<id>``), in id order
+    (index ix_outbox_commands_portal_key); retention may have deleted the oldest."""
+    c = OutboxCommand
+    query = (select(c).where(c.portal_id == portal_id, c.key == key).order_by(c.id)
+             .limit(limit))
+    return [CommandRecord(r.id, r.method, dict(r.params or {}), r.status, r.outcome,
+                          r.attempts, aware(r.submitted_at),
+                          aware(r.first_sent_at) if r.first_sent_at else None,
+                          aware(r.completed_at) if r.completed_at else None,
+                          r.dead_reason or "", r.error)
+            for r in db.session.scalars(query).all()]

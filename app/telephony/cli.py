@@ -36,7 +36,14 @@ def newest(portal_id: int | None = None, state: str | None = None,
 
 def describe(call: Call) -> str:
     """One line: the call, where it stands, and anything wrong with it."""
-    notes = [f"replay ({call.replay})" if call.replay else "",
+    return (f"{call.id:>8} {call.pbx_call_id[:32]:32} {call.state:10} "
+            f"{call.b24_call_id or '-'} owner={call.owner_user_id or '-'} "
+            + "; ".join(notes(call))).rstrip()
+
+
+def notes(call: Call) -> list[str]:
+    """What is worth knowing about a call beyond its state (also the call pages' notes)."""
+    found = [f"replay ({call.replay})" if call.replay else "",
              "collision" if call.collision else "",
              f"skipped: {call.skip_reason}" if call.skip_reason else "",
              f"register: {call.register_error}" if call.register_error else "",
@@ -50,9 +57,7 @@ def describe(call: Call) -> str:
              steps(call),
              f"lead: {call.lead_error}" if call.lead_error else "",
              _waiting(call), _recording(call)]
-    return (f"{call.id:>8} {call.pbx_call_id[:32]:32} {call.state:10} "
-            f"{call.b24_call_id or '-'} owner={call.owner_user_id or '-'} "
-            + "; ".join(n for n in notes if n)).rstrip()
+    return [n for n in found if n]
 
 
 def _recording(call: Call) -> str:

@@ -55,3 +55,13 @@ def test_the_portals_page_links_its_sections_with_the_session(sandbox, installed
     assert nav, body
     for href in re.findall(r'href="([^"]+)"', nav.group(1)):
         assert "s=" in href
+
+
+def test_an_employees_navigation_leaves_out_the_administrators_sections(sandbox, installed):
+    admin = sandbox.open_placement(installed["member_id"])["body"]
+    employee = sandbox.open_placement(installed["member_id"], user_id=2)["body"]
+    assert 'data-section="dead.dead_letters"' in admin
+    assert 'data-section="calls.lookup"' in admin
+    assert '<nav class="sections">' in employee
+    assert 'data-section="dead.dead_letters"' not in employee
+    assert 'data-section="calls.lookup"' not in employee
