@@ -21,6 +21,7 @@ assets = Blueprint("placement_assets", __name__, template_folder="templates",
 
 def init_app(app: Flask) -> None:
     """Register the placement blueprints and their shared assets."""
+    from placements.dashboard.views import bp as dashboard_bp
     from placements.settings.views import bp as settings_bp
     from placements.widgets.views import bp as widgets_bp
 
@@ -28,6 +29,7 @@ def init_app(app: Flask) -> None:
     app.context_processor(_page_helpers)
     app.register_blueprint(settings_bp)
     app.register_blueprint(widgets_bp)
+    app.register_blueprint(dashboard_bp)
 
 
 def page_url(endpoint: str, page: Any, **values: Any) -> str:
