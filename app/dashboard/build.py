@@ -47,7 +47,7 @@ def build(portal: Portal, minutes: int = stats.MINUTES, now: float | None = None
     return {"portal": _portal(portal), "token": _token(portal),
             "inbox": _inbox(portal.id), "outbox": stats.depth(portal.id),
             "batches_in_flight": stats.batches_in_flight(portal.id),
-            "now": _now(series), "series": [m.as_dict() for m in series],
+            "now": _now(series, now), "series": [m.as_dict() for m in series],
             "operating": _operating(portal, now), "errors": _errors(portal)}
 
 
@@ -74,12 +74,14 @@ def _inbox(portal_id: int) -> dict[str, int]:
             "dead": counts.get("dead", 0)}
 
 
-def _now(series: list[stats.Minute]) -> dict[str, Any]:
-    """The last whole minute (the current one is still filling) and the last hour."""
-    last = series[-2] if len(series) > 1 else series[-1]
-    hour = series[-61:-1] or series
-    return {"minute": last.minute, "commands_per_second": round(last.sent / 60, 2),
-            "done_per_second": round(last.done / 60, 2), "rate_limited": last.rate_limited,
+def _now(series: list[stats.Minute], now: float) -> dict[str, Any]:
+    """The current minute once it has a batch, else the last whole one; and the last hour."""
+    current = series[-1]
+    last = current if current.batches or len(series) == 1 else series[-2]
+    seconds = max(1.0, min(60.0, now - last.minute))
+    hour = series[-60:]
+    return {"minute": last.minute, "commands_per_second": round(last.sent / seconds, 2),
+            "done_per_second": round(last.done / seconds, 2), "rate_limited": last.rate_limited,
             "rate_limited_hour": sum(m.rate_limited for m in hour),
             "dead_hour": sum(m.dead for m in hour),
             "p50": last.p50, "p95": last.p95, "max": last.max}
