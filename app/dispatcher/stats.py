@@ -25,13 +25,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
 import redis
 import redis.asyncio
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from sqlalchemy import distinct, func, select
 
 from app.dispatcher.models import CommandStatus, OutboxCommand
@@ -204,7 +206,7 @@ def percentile(buckets: Mapping[int, int], q: float, ceiling: float | None = Non
     return None  # unreachable
 
 
-def parse(minute: int, raw: Mapping[bytes | str, bytes | str]) -> Minute:
+def parse(minute: int, raw: Mapping[Any, Any]) -> Minute:
     """A minute's hash as read from Redis."""
     fields = {(k.decode() if isinstance(k, bytes) else k): int(float(v)) for k, v in raw.items()}
     buckets = {int(k[1:]): v for k, v in fields.items() if k.startswith("b") and k[1:].isdigit()}
@@ -302,3 +304,90 @@ def depth(portal_id: int) -> dict[str, int]:
         .group_by(c.status)).all()
     counts.update({status: int(count) for status, count in rows})
     return counts
+
+
+OTHER = "other"
+
+
+class PortalCollector(Collector):
+    """The last whole minute per portal, at scrape time, for the hosted deployment's operator:
+
+    - ``b24relay_portal_batch_seconds{portal,quantile}``: round trip p50, p95 and max (1);
+    - ``b24relay_portal_commands_per_second{portal,outcome}``: sent, done, dead;
+    - ``b24relay_portal_rate_limited{portal}``: batches refused with 503 in that minute.
+
+    ``portal`` is the portal's numeric id for the ``limit`` busiest portals of the minute
+    (by commands sent; ``METRICS_PORTALS``), and ``other`` for all the rest summed: the label
+    set stays at ``limit`` + 1 however many portals there are, and never names a member_id or
+    a domain. Read from Redis, so every process and host reports the same figures.
+    """
+
+    def __init__(self, limit: int = 20) -> None:
+        self.limit = limit
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return list(self._families().values())
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily]:
+        return {
+            "rt": GaugeMetricFamily("b24relay_portal_batch_seconds",
+                                    "Batch round trip in the last whole minute (quantile 1: "
+                                    "the slowest), per busy portal and other.",
+                                    labels=["portal", "quantile"]),
+            "cps": GaugeMetricFamily("b24relay_portal_commands_per_second",
+                                     "Commands per second in the last whole minute, by "
+                                     "outcome, per busy portal and other.",
+                                     labels=["portal", "outcome"]),
+            "r503": GaugeMetricFamily("b24relay_portal_rate_limited",
+                                      "Batches refused with QUERY_LIMIT_EXCEEDED in the last "
+                                      "whole minute, per busy portal and other.",
+                                      labels=["portal"]),
+        }
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families = self._families()
+        try:
+            samples = self.samples(time.time())
+        except (redis.RedisError, OSError, RuntimeError):  # a scrape must not fail
+            samples = {}
+        for portal, minute in samples.items():
+            for quantile, value in (("0.5", minute.p50), ("0.95", minute.p95),
+                                    ("1", minute.max)):
+                if value is not None:
+                    families["rt"].add_metric([portal, quantile], value)
+            for outcome in ("sent", "done", "dead"):
+                families["cps"].add_metric([portal, outcome], getattr(minute, outcome) / 60)
+            families["r503"].add_metric([portal], minute.rate_limited)
+        yield from families.values()
+
+    def samples(self, now: float, client: redis.Redis | None = None) -> dict[str, Minute]:
+        """The busiest portals' last whole minute by label, and ``other`` (the rest summed)."""
+        client = client or redis_ext.client
+        minute = minute_of(now) - 60
+        top: list[int | str] = [portal for portal, _ in busiest(minute, self.limit, client)]
+        pipe = client.pipeline(transaction=False)
+        for portal in [*top, "all"]:
+            pipe.hgetall(key(portal, minute))
+        raws = [_numbers(raw) for raw in pipe.execute()]
+        out = {str(portal): parse(minute, raw) for portal, raw in zip(top, raws, strict=False)}
+        rest = _minus(raws[-1], raws[:-1])
+        if any(rest.values()):
+            out[OTHER] = parse(minute, rest)
+        return out
+
+
+def _numbers(raw: Mapping[bytes | str, bytes | str]) -> dict[str, int]:
+    return {(k.decode() if isinstance(k, bytes) else k): int(float(v)) for k, v in raw.items()}
+
+
+def _minus(total: Mapping[str, int], parts: Sequence[Mapping[str, int]]) -> dict[str, int]:
+    """All portals' minute less the named ones' (the slowest stays when it was another's)."""
+    rest = {k: v - sum(p.get(k, 0) for p in parts) for k, v in total.items() if k != "max"}
+    rest = {k: v for k, v in rest.items() if v > 0}
+    if rest.get("n") and "max" in total and all(p.get("max", -1) < total["max"] for p in parts):
+        rest["max"] = total["max"]
+    elif rest.get("n"):
+        top = max(int(k[1:]) for k in rest if k.startswith("b") and k[1:].isdigit())
+        rest["max"] = round(bucket_value(top))
+    return rest
