@@ -16,7 +16,8 @@ PACKAGES = ("app", "placements")  # the web side (workers/system.py reads app.he
 # The wiring: the factory registers every blueprint, placements.init_app its own ones.
 WIRING = {"app": {"app.health", "app.ingress.views", "app.installation.views",
                   "app.telephony.views", "placements"},
-          "placements": {"placements.settings.views", "placements.widgets.views"}}
+          "placements": {"placements.settings.views", "placements.widgets.views",
+                         "placements.dashboard.views"}}
 FRAMING_HELPERS = {"framed_by", "frameable", "portal_origin_from_query", "known_portal_origin"}
 
 

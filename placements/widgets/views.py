@@ -11,7 +11,7 @@ from app.installation.iframe import IframeSession
 from app.installation.plan import PLACEMENTS
 from app.tenants.users import extension_map
 from placements.common import advice, verified
-from placements.dashboard import views as dashboard_views
+from placements.dashboard import page as dashboard_page
 
 bp = Blueprint("widgets", __name__, template_folder="templates")
 
@@ -37,7 +37,7 @@ def widget(name: str) -> Response:
 @verified
 def _render(session: IframeSession, name: str) -> Response:
     if name == "dashboard":  # TELEPHONY_ANALYTICS_MENU opens the live dashboard
-        return dashboard_views.widget(session)
+        return dashboard_page.widget(session)
     portal = session.portal
     template = "widgets/" + name.replace("-", "_") + ".html"
     body = render_template(template, portal=portal, advice=advice(portal),
