@@ -114,3 +114,19 @@ def test_the_page_renders_in_russian_with_its_charts(make_portal, client):
     assert 'id="chart-round-trip"' in body and "uPlot.iife.min.js" in body
     assert "Очереди" in body
     assert page.headers["Content-Security-Policy"] == f"frame-ancestors {portal.origin}"
+
+
+def test_a_hostile_error_text_is_never_markup_in_the_page(make_portal, sandbox, start_engine,
+                                                           client):
+    portal, _ = make_portal()
+    start_engine(DISPATCH_LINGER_MS=0)
+    evil = 'crm.</script><img src=x onerror="alert(1)">'
+    submit(portal.id, evil, {})
+    db.session.commit()
+    assert settled(portal.id, 1, timeout=60)[0].status == "dead"
+    data = _get(client, session_for(portal)).get_json()
+    assert data["errors"][0]["what"] == evil  # the JSON carries the text as it is ...
+    body = client.get(f"/placements/app/dashboard?s={session_for(portal)}").get_data(
+        as_text=True)
+    assert "<img src=x" not in body and "</script><img" not in body  # ... the page never
+    assert "\\u003cimg src=x" in body  # embedded as JSON, escaped for the script element
