@@ -11,8 +11,11 @@ iframe POST (protocol §2.3), and finishes the install only on a
 
 Wire shape (the string form of the real library's messages, our own code):
 ``<command>:<callback key>:<APP_SID>`` from the app frame to the portal page,
-``<callback key>:<JSON>`` back. Commands: ``getInitData`` (BX24.init) and
-``setInstallFinish`` (BX24.installFinish).
+``<callback key>:<JSON>`` back. Commands: ``getInitData`` (BX24.init),
+``setInstallFinish`` (BX24.installFinish) and ``resizeWindow`` (BX24.resizeWindow and
+BX24.fitWindow), whose parameters ride URI-encoded JSON between the command and the key
+(``resizeWindow:<params>:<key>:<APP_SID>``); the portal page sets the iframe's size, as a
+portal does, and answers the size it set.
 """
 
 from __future__ import annotations
@@ -45,10 +48,15 @@ BX24_JS = r"""/* Sandbox stand-in for the BX24 JS library (not Bitrix code). */
     delete pending[e.data.slice(0, cut)];
     done(e.data.length > cut + 1 ? JSON.parse(e.data.slice(cut + 1)) : null);
   });
-  function send(command, done) {
+  function send(command, done, params) {
     var key = "k" + (++seq) + Math.random().toString(36).slice(2, 10);
     pending[key] = done || function () {};
-    window.parent.postMessage([command, key, sid].join(":"), portal);
+    var parts = params === undefined ? [command, key, sid]
+      : [command, encodeURIComponent(JSON.stringify(params)), key, sid];
+    window.parent.postMessage(parts.join(":"), portal);
+  }
+  function resize(width, height, cb) {
+    send("resizeWindow", cb, {width: Math.ceil(width), height: Math.ceil(height)});
   }
   function init(cb) {
     if (cb) ready.push(cb);
@@ -75,7 +83,16 @@ BX24_JS = r"""/* Sandbox stand-in for the BX24 JS library (not Bitrix code). */
       bindEvent: function () {}
     },
     installFinish: function () { send("setInstallFinish"); },
-    fitWindow: function () {}, resizeWindow: function () {},
+    resizeWindow: resize,
+    /* The content's size, as the real library measures it. */
+    fitWindow: function (cb) {
+      var d = document.documentElement;
+      resize(d.scrollWidth, Math.max(d.scrollHeight, document.body.scrollHeight), cb);
+    },
+    getScrollSize: function () {
+      return {scrollWidth: document.documentElement.scrollWidth,
+              scrollHeight: document.documentElement.scrollHeight};
+    },
     reloadWindow: function () { window.location.reload(); },
     closeApplication: function () {}
   };
@@ -95,6 +112,14 @@ PARENT_JS = r"""(function () {
       if (s.reload) window.location.reload();  /* the installer is done: the app opens */
     });
   }
+  function resize(key, raw) {
+    var size;
+    try { size = JSON.parse(decodeURIComponent(raw)); } catch (err) { return; }
+    var h = Math.max(50, Math.min(Number(size.height) || 0, 20000));
+    frame.style.height = h + "px";
+    frame.setAttribute("data-fitted", String(h));
+    reply(key, {width: frame.clientWidth, height: h});
+  }
   window.addEventListener("message", function (e) {
     /* Only our iframe, on the app's origin, with the APP_SID this page issued. */
     if (e.source !== frame.contentWindow || e.origin !== APP || typeof e.data !== "string") return;
@@ -103,6 +128,7 @@ PARENT_JS = r"""(function () {
     var key = parts[parts.length - 2];
     if (parts[0] === "getInitData") reply(key, INIT);
     else if (parts[0] === "setInstallFinish") finish(key);
+    else if (parts[0] === "resizeWindow" && parts.length === 4) resize(key, parts[1]);
   });
   document.getElementById("f").submit();
 })();
@@ -110,7 +136,7 @@ PARENT_JS = r"""(function () {
 
 PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>Sandbox portal: {title}</title>
 <link rel="icon" href="data:,">
-<style>body{{margin:0}}iframe{{border:0;width:100%;height:100vh;display:block}}</style></head>
+<style>body{{margin:0}}iframe{{border:0;width:100%;height:400px;display:block}}</style></head>
 <body><iframe name="app" id="app" title="{title}"></iframe>
 <form id="f" method="post" target="app" action="{action}">{inputs}</form>
 <script>{script}</script></body></html>"""

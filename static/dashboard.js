@@ -147,7 +147,6 @@
     operating(data);
     errors(data);
     draw(data);
-    if (window.BX24 && typeof window.BX24.fitWindow === "function") { window.BX24.fitWindow(); }
   }
 
   function refresh() {

@@ -4,6 +4,7 @@ by the portal's LANG."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,24 @@ def test_a_page_speaks_the_portals_language(client, lang, heading):
     body = resp.get_data(as_text=True)
     assert heading in body
     assert f'<html lang="{i18n.language_of(lang)}">' in body
+
+
+def test_each_translation_keeps_its_placeholders():
+    placeholder = re.compile(r"%\(\w+\)s")
+    wrong = {k: v for k, v in _po().items()
+             if v and sorted(placeholder.findall(k)) != sorted(placeholder.findall(v))}
+    assert not wrong, wrong
+
+
+def test_the_diagnosis_speaks_russian(app):
+    from flask_babel import force_locale
+
+    from app.installation import diagnosis_text as text
+
+    with app.app_context(), force_locale("ru"):
+        summary, advice = text.render("scopes", "scopes.missing",
+                                      {"missing_scopes": ["crm"], "granted": ["telephony"],
+                                       "source": "scope"}, {"member_id": "m1"})
+    assert summary.startswith("Не выданы нужные приложению права: crm (поиск клиентов")
+    assert "метод scope портала" in summary
+    assert advice.startswith("Их должен выдать администратор")

@@ -11,8 +11,10 @@ import json
 import textwrap
 
 import click
+from flask_babel import force_locale
 
 from app.extensions import db
+from app.i18n import language_of
 from app.installation import blocked, diagnosis, settings_form, upkeep
 from app.installation import diagnosis_text as text
 from app.tenants.cli import portal_or_fail
@@ -84,7 +86,9 @@ def portal_settings(member_id: str, assignments: tuple[str, ...]) -> None:
 @click.command("check")
 @click.argument("member_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (with its words).")
-def check_portal(member_id: str, as_json: bool) -> None:
+@click.option("--lang", default="en", show_default=True,
+              help="The language of the words: en or ru (a Bitrix24 LANG code is mapped).")
+def check_portal(member_id: str, as_json: bool, lang: str) -> None:
     """Run the self-diagnosis now: one read-only round against the portal, each finding with
     what to do. The report is kept as the portal's last (for the settings page). Exit status 1
     when a finding is an error."""
@@ -93,7 +97,9 @@ def check_portal(member_id: str, as_json: bool) -> None:
     report = diagnosis.check(p)
     diagnosis.store(p, report, "cli")
     db.session.commit()
-    click.echo(json.dumps(_worded(report), indent=2) if as_json else "\n".join(_lines(report)))
+    with force_locale(language_of(lang)):
+        click.echo(json.dumps(_worded(report), indent=2, ensure_ascii=False) if as_json
+                   else "\n".join(_lines(report)))
     if report.level is diagnosis.Level.ERROR:
         raise SystemExit(1)
 
@@ -117,8 +123,8 @@ def _lines(report: diagnosis.Report) -> list[str]:
     for finding in report.findings:
         summary, advice = text.render(finding.code, finding.key, finding.facts,
                                       _context(report))
-        out.append(f"{text.LEVELS[finding.level.value]:8} "
-                   f"{text.CHECKS.get(finding.code, finding.code)}")
+        out.append(f"{text.translated(text.LEVELS[finding.level.value]):8} "
+                   f"{text.translated(text.CHECKS.get(finding.code, finding.code))}")
         out.extend(textwrap.wrap(summary, WIDTH, initial_indent="    ",
                                  subsequent_indent="    "))
         if advice and finding.level is not diagnosis.Level.OK:

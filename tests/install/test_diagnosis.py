@@ -84,7 +84,9 @@ def _check(sandbox: Any, member_id: str) -> Report:
 
 def _assert_worded(f: diagnosis.Finding) -> None:
     assert f.key in text.MESSAGES, f.key
-    named = set(re.findall(r"%\((\w+)\)s", "".join(text.MESSAGES[f.key])))
+    words = " ".join(part if isinstance(part, str) else " ".join(part)
+                     for part in text.MESSAGES[f.key])
+    named = set(re.findall(r"%\((\w+)\)s", words))
     unknown = named - set(f.facts) - {"member_id", "domain", "check", "key"}
     assert not unknown, f"{f.key} names facts it lacks: {unknown}"
 
