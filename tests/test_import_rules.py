@@ -21,7 +21,7 @@ SCANNED = ("app", "workers", "placements")
 # Components, most specific prefix first: a module belongs to the first one it starts with.
 INFRA = ("app.config", "app.extensions", "app.queue", "app.crypto", "app.metrics",
          "app.embedded", "app.serving", "app.health", "app.redis_breaker", "app.logs",
-         "app.registry")
+         "app.registry", "app.i18n")
 USE_CASES = ("app.installation", "app.telephony", "app.dashboard")
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "library": ("app.bitrix",),

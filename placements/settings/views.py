@@ -15,6 +15,7 @@ import logging
 
 from flask import Blueprint, Response, make_response, render_template, request
 
+import placements.page_session as page_session
 from app.extensions import db
 from app.framing import framed_by
 from app.ingress import inbox, provisional
@@ -24,7 +25,6 @@ from app.installation.iframe import open_iframe
 from app.installation.verify import InstallError, PortalHeld
 from app.tenants.models import Portal, PortalSettings
 from app.tenants.users import extension_map
-from placements import page_session
 from placements.common import advice, error_page
 from placements.settings import form_token
 
