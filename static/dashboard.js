@@ -52,6 +52,11 @@
         cell(row, String(values[key]));
         body.appendChild(row);
       });
+      if (!body.children.length) {
+        var none = document.createElement("tr");
+        cell(none, "—");
+        body.appendChild(none);
+      }
     });
   }
 
