@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast bench lint migrate clean translations
+.PHONY: run test test-fast bench lint migrate clean translations vendor
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is required"'
@@ -34,6 +34,17 @@ translations: $(STAMP)  ## re-extract every string, merge it into each language'
 	$(BIN)/pybabel update -i app/translations/messages.pot -d app/translations \
 		--no-fuzzy-matching --no-wrap --ignore-obsolete
 	$(BIN)/pybabel compile -d app/translations
+
+# The charts' library, from the npm registry at the version package-lock.json pins (with its
+# integrity hash). The copies in static/vendor/ are committed: `make run` needs only Python.
+VENDOR := static/vendor
+vendor:  ## npm ci, then copy the built front-end libraries into static/vendor/
+	npm ci --no-audit --no-fund
+	mkdir -p $(VENDOR)
+	cp node_modules/uplot/dist/uPlot.iife.min.js node_modules/uplot/dist/uPlot.min.css \
+		node_modules/uplot/LICENSE $(VENDOR)/
+	mv $(VENDOR)/LICENSE $(VENDOR)/uPlot.LICENSE
+	@echo "vendored uPlot $$(node -p "require('./node_modules/uplot/package.json').version")"
 
 migrate: $(STAMP)
 	$(BIN)/flask --app wsgi db upgrade

@@ -228,6 +228,9 @@ def dispatch_settings() -> dict[str, Any]:
         # Seconds of operating time per method per 10 minutes the ledger budgets (Bitrix24's
         # 480); benchmarks that raise the sandbox portal's limit raise this with it.
         "DISPATCH_OPERATING_LIMIT": env_float("DISPATCH_OPERATING_LIMIT", 480.0),
+        # /metrics labels the dispatcher's per-minute figures by portal (its numeric id) for
+        # this many of the busiest portals of the last minute, and "other" for the rest.
+        "METRICS_PORTALS": env_int("METRICS_PORTALS", 20),
         # Outbox retention (app.dispatcher.retention), in days: done commands are deleted this
         # long after they completed, dead ones this long after they died; and the seconds
         # between retention passes (one worker runs each).

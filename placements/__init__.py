@@ -22,6 +22,7 @@ assets = Blueprint("placement_assets", __name__, template_folder="templates",
 def init_app(app: Flask) -> None:
     """Register the placement blueprints and their shared assets."""
     from placements.calls.views import bp as calls_bp
+    from placements.dashboard.views import bp as dashboard_bp
     from placements.dead.views import bp as dead_bp
     from placements.settings.views import bp as settings_bp
     from placements.widgets.views import bp as widgets_bp
@@ -32,6 +33,7 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(widgets_bp)
     app.register_blueprint(calls_bp)
     app.register_blueprint(dead_bp)
+    app.register_blueprint(dashboard_bp)
 
 
 def page_url(endpoint: str, page: Any, **values: Any) -> str:

@@ -39,7 +39,7 @@ import redis.asyncio as aioredis
 from flask import Flask
 
 from app.bitrix import AsyncRestClient
-from app.dispatcher import lease, nudge, policy, store
+from app.dispatcher import lease, nudge, policy, stats, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket, scaled_plans
 from app.dispatcher.credentials import CredentialStore
 from app.dispatcher.flight import GroupWriter
@@ -188,6 +188,7 @@ class Engine:
         self.ledger = AsyncOperatingLedger(self.redis, limit=self.settings.operating_limit)
         self.credentials = CredentialStore(self.app, self.executor)
         self.recorder = GroupWriter(self)
+        self.stats = stats.AsyncRecorder(self.redis)  # the dashboard's minutes
         pubsub = self.redis.pubsub()
         await pubsub.subscribe(nudge.channel(self.redis))
         self._tasks = [asyncio.create_task(self._listen(pubsub), name="nudge-listener"),

@@ -50,8 +50,9 @@ async def fly(driver: Driver, commands: list[Candidate], wire: dict[str, Any], *
             await _token(driver, realtime)
         started = time.monotonic()
         answer = await _exchange(driver, wire, realtime)
-        metrics.round_trip(driver.plan, time.monotonic() - started)
-        await _settle(driver, commands, answer)
+        elapsed = time.monotonic() - started
+        metrics.round_trip(driver.plan, elapsed)
+        await _settle(driver, commands, answer, elapsed)
     except Exception:
         log.exception("portal %s: a batch's outcome was not recorded; its lease will "
                       "expire and the sweep recovers it", driver.portal_id)
@@ -100,13 +101,16 @@ async def _usable(driver: Driver) -> Snapshot:
     return snap
 
 
-async def _settle(driver: Driver, commands: list[Candidate], answer: Any) -> None:
+async def _settle(driver: Driver, commands: list[Candidate], answer: Any,
+                  elapsed: float | None = None) -> None:
     """Judge the answer, write the commands' rows, then apply the effects."""
     eng, now = driver.engine, utcnow()
     rows, effects = outcomes.decide(commands, answer, now,
                                     outcomes.Rules(eng.settings.horizon, eng.settings.resend))
     await eng.recorder.write(rows)
     metrics.settled(driver.plan, commands, rows, now)
+    await eng.stats.batch(driver.portal_id, elapsed, rows, limited=effects.fill_bucket,
+                          methods={c.method for c in commands})
     await _apply(driver, effects)
 
 

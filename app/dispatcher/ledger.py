@@ -181,3 +181,12 @@ class AsyncOperatingLedger(_Ledger):
         until = -1.0 if until_epoch is None else float(until_epoch)
         return float(await self._hold(keys=self._keys(portal_key, method),
                                       args=[self.window, until]))
+
+
+def used(client: redis.Redis, portal_key: str, method: str, *, now: float,
+         prefix: str = "b24relay:operating:", window: float = WINDOW) -> float:
+    """Seconds of ``method`` booked in the live window (read-only: the dashboard's figure)."""
+    name = f"{portal_key}:{method.strip().lower()}"
+    booked = client.hgetall(f"{prefix}{name}")
+    return sum(float(seconds) for start, seconds in booked.items()
+               if float(start) + window > now)

@@ -134,8 +134,11 @@ _collector = OutboxDepthCollector()
 
 def init_app(app: Flask) -> None:
     """Expose the outbox depth on the registry /metrics serves."""
+    from app.dispatcher.stats import PortalCollector
+
     registry = app.extensions.get("metrics_registry") or REGISTRY
-    try:
-        registry.register(_collector)
-    except ValueError:
-        pass  # already registered (several apps in one process)
+    for collector in (_collector, PortalCollector(int(app.config["METRICS_PORTALS"]))):
+        try:
+            registry.register(collector)
+        except ValueError:
+            pass  # already registered (several apps in one process)

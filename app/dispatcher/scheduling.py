@@ -193,6 +193,7 @@ class Driver:
         if doomed:
             await eng.run_db(store.mark_doomed, eng.db, doomed, utcnow())
             metrics.dead(self.plan, len(doomed))
+            await eng.stats.dead(self.portal_id, len(doomed))
             handled = [c.id for c in ready.candidates if c.id in doomed and c.handler]
             if handled:
                 await eng.run_db(flight.notify, eng.app, handled)

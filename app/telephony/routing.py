@@ -65,6 +65,9 @@ LOCK = "b24relay:route-lookup:{portal}:{phone}"
 ANSWER_MARGIN = 0.05
 LOCK_SECONDS = 120  # longer than a lookup can take (REST timeout 65 s, pacing up to 30 s)
 POLL = 0.02  # seconds between cache reads while another process looks the number up
+# Per portal and UTC day: routing questions asked and answered with someone (the dashboard).
+TALLY = "b24relay:route-tally:{portal}:{day}"
+TALLY_KEEP = 2 * 86400
 ABSENT = frozenset({"CLOSED", "PAUSED", "EXPIRED"})  # TIMEMAN_STATUS: the day is not open
 
 
@@ -127,6 +130,34 @@ def route(portal_id: int, raw_phone: str, started: float | None = None) -> Match
     """The routing answer for a number: from the cache, else from a lookup that gets at most
     TELEPHONY_ROUTE_WAIT seconds from ``started`` (the request's arrival, ``time.monotonic``),
     less :data:`ANSWER_MARGIN` for answering (None: no answer in time, "no preference")."""
+    match = _route(portal_id, raw_phone, started)
+    _tally(portal_id, match is not None and match.routable)
+    return match
+
+
+def _tally(portal_id: int, routed: bool) -> None:
+    """Count the question, and the answer when it names someone: the day's hit rate."""
+    day = TALLY.format(portal=portal_id, day=time.strftime("%Y%m%d", time.gmtime()))
+    try:
+        pipe = redis_ext.client.pipeline(transaction=False)
+        pipe.hincrby(day, "asked", 1)
+        if routed:
+            pipe.hincrby(day, "routed", 1)
+        pipe.expire(day, TALLY_KEEP)
+        pipe.execute()
+    except redis.RedisError as exc:
+        log.debug("portal %s: routing tally not kept: %s", portal_id, exc)
+
+
+def hit_rate(portal_id: int, day: str | None = None) -> tuple[int, int]:
+    """(asked, routed) for the portal on ``day`` (``YYYYMMDD`` UTC; default today)."""
+    raw = redis_ext.client.hgetall(TALLY.format(
+        portal=portal_id, day=day or time.strftime("%Y%m%d", time.gmtime())))
+    counts = {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in raw.items()}
+    return counts.get("asked", 0), counts.get("routed", 0)
+
+
+def _route(portal_id: int, raw_phone: str, started: float | None) -> Match | None:
     phone = phone_key(raw_phone)
     if phone is None:
         return None  # an anonymous caller has no client to route to

@@ -14,6 +14,7 @@ from app.tenants.models import Portal
 from app.tenants.users import extension_map
 from placements.calls.shown import shown
 from placements.common import advice, verified
+from placements.dashboard import page as dashboard_page
 
 bp = Blueprint("widgets", __name__, template_folder="templates")
 
@@ -38,6 +39,8 @@ def widget(name: str) -> Response:
 
 @verified
 def _render(session: IframeSession, name: str) -> Response:
+    if name == "dashboard":  # TELEPHONY_ANALYTICS_MENU opens the live dashboard
+        return dashboard_page.widget(session)
     portal = session.portal
     template = "widgets/" + name.replace("-", "_") + ".html"
     options = _options(session.auth.placement_options)
