@@ -17,7 +17,7 @@ run: $(STAMP)  ## the app on the embedded default (+ sandbox portal without B24 
 	$(BIN)/python -m sandbox.devrun
 
 test: $(STAMP)  ## the whole suite: on both cores (pytest-xdist), then the latency-bound tests alone
-	$(BIN)/python -m pytest -n 2 -m "not serial" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 4 -m "not serial" $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS)
 
 bench: $(STAMP)  ## benchmarks (not tests): print tables, write bench/out/
