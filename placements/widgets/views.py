@@ -10,7 +10,6 @@ from flask import Blueprint, Response, abort, make_response, render_template
 from app.installation.iframe import IframeSession
 from app.installation.plan import PLACEMENTS
 from app.telephony import story
-from app.tenants.models import Portal
 from app.tenants.users import extension_map
 from placements.calls.shown import shown
 from placements.common import advice, verified
@@ -44,7 +43,7 @@ def _render(session: IframeSession, name: str) -> Response:
     portal = session.portal
     template = "widgets/" + name.replace("-", "_") + ".html"
     options = _options(session.auth.placement_options)
-    extra = _call_card(portal, options) if name == "call-card" else {}
+    extra = _call_card(session, options) if name == "call-card" else {}
     body = render_template(template, portal=portal, advice=advice(portal),
                            options=options,
                            extensions=extension_map(portal),
@@ -55,9 +54,25 @@ def _render(session: IframeSession, name: str) -> Response:
 # ------------------------------------------------------------------ the call card (CALL_CARD)
 
 
-def _call_card(portal: Portal, options: dict[str, Any]) -> dict[str, Any]:
+def _call_card(session: IframeSession, options: dict[str, Any]) -> dict[str, Any]:
     """The call card's story (issue 24 point 9): the portal's call of the options' CALL_ID,
-    or None when the app does not know that call (not one of its calls, or not yet)."""
+    or None when the app does not know that call (not one of its calls, or not yet).
+
+    PLACEMENT_OPTIONS is a form field the employee's browser posts, so any CALL_ID can be
+    put there: an employee sees the story of a call whose card was theirs (they owned it,
+    it rang or was shown to them, they answered or handled it); an administrator any."""
+    portal = session.portal
     call_id = str(options.get("CALL_ID") or "")
     row = story.by_b24_call_id(portal.id, call_id) if call_id else None
+    if row is not None and not (session.is_admin or _took_part(row, session.user_id)):
+        return {"story": None, "not_yours": True}
     return {"story": shown(portal, story.story(row)) if row is not None else None}
+
+
+def _took_part(call: Any, user_id: int | None) -> bool:
+    """Whether ``user_id`` had this call's card: owner, ringing, shown, answerer or handler."""
+    if user_id is None:
+        return False
+    people = {call.owner_user_id, call.answerer_user_id, call.handler_user_id,
+              *(call.ringing or []), *(call.shown or []), *(call.hidden or [])}
+    return user_id in people

@@ -112,7 +112,7 @@ def test_calls_are_for_administrators(app, client):
 def test_the_call_card_shows_the_story_of_its_call_id(sandbox, installed):
     portal = portal_row(installed["member_id"])
     with_story(portal, "pbx-card", phone="+74951112233", caller_name=IMG,
-               b24_call_id="externalCall.card.1")
+               b24_call_id="externalCall.card.1", ringing=[2], shown=[2])
     other = make_portal()
     with_story(other, "pbx-elsewhere", b24_call_id="externalCall.elsewhere.1")
     opened = sandbox.open_placement(installed["member_id"], placement="CALL_CARD", user_id=2,
@@ -127,3 +127,18 @@ def test_the_call_card_shows_the_story_of_its_call_id(sandbox, installed):
                                         options={"CALL_ID": unknown})
         assert opened["status"] == 200 and 'id="call-unknown"' in opened["body"], unknown
         assert "pbx-elsewhere" not in opened["body"]
+
+
+def test_an_employee_cannot_read_a_calls_story_by_posting_its_call_id(sandbox, installed):
+    # PLACEMENT_OPTIONS is the employee's own form field: any CALL_ID can be put there.
+    portal = portal_row(installed["member_id"])
+    with_story(portal, "pbx-not-theirs", phone="+74957654321",
+               b24_call_id="externalCall.private.1", owner_user_id=1, ringing=[1], shown=[1])
+    opened = sandbox.open_placement(installed["member_id"], placement="CALL_CARD", user_id=2,
+                                    options={"CALL_ID": "externalCall.private.1"})
+    assert opened["status"] == 200
+    assert 'id="call-not-yours"' in opened["body"]
+    assert "pbx-not-theirs" not in opened["body"] and "+74957654321" not in opened["body"]
+    admin = sandbox.open_placement(installed["member_id"], placement="CALL_CARD", user_id=1,
+                                   options={"CALL_ID": "externalCall.private.1"})
+    assert "pbx-not-theirs" in admin["body"]
