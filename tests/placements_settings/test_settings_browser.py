@@ -196,3 +196,42 @@ def test_the_diagnosis_page_finds_seeded_faults_and_names_their_fixes(sandbox, p
     assert "Telephony > Telephony settings" in outgoing.inner_text()
     assert dialogs == []
     assert httpx.get(live_app.url + "/placements/app/diagnosis").status_code == 401
+
+
+def test_the_diagnosis_page_finds_five_seeded_faults_each_with_its_fix(sandbox, make_portal,
+                                                                      live_app, page, dialogs,
+                                                                      start_worker):
+    """Issue 24's five faults at once: a missing event binding, the app not the default line,
+    a user without an extension, a missing scope, a clock 10 minutes off."""
+    from app.dispatcher import direct
+    from app.installation import plan
+
+    made = make_portal(users=[*USERS, {"id": 3, "name": "Carl", "extension": ""}])
+    member_id = str(made["member_id"])
+    assert sandbox.install_app(member_id, live_app.url)["status"] == 200
+    sandbox.finish_install(member_id)
+    start_worker(threads=2, **live_app.worker_env())
+    direct.call_method(portal_row(member_id), "event.unbind",
+                       {"event": "ONUSERADD", "handler": plan.event_handler_url(member_id)})
+    sandbox.set_outgoing_line(member_id, "sip12")
+    sandbox.set_scope(member_id, "telephony,placement,user_basic")
+    sandbox.set_clock_skew(member_id, 600)
+
+    frame = _open(sandbox, page, member_id)
+    frame.click("nav.sections a[data-section='settings.diagnosis']")
+    frame.click("#check-now button[type=submit]")
+    frame.wait_for_selector("tr[data-code=clock]:not([data-level=ok])", timeout=90000)
+    fixes = {  # each finding: something it names, and words of its fix
+        "events": ("ONUSERADD", f"flask portals setup {member_id}"),
+        "outgoing_line": ("sip12", "Telephony > Telephony settings"),
+        "extensions_missing": ("Carl (3)", "internal number"),
+        "scopes": ("crm", "reinstall the app"),
+        "clock": ("s ahead of ours", "timedatectl"),
+    }
+    for code, (named, fix) in fixes.items():
+        row = frame.wait_for_selector(f"tr[data-code={code}]")
+        text = row.inner_text()
+        assert row.get_attribute("data-level") != "ok", (code, text)
+        assert named in text and fix in text, (code, text)
+    _shot(page, "diagnosis-five-faults")
+    assert dialogs == []
