@@ -6,6 +6,11 @@ language under ``app/translations/`` (Flask-Babel; ``make translations`` re-extr
 compiles it). Bitrix24 passes the portal user's language as ``LANG`` in the iframe URL;
 a view that has no such query (a form saved with a signed token, a JSON poll) names the
 portal's stored language with :func:`use_language`.
+
+A message that operators read too (a refusal that is logged, a status reason that is
+stored) is written ``N_("English %(value)s", value=...)``: a :class:`Words`, which is its
+English text as a ``str`` (so logs, the database and the terminal get English) and the
+page's language where a page shows it (a template, or :func:`shown`).
 """
 
 from __future__ import annotations
@@ -83,6 +88,7 @@ def shown(text: object) -> str:
     """``text`` in this request's language: ``Words`` (and their values) translated; any
     other text (a lazy string, Bitrix24's own words) as it renders."""
     if isinstance(text, Words):
-        values = {key: shown(value) for key, value in text.values.items()}
+        values = {key: shown(value) if isinstance(value, Words) else value
+                  for key, value in text.values.items()}
         return gettext(text.msgid, **values) if values else gettext(text.msgid)
     return str(text)
