@@ -83,7 +83,6 @@ REASONS: dict[PortalStatus, Words] = {
 INTERRUPTED = N_("A token refresh was interrupted (the process stopped after the request left) "
                  "and Bitrix24 had already rotated the tokens, so the stored refresh token is "
                  "spent. ")
-WITH_DETAIL = "%(reason)s (Bitrix24: %(detail)s)"
 
 _ACCESS_CODES = frozenset({"ACCESS_DENIED", "INSUFFICIENT_SCOPE", "INVALID_SCOPE"})
 
@@ -129,7 +128,7 @@ def _as_words(status: PortalStatus, stored: str) -> str:
         return text
     tail = stored[len(text):]
     if tail.startswith(" (Bitrix24: ") and tail.endswith(")"):
-        return N_(WITH_DETAIL, reason=text, detail=tail[len(" (Bitrix24: "):-1])
+        return reason_for(status, tail[len(" (Bitrix24: "):-1]) or stored
     return stored
 
 

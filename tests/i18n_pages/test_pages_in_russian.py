@@ -17,9 +17,9 @@ from urllib.parse import parse_qsl, urlsplit
 from flask import render_template_string
 from itsdangerous import TimestampSigner, URLSafeTimedSerializer
 
-from app.i18n import N_, shown
+from app.i18n import shown
 from app.tenants.models import PortalStatus
-from app.tenants.status import REASONS, WITH_DETAIL, shown_reason
+from app.tenants.status import INTERRUPTED, reason_for, shown_reason
 from placements import page_session
 from tests.i18n_pages.conftest import ADA, BORIS, VERA, open_as
 from tests.install.conftest import portal_row
@@ -184,7 +184,8 @@ def test_the_terminal_speaks_english_for_a_russian_portal(app, sandbox, make_por
 
 def test_our_words_in_a_stored_reason_are_translated_and_bitrix24s_escaped(app):
     detail = 'PAYMENT_REQUIRED <img src=x onerror="alert(1)">'
-    reason = N_(WITH_DETAIL, reason=REASONS[PortalStatus.PAYMENT_REQUIRED], detail=detail)
+    reason = reason_for(PortalStatus.PAYMENT_REQUIRED, detail)
+    assert reason is not None
     stored = str(reason)  # what the database keeps
     assert stored.startswith(UNPAID_EN) and type(stored) is str
     with app.app_context(), app.test_request_context("/?LANG=ru"):
@@ -192,6 +193,15 @@ def test_our_words_in_a_stored_reason_are_translated_and_bitrix24s_escaped(app):
         assert shown_ru is not None and shown_ru.startswith(UNPAID_RU) and detail in shown_ru
         page = render_template_string("<p>{{ m }}</p>", m=reason)
         assert UNPAID_RU in html.unescape(page) and "<img" not in page  # escaped
+        # The chain lost after an interrupted refresh (app/tenants/tokens.py writes it so).
+        lost = str(INTERRUPTED) + str(reason_for(PortalStatus.AUTH_FAILED, "invalid_grant x"))
+        assert shown_reason(PortalStatus.AUTH_FAILED, lost) == (
+            "Обновление токена прервалось (процесс остановился, когда запрос уже ушёл), а "
+            "Битрикс24 уже выдал новые токены, поэтому сохранённый токен обновления "
+            "израсходован. Битрикс24 больше не принимает токен обновления приложения. Один раз "
+            "откройте приложение в Битрикс24 от имени администратора, чтобы снова его "
+            "подключить. Если это не поможет, переустановите приложение. (Битрикс24: "
+            "invalid_grant x)")
         # Free text from somewhere else is shown as it is.
         assert shown_reason(PortalStatus.PAYMENT_REQUIRED, "Setup did not finish: x") == \
             "Setup did not finish: x"
