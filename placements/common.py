@@ -7,34 +7,40 @@ from functools import wraps
 from typing import Any
 
 from flask import Response, make_response, render_template, request
+from flask_babel import lazy_gettext as _l
 
 from app.extensions import db
 from app.framing import framed_by, portal_origin_from_query
+from app.i18n import shown
 from app.installation.iframe import open_iframe
 from app.installation.verify import InstallError
 from app.tenants.models import Portal, PortalStatus
-from app.tenants.status import reason_for
+from app.tenants.status import shown_reason
 
 PLAIN_ADVICE = {
-    PortalStatus.ACTIVE.value: "Connected: calls and events flow.",
-    PortalStatus.INSTALLING.value: "Installation has not finished: open the installer again "
-                                   "from Bitrix24 Market.",
+    PortalStatus.ACTIVE.value: _l("Connected: calls and events flow."),
+    PortalStatus.INSTALLING.value: _l("Installation has not finished: open the installer again "
+                                      "from Bitrix24 Market."),
 }
 
 
 def advice(portal: Portal) -> str:
-    """What the portal admin should do about the portal's state."""
-    return (PLAIN_ADVICE.get(portal.status) or portal.status_reason
-            or reason_for(portal.status) or portal.status)
+    """What the portal admin should do about the portal's state, in the page's language
+    (a reason Bitrix24 worded is shown as it came)."""
+    plain = PLAIN_ADVICE.get(portal.status)
+    if plain is not None:
+        return str(plain)
+    return shown_reason(portal.status, portal.status_reason) or portal.status
 
 
 def error_page(message: str, status: int, origin: str | None = None) -> Response:
     """An error page saying what went wrong, framed by ``origin`` (a verified portal).
 
-    Without one, the request is unverified: only a portal the app already knows
-    under the query's DOMAIN may frame the page, else nobody.
+    ``message`` is shown in the page's language when it is ``Words`` (a refusal's English
+    text, which the log keeps). Without ``origin`` the request is unverified: only a portal
+    the app already knows under the query's DOMAIN may frame the page, else nobody.
     """
-    body = render_template("placements/error.html", message=message)
+    body = render_template("placements/error.html", message=shown(message))
     return framed_by(make_response(body, status), origin or portal_origin_from_query())
 
 

@@ -29,7 +29,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from app.extensions import db
 from app.framing import framed_by
-from app.i18n import language_of, use_language
+from app.i18n import N_, language_of, shown, use_language
 from app.tenants.models import Portal, PortalStatus
 from placements.common import error_page
 
@@ -42,7 +42,9 @@ GONE = frozenset({PortalStatus.UNINSTALLED.value, PortalStatus.PORTAL_DELETED.va
 
 
 class SessionRefused(Exception):
-    """No usable page session: ``status`` 401 (missing, forged, expired) or 403 (not allowed)."""
+    """No usable page session: ``status`` 401 (missing, forged, expired) or 403 (not allowed).
+
+    ``message`` is ``Words``: English in a log, the page's language where it is shown."""
 
     def __init__(self, message: str, status: int = 401, portal: Portal | None = None) -> None:
         super().__init__(message)
@@ -74,24 +76,37 @@ def issue(portal: Portal, user_id: int | None, is_admin: bool, lang: str | None)
 def from_token(raw: str) -> PageSession:
     """The session a token carries; raises :class:`SessionRefused` saying why not."""
     if not raw:
-        raise SessionRefused("This page opens inside Bitrix24: reopen the app from your portal.")
+        raise SessionRefused(N_("This page opens inside Bitrix24: reopen the app from your "
+                                "portal."))
     try:
         claims = _serializer().loads(raw, max_age=TTL_SECONDS)
     except SignatureExpired:
-        raise SessionRefused("The page expired: reopen the app from your Bitrix24 portal.") \
-            from None
+        _speak_as_claimed(raw)
+        raise SessionRefused(N_("The page expired: reopen the app from your Bitrix24 "
+                                "portal.")) from None
     except BadSignature:
-        raise SessionRefused("The page's session is not valid: reopen the app from your "
-                             "Bitrix24 portal.") from None
+        _speak_as_claimed(raw)
+        raise SessionRefused(N_("The page's session is not valid: reopen the app from your "
+                                "Bitrix24 portal.")) from None
+    if isinstance(claims, dict):
+        use_language(str(claims.get("l") or ""))  # a refusal below speaks the user's language
     portal_id = claims.get("p") if isinstance(claims, dict) else None
     portal = db.session.get(Portal, portal_id) if isinstance(portal_id, int) else None
     if portal is None or portal.member_id != claims.get("m"):
-        raise SessionRefused("The app is no longer installed on this portal.")
+        raise SessionRefused(N_("The app is no longer installed on this portal."))
     if portal.status in GONE:
-        raise SessionRefused("The app is no longer installed on this portal.", 403, portal)
+        raise SessionRefused(N_("The app is no longer installed on this portal."), 403, portal)
     user_id = claims.get("u") if isinstance(claims.get("u"), int) else None
     return PageSession(portal, user_id, bool(claims.get("a")), language_of(claims.get("l")),
                        raw)
+
+
+def _speak_as_claimed(raw: str) -> None:
+    """Refuse a token in the language it names, though it is expired or forged: the
+    language is the only claim used, and it changes no more than the refusal's words."""
+    _valid, claims = _serializer().loads_unsafe(raw)
+    if isinstance(claims, dict):
+        use_language(str(claims.get("l") or ""))
 
 
 def current() -> PageSession:
@@ -106,7 +121,7 @@ def current() -> PageSession:
 def _refusal(exc: SessionRefused, as_json: bool) -> Response:
     origin = exc.portal.origin if exc.portal else None
     if as_json:
-        return framed_by(make_response(jsonify(error=exc.message), exc.status), origin)
+        return framed_by(make_response(jsonify(error=shown(exc.message)), exc.status), origin)
     return error_page(exc.message, exc.status, origin)
 
 
@@ -124,7 +139,7 @@ def page(*, admin: bool = False, as_json: bool = False
             try:
                 session = current()
                 if admin and not session.is_admin:
-                    raise SessionRefused("Only a portal administrator can do this.", 403,
+                    raise SessionRefused(N_("Only a portal administrator can do this."), 403,
                                          session.portal)
             except SessionRefused as exc:
                 return _refusal(exc, as_json)

@@ -38,6 +38,14 @@ def check_iframe_form(value: Any) -> str:
     return str(value)
 
 
+def check_lang(value: Any) -> str:
+    """A user's language as Bitrix24 names it in LANG: two lowercase letters (en, ru, de, ua)."""
+    lang = str(value).strip().lower()
+    if len(lang) != 2 or not lang.isalpha():
+        raise ControlError(400, f"lang {value!r} is not a two-letter language code (en, ru, de)")
+    return lang
+
+
 def check_time_zone(value: Any) -> str:
     """A valid portal time zone (IANA name or "+03:00"), or a 400 control error."""
     try:
@@ -121,6 +129,7 @@ class Cloud:
                 u.get("email", ""),
                 [str(n) for n in u.get("phones") or []],
                 str(u.get("timeman") or "NOT_INSTALLED"),
+                check_lang(u.get("lang") or "en"),
             )
             for u in users_spec
         }
@@ -206,6 +215,7 @@ class Cloud:
                     "extension": u.extension,
                     "active": u.active,
                     "timeman": u.timeman,
+                    "lang": u.lang,
                 }
                 for u in p.users.values()
             ],
@@ -739,10 +749,10 @@ class Cloud:
             "expires_in": self.settings.token_ttl,
             "domain": p.domain,
             "is_admin": user.admin,
-            "lang": "en",
+            "lang": user.lang,
             "fields": fields,
         }
-        query = urlencode({"DOMAIN": p.domain, "PROTOCOL": str(self.protocol), "LANG": "en",
+        query = urlencode({"DOMAIN": p.domain, "PROTOCOL": str(self.protocol), "LANG": user.lang,
                            "APP_SID": sid})
         return url + ("&" if "?" in url else "?") + query, build_query(fields)
 

@@ -8,7 +8,9 @@ It is what app/ingress/PBX_EVENTS.md asks of a PBX, over real HTTP on 127.0.0.1:
 - ``POST`` (any path) is an originate request. Its ``X-B24Relay-Signature`` must be
   ``sha256=`` + hex HMAC-SHA256 of ``"<X-B24Relay-Timestamp>.<raw body>"`` under the
   secret, and the timestamp within ``max_skew`` seconds (300) of this clock: otherwise
-  401 and nothing happens. A body without ``extension`` or ``phone`` is 400.
+  401 and nothing happens. A signed test request (``"kind": "test"``: the settings
+  page's "send a test originate") is answered 200 ``{"test": true}`` and places no call
+  (:attr:`TestPBX.tests`). Any other body without ``extension`` or ``phone`` is 400.
 - A genuine one is answered ``status`` (200; set it to 503 to play a PBX that is down),
   and then, in the background, the call is reported to ``<app>/api/v1/calls/events``
   with the portal's API key, one event a request, as a PBX would: ``start`` (direction
@@ -109,6 +111,7 @@ class TestPBX:
     on_originate: Callable[[Originate], None] | None = None
     originates: list[Originate] = field(default_factory=list)
     refused: list[Refused] = field(default_factory=list)
+    tests: list[dict[str, Any]] = field(default_factory=list)  # signed test requests taken
     posted: list[tuple[dict[str, Any], int]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -184,6 +187,10 @@ class TestPBX:
             return 401, {"error": why}
         try:
             data = json.loads(body)
+            if isinstance(data, dict) and data.get("kind") == "test":
+                with self._lock:
+                    self.tests.append(data)
+                return 200, {"test": True, "call_id": None}  # signed right; no call placed
             if not isinstance(data, dict) or not data.get("extension") or not data.get("phone"):
                 raise ValueError("extension and phone are required")
         except ValueError as exc:

@@ -89,6 +89,8 @@ class User:
     # The work-time module's state of his day, as searchCrmEntities reports it (§8.7):
     # OPENED | CLOSED | PAUSED | EXPIRED | UNAVAILABLE | NOT_INSTALLED.
     timeman: str = "NOT_INSTALLED"
+    # The language the user reads the portal in (their profile's): the iframe's LANG (§2.3).
+    lang: str = "en"
 
     def as_rest(self) -> dict[str, Any]:
         """The user.get / user.current record."""

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from app.bitrix import TokenSet
+from app.i18n import N_
 from app.installation.chains import adopt_chain
 from app.installation.plan import int_or_none
 from app.installation.verify import (
@@ -42,10 +43,11 @@ def open_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeSess
     auth, info = verify_iframe_token(auth)
     portal = Portal.by_member_id(auth.member_id)
     if portal is None:
-        raise TokenRejected("b24relay is not installed on this portal; install it first", 403)
+        raise TokenRejected(N_("b24relay is not installed on this portal; install it first"), 403)
     if (auth.application_token and portal.application_token
             and not application_token_matches(portal, auth.application_token)):
-        raise TokenRejected("APPLICATION_TOKEN does not match this portal's installation", 403)
+        raise TokenRejected(N_("APPLICATION_TOKEN does not match this portal's installation"),
+                            403)
     session = IframeSession(portal, auth, int_or_none(info.get("user_id")),
                             user_is_admin(portal.client_endpoint, auth.access_token, portal))
     if session.is_admin and PortalStatus(portal.status) in CLEARED_BY_NEW_CHAIN:

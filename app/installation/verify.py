@@ -27,6 +27,7 @@ from app.bitrix import OAuthClient, errors
 from app.bitrix.errors import ApiError, BitrixError
 from app.dispatcher import direct
 from app.framing import valid_host
+from app.i18n import N_
 from app.tenants import status as portal_status
 from app.tenants import tokens
 from app.tenants.models import Portal
@@ -41,7 +42,10 @@ REQUIRED_FORM = ("AUTH_ID", "REFRESH_ID", "member_id")
 
 
 class InstallError(Exception):
-    """The request cannot be honoured; ``status`` and ``message`` go to the page shown."""
+    """The request cannot be honoured; ``status`` and ``message`` go to the page shown.
+
+    ``message`` is ``Words``: English as a ``str`` (the log, a stored reason), the page's
+    language where a page shows it (``app.i18n.shown``, or a template)."""
 
     status = 400
 
@@ -116,18 +120,18 @@ def parse_iframe(query: Mapping[str, str], form: Mapping[str, str]) -> IframeAut
     missing = [k for k in REQUIRED_QUERY if not (query.get(k) or "").strip()]
     missing += [k for k in REQUIRED_FORM if not (form.get(k) or "").strip()]
     if missing:
-        raise BadIframeRequest("missing fields: " + ", ".join(missing))
+        raise BadIframeRequest(N_("missing fields: %(fields)s", fields=", ".join(missing)))
     domain = query["DOMAIN"].strip().lower()
     if not valid_host(domain):
-        raise BadIframeRequest("DOMAIN is not a host name")
+        raise BadIframeRequest(N_("DOMAIN is not a host name"))
     named = (form.get("SERVER_ENDPOINT") or "").strip()
     server = named or default_auth_server()
     if urlsplit(server).scheme not in ("http", "https"):
-        raise BadIframeRequest("SERVER_ENDPOINT is not an http(s) URL")
+        raise BadIframeRequest(N_("SERVER_ENDPOINT is not an http(s) URL"))
     try:
         expires_in = int(form.get("AUTH_EXPIRES") or 3600)
     except ValueError:
-        raise BadIframeRequest("AUTH_EXPIRES is not a number") from None
+        raise BadIframeRequest(N_("AUTH_EXPIRES is not a number")) from None
     return IframeAuth(
         domain=domain, protocol=(query.get("PROTOCOL") or "1").strip(),
         lang=query.get("LANG", "")[:8],
@@ -200,7 +204,7 @@ def default_auth_server() -> str:
 def oauth_client() -> OAuthClient:
     """This app's OAuth client (``B24_CLIENT_ID``/``SECRET``, token-URL override)."""
     if not setting("B24_CLIENT_ID") or not setting("B24_CLIENT_SECRET"):
-        raise InstallError("B24_CLIENT_ID and B24_CLIENT_SECRET are not configured", 503)
+        raise InstallError(N_("B24_CLIENT_ID and B24_CLIENT_SECRET are not configured"), 503)
     return tokens.oauth_client()
 
 
@@ -214,11 +218,12 @@ def verify_token(server_endpoint: str, access_token: str, member_id: str,
     try:
         info = oauth_client().app_info(server_endpoint, access_token)
     except ApiError as exc:
-        raise TokenRejected(f"the portal rejected the access token ({exc.code}: "
-                            f"{exc.description}); open the app again from your Bitrix24") from exc
+        raise TokenRejected(N_("the portal rejected the access token (%(code)s: "
+                               "%(description)s); open the app again from your Bitrix24",
+                               code=exc.code, description=exc.description)) from exc
     except BitrixError as exc:
-        raise InstallError(f"the Bitrix24 authorization server did not answer ({exc})",
-                           502) from exc
+        raise InstallError(N_("the Bitrix24 authorization server did not answer (%(error)s)",
+                              error=str(exc)), 502) from exc
     _check_app_info(info, member_id, domain)
     return info
 
@@ -233,24 +238,28 @@ def _check_auth_server(server_endpoint: str) -> None:
     host = parts.netloc.lower()
     schemes = _trusted_schemes().get(host)
     if schemes is None:
-        raise TokenRejected(f"{host} is not a Bitrix24 authorization server this app trusts", 403)
+        raise TokenRejected(N_("%(host)s is not a Bitrix24 authorization server this app "
+                               "trusts", host=host), 403)
     if parts.scheme.lower() not in schemes:
-        raise TokenRejected(f"the authorization server {host} is asked over https only", 403)
+        raise TokenRejected(N_("the authorization server %(host)s is asked over https only",
+                               host=host), 403)
     if parts.path != "/rest/" or parts.query or parts.fragment:
-        raise TokenRejected(f"the authorization server's address must be {parts.scheme}://"
-                            f"{host}/rest/", 403)
+        raise TokenRejected(N_("the authorization server's address must be %(address)s",
+                               address=f"{parts.scheme}://{host}/rest/"), 403)
 
 
 def _check_app_info(info: Mapping[str, Any], member_id: str, domain: str | None) -> None:
     client_id = setting("B24_CLIENT_ID")
     if not client_id or not hmac.compare_digest(str(info.get("client_id") or ""), client_id):
-        raise TokenRejected("the access token belongs to another application", 403)
+        raise TokenRejected(N_("the access token belongs to another application"), 403)
     install_info = info.get("install") or {}
     if not hmac.compare_digest(str(install_info.get("member_id") or ""), member_id):
-        raise TokenRejected("the access token belongs to another portal (member_id differs)", 403)
+        raise TokenRejected(N_("the access token belongs to another portal (member_id "
+                               "differs)"), 403)
     endpoint = portal_endpoint(info)  # raises when the auth server names no address
     if domain is not None and urlsplit(endpoint).netloc.lower() != domain.strip().lower():
-        raise TokenRejected("the access token belongs to another portal (domain differs)", 403)
+        raise TokenRejected(N_("the access token belongs to another portal (domain differs)"),
+                            403)
 
 
 def portal_endpoint(info: Mapping[str, Any]) -> str:
@@ -270,8 +279,8 @@ def portal_endpoint(info: Mapping[str, Any]) -> str:
     if domain and valid_host(domain):
         scheme = urlsplit(str(install_info.get("uri") or "")).scheme
         return f"{scheme if scheme in ('http', 'https') else 'https'}://{domain}/rest/"
-    raise TokenRejected("the Bitrix24 authorization server did not name the portal's address; "
-                        "open the app again from your Bitrix24", 403)
+    raise TokenRejected(N_("the Bitrix24 authorization server did not name the portal's "
+                           "address; open the app again from your Bitrix24"), 403)
 
 
 def verify_iframe_token(auth: IframeAuth) -> tuple[IframeAuth, dict[str, Any]]:
@@ -337,7 +346,8 @@ def user_is_admin(client_endpoint: str, access_token: str, portal: Portal | None
         log.warning("user.admin refused at %s: %s", client_endpoint, exc)
         return False
     except BitrixError as exc:
-        raise InstallError(f"the portal did not answer ({exc}); try again", 502) from exc
+        raise InstallError(N_("the portal did not answer (%(error)s); try again", error=str(exc)),
+                           502) from exc
     return body.get("result") is True
 
 
@@ -353,9 +363,11 @@ def _raise_unless_about_the_user(exc: ApiError, portal: Portal | None) -> None:
         raise _held(exc, portal) from exc
     if isinstance(exc, LIMITS) or exc.http_status == 429:
         # QUERY_LIMIT_EXCEEDED came as 429 before Dec 2024, OPERATION_TIME_LIMIT still does.
-        raise PortalBusy(f"the portal is busy ({exc.code}); try again in a minute") from exc
+        raise PortalBusy(N_("the portal is busy (%(code)s); try again in a minute",
+                            code=exc.code)) from exc
     if (exc.http_status or 0) >= 500:
-        raise InstallError(f"the portal did not answer ({exc.code}); try again", 502) from exc
+        raise InstallError(N_("the portal did not answer (%(error)s); try again",
+                              error=exc.code), 502) from exc
 
 
 def _held(exc: ApiError, portal: Portal | None) -> PortalHeld:
@@ -366,7 +378,8 @@ def _held(exc: ApiError, portal: Portal | None) -> PortalHeld:
     """
     target = portal_status.transition_for(exc)
     assert target is not None  # each of PORTAL_STATES has a transition
-    reason = portal_status.reason_for(target, f"{exc.code} {exc.description}".strip()) or exc.code
+    reason = (portal_status.reason_for(target, f"{exc.code} {exc.description}".strip())
+              or N_(exc.code))
     if portal is not None:
         portal_status.record(portal, target, reason)
     return PortalHeld(reason, target.value, portal)

@@ -18,12 +18,14 @@ from flask import (
     render_template_string,
     request,
 )
+from flask_babel import gettext as _
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
 from app.extensions import db
 from app.framing import frameable, framed_by, valid_host
+from app.i18n import shown
 from app.installation import diagnosis, install
 from app.installation.chains import connect_with_code
 from app.installation.plan import EVENTS, PLACEMENTS
@@ -38,7 +40,7 @@ STATE_TTL_SECONDS = 600
 STATE_COOKIE = "b24relay_oauth"
 
 PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
+<html lang="{{ current_locale }}"><head><meta charset="utf-8"><title>{{ title }}</title>
 <style>body{font:15px/1.5 system-ui,sans-serif;margin:2rem;color:#333}h1{font-size:1.3rem}</style>
 {% if sdk_url %}<script src="{{ sdk_url }}"></script>{% endif %}
 </head><body><main>
@@ -54,8 +56,10 @@ BX24.init(function () { BX24.installFinish(); });
 
 def page(title: str, *lines: str, status: int = 200, finish: bool = False,
          sdk_url: str | None = None) -> Response:
-    """A small HTML page (installer answer, errors, OAuth result)."""
-    body = render_template_string(PAGE, title=title, lines=lines, finish=finish, sdk_url=sdk_url)
+    """A small HTML page (installer answer, errors, OAuth result), in the request's language:
+    callers translate their words, and a refusal's ``Words`` are translated here."""
+    body = render_template_string(PAGE, title=title, lines=[shown(line) for line in lines],
+                                  finish=finish, sdk_url=sdk_url)
     return make_response(body, status)
 
 
@@ -84,16 +88,17 @@ def install_view() -> Response:
         portal, report = install.install(auth)
     except InstallError as exc:
         db.session.commit()  # keeps what install() recorded about a failed setup (its reason)
-        log.warning("install refused: %s", exc.message)
-        return page("b24relay could not be installed", exc.message,
-                    "Nothing was saved. Open the installer again from your Bitrix24 portal.",
+        log.warning("install refused: %s", exc.message)  # English: Words are a str
+        return page(_("b24relay could not be installed"), exc.message,
+                    _("Nothing was saved. Open the installer again from your Bitrix24 portal."),
                     status=exc.status)
     db.session.commit()  # the install is one unit of work, committed before the page answers
     diagnosis.request_check(portal, "install")  # a worker's, once installFinish had its time
-    lines = [f"Portal {portal.domain} is connected ({report.plan} plan).",
-             f"{len(EVENTS)} event handlers and "
-             f"{len(PLACEMENTS)} widgets are in place; {report.users} users read."]
-    return page("b24relay is installed", *lines, finish=True, sdk_url=sdk_url())
+    lines = [_("Portal %(domain)s is connected (%(plan)s plan).", domain=portal.domain,
+               plan=report.plan),
+             _("%(events)d event handlers and %(widgets)d widgets are in place; %(users)d "
+               "users read.", events=len(EVENTS), widgets=len(PLACEMENTS), users=report.users)]
+    return page(_("b24relay is installed"), *lines, finish=True, sdk_url=sdk_url())
 
 
 # ---------------------------------------------------------------- OAuth code flow
@@ -115,14 +120,14 @@ def _start_domain() -> str:
     if member_id:
         portal = Portal.by_member_id(member_id)
         if portal is None:
-            abort(page("Unknown portal", "Install b24relay from the Bitrix24 Market first.",
+            abort(page(_("Unknown portal"), _("Install b24relay from the Bitrix24 Market first."),
                        status=404))
         return portal.domain
     domain = (request.args.get("domain") or "").strip().lower()
     if not domain:
-        abort(page("Which portal?", "Pass member_id or domain.", status=400))
+        abort(page(_("Which portal?"), _("Pass member_id or domain."), status=400))
     if not valid_host(domain):
-        abort(page("Which portal?", "domain is not a host name.", status=400))
+        abort(page(_("Which portal?"), _("domain is not a host name."), status=400))
     return domain
 
 
@@ -157,12 +162,13 @@ def _state_portal() -> Portal | None:
     try:
         state = _serializer().loads(request.args.get("state", ""), max_age=STATE_TTL_SECONDS)
     except SignatureExpired:
-        abort(page("The sign-in link expired", "Start again from the app.", status=400))
+        abort(page(_("The sign-in link expired"), _("Start again from the app."), status=400))
     except BadSignature:
-        abort(page("Invalid sign-in state", "Start again from the app.", status=400))
+        abort(page(_("Invalid sign-in state"), _("Start again from the app."), status=400))
     nonce = request.cookies.get(STATE_COOKIE, "")
     if not nonce or not hmac.compare_digest(nonce, str(state.get("n", ""))):
-        abort(page("Invalid sign-in state", "This browser did not start the sign-in.", status=400))
+        abort(page(_("Invalid sign-in state"), _("This browser did not start the sign-in."),
+                   status=400))
     member_id = (request.args.get("member_id") or "").strip()
     domain = (request.args.get("domain") or "").strip().lower()
     if member_id:
@@ -171,7 +177,7 @@ def _state_portal() -> Portal | None:
         portal = db.session.scalars(select(Portal).where(Portal.domain == domain)).first()
     if portal is not None and not hmac.compare_digest(_domain_digest(portal.domain),
                                                       str(state.get("d", ""))):
-        abort(page("Invalid sign-in state", "The portal answered for another portal.",
+        abort(page(_("Invalid sign-in state"), _("The portal answered for another portal."),
                    status=400))
     return portal
 
@@ -180,17 +186,19 @@ def _state_portal() -> Portal | None:
 def oauth_callback() -> Response:
     """Exchange the code (it lives 30 s) and keep the new chain for the portal."""
     if request.args.get("error"):
-        return page("Bitrix24 refused the sign-in", request.args.get("error", ""), status=400)
+        return page(_("Bitrix24 refused the sign-in"), request.args.get("error", ""), status=400)
     if not request.args.get("code"):
-        return page("Missing code", "The portal did not send an authorization code.", status=400)
+        return page(_("Missing code"), _("The portal did not send an authorization code."),
+                    status=400)
     portal = _state_portal()
     if portal is None:
-        return page("Unknown portal", "Install b24relay from the Bitrix24 Market first.",
+        return page(_("Unknown portal"), _("Install b24relay from the Bitrix24 Market first."),
                     status=404)
     try:
         connect_with_code(portal, request.args["code"])
     except InstallError as exc:
-        return page("b24relay could not connect", exc.message, status=exc.status)
-    response = page("b24relay is connected", f"Portal {portal.domain} is linked again.")
+        return page(_("b24relay could not connect"), exc.message, status=exc.status)
+    response = page(_("b24relay is connected"),
+                    _("Portal %(domain)s is linked again.", domain=portal.domain))
     response.delete_cookie(STATE_COOKIE)
     return response

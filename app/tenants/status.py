@@ -38,6 +38,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from app.bitrix import errors
 from app.extensions import db
+from app.i18n import N_, Words, shown
 from app.tenants.models import Portal, PortalStatus, utcnow
 
 log = logging.getLogger(__name__)
@@ -54,27 +55,34 @@ HELD = frozenset({PortalStatus.AUTH_FAILED, PortalStatus.PAYMENT_REQUIRED,
 # kept only after user.admin answered on the portal's REST, so a REST block is over too).
 CLEARED_BY_NEW_CHAIN = frozenset({PortalStatus.AUTH_FAILED, PortalStatus.PAYMENT_REQUIRED,
                                   PortalStatus.ACCESS_DENIED, PortalStatus.BLOCKED})
-REOPEN = "Open the app in Bitrix24 once as an administrator to reconnect it."
-
-REASONS: dict[PortalStatus, str] = {
-    PortalStatus.AUTH_FAILED: "Bitrix24 no longer accepts the app's refresh token. " + REOPEN
-    + " If that does not help, reinstall the app.",
-    PortalStatus.PAYMENT_REQUIRED: "The app's subscription on this portal has ended. Renew it in "
-    "Bitrix24 Market, then " + REOPEN[0].lower() + REOPEN[1:],
-    PortalStatus.ACCESS_DENIED: "Bitrix24 denied the app access (a permission or scope is "
-    "missing). Check the app's access rights in Bitrix24, then " + REOPEN[0].lower() + REOPEN[1:],
-    PortalStatus.PORTAL_DELETED: "The Bitrix24 portal was deleted or closed; nothing is sent.",
-    PortalStatus.UNINSTALLED: "The app is not installed on this portal any more. "
-    "Install it again from Bitrix24 Market to resume.",
-    PortalStatus.DISABLED: "Switched off by an operator; `flask portals enable` switches it on.",
-    PortalStatus.BLOCKED: "Bitrix24 support has blocked the app's REST access on this portal "
-    "(OVERLOAD_LIMIT). Nothing is sent and nothing is lost: calls and events wait. The app "
-    "checks regularly whether the block was lifted and then resumes by itself; ask Bitrix24 "
-    "support to lift it.",
+# Our own words are ``Words``: stored and logged in English, shown in the page's language
+# (:func:`shown_reason` recognises them in a stored reason).
+REASONS: dict[PortalStatus, Words] = {
+    PortalStatus.AUTH_FAILED: N_("Bitrix24 no longer accepts the app's refresh token. Open the "
+                                 "app in Bitrix24 once as an administrator to reconnect it. If "
+                                 "that does not help, reinstall the app."),
+    PortalStatus.PAYMENT_REQUIRED: N_("The app's subscription on this portal has ended. Renew it "
+                                      "in Bitrix24 Market, then open the app in Bitrix24 once as "
+                                      "an administrator to reconnect it."),
+    PortalStatus.ACCESS_DENIED: N_("Bitrix24 denied the app access (a permission or scope is "
+                                   "missing). Check the app's access rights in Bitrix24, then "
+                                   "open the app in Bitrix24 once as an administrator to "
+                                   "reconnect it."),
+    PortalStatus.PORTAL_DELETED: N_("The Bitrix24 portal was deleted or closed; nothing is "
+                                    "sent."),
+    PortalStatus.UNINSTALLED: N_("The app is not installed on this portal any more. Install it "
+                                 "again from Bitrix24 Market to resume."),
+    PortalStatus.DISABLED: N_("Switched off by an operator; `flask portals enable` switches it "
+                              "on."),
+    PortalStatus.BLOCKED: N_("Bitrix24 support has blocked the app's REST access on this portal "
+                             "(OVERLOAD_LIMIT). Nothing is sent and nothing is lost: calls and "
+                             "events wait. The app checks regularly whether the block was "
+                             "lifted and then resumes by itself; ask Bitrix24 support to lift "
+                             "it."),
 }
-INTERRUPTED = ("A token refresh was interrupted (the process stopped after the request left) "
-               "and Bitrix24 had already rotated the tokens, so the stored refresh token is "
-               "spent. ")
+INTERRUPTED = N_("A token refresh was interrupted (the process stopped after the request left) "
+                 "and Bitrix24 had already rotated the tokens, so the stored refresh token is "
+                 "spent. ")
 
 _ACCESS_CODES = frozenset({"ACCESS_DENIED", "INSUFFICIENT_SCOPE", "INVALID_SCOPE"})
 
@@ -92,12 +100,36 @@ def is_held(status: str | PortalStatus) -> bool:
     return PortalStatus(status) in HELD
 
 
-def reason_for(status: str | PortalStatus, detail: str | None = None) -> str | None:
-    """The human reason shown on the settings page and by the CLI."""
+def reason_for(status: str | PortalStatus, detail: str | None = None) -> Words | None:
+    """The human reason shown on the settings page and by the CLI (English as a ``str``)."""
     text = REASONS.get(PortalStatus(status))
     if text and detail:
-        return f"{text} (Bitrix24: {detail})"
+        return N_("%(reason)s (Bitrix24: %(detail)s)", reason=text, detail=detail)
     return text
+
+
+def shown_reason(status: str | PortalStatus, stored: str | None) -> str | None:
+    """A portal's reason for a page, in its language: our own wording (stored in English) is
+    translated, with Bitrix24's detail kept as it came; any other stored text as it is."""
+    if not stored:
+        reason = reason_for(status)
+        return shown(reason) if reason else None
+    return shown(_as_words(PortalStatus(status), stored))
+
+
+def _as_words(status: PortalStatus, stored: str) -> str:
+    """``stored`` as the ``Words`` it was written from, when it is our wording."""
+    if stored.startswith(INTERRUPTED):
+        return shown(INTERRUPTED) + shown(_as_words(status, stored[len(INTERRUPTED):]))
+    text = REASONS.get(status)
+    if text is None or not stored.startswith(text):
+        return stored
+    if stored == text:
+        return text
+    tail = stored[len(text):]
+    if tail.startswith(" (Bitrix24: ") and tail.endswith(")"):
+        return reason_for(status, tail[len(" (Bitrix24: "):-1]) or stored
+    return stored
 
 
 def transition_for(error: errors.ApiError) -> PortalStatus | None:
@@ -135,7 +167,8 @@ def record(portal: Portal, status: PortalStatus, reason: str | None,
 
 def _moved_to(status: PortalStatus, reason: str | None) -> dict[str, Any]:
     """The columns a move to ``status`` writes."""
-    return {"status": status.value, "status_reason": reason, "status_changed_at": utcnow()}
+    return {"status": status.value, "status_reason": None if reason is None else str(reason),
+            "status_changed_at": utcnow()}
 
 
 def write(portal: Portal, values: dict[str, Any], only_if_version: int | None = None,
@@ -183,7 +216,8 @@ def set_status(portal: Portal, status: str | PortalStatus, reason: str | None = 
     """Set a status through the caller's session and commit it (operators, install, uninstall)."""
     value = PortalStatus(status)
     portal.status = value.value
-    portal.status_reason = reason or reason_for(value)
+    reason = reason or reason_for(value)
+    portal.status_reason = None if reason is None else str(reason)  # stored in English
     portal.status_changed_at = utcnow()
     db.session.commit()
 

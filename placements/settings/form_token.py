@@ -29,6 +29,7 @@ from flask import current_app
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
 from app.extensions import db, redis_ext
+from app.i18n import N_
 from app.tenants.models import Portal, PortalStatus
 from app.tenants.status import reason_for
 from app.tenants.users import find_user
@@ -41,11 +42,13 @@ TTL_SECONDS = 15 * 60
 CLOCK_SKEW_SECONDS = 60
 GONE = frozenset({PortalStatus.UNINSTALLED.value, PortalStatus.PORTAL_DELETED.value,
                   PortalStatus.DISABLED.value})
-REOPEN = "reopen the app from your Bitrix24 portal."
+TAMPERED = N_("The form was tampered with; reopen the app from your Bitrix24 portal.")
 
 
 class FormRefused(Exception):
-    """The token cannot be honoured; ``portal`` is set once its signature checked out."""
+    """The token cannot be honoured; ``portal`` is set once its signature checked out.
+
+    ``message`` is ``Words``: English in a log, the page's language where it is shown."""
 
     def __init__(self, message: str, status: int = 403, portal: Portal | None = None) -> None:
         super().__init__(message)
@@ -80,7 +83,7 @@ def redeem(raw: str) -> FormGrant:
     claims = _claims(raw)
     portal = _bound_portal(claims)
     if portal is None:
-        raise FormRefused("The form was tampered with; " + REOPEN)
+        raise FormRefused(TAMPERED)
     user_id = claims.get("u") if isinstance(claims.get("u"), int) else None
     _still_allowed(portal, user_id)
     _spend(str(claims.get("n") or ""), portal)
@@ -94,12 +97,14 @@ def _claims(raw: str) -> dict[str, Any]:
     except SignatureExpired as exc:  # the signature is ours: say so inside that portal's frame
         old = serializer.load_payload(exc.payload) if exc.payload else {}
         portal = _bound_portal(old) if isinstance(old, dict) else None
-        raise FormRefused(f"The form expired (it is valid for {TTL_SECONDS // 60} minutes); "
-                          + REOPEN, portal=portal) from None
+        raise FormRefused(N_("The form expired (it is valid for %(minutes)d minutes); reopen "
+                             "the app from your Bitrix24 portal.", minutes=TTL_SECONDS // 60),
+                          portal=portal) from None
     except BadSignature:
-        raise FormRefused("The form was tampered with; " + REOPEN) from None
+        raise FormRefused(TAMPERED) from None
     if not isinstance(claims, dict) or not claims.get("n"):  # issued before tokens had a nonce
-        raise FormRefused("The form is out of date; " + REOPEN)
+        raise FormRefused(N_("The form is out of date; reopen the app from your Bitrix24 "
+                             "portal."))
     return claims
 
 
@@ -114,11 +119,12 @@ def _bound_portal(claims: dict[str, Any]) -> Portal | None:
 
 def _still_allowed(portal: Portal, user_id: int | None) -> None:
     if portal.status in GONE:
-        raise FormRefused(f"{reason_for(portal.status)} Nothing was saved.", portal=portal)
+        raise FormRefused(N_("%(reason)s Nothing was saved.", reason=reason_for(portal.status)),
+                          portal=portal)
     if user_id is not None:
         user = find_user(portal, user_id)
         if user is not None and not user.active:
-            raise FormRefused("Your Bitrix24 account is deactivated; nothing was saved.",
+            raise FormRefused(N_("Your Bitrix24 account is deactivated; nothing was saved."),
                               portal=portal)
 
 
@@ -129,8 +135,9 @@ def _spend(nonce: str, portal: Portal) -> None:
                                      ex=TTL_SECONDS + CLOCK_SKEW_SECONDS)
     except redis.RedisError as exc:
         log.warning("settings form of portal %s not checked: %s", portal.member_id, exc)
-        raise FormRefused("The form could not be checked just now; nothing was saved. "
-                          "Try again in a minute.", 503, portal) from exc
+        raise FormRefused(N_("The form could not be checked just now; nothing was saved. "
+                             "Try again in a minute."), 503, portal) from exc
     if not first:
         log.warning("settings form of portal %s posted again: refused", portal.member_id)
-        raise FormRefused("This form was already used; " + REOPEN, portal=portal)
+        raise FormRefused(N_("This form was already used; reopen the app from your Bitrix24 "
+                             "portal."), portal=portal)

@@ -20,6 +20,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, make_response, render_template, request
 from flask_babel import gettext as _
+from flask_babel import lazy_gettext as _l
 from sqlalchemy import select
 
 import placements.page_session as page_session
@@ -51,8 +52,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("settings", __name__, template_folder="templates")
 
 DEAD_LETTERS_SHOWN = 10
-AWAITING_TOKEN = ("Waiting for Bitrix24's install event; events are kept and checked when it "
-                  "arrives.")
+AWAITING_TOKEN = _l("Waiting for Bitrix24's install event; events are kept and checked when "
+                    "it arrives.")
 SYNC_ACTOR = "sync_portal_users"  # workers/install.py
 # The page's fields: text inputs and selects sent as they are (a field left out is kept).
 TEXT_FIELDS = ("event_mode", "lines", "default_user_id", "pbx_originate_url",
@@ -151,7 +152,7 @@ def _quoted(portal: Portal) -> dict[str, str]:
 def _advice(portal: Portal) -> str:
     """The status line's advice; "connected" only once events can be verified."""
     if provisional.awaiting_token(portal):
-        return AWAITING_TOKEN
+        return str(AWAITING_TOKEN)
     return advice(portal)
 
 

@@ -25,7 +25,9 @@ ARTIFACTS = Path(ROOT) / "tests" / "artifacts"
 USERS = [
     {"id": 1, "name": "Ada", "last_name": "Admin", "admin": True, "extension": "101"},
     {"id": 2, "name": '"><img src=x onerror=alert(1)>', "admin": False, "extension": "102"},
+    {"id": 3, "name": "Вера", "admin": True, "extension": "103", "lang": "ru"},  # reads Russian
 ]
+RUSSIAN_ADMIN = 3
 START = {"event": "start", "at": "2026-12-07T10:00:00+00:00", "direction": "in",
          "phone": "+74951234567", "extensions": ["101"], "line": "+74950000000"}
 
@@ -60,9 +62,10 @@ def dialogs(page: Any) -> list[str]:
     return seen
 
 
-def _open(sandbox: Any, tab: Any, member_id: str) -> Any:
-    """The app's frame inside the portal's page, once the settings page is in it."""
-    tab.goto(sandbox.frame_url(member_id))
+def _open(sandbox: Any, tab: Any, member_id: str, user_id: int | None = None) -> Any:
+    """The app's frame inside the portal's page (as ``user_id``, in their language), once the
+    settings page is in it."""
+    tab.goto(sandbox.frame_url(member_id, user_id=user_id))
     tab.wait_for_selector("iframe[name=app]")
     frame = tab.frame(name="app")
     frame.wait_for_selector("#settings-form", timeout=15000)
@@ -93,9 +96,8 @@ def test_the_settings_page_renders_in_english_and_in_russian(sandbox, portal, li
     assert frame.locator("#users img").count() == 0
     _shot(page, "settings-en")
 
-    # A Russian user's portal puts LANG=ru into the frame's URL.
-    frame.goto(f"{live_app.url}/placements/app/settings?s={_session(frame)}&LANG=ru")
-    frame.wait_for_selector("#settings-form")
+    # A user who reads the portal in Russian: the portal puts LANG=ru into the frame's URL.
+    frame = _open(sandbox, page, portal, user_id=RUSSIAN_ADMIN)
     assert frame.eval_on_selector("html", "e => e.lang") == "ru"
     assert frame.inner_text("#settings-form button[type=submit]") == "Сохранить"
     assert "Внешние линии" in frame.inner_text("main")
@@ -181,19 +183,20 @@ def test_the_diagnosis_page_finds_seeded_faults_and_names_their_fixes(sandbox, p
     assert frame.locator("#checking").count() == 0  # the new report replaced "checking"
     _shot(page, "diagnosis-faults")
 
-    # The same report for a Russian reader: the findings and their fixes in Russian.
-    frame.goto(f"{live_app.url}/placements/app/diagnosis?s={_session_of_page(frame)}&LANG=ru")
-    line = frame.wait_for_selector("tr[data-code=outgoing_line]")
-    assert "Что сделать:" in line.inner_text() and "sip12" in line.inner_text()
-    assert "Telephony > Telephony settings" not in line.inner_text()
-    _shot(page, "diagnosis-faults-ru")
-    frame.goto(f"{live_app.url}/placements/app/diagnosis?s={_session_of_page(frame)}")
-
     # The settings page says the same about the default line, with how to fix it.
     frame.click("nav.sections a[data-section='settings.settings_page']")
     outgoing = frame.wait_for_selector("#outgoing-line")
     assert "sip12" in outgoing.inner_text()
     assert "Telephony > Telephony settings" in outgoing.inner_text()
+
+    # The same report for a user who reads the portal in Russian: findings and fixes in Russian.
+    frame = _open(sandbox, page, portal, user_id=RUSSIAN_ADMIN)
+    frame.click("nav.sections a[data-section='settings.diagnosis']")
+    line = frame.wait_for_selector("tr[data-code=outgoing_line]:not([data-level=ok])",
+                                   timeout=90000)
+    assert "Что сделать:" in line.inner_text() and "sip12" in line.inner_text()
+    assert "Telephony > Telephony settings" not in line.inner_text()
+    _shot(page, "diagnosis-faults-ru")
     assert dialogs == []
     assert httpx.get(live_app.url + "/placements/app/diagnosis").status_code == 401
 

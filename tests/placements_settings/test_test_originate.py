@@ -4,6 +4,7 @@ click-to-call signs, marked as a test, and no call placed for it.
 
 from __future__ import annotations
 
+import html
 import re
 
 from sandbox.pbx import TestPBX
@@ -33,17 +34,19 @@ def test_the_pbx_takes_the_signature_and_places_no_call(sandbox, installed, live
     with TestPBX(app=live_app.url, api_key="unused", secret=SECRET) as pbx:
         page = _save_pbx(live_app, open_page(sandbox, installed["member_id"]), pbx.url, SECRET)
         answer = _test(live_app, page)
-        assert 'data-status-code="400"' in answer  # signed right; nobody to call
+        assert 'data-status-code="200"' in answer  # signed right: a test, no call placed
         assert "The PBX answered and took the signature." in answer
-        assert "extension and phone are required" in answer  # the PBX's own words
+        assert '"test": true' in html.unescape(answer)  # the PBX's own answer, shown
         assert re.search(r"<td>\d+ ms</td>", answer)
-        assert pbx.originates == [] and [r.status for r in pbx.refused] == [400]
+        assert pbx.originates == [] and pbx.refused == []
+        assert [t["kind"] for t in pbx.tests] == ["test"]
 
         # The PBX holds another secret: the page says the signature was refused.
         page = _save_pbx(live_app, answer, pbx.url, "another-secret-of-the-portal")
         answer = _test(live_app, page)
         assert 'data-status-code="401"' in answer and "refused the signature" in answer
         assert pbx.originates == [] and pbx.refused[-1].reason == "bad signature"
+        assert len(pbx.tests) == 1  # the refused one was not taken as a test
 
 
 def test_no_pbx_listening_is_shown_as_no_answer(sandbox, installed, live_app):
