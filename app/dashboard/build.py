@@ -19,7 +19,7 @@ from app.dispatcher import ledger, outbox, stats
 from app.extensions import redis_ext
 from app.ingress import inbox
 from app.tenants.models import Portal, PortalStatus, aware, utcnow
-from app.tenants.status import reason_for
+from app.tenants.status import shown_reason
 
 ERRORS_SHOWN = 5
 STATUS_WORDS = {
@@ -55,7 +55,7 @@ def _portal(portal: Portal) -> dict[str, Any]:
     words_ = STATUS_WORDS.get(portal.status)
     return {"id": portal.id, "status": portal.status, "plan": portal.plan,
             "advice": str(words_) if words_ else portal.status,
-            "reason": (portal.status_reason or reason_for(portal.status) or "")
+            "reason": (shown_reason(portal.status, portal.status_reason) or "")
             if portal.status != PortalStatus.ACTIVE.value else ""}
 
 

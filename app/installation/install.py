@@ -27,6 +27,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, delete
 
 from app.extensions import db
+from app.i18n import N_
 from app.installation.plan import SetupReport, int_or_none
 from app.installation.setup import SetupFailed, setup_portal
 from app.installation.verify import (
@@ -53,7 +54,7 @@ def install(auth: IframeAuth) -> tuple[Portal, SetupReport]:
     auth, info = verify_iframe_token(auth)
     client_endpoint = portal_endpoint(info)  # verify_iframe_token checked its host is DOMAIN
     if not user_is_admin(client_endpoint, auth.access_token):
-        raise TokenRejected("only a portal administrator can install b24relay", 403)
+        raise TokenRejected(N_("only a portal administrator can install b24relay"), 403)
     portal = _upsert_portal(auth, info, client_endpoint)
     tokens.store_new_chain(
         portal, access_token=auth.access_token, refresh_token=auth.refresh_token,

@@ -4,7 +4,9 @@ answer shown to the administrator.
 It is signed exactly as click-to-call signs an originate (``app.telephony.click.sign`` and its
 headers), so a PBX that takes the test takes the real ones. It is marked as a test three ways,
 so that no PBX rings anyone for it: ``"kind": "test"``, ``"test": true``, and no extension or
-number to call (a PBX that checks the signature first answers 4xx for that, not 401).
+number to call. app/ingress/PBX_EVENTS.md asks a PBX to check the signature and answer a test
+2xx without placing a call; one that predates that rule answers 4xx for the missing number,
+which still proves the signature was taken (401 would not).
 """
 
 from __future__ import annotations
