@@ -12,6 +12,7 @@ from tests.install.conftest import (  # noqa: F401 - fixtures used by this direc
     LiveApp,
     installed,
     live_app,
+    make_portal,
 )
 
 
