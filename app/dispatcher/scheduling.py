@@ -6,10 +6,11 @@ has none (idle portals cost nothing). A driver keeps up to K batches in flight
 they ride with the credentials snapshot and are read again when a settings save announces
 them, or every ``LIMITS_MAX_AGE`` seconds), starts a batch whenever a slot is free and the
 portal's shared bucket gives a token (never because a batch came back), and keeps the last
-slots for real-time work. A round packs from one fetch (``pack_round``), leaves out the methods the
-operating-time ledger pauses, holds partial batches back for the pacing gap, leases its
-batches in one transaction and launches each as a flight (``app.dispatcher.flight``), which
-sends it and settles its answer. Database work goes through the engine's ``run_db``.
+slots for real-time work. A round packs from one fetch (``pack_round``), leaves out the
+methods the operating-time ledger pauses, holds partial batches back for the pacing gap,
+leases its batches in one transaction and launches each as a flight
+(``app.dispatcher.flight``), which sends it and settles its answer. Database work goes
+through the engine's ``run_db``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Driver:
         self.resume_at: float | None = None  # epoch a paused method may go again
         self._limits_read = 0.0  # monotonic: when the snapshot's limits were read
         self._limits_stale = False  # a settings save announced new limits
+        self._settings: tuple[tuple[int | None, bool | None], Settings] | None = None
 
     def limits_changed(self) -> None:
         """The portal's settings changed its dispatcher limits: read them before the next
@@ -77,7 +79,10 @@ class Driver:
         snap = self.snap
         if snap is None:
             return self.engine.settings
-        return self.engine.settings.portal(snap.max_inflight, snap.sequential)
+        limits = (snap.max_inflight, snap.sequential)
+        if self._settings is None or self._settings[0] != limits:
+            self._settings = (limits, self.engine.settings.portal(*limits))
+        return self._settings[1]
 
     def poke(self) -> None:
         """New commands may be ready, or a slot is free: look again."""
