@@ -24,6 +24,8 @@ import logging
 from datetime import datetime
 from typing import Any
 
+import redis
+import redis.asyncio
 from cryptography.fernet import MultiFernet
 from flask import Flask
 from sqlalchemy import String, select, type_coerce, update
@@ -31,7 +33,7 @@ from sqlalchemy import String, select, type_coerce, update
 from app.crypto import fernet_from
 from app.extensions import db
 from app.tenants import tokens
-from app.tenants.models import Portal, aware, utcnow
+from app.tenants.models import Portal, PortalSettings, aware, utcnow
 from app.tenants.status import HELD, PortalUnavailable
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,11 @@ class Snapshot:
     expires_at: datetime | None
     status: str
     plan: str
+    # The portal's dispatcher limits (its settings; None: the app's rule): K and sequential
+    # mode. They ride with the snapshot, so a batch costs no query for them; a settings save
+    # tells the engines (``limits_changed``) and the portal's driver reads them again.
+    max_inflight: int | None = None
+    sequential: bool | None = None
 
     @property
     def held(self) -> bool:
@@ -76,7 +83,29 @@ def endpoint_values(client_endpoint: str) -> dict[str, Any]:
 
 _COLUMNS = (Portal.id, Portal.member_id, Portal.client_endpoint,
             type_coerce(Portal.access_token, String),  # ciphertext: we decrypt it ourselves
-            Portal.token_version, Portal.expires_at, Portal.status, Portal.plan)
+            Portal.token_version, Portal.expires_at, Portal.status, Portal.plan,
+            PortalSettings.max_batches_in_flight, PortalSettings.sequential)
+LIMITS_CHANNEL = "b24relay:dispatch:limits"
+
+
+def limits_channel(client: redis.Redis | redis.asyncio.Redis) -> str:
+    """The channel a portal's new dispatcher limits are announced on (per Redis database,
+    as the nudges' channel is: ``app.dispatcher.nudge.channel``)."""
+    return f"{LIMITS_CHANNEL}:{client.connection_pool.connection_kwargs.get('db', 0) or 0}"
+
+
+def limits_changed(client: redis.Redis, portal_id: int) -> None:
+    """Tell every engine that ``portal_id``'s dispatcher limits changed (after the commit):
+    its driver, if one runs, reads them again before its next round. Never raises: a lost
+    message costs at most ``LIMITS_MAX_AGE`` seconds (a driver reads them that often)."""
+    try:
+        client.publish(limits_channel(client), str(int(portal_id)))
+    except redis.RedisError as exc:
+        log.warning("portal %s: new dispatcher limits not announced (%s); drivers read them "
+                    "within %s s", portal_id, exc, LIMITS_MAX_AGE)
+
+
+LIMITS_MAX_AGE = 10.0  # seconds a driving portal's limits are kept without a message
 
 
 class CredentialStore:
@@ -101,13 +130,15 @@ class CredentialStore:
     def load(self, portal_id: int) -> Snapshot:
         """The portal's committed credentials (sync; no app context needed). LookupError if gone."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(*_COLUMNS).where(Portal.id == portal_id)).first()
+            row = conn.execute(select(*_COLUMNS).outerjoin(
+                PortalSettings, PortalSettings.portal_id == Portal.id)
+                .where(Portal.id == portal_id)).first()
         if row is None:
             raise LookupError(f"portal {portal_id} does not exist")
-        pid, member_id, endpoint, secret, version, expires_at, status, plan = row
+        pid, member_id, endpoint, secret, version, expires_at, status, plan, k, seq = row
         token = self.cipher.decrypt(secret.encode()).decode() if secret else None
         return Snapshot(pid, member_id, endpoint, token, version or 0, aware(expires_at),
-                        status, plan or "standard")
+                        status, plan or "standard", k, seq)
 
     async def aload(self, portal_id: int) -> Snapshot:
         """``load`` in the executor."""

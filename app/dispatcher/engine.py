@@ -7,6 +7,10 @@ How work reaches it:
   to own it (``SET NX PX`` on ``b24relay:dispatch:owner:<id>``); one heartbeat renews
   every owned portal in one script call. The owner re-reads the portal's ready commands
   at once.
+- **limits**: a settings save that changes a portal's dispatcher limits (K, sequential
+  mode) says so on a second channel (``credentials.limits_changed``); the portal's driver
+  reads them again before its next round. Limits ride with the portal's credentials
+  snapshot (``Settings.portal``), so a batch costs no query for them.
 - **sweep** (``app.dispatcher.sweep``, a periodic job): nudges portals with due retries,
   recovers expired leases, and is the only thing that finds portals whose owner died or
   whose held status cleared.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import os
 import socket
@@ -41,7 +46,7 @@ from flask import Flask
 from app.bitrix import AsyncRestClient
 from app.dispatcher import lease, nudge, policy, stats, store
 from app.dispatcher.bucket import PLANS, AsyncRateBucket, scaled_plans
-from app.dispatcher.credentials import CredentialStore
+from app.dispatcher.credentials import CredentialStore, limits_channel
 from app.dispatcher.flight import GroupWriter
 from app.dispatcher.lease import RELEASE, RENEW
 from app.dispatcher.ledger import LIMIT, AsyncOperatingLedger
@@ -94,6 +99,15 @@ class Settings:
         """The rate bucket's plans, scaled by ``DISPATCH_BUCKET_SCALE``."""
         return scaled_plans(self.bucket_scale)
 
+    def portal(self, max_inflight: int | None, sequential: bool | None) -> Settings:
+        """These settings with one portal's own dispatcher limits (its settings page): K
+        (None: automatic, the app's rule) and sequential mode (None: ``DISPATCH_MODE``)."""
+        mode = self.sequential if sequential is None else sequential
+        k = self.max_inflight if max_inflight is None else max_inflight
+        if (mode, k) == (self.sequential, self.max_inflight):
+            return self
+        return dataclasses.replace(self, sequential=mode, max_inflight=k)
+
     def slots(self, plan: str) -> int:
         """K for a portal on ``plan``: the setting, else the plan's burst plus its real-time
         slots (``realtime_slots``).
@@ -103,8 +117,7 @@ class Settings:
         the burst would cap a slow portal's rate below its bucket's."""
         if self.sequential:
             return 1
-        burst = PLANS.get(plan, PLANS["standard"])[1]
-        return self.max_inflight or max(1, burst) + self.realtime_slots(plan)
+        return self.max_inflight or plan_slots(plan)
 
     def realtime_slots(self, plan: str) -> int:
         """The slots bulk work never takes: a fifth of the burst on top of it by default (10
@@ -115,7 +128,24 @@ class Settings:
             return 0
         if self.max_inflight:
             return 1 if self.max_inflight > 1 else 0
-        return max(1, PLANS.get(plan, PLANS["standard"])[1] // 5)
+        return _realtime(plan)
+
+
+def _realtime(plan: str) -> int:
+    return max(1, PLANS.get(plan, PLANS["standard"])[1] // 5)
+
+
+def plan_slots(plan: str) -> int:
+    """Automatic K on ``plan``: its burst plus its real-time slots (60 standard, 300
+    enterprise); also the most a portal's administrator may set."""
+    return max(1, PLANS.get(plan, PLANS["standard"])[1]) + _realtime(plan)
+
+
+def automatic_slots(cfg: Any, plan: str) -> int:
+    """K of a portal on ``plan`` that sets no limits of its own (the app's DISPATCH_*)."""
+    if cfg["DISPATCH_MODE"] == "sequential":
+        return 1
+    return int(cfg["DISPATCH_MAX_INFLIGHT"]) or plan_slots(plan)
 
 
 class Engine:
@@ -190,7 +220,8 @@ class Engine:
         self.recorder = GroupWriter(self)
         self.stats = stats.AsyncRecorder(self.redis)  # the dashboard's minutes
         pubsub = self.redis.pubsub()
-        await pubsub.subscribe(nudge.channel(self.redis))
+        self._limits_channel = limits_channel(self.redis).encode()
+        await pubsub.subscribe(nudge.channel(self.redis), limits_channel(self.redis))
         self._tasks = [asyncio.create_task(self._listen(pubsub), name="nudge-listener"),
                        asyncio.create_task(self._heartbeat(), name="heartbeat")]
         self._started.set()
@@ -237,8 +268,19 @@ class Engine:
                 await asyncio.sleep(1.0)
                 continue
             if message and message.get("type") == "message":
+                if _bytes(message.get("channel")) == self._limits_channel:
+                    for portal_id in nudge.decode(message["data"]):
+                        self._limits_changed(portal_id)
+                    continue
                 for portal_id in nudge.decode(message["data"]):
                     await self._wake(portal_id)
+
+    def _limits_changed(self, portal_id: int) -> None:
+        """A portal's settings changed its dispatcher limits: its driver, if this engine
+        runs one, reads them again (a driver started later reads them anyway)."""
+        driver = self.drivers.get(portal_id)
+        if driver is not None:
+            driver.limits_changed()
 
     async def _wake(self, portal_id: int) -> None:
         driver = self.drivers.get(portal_id)
@@ -330,6 +372,10 @@ class Engine:
                     log.warning("portal %s: ownership lost; stopping its driver", driver.portal_id)
                     driver.retiring = True
                     driver.poke()
+
+
+def _bytes(value: Any) -> bytes:
+    return value.encode() if isinstance(value, str) else bytes(value or b"")
 
 
 async def _cancel(tasks: Iterable[asyncio.Task[Any]], *, grace: float) -> None:

@@ -2,17 +2,21 @@
 
 Per owned portal one driver coroutine runs while the portal has work, and none when it
 has none (idle portals cost nothing). A driver keeps up to K batches in flight
-(``Settings.slots``), starts a batch whenever a slot is free and the portal's shared
-bucket gives a token (never because a batch came back), and keeps the last slots for
-real-time work. A round packs from one fetch (``pack_round``), leaves out the methods the
-operating-time ledger pauses, holds partial batches back for the pacing gap, leases its
-batches in one transaction and launches each as a flight (``app.dispatcher.flight``), which
-sends it and settles its answer. Database work goes through the engine's ``run_db``.
+(``Settings.slots``, with the portal's own limits from its settings: ``Driver.settings``;
+they ride with the credentials snapshot and are read again when a settings save announces
+them, or every ``LIMITS_MAX_AGE`` seconds), starts a batch whenever a slot is free and the
+portal's shared bucket gives a token (never because a batch came back), and keeps the last
+slots for real-time work. A round packs from one fetch (``pack_round``), leaves out the
+methods the operating-time ledger pauses, holds partial batches back for the pacing gap,
+leases its batches in one transaction and launches each as a flight
+(``app.dispatcher.flight``), which sends it and settles its answer. Database work goes
+through the engine's ``run_db``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -20,12 +24,12 @@ from typing import TYPE_CHECKING
 
 from app.dispatcher import flight, metrics, store
 from app.dispatcher.bucket import reserve
-from app.dispatcher.credentials import Snapshot
+from app.dispatcher.credentials import LIMITS_MAX_AGE, Snapshot
 from app.dispatcher.packer import MAX_BATCH, Packed, pack_round
 from app.tenants.models import utcnow
 
 if TYPE_CHECKING:
-    from app.dispatcher.engine import Engine
+    from app.dispatcher.engine import Engine, Settings
 
 log = logging.getLogger(__name__)
 FETCH = 2 * MAX_BATCH  # candidates read per packing: room for key chains that cannot go yet
@@ -47,6 +51,38 @@ class Driver:
         self._pokes = 0  # pokes so far: a nap that starts late still sees an earlier one
         self.last_launch = engine.last_launch(portal_id)  # monotonic, for pacing
         self.resume_at: float | None = None  # epoch a paused method may go again
+        self._limits_read = 0.0  # monotonic: when the snapshot's limits were read
+        self._limits_stale = False  # a settings save announced new limits
+        self._settings: tuple[tuple[int | None, bool | None], Settings] | None = None
+
+    def limits_changed(self) -> None:
+        """The portal's settings changed its dispatcher limits: read them before the next
+        round (a slot freed, a batch sent: the new K counts from there)."""
+        self._limits_stale = True
+        self.poke()
+
+    async def _read_limits(self) -> None:
+        """The portal's limits (and plan) as committed now, kept in ``snap``: after a
+        settings save, and every ``LIMITS_MAX_AGE`` seconds while driving (a lost message)."""
+        fresh = await self.engine.credentials.aload(self.portal_id)
+        self._limits_stale, self._limits_read = False, time.monotonic()
+        if self.snap is None:
+            self.snap = fresh
+            return
+        self.snap = dataclasses.replace(self.snap, plan=fresh.plan,
+                                        max_inflight=fresh.max_inflight,
+                                        sequential=fresh.sequential)
+
+    @property
+    def settings(self) -> Settings:
+        """The engine's settings with this portal's own dispatcher limits (K, sequential)."""
+        snap = self.snap
+        if snap is None:
+            return self.engine.settings
+        limits = (snap.max_inflight, snap.sequential)
+        if self._settings is None or self._settings[0] != limits:
+            self._settings = (limits, self.engine.settings.portal(*limits))
+        return self._settings[1]
 
     def poke(self) -> None:
         """New commands may be ready, or a slot is free: look again."""
@@ -57,15 +93,19 @@ class Driver:
     @property
     def slots(self) -> int:
         """K: batches this portal may have in flight."""
-        return self.engine.settings.slots(self.snap.plan if self.snap else "standard")
+        return self.settings.slots(self.plan)
 
     async def run(self) -> None:
         """Send batches while there is work; then retire."""
         try:
             self.snap = await self.engine.credentials.aload(self.portal_id)
+            self._limits_read = time.monotonic()
             while not self.retiring and not self.held and not self.snap.held:
                 self._poked = False
                 self._wakeup.clear()
+                if (self._limits_stale
+                        or time.monotonic() - self._limits_read > LIMITS_MAX_AGE):
+                    await self._read_limits()
                 if len(self.inflight) < self.slots and await self._send_round():
                     continue
                 if not self.inflight and not self._poked:
@@ -132,7 +172,7 @@ class Driver:
 
     def _hold_back(self, batches: list[Packed], level: float, capacity: float) -> float:
         """Seconds a round of only partial batches waits for more commands (0: go now)."""
-        settings = self.engine.settings
+        settings = self.settings
         if any(len(b.commands) >= MAX_BATCH for b in batches):
             return 0.0
         if settings.sequential:
@@ -142,7 +182,7 @@ class Driver:
 
     def _paced_out(self, level: float, capacity: float) -> bool:
         """Whether a partial batch may leave now (the pacing gap since the last launch)."""
-        return (self.engine.settings.sequential
+        return (self.settings.sequential
                 or time.monotonic() >= self.last_launch + self._gap(level, capacity) - 1e-3)
 
     def _gap(self, level: float, capacity: float) -> float:
@@ -184,8 +224,8 @@ class Driver:
         ready = await eng.run_db(store.fetch_ready, eng.db, self.portal_id, utcnow(),
                                  max(FETCH, (free + 1) * MAX_BATCH))
         paused = await self._paused({c.method.lower() for c in ready.candidates})
-        settings = self.engine.settings
-        last_slot = max(0, self.slots - settings.realtime_slots(self.plan) - len(self.inflight))
+        last_slot = max(0, self.slots - self.settings.realtime_slots(self.plan)
+                        - len(self.inflight))
         batches = pack_round(ready.candidates, ready.blockers, ready.deps, batches=free,
                              realtime_only_from=last_slot, paused=paused,
                              complete=ready.complete)

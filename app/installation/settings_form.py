@@ -24,12 +24,20 @@ key                       value
 ``anonymous_number``      the number anonymous calls are registered under
 ``internal_calls``        ``skip`` or ``register`` calls between extensions
 ``default_country``       ISO 3166 alpha-2 code of numbers dialled without one (``DE``, ``RU``)
+``route_priority``        the CRM kinds routing ranks, in order: some of ``contact``,
+                          ``company``, ``lead`` (``contact,lead``); ``none``: never route
+``route_skip_absent``     ``1`` or ``0``: routing skips a responsible who is not at work
+``max_batches_in_flight`` ``auto`` (the app's rule) or K, batches in flight at once for this
+                          portal: 1 to the plan's burst plus its real-time slots (60
+                          standard, 300 enterprise)
+``sequential``            ``1`` or ``0``: one batch in flight at a time (K=1, whatever
+                          ``max_batches_in_flight`` says)
 ========================  =================================================================
 
-The call options (``crm_source`` to ``default_country``) are the app's ``TELEPHONY_*``
+The call options (``crm_source`` to ``route_skip_absent``) are the app's ``TELEPHONY_*``
 settings per portal: an empty value (or ``default``) gives the portal the app's default back.
-
-``max_batches_in_flight`` is a column nobody reads: it is listed, but not settable.
+So are the dispatcher limits, of ``DISPATCH_MAX_INFLIGHT`` and ``DISPATCH_MODE``; a save
+that changes them is announced to the dispatcher engines, which apply it within a second.
 """
 
 from __future__ import annotations
@@ -42,7 +50,9 @@ import phonenumbers
 from flask import current_app
 from flask_babel import gettext as _
 
-from app.extensions import db
+from app.dispatcher.credentials import limits_changed
+from app.dispatcher.engine import automatic_slots, plan_slots
+from app.extensions import db, redis_ext
 from app.installation import diagnosis, upkeep
 from app.installation.plan import removed_lines
 from app.queue import enqueue
@@ -59,13 +69,20 @@ CALL_OPTIONS = {"crm_source": "TELEPHONY_CRM_SOURCE", "add_to_chat": "TELEPHONY_
                 "anonymous_calls": "TELEPHONY_ANONYMOUS_CALLS",
                 "anonymous_number": "TELEPHONY_ANONYMOUS_NUMBER",
                 "internal_calls": "TELEPHONY_INTERNAL_CALLS",
-                "default_country": "TELEPHONY_DEFAULT_COUNTRY"}
+                "default_country": "TELEPHONY_DEFAULT_COUNTRY",
+                "route_priority": "TELEPHONY_ROUTE_PRIORITY",
+                "route_skip_absent": "TELEPHONY_ROUTE_SKIP_ABSENT"}
+# The dispatcher limits (app/dispatcher/engine.py Settings.portal); NULL: the app's rule.
+LIMITS = ("max_batches_in_flight", "sequential")
+AUTO = ("auto", "automatic", "default", "")
+ROUTE_KINDS = ("contact", "company", "lead")
+NEVER = "none"
 CALL_POLICIES = ("skip", "register")
 DEFAULT = "default"
 SETTABLE = ("event_mode", "lines", "crm_create", "default_user_id", "pbx_originate_url",
-            "pbx_secret", *CALL_OPTIONS)
+            "pbx_secret", *CALL_OPTIONS, *LIMITS)
 SECRETS = frozenset({"pbx_secret"})
-LISTED = SETTABLE + ("max_batches_in_flight",)
+LISTED = SETTABLE
 _YES, _NO = ("1", "yes", "true", "on", "y"), ("0", "no", "false", "off", "n", "")
 
 
@@ -179,8 +196,10 @@ def _call_option(key: str, text: str) -> object:
     """A call option's text → its value; None (the app's default) for "" or ``default``."""
     if not text or text.lower() == DEFAULT:
         return None
-    if key == "add_to_chat":
+    if key in ("add_to_chat", "route_skip_absent"):
         return _yes_no(key, text)
+    if key == "route_priority":
+        return _route_priority(text)
     if key in ("anonymous_calls", "internal_calls"):
         if text.lower() not in CALL_POLICIES:
             raise _Refused(_("%(key)s must be skip or register", key=key))
@@ -202,6 +221,37 @@ def _call_option(key: str, text: str) -> object:
     return text
 
 
+def _route_priority(text: str) -> str:
+    """``"Contact, lead"`` -> ``"contact,lead"``; ``none`` -> ``""`` (never route)."""
+    if text.lower() == NEVER:
+        return ""
+    kinds = [kind.strip().lower() for kind in text.replace(",", " ").split()]
+    unknown = [kind for kind in kinds if kind not in ROUTE_KINDS]
+    if unknown:
+        raise _Refused(_("%(kind)s is not a CRM kind routing knows: list some of contact, "
+                         "company, lead in the order they win (or none)",
+                         kind=repr(unknown[0][:20])))
+    twice = [kind for n, kind in enumerate(kinds) if kind in kinds[:n]]
+    if twice:
+        raise _Refused(_("%(kind)s is listed twice: list each kind once, in the order they "
+                         "win", kind=repr(twice[0])))
+    return ",".join(kinds)
+
+
+def _limit(portal: Portal, key: str, text: str) -> object:
+    """A dispatcher limit's text → its value; None (the app's rule) for auto or empty."""
+    if text.lower() in AUTO:
+        return None
+    if key == "sequential":
+        return _yes_no(key, text)
+    top = plan_slots(portal.plan or "standard")
+    if not text.isdigit() or not 1 <= int(text) <= top:
+        raise _Refused(_("batches in flight must be auto or a number from 1 to %(top)s (the "
+                         "%(plan)s plan's burst and its real-time slots)", top=top,
+                         plan=portal.plan or "standard"))
+    return int(text)
+
+
 def _parse(portal: Portal, key: str, text: str) -> object:
     """One setting's text → its value, or _Refused with the message both callers show."""
     text = text.strip()
@@ -221,8 +271,8 @@ def _parse(portal: Portal, key: str, text: str) -> object:
         return _secret(text)
     if key in CALL_OPTIONS:
         return _call_option(key, text)
-    if key in LISTED:
-        raise _Refused(_("%(key)s is not used by b24relay and cannot be set", key=key))
+    if key in LIMITS:
+        return _limit(portal, key, text)
     raise _Refused(_("unknown setting %(key)s; the settings are: %(keys)s", key=repr(key),
                      keys=", ".join(SETTABLE)))
 
@@ -231,6 +281,14 @@ def effective(settings: PortalSettings | None, key: str) -> object:
     """A call option as the portal's calls use it: its own value, else the app's default."""
     value = getattr(settings, key, None) if settings is not None else None
     return current_app.config[CALL_OPTIONS[key]] if value is None else value
+
+
+def automatic(portal: Portal) -> dict[str, object]:
+    """The dispatcher limits a portal gets without its own (the app's rule on its plan):
+    ``{"max_batches_in_flight": K, "sequential": bool, "top": the most it may set}``."""
+    cfg, plan = current_app.config, portal.plan or "standard"
+    return {"max_batches_in_flight": automatic_slots(cfg, plan),
+            "sequential": cfg["DISPATCH_MODE"] == "sequential", "top": plan_slots(plan)}
 
 
 def _together(settings: PortalSettings, parsed: dict[str, object]) -> dict[str, str]:
@@ -289,6 +347,8 @@ def after_commit(portal: Portal, result: Applied) -> None:
     the setup had time to run: ``DIAGNOSIS_SETTLE_SECONDS``)."""
     if result.setup_needed:
         enqueue("setup_portal", portal.id)
+    if set(LIMITS) & set(result.changed):  # the portal's driver reads them at once
+        limits_changed(redis_ext.client, portal.id)
     if result.changed:
         diagnosis.request_check(portal, "settings")
 
@@ -302,13 +362,13 @@ def listing(portal: Portal) -> list[tuple[str, str]]:
         if value is None and key in CALL_OPTIONS:
             rows.append((key, f"(app default: {_text(key, effective(None, key))})"))
             continue
+        if value is None and key in LIMITS:
+            rows.append((key, f"(auto: {_text(key, automatic(portal)[key])})"))
+            continue
         if value is None:  # no row yet: the column's default is what the app uses
             arg = getattr(PortalSettings.__table__.c[key].default, "arg", None)
             value = None if callable(arg) else arg
-        text = _text(key, value, settings)
-        if key == "max_batches_in_flight":
-            text += " (not used)"
-        rows.append((key, text))
+        rows.append((key, _text(key, value, settings)))
     return rows
 
 
@@ -320,6 +380,8 @@ def _text(key: str, value: object, settings: PortalSettings | None = None) -> st
                          lines_text(settings or PortalSettings()).splitlines()) or "(none)"
     if isinstance(value, bool):
         return "1" if value else "0"
+    if key == "route_priority" and value == "":
+        return NEVER
     if value is None or value == "":
         return "(not set)"
     return str(value)

@@ -20,15 +20,23 @@ and the web threads also take the PBX's call events; with every thread allowed t
 misses at a slow portal (bench/route.py: 4 a second, 10 s each) queued up to 0.5 s past
 the bound. A lookup gives its database connection back before it calls Bitrix24.
 
-What routes (:func:`choose`): the matches are ordered by ``TELEPHONY_ROUTE_PRIORITY`` (kinds
-left out never route), and the first whose responsible can take the call wins. Skipped:
-the fallback user (every unanswered call's leads are his: naming him would send every new
-caller to one person), a responsible not at work (``TIMEMAN_STATUS`` CLOSED, PAUSED or
-EXPIRED, with ``TELEPHONY_ROUTE_SKIP_ABSENT``; OPENED routes, and so do NOT_INSTALLED and
+What routes (:func:`choose`): the matches are ordered by the portal's routing priority
+(its settings' ``route_priority``, else ``TELEPHONY_ROUTE_PRIORITY``; kinds left out never
+route, an empty priority never routes), and the first whose responsible can take the call
+wins. Skipped: the fallback user (every unanswered call's leads are his: naming him would
+send every new caller to one person), a responsible not at work (``TIMEMAN_STATUS`` CLOSED,
+PAUSED or EXPIRED, with the portal's ``route_skip_absent``, else
+``TELEPHONY_ROUTE_SKIP_ABSENT``; OPENED routes, and so do NOT_INSTALLED and
 UNAVAILABLE, which say the portal does not track him, not that he is away), and anyone
 not an active user with an extension in the portal's extension map. Without a routable
 match the answer is "no preference", but the entry keeps the first match's CRM record and
 responsible: a call's register reads them (:func:`cached`) for its CRM binding and owner.
+
+The portal's rules change with its settings: each entry keeps the rules it was chosen under
+(``Match.rules``, :func:`rules_of`), and an entry of other rules than the portal's is a miss.
+The rules a process checks entries against are read at most every :data:`RULES_MEMO`
+seconds per portal, so a save takes effect within that, not after the cache's TTL; a lookup
+that started under the old rules stores its answer with them, so it is never served.
 """
 
 from __future__ import annotations
@@ -41,16 +49,18 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import redis
 from flask import Flask, current_app
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.dispatcher import direct
 from app.extensions import db, redis_ext
 from app.telephony.machine import CrmMatch, normalise_phone
-from app.tenants.models import Portal
+from app.tenants.models import Portal, PortalSettings
 from app.tenants.users import extension_map
 
 log = logging.getLogger(__name__)
@@ -69,6 +79,73 @@ POLL = 0.02  # seconds between cache reads while another process looks the numbe
 TALLY = "b24relay:route-tally:{portal}:{day}"
 TALLY_KEEP = 2 * 86400
 ABSENT = frozenset({"CLOSED", "PAUSED", "EXPIRED"})  # TIMEMAN_STATUS: the day is not open
+RULES_MEMO = 2.0  # seconds a process keeps a portal's routing rules for checking entries
+RULES_EXTENSION = "b24relay.telephony.routing-rules"  # the app's memo of portals' rules
+
+
+@dataclass(frozen=True)
+class Rules:
+    """A portal's routing rules: the CRM kinds in order (empty: never route), and whether a
+    responsible not at work is skipped."""
+
+    priority: tuple[str, ...]
+    skip_absent: bool
+
+    @property
+    def fingerprint(self) -> str:
+        """The rules as an entry keeps them: ``contact,lead|1``."""
+        return f"{','.join(self.priority)}|{int(self.skip_absent)}"
+
+
+def split_kinds(text: str) -> list[str]:
+    """``"contact, Lead"`` -> ``["contact", "lead"]`` (commas or spaces separate them)."""
+    return [kind.strip().lower() for kind in text.replace(",", " ").split() if kind.strip()]
+
+
+def rules_of(settings: PortalSettings | None) -> Rules:
+    """The routing rules a portal's calls use: its settings' own, else the app's."""
+    cfg = current_app.config
+    own = settings.route_priority if settings is not None else None
+    skip = settings.route_skip_absent if settings is not None else None
+    priority = split_kinds(str(cfg["TELEPHONY_ROUTE_PRIORITY"]) if own is None else own)
+    return Rules(tuple(priority),
+                 bool(cfg["TELEPHONY_ROUTE_SKIP_ABSENT"]) if skip is None else bool(skip))
+
+
+def _current_rules(portal_id: int) -> str | None:
+    """The portal's rules (fingerprint) as this process last read them, at most
+    :data:`RULES_MEMO` seconds ago; None when the database cannot say (entries are served)."""
+    now = time.monotonic()
+    memo = _memo().get(portal_id)
+    if memo is not None and now - memo[0] < RULES_MEMO:
+        return memo[1]
+    try:
+        row = db.session.execute(
+            select(PortalSettings.route_priority, PortalSettings.route_skip_absent)
+            .where(PortalSettings.portal_id == portal_id)).first()
+    except SQLAlchemyError as exc:
+        log.warning("portal %s: routing rules unread (%s); cached answers served",
+                    portal_id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    settings = (PortalSettings(route_priority=row[0], route_skip_absent=row[1])
+                if row is not None else None)
+    found = rules_of(settings).fingerprint
+    _remember_rules(portal_id, found)
+    return found
+
+
+def _memo() -> dict[int, tuple[float, str]]:
+    """portal id -> (read at, monotonic; its rules): this app's, shared by its threads."""
+    memo: dict[int, tuple[float, str]] = current_app.extensions.setdefault(RULES_EXTENSION, {})
+    return memo
+
+
+def _remember_rules(portal_id: int, fingerprint: str) -> None:
+    memo, now = _memo(), time.monotonic()
+    if len(memo) > 10_000:  # many portals: forget the stale ones
+        for pid in [p for p, (at, _) in list(memo.items()) if now - at >= RULES_MEMO]:
+            memo.pop(pid, None)
+    memo[portal_id] = (now, fingerprint)
 
 
 @dataclass(frozen=True)
@@ -80,6 +157,7 @@ class Match:
     responsible: int | None = None  # the record's responsible (register's preferred owner)
     user_id: int | None = None      # whom routing names; None: no preference
     extension: str | None = None
+    rules: str | None = None        # the rules it was chosen under (Rules.fingerprint)
 
     @property
     def routable(self) -> bool:
@@ -108,18 +186,26 @@ def phone_key(raw: str) -> str | None:
 
 
 def cached(portal_id: int, phone: str) -> Match | None:
-    """The cache entry for the (normalised) number, or None on a miss."""
+    """The cache entry for the (normalised) number, or None on a miss (also for an entry
+    chosen under other rules than the portal's)."""
     raw = redis_ext.client.get(KEY.format(portal=portal_id, phone=phone))
     if raw is None:
         return None
     try:
-        return Match(**json.loads(raw))
+        match = Match(**json.loads(raw))
     except (ValueError, TypeError):
         return None  # an entry of another version: a miss
+    current = _current_rules(portal_id)
+    if current is not None and match.rules != current:
+        return None  # chosen under the portal's old rules
+    return match
 
 
 def store(portal_id: int, phone: str, match: Match) -> None:
-    """Cache ``match``: TELEPHONY_ROUTE_TTL when it names someone, else the negative TTL."""
+    """Cache ``match``: TELEPHONY_ROUTE_TTL when it names someone, else the negative TTL.
+    An entry without its rules is kept with the portal's current ones."""
+    if match.rules is None:
+        match = replace(match, rules=_current_rules(portal_id))
     cfg = current_app.config
     ttl = cfg["TELEPHONY_ROUTE_TTL" if match.routable else "TELEPHONY_ROUTE_NEGATIVE_TTL"]
     redis_ext.client.set(KEY.format(portal=portal_id, phone=phone),
@@ -235,27 +321,31 @@ def _responsible(record: Mapping[str, Any]) -> int | None:
 def lookup(portal_id: int, phone: str) -> Match:
     """Ask the portal (admin's chain, direct path), choose, cache; errors cache "no
     preference" for the negative TTL, so a failing portal is not asked on every ring."""
-    cfg = current_app.config
+    rules: Rules | None = None
     try:
         portal = db.session.get(Portal, portal_id)
         if portal is None:
             return Match()
         users = {user: ext for ext, user in sorted(extension_map(portal).items(), reverse=True)}
         fallback = portal.settings.default_user_id if portal.settings else None
+        rules = rules_of(portal.settings)
+        _remember_rules(portal_id, rules.fingerprint)
         # Give the database connection back before a request that may take seconds: held
         # through it, TELEPHONY_ROUTE_LOOKUPS lookups emptied the pool and the requests
         # waited for a connection (bench/route.py). The direct path writes in its own ones.
         db.session.close()
-        results = direct.call_method(portal, SEARCH, {"PHONE_NUMBER": phone})
+        if rules.priority:  # an empty priority never routes: Bitrix24 is not asked
+            results = direct.call_method(portal, SEARCH, {"PHONE_NUMBER": phone})
+        else:
+            results = []
         match = choose(results if isinstance(results, list) else [],
-                       priority=[k.strip() for k in str(cfg["TELEPHONY_ROUTE_PRIORITY"])
-                                 .split(",") if k.strip()],
-                       extensions=users, fallback_user=fallback,
-                       skip_absent=bool(cfg["TELEPHONY_ROUTE_SKIP_ABSENT"]))
+                       priority=rules.priority, extensions=users, fallback_user=fallback,
+                       skip_absent=rules.skip_absent)
     except Exception as exc:  # noqa: BLE001 - any failure means "no preference" for now
         log.warning("portal %s: routing lookup failed: %s", portal_id,
                     str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
         match = Match()
+    match = replace(match, rules=rules.fingerprint if rules is not None else None)
     try:
         store(portal_id, phone, match)
     except redis.RedisError as exc:

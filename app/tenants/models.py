@@ -123,7 +123,10 @@ class PortalSettings(Model):
     lines: Mapped[list] = mapped_column(JSON, default=list)  # [{"number": "...", "name": "..."}]
     default_user_id: Mapped[int | None] = mapped_column(Integer)
     crm_create: Mapped[bool] = mapped_column(Boolean, default=True)
-    max_batches_in_flight: Mapped[int] = mapped_column(Integer, default=4)
+    # Dispatcher limits (app/dispatcher/engine.py Settings.portal): K, batches in flight
+    # (None: automatic, the app's rule) and sequential mode (K=1; None: DISPATCH_MODE).
+    max_batches_in_flight: Mapped[int | None] = mapped_column(Integer)
+    sequential: Mapped[bool | None] = mapped_column(Boolean)
     # Click-to-call: where the PBX takes originate requests, and the secret they are signed
     # with (app/telephony/click.py; set with `flask portals settings`).
     pbx_originate_url: Mapped[str | None] = mapped_column(String(1024))
@@ -135,6 +138,11 @@ class PortalSettings(Model):
     anonymous_number: Mapped[str | None] = mapped_column(String(32))
     internal_calls: Mapped[str | None] = mapped_column(String(16))  # skip | register
     default_country: Mapped[str | None] = mapped_column(String(2))  # ISO 3166 alpha-2
+    # Routing rules (app/telephony/routing.py): the CRM kinds in order, comma-separated
+    # ("": never route), and whether a responsible not at work is skipped; None: the app's
+    # TELEPHONY_ROUTE_PRIORITY / TELEPHONY_ROUTE_SKIP_ABSENT.
+    route_priority: Mapped[str | None] = mapped_column(String(32))
+    route_skip_absent: Mapped[bool | None] = mapped_column(Boolean)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                                  onupdate=utcnow)
 

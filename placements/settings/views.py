@@ -57,7 +57,8 @@ AWAITING_TOKEN = _l("Waiting for Bitrix24's install event; events are kept and c
 SYNC_ACTOR = "sync_portal_users"  # workers/install.py
 # The page's fields: text inputs and selects sent as they are (a field left out is kept).
 TEXT_FIELDS = ("event_mode", "lines", "default_user_id", "pbx_originate_url",
-               *settings_form.CALL_OPTIONS)
+               *settings_form.CALL_OPTIONS, *settings_form.LIMITS)
+YES_NO_FIELDS = ("add_to_chat", "route_skip_absent", "sequential")  # selects: "", "1", "0"
 CHECK_TRIGGER = "page"
 
 
@@ -98,6 +99,7 @@ def render(portal: Portal, *, is_admin: bool, user_id: int | None, notice: str =
         users=_users(portal), overrides=overrides(portal) if is_admin else [],
         api_key=_api_key(portal) if is_admin else None,
         defaults={key: settings_form.effective(None, key) for key in settings_form.CALL_OPTIONS},
+        automatic=settings_form.automatic(portal),
         outgoing=_outgoing_line(portal), notice=notice, error=error, recovered=recovered,
         modes=settings_form.EVENT_MODES, policies=settings_form.CALL_POLICIES, **shown_once)
     return make_response(body, status)
@@ -107,8 +109,11 @@ def _stored_values(settings: PortalSettings) -> dict[str, str]:
     """The form's fields as the stored settings fill them (NULL call options: "")."""
     values = {key: "" if getattr(settings, key, None) is None else str(getattr(settings, key))
               for key in TEXT_FIELDS if key != "lines"}
-    if settings.add_to_chat is not None:
-        values["add_to_chat"] = "1" if settings.add_to_chat else "0"
+    for key in YES_NO_FIELDS:
+        if getattr(settings, key, None) is not None:
+            values[key] = "1" if getattr(settings, key) else "0"
+    if settings.route_priority == "":
+        values["route_priority"] = settings_form.NEVER  # "" in the form is the app's default
     values["lines"] = settings_form.lines_text(settings)
     values["crm_create"] = "1" if settings.crm_create or settings.crm_create is None else "0"
     return values

@@ -75,7 +75,8 @@ def test_bad_values_are_refused_with_their_reason_and_nothing_is_written(app, in
         "event_mode=sometimes": "event mode must be online or offline",
         "crm_create=maybe": "crm_create must be 1 or 0",
         "colour=blue": "unknown setting 'colour'",
-        "max_batches_in_flight=9": "not used by b24relay",
+        "max_batches_in_flight=999": "a number from 1 to 60",
+        "route_priority=contact,deal": "'deal' is not a CRM kind",
         "pbx_secret": "is not KEY=VALUE",
     }
     for assignment, reason in cases.items():

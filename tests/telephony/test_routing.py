@@ -154,7 +154,8 @@ def test_the_fallback_user_is_never_answered(client, line, sandbox, redis_client
     lead = crm(sandbox, line, "lead", 1)
     assert ask(client, line)[0] == 204
     assert entry(redis_client, line) == {"entity_type": "LEAD", "entity_id": lead,
-                                         "responsible": 1, "user_id": None, "extension": None}
+                                         "responsible": 1, "user_id": None, "extension": None,
+                                         "rules": "contact,company,lead|1"}
 
 
 # ---------------------------------------------------------------- a slow portal
