@@ -10,10 +10,11 @@ the app, in order:
 2. :func:`choose` picks the employee. It asks ``telephony.externalCall.searchCrmEntities``
    for the form's number with the administrator's chain (the search is filtered by the
    caller's rights, §8.7) and keeps the records of the form's CRM entity (all of the
-   number's records, ordered by ``TELEPHONY_ROUTE_PRIORITY``, when the entity is not among
-   them). Routing's rules pick the responsible (:func:`app.telephony.routing.choose`): an
-   active user with an extension, at work with ``TELEPHONY_ROUTE_SKIP_ABSENT``. Failing
-   that, the portal's fallback user (``default_user_id``); failing that, nobody, and the
+   number's records, in the portal's routing priority, when the entity is not among them).
+   The portal's routing rules (:func:`app.telephony.routing.rules_of`: its settings, else
+   the app's) pick the responsible (:func:`app.telephony.routing.choose`): an active user
+   with an extension, at work unless the rules say otherwise. Failing that, the portal's
+   fallback user (``default_user_id``); failing that, nobody, and the
    request fails with its reason (nothing is registered: register needs a user).
 3. It registers the call (``TYPE=4``, the employee, the form's entity, ``LINE_NUMBER``, an
    ``EXTERNAL_CALL_ID`` of our own ``b24relay-cb-<row id>``, ``SHOW=0``,
@@ -49,7 +50,7 @@ from sqlalchemy import CursorResult, select, update
 from app import queue
 from app.dispatcher import Outcome, Priority, direct, submit
 from app.extensions import db
-from app.telephony import click, machine, routing
+from app.telephony import click, machine, options, routing
 from app.telephony.models import Originate
 from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import ensure_callable
@@ -81,7 +82,7 @@ def on_callback(portal: Portal | None, event: dict[str, Any]) -> None:
             Originate.portal_id == portal.id, Originate.inbox_event_id == inbox_id)):
         return  # this inbox row was handled before
     data = event.get("data") or {}
-    country = current_app.config["TELEPHONY_DEFAULT_COUNTRY"] or None
+    country = options.default_country(portal.settings)
     phone = machine.normalise_phone(str(data.get("PHONE_NUMBER") or ""), country)
     entity_type = str(data.get("CRM_ENTITY_TYPE") or "").strip().upper()
     entity_id = _int(data.get("CRM_ENTITY_ID"))
@@ -174,8 +175,9 @@ def sweep() -> int:
 
 def _responsible(portal: Portal, phone: str, entity: tuple[str | None, int | None],
                  users: dict[int, str], fallback: int | None) -> int | None:
-    """The form's client's responsible who can take the call (routing's rules), or None."""
-    cfg = current_app.config
+    """The form's client's responsible who can take the call (the portal's routing rules),
+    or None."""
+    rules = routing.rules_of(portal.settings)
     try:
         results = direct.call_method(portal, routing.SEARCH, {"PHONE_NUMBER": phone})
     except Exception as exc:  # noqa: BLE001 - any failure: the fallback user calls back
@@ -185,12 +187,9 @@ def _responsible(portal: Portal, phone: str, entity: tuple[str | None, int | Non
     records = [r for r in results if isinstance(r, dict)] if isinstance(results, list) else []
     own = [r for r in records if (str(r.get("CRM_ENTITY_TYPE")).upper(),
                                   _int(r.get("CRM_ENTITY_ID"))) == entity]
-    priority = (list(ENTITY_TYPES) if own else
-                [k.strip() for k in str(cfg["TELEPHONY_ROUTE_PRIORITY"]).split(",")
-                 if k.strip()])
+    priority = list(ENTITY_TYPES) if own else list(rules.priority)
     match = routing.choose(own or records, priority=priority, extensions=users,
-                           fallback_user=fallback,
-                           skip_absent=bool(cfg["TELEPHONY_ROUTE_SKIP_ABSENT"]))
+                           fallback_user=fallback, skip_absent=rules.skip_absent)
     return match.user_id if match.routable else None
 
 

@@ -59,7 +59,7 @@ from app import queue
 from app.bitrix.errors import ApiError, InvalidToken, TokenExpired
 from app.dispatcher import Outcome, Priority, direct, ref, submit
 from app.extensions import db, redis_ext
-from app.telephony import machine
+from app.telephony import machine, options
 from app.telephony.models import Originate
 from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import ensure_callable
@@ -392,7 +392,7 @@ def _by_match(portal: Portal, query: Any, event: dict[str, Any]) -> Originate | 
     extensions = event.get("extensions") or []
     if isinstance(extensions, str):
         extensions = [extensions]
-    country = current_app.config["TELEPHONY_DEFAULT_COUNTRY"] or None
+    country = options.default_country(portal.settings)
     phone = machine.normalise_phone(str(event.get("phone") or ""), country)
     since = utcnow() - timedelta(seconds=_setting("TELEPHONY_ORIGINATE_JOIN_WINDOW"))
     for row in db.session.scalars(query.where(

@@ -41,10 +41,10 @@ from sqlalchemy import select, update
 
 from app.dispatcher import Outcome, OutcomeKind, Priority, ref, submit
 from app.extensions import db
-from app.telephony import click, machine, recording, routing
+from app.telephony import click, machine, options, recording, routing
 from app.telephony.extensions import ask_sync_for_unmapped
 from app.telephony.models import Call
-from app.tenants.models import Portal, PortalSettings, aware, utcnow
+from app.tenants.models import Portal, aware, utcnow
 from app.tenants.status import ensure_callable
 from app.tenants.users import extension_map
 
@@ -113,29 +113,14 @@ def policy_for(portal: Portal, event: Mapping[str, Any] | None = None) -> machin
     return machine.Policy(
         extensions=extensions,
         fallback_user=settings.default_user_id if settings else None,
-        default_country=str(_option(settings, "default_country") or "") or None,
+        default_country=options.default_country(settings),
         crm_create=bool(settings.crm_create) if settings else False,
-        crm_source=str(_option(settings, "crm_source") or "") or None,
-        add_to_chat=bool(_option(settings, "add_to_chat")),
-        anonymous=str(_option(settings, "anonymous_calls")),
-        anonymous_number=str(_option(settings, "anonymous_number") or "") or None,
-        internal=str(_option(settings, "internal_calls")),
+        crm_source=str(options.option(settings, "crm_source") or "") or None,
+        add_to_chat=bool(options.option(settings, "add_to_chat")),
+        anonymous=str(options.option(settings, "anonymous_calls")),
+        anonymous_number=str(options.option(settings, "anonymous_number") or "") or None,
+        internal=str(options.option(settings, "internal_calls")),
         crm_match=_routed(portal, event, extensions))
-
-
-# A portal's call option (PortalSettings column) -> the app's setting used where it is NULL.
-CALL_OPTION_DEFAULTS = {"default_country": "TELEPHONY_DEFAULT_COUNTRY",
-                        "crm_source": "TELEPHONY_CRM_SOURCE",
-                        "add_to_chat": "TELEPHONY_ADD_TO_CHAT",
-                        "anonymous_calls": "TELEPHONY_ANONYMOUS_CALLS",
-                        "anonymous_number": "TELEPHONY_ANONYMOUS_NUMBER",
-                        "internal_calls": "TELEPHONY_INTERNAL_CALLS"}
-
-
-def _option(settings: PortalSettings | None, name: str) -> Any:
-    """The portal's own value of a call option, else the app's default."""
-    value = getattr(settings, name, None) if settings is not None else None
-    return current_app.config[CALL_OPTION_DEFAULTS[name]] if value is None else value
 
 
 def _routed(portal: Portal, event: Mapping[str, Any] | None,
@@ -145,7 +130,7 @@ def _routed(portal: Portal, event: Mapping[str, Any] | None,
     if event is None or event.get("event") != "start":
         return None
     raw = str(event.get("phone") or "")
-    phone = routing.phone_key(raw)
+    phone = routing.phone_key(raw, options.default_country(portal.settings))
     if phone is None or raw.strip() in extensions:  # anonymous, or an internal call
         return None
     try:

@@ -59,6 +59,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.dispatcher import direct
 from app.extensions import db, redis_ext
+from app.telephony import options
 from app.telephony.machine import CrmMatch, normalise_phone
 from app.tenants.models import Portal, PortalSettings
 from app.tenants.users import extension_map
@@ -115,37 +116,53 @@ def rules_of(settings: PortalSettings | None) -> Rules:
 def _current_rules(portal_id: int) -> str | None:
     """The portal's rules (fingerprint) as this process last read them, at most
     :data:`RULES_MEMO` seconds ago; None when the database cannot say (entries are served)."""
+    view = _portal_view(portal_id)
+    return view[0] if view is not None else None
+
+
+def _country(portal_id: int) -> str | None:
+    """The country the portal's numbers are read in (its call options; memoised with its
+    rules), so the cache's key is the number its calls' register sends."""
+    view = _portal_view(portal_id)
+    return view[1] if view is not None else options.default_country(None)
+
+
+def _portal_view(portal_id: int) -> tuple[str, str | None] | None:
+    """(rules fingerprint, default country) of the portal, read at most every RULES_MEMO."""
     now = time.monotonic()
     memo = _memo().get(portal_id)
     if memo is not None and now - memo[0] < RULES_MEMO:
-        return memo[1]
+        return memo[1], memo[2]
     try:
         row = db.session.execute(
-            select(PortalSettings.route_priority, PortalSettings.route_skip_absent)
+            select(PortalSettings.route_priority, PortalSettings.route_skip_absent,
+                   PortalSettings.default_country)
             .where(PortalSettings.portal_id == portal_id)).first()
     except SQLAlchemyError as exc:
         log.warning("portal %s: routing rules unread (%s); cached answers served",
                     portal_id, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
-    settings = (PortalSettings(route_priority=row[0], route_skip_absent=row[1])
-                if row is not None else None)
-    found = rules_of(settings).fingerprint
-    _remember_rules(portal_id, found)
+    settings = (PortalSettings(route_priority=row[0], route_skip_absent=row[1],
+                               default_country=row[2]) if row is not None else None)
+    found = rules_of(settings).fingerprint, options.default_country(settings)
+    _remember_rules(portal_id, *found)
     return found
 
 
-def _memo() -> dict[int, tuple[float, str]]:
-    """portal id -> (read at, monotonic; its rules): this app's, shared by its threads."""
-    memo: dict[int, tuple[float, str]] = current_app.extensions.setdefault(RULES_EXTENSION, {})
+def _memo() -> dict[int, tuple[float, str, str | None]]:
+    """portal id -> (read at, monotonic; its rules; its country): this app's, shared by its
+    threads."""
+    memo: dict[int, tuple[float, str, str | None]] = current_app.extensions.setdefault(
+        RULES_EXTENSION, {})
     return memo
 
 
-def _remember_rules(portal_id: int, fingerprint: str) -> None:
+def _remember_rules(portal_id: int, fingerprint: str, country: str | None) -> None:
     memo, now = _memo(), time.monotonic()
     if len(memo) > 10_000:  # many portals: forget the stale ones
-        for pid in [p for p, (at, _) in list(memo.items()) if now - at >= RULES_MEMO]:
+        for pid in [p for p, (at, *_) in list(memo.items()) if now - at >= RULES_MEMO]:
             memo.pop(pid, None)
-    memo[portal_id] = (now, fingerprint)
+    memo[portal_id] = (now, fingerprint, country)
 
 
 @dataclass(frozen=True)
@@ -179,10 +196,10 @@ class Match:
                         entity_id=self.entity_id)
 
 
-def phone_key(raw: str) -> str | None:
-    """The number as the cache and the call's register know it (E.164 with the default
-    country); None for an anonymous caller."""
-    return normalise_phone(raw, current_app.config["TELEPHONY_DEFAULT_COUNTRY"] or None)
+def phone_key(raw: str, country: str | None) -> str | None:
+    """The number as the cache and the call's register know it (E.164, read in the portal's
+    default ``country``: app/telephony/options.py); None for an anonymous caller."""
+    return normalise_phone(raw, country)
 
 
 def cached(portal_id: int, phone: str) -> Match | None:
@@ -244,7 +261,7 @@ def hit_rate(portal_id: int, day: str | None = None) -> tuple[int, int]:
 
 
 def _route(portal_id: int, raw_phone: str, started: float | None) -> Match | None:
-    phone = phone_key(raw_phone)
+    phone = phone_key(raw_phone, _country(portal_id))
     if phone is None:
         return None  # an anonymous caller has no client to route to
     hit = cached(portal_id, phone)
@@ -329,7 +346,7 @@ def lookup(portal_id: int, phone: str) -> Match:
         users = {user: ext for ext, user in sorted(extension_map(portal).items(), reverse=True)}
         fallback = portal.settings.default_user_id if portal.settings else None
         rules = rules_of(portal.settings)
-        _remember_rules(portal_id, rules.fingerprint)
+        _remember_rules(portal_id, rules.fingerprint, options.default_country(portal.settings))
         # Give the database connection back before a request that may take seconds: held
         # through it, TELEPHONY_ROUTE_LOOKUPS lookups emptied the pool and the requests
         # waited for a connection (bench/route.py). The direct path writes in its own ones.

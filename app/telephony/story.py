@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flask import current_app
 from sqlalchemy import select
 
 from app.dispatcher import outbox
 from app.extensions import db
 from app.ingress import inbox
-from app.telephony import cli, machine
+from app.telephony import cli, machine, options
 from app.telephony.models import Call
+from app.tenants.models import PortalSettings
 
 FOUND_LIMIT = 50
 
@@ -38,11 +38,10 @@ def command_key(call: Call) -> str:
     return f"call:{call.id}"
 
 
-def phone_forms(raw: str) -> list[str]:
+def phone_forms(raw: str, country: str | None) -> list[str]:
     """The forms a typed number may be stored in: E.164 as the machine makes it (also of the
     digits typed without their ``+``), its dialable characters, and the text as typed (an
     internal extension, an anonymous stand-in)."""
-    country = current_app.config.get("TELEPHONY_DEFAULT_COUNTRY") or None
     dialable = "".join(ch for ch in raw if ch.isdigit() or ch in "+#*")
     forms = [machine.normalise_phone(raw, country), dialable, raw.strip()]
     if dialable.isdigit():
@@ -63,7 +62,9 @@ def find(portal_id: int, text: str, limit: int = FOUND_LIMIT) -> list[Call]:
     mine = Call.portal_id == portal_id
     wheres = [Call.pbx_call_id == text, Call.b24_call_id == text]
     if any(ch.isdigit() for ch in text):
-        wheres.append(Call.phone.in_(phone_forms(text)))
+        settings = db.session.scalar(select(PortalSettings)
+                                     .where(PortalSettings.portal_id == portal_id))
+        wheres.append(Call.phone.in_(phone_forms(text, options.default_country(settings))))
     found: dict[int, Call] = {}
     for where in wheres:
         query = (select(Call).where(mine, where)

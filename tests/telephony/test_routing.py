@@ -272,3 +272,23 @@ def test_register_takes_the_owner_and_crm_binding_from_the_routing_cache(
     assert int(unknown["USER_ID"]) == 2  # no cache entry: the first ringing, no CRM hint
     assert "CRM_ENTITY_TYPE" not in unknown and "CRM_ENTITY_ID" not in unknown
     assert len(searches(sandbox, line)) == 1, "the start handler never asks Bitrix24"
+
+
+def test_a_number_without_its_plus_is_read_in_the_portals_own_country(client, line, sandbox,
+                                                                      redis_client, app):
+    # The portal's call options say Germany (the app's default says nothing): routing must
+    # key and search the number as the call's register will send it, +49....
+    portal = db.session.get(Portal, line["portal_id"])
+    portal.settings.default_country = "DE"
+    db.session.commit()
+    contact = crm(sandbox, line, "contact", 2)
+    status, body, _ = ask(client, line, phone="030 111 22 23")
+    assert status == 200 and body["entity"] == {"type": "CONTACT", "id": contact}
+    [search] = searches(sandbox, line)
+    assert search["params"]["PHONE_NUMBER"] == NUMBER
+    assert entry(redis_client, line)["user_id"] == 2
+    from app.telephony import handlers
+    with app.test_request_context():
+        policy = handlers.policy_for(db.session.get(Portal, line["portal_id"]),
+                                     {"event": "start", "phone": "030 111 22 23"})
+    assert policy.crm_match is not None and policy.crm_match.entity_id == contact
