@@ -211,9 +211,14 @@ def _text(error: BaseException) -> str:
 
 
 def _account(commands: Sequence[Candidate], answer: BatchResult, effects: Effects) -> None:
-    """Seconds of processing each method used (its operating time, protocol §6.2)."""
+    """Seconds of processing each method used (its operating time, protocol §6.2), and how
+    many commands they are for. A command the portal refused with OPERATION_TIME_LIMIT did
+    not run: it books nothing, and its instant answer says nothing of the method's cost."""
     for c in commands:
         timing = answer.times.get(c.batch_key)
+        refused = answer.errors.get(c.batch_key)
+        if refused is not None and verdict_of(refused) is Verdict.OPERATING:
+            continue
         if isinstance(timing, dict) and timing.get("processing") is not None:
             method = c.method.lower()
             effects.processing[method] = (effects.processing.get(method, 0.0)

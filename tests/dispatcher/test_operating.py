@@ -90,7 +90,8 @@ def test_a_refusal_that_still_comes_is_waited_out_and_never_dead_lettered(
     rest = RestClient()
     try:
         sandbox.set_fault(mid, "operation_time_limit", count=1, methods=[ADD])
-        answer = rest.batch(info["client_endpoint"], {"c1": (ADD, {"fields": {}})},
+        answer = rest.batch(info["client_endpoint"], {"c1": (ADD, {"fields": {}}),
+                                                      "c2": ("user.current", {})},
                             info["access_token"])
     finally:
         rest.close()
@@ -98,7 +99,11 @@ def test_a_refusal_that_still_comes_is_waited_out_and_never_dead_lettered(
     now = datetime.now(UTC)
     old = Candidate(1, ADD, {}, "call-9", None, Priority.NORMAL.value, attempts=40,
                     first_sent_at=now - timedelta(days=3))
-    [update], effects = outcomes.decide([old], answer, now, outcomes.Rules(
+    ran = Candidate(2, "user.current", {}, None, None, Priority.NORMAL.value)
+    [update, _], effects = outcomes.decide([old, ran], answer, now, outcomes.Rules(
         timedelta(hours=24), policy.ResendLimits(register_window=timedelta(minutes=25))))
     assert update["status"] == CommandStatus.QUEUED.value and update["attempts_delta"] == -1
-    assert update["not_before"] > now and effects.verdicts == {Verdict.OPERATING: 1}
+    assert update["not_before"] > now
+    assert effects.verdicts == {Verdict.OPERATING: 1, Verdict.DONE: 1}
+    # the refused command did not run: it costs nothing and teaches the ledger no cost
+    assert effects.costed == {"user.current": 1} and set(effects.processing) == {"user.current"}
