@@ -190,11 +190,11 @@ def in_running_order(commands: Iterable[Candidate]) -> list[Candidate]:
     their order. Of the commands whose predecessors have all been placed (list scheduling),
     the next is the most urgent: by the most urgent work it holds up (itself or any command
     that must run after it; real-time, then normal, then bulk), then by its own priority,
-    then by id. A call's card (register, show) is real-time and needs nothing but its own
-    key's earlier card commands, so it runs before every finish; a finish goes early only
-    when real-time work of its own key waits behind it, and then still after the ready real-
-    time commands. (Ranked by key instead, a key holding a hide and a finish put the finish
-    ahead of other calls' registers.)"""
+    then by id. A call's card (register, show) is real-time and waits for nothing but its
+    own call's earlier real-time commands, so it runs before every finish; a finish goes
+    early only when real-time work waits behind it (its key's, or a reference's), and then
+    still after the ready real-time commands. (Ranked by key instead, a key holding a hide
+    and a finish put the finish ahead of other calls' registers.)"""
     by_id = sorted(commands, key=lambda c: c.id)
     before = _predecessors(by_id)
     after: dict[int, list[int]] = {c.id: [] for c in by_id}
