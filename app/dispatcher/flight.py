@@ -40,9 +40,10 @@ MAX_RESENDS = 3        # refreshes and renames before a batch's answer counts as
 
 
 async def fly(driver: Driver, commands: list[Candidate], wire: dict[str, Any], *,
-              realtime: bool, paid: bool) -> None:
+              realtime: bool, paid: bool, token: str = "") -> None:
     """Send one leased batch and act on its answer; a failure here is logged, not raised
-    (the batch's lease then expires and the sweep recovers its commands)."""
+    (the batch's lease then expires and the sweep recovers its commands). ``token``: the
+    batch's reservation in the operating-time ledger, settled by its answer."""
     plan = driver.plan  # the gauge goes down on the label it went up on
     metrics.inflight(plan, +1)
     try:
@@ -52,7 +53,7 @@ async def fly(driver: Driver, commands: list[Candidate], wire: dict[str, Any], *
         answer = await _exchange(driver, wire, realtime)
         elapsed = time.monotonic() - started
         metrics.round_trip(driver.plan, elapsed)
-        await _settle(driver, commands, answer, elapsed)
+        await _settle(driver, commands, answer, elapsed, token)
     except Exception:
         log.exception("portal %s: a batch's outcome was not recorded; its lease will "
                       "expire and the sweep recovers it", driver.portal_id)
@@ -102,7 +103,7 @@ async def _usable(driver: Driver) -> Snapshot:
 
 
 async def _settle(driver: Driver, commands: list[Candidate], answer: Any,
-                  elapsed: float | None = None) -> None:
+                  elapsed: float | None = None, token: str = "") -> None:
     """Judge the answer, write the commands' rows, then apply the effects."""
     eng, now = driver.engine, utcnow()
     rows, effects = outcomes.decide(commands, answer, now,
@@ -111,17 +112,21 @@ async def _settle(driver: Driver, commands: list[Candidate], answer: Any,
     metrics.settled(driver.plan, commands, rows, now)
     await eng.stats.batch(driver.portal_id, elapsed, rows, limited=effects.fill_bucket,
                           methods={c.method for c in commands})
-    await _apply(driver, effects)
+    await _apply(driver, effects, token)
 
 
-async def _apply(driver: Driver, effects: outcomes.Effects) -> None:
+async def _apply(driver: Driver, effects: outcomes.Effects, token: str = "") -> None:
     """Do what the answer asks of the bucket, the ledger, the credentials and the portal."""
     eng, key = driver.engine, driver.member_id
     if effects.fill_bucket:
         metrics.rate_limited(driver.plan)
         await eng.bucket.fill(key, driver.snap.plan if driver.snap else "standard")
-    if effects.processing:
-        await eng.ledger.add_batch(key, effects.processing)
+    if token:  # what it cost in place of what it reserved
+        await eng.ledger.settle(key, token, effects.sent,
+                                None if effects.unmeasured else effects.processing,
+                                effects.costed)
+    elif effects.processing:
+        await eng.ledger.add_batch(key, effects.processing, effects.costed)
     for method, until in effects.operating.items():
         await eng.ledger.hold(key, method, until)
     if effects.refresh and driver.snap is not None:

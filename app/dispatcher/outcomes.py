@@ -61,6 +61,9 @@ class Effects:
     hold: BaseException | None = None
     operating: dict[str, float] = field(default_factory=dict)  # method -> reset (epoch s)
     processing: dict[str, float] = field(default_factory=dict)  # method -> seconds used
+    costed: dict[str, int] = field(default_factory=dict)  # method -> commands processing is for
+    sent: dict[str, int] = field(default_factory=dict)  # method -> commands in the batch
+    unmeasured: bool = False  # the batch may have run, but its answer says not how long
     settle: list[int] = field(default_factory=list)  # finished commands with a handler
     verdicts: dict[Verdict, int] = field(default_factory=dict)
 
@@ -114,8 +117,12 @@ def decide(commands: Sequence[Candidate], answer: BatchResult | BaseException, n
             if c.key is not None:
                 failed_keys.add(c.key)
         rows.append(row)
+    for c in commands:
+        effects.sent[c.method.lower()] = effects.sent.get(c.method.lower(), 0) + 1
     if isinstance(answer, BatchResult):
         _account(commands, answer, effects)
+    else:  # a 5xx, a reset or a timeout may come after the portal ran the batch
+        effects.unmeasured = verdict_of(answer) in (Verdict.RETRY, Verdict.UNKNOWN)
     return rows, effects
 
 
@@ -204,10 +211,16 @@ def _text(error: BaseException) -> str:
 
 
 def _account(commands: Sequence[Candidate], answer: BatchResult, effects: Effects) -> None:
-    """Seconds of processing each method used (its operating time, protocol §6.2)."""
+    """Seconds of processing each method used (its operating time, protocol §6.2), and how
+    many commands they are for. A command the portal refused with OPERATION_TIME_LIMIT did
+    not run: it books nothing, and its instant answer says nothing of the method's cost."""
     for c in commands:
         timing = answer.times.get(c.batch_key)
+        refused = answer.errors.get(c.batch_key)
+        if refused is not None and verdict_of(refused) is Verdict.OPERATING:
+            continue
         if isinstance(timing, dict) and timing.get("processing") is not None:
             method = c.method.lower()
             effects.processing[method] = (effects.processing.get(method, 0.0)
                                           + float(timing["processing"]))
+            effects.costed[method] = effects.costed.get(method, 0) + 1

@@ -4,20 +4,23 @@ A candidate goes into the batch when
 - no earlier command of its ordering key is unfinished outside this batch (an earlier one
   in the same batch runs first: a batch executes its commands in order);
 - every command it depends on (``after``, ``ref``) is done, or in this batch;
-- its method is not paused by the operating-time ledger;
+- its method is not paused by the operating-time ledger, and the round has not yet taken
+  as many of its method's commands as the ledger's room for it (``allowance``);
 - and, on the portal's last free slots, it is not bulk work (bulk keeps them free for
   real-time work; normal work, ``finish``, may take them as real-time work does: it
   closes a call a person sees).
 
 Commands that depend on a dead command cannot run: they are returned to be dead-lettered.
-Inside the batch, keys holding real-time work run first (:func:`in_running_order`).
+Inside the batch, real-time commands run first wherever their keys and references let
+them (:func:`in_running_order`).
 """
 
 from __future__ import annotations
 
+import heapq
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
@@ -89,7 +92,8 @@ class Packed:
 
 def pack_round(candidates: Iterable[Candidate], blockers: Mapping[str, int],
                deps: Mapping[int, Dependency], *, batches: int, realtime_only_from: int,
-               paused: frozenset[str] = frozenset(), complete: bool = True) -> list[Packed]:
+               paused: frozenset[str] = frozenset(), complete: bool = True,
+               allowance: Mapping[str, int] | None = None) -> list[Packed]:
     """Up to ``batches`` batches from one fetch, to be sent side by side.
 
     Batches in flight together run in any order, so a later batch treats the commands of
@@ -98,20 +102,26 @@ def pack_round(candidates: Iterable[Candidate], blockers: Mapping[str, int],
     real-time work) leave only with real-time work in them, filled up with whatever else
     fits: a call's batch costs a token like any other, so it carries what it can. A batch
     may carry commands that can never run (``doomed``); the last one may carry only those.
+    ``allowance``: per method (lower case), how many of its commands the whole round may
+    take (the operating-time ledger's room; a method not in it is not limited).
     """
     left = list(candidates)
     block, known = dict(blockers), dict(deps)
+    room = dict(allowance or {})
     open_end = None if complete or not left else max(c.id for c in left)
     out: list[Packed] = []
     for index in range(batches):
         packed = pack(left, block, known, realtime_only=index >= realtime_only_from,
-                      paused=paused, complete=complete, open_end=open_end)
+                      paused=paused, complete=complete, open_end=open_end, allowance=room)
         if not packed.commands:
             if index == 0 and packed.doomed:
                 out.append(packed)
             break
         out.append(packed)
         _taken(packed, left, block, known)
+        for c in packed.commands:
+            if c.method.lower() in room:
+                room[c.method.lower()] -= 1
     return out
 
 
@@ -129,7 +139,7 @@ def _taken(packed: Packed, left: list[Candidate], block: dict[str, int],
 def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
          deps: Mapping[int, Dependency], *, limit: int = MAX_BATCH, realtime_only: bool = False,
          paused: frozenset[str] = frozenset(), complete: bool = True,
-         open_end: int | None = None) -> Packed:
+         open_end: int | None = None, allowance: Mapping[str, int] | None = None) -> Packed:
     """Choose up to ``limit`` candidates (given in priority, id order) for one batch.
 
     ``blockers``: per ordering key, the lowest id of an unfinished command of that key that
@@ -137,6 +147,7 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
     ``complete``: the candidates are every due command (else a key chain reaching the last
     candidate, ``open_end`` or the highest id, may go on beyond them). ``realtime_only``:
     the batch is empty unless real-time work fits (candidates come real-time first).
+    ``allowance``: per method (lower case), how many of its commands may be taken.
     """
     ordered = list(candidates)
     by_key: dict[str, list[int]] = defaultdict(list)
@@ -144,6 +155,7 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
         if c.key is not None:
             by_key[c.key].append(c.id)
     out, chosen = Packed(), set[int]()
+    room = dict(allowance or {})
     if complete or not ordered:
         open_end = None
     elif open_end is None:
@@ -156,35 +168,88 @@ def pack(candidates: Iterable[Candidate], blockers: Mapping[str, int],
         reason = _doomed(c, deps)
         if reason:
             out.doomed[c.id] = reason
-        elif (_fits(c, chosen, by_key, blockers, deps, paused)
+        elif (room.get(c.method.lower(), 1) > 0
+              and _fits(c, chosen, by_key, blockers, deps, paused)
               and not _splits_chain(c, chosen, by_key, limit - len(out.commands), open_end)):
             out.commands.append(c)
             chosen.add(c.id)
+            if c.method.lower() in room:
+                room[c.method.lower()] -= 1
     out.commands = in_running_order(out.commands)
     return out
 
 
 def in_running_order(commands: Iterable[Candidate]) -> list[Candidate]:
-    """The order a batch runs its commands in: keys that hold real-time work first, each key
-    (and each reference) in id order.
+    """The order a batch runs its commands in: command by command, each as early as its key
+    and its references allow, the most urgent ready one first.
 
     Bitrix24 runs a batch's commands one after the other, so a command waits for every one
     before it: a call's register and show behind other calls' finishes (a second of
-    operating time each, protocol §8.14) would put the card seconds late. Only commands of
-    one key and a reference's target must keep their order; across keys, the rank of a key
-    is its most urgent command's priority. Should a reference point across ranks, the plain
-    id order is kept."""
+    operating time each, protocol §8.14) would put the card seconds late. Only the
+    commands of one key (in id order) and a reference's target before its reader must keep
+    their order. Of the commands whose predecessors have all been placed (list scheduling),
+    the next is the most urgent: by the most urgent work it holds up (itself or any command
+    that must run after it; real-time, then normal, then bulk), then by its own priority,
+    then by id. A call's card (register, show) is real-time and waits for nothing but its
+    own call's earlier real-time commands, so it runs before every finish; a finish goes
+    early only when real-time work waits behind it (its key's, or a reference's), and then
+    still after the ready real-time commands. (Ranked by key instead, a key holding a hide
+    and a finish put the finish ahead of other calls' registers.)"""
     by_id = sorted(commands, key=lambda c: c.id)
-    rank: dict[str, int] = {}
+    before = _predecessors(by_id)
+    after: dict[int, list[int]] = {c.id: [] for c in by_id}
     for c in by_id:
-        if c.key is not None:
-            rank[c.key] = min(rank.get(c.key, c.priority), c.priority)
-    ordered = sorted(by_id, key=lambda c: (rank[c.key] if c.key is not None else c.priority,
-                                           c.id))
-    place = {c.id: i for i, c in enumerate(ordered)}
-    if any(place.get(dep, -1) > place[c.id] for c in ordered for dep in c.depends_on()):
+        for p in before[c.id]:
+            after[p].append(c.id)
+    topo = _topological(by_id, before, after)
+    if topo is None:  # a cycle (never from the packer: references point back)
         return by_id
-    return ordered
+    urgency = {c.id: c.priority for c in by_id}
+    for c in reversed(topo):  # the most urgent work a command holds up
+        urgency[c.id] = min([urgency[c.id], *(urgency[n] for n in after[c.id])])
+    return _scheduled(by_id, before, after, lambda c: (urgency[c.id], c.priority, c.id))
+
+
+def _predecessors(by_id: list[Candidate]) -> dict[int, set[int]]:
+    """Per command, the commands of the batch that must run before it: the previous one of
+    its key and the targets of its references (``after``, ``ref``)."""
+    inside = {c.id for c in by_id}
+    last: dict[str, int] = {}
+    before: dict[int, set[int]] = {}
+    for c in by_id:
+        deps = {d for d in c.depends_on() if d in inside and d != c.id}
+        if c.key is not None:
+            if c.key in last:
+                deps.add(last[c.key])
+            last[c.key] = c.id
+        before[c.id] = deps
+    return before
+
+
+def _topological(by_id: list[Candidate], before: Mapping[int, set[int]],
+                 after: Mapping[int, list[int]]) -> list[Candidate] | None:
+    """Any order that keeps ``before``; None when there is none (a cycle)."""
+    order = _scheduled(by_id, before, after, lambda c: (c.id,))
+    return order if len(order) == len(by_id) else None
+
+
+def _scheduled(by_id: list[Candidate], before: Mapping[int, set[int]],
+               after: Mapping[int, list[int]],
+               rank: Callable[[Candidate], tuple[int, ...]]) -> list[Candidate]:
+    """List scheduling: repeatedly the lowest-ranked command whose predecessors are placed."""
+    by = {c.id: c for c in by_id}
+    waiting = {c.id: len(before[c.id]) for c in by_id}
+    ready = [(rank(c), c.id) for c in by_id if waiting[c.id] == 0]
+    heapq.heapify(ready)
+    out: list[Candidate] = []
+    while ready:
+        _, cid = heapq.heappop(ready)
+        out.append(by[cid])
+        for n in after[cid]:
+            waiting[n] -= 1
+            if waiting[n] == 0:
+                heapq.heappush(ready, (rank(by[n]), n))
+    return out
 
 
 def _doomed(c: Candidate, deps: Mapping[int, Dependency]) -> str | None:

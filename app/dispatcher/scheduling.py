@@ -7,10 +7,11 @@ they ride with the credentials snapshot and are read again when a settings save 
 them, or every ``LIMITS_MAX_AGE`` seconds), starts a batch whenever a slot is free and the
 portal's shared bucket gives a token (never because a batch came back), and keeps the last
 slots for real-time work. A round packs from one fetch (``pack_round``), leaves out the
-methods the operating-time ledger pauses, holds partial batches back for the pacing gap,
-leases its batches in one transaction and launches each as a flight
-(``app.dispatcher.flight``), which sends it and settles its answer. Database work goes
-through the engine's ``run_db``.
+methods the operating-time ledger pauses and takes no more of a method's commands than its
+budget has room for, holds partial batches back for the pacing gap, leases its batches in
+one transaction, reserves their expected operating time and launches each as a flight
+(``app.dispatcher.flight``), which sends it and settles its answer (and its reservation).
+Database work goes through the engine's ``run_db``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from app.dispatcher import flight, metrics, store
@@ -223,12 +225,12 @@ class Driver:
         eng = self.engine
         ready = await eng.run_db(store.fetch_ready, eng.db, self.portal_id, utcnow(),
                                  max(FETCH, (free + 1) * MAX_BATCH))
-        paused = await self._paused({c.method.lower() for c in ready.candidates})
+        paused, allowance = await self._budgets({c.method.lower() for c in ready.candidates})
         last_slot = max(0, self.slots - self.settings.realtime_slots(self.plan)
                         - len(self.inflight))
         batches = pack_round(ready.candidates, ready.blockers, ready.deps, batches=free,
                              realtime_only_from=last_slot, paused=paused,
-                             complete=ready.complete)
+                             complete=ready.complete, allowance=allowance)
         doomed = {i: r for b in batches for i, r in b.doomed.items()}
         if doomed:
             await eng.run_db(store.mark_doomed, eng.db, doomed, utcnow())
@@ -240,17 +242,20 @@ class Driver:
         self._deps = ready.deps
         return [b for b in batches if b.commands]
 
-    async def _paused(self, methods: set[str]) -> frozenset[str]:
-        """The methods the ledger pauses now; the earliest end of a pause is kept in
+    async def _budgets(self, methods: set[str]) -> tuple[frozenset[str], dict[str, int]]:
+        """The methods the ledger pauses now, and how many commands of each other method
+        fit in its budget (seconds in flight count); the earliest end of a pause is kept in
         ``resume_at`` (epoch), so a driver that retires with only paused work is woken then."""
         key = self.member_id
-        paused, self.resume_at = set(), None
+        paused, room, self.resume_at = set(), {}, None
         for method in methods:
-            until = await self.engine.ledger.pause_until(key, method)
-            if until:
+            budget = await self.engine.ledger.budget(key, method)
+            if budget.until:
                 paused.add(method)
-                self.resume_at = min(until, self.resume_at or until)
-        return frozenset(paused)
+                self.resume_at = min(budget.until, self.resume_at or budget.until)
+            else:
+                room[method] = budget.room
+        return frozenset(paused), room
 
     @property
     def member_id(self) -> str:
@@ -265,12 +270,18 @@ class Driver:
                                   [(bid, [c.id for c in b.commands]) for bid, b in ids],
                                   owner=eng.owner, now=now, until=now + eng.lease_length())
         launched = False
+        sending = {bid: [c for c in b.commands if c.id in leased[bid]] for bid, b in ids}
+        await eng.ledger.reserve(self.member_id, {  # their seconds count before they land
+            bid: Counter(c.method.lower() for c in commands)
+            for bid, commands in sending.items() if commands},
+            eng.lease_length().total_seconds())
         for n, (batch_id, packed) in enumerate(ids):
-            commands = [c for c in packed.commands if c.id in leased[batch_id]]
+            commands = sending[batch_id]
             if commands:
                 wire = Packed(commands).wire(self._deps)
                 task = asyncio.create_task(
-                    flight.fly(self, commands, wire, realtime=packed.realtime, paid=n == 0))
+                    flight.fly(self, commands, wire, realtime=packed.realtime, paid=n == 0,
+                               token=batch_id))
                 self.inflight.add(task)
                 task.add_done_callback(self._landed)
                 launched = True
