@@ -480,6 +480,10 @@ def from_environment(instance: Path) -> dict[str, Any]:
         "B24_REFRESH_LOCK_TTL": env_float("B24_REFRESH_LOCK_TTL", 30.0),
         "B24_REFRESH_LOCK_WAIT": env_float("B24_REFRESH_LOCK_WAIT", 15.0),
         "DRAMATIQ_NAMESPACE": env_str("DRAMATIQ_NAMESPACE", "b24relay"),
+        # How long an idle worker may take to notice a message on the queues a person waits
+        # on (events, default), in ms: the cap of Dramatiq's idle backoff on Redis
+        # (app/queue.py PromptRedisBroker). Lower is quicker and costs more idle polls.
+        "WORKER_IDLE_POLL_MS": env_int("WORKER_IDLE_POLL_MS", 100),
         # The root logger's level for the app's and the workers' processes.
         "LOG_LEVEL": env_str("LOG_LEVEL", "INFO"),
         "PRODUCTION": production,

@@ -51,3 +51,21 @@ def test_rabbitmq_broker_when_broker_url_is_amqp(make_app, start_worker, redis_c
         queue.enqueue("ping", nonce)
         assert wait_for(lambda: health.ping_result(nonce), timeout=30)
         queue.broker().close()
+
+
+@__import__("pytest").mark.serial
+def test_an_idle_worker_notices_a_message_on_a_prompt_queue_within_its_poll(app, start_worker):
+    """A call event posted to a worker that has been idle a while (Dramatiq's Redis consumer
+    then sleeps 0.5-1 s between polls) is picked up within WORKER_IDLE_POLL_MS (100 ms)."""
+    import statistics
+    import time
+
+    worker = start_worker(threads=2)
+    worker.wait_ready()
+    hops = []
+    for _ in range(4):
+        time.sleep(2.2)  # idle long enough for the backoff to reach its cap
+        nonce, sent = uuid.uuid4().hex, time.time()
+        queue.enqueue("ping", nonce)  # "default", a prompt queue
+        hops.append(wait_for(lambda n=nonce: health.ping_result(n), timeout=10)["at"] - sent)
+    assert statistics.median(hops) < 0.2, hops
