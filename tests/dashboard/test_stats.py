@@ -40,6 +40,14 @@ def test_a_single_batch_reads_back_as_its_own_time_never_above_the_max(recorder)
     assert minute.p50 == minute.p95 == 0.123  # clamped by the true maximum
 
 
+def test_a_portal_answering_in_a_steady_5_s_reads_5_s_not_its_buckets_middle(recorder):
+    # 5.000-5.070 s all fall in one bucket whose middle is 4.70 s: read within min..max.
+    for n in range(8):
+        recorder.batch(7, 5.0 + n / 100, _rows("done"), now=NOW)
+    minute = stats.series(7, 1, now=NOW)[-1]
+    assert 5.0 <= minute.p50 <= minute.p95 <= minute.max == 5.07
+
+
 def test_outcomes_and_503s_are_counted_per_minute(recorder):
     recorder.batch(7, 2.0, _rows("done", "done", "dead"), now=NOW)
     recorder.batch(7, 3.0, _rows("queued", "queued"), limited=True, now=NOW)
