@@ -219,12 +219,13 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
               f"pending {records}", flush=True)
 
     if shots is not None:
-        shots.at(t0 + SHOT_AT * (plan[-1][0] - t0), shots.path, f"{100 * SHOT_AT:.0f} % of "
-                 "the replay")
+        shots.at(t0 + SHOT_AT * (plan[-1][0] - t0), shots.path,
+                 f"{100 * SHOT_AT:.0f} % of the replay", t0)
     time.sleep(max(0.0, t0 - time.time()))
     replayed = asyncio.run(st.replay(stack.url, key, plan, args.tick_ms / 1000.0, progress))
     if shots is not None:
-        shots.at(time.time(), pbx_day_shot.suffixed(shots.path, "-end"), "the end of the replay")
+        shots.at(time.time(), pbx_day_shot.suffixed(shots.path, "-end"), "the end of the replay",
+                 t0)
     drained = _drain(stack, portal.id, args.drain_minutes * 60, label,
                      lambda: samples.append((time.time(), st.usage(stack.pids()))))
     samples.append((time.time(), st.usage(stack.pids())))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,28 +85,32 @@ class Shots:
         self.results: list[dict[str, Any]] = []
         self.lock = threading.Lock()
 
-    def at(self, when: float, path: Path, moment: str) -> None:
-        """Take a shot to ``path`` at epoch ``when`` (now if past); ``moment`` names it."""
-        thread = threading.Thread(target=self._take, args=(when, path, moment),
+    def at(self, when: float, path: Path, moment: str, origin: float) -> None:
+        """Take a shot to ``path`` at epoch ``when`` (now if past); ``moment`` names it,
+        ``origin`` is the replay's start (the JSON says how far into it the shot began)."""
+        thread = threading.Thread(target=self._take, args=(when, path, moment, origin),
                                   name=f"screenshot {moment}", daemon=True)
         thread.start()
         self.threads.append(thread)
 
-    def _take(self, when: float, path: Path, moment: str) -> None:
+    def _take(self, when: float, path: Path, moment: str, origin: float) -> None:
         time.sleep(max(0.0, when - time.time()))
         began = time.time()
-        result: dict[str, Any] = {"path": str(path), "moment": moment, "taken_at": began}
+        result: dict[str, Any] = {"path": str(path), "moment": moment, "taken_at": began,
+                                  "replay_s": round(began - origin, 1)}
+        proc = subprocess.Popen([sys.executable, "-m", "bench.pbx_day_shot", self.url,
+                                 str(path)], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run([sys.executable, "-m", "bench.pbx_day_shot", self.url,
-                                   str(path)], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=SHOT_TIMEOUT, check=False)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            out, err = proc.communicate(timeout=SHOT_TIMEOUT)
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
             if proc.returncode == 0 and lines:
                 result.update(json.loads(lines[-1]))
             else:
-                result["error"] = (proc.stderr or proc.stdout).strip()[-1500:] or \
-                    f"exit code {proc.returncode}"
+                result["error"] = (err or out).strip()[-1500:] or f"exit code {proc.returncode}"
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the shot's process group: its Chromium too
+            proc.communicate()
             result["error"] = f"no screenshot within {SHOT_TIMEOUT:.0f}s"
         result["wall_s"] = round(time.time() - began, 2)
         with self.lock:
@@ -113,7 +118,8 @@ class Shots:
         if "error" in result:
             print(f"{self.label} screenshot at {moment} FAILED: {result['error']}", flush=True)
         else:
-            print(f"{self.label} screenshot at {moment}: {path} ({result['bytes']} bytes; "
+            print(f"{self.label} screenshot at {moment} ({result['replay_s']:.0f}s in): {path} "
+                  f"({result['bytes']} bytes; "
                   f"{result['canvases']} chart canvases, points {result['points']}; calls "
                   f"{result['tiles'].get('calls.total')}, round trip p95 "
                   f"{result['tiles'].get('now.p95')}; took {result['wall_s']:.0f}s, "

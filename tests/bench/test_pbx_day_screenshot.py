@@ -65,5 +65,6 @@ def test_the_bench_photographs_the_live_dashboard_during_the_replay(tmp_path: Pa
         assert re.fullmatch(r"\d+(\.\d+)? m?s", shot["tiles"]["now.p95"]), shot["tiles"]
         assert shot["cpu_s"] > 0 and shot["wall_s"] > 0
     # the second shot is later in the day: at least the calls of the first
+    assert 0 < shots[0]["replay_s"] < shots[1]["replay_s"]
     assert int(shots[1]["tiles"]["calls.total"]) >= int(shots[0]["tiles"]["calls.total"])
     assert run["replay"]["failed"] == []
