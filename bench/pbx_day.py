@@ -29,7 +29,7 @@
    most 1.3 x one round trip at 2 s, 1.1 x at 10 s). The web tier's, worker's, dispatcher's
    and this generator's CPU and RSS at the start and the end of each run. A chart of latency
    over the day for both modes per scale and latency: bench/out/pbx_day-<scale>x-<latency>s.svg.
-   Everything also goes to bench/out/pbx_day-<time>.json.
+   Everything also goes to bench/out/pbx_day-<time>.json (``--out`` another folder).
 5. Issue 22's two scenarios, off by default: ``--faults [MIX]`` (bare: the issue's 5 % 5xx,
    2 % resets, 1 % 504s after execution on every request calling register or finish) adds
    the faults the sandbox injected and the point's results (duplicate calls, calls left
@@ -38,6 +38,11 @@
    run) with every finish costing that much portal time, and adds the portal's
    OPERATION_TIME_LIMIT answers. Every run reports its dead letters by method and reason;
    one from OPERATION_TIME_LIMIT fails the run.
+6. ``--screenshot PATH`` (PNG): the live dashboard (the TELEPHONY_ANALYTICS_MENU widget) in
+   the sandbox portal's frame page, in Chromium, at 70 % of the replay, and once more at its
+   end (``PATH``'s stem + ``-end``); per run when there are several (stem + the run). A
+   process of its own, started from a thread (bench/pbx_day_shot.py): the JSON records
+   what the page showed and what the shot cost. No Chromium: said, and the day runs without.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import pbx_day_chart, pbx_day_check, pbx_day_gen
+from bench import pbx_day_chart, pbx_day_check, pbx_day_gen, pbx_day_shot
 from bench.pbx_day_gen import Day, DayCall
 
 OUT = Path(__file__).resolve().parent / "out"
@@ -62,6 +67,7 @@ FAULT_KINDS = ("http_500", "html_502", "html_503", "html_504", "reset", "execute
 FAULT_NAMES = {"http_500": "5xx", "reset": "reset", "executed_504": "504 after execution"}
 DEFAULT_FAULTS = "5xx:0.05,reset:0.02,504_after:0.01"
 BITRIX_OPERATING_BUDGET = 480.0  # seconds per method per 10 minutes (protocol §6.2)
+SHOT_AT = 0.7  # --screenshot: the share of the replay's time at which the first is taken
 
 
 def parse_faults(text: str) -> dict[str, float]:
@@ -181,6 +187,7 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
     stack.dispatcher(mode, bucket, **(
         {} if args.finish_cost is None else {"operating_limit": budget}))
     label = f"[{mode} {latency:g}s x{scale}]"
+    shots = _screenshots(stack, args, portal, member, label, scale, latency, mode)
     print(f"{label} portal {member}: {len(day.calls)} calls, {len(rows)} events over "
           f"{args.minutes:g} min ({compression:.0f} x faster than the day), rate bucket "
           f"x{bucket:g}", flush=True)
@@ -211,11 +218,18 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
               f"inbox waiting {inbox}, outbox waiting {outbox}, done {done}, recordings "
               f"pending {records}", flush=True)
 
+    if shots is not None:
+        shots.at(t0 + SHOT_AT * (plan[-1][0] - t0), shots.path,
+                 f"{100 * SHOT_AT:.0f} % of the replay", t0)
     time.sleep(max(0.0, t0 - time.time()))
     replayed = asyncio.run(st.replay(stack.url, key, plan, args.tick_ms / 1000.0, progress))
+    if shots is not None:
+        shots.at(time.time(), pbx_day_shot.suffixed(shots.path, "-end"), "the end of the replay",
+                 t0)
     drained = _drain(stack, portal.id, args.drain_minutes * 60, label,
                      lambda: samples.append((time.time(), st.usage(stack.pids()))))
     samples.append((time.time(), st.usage(stack.pids())))
+    screenshots = shots.join() if shots is not None else []
     counters = stack.rig.control.counters(member)
     # the log's registers and finishes: only for the scenarios (a full day's log is large)
     writes = stack.writes(member) if scenario.faults or args.finish_cost is not None else []
@@ -259,6 +273,7 @@ def run_one(stack: Any, args: argparse.Namespace, day: Day, scale: int, latency:
     print(report_lines(label, scenario, counters, result, reasons, targets, behind),
           flush=True)
     return {"scale": scale, "latency": latency, "mode": mode, "member_id": member,
+            "screenshots": screenshots,
             "compression": compression, "bucket_scale": bucket,
             "calls": len(day.calls), "events": len(rows),
             "scenario": {"faults": scenario.faults, "fault_methods": list(st.FAULT_METHODS),
@@ -359,6 +374,22 @@ def report_lines(label: str, scenario: Any, counters: dict[str, Any], result: di
         f"{k} {n}" for k, n in reasons.items()) if total else "")
         + f" (of them OPERATION_TIME_LIMIT: {pbx_day_check.operating_dead(reasons)})")
     return "\n".join(lines)
+
+
+def _screenshots(stack: Any, args: argparse.Namespace, portal: Any, member: str, label: str,
+                 scale: int, latency: float, mode: str) -> pbx_day_shot.Shots | None:
+    """``--screenshot``: the run's shots, the widget bound on its portal; None without."""
+    if args.screenshot is None:
+        return None
+    path = args.screenshot if args.runs == 1 else pbx_day_shot.suffixed(
+        args.screenshot, f"-{mode}-{latency:g}s-x{scale}")
+    try:
+        url = pbx_day_shot.open_widget(stack, portal, member)
+    except Exception as err:  # noqa: BLE001 - the day runs on without its picture
+        print(f"{label} no screenshot: the dashboard widget could not be bound: {err}",
+              flush=True)
+        return None
+    return pbx_day_shot.Shots(url, label, path)
 
 
 def stage_times(accepted: dict[str, float],
@@ -552,6 +583,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--operating-budget", type=float, metavar="SECONDS",
                    help="with --finish-cost: a lower budget per method per 10 min than "
                         "Bitrix24's 480, on the portal and in the engine (for a quick run)")
+    p.add_argument("--out", type=Path, default=OUT,
+                   help="where the charts and the JSON go (default bench/out)")
+    p.add_argument("--screenshot", type=Path, metavar="PATH",
+                   help="a PNG of the live dashboard in Chromium at 70 %% of the replay, and "
+                        "PATH's stem + -end at its end (per run when there are several)")
     args = p.parse_args(argv)
     if args.operating_budget is not None and args.finish_cost is None:
         p.error("--operating-budget goes with --finish-cost")
@@ -576,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     scales = [int(s) for s in _floats(args.scale)]
     latencies = _floats(args.latency)
+    args.runs = len(modes) * len(scales) * len(latencies)
+    if args.screenshot is not None and (missing := pbx_day_shot.chromium_missing()):
+        print(f"--screenshot: no screenshot, the day runs without: {missing}", flush=True)
+        args.screenshot = None
     server, rec_url = st.recordings_server()
     stack = st.Stack(args.database, args.pg, args.worker_processes, args.worker_threads)
     runs: list[dict[str, Any]] = []
@@ -598,13 +638,13 @@ def main(argv: list[str] | None = None) -> int:
     print(scenario_table(runs))
     print()
     print(resources_table(runs))
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     for scale, latency in sorted({(r["scale"], r["latency"]) for r in runs}):
         cells = [r for r in runs if (r["scale"], r["latency"]) == (scale, latency)]
-        path = OUT / f"pbx_day-{scale}x-{latency:g}s.svg"
+        path = args.out / f"pbx_day-{scale}x-{latency:g}s.svg"
         path.write_text(pbx_day_chart.render(cells, goal_factor(latency) * latency))
         print(f"chart: {path}")
-    result = OUT / f"pbx_day-{started}.json"
+    result = args.out / f"pbx_day-{started}.json"
     result.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                   "runs": runs}, indent=1))
     print(f"result: {result}")

@@ -126,9 +126,14 @@ class Stack:
         self.rig.start()
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
+        # The portal's frame page opens the app's pages (bench.pbx_day --screenshot): the
+        # web tier verifies iframe POSTs at the sandbox's auth server and loads its BX24.
+        sandbox = self.rig.control.base_url
         self.web = self.rig._spawn([sys.executable, "-m", "gunicorn", "--config",
                                     "gunicorn.conf.py", "wsgi:app"], "web",
-                                   {**self.rig.env, "BIND": f"127.0.0.1:{port}"})
+                                   {**self.rig.env, "BIND": f"127.0.0.1:{port}",
+                                    "B24_AUTH_SERVERS": sandbox,
+                                    "B24_JS_SDK_URL": f"{sandbox}/bx24.js"})
         self.worker = self.rig._spawn([sys.executable, "-m", "dramatiq", *self.worker_argv,
                                        "workers"], "worker",
                                       {**self.rig.env, "DISPATCH_ENABLED": "0"})
