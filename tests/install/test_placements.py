@@ -190,3 +190,17 @@ def test_admins_see_their_portals_stuck_and_failed_events_and_nobody_elses(sandb
 def test_a_portal_without_failures_says_so(sandbox, installed):
     body = sandbox.open_placement(installed["member_id"])["body"]
     assert 'id="no-dead-letters"' in body and re.search(r'data-count="dead">0<', body)
+
+
+def test_an_expired_auth_id_is_refused_and_gets_no_session(sandbox, installed):
+    # The employee's browser keeps the iframe form: posted again after its token expired, it
+    # must open nothing (Bitrix24 answers expired_token to the app's check).
+    url, form = iframe_form(sandbox.open_placement(installed["member_id"]))
+    sandbox.expire_tokens(installed["member_id"])
+    resp = httpx.post(url, data=form, timeout=30)
+    assert resp.status_code == 401
+    assert 'name="form_token"' not in resp.text
+    assert "?s=" not in resp.text and 'name="s"' not in resp.text  # no page session
+    for widget in ("/placements/dashboard", "/placements/call-card"):
+        again = httpx.post(url.replace("/placements/settings", widget), data=form, timeout=30)
+        assert again.status_code == 401, widget
