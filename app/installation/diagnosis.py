@@ -685,7 +685,7 @@ def _overrides(ctx: Context) -> Finding:
     facts = {"count": len(states), "ignored": ignored}
     if ignored:
         return Finding("overrides", Level.WARN, "overrides.ignored", facts)
-    return Finding("overrides", Level.OK, "overrides.ok", facts)
+    return Finding("overrides", Level.OK, "overrides.ok" if states else "overrides.none", facts)
 
 
 CHECKS: tuple[tuple[str, Callable[[Context], Finding]], ...] = (

@@ -154,8 +154,8 @@ MESSAGES: dict[str, tuple[Text, Text]] = {
     "limits.ok": (
         N_("%(plan)s plan (Bitrix24 says %(portal_plan)s, license %(license)s): b24relay paces "
         "%(drain)s requests/s with a burst of %(burst)s. The round cost the portal "
-        "%(processing_ms)s ms of processing; operating time reported: %(operating)s s (a batch "
-        "answer reports none)."),
+        "%(processing_ms)s ms of processing; operating time reported (s): %(operating)s (a "
+        "batch answer reports none)."),
         ""),
     "limits.plan_differs": (
         N_("Bitrix24 says the portal has the %(portal_plan)s plan (%(license)s), but b24relay "
@@ -295,6 +295,8 @@ MESSAGES: dict[str, tuple[Text, Text]] = {
         "number.")),
     "overrides.ok": (
         N_("%(count)s extension override(s), all in use."), ""),
+    "overrides.none": (
+        N_("No extension overrides: every extension is the one Bitrix24 stores."), ""),
     "overrides.ignored": (
         N_("Overrides that are ignored, their user inactive or unknown to b24relay (extension -> "
         "user): %(ignored)s."),
