@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 from app.tenants.models import PortalStatus
 from tests.tenants.conftest import reload_portal
 
 PROCESSES, THREADS = 8, 50
 
 
+@pytest.mark.serial  # 8 processes of 50 threads: on a loaded 2-core machine, past the timeout
 def test_expired_token_under_400_concurrent_callers_refreshes_exactly_once(
         make_portal, sandbox, spawn_callers):
     # enterprise plan with a bucket large enough that rate limiting cannot fail a call
