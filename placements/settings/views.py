@@ -16,6 +16,8 @@ deleted) the page still opens, read-only, with that state and what to do about i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, make_response, render_template, request
@@ -278,16 +280,23 @@ def _form_values() -> dict[str, str]:
 # ---------------------------------------------------------------- the page's other forms
 
 
-def _spend(page: page_session.PageSession) -> form_token.FormGrant | Response:
-    """Redeem the post's form token for the session's own portal, or the refusal to answer."""
-    try:
-        grant = form_token.redeem(request.form.get("form_token", ""))
-    except form_token.FormRefused as exc:
-        return error_page(exc.message, exc.status, exc.portal.origin if exc.portal else None)
-    if grant.portal.id != page.portal.id:
-        return error_page(_("The form belongs to another portal; nothing was changed."), 403,
-                          page.portal.origin)
-    return grant
+def _spent(view: Callable[..., Response]) -> Callable[..., Response]:
+    """Decorator for an admin action: the post's single-use form token is redeemed for the
+    session's own portal first (the CSRF check); a refusal is the answer and nothing runs."""
+
+    @wraps(view)
+    def wrapper(page: page_session.PageSession, *args: Any, **kwargs: Any) -> Response:
+        try:
+            grant = form_token.redeem(request.form.get("form_token", ""))
+        except form_token.FormRefused as exc:
+            return error_page(exc.message, exc.status,
+                              exc.portal.origin if exc.portal else None)
+        if grant.portal.id != page.portal.id:
+            return error_page(_("The form belongs to another portal; nothing was changed."),
+                              403, page.portal.origin)
+        return view(page, *args, **kwargs)
+
+    return wrapper
 
 
 def _again(page: page_session.PageSession, **shown: Any) -> Response:
@@ -296,11 +305,9 @@ def _again(page: page_session.PageSession, **shown: Any) -> Response:
 
 @bp.post("/placements/app/settings/api-key")
 @page_session.page(admin=True)
+@_spent
 def rotate_key(page: page_session.PageSession) -> Response:
     """Create or rotate the portal's PBX API key; the new key is shown on this answer only."""
-    grant = _spend(page)
-    if isinstance(grant, Response):
-        return grant
     key = issue_api_key(page.portal)  # commits; the old key stops working at once
     log.info("API key of portal %s rotated by user %s", page.portal.member_id, page.user_id)
     return _again(page, new_key=key)
@@ -308,11 +315,9 @@ def rotate_key(page: page_session.PageSession) -> Response:
 
 @bp.post("/placements/app/settings/test-originate")
 @page_session.page(admin=True)
+@_spent
 def test_originate(page: page_session.PageSession) -> Response:
     """Send the PBX one signed test originate and show its answer."""
-    grant = _spend(page)
-    if isinstance(grant, Response):
-        return grant
     settings = _settings(page.portal)
     if not settings.pbx_originate_url or not settings.pbx_secret:
         return _again(page, error=_("Set the PBX originate URL and its secret first, then "
@@ -324,11 +329,9 @@ def test_originate(page: page_session.PageSession) -> Response:
 
 @bp.post("/placements/app/settings/overrides")
 @page_session.page(admin=True)
+@_spent
 def override_add(page: page_session.PageSession) -> Response:
     """Add (or replace) an extension override: an extension the PBX uses → a user."""
-    grant = _spend(page)
-    if isinstance(grant, Response):
-        return grant
     extension = request.form.get("extension", "").strip()
     user_text = request.form.get("user_id", "").strip()
     errors = {}
@@ -349,11 +352,9 @@ def override_add(page: page_session.PageSession) -> Response:
 
 @bp.post("/placements/app/settings/overrides/remove")
 @page_session.page(admin=True)
+@_spent
 def override_remove(page: page_session.PageSession) -> Response:
     """Remove an extension override."""
-    grant = _spend(page)
-    if isinstance(grant, Response):
-        return grant
     extension = request.form.get("extension", "")
     removed = unset_override(page.portal, extension)
     db.session.commit()
@@ -364,11 +365,9 @@ def override_remove(page: page_session.PageSession) -> Response:
 
 @bp.post("/placements/app/settings/sync-users")
 @page_session.page(admin=True)
+@_spent
 def sync_users(page: page_session.PageSession) -> Response:
     """Ask a worker to read the portal's users and extensions again now."""
-    grant = _spend(page)
-    if isinstance(grant, Response):
-        return grant
     enqueue(SYNC_ACTOR, page.portal.id)
     return _again(page, notice=_("The user list is being read again; reload the page in a "
                                  "minute."))
@@ -418,11 +417,9 @@ def diagnosis_page(page: page_session.PageSession) -> Response:
 
 @bp.post("/placements/app/diagnosis")
 @page_session.page(admin=True)
+@_spent
 def diagnosis_check(page: page_session.PageSession) -> Response:
     """Run the check now (a worker does it); the page waits for the new report."""
-    grant = _spend(page)
-    if isinstance(grant, Response):
-        return grant
     since = _checked_at(page.portal)
     db.session.commit()
     if not diagnosis.request_check(page.portal, CHECK_TRIGGER, delay=0):
