@@ -57,3 +57,18 @@ def verified(view: Callable[..., Response]) -> Callable[..., Response]:
         return framed_by(view(session, *args, **kwargs), session.auth.origin)
 
     return wrapper
+
+
+# Statuses in which a portal no longer has the app: no page session or form of it is honoured.
+GONE = frozenset({PortalStatus.UNINSTALLED.value, PortalStatus.PORTAL_DELETED.value,
+                  PortalStatus.DISABLED.value})
+
+
+def signed_portal(claims: Any) -> Portal | None:
+    """The portal a signed token's claims name (``p`` its id, ``m`` its member_id), if it is
+    still the same installation; None when deleted or the id now belongs to another portal."""
+    portal_id = claims.get("p") if isinstance(claims, dict) else None
+    portal = db.session.get(Portal, portal_id) if isinstance(portal_id, int) else None
+    if portal is None or portal.member_id != claims.get("m"):
+        return None
+    return portal

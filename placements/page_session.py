@@ -27,19 +27,15 @@ from flask import Response, current_app, jsonify, make_response, request
 from flask_babel import lazy_gettext as _l
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from app.extensions import db
 from app.framing import framed_by
 from app.i18n import N_, language_of, shown, use_language
-from app.tenants.models import Portal, PortalStatus
-from placements.common import error_page
+from app.tenants.models import Portal
+from placements.common import GONE, error_page, signed_portal
 
 SALT = "b24relay-page-session"
 TTL_SECONDS = 60 * 60
 HEADER = "X-B24relay-Session"
 FIELD = "s"
-GONE = frozenset({PortalStatus.UNINSTALLED.value, PortalStatus.PORTAL_DELETED.value,
-                  PortalStatus.DISABLED.value})
-
 
 class SessionRefused(Exception):
     """No usable page session: ``status`` 401 (missing, forged, expired) or 403 (not allowed).
@@ -90,9 +86,8 @@ def from_token(raw: str) -> PageSession:
                                 "Bitrix24 portal.")) from None
     if isinstance(claims, dict):
         use_language(str(claims.get("l") or ""))  # a refusal below speaks the user's language
-    portal_id = claims.get("p") if isinstance(claims, dict) else None
-    portal = db.session.get(Portal, portal_id) if isinstance(portal_id, int) else None
-    if portal is None or portal.member_id != claims.get("m"):
+    portal = signed_portal(claims)
+    if portal is None:
         raise SessionRefused(N_("The app is no longer installed on this portal."))
     if portal.status in GONE:
         raise SessionRefused(N_("The app is no longer installed on this portal."), 403, portal)

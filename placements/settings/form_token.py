@@ -28,11 +28,12 @@ import redis
 from flask import current_app
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 
-from app.extensions import db, redis_ext
+from app.extensions import redis_ext
 from app.i18n import N_
-from app.tenants.models import Portal, PortalStatus
+from app.tenants.models import Portal
 from app.tenants.status import reason_for
 from app.tenants.users import find_user
+from placements.common import GONE, signed_portal
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ SALT = "b24relay-settings-form"
 TTL_SECONDS = 15 * 60
 # The spent mark outlives the token by a margin: another host's clock may run behind ours.
 CLOCK_SKEW_SECONDS = 60
-GONE = frozenset({PortalStatus.UNINSTALLED.value, PortalStatus.PORTAL_DELETED.value,
-                  PortalStatus.DISABLED.value})
 TAMPERED = N_("The form was tampered with; reopen the app from your Bitrix24 portal.")
 
 
@@ -81,7 +80,7 @@ def issue(portal: Portal, user_id: int | None) -> str:
 def redeem(raw: str) -> FormGrant:
     """Check the token and spend it; raises :class:`FormRefused` saying why not."""
     claims = _claims(raw)
-    portal = _bound_portal(claims)
+    portal = signed_portal(claims)
     if portal is None:
         raise FormRefused(TAMPERED)
     user_id = claims.get("u") if isinstance(claims.get("u"), int) else None
@@ -96,7 +95,7 @@ def _claims(raw: str) -> dict[str, Any]:
         claims = serializer.loads(raw, max_age=TTL_SECONDS)
     except SignatureExpired as exc:  # the signature is ours: say so inside that portal's frame
         old = serializer.load_payload(exc.payload) if exc.payload else {}
-        portal = _bound_portal(old) if isinstance(old, dict) else None
+        portal = signed_portal(old) if isinstance(old, dict) else None
         raise FormRefused(N_("The form expired (it is valid for %(minutes)d minutes); reopen "
                              "the app from your Bitrix24 portal.", minutes=TTL_SECONDS // 60),
                           portal=portal) from None
@@ -106,15 +105,6 @@ def _claims(raw: str) -> dict[str, Any]:
         raise FormRefused(N_("The form is out of date; reopen the app from your Bitrix24 "
                              "portal."))
     return claims
-
-
-def _bound_portal(claims: dict[str, Any]) -> Portal | None:
-    """The portal the token names, if it is still the same installation (id and member_id)."""
-    portal_id = claims.get("p")
-    portal = db.session.get(Portal, portal_id) if isinstance(portal_id, int) else None
-    if portal is None or portal.member_id != claims.get("m"):
-        return None  # deleted, or the id now belongs to another portal
-    return portal
 
 
 def _still_allowed(portal: Portal, user_id: int | None) -> None:
